@@ -1,0 +1,154 @@
+//! Postgres plumbing outside the hot path: the connection pool, the migrations (sqlx's migrator,
+//! which takes an advisory lock so that several workers may start at once), the readiness check,
+//! and loading the checkpoints the worker resumes from.
+
+use std::collections::BTreeSet;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use sqlx::Connection;
+use tokio_postgres::NoTls;
+
+use crate::config::{Config, ConfigError};
+
+/// The migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Why a database step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("building the postgres pool: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("connecting to postgres to migrate: {0}")]
+    MigrateConnect(sqlx::Error),
+    #[error("applying migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("migrations not applied: {missing} of {total} missing (run `ds-sync migrate`)")]
+    NotMigrated { missing: usize, total: usize },
+}
+
+/// The writer's pool. Connections that died (e.g. terminated by an admin) are detected when
+/// used; the writer's retry handles the error.
+pub fn pool(config: &Config) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        config.pg_config()?,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(config.pg.pool_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()?)
+}
+
+/// Applies pending migrations, holding sqlx's advisory lock while doing so.
+pub async fn migrate(config: &Config) -> Result<(), DbError> {
+    let mut conn = sqlx::postgres::PgConnection::connect_with(&config.sqlx_options()?)
+        .await
+        .map_err(DbError::MigrateConnect)?;
+    MIGRATOR.run(&mut conn).await?;
+    // Closing politely is a nicety; the migrations are committed either way.
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Ready means: Postgres answers, and every embedded migration is recorded as applied.
+pub async fn check_ready(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    let applied: BTreeSet<i64> = match client
+        .query("SELECT version FROM _sqlx_migrations WHERE success", &[])
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?,
+        // The table does not exist before the first migration.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            BTreeSet::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let total = MIGRATOR.iter().count();
+    let missing = MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .count();
+    if missing > 0 {
+        return Err(DbError::NotMigrated { missing, total });
+    }
+    Ok(())
+}
+
+/// A stream to follow and where to resume it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub stream: String,
+    pub next_offset: String,
+    pub content_type: Option<String>,
+}
+
+/// Makes sure `explicit` streams have a checkpoint row, then returns every stream to follow:
+/// the explicit ones and those under a `prefixes` entry, less closed or deleted ones and less
+/// `exclude` (the registry, which has its own follower).
+pub async fn load_checkpoints(
+    pool: &Pool,
+    explicit: &[String],
+    prefixes: &[String],
+    exclude: &str,
+) -> Result<Vec<Checkpoint>, DbError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO ds_checkpoints (stream) SELECT unnest($1::text[]) \
+             ON CONFLICT (stream) DO NOTHING",
+            &[&explicit],
+        )
+        .await?;
+    // `starts_with` rather than LIKE so that '%' and '_' in a prefix are literal.
+    let rows = client
+        .query(
+            "SELECT stream, next_offset, content_type FROM ds_checkpoints \
+             WHERE NOT closed AND NOT deleted AND stream <> $3 \
+               AND (stream = ANY($1) OR EXISTS \
+                    (SELECT 1 FROM unnest($2::text[]) AS p WHERE starts_with(stream, p))) \
+             ORDER BY stream",
+            &[&explicit, &prefixes, &exclude],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Checkpoint {
+                stream: r.try_get(0)?,
+                next_offset: r.try_get(1)?,
+                content_type: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// The registry's checkpoint, created at the start of the registry when new.
+pub async fn registry_checkpoint(pool: &Pool, registry: &str) -> Result<String, DbError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO ds_checkpoints (stream, content_type) VALUES ($1, 'application/json') \
+             ON CONFLICT (stream) DO NOTHING",
+            &[&registry],
+        )
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT next_offset FROM ds_checkpoints WHERE stream = $1",
+            &[&registry],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
+}

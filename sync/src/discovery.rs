@@ -1,0 +1,92 @@
+//! Which streams to follow: explicit paths, and prefix patterns (`/v1/stream/orders/*`) whose
+//! members are found through the server's registry stream.
+//!
+//! The protocol has no list operation, so the server keeps a reserved JSON stream (default
+//! `/_ds/registry`) to which every create appends `{"event":"created","path":...}` and every
+//! delete or expiry `{"event":"deleted","path":...}`. The worker follows it like any stream, from
+//! its own checkpoint row; a created path under a pattern gets a checkpoint row in the same
+//! transaction that advances the registry's checkpoint, so a crash can neither lose a discovered
+//! stream nor discover it twice. Deleted events need no action: the stream's own follower sees
+//! 404/410 and records it.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+
+/// One event of the registry stream. Unknown fields are ignored so the server may add some.
+#[derive(Debug, Deserialize)]
+pub struct RegistryEvent {
+    pub event: String,
+    pub path: String,
+}
+
+/// The configured selection of streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// Paths followed whatever the registry says.
+    pub explicit: BTreeSet<String>,
+    /// Prefixes from patterns ending in `*`.
+    pub prefixes: Vec<String>,
+    /// The registry path, never mirrored as a stream even if a prefix matches it.
+    pub registry: String,
+}
+
+impl Selection {
+    pub fn new(streams: &[String], registry: &str) -> Self {
+        let mut explicit = BTreeSet::new();
+        let mut prefixes = Vec::new();
+        for s in streams {
+            match s.strip_suffix('*') {
+                Some(prefix) => prefixes.push(prefix.to_owned()),
+                None => {
+                    explicit.insert(s.clone());
+                }
+            }
+        }
+        Selection {
+            explicit,
+            prefixes,
+            registry: registry.to_owned(),
+        }
+    }
+
+    /// Whether the registry must be followed at all.
+    pub fn needs_registry(&self) -> bool {
+        !self.prefixes.is_empty()
+    }
+
+    /// Whether a path the registry announced should get a follower (explicit paths have one).
+    pub fn wants_discovered(&self, path: &str) -> bool {
+        path != self.registry
+            && !self.explicit.contains(path)
+            && self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_select_by_prefix_and_never_the_registry() {
+        let sel = Selection::new(
+            &[
+                "/v1/stream/a".into(),
+                "/v1/stream/orders/*".into(),
+                "/*".into(),
+            ],
+            "/_ds/registry",
+        );
+        assert!(sel.needs_registry());
+        assert!(sel.wants_discovered("/v1/stream/orders/1"));
+        assert!(sel.wants_discovered("/v1/stream/b"));
+        assert!(
+            !sel.wants_discovered("/v1/stream/a"),
+            "explicit: already followed"
+        );
+        assert!(!sel.wants_discovered("/_ds/registry"));
+        let only_explicit = Selection::new(&["/x".into()], "/_ds/registry");
+        assert!(!only_explicit.needs_registry());
+        assert!(!only_explicit.wants_discovered("/y"));
+    }
+}

@@ -1,0 +1,592 @@
+//! Following one stream: HEAD for its content type, then SSE from the checkpoint (long-poll for
+//! `text/*` streams and as a fallback), turning each response into `batch::Read`s for the writer.
+//!
+//! It owns the read side of exactly-once: a read covers exactly the bytes between two offsets the
+//! server named (`streamNextOffset` of consecutive control events, or a long-poll's request offset
+//! and `Stream-Next-Offset`), and the next read starts where the previous one ended. Data events
+//! not yet confirmed by a control event when a connection drops are discarded and read again.
+//! It never writes to Postgres; the writer does.
+//!
+//! Why long-poll for `text/*`: SSE splits `data:` lines on CR, LF and CRLF and rejoins them with
+//! LF, so a CR in a text stream cannot survive SSE byte for byte; a long-poll body can.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use ds_protocol::headers;
+use ds_protocol::sse::{ControlEvent, EVENT_CONTROL, EVENT_DATA};
+use ds_protocol::{MediaKind, content_type::media_type};
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::batch::{Read, Row, Update};
+use crate::discovery::{RegistryEvent, Selection};
+use crate::sse::{SseError, SseParser};
+use crate::status::{Status, StreamState};
+
+/// Why a session with the server failed; every one of these is retried after a backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("unexpected status {status} for {what}")]
+    Status { status: u16, what: &'static str },
+    #[error(transparent)]
+    Sse(#[from] SseError),
+    #[error("bad payload: {0}")]
+    Payload(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("response body exceeds max_event_bytes ({limit})")]
+    TooLarge { limit: usize },
+    #[error("the writer stopped")]
+    WriterGone,
+}
+
+/// Shared by all followers of one worker.
+#[derive(Debug)]
+pub struct FollowContext {
+    pub http: reqwest::Client,
+    /// Server base URL without a trailing slash.
+    pub base_url: String,
+    pub updates: mpsc::Sender<Update>,
+    /// Bounds the live reads open at once (`max_connections`).
+    pub slots: Arc<Semaphore>,
+    /// Followers waiting for a slot, so an idle session knows to give its slot away.
+    pub waiting: AtomicUsize,
+    pub yield_after: Duration,
+    pub max_event_bytes: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub status: Arc<Status>,
+    pub shutdown: CancellationToken,
+}
+
+impl FollowContext {
+    async fn acquire_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            permit = self.slots.clone().acquire_owned() => permit.ok(),
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        permit
+    }
+}
+
+/// What a follower does with what it reads.
+#[derive(Clone, Debug)]
+pub enum Role {
+    /// Mirror the stream's messages into `ds_messages`.
+    Mirror,
+    /// Read the registry: nothing is mirrored; created paths that `selection` wants are
+    /// discovered.
+    Registry(Arc<Selection>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Sse,
+    LongPoll,
+}
+
+/// How a session ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum SessionEnd {
+    /// The server ended the response (periodic SSE close, or one long-poll answered).
+    Reconnect,
+    /// Up to date and other streams wait for a slot.
+    Yield,
+    /// End of stream: recorded, not followed any more.
+    Closed,
+    /// 404 or 410.
+    Gone(u16),
+    /// The server refused SSE for this stream: use long-poll.
+    SseUnsupported,
+}
+
+/// One followed stream.
+pub struct Follower {
+    ctx: Arc<FollowContext>,
+    stream: Arc<str>,
+    role: Role,
+    /// Where the next read starts: the end of the last read handed to the writer.
+    offset: String,
+    content_type: Option<Arc<str>>,
+    /// Echoed on long-polls for CDN collapsing.
+    cursor: Option<String>,
+    mode: Option<Mode>,
+}
+
+impl Follower {
+    pub fn new(
+        ctx: Arc<FollowContext>,
+        stream: &str,
+        next_offset: String,
+        content_type: Option<String>,
+        role: Role,
+    ) -> Self {
+        Follower {
+            ctx,
+            stream: stream.into(),
+            role,
+            offset: next_offset,
+            content_type: content_type.map(Into::into),
+            cursor: None,
+            mode: None,
+        }
+    }
+
+    /// Follows until the stream closes, disappears, or the worker shuts down.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(self.ctx.backoff_min, self.ctx.backoff_max);
+        let status = self.ctx.status.clone();
+        loop {
+            status.set_state(&self.stream, StreamState::Waiting);
+            let Some(slot) = self.ctx.acquire_slot().await else {
+                return;
+            };
+            status.set_state(&self.stream, StreamState::Following);
+            let start_offset = self.offset.clone();
+            let shutdown = self.ctx.shutdown.clone();
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.session() => r,
+            };
+            drop(slot);
+            let progressed = self.offset != start_offset;
+            match result {
+                Ok(SessionEnd::Closed) => {
+                    tracing::info!(stream = %self.stream, offset = %self.offset, "stream closed; mirrored to its end");
+                    return;
+                }
+                Ok(SessionEnd::Gone(code)) => {
+                    if let Role::Registry(_) = self.role {
+                        tracing::warn!(stream = %self.stream, status = code,
+                            "the server has no registry stream; prefix patterns only match streams already in ds_checkpoints until it appears");
+                        self.pause(self.ctx.backoff_max).await;
+                        continue;
+                    }
+                    tracing::warn!(stream = %self.stream, status = code, "stream is gone; recorded as deleted, not retried");
+                    let gone = Update::Gone {
+                        stream: self.stream.clone(),
+                        status: code,
+                    };
+                    // If the writer is gone the worker is stopping; the next run finds it gone.
+                    let _ = self.ctx.updates.send(gone).await;
+                    return;
+                }
+                Ok(SessionEnd::SseUnsupported) => {
+                    tracing::info!(stream = %self.stream, "server refused SSE; following with long-poll");
+                    self.mode = Some(Mode::LongPoll);
+                }
+                Ok(SessionEnd::Yield) => backoff.reset(),
+                Ok(SessionEnd::Reconnect) if progressed || self.mode == Some(Mode::LongPoll) => {
+                    backoff.reset()
+                }
+                // A clean end that delivered nothing: do not hammer the server.
+                Ok(SessionEnd::Reconnect) => self.pause(backoff.next_delay()).await,
+                Err(FollowError::WriterGone) => return,
+                Err(e) => {
+                    if progressed {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(stream = %self.stream, offset = %self.offset, error = %e, retry_in = ?delay, "read failed; will resume from the last offset");
+                    status.set_state(&self.stream, StreamState::Backoff);
+                    self.pause(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, delay: Duration) {
+        tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    async fn session(&mut self) -> Result<SessionEnd, FollowError> {
+        if self.content_type.is_none() {
+            match self.head().await? {
+                Ok(ct) => self.content_type = Some(ct.into()),
+                Err(gone) => return Ok(gone),
+            }
+        }
+        let mode = *self.mode.get_or_insert_with(|| match &self.content_type {
+            Some(ct) if MediaKind::of(ct) == MediaKind::Text => Mode::LongPoll,
+            _ => Mode::Sse,
+        });
+        match mode {
+            Mode::Sse => self.sse_session().await,
+            Mode::LongPoll => self.long_poll().await,
+        }
+    }
+
+    fn url(&self, live: Option<&str>) -> Result<reqwest::Url, FollowError> {
+        let mut url = reqwest::Url::parse(&format!("{}{}", self.ctx.base_url, self.stream))
+            .map_err(|e| FollowError::Protocol(format!("stream url: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair(headers::QUERY_OFFSET, &self.offset);
+            if let Some(live) = live {
+                q.append_pair(headers::QUERY_LIVE, live);
+            }
+            if live == Some(headers::LIVE_LONG_POLL)
+                && let Some(cursor) = &self.cursor
+            {
+                q.append_pair(headers::QUERY_CURSOR, cursor);
+            }
+        }
+        Ok(url)
+    }
+
+    /// The stream's content type, or how it is gone.
+    async fn head(&self) -> Result<Result<String, SessionEnd>, FollowError> {
+        let resp = self.ctx.http.head(self.url(None)?).send().await?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                return Ok(Err(SessionEnd::Gone(resp.status().as_u16())));
+            }
+            s => {
+                return Err(FollowError::Status {
+                    status: s.as_u16(),
+                    what: "HEAD",
+                });
+            }
+        }
+        Ok(Ok(header_str(
+            &resp,
+            reqwest::header::CONTENT_TYPE.as_str(),
+        )
+        .unwrap_or(ds_protocol::content_type::DEFAULT_CONTENT_TYPE)
+        .to_owned()))
+    }
+
+    async fn sse_session(&mut self) -> Result<SessionEnd, FollowError> {
+        let resp = self
+            .ctx
+            .http
+            .get(self.url(Some(headers::LIVE_SSE))?)
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                return Ok(SessionEnd::Gone(resp.status().as_u16()));
+            }
+            StatusCode::BAD_REQUEST
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::NOT_IMPLEMENTED => {
+                return Ok(SessionEnd::SseUnsupported);
+            }
+            s => {
+                return Err(FollowError::Status {
+                    status: s.as_u16(),
+                    what: "SSE read",
+                });
+            }
+        }
+        let event_stream = header_str(&resp, reqwest::header::CONTENT_TYPE.as_str())
+            .map(|ct| media_type(ct) == "text/event-stream")
+            .unwrap_or(false);
+        if !event_stream {
+            return Err(FollowError::Protocol(
+                "SSE response is not text/event-stream".into(),
+            ));
+        }
+        let base64 = header_str(&resp, headers::STREAM_SSE_DATA_ENCODING)
+            .map(|v| v.eq_ignore_ascii_case("base64"))
+            .unwrap_or(false);
+        let json = self.is_json();
+
+        let mut body = resp.bytes_stream();
+        let mut parser = SseParser::new(self.ctx.max_event_bytes);
+        let mut events = Vec::new();
+        // Rows of data events not yet confirmed by a control event.
+        let mut pending: Vec<Row> = Vec::new();
+        let mut pending_bytes = 0usize;
+        let mut idle = false;
+        let mut yield_check = tokio::time::interval(self.ctx.yield_after);
+        yield_check.tick().await;
+        loop {
+            let chunk = tokio::select! {
+                chunk = body.next() => chunk,
+                _ = yield_check.tick() => {
+                    if idle && self.ctx.waiting.load(Ordering::Relaxed) > 0 {
+                        return Ok(SessionEnd::Yield);
+                    }
+                    continue;
+                }
+            };
+            let Some(chunk) = chunk else {
+                if !pending.is_empty() || !parser.is_between_events() {
+                    tracing::debug!(stream = %self.stream, "SSE ended after data without its control event; it will be read again");
+                }
+                return Ok(SessionEnd::Reconnect);
+            };
+            parser.push(&chunk?, &mut events)?;
+            for event in events.drain(..) {
+                match event.event.as_str() {
+                    EVENT_DATA => {
+                        idle = false;
+                        let rows = decode_sse_data(&event.data, json, base64)?;
+                        pending_bytes += rows.iter().map(Row::len).sum::<usize>();
+                        if pending_bytes > self.ctx.max_event_bytes {
+                            return Err(FollowError::TooLarge {
+                                limit: self.ctx.max_event_bytes,
+                            });
+                        }
+                        pending.extend(rows);
+                    }
+                    EVENT_CONTROL => {
+                        let control: ControlEvent = serde_json::from_str(&event.data)
+                            .map_err(|e| FollowError::Protocol(format!("control event: {e}")))?;
+                        if control.stream_next_offset.is_empty() {
+                            return Err(FollowError::Protocol(
+                                "control event without streamNextOffset".into(),
+                            ));
+                        }
+                        let up_to_date = control.up_to_date || control.stream_closed;
+                        self.ctx.status.set_up_to_date(&self.stream, up_to_date);
+                        idle = up_to_date;
+                        pending_bytes = 0;
+                        self.emit(
+                            std::mem::take(&mut pending),
+                            control.stream_next_offset,
+                            control.stream_closed,
+                        )
+                        .await?;
+                        if control.stream_closed {
+                            return Ok(SessionEnd::Closed);
+                        }
+                    }
+                    other => {
+                        tracing::debug!(stream = %self.stream, event = other, "ignoring unknown SSE event");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn long_poll(&mut self) -> Result<SessionEnd, FollowError> {
+        let resp = self
+            .ctx
+            .http
+            .get(self.url(Some(headers::LIVE_LONG_POLL))?)
+            .send()
+            .await?;
+        let status = resp.status();
+        match status {
+            StatusCode::OK | StatusCode::NO_CONTENT => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                return Ok(SessionEnd::Gone(status.as_u16()));
+            }
+            s => {
+                return Err(FollowError::Status {
+                    status: s.as_u16(),
+                    what: "long-poll read",
+                });
+            }
+        }
+        let next = header_str(&resp, headers::STREAM_NEXT_OFFSET)
+            .map(str::to_owned)
+            .ok_or_else(|| FollowError::Protocol("response without Stream-Next-Offset".into()))?;
+        let closed = header_str(&resp, headers::STREAM_CLOSED)
+            .is_some_and(|v| headers::is_true(v.as_bytes()));
+        let up_to_date = header_str(&resp, headers::STREAM_UP_TO_DATE)
+            .is_some_and(|v| headers::is_true(v.as_bytes()));
+        if let Some(cursor) = header_str(&resp, headers::STREAM_CURSOR) {
+            self.cursor = Some(cursor.to_owned());
+        }
+        self.ctx
+            .status
+            .set_up_to_date(&self.stream, up_to_date || closed);
+        if status == StatusCode::NO_CONTENT {
+            // A timeout carries no data, so it must not move us: a server that answered a newer
+            // tail here would make us skip bytes (a bug seen in another server).
+            if next != self.offset && !closed {
+                tracing::warn!(stream = %self.stream, asked = %self.offset, answered = %next, "long-poll timeout named another offset; ignored");
+            }
+            if closed && next == self.offset {
+                self.emit(Vec::new(), next, true).await?;
+                return Ok(SessionEnd::Closed);
+            }
+            return Ok(SessionEnd::Reconnect);
+        }
+        let body = read_bounded(resp, self.ctx.max_event_bytes).await?;
+        let rows = if self.is_json() {
+            decode_json_array(&body)?
+        } else if body.is_empty() {
+            Vec::new()
+        } else {
+            vec![Row::Bytes(body)]
+        };
+        self.emit(rows, next, closed).await?;
+        if closed {
+            return Ok(SessionEnd::Closed);
+        }
+        Ok(SessionEnd::Reconnect)
+    }
+
+    fn is_json(&self) -> bool {
+        self.content_type
+            .as_deref()
+            .is_some_and(|ct| MediaKind::of(ct) == MediaKind::Json)
+    }
+
+    /// Hands one read to the writer and moves `offset` to its end.
+    async fn emit(
+        &mut self,
+        rows: Vec<Row>,
+        next: String,
+        closed: bool,
+    ) -> Result<(), FollowError> {
+        if rows.is_empty() && next == self.offset && !closed {
+            return Ok(());
+        }
+        let (rows, discovered) = match &self.role {
+            Role::Mirror => (rows, Vec::new()),
+            Role::Registry(selection) => (Vec::new(), discovered_paths(&rows, selection)),
+        };
+        let read = Read {
+            stream: self.stream.clone(),
+            content_type: self
+                .content_type
+                .clone()
+                .unwrap_or_else(|| ds_protocol::content_type::DEFAULT_CONTENT_TYPE.into()),
+            start_offset: std::mem::replace(&mut self.offset, next.clone()),
+            next_offset: next,
+            rows,
+            closed,
+            received_at: SystemTime::now(),
+            discovered,
+        };
+        self.ctx
+            .updates
+            .send(Update::Read(read))
+            .await
+            .map_err(|_| FollowError::WriterGone)
+    }
+}
+
+fn header_str<'a>(resp: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Bytes, FollowError> {
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if buf.len() + chunk.len() > limit {
+            return Err(FollowError::TooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Rows of one SSE data event: the messages of a JSON array, or one chunk of bytes.
+fn decode_sse_data(data: &str, json: bool, base64: bool) -> Result<Vec<Row>, FollowError> {
+    if base64 {
+        // The server may wrap base64 over several data: lines; the joins are not data.
+        let text: String = data.chars().filter(|c| *c != '\n' && *c != '\r').collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| FollowError::Payload(format!("base64 data event: {e}")))?;
+        return Ok(if bytes.is_empty() {
+            Vec::new()
+        } else {
+            vec![Row::Bytes(bytes.into())]
+        });
+    }
+    if json {
+        return decode_json_array(data.as_bytes());
+    }
+    Ok(if data.is_empty() {
+        Vec::new()
+    } else {
+        vec![Row::Bytes(Bytes::copy_from_slice(data.as_bytes()))]
+    })
+}
+
+/// One row per message of a JSON array, each kept as the server wrote it.
+fn decode_json_array(body: &[u8]) -> Result<Vec<Row>, FollowError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let messages: Vec<&RawValue> = serde_json::from_slice(body)
+        .map_err(|e| FollowError::Payload(format!("json data is not an array of messages: {e}")))?;
+    Ok(messages
+        .into_iter()
+        .map(|m| Row::Json(m.get().to_owned()))
+        .collect())
+}
+
+/// Paths of `created` registry events that the selection wants.
+fn discovered_paths(rows: &[Row], selection: &Selection) -> Vec<String> {
+    let mut paths = Vec::new();
+    for row in rows {
+        let Row::Json(text) = row else { continue };
+        match serde_json::from_str::<RegistryEvent>(text) {
+            Ok(event) if event.event == "created" && selection.wants_discovered(&event.path) => {
+                paths.push(event.path)
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, message = %text, "ignoring malformed registry event")
+            }
+        }
+    }
+    paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_data_event_yields_one_row_per_message_kept_verbatim() {
+        let rows = decode_sse_data("[\n{\"k\": \"v\"},\n\"multi\\nline\"\n, []]", true, false);
+        let rows = rows.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            rows,
+            vec![
+                Row::Json("{\"k\": \"v\"}".into()),
+                Row::Json("\"multi\\nline\"".into()),
+                Row::Json("[]".into()),
+            ]
+        );
+        assert_eq!(
+            decode_sse_data("[]", true, false).map(|r| r.len()).ok(),
+            Some(0)
+        );
+        assert!(decode_sse_data("{\"not\":\"array\"}", true, false).is_err());
+    }
+
+    #[test]
+    fn base64_data_event_ignores_line_joins() {
+        let rows = decode_sse_data("AQID\nBAUG\r\nBwgJCg==", false, true);
+        assert_eq!(
+            rows.ok(),
+            Some(vec![Row::Bytes(Bytes::from_static(&[
+                1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+            ]))])
+        );
+        assert_eq!(
+            decode_sse_data("", false, true).map(|r| r.len()).ok(),
+            Some(0)
+        );
+        assert!(decode_sse_data("not base64!", false, true).is_err());
+    }
+}

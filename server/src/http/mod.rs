@@ -1,0 +1,514 @@
+//! HTTP: the axum router, request handlers, live reads, CORS and security headers.
+//!
+//! Handlers translate between HTTP and the `stream` layer; they never touch storage types.
+//! Any path is a stream except `/healthz` and `/readyz`.
+
+pub mod error;
+pub mod request;
+mod sse;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::BytesMut;
+use ds_protocol::{MediaKind, Offset, ReadOffset, cursor, headers as h};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::stream::{AppendRequest, CreateRequest, ReadOutcome, Stream, Streams};
+use error::ApiError;
+use request::LiveMode;
+
+/// Shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    streams: Arc<Streams>,
+    config: Config,
+    /// Cancelled when shutdown begins: long-polls and SSE end at once.
+    shutdown: CancellationToken,
+    /// Set when shutdown begins, so `/readyz` turns 503 for load balancers.
+    draining: AtomicBool,
+    /// Allowed CORS origins; `None` means `*`.
+    cors_origins: Option<Vec<String>>,
+    cache_control: HeaderValue,
+}
+
+impl AppState {
+    pub fn new(streams: Arc<Streams>, config: Config, shutdown: CancellationToken) -> Self {
+        let cors_origins = config.cors_origins();
+        let cache_control = HeaderValue::from_str(&config.http.cache_control)
+            .unwrap_or(HeaderValue::from_static("no-store"));
+        AppState {
+            inner: Arc::new(Inner {
+                streams,
+                config,
+                shutdown,
+                draining: AtomicBool::new(false),
+                cors_origins,
+                cache_control,
+            }),
+        }
+    }
+
+    /// Marks the server as draining (`/readyz` answers 503).
+    pub fn begin_drain(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The router of the whole server.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(stream_request)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            browser_headers,
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.inner.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+/// CORS (answered here for every path, preflights included) and the browser security headers of
+/// spec 12.7, on every response.
+async fn browser_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let preflight = req.method() == Method::OPTIONS;
+    let mut response = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let hs = r.headers_mut();
+        hs.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PUT, DELETE, HEAD, OPTIONS"),
+        );
+        hs.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(h::CORS_ALLOW_HEADERS),
+        );
+        hs.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    let hs = response.headers_mut();
+    match &state.inner.cors_origins {
+        None => {
+            hs.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+        }
+        Some(allowed) => {
+            if let Some(origin) = origin.filter(|o| {
+                o.to_str()
+                    .is_ok_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
+            }) {
+                hs.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            }
+            hs.append(header::VARY, HeaderValue::from_static("origin"));
+        }
+    }
+    hs.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(h::CORS_EXPOSE_HEADERS),
+    );
+    hs.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    hs.insert(
+        HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("cross-origin"),
+    );
+    response
+}
+
+async fn stream_request(State(state): State<AppState>, req: Request) -> Response {
+    let result = match *req.method() {
+        Method::GET => read(&state, req).await,
+        Method::HEAD => head(&state, req),
+        Method::PUT => create(&state, req).await,
+        Method::POST => append(&state, req).await,
+        Method::DELETE => delete(&state, req).await,
+        ref other => Err(ApiError::MethodNotAllowed(other.to_string())),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn offset_value(pos: u64) -> HeaderValue {
+    HeaderValue::from_str(&Offset::at(pos).to_string()).unwrap_or(HeaderValue::from_static("0"))
+}
+
+fn ct_value(ct: &str) -> HeaderValue {
+    HeaderValue::from_str(ct).unwrap_or(HeaderValue::from_static("application/octet-stream"))
+}
+
+const TRUE: HeaderValue = HeaderValue::from_static("true");
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
+/// Reads the request body, refusing one larger than the configured cap with 413.
+async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.inner.config.limits.max_request_bytes;
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    axum::body::to_bytes(body, limit_usize).await.map_err(|e| {
+        // `to_bytes` reports an exceeded limit and transport errors alike.
+        if std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util_limit::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            ApiError::PayloadTooLarge(format!(
+                "request body is larger than DS_LIMITS__MAX_REQUEST_BYTES ({limit} bytes)"
+            ))
+        } else {
+            ApiError::bad_request(format!("could not read request body: {e}"))
+        }
+    })
+}
+
+/// Kept as a module so the limit error type has one name here.
+mod http_body_util_limit {
+    pub use axum::extract::rejection::LengthLimitError;
+}
+
+fn declared_too_large(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let limit = state.inner.config.limits.max_request_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit => Err(ApiError::PayloadTooLarge(format!(
+            "request body of {len} bytes is larger than DS_LIMITS__MAX_REQUEST_BYTES ({limit} bytes)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// An absolute URL for `Location`, from the Host the client used.
+fn location(headers: &HeaderMap, path: &str) -> Option<HeaderValue> {
+    let host = headers
+        .get("x-forwarded-host")
+        .or_else(|| headers.get(header::HOST))?
+        .to_str()
+        .ok()?;
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http")
+        .unwrap_or("http");
+    HeaderValue::from_str(&format!("{scheme}://{host}{path}")).ok()
+}
+
+async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let path = request::stream_path(parts.uri.path())?;
+    let headers = &parts.headers;
+    let (ttl_secs, expires_at) = request::expiry(headers)?;
+    let fork = request::fork(headers)?;
+    let content_type = request::content_type(headers)?;
+    declared_too_large(state, headers)?;
+    let body = body_bytes(state, body).await?;
+    let outcome = state
+        .inner
+        .streams
+        .create(
+            &path,
+            CreateRequest {
+                content_type,
+                ttl_secs,
+                expires_at,
+                closed: request::closed(headers),
+                fork,
+                body,
+            },
+        )
+        .await?;
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = status.into_response();
+    let hs = response.headers_mut();
+    hs.insert(header::CONTENT_TYPE, ct_value(&outcome.content_type));
+    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
+    if outcome.closed {
+        hs.insert(h::STREAM_CLOSED, TRUE);
+    }
+    if outcome.created {
+        if let Some(loc) = location(headers, &path) {
+            hs.insert(header::LOCATION, loc);
+        }
+    }
+    Ok(response)
+}
+
+async fn append(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let path = request::stream_path(parts.uri.path())?;
+    let headers = &parts.headers;
+    let producer = request::producer(headers)?;
+    let stream_seq = request::stream_seq(headers)?;
+    let content_type = request::content_type(headers)?;
+    declared_too_large(state, headers)?;
+    let body = body_bytes(state, body).await?;
+    let has_producer = producer.is_some();
+    let outcome = state
+        .inner
+        .streams
+        .append(
+            &path,
+            AppendRequest {
+                content_type,
+                body,
+                close: request::closed(headers),
+                stream_seq,
+                producer,
+            },
+        )
+        .await?;
+    let status = if has_producer && outcome.stored_data {
+        StatusCode::OK
+    } else {
+        StatusCode::NO_CONTENT
+    };
+    let mut response = status.into_response();
+    let hs = response.headers_mut();
+    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
+    if outcome.closed {
+        hs.insert(h::STREAM_CLOSED, TRUE);
+    }
+    if let Some((epoch, seq)) = outcome.producer {
+        hs.insert(h::PRODUCER_EPOCH, HeaderValue::from(epoch));
+        hs.insert(h::PRODUCER_SEQ, HeaderValue::from(seq));
+    }
+    Ok(response)
+}
+
+async fn delete(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let path = request::stream_path(req.uri().path())?;
+    state.inner.streams.delete(&path).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn head(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let path = request::stream_path(req.uri().path())?;
+    let meta = state.inner.streams.head(&path)?;
+    let mut response = StatusCode::OK.into_response();
+    let hs = response.headers_mut();
+    hs.insert(header::CONTENT_TYPE, ct_value(&meta.content_type));
+    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(meta.next_offset));
+    hs.insert(header::CACHE_CONTROL, NO_STORE);
+    if let Some(ttl) = meta.ttl_secs {
+        hs.insert(h::STREAM_TTL, HeaderValue::from(ttl));
+    }
+    if let Some(at) = meta.expires_at {
+        if let Ok(v) = HeaderValue::from_str(&at) {
+            hs.insert(h::STREAM_EXPIRES_AT, v);
+        }
+    }
+    if meta.closed {
+        hs.insert(h::STREAM_CLOSED, TRUE);
+    }
+    Ok(response)
+}
+
+/// Where a read starts, in bytes, for a stream whose visible tail is `tail`.
+fn resolve(offset: Option<ReadOffset>, tail: u64) -> u64 {
+    match offset.unwrap_or(ReadOffset::Start) {
+        ReadOffset::Start => 0,
+        ReadOffset::Now => tail,
+        ReadOffset::At(o) => request::concrete_pos(o).min(tail),
+    }
+}
+
+fn cursor_value(client: Option<u64>) -> HeaderValue {
+    let jitter = fastrand::u64(1..=3600);
+    HeaderValue::from(cursor::next_cursor(SystemTime::now(), client, jitter))
+}
+
+async fn read(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let (parts, _body) = req.into_parts();
+    let path = request::stream_path(parts.uri.path())?;
+    let query = request::read_query(parts.uri.query())?;
+    let stream = state.inner.streams.get(&path, true)?;
+    match query.live {
+        LiveMode::CatchUp => catch_up(state, &stream, &query, &parts.headers).await,
+        LiveMode::LongPoll => long_poll(state, &stream, &query).await,
+        LiveMode::Sse => Ok(sse::respond(state.clone(), stream, &query)),
+    }
+}
+
+/// The response body of a read: JSON streams as one array, others as the bytes.
+fn encode_body(kind: MediaKind, outcome: &ReadOutcome) -> Bytes {
+    let size: usize = outcome.parts.iter().map(Bytes::len).sum();
+    if kind != MediaKind::Json {
+        if outcome.parts.len() == 1 {
+            return outcome.parts[0].clone();
+        }
+        let mut buf = BytesMut::with_capacity(size);
+        for p in &outcome.parts {
+            buf.extend_from_slice(p);
+        }
+        return buf.freeze();
+    }
+    let mut buf = BytesMut::with_capacity(size + outcome.parts.len() + 2);
+    buf.extend_from_slice(b"[");
+    for (i, p) in outcome.parts.iter().enumerate() {
+        if i > 0 {
+            buf.extend_from_slice(b",");
+        }
+        buf.extend_from_slice(p);
+    }
+    buf.extend_from_slice(b"]");
+    buf.freeze()
+}
+
+fn etag(stream: &Stream, outcome: &ReadOutcome) -> HeaderValue {
+    let closed = if outcome.at_end() { ":c" } else { "" };
+    HeaderValue::from_str(&format!(
+        "\"{}:{}:{}{}\"",
+        stream.meta.id, outcome.start, outcome.next, closed
+    ))
+    .unwrap_or(HeaderValue::from_static("\"\""))
+}
+
+/// Headers every data-bearing read response carries.
+fn read_headers(hs: &mut HeaderMap, stream: &Stream, outcome: &ReadOutcome) {
+    hs.insert(header::CONTENT_TYPE, ct_value(&stream.meta.content_type));
+    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next));
+    if outcome.up_to_date() {
+        hs.insert(h::STREAM_UP_TO_DATE, TRUE);
+    }
+    if outcome.at_end() {
+        hs.insert(h::STREAM_CLOSED, TRUE);
+    }
+}
+
+async fn catch_up(
+    state: &AppState,
+    stream: &Arc<Stream>,
+    query: &request::ReadQuery,
+    req_headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let visible = stream.visible();
+    let from = resolve(query.offset, visible.tail);
+    let outcome = state
+        .inner
+        .streams
+        .read_bounded(stream, from, visible)
+        .await?;
+    let is_now = query.offset == Some(ReadOffset::Now);
+    let tag = (!is_now).then(|| etag(stream, &outcome));
+    if let (Some(tag), Some(inm)) = (&tag, req_headers.get(header::IF_NONE_MATCH)) {
+        if inm == tag {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, tag.clone());
+            return Ok(r);
+        }
+    }
+    let body = encode_body(stream.kind, &outcome);
+    let mut response = Response::new(Body::from(body));
+    let hs = response.headers_mut();
+    read_headers(hs, stream, &outcome);
+    if let Some(tag) = tag {
+        hs.insert(header::ETAG, tag);
+    }
+    let cacheable = !is_now && !outcome.is_empty();
+    hs.insert(
+        header::CACHE_CONTROL,
+        if cacheable {
+            state.inner.cache_control.clone()
+        } else {
+            NO_STORE
+        },
+    );
+    Ok(response)
+}
+
+async fn long_poll(
+    state: &AppState,
+    stream: &Arc<Stream>,
+    query: &request::ReadQuery,
+) -> Result<Response, ApiError> {
+    let mut rx = stream.subscribe();
+    let initial = *rx.borrow_and_update();
+    let from = resolve(query.offset, initial.tail);
+    let deadline = tokio::time::Instant::now() + state.inner.config.server.long_poll_timeout;
+    let mut visible = initial;
+    loop {
+        if visible.gone {
+            return Err(crate::stream::StreamError::NotFound.into());
+        }
+        if from < visible.tail {
+            let outcome = state
+                .inner
+                .streams
+                .read_bounded(stream, from, visible)
+                .await?;
+            let body = encode_body(stream.kind, &outcome);
+            let mut response = Response::new(Body::from(body));
+            let hs = response.headers_mut();
+            read_headers(hs, stream, &outcome);
+            hs.insert(header::ETAG, etag(stream, &outcome));
+            hs.insert(header::CACHE_CONTROL, state.inner.cache_control.clone());
+            if !outcome.at_end() {
+                hs.insert(h::STREAM_CURSOR, cursor_value(query.cursor));
+            }
+            return Ok(response);
+        }
+        if visible.closed {
+            break;
+        }
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return Err(crate::stream::StreamError::NotFound.into());
+                }
+                visible = *rx.borrow_and_update();
+            }
+            () = tokio::time::sleep_until(deadline) => break,
+            () = state.inner.shutdown.cancelled() => break,
+        }
+    }
+    // Timed out, closed, or shutting down, with nothing after `from`: answer the offset asked
+    // for (never a newer tail this reader was not given).
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let hs = response.headers_mut();
+    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(from));
+    hs.insert(h::STREAM_UP_TO_DATE, TRUE);
+    hs.insert(header::CACHE_CONTROL, NO_STORE);
+    if visible.closed {
+        hs.insert(h::STREAM_CLOSED, TRUE);
+    } else {
+        hs.insert(h::STREAM_CURSOR, cursor_value(query.cursor));
+    }
+    Ok(response)
+}

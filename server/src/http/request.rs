@@ -1,0 +1,360 @@
+//! Parsing of request headers and query parameters into typed values. Every refusal names the
+//! header or parameter and what was wrong with it.
+
+use axum::http::HeaderMap;
+use ds_protocol::headers::{self as h, parse_canonical_u64, parse_js_safe_u64};
+use ds_protocol::{Offset, ReadOffset};
+
+use super::error::ApiError;
+use crate::stream::producer::ProducerRequest;
+
+/// Longest stream path accepted.
+const MAX_PATH_BYTES: usize = 1024;
+/// Longest `Stream-Seq` or `Producer-Id` accepted.
+const MAX_TOKEN_BYTES: usize = 1024;
+
+/// A header as UTF-8 text, if present. Non-UTF-8 values are refused.
+pub fn text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII"))),
+    }
+}
+
+/// `Stream-Closed: true` (case-insensitive); any other value counts as absent.
+pub fn closed(headers: &HeaderMap) -> bool {
+    headers
+        .get(h::STREAM_CLOSED)
+        .is_some_and(|v| h::is_true(v.as_bytes()))
+}
+
+/// The stream's identity: the request path, checked for sanity.
+pub fn stream_path(path: &str) -> Result<String, ApiError> {
+    if path.len() > MAX_PATH_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "stream path is longer than {MAX_PATH_BYTES} bytes"
+        )));
+    }
+    if path.is_empty() || path == "/" {
+        return Err(ApiError::bad_request("stream path is empty"));
+    }
+    if path.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(ApiError::bad_request(
+            "stream path must not contain '.' or '..' segments",
+        ));
+    }
+    Ok(path.to_owned())
+}
+
+/// `Content-Type` of a request, `None` when absent or empty.
+pub fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(text(headers, "content-type")?
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned))
+}
+
+/// `Stream-TTL` and `Stream-Expires-At` (mutually exclusive).
+pub fn expiry(headers: &HeaderMap) -> Result<(Option<u64>, Option<(String, i64)>), ApiError> {
+    let ttl = match text(headers, h::STREAM_TTL)? {
+        None => None,
+        Some(v) => Some(parse_canonical_u64(v).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Stream-TTL {v:?} must be a non-negative whole number of seconds without sign or leading zeros"
+            ))
+        })?),
+    };
+    let expires = match text(headers, h::STREAM_EXPIRES_AT)? {
+        None => None,
+        Some(v) => {
+            let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "Stream-Expires-At {v:?} is not an RFC 3339 timestamp"
+                    ))
+                })?;
+            let ms = at.unix_timestamp_nanos() / 1_000_000;
+            let ms = i64::try_from(ms).map_err(|_| {
+                ApiError::bad_request(format!("Stream-Expires-At {v:?} is out of range"))
+            })?;
+            Some((v.to_owned(), ms))
+        }
+    };
+    if ttl.is_some() && expires.is_some() {
+        return Err(ApiError::bad_request(
+            "Stream-TTL and Stream-Expires-At are mutually exclusive",
+        ));
+    }
+    Ok((ttl, expires))
+}
+
+/// `Stream-Seq`, opaque, compared byte-wise.
+pub fn stream_seq(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match text(headers, h::STREAM_SEQ)? {
+        Some(v) if v.len() > MAX_TOKEN_BYTES => Err(ApiError::bad_request(format!(
+            "Stream-Seq is longer than {MAX_TOKEN_BYTES} bytes"
+        ))),
+        other => Ok(other.map(str::to_owned)),
+    }
+}
+
+/// The three producer headers: all or none.
+pub fn producer(headers: &HeaderMap) -> Result<Option<ProducerRequest>, ApiError> {
+    let id = text(headers, h::PRODUCER_ID)?;
+    let epoch = text(headers, h::PRODUCER_EPOCH)?;
+    let seq = text(headers, h::PRODUCER_SEQ)?;
+    match (id, epoch, seq) {
+        (None, None, None) => Ok(None),
+        (Some(id), Some(epoch), Some(seq)) => {
+            if id.is_empty() {
+                return Err(ApiError::bad_request("Producer-Id must not be empty"));
+            }
+            if id.len() > MAX_TOKEN_BYTES {
+                return Err(ApiError::bad_request(format!(
+                    "Producer-Id is longer than {MAX_TOKEN_BYTES} bytes"
+                )));
+            }
+            let epoch = parse_js_safe_u64(epoch).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Producer-Epoch {epoch:?} must be an integer from 0 to 2^53-1"
+                ))
+            })?;
+            let seq = parse_js_safe_u64(seq).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Producer-Seq {seq:?} must be an integer from 0 to 2^53-1"
+                ))
+            })?;
+            Ok(Some(ProducerRequest {
+                id: id.to_owned(),
+                epoch,
+                seq,
+            }))
+        }
+        _ => Err(ApiError::bad_request(
+            "Producer-Id, Producer-Epoch and Producer-Seq must be sent together",
+        )),
+    }
+}
+
+/// Fork headers of a PUT.
+pub fn fork(headers: &HeaderMap) -> Result<Option<crate::stream::ForkRequest>, ApiError> {
+    let source = text(headers, h::STREAM_FORKED_FROM)?;
+    let offset = text(headers, h::STREAM_FORK_OFFSET)?;
+    let sub = text(headers, h::STREAM_FORK_SUB_OFFSET)?;
+    let Some(source) = source else {
+        if offset.is_some() || sub.is_some() {
+            return Err(ApiError::bad_request(
+                "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From",
+            ));
+        }
+        return Ok(None);
+    };
+    let source = stream_path(source.trim())
+        .map_err(|e| ApiError::bad_request(format!("Stream-Forked-From: {e}")))?;
+    let offset = match offset {
+        None => None,
+        Some(v) => {
+            let o: Offset = v.parse().map_err(|e| {
+                ApiError::bad_request(format!("Stream-Fork-Offset {v:?} is invalid: {e}"))
+            })?;
+            Some(concrete_pos(o))
+        }
+    };
+    let sub_offset = match sub {
+        None => 0,
+        Some(v) => parse_canonical_u64(v).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Stream-Fork-Sub-Offset {v:?} must be a non-negative whole number without sign or leading zeros"
+            ))
+        })?,
+    };
+    Ok(Some(crate::stream::ForkRequest {
+        source,
+        offset,
+        sub_offset,
+    }))
+}
+
+/// The byte position of an offset; offsets of later segments (never handed out) lie beyond
+/// every tail.
+pub fn concrete_pos(o: Offset) -> u64 {
+    if o.seq == 0 { o.pos } else { u64::MAX }
+}
+
+/// How a GET reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiveMode {
+    CatchUp,
+    LongPoll,
+    Sse,
+}
+
+/// The query of a GET.
+#[derive(Clone, Debug)]
+pub struct ReadQuery {
+    pub offset: Option<ReadOffset>,
+    pub live: LiveMode,
+    pub cursor: Option<u64>,
+}
+
+/// Parses `offset`, `live` and `cursor`; other parameters are ignored.
+pub fn read_query(query: Option<&str>) -> Result<ReadQuery, ApiError> {
+    let mut offset: Option<String> = None;
+    let mut live: Option<String> = None;
+    let mut cursor: Option<String> = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let slot = match k.as_ref() {
+            h::QUERY_OFFSET => &mut offset,
+            h::QUERY_LIVE => &mut live,
+            h::QUERY_CURSOR => &mut cursor,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(ApiError::bad_request(format!(
+                "query parameter {k} appears more than once"
+            )));
+        }
+        *slot = Some(v.into_owned());
+    }
+    let offset = match offset {
+        None => None,
+        Some(v) => Some(
+            v.parse::<ReadOffset>()
+                .map_err(|e| ApiError::bad_request(format!("offset {v:?} is invalid: {e}")))?,
+        ),
+    };
+    let live = match live.as_deref() {
+        None => LiveMode::CatchUp,
+        Some(h::LIVE_LONG_POLL) => LiveMode::LongPoll,
+        Some(h::LIVE_SSE) => LiveMode::Sse,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "live {other:?} is not supported; use long-poll or sse"
+            )));
+        }
+    };
+    if live != LiveMode::CatchUp && offset.is_none() {
+        return Err(ApiError::bad_request(
+            "live reads need an offset (use -1 for the start or now for the tail)",
+        ));
+    }
+    // A cursor is only a cache key; an unparseable one is treated as absent.
+    let cursor = cursor.and_then(|c| c.parse::<u64>().ok());
+    Ok(ReadQuery {
+        offset,
+        live,
+        cursor,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn query_rejects_duplicate_and_empty_offsets() {
+        assert!(read_query(Some("offset=-1&offset=now")).is_err());
+        assert!(read_query(Some("offset=")).is_err());
+        assert!(read_query(Some("offset=0%2C1")).is_err());
+        assert!(read_query(Some("offset=%00")).is_err());
+        assert!(read_query(Some("offset=0_0%0A")).is_err());
+        let q = read_query(Some("offset=now&live=sse&cursor=12&x=y")).unwrap();
+        assert_eq!(q.offset, Some(ReadOffset::Now));
+        assert_eq!(q.live, LiveMode::Sse);
+        assert_eq!(q.cursor, Some(12));
+        assert_eq!(read_query(None).unwrap().offset, None);
+    }
+
+    #[test]
+    fn live_reads_need_an_offset() {
+        assert!(read_query(Some("live=long-poll")).is_err());
+        assert!(read_query(Some("live=sse")).is_err());
+        assert!(read_query(Some("offset=-1&live=poll")).is_err());
+    }
+
+    #[test]
+    fn producer_headers_all_or_none() {
+        let mut hm = HeaderMap::new();
+        assert_eq!(producer(&hm).unwrap(), None);
+        hm.insert(h::PRODUCER_ID, HeaderValue::from_static("p"));
+        assert!(producer(&hm).is_err());
+        hm.insert(h::PRODUCER_EPOCH, HeaderValue::from_static("0"));
+        hm.insert(h::PRODUCER_SEQ, HeaderValue::from_static("1e3"));
+        assert!(producer(&hm).is_err());
+        hm.insert(h::PRODUCER_SEQ, HeaderValue::from_static("3"));
+        assert_eq!(
+            producer(&hm).unwrap(),
+            Some(ProducerRequest {
+                id: "p".into(),
+                epoch: 0,
+                seq: 3
+            })
+        );
+    }
+
+    #[test]
+    fn expiry_rules() {
+        let mut hm = HeaderMap::new();
+        hm.insert(h::STREAM_TTL, HeaderValue::from_static("00060"));
+        assert!(expiry(&hm).is_err());
+        hm.insert(h::STREAM_TTL, HeaderValue::from_static("60"));
+        assert_eq!(expiry(&hm).unwrap().0, Some(60));
+        hm.insert(
+            h::STREAM_EXPIRES_AT,
+            HeaderValue::from_static("2026-01-01T00:00:00.000Z"),
+        );
+        assert!(expiry(&hm).is_err());
+        hm.remove(h::STREAM_TTL);
+        assert_eq!(expiry(&hm).unwrap().1.map(|e| e.1), Some(1_767_225_600_000));
+        hm.insert(
+            h::STREAM_EXPIRES_AT,
+            HeaderValue::from_static("2026-01-01T00:00:00.000+00:00"),
+        );
+        assert!(expiry(&hm).is_ok());
+        hm.insert(
+            h::STREAM_EXPIRES_AT,
+            HeaderValue::from_static("not-a-timestamp"),
+        );
+        assert!(expiry(&hm).is_err());
+        hm.remove(h::STREAM_EXPIRES_AT);
+        hm.insert(
+            h::STREAM_TTL,
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        assert_eq!(expiry(&hm).unwrap().0, Some(u64::MAX));
+    }
+
+    #[test]
+    fn fork_headers_need_a_source() {
+        let mut hm = HeaderMap::new();
+        hm.insert(h::STREAM_FORK_SUB_OFFSET, HeaderValue::from_static("0"));
+        assert!(fork(&hm).is_err());
+        hm.insert(
+            h::STREAM_FORKED_FROM,
+            HeaderValue::from_static("/v1/stream/a"),
+        );
+        hm.insert(h::STREAM_FORK_SUB_OFFSET, HeaderValue::from_static("05"));
+        assert!(fork(&hm).is_err());
+        hm.insert(h::STREAM_FORK_SUB_OFFSET, HeaderValue::from_static("5"));
+        hm.insert(h::STREAM_FORK_OFFSET, HeaderValue::from_static("abc"));
+        assert!(fork(&hm).is_err());
+        hm.insert(
+            h::STREAM_FORK_OFFSET,
+            HeaderValue::from_static("0000000000000000_0000000000000003"),
+        );
+        let f = fork(&hm).unwrap().unwrap();
+        assert_eq!((f.offset, f.sub_offset), (Some(3), 5));
+    }
+
+    #[test]
+    fn paths_are_checked() {
+        assert!(stream_path("/v1/stream/a").is_ok());
+        assert!(stream_path("/v1/../a").is_err());
+        assert!(stream_path("/").is_err());
+        assert!(stream_path(&"/a".repeat(1000)).is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! SSE reads (spec 5.8): `event: data` batches, each immediately followed by an
+//! `event: control` carrying the resume offset, written together in one chunk.
+//!
+//! The body is a generator over the stream's visible-tail watch: read from our own offset, send,
+//! wait for the tail to move, repeat. Idle connections get a keep-alive comment; every
+//! connection is closed after the reconnect interval (for CDN collapsing) or at shutdown.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use base64::Engine;
+use bytes::BytesMut;
+use ds_protocol::sse::{ControlEvent, split_lines};
+use ds_protocol::{MediaKind, Offset, headers as h};
+use futures::Stream as FutStream;
+
+use super::request::ReadQuery;
+use super::{AppState, encode_body, resolve};
+use crate::stream::{ReadOutcome, Stream};
+
+/// Starts an SSE response for `stream` from the query's offset.
+pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Response {
+    let base64 = stream.kind.sse_base64();
+    let body = Body::from_stream(events(state, stream, query.clone()));
+    let mut response = Response::new(body);
+    let hs = response.headers_mut();
+    hs.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Ask reverse proxies (nginx) not to buffer the stream.
+    hs.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if base64 {
+        hs.insert(
+            h::STREAM_SSE_DATA_ENCODING,
+            HeaderValue::from_static("base64"),
+        );
+    }
+    response
+}
+
+fn push_data_event(buf: &mut BytesMut, kind: MediaKind, outcome: &ReadOutcome) {
+    let payload = encode_body(kind, outcome);
+    buf.extend_from_slice(b"event: data\n");
+    if kind.sse_base64() {
+        let text = base64::engine::general_purpose::STANDARD.encode(&payload);
+        buf.extend_from_slice(b"data:");
+        buf.extend_from_slice(text.as_bytes());
+        buf.extend_from_slice(b"\n");
+    } else {
+        for line in split_lines(&payload) {
+            buf.extend_from_slice(b"data:");
+            buf.extend_from_slice(line);
+            buf.extend_from_slice(b"\n");
+        }
+    }
+    buf.extend_from_slice(b"\n");
+}
+
+fn push_control(
+    buf: &mut BytesMut,
+    next: u64,
+    closed: bool,
+    up_to_date: bool,
+    cursor: Option<u64>,
+) {
+    let control = ControlEvent {
+        stream_next_offset: Offset::at(next).to_string(),
+        stream_cursor: (!closed).then(|| {
+            let jitter = fastrand::u64(1..=3600);
+            ds_protocol::cursor::next_cursor(std::time::SystemTime::now(), cursor, jitter)
+                .to_string()
+        }),
+        up_to_date: up_to_date || closed,
+        stream_closed: closed,
+    };
+    buf.extend_from_slice(b"event: control\ndata:");
+    // Serialising a struct of strings and bools cannot fail.
+    buf.extend_from_slice(
+        serde_json::to_string(&control)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    buf.extend_from_slice(b"\n\n");
+}
+
+fn events(
+    state: AppState,
+    stream: Arc<Stream>,
+    query: ReadQuery,
+) -> impl FutStream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    async_stream::stream! {
+        let inner = &state.inner;
+        let server = &inner.config.server;
+        let mut rx = stream.subscribe();
+        let mut pos = resolve(query.offset, rx.borrow().tail);
+        let reconnect_at = tokio::time::Instant::now() + server.sse_reconnect_interval;
+        let mut sent_anything = false;
+        loop {
+            let visible = *rx.borrow_and_update();
+            if visible.gone {
+                break;
+            }
+            if pos < visible.tail {
+                let outcome = match inner.streams.read_bounded(&stream, pos, visible).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(stream = %stream.meta.path, error = %e, "sse read failed");
+                        break;
+                    }
+                };
+                let mut buf = BytesMut::new();
+                if !outcome.is_empty() {
+                    push_data_event(&mut buf, stream.kind, &outcome);
+                }
+                let end = outcome.at_end();
+                push_control(&mut buf, outcome.next, end, outcome.up_to_date(), query.cursor);
+                pos = outcome.next;
+                sent_anything = true;
+                yield Ok(buf.freeze());
+                if end {
+                    break;
+                }
+                continue;
+            }
+            if !sent_anything || visible.closed {
+                let mut buf = BytesMut::new();
+                push_control(&mut buf, pos, visible.closed, true, query.cursor);
+                sent_anything = true;
+                yield Ok(buf.freeze());
+                if visible.closed {
+                    break;
+                }
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep(server.sse_keepalive_interval) => {
+                    yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                }
+                () = tokio::time::sleep_until(reconnect_at) => break,
+                () = inner.shutdown.cancelled() => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! `ds-server`: a Durable Streams protocol server.
+//!
+//! Layers: `config` (figment), `http` (axum router and handlers), `stream` (protocol rules),
+//! `storage` (backends behind one trait), `live` (what live readers wait on). [`App::build`]
+//! binds (port 0 allowed) and [`App::run`] serves until the caller's shutdown future resolves,
+//! so tests run the real server in-process.
+
+pub mod config;
+pub mod http;
+pub mod live;
+pub mod storage;
+pub mod stream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use config::{Config, StorageMode};
+use storage::Storage;
+use stream::{Limits, Streams};
+
+/// A bound, ready-to-run server.
+pub struct App {
+    listener: TcpListener,
+    state: http::AppState,
+    streams: Arc<Streams>,
+    config: Config,
+    /// Cancelled when shutdown begins; long-lived reads and the sweeper watch it.
+    shutdown: CancellationToken,
+}
+
+impl App {
+    /// Opens storage and binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let storage: Arc<dyn Storage> = match config.storage.mode {
+            StorageMode::Memory => Arc::new(storage::memory::MemoryStorage),
+            other => anyhow::bail!("storage mode {other:?} is not available in this build"),
+        };
+        let limits = Limits {
+            max_stream_bytes: config.limits.max_stream_bytes,
+            max_total_bytes: config.limits.max_memory_bytes,
+            max_read_bytes: usize::try_from(config.limits.max_read_bytes).unwrap_or(usize::MAX),
+        };
+        let streams = Arc::new(Streams::open(storage, limits)?);
+        let addr = SocketAddr::new(config.server.host, config.server.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let shutdown = CancellationToken::new();
+        let state = http::AppState::new(streams.clone(), config.clone(), shutdown.clone());
+        Ok(App {
+            listener,
+            state,
+            streams,
+            config,
+            shutdown,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The stream registry (for tests and tools).
+    pub fn streams(&self) -> Arc<Streams> {
+        self.streams.clone()
+    }
+
+    /// Serves until `signal` resolves, then drains: `/readyz` turns 503, long-polls and SSE end,
+    /// and in-flight requests get `shutdown_timeout` to finish.
+    pub async fn run(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let App {
+            listener,
+            state,
+            streams,
+            config,
+            shutdown,
+        } = self;
+        let sweeper = tokio::spawn(sweep_expired(
+            streams,
+            config.server.expiry_sweep_interval,
+            shutdown.clone(),
+        ));
+        let router = http::router(state.clone());
+        let listener = listener.tap_io(|tcp| {
+            // Small responses (appends, live events) must not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+        });
+        let stop = shutdown.clone();
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .into_future();
+        tokio::pin!(serve);
+        tokio::select! {
+            result = &mut serve => result?,
+            () = signal => {
+                tracing::info!("shutting down");
+                state.begin_drain();
+                shutdown.cancel();
+                match tokio::time::timeout(config.server.shutdown_timeout, serve).await {
+                    Ok(result) => result?,
+                    Err(_) => tracing::warn!(
+                        timeout = ?config.server.shutdown_timeout,
+                        "connections still open at the shutdown deadline; closing them"
+                    ),
+                }
+            }
+        }
+        shutdown.cancel();
+        let _ = sweeper.await;
+        Ok(())
+    }
+}
+
+async fn sweep_expired(
+    streams: Arc<Streams>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let n = streams.sweep_expired();
+                if n > 0 {
+                    tracing::debug!(expired = n, "swept expired streams");
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+}

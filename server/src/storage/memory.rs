@@ -1,0 +1,250 @@
+//! `memory`: streams live in RAM and are lost on restart. Acknowledged means stored in RAM.
+//!
+//! Each log is a vector of records behind its own lock; no lock is shared across streams. Reads
+//! clone `Bytes` handles (reference counts), never the payloads.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use parking_lot::RwLock;
+
+use super::{
+    AppendEntry, Commit, ProducerTuple, ReadChunk, Recovered, StorageError, StreamLog, StreamMeta,
+    done,
+};
+
+/// The in-memory backend.
+#[derive(Debug, Default)]
+pub struct MemoryStorage;
+
+impl super::Storage for MemoryStorage {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn create(
+        &self,
+        meta: &StreamMeta,
+        initial: Vec<Bytes>,
+        _close: Option<Option<ProducerTuple>>,
+    ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
+        let start = meta.fork.as_ref().map_or(0, |f| f.offset);
+        let log = MemoryLog::new(start);
+        {
+            let mut records = log.records.write();
+            let mut end = start;
+            for data in initial.into_iter().filter(|d| !d.is_empty()) {
+                end += data.len() as u64;
+                records.push(Record { end, data });
+            }
+        }
+        Ok((Arc::new(log), done()))
+    }
+
+    fn recover(&self) -> Result<Vec<Recovered>, StorageError> {
+        Ok(Vec::new())
+    }
+}
+
+#[derive(Debug)]
+struct Record {
+    /// Position just past this record.
+    end: u64,
+    data: Bytes,
+}
+
+/// One stream's records, ordered by position.
+#[derive(Debug)]
+pub struct MemoryLog {
+    /// Position of the first record (the fork anchor for forks, else 0).
+    start: u64,
+    records: RwLock<Vec<Record>>,
+}
+
+impl MemoryLog {
+    fn new(start: u64) -> Self {
+        MemoryLog {
+            start,
+            records: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn read_now(
+        &self,
+        from: u64,
+        until: u64,
+        max_bytes: usize,
+        split: bool,
+    ) -> Result<ReadChunk, StorageError> {
+        let records = self.records.read();
+        read_records(&records, self.start, from, until, max_bytes, split)
+    }
+}
+
+/// Reads `[from, until)` out of `records` (shared by the memory log and tests).
+fn read_records(
+    records: &[Record],
+    log_start: u64,
+    from: u64,
+    until: u64,
+    max_bytes: usize,
+    split: bool,
+) -> Result<ReadChunk, StorageError> {
+    let mut chunk = ReadChunk {
+        parts: Vec::new(),
+        end: from,
+    };
+    if from >= until {
+        return Ok(chunk);
+    }
+    // First record that ends after `from`.
+    let first = records.partition_point(|r| r.end <= from);
+    let mut budget = max_bytes;
+    for record in &records[first..] {
+        let record_start = record.end - record.data.len() as u64;
+        if record_start >= until {
+            break;
+        }
+        let lo = from.max(record_start);
+        if lo != record_start && !split {
+            return Err(StorageError::Misaligned { pos: from });
+        }
+        let hi = record.end.min(until);
+        if hi != record.end && !split {
+            // `until` inside a record can only come from a client-made fork offset.
+            return Err(StorageError::Misaligned { pos: until });
+        }
+        let mut len = (hi - lo) as usize;
+        if !chunk.parts.is_empty() || split {
+            if budget == 0 {
+                break;
+            }
+            if len > budget {
+                if !split {
+                    break;
+                }
+                len = budget;
+            }
+        }
+        let offset_in_record = (lo - record_start) as usize;
+        chunk
+            .parts
+            .push(record.data.slice(offset_in_record..offset_in_record + len));
+        chunk.end = lo + len as u64;
+        budget = budget.saturating_sub(len);
+        if chunk.end < hi {
+            break;
+        }
+    }
+    if chunk.parts.is_empty() && from < log_start {
+        return Err(StorageError::Misaligned { pos: from });
+    }
+    Ok(chunk)
+}
+
+impl StreamLog for MemoryLog {
+    fn append(&self, entry: AppendEntry) -> Commit {
+        if let Some(data) = entry.data.filter(|d| !d.is_empty()) {
+            let mut records = self.records.write();
+            let end = entry.start + data.len() as u64;
+            records.push(Record { end, data });
+        }
+        done()
+    }
+
+    fn mark_soft_deleted(&self) -> Commit {
+        done()
+    }
+
+    fn remove(&self) -> Commit {
+        // Readers holding `Bytes` keep their pieces alive; the vector goes now.
+        self.records.write().clear();
+        done()
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        until: u64,
+        max_bytes: usize,
+        split: bool,
+    ) -> BoxFuture<'static, Result<ReadChunk, StorageError>> {
+        Box::pin(std::future::ready(
+            self.read_now(from, until, max_bytes, split),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recs(parts: &[&'static str]) -> Vec<Record> {
+        let mut end = 0;
+        parts
+            .iter()
+            .map(|p| {
+                end += p.len() as u64;
+                Record {
+                    end,
+                    data: Bytes::from_static(p.as_bytes()),
+                }
+            })
+            .collect()
+    }
+
+    fn joined(chunk: &ReadChunk) -> String {
+        chunk
+            .parts
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn reads_whole_records_until_budget() {
+        let r = recs(&["abc", "de", "fghi"]);
+        let c = read_records(&r, 0, 0, 9, 4, false).unwrap();
+        assert_eq!(joined(&c), "abc");
+        assert_eq!(c.end, 3);
+        let c = read_records(&r, 0, 3, 9, 100, false).unwrap();
+        assert_eq!(joined(&c), "defghi");
+        assert_eq!(c.end, 9);
+    }
+
+    #[test]
+    fn always_returns_one_record_even_over_budget() {
+        let r = recs(&["abcdef"]);
+        let c = read_records(&r, 0, 0, 6, 2, false).unwrap();
+        assert_eq!(joined(&c), "abcdef");
+    }
+
+    #[test]
+    fn split_reads_cut_inside_records_and_respect_until() {
+        let r = recs(&["abc", "def"]);
+        let c = read_records(&r, 0, 1, 5, 100, true).unwrap();
+        assert_eq!(joined(&c), "bcde");
+        assert_eq!(c.end, 5);
+        let c = read_records(&r, 0, 0, 6, 4, true).unwrap();
+        assert_eq!(joined(&c), "abcd");
+        assert_eq!(c.end, 4);
+    }
+
+    #[test]
+    fn unsplittable_read_from_inside_a_record_is_misaligned() {
+        let r = recs(&["abc", "def"]);
+        assert!(matches!(
+            read_records(&r, 0, 1, 6, 100, false),
+            Err(StorageError::Misaligned { pos: 1 })
+        ));
+    }
+
+    #[test]
+    fn empty_range_reads_nothing() {
+        let r = recs(&["abc"]);
+        let c = read_records(&r, 0, 3, 3, 100, false).unwrap();
+        assert!(c.parts.is_empty());
+        assert_eq!(c.end, 3);
+    }
+}

@@ -1,0 +1,185 @@
+//! Storage: where stream bytes and writer state live, behind a narrow trait.
+//!
+//! The `stream` layer owns the protocol rules and keeps every stream's metadata in memory; a
+//! backend only has to (1) persist what the stream layer decided, atomically per call, and
+//! (2) read back byte ranges. Backends never see HTTP and never make protocol decisions.
+//!
+//! Contract every backend keeps (checked by the shared contract tests):
+//! - `StreamLog::append` commits the data, the producer state, the `Stream-Seq` value and the
+//!   closed flag of one entry together: after a crash either all of it is there or none of it.
+//! - Commits of one log complete in submission order. The stream layer assigns offsets under its
+//!   own lock and submits in that order, then makes data visible to readers only once the returned
+//!   [`Commit`] resolves, so readers see only acknowledged data.
+//! - The returned future does no work the caller must drive for correctness of *other* commits:
+//!   dropping it (a client hung up) does not cancel the write.
+//! - `read` returns bytes of `[from, until)` only, at most about `max_bytes` of them but always at
+//!   least one record when any is in range, cut only at record boundaries unless `split` allows
+//!   cutting inside a record (byte streams may be cut anywhere; JSON streams may not).
+//! - Blocking I/O never runs on the caller's async worker thread.
+
+pub mod memory;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// A stream instance's identity. A path that is deleted and re-created gets a new id.
+pub type StreamId = u64;
+
+/// What a backend failed at. Never shown to clients in detail (it becomes a 500 and a log line).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("i/o error on {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt data in {what}: {detail}")]
+    Corrupt { what: String, detail: String },
+    #[error("offset {pos} is not on a record boundary")]
+    Misaligned { pos: u64 },
+    #[error("stream {0} is no longer stored")]
+    Removed(StreamId),
+    #[error("storage is shutting down")]
+    ShuttingDown,
+}
+
+/// A durable write in flight. Resolves once the write is acknowledged by the backend's promise
+/// (in RAM, in the page cache, or fsynced, depending on the mode).
+pub type Commit = BoxFuture<'static, Result<(), StorageError>>;
+
+/// A commit that is already complete.
+pub fn done() -> Commit {
+    Box::pin(std::future::ready(Ok(())))
+}
+
+/// Idempotent-producer state for one `(stream, producer id)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerState {
+    pub epoch: u64,
+    pub last_seq: u64,
+}
+
+/// The producer request that closed a stream, so that its retry is recognised as a duplicate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerTuple {
+    pub id: String,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// Where a fork diverges from its source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkMeta {
+    pub source_id: StreamId,
+    pub source_path: String,
+    /// The anchor: data before it is read from the source.
+    pub offset: u64,
+    /// Messages (JSON) or bytes (others) of the source inherited past the anchor; they were copied
+    /// into the fork's own first record when it was created.
+    pub sub_offset: u64,
+}
+
+/// A stream's configuration, fixed at creation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamMeta {
+    pub id: StreamId,
+    pub path: String,
+    /// The `Content-Type` exactly as given at creation (echoed on reads).
+    pub content_type: String,
+    pub ttl_secs: Option<u64>,
+    /// `Stream-Expires-At` as sent (echoed on HEAD) and as Unix milliseconds.
+    pub expires_at: Option<(String, i64)>,
+    pub created_at_ms: u64,
+    pub fork: Option<ForkMeta>,
+}
+
+/// Everything one append commits together.
+#[derive(Clone, Debug, Default)]
+pub struct AppendEntry {
+    /// Position where `data` starts: the tail before this append.
+    pub start: u64,
+    /// The bytes (for JSON streams: the append's messages joined by commas). `None` for a
+    /// close-only request.
+    pub data: Option<Bytes>,
+    /// Set when this entry closes the stream; carries the closing producer tuple, if any.
+    pub close: Option<Option<ProducerTuple>>,
+    pub stream_seq: Option<String>,
+    pub producer: Option<(String, ProducerState)>,
+}
+
+/// Writer state as recovered from storage at start-up.
+#[derive(Clone, Debug, Default)]
+pub struct WriterSnapshot {
+    pub tail: u64,
+    pub closed: bool,
+    pub closed_by: Option<ProducerTuple>,
+    pub last_seq: Option<String>,
+    pub producers: HashMap<String, ProducerState>,
+    pub soft_deleted: bool,
+    /// Last access time, for sliding TTLs (best effort: persisted lazily by some backends).
+    pub last_access_ms: u64,
+    /// Bytes held by this stream's own log (not counting inherited data).
+    pub own_bytes: u64,
+}
+
+/// One stream found by [`Storage::recover`].
+pub struct Recovered {
+    pub meta: StreamMeta,
+    pub state: WriterSnapshot,
+    pub log: Arc<dyn StreamLog>,
+}
+
+/// A read's result: record pieces in order and the position after the last byte.
+#[derive(Clone, Debug, Default)]
+pub struct ReadChunk {
+    pub parts: Vec<Bytes>,
+    pub end: u64,
+}
+
+/// A storage backend: creates and recovers per-stream logs.
+pub trait Storage: Send + Sync + 'static {
+    /// The mode's name, for logs.
+    fn name(&self) -> &'static str;
+
+    /// Creates a stream's log holding `initial` records (positions from the fork anchor, or 0),
+    /// closed at once when `close` is set. The log is usable immediately; the commit says when
+    /// the creation is durable.
+    fn create(
+        &self,
+        meta: &StreamMeta,
+        initial: Vec<Bytes>,
+        close: Option<Option<ProducerTuple>>,
+    ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError>;
+
+    /// Every stream stored, for start-up. Memory storage returns none.
+    fn recover(&self) -> Result<Vec<Recovered>, StorageError>;
+}
+
+/// One stream's log.
+pub trait StreamLog: Send + Sync + 'static {
+    /// Submits an append; see the module contract.
+    fn append(&self, entry: AppendEntry) -> Commit;
+
+    /// Records that the stream is soft-deleted (deleted while forks still read from it).
+    fn mark_soft_deleted(&self) -> Commit;
+
+    /// Removes the stream's data for good.
+    fn remove(&self) -> Commit;
+
+    /// Notes the last access time for sliding TTLs. Backends may persist it lazily.
+    fn touch(&self, _now_ms: u64) {}
+
+    /// Reads `[from, until)`, see the module contract.
+    fn read(
+        &self,
+        from: u64,
+        until: u64,
+        max_bytes: usize,
+        split: bool,
+    ) -> BoxFuture<'static, Result<ReadChunk, StorageError>>;
+}

@@ -1,0 +1,60 @@
+//! Domain errors of the stream layer. No status codes here: `http::error` maps each variant.
+
+use crate::storage::StorageError;
+
+use super::json::JsonError;
+use super::producer::ProducerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream not found")]
+    NotFound,
+    #[error("stream was deleted and is kept only for its forks")]
+    SoftDeleted,
+    #[error("path is reserved for the server")]
+    ReservedPath,
+    #[error("append body is empty; send data, or Stream-Closed: true to close")]
+    EmptyBody,
+    #[error("append with a body needs a Content-Type")]
+    MissingContentType,
+    #[error("stream is closed")]
+    Closed { final_offset: u64 },
+    #[error("content type {request:?} does not match the stream's {stream:?}")]
+    ContentTypeMismatch { stream: String, request: String },
+    #[error("Stream-Seq {sent:?} is not greater than the last accepted {last:?}")]
+    SeqRegression { last: String, sent: String },
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
+    #[error(transparent)]
+    Json(#[from] JsonError),
+    #[error("stream already exists with a different {0}")]
+    ConfigMismatch(&'static str),
+    #[error("a deleted stream with live forks still holds this path")]
+    PathHeldBySoftDeleted,
+    #[error("fork source {0:?} not found")]
+    ForkSourceNotFound(String),
+    #[error("fork source {0:?} was deleted")]
+    ForkSourceDeleted(String),
+    #[error("Stream-Fork-Offset {offset} is beyond the source's tail {tail}")]
+    ForkOffsetBeyondTail { offset: String, tail: String },
+    #[error("offset {0} does not fall on a message boundary")]
+    Misaligned(String),
+    #[error(
+        "Stream-Fork-Sub-Offset {requested} goes past the next data boundary ({available} available)"
+    )]
+    SubOffsetOvershoot { requested: u64, available: u64 },
+    #[error(
+        "append of {size} bytes would take the stream past DS_LIMITS__MAX_STREAM_BYTES ({limit} bytes; {used} used)"
+    )]
+    StreamFull { size: u64, used: u64, limit: u64 },
+    #[error(
+        "append of {size} bytes would take the server past DS_LIMITS__MAX_MEMORY_BYTES ({limit} bytes; {used} used)"
+    )]
+    MemoryFull { size: u64, used: u64, limit: u64 },
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("stream is unavailable after a storage failure; restart to recover")]
+    Poisoned,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

@@ -1,0 +1,1106 @@
+//! The stream domain: every protocol rule about creating, appending to, closing, forking,
+//! expiring and deleting streams, on top of the storage trait.
+//!
+//! It knows nothing of HTTP. It owns the in-memory view of every stream (configuration, writer
+//! state, the visible tail that live readers watch) and decides; storage persists.
+//!
+//! Concurrency: the path registry is a sharded map; each stream has its own writer lock, held
+//! only for validation and for *submitting* a commit, never across an await. Appends of one
+//! stream are submitted in offset order and become visible (the `live` watch moves) once their
+//! commit resolves, so readers only see acknowledged data. Create, delete, fork and expiry take
+//! one `lifecycle` lock so fork reference counts and soft deletes stay consistent; appends and
+//! reads never take it.
+
+pub mod error;
+pub mod json;
+pub mod producer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use ds_protocol::MediaKind;
+use ds_protocol::content_type::same_media_type;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+pub use error::StreamError;
+use producer::{ProducerRequest, Verdict};
+
+use crate::live::Visible;
+use crate::storage::{
+    AppendEntry, Commit, ForkMeta, ProducerState, ProducerTuple, Recovered, Storage, StreamId,
+    StreamLog, StreamMeta,
+};
+
+/// Budgets the stream layer enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes one stream may hold in its own log.
+    pub max_stream_bytes: u64,
+    /// Bytes all streams together may hold.
+    pub max_total_bytes: u64,
+    /// Largest read response, in bytes (a single larger record is still returned whole).
+    pub max_read_bytes: usize,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A request to create a stream (PUT), headers already parsed by the HTTP layer.
+#[derive(Clone, Debug, Default)]
+pub struct CreateRequest {
+    pub content_type: Option<String>,
+    pub ttl_secs: Option<u64>,
+    pub expires_at: Option<(String, i64)>,
+    pub closed: bool,
+    pub fork: Option<ForkRequest>,
+    pub body: Bytes,
+}
+
+/// The fork part of a PUT.
+#[derive(Clone, Debug, Default)]
+pub struct ForkRequest {
+    pub source: String,
+    pub offset: Option<u64>,
+    pub sub_offset: u64,
+}
+
+/// What a PUT did.
+#[derive(Clone, Debug)]
+pub struct CreateOutcome {
+    pub created: bool,
+    pub content_type: String,
+    pub next_offset: u64,
+    pub closed: bool,
+}
+
+/// A request to append (POST), headers already parsed.
+#[derive(Clone, Debug, Default)]
+pub struct AppendRequest {
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    pub close: bool,
+    pub stream_seq: Option<String>,
+    pub producer: Option<ProducerRequest>,
+}
+
+/// What a POST did.
+#[derive(Clone, Debug)]
+pub struct AppendOutcome {
+    pub next_offset: u64,
+    pub closed: bool,
+    /// New data was stored (a producer append answers 200 then, 204 otherwise).
+    pub stored_data: bool,
+    /// Producer headers to echo: epoch and highest accepted sequence.
+    pub producer: Option<(u64, u64)>,
+}
+
+/// What HEAD reports.
+#[derive(Clone, Debug)]
+pub struct Metadata {
+    pub content_type: String,
+    pub next_offset: u64,
+    pub ttl_secs: Option<u64>,
+    pub expires_at: Option<String>,
+    pub closed: bool,
+}
+
+/// A read's result.
+#[derive(Clone, Debug)]
+pub struct ReadOutcome {
+    /// Record pieces; for JSON streams each piece is one or more comma-joined messages.
+    pub parts: Vec<Bytes>,
+    /// Where the read started (after resolving `-1`/`now`/beyond-tail).
+    pub start: u64,
+    /// The offset after the last byte returned.
+    pub next: u64,
+    /// The visible state the read was bounded by.
+    pub visible: Visible,
+}
+
+impl ReadOutcome {
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The reader has everything the stream held when the read was made.
+    pub fn up_to_date(&self) -> bool {
+        self.next >= self.visible.tail
+    }
+
+    /// The stream is closed and the reader has reached its final offset.
+    pub fn at_end(&self) -> bool {
+        self.visible.closed && self.up_to_date()
+    }
+}
+
+/// Writer-side state of one stream, behind its lock.
+#[derive(Debug, Default)]
+struct WriterState {
+    /// Tail including submitted-but-uncommitted appends.
+    tail: u64,
+    closed: bool,
+    closed_by: Option<ProducerTuple>,
+    last_seq: Option<String>,
+    producers: HashMap<String, ProducerState>,
+    /// Live forks reading from this stream.
+    refcount: u32,
+    soft_deleted: bool,
+    /// Gone from the registry (deleted, expired or garbage-collected).
+    removed: bool,
+    /// Bytes in this stream's own log.
+    own_bytes: u64,
+    /// A commit failed; the in-memory state may be ahead of storage.
+    poisoned: bool,
+}
+
+/// One stream instance.
+pub struct Stream {
+    pub meta: StreamMeta,
+    pub kind: MediaKind,
+    /// The source stream, for forks; kept alive for reads that stitch inherited data.
+    source: Option<Arc<Stream>>,
+    state: Mutex<WriterState>,
+    /// The acknowledged tail that readers may see; live readers wait on it.
+    visible: watch::Sender<Visible>,
+    /// For sliding TTLs.
+    last_access_ms: AtomicU64,
+    log: Arc<dyn StreamLog>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("meta", &self.meta).finish()
+    }
+}
+
+impl Stream {
+    /// The current visible state.
+    pub fn visible(&self) -> Visible {
+        *self.visible.borrow()
+    }
+
+    /// Subscribes to changes of the visible state (appends, close, removal).
+    pub fn subscribe(&self) -> watch::Receiver<Visible> {
+        self.visible.subscribe()
+    }
+
+    /// The offset where this stream's own data starts (the fork anchor, or 0).
+    pub fn own_start(&self) -> u64 {
+        self.meta.fork.as_ref().map_or(0, |f| f.offset)
+    }
+
+    fn touch(&self, now: u64) {
+        self.last_access_ms.store(now, Ordering::Relaxed);
+        self.log.touch(now);
+    }
+
+    fn expired_at(&self, now: u64) -> bool {
+        if let Some((_, at)) = &self.meta.expires_at {
+            if (now as i128) >= (*at as i128) {
+                return true;
+            }
+        }
+        if let Some(ttl) = self.meta.ttl_secs {
+            let last = self.last_access_ms.load(Ordering::Relaxed);
+            if now >= last.saturating_add(ttl.saturating_mul(1000)) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Visible) -> bool) {
+        self.visible.send_if_modified(f);
+    }
+
+    /// Makes everything up to `tail` (and the closed flag) visible once committed. Appends of one
+    /// stream commit in order, so moving the tail forward monotonically is correct.
+    fn reveal(&self, tail: u64, closed: bool) {
+        self.publish(|v| {
+            let mut changed = false;
+            if tail > v.tail {
+                v.tail = tail;
+                changed = true;
+            }
+            if closed && !v.closed {
+                v.closed = true;
+                changed = true;
+            }
+            changed
+        });
+    }
+}
+
+/// All streams of the server.
+pub struct Streams {
+    registry: DashMap<String, Arc<Stream>>,
+    /// Serialises create/delete/fork/expiry so reference counts and soft deletes stay exact.
+    lifecycle: Mutex<()>,
+    storage: Arc<dyn Storage>,
+    limits: Limits,
+    /// Bytes held by all logs together, for `max_total_bytes`.
+    total_bytes: AtomicU64,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("streams", &self.registry.len())
+            .field("storage", &self.storage.name())
+            .finish()
+    }
+}
+
+fn poisoned_guard(state: &WriterState) -> Result<(), StreamError> {
+    if state.poisoned {
+        Err(StreamError::Poisoned)
+    } else {
+        Ok(())
+    }
+}
+
+impl Streams {
+    /// Loads every stored stream and returns the registry.
+    pub fn open(storage: Arc<dyn Storage>, limits: Limits) -> Result<Self, StreamError> {
+        let recovered = storage.recover()?;
+        let streams = Streams {
+            registry: DashMap::new(),
+            lifecycle: Mutex::new(()),
+            storage,
+            limits,
+            total_bytes: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+        };
+        streams.install_recovered(recovered);
+        Ok(streams)
+    }
+
+    fn install_recovered(&self, mut recovered: Vec<Recovered>) {
+        // Sources before forks: a fork's source always has a smaller id.
+        recovered.sort_by_key(|r| r.meta.id);
+        let mut by_id: HashMap<StreamId, Arc<Stream>> = HashMap::new();
+        let mut max_id = 0;
+        for r in recovered {
+            max_id = max_id.max(r.meta.id);
+            let source = r
+                .meta
+                .fork
+                .as_ref()
+                .and_then(|f| by_id.get(&f.source_id).cloned());
+            if let Some(src) = &source {
+                src.state.lock().refcount += 1;
+            }
+            let s = &r.state;
+            self.total_bytes.fetch_add(s.own_bytes, Ordering::Relaxed);
+            let stream = Arc::new(Stream {
+                kind: MediaKind::of(&r.meta.content_type),
+                source,
+                state: Mutex::new(WriterState {
+                    tail: s.tail,
+                    closed: s.closed,
+                    closed_by: s.closed_by.clone(),
+                    last_seq: s.last_seq.clone(),
+                    producers: s.producers.clone(),
+                    refcount: 0,
+                    soft_deleted: s.soft_deleted,
+                    removed: false,
+                    own_bytes: s.own_bytes,
+                    poisoned: false,
+                }),
+                visible: watch::Sender::new(Visible {
+                    tail: s.tail,
+                    closed: s.closed,
+                    gone: false,
+                }),
+                last_access_ms: AtomicU64::new(s.last_access_ms.max(r.meta.created_at_ms)),
+                log: r.log,
+                meta: r.meta,
+            });
+            by_id.insert(stream.meta.id, stream.clone());
+            self.registry.insert(stream.meta.path.clone(), stream);
+        }
+        self.next_id.store(max_id + 1, Ordering::Relaxed);
+    }
+
+    /// Number of streams in the registry (including soft-deleted ones).
+    pub fn len(&self) -> usize {
+        self.registry.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.registry.is_empty()
+    }
+
+    /// Bytes held across all streams.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Looks a stream up for a read (GET) or an append: absent, expired → `NotFound`;
+    /// soft-deleted → `SoftDeleted`. `touch` slides the TTL window.
+    pub fn get(&self, path: &str, touch: bool) -> Result<Arc<Stream>, StreamError> {
+        let stream = self
+            .registry
+            .get(path)
+            .map(|e| e.value().clone())
+            .ok_or(StreamError::NotFound)?;
+        let now = now_ms();
+        if stream.state.lock().soft_deleted {
+            return Err(StreamError::SoftDeleted);
+        }
+        if stream.expired_at(now) {
+            self.expire(&stream);
+            return Err(StreamError::NotFound);
+        }
+        if touch {
+            stream.touch(now);
+        }
+        Ok(stream)
+    }
+
+    /// HEAD: metadata without sliding the TTL.
+    pub fn head(&self, path: &str) -> Result<Metadata, StreamError> {
+        let stream = self.get(path, false)?;
+        let v = stream.visible();
+        Ok(Metadata {
+            content_type: stream.meta.content_type.clone(),
+            next_offset: v.tail,
+            ttl_secs: stream.meta.ttl_secs,
+            expires_at: stream.meta.expires_at.as_ref().map(|(s, _)| s.clone()),
+            closed: v.closed,
+        })
+    }
+
+    /// PUT: create, or confirm an identical existing stream.
+    pub async fn create(
+        &self,
+        path: &str,
+        req: CreateRequest,
+    ) -> Result<CreateOutcome, StreamError> {
+        let prefix = match &req.fork {
+            Some(fork) => self.fork_prefix(fork).await?,
+            None => None,
+        };
+        let (stream, commit) = match self.create_locked(path, &req, prefix)? {
+            Created::Existing(outcome) => return Ok(outcome),
+            Created::New { stream, commit } => (stream, commit),
+        };
+        if let Err(e) = commit.await {
+            stream.state.lock().poisoned = true;
+            return Err(e.into());
+        }
+        let st = stream.state.lock();
+        let (tail, closed) = (st.tail, st.closed);
+        drop(st);
+        stream.reveal(tail, closed);
+        Ok(CreateOutcome {
+            created: true,
+            content_type: stream.meta.content_type.clone(),
+            next_offset: tail,
+            closed,
+        })
+    }
+
+    fn create_locked(
+        &self,
+        path: &str,
+        req: &CreateRequest,
+        prefix: Option<Bytes>,
+    ) -> Result<Created, StreamError> {
+        let _guard = self.lifecycle.lock();
+        let now = now_ms();
+
+        if let Some(existing) = self.registry.get(path).map(|e| e.value().clone()) {
+            let soft_deleted = existing.state.lock().soft_deleted;
+            if soft_deleted {
+                return Err(StreamError::PathHeldBySoftDeleted);
+            }
+            if existing.expired_at(now) {
+                self.expire_locked(&existing);
+                if existing.state.lock().soft_deleted {
+                    return Err(StreamError::PathHeldBySoftDeleted);
+                }
+            } else {
+                return self.confirm_existing(&existing, req).map(Created::Existing);
+            }
+        }
+
+        let (source, fork_meta, content_type) = match &req.fork {
+            None => (
+                None,
+                None,
+                req.content_type
+                    .clone()
+                    .unwrap_or_else(|| ds_protocol::content_type::DEFAULT_CONTENT_TYPE.into()),
+            ),
+            Some(fork) => {
+                let src = self.fork_source(&fork.source, now)?;
+                let ct = match &req.content_type {
+                    Some(ct) if !same_media_type(ct, &src.meta.content_type) => {
+                        return Err(StreamError::ContentTypeMismatch {
+                            stream: src.meta.content_type.clone(),
+                            request: ct.clone(),
+                        });
+                    }
+                    Some(ct) => ct.clone(),
+                    None => src.meta.content_type.clone(),
+                };
+                let tail = src.visible().tail;
+                let offset = fork.offset.unwrap_or(tail);
+                if offset > tail {
+                    return Err(StreamError::ForkOffsetBeyondTail {
+                        offset: ds_protocol::Offset::at(offset).to_string(),
+                        tail: ds_protocol::Offset::at(tail).to_string(),
+                    });
+                }
+                let meta = ForkMeta {
+                    source_id: src.meta.id,
+                    source_path: src.meta.path.clone(),
+                    offset,
+                    sub_offset: fork.sub_offset,
+                };
+                (Some(src), Some(meta), ct)
+            }
+        };
+        let kind = MediaKind::of(&content_type);
+
+        // Initial records: the sub-offset prefix copied from the source, then the body.
+        let mut initial: Vec<Bytes> = prefix.into_iter().collect();
+        if !req.body.is_empty() {
+            let data = match kind {
+                MediaKind::Json => json::flatten(&req.body, true)?.joined,
+                _ => req.body.clone(),
+            };
+            if !data.is_empty() {
+                initial.push(data);
+            }
+        }
+        let start = fork_meta.as_ref().map_or(0, |f| f.offset);
+        let own_bytes: u64 = initial.iter().map(|d| d.len() as u64).sum();
+        self.reserve(own_bytes, 0)?;
+
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let meta = StreamMeta {
+            id,
+            path: path.to_owned(),
+            content_type,
+            ttl_secs: req.ttl_secs.or_else(|| {
+                // Forks inherit the source's expiry rule unless they set their own.
+                match (&source, req.expires_at.is_some()) {
+                    (Some(src), false) => src.meta.ttl_secs,
+                    _ => None,
+                }
+            }),
+            expires_at: req.expires_at.clone().or_else(|| match &source {
+                Some(src) if req.ttl_secs.is_none() && src.meta.ttl_secs.is_none() => {
+                    src.meta.expires_at.clone()
+                }
+                _ => None,
+            }),
+            created_at_ms: now,
+            fork: fork_meta,
+        };
+        let close = req.closed.then_some(None);
+        let (log, commit) = match self.storage.create(&meta, initial, close) {
+            Ok(x) => x,
+            Err(e) => {
+                self.release(own_bytes);
+                return Err(e.into());
+            }
+        };
+        let tail = start + own_bytes;
+        let stream = Arc::new(Stream {
+            kind,
+            source: source.clone(),
+            state: Mutex::new(WriterState {
+                tail,
+                closed: req.closed,
+                own_bytes,
+                ..WriterState::default()
+            }),
+            // Invisible until the creation commits: readers that find it wait for `reveal`.
+            visible: watch::Sender::new(Visible {
+                tail: start,
+                closed: false,
+                gone: false,
+            }),
+            last_access_ms: AtomicU64::new(now),
+            log,
+            meta,
+        });
+        if let Some(src) = &source {
+            src.state.lock().refcount += 1;
+        }
+        self.registry.insert(path.to_owned(), stream.clone());
+        Ok(Created::New { stream, commit })
+    }
+
+    fn fork_source(&self, source_path: &str, now: u64) -> Result<Arc<Stream>, StreamError> {
+        let src = self
+            .registry
+            .get(source_path)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| StreamError::ForkSourceNotFound(source_path.to_owned()))?;
+        if src.state.lock().soft_deleted {
+            return Err(StreamError::ForkSourceDeleted(source_path.to_owned()));
+        }
+        if src.expired_at(now) {
+            self.expire_locked(&src);
+            return Err(StreamError::ForkSourceNotFound(source_path.to_owned()));
+        }
+        Ok(src)
+    }
+
+    fn confirm_existing(
+        &self,
+        existing: &Arc<Stream>,
+        req: &CreateRequest,
+    ) -> Result<CreateOutcome, StreamError> {
+        let meta = &existing.meta;
+        let expected_ct = req.content_type.as_deref().unwrap_or(match &meta.fork {
+            // A fork re-PUT without Content-Type means "inherit", which it did.
+            Some(_) => &meta.content_type,
+            None => ds_protocol::content_type::DEFAULT_CONTENT_TYPE,
+        });
+        if !same_media_type(expected_ct, &meta.content_type) {
+            return Err(StreamError::ConfigMismatch("content type"));
+        }
+        match (&req.fork, &meta.fork) {
+            (None, None) => {
+                if req.ttl_secs != meta.ttl_secs {
+                    return Err(StreamError::ConfigMismatch("Stream-TTL"));
+                }
+                if req.expires_at.as_ref().map(|e| e.1) != meta.expires_at.as_ref().map(|e| e.1) {
+                    return Err(StreamError::ConfigMismatch("Stream-Expires-At"));
+                }
+            }
+            (Some(f), Some(m)) => {
+                if f.source != m.source_path {
+                    return Err(StreamError::ConfigMismatch("Stream-Forked-From"));
+                }
+                if f.offset.is_some_and(|o| o != m.offset) {
+                    return Err(StreamError::ConfigMismatch("Stream-Fork-Offset"));
+                }
+                if f.sub_offset != m.sub_offset {
+                    return Err(StreamError::ConfigMismatch("Stream-Fork-Sub-Offset"));
+                }
+                if req.ttl_secs.is_some() && req.ttl_secs != meta.ttl_secs {
+                    return Err(StreamError::ConfigMismatch("Stream-TTL"));
+                }
+                if req.expires_at.is_some()
+                    && req.expires_at.as_ref().map(|e| e.1) != meta.expires_at.as_ref().map(|e| e.1)
+                {
+                    return Err(StreamError::ConfigMismatch("Stream-Expires-At"));
+                }
+            }
+            _ => return Err(StreamError::ConfigMismatch("fork source")),
+        }
+        let v = existing.visible();
+        if req.closed != v.closed {
+            return Err(StreamError::ConfigMismatch("closure status"));
+        }
+        Ok(CreateOutcome {
+            created: false,
+            content_type: meta.content_type.clone(),
+            next_offset: v.tail,
+            closed: v.closed,
+        })
+    }
+
+    /// POST: append, close, or both.
+    pub async fn append(
+        &self,
+        path: &str,
+        req: AppendRequest,
+    ) -> Result<AppendOutcome, StreamError> {
+        let stream = self.get(path, true)?;
+        if req.body.is_empty() && !req.close {
+            return Err(StreamError::EmptyBody);
+        }
+        let has_body = !req.body.is_empty();
+        if has_body && req.content_type.is_none() {
+            return Err(StreamError::MissingContentType);
+        }
+        // Parse JSON before taking the writer lock; report its error in protocol order below.
+        let parsed = match (has_body, stream.kind) {
+            (true, MediaKind::Json) => Some(json::flatten(&req.body, false).map(|m| m.joined)),
+            (true, _) => Some(Ok(req.body.clone())),
+            (false, _) => None,
+        };
+
+        enum Next {
+            Wait(AppendOutcome, u64),
+            Commit(AppendOutcome, Commit, u64),
+        }
+
+        let next = 'decide: {
+            let mut st = stream.state.lock();
+            poisoned_guard(&st)?;
+            if st.removed {
+                return Err(StreamError::NotFound);
+            }
+            if st.closed {
+                if let Some(p) = &req.producer {
+                    let closing = st
+                        .closed_by
+                        .as_ref()
+                        .is_some_and(|c| c.id == p.id && c.epoch == p.epoch && c.seq == p.seq);
+                    if closing {
+                        let outcome = AppendOutcome {
+                            next_offset: st.tail,
+                            closed: true,
+                            stored_data: false,
+                            producer: Some((p.epoch, p.seq)),
+                        };
+                        break 'decide Next::Wait(outcome, st.tail);
+                    }
+                    if let Some(ps) = st.producers.get(&p.id) {
+                        if p.epoch < ps.epoch {
+                            return Err(producer::ProducerError::StaleEpoch {
+                                sent: p.epoch,
+                                current: ps.epoch,
+                            }
+                            .into());
+                        }
+                    }
+                }
+                if !has_body {
+                    // Close-only on a closed stream is idempotent.
+                    Next::Wait(
+                        AppendOutcome {
+                            next_offset: st.tail,
+                            closed: true,
+                            stored_data: false,
+                            producer: None,
+                        },
+                        st.tail,
+                    )
+                } else {
+                    return Err(StreamError::Closed {
+                        final_offset: st.tail,
+                    });
+                }
+            } else {
+                if has_body {
+                    let ct = req.content_type.as_deref().unwrap_or_default();
+                    if !same_media_type(ct, &stream.meta.content_type) {
+                        return Err(StreamError::ContentTypeMismatch {
+                            stream: stream.meta.content_type.clone(),
+                            request: ct.to_owned(),
+                        });
+                    }
+                }
+                let verdict = match &req.producer {
+                    Some(p) => Some(producer::check(st.producers.get(&p.id).copied(), p)?),
+                    None => None,
+                };
+                if let Some(Verdict::Duplicate { epoch, highest_seq }) = verdict {
+                    Next::Wait(
+                        AppendOutcome {
+                            next_offset: st.tail,
+                            closed: st.closed,
+                            stored_data: false,
+                            producer: Some((epoch, highest_seq)),
+                        },
+                        st.tail,
+                    )
+                } else {
+                    if let (Some(sent), Some(last)) = (&req.stream_seq, &st.last_seq) {
+                        if sent.as_bytes() <= last.as_bytes() {
+                            return Err(StreamError::SeqRegression {
+                                last: last.clone(),
+                                sent: sent.clone(),
+                            });
+                        }
+                    }
+                    let data = match parsed {
+                        Some(result) => Some(result?),
+                        None => None,
+                    };
+                    let size = data.as_ref().map_or(0, |d| d.len() as u64);
+                    self.reserve(size, st.own_bytes)?;
+                    let start = st.tail;
+                    st.tail += size;
+                    st.own_bytes += size;
+                    if let Some(seq) = &req.stream_seq {
+                        st.last_seq = Some(seq.clone());
+                    }
+                    let producer_update = match (&req.producer, verdict) {
+                        (Some(p), Some(Verdict::Accept(ps))) => {
+                            st.producers.insert(p.id.clone(), ps);
+                            Some((p.id.clone(), ps))
+                        }
+                        _ => None,
+                    };
+                    let close = req.close.then(|| {
+                        req.producer.as_ref().map(|p| ProducerTuple {
+                            id: p.id.clone(),
+                            epoch: p.epoch,
+                            seq: p.seq,
+                        })
+                    });
+                    if let Some(by) = &close {
+                        st.closed = true;
+                        st.closed_by = by.clone();
+                    }
+                    let commit = stream.log.append(AppendEntry {
+                        start,
+                        data,
+                        close,
+                        stream_seq: req.stream_seq.clone(),
+                        producer: producer_update,
+                    });
+                    Next::Commit(
+                        AppendOutcome {
+                            next_offset: st.tail,
+                            closed: st.closed,
+                            stored_data: size > 0,
+                            producer: req.producer.as_ref().map(|p| (p.epoch, p.seq)),
+                        },
+                        commit,
+                        st.tail,
+                    )
+                }
+            }
+        };
+        match next {
+            Next::Wait(outcome, tail) => self.wait_duplicate(&stream, outcome, tail).await,
+            Next::Commit(outcome, commit, tail) => {
+                if let Err(e) = commit.await {
+                    stream.state.lock().poisoned = true;
+                    tracing::error!(stream = %stream.meta.path, error = %e, "append commit failed");
+                    return Err(e.into());
+                }
+                stream.reveal(tail, outcome.closed);
+                Ok(outcome)
+            }
+        }
+    }
+
+    /// A duplicate is answered only once the original write it duplicates is acknowledged.
+    async fn wait_duplicate(
+        &self,
+        stream: &Arc<Stream>,
+        outcome: AppendOutcome,
+        tail: u64,
+    ) -> Result<AppendOutcome, StreamError> {
+        let mut rx = stream.subscribe();
+        let want_closed = outcome.closed;
+        let ready = rx
+            .wait_for(|v| v.gone || (v.tail >= tail && (v.closed || !want_closed)))
+            .await;
+        match ready {
+            Ok(v) if !v.gone => Ok(outcome),
+            _ => Err(StreamError::NotFound),
+        }
+    }
+
+    /// DELETE: remove, or soft-delete while forks still read from the stream.
+    pub async fn delete(&self, path: &str) -> Result<(), StreamError> {
+        let commits = {
+            let _guard = self.lifecycle.lock();
+            let stream = self
+                .registry
+                .get(path)
+                .map(|e| e.value().clone())
+                .ok_or(StreamError::NotFound)?;
+            if stream.state.lock().soft_deleted {
+                return Err(StreamError::SoftDeleted);
+            }
+            if stream.expired_at(now_ms()) {
+                self.expire_locked(&stream);
+                return Err(StreamError::NotFound);
+            }
+            self.delete_locked(&stream)
+        };
+        for c in commits {
+            c.await?;
+        }
+        Ok(())
+    }
+
+    /// Expires a stream found past its TTL or expiry time.
+    fn expire(&self, stream: &Arc<Stream>) {
+        let commits = {
+            let _guard = self.lifecycle.lock();
+            self.expire_locked(stream)
+        };
+        spawn_commits(commits, "expiry");
+    }
+
+    fn expire_locked(&self, stream: &Arc<Stream>) -> Vec<Commit> {
+        if stream.state.lock().removed {
+            return Vec::new();
+        }
+        tracing::debug!(stream = %stream.meta.path, "stream expired");
+        self.delete_locked(stream)
+    }
+
+    /// With the lifecycle lock held: soft-delete when forks exist, else remove and cascade.
+    fn delete_locked(&self, stream: &Arc<Stream>) -> Vec<Commit> {
+        let mut st = stream.state.lock();
+        if st.refcount > 0 {
+            if st.soft_deleted {
+                return Vec::new();
+            }
+            st.soft_deleted = true;
+            return vec![stream.log.mark_soft_deleted()];
+        }
+        drop(st);
+        self.remove_locked(stream)
+    }
+
+    /// Removes a stream for good and releases its hold on its source, cascading up the chain.
+    fn remove_locked(&self, stream: &Arc<Stream>) -> Vec<Commit> {
+        let mut commits = Vec::new();
+        let mut current = Some(stream.clone());
+        while let Some(s) = current.take() {
+            let own_bytes = {
+                let mut st = s.state.lock();
+                if st.removed {
+                    break;
+                }
+                st.removed = true;
+                std::mem::take(&mut st.own_bytes)
+            };
+            self.registry
+                .remove_if(&s.meta.path, |_, v| Arc::ptr_eq(v, &s));
+            self.release(own_bytes);
+            s.publish(|v| {
+                v.gone = true;
+                true
+            });
+            commits.push(s.log.remove());
+            if let Some(src) = &s.source {
+                let mut st = src.state.lock();
+                st.refcount = st.refcount.saturating_sub(1);
+                if st.refcount == 0 && st.soft_deleted {
+                    drop(st);
+                    current = Some(src.clone());
+                }
+            }
+        }
+        commits
+    }
+
+    /// Removes every expired stream; the sweeper calls this periodically so that streams nobody
+    /// touches still go away.
+    pub fn sweep_expired(&self) -> usize {
+        let now = now_ms();
+        let expired: Vec<Arc<Stream>> = self
+            .registry
+            .iter()
+            .filter(|e| {
+                let s = e.value();
+                !s.state.lock().soft_deleted && s.expired_at(now)
+            })
+            .map(|e| e.value().clone())
+            .collect();
+        let n = expired.len();
+        for s in expired {
+            self.expire(&s);
+        }
+        n
+    }
+
+    /// Reads from `from` (already resolved; beyond the tail means at the tail), stitching
+    /// inherited data of forks, at most about `max_read_bytes`.
+    pub async fn read(&self, stream: &Arc<Stream>, from: u64) -> Result<ReadOutcome, StreamError> {
+        self.read_bounded(stream, from, stream.visible()).await
+    }
+
+    /// Like [`Streams::read`], bounded by a visible state the caller already observed.
+    pub async fn read_bounded(
+        &self,
+        stream: &Arc<Stream>,
+        from: u64,
+        visible: Visible,
+    ) -> Result<ReadOutcome, StreamError> {
+        let split = stream.kind != MediaKind::Json;
+        self.read_chain(stream, from, visible, self.limits.max_read_bytes, split)
+            .await
+    }
+
+    async fn read_chain(
+        &self,
+        stream: &Arc<Stream>,
+        from: u64,
+        visible: Visible,
+        max_bytes: usize,
+        split: bool,
+    ) -> Result<ReadOutcome, StreamError> {
+        let from = from.min(visible.tail);
+        let mut outcome = ReadOutcome {
+            parts: Vec::new(),
+            start: from,
+            next: from,
+            visible,
+        };
+        // The chain from the root source down to this stream, each with the range it serves.
+        let mut levels: Vec<(&Arc<Stream>, u64, u64)> = Vec::new();
+        let mut hi = visible.tail;
+        let mut cur = stream;
+        loop {
+            let lo = cur.own_start();
+            levels.push((cur, lo, hi));
+            match &cur.source {
+                Some(src) => {
+                    hi = lo;
+                    cur = src;
+                }
+                None => break,
+            }
+        }
+        let mut budget = max_bytes;
+        for (s, lo, hi) in levels.into_iter().rev() {
+            let pos = outcome.next;
+            if pos >= hi {
+                continue;
+            }
+            if pos < lo {
+                // Only possible for offsets no server handed out.
+                return Err(StreamError::Misaligned(
+                    ds_protocol::Offset::at(pos).to_string(),
+                ));
+            }
+            let chunk = s
+                .log
+                .read(pos, hi, budget, split)
+                .await
+                .map_err(|e| match e {
+                    crate::storage::StorageError::Misaligned { pos } => {
+                        StreamError::Misaligned(ds_protocol::Offset::at(pos).to_string())
+                    }
+                    other => StreamError::Storage(other),
+                })?;
+            let got: usize = chunk.parts.iter().map(Bytes::len).sum();
+            outcome.parts.extend(chunk.parts);
+            outcome.next = chunk.end;
+            budget = budget.saturating_sub(got);
+            if outcome.next < hi || budget == 0 {
+                break;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn reserve(&self, size: u64, stream_used: u64) -> Result<(), StreamError> {
+        if size == 0 {
+            return Ok(());
+        }
+        if stream_used.saturating_add(size) > self.limits.max_stream_bytes {
+            return Err(StreamError::StreamFull {
+                size,
+                used: stream_used,
+                limit: self.limits.max_stream_bytes,
+            });
+        }
+        let limit = self.limits.max_total_bytes;
+        let mut used = self.total_bytes.load(Ordering::Relaxed);
+        loop {
+            let new = used.saturating_add(size);
+            if new > limit {
+                return Err(StreamError::MemoryFull { size, used, limit });
+            }
+            match self.total_bytes.compare_exchange_weak(
+                used,
+                new,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => used = actual,
+            }
+        }
+    }
+
+    fn release(&self, size: u64) {
+        self.total_bytes.fetch_sub(size, Ordering::Relaxed);
+    }
+}
+
+enum Created {
+    Existing(CreateOutcome),
+    New { stream: Arc<Stream>, commit: Commit },
+}
+
+/// Lifecycle commits triggered by a read (lazy expiry) finish in the background: the reader
+/// has its answer (404) already.
+fn spawn_commits(commits: Vec<Commit>, what: &'static str) {
+    if commits.is_empty() {
+        return;
+    }
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            for c in commits {
+                if let Err(e) = c.await {
+                    tracing::error!(error = %e, "{what} commit failed");
+                }
+            }
+        });
+    }
+}
+
+/// Checks a fork request against its source before any lock is taken, and reads the data a
+/// sub-offset fork inherits past its anchor: the first `n` bytes (or JSON messages) of the record
+/// that starts at the anchor. Offsets are validated again under the lifecycle lock.
+impl Streams {
+    async fn fork_prefix(&self, fork: &ForkRequest) -> Result<Option<Bytes>, StreamError> {
+        let Some(src) = self.registry.get(&fork.source).map(|e| e.value().clone()) else {
+            return Err(StreamError::ForkSourceNotFound(fork.source.clone()));
+        };
+        let visible = src.visible();
+        let anchor = fork.offset.unwrap_or(visible.tail);
+        if anchor > visible.tail {
+            return Err(StreamError::ForkOffsetBeyondTail {
+                offset: ds_protocol::Offset::at(anchor).to_string(),
+                tail: ds_protocol::Offset::at(visible.tail).to_string(),
+            });
+        }
+        let needs_boundary = fork.sub_offset > 0 || src.kind == MediaKind::Json;
+        if !needs_boundary || anchor == visible.tail {
+            return if fork.sub_offset > 0 {
+                Err(StreamError::SubOffsetOvershoot {
+                    requested: fork.sub_offset,
+                    available: 0,
+                })
+            } else {
+                Ok(None)
+            };
+        }
+        // One whole record from the anchor; fails with `Misaligned` inside a record.
+        let first = self.read_chain(&src, anchor, visible, 1, false).await?;
+        if fork.sub_offset == 0 {
+            return Ok(None);
+        }
+        let record = first.parts.into_iter().next().unwrap_or_default();
+        let n = fork.sub_offset;
+        let prefix = match src.kind {
+            MediaKind::Json => json::first_messages(&record, n as usize).ok_or(
+                StreamError::SubOffsetOvershoot {
+                    requested: n,
+                    available: json::count_messages(&record),
+                },
+            )?,
+            _ if n > record.len() as u64 => {
+                return Err(StreamError::SubOffsetOvershoot {
+                    requested: n,
+                    available: record.len() as u64,
+                });
+            }
+            _ => record.slice(..n as usize),
+        };
+        Ok(Some(prefix))
+    }
+}

@@ -45,11 +45,15 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Most live HTTP reads (SSE sessions or long-polls) open at once; streams beyond this take
-    /// turns.
+    /// turns. `concurrency` is accepted as another name.
+    #[serde(alias = "concurrency")]
     pub max_connections: usize,
     /// A session that is up to date gives its connection to a waiting stream after this long.
     #[serde(with = "humantime_serde")]
     pub yield_after: Duration,
+    /// The worker reconnects an SSE session after this long even if the server has not closed it.
+    #[serde(with = "humantime_serde")]
+    pub session_max: Duration,
     /// Reads queued between the followers and the Postgres writer; bounds memory with
     /// `max_event_bytes`.
     pub queue_reads: usize,
@@ -111,6 +115,7 @@ impl Default for Config {
             linger: Duration::from_millis(20),
             max_connections: 256,
             yield_after: Duration::from_secs(2),
+            session_max: Duration::from_secs(60),
             queue_reads: 1_024,
             max_event_bytes: 16 << 20,
             backoff_min: Duration::from_millis(100),
@@ -279,6 +284,8 @@ where
 }
 
 #[cfg(test)]
+// figment's `Jail` closures must return `figment::Error`, which is large; tests only.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use sqlx::Connection;
 use tokio_postgres::NoTls;
 
 use crate::config::{Config, ConfigError};
@@ -50,13 +49,16 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
 
 /// Applies pending migrations, holding sqlx's advisory lock while doing so.
 pub async fn migrate(config: &Config) -> Result<(), DbError> {
-    let mut conn = sqlx::postgres::PgConnection::connect_with(&config.sqlx_options()?)
+    // A one-connection pool rather than a bare connection: the migrator's future is then Send,
+    // so callers may spawn it.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(config.sqlx_options()?)
         .await
         .map_err(DbError::MigrateConnect)?;
-    MIGRATOR.run(&mut conn).await?;
-    // Closing politely is a nicety; the migrations are committed either way.
-    let _ = conn.close().await;
-    Ok(())
+    let result = MIGRATOR.run(&pool).await;
+    pool.close().await;
+    Ok(result?)
 }
 
 /// Ready means: Postgres answers, and every embedded migration is recorded as applied.

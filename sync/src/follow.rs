@@ -62,6 +62,9 @@ pub struct FollowContext {
     /// Followers waiting for a slot, so an idle session knows to give its slot away.
     pub waiting: AtomicUsize,
     pub yield_after: Duration,
+    /// The worker ends an SSE session itself after this long, in case the server never does
+    /// (a deleted stream whose SSE stays open would otherwise never be noticed).
+    pub session_max: Duration,
     pub max_event_bytes: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -123,6 +126,9 @@ pub struct Follower {
     /// Echoed on long-polls for CDN collapsing.
     cursor: Option<String>,
     mode: Option<Mode>,
+    /// The current session got at least one valid answer (control event or long-poll response);
+    /// a session that ends without one is retried with backoff.
+    answered: bool,
 }
 
 impl Follower {
@@ -141,6 +147,7 @@ impl Follower {
             content_type: content_type.map(Into::into),
             cursor: None,
             mode: None,
+            answered: false,
         }
     }
 
@@ -155,6 +162,7 @@ impl Follower {
             };
             status.set_state(&self.stream, StreamState::Following);
             let start_offset = self.offset.clone();
+            self.answered = false;
             let shutdown = self.ctx.shutdown.clone();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -188,9 +196,7 @@ impl Follower {
                     self.mode = Some(Mode::LongPoll);
                 }
                 Ok(SessionEnd::Yield) => backoff.reset(),
-                Ok(SessionEnd::Reconnect) if progressed || self.mode == Some(Mode::LongPoll) => {
-                    backoff.reset()
-                }
+                Ok(SessionEnd::Reconnect) if self.answered => backoff.reset(),
                 // A clean end that delivered nothing: do not hammer the server.
                 Ok(SessionEnd::Reconnect) => self.pause(backoff.next_delay()).await,
                 Err(FollowError::WriterGone) => return,
@@ -318,9 +324,12 @@ impl Follower {
         let mut idle = false;
         let mut yield_check = tokio::time::interval(self.ctx.yield_after);
         yield_check.tick().await;
+        let session_end = tokio::time::sleep(self.ctx.session_max);
+        tokio::pin!(session_end);
         loop {
             let chunk = tokio::select! {
                 chunk = body.next() => chunk,
+                _ = &mut session_end => return Ok(SessionEnd::Reconnect),
                 _ = yield_check.tick() => {
                     if idle && self.ctx.waiting.load(Ordering::Relaxed) > 0 {
                         return Ok(SessionEnd::Yield);
@@ -356,6 +365,7 @@ impl Follower {
                                 "control event without streamNextOffset".into(),
                             ));
                         }
+                        self.answered = true;
                         let up_to_date = control.up_to_date || control.stream_closed;
                         self.ctx.status.set_up_to_date(&self.stream, up_to_date);
                         idle = up_to_date;
@@ -387,7 +397,7 @@ impl Follower {
             .await?;
         let status = resp.status();
         match status {
-            StatusCode::OK | StatusCode::NO_CONTENT => {}
+            StatusCode::OK | StatusCode::NO_CONTENT => self.answered = true,
             StatusCode::NOT_FOUND | StatusCode::GONE => {
                 return Ok(SessionEnd::Gone(status.as_u16()));
             }

@@ -126,6 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         slots: Arc::new(Semaphore::new(config.max_connections)),
         waiting: AtomicUsize::new(0),
         yield_after: config.yield_after,
+        session_max: config.session_max,
         max_event_bytes: config.max_event_bytes,
         backoff_min: config.backoff_min,
         backoff_max: config.backoff_max,

@@ -69,6 +69,7 @@ impl Envoy {
             &[
                 ("LISTEN_HOST", LOOPBACK.to_string()),
                 ("LISTEN_PORT", listen_port.to_string()),
+                ("ADMIN_HOST", LOOPBACK.to_string()),
                 ("ADMIN_PORT", admin_port.to_string()),
                 ("UPSTREAM_HOST", LOOPBACK.to_string()),
                 ("UPSTREAM_PORT", upstream_port.to_string()),
@@ -202,6 +203,24 @@ mod tests {
     }
 
     #[test]
+    fn compose_supplies_every_placeholder_of_the_e2e_template() {
+        let template =
+            std::fs::read_to_string(fixtures::envoy_template("e2e.yaml.tmpl")).expect("template");
+        let compose = std::fs::read_to_string(fixtures::workspace_root().join("compose.yaml"))
+            .expect("compose.yaml");
+        let mut rest = template.as_str();
+        while let Some(start) = rest.find("${") {
+            let end = rest[start..].find('}').expect("closed placeholder") + start;
+            let name = &rest[start + 2..end];
+            assert!(
+                compose.contains(&format!("      {name}: ")),
+                "compose.yaml envoy environment lacks {name}"
+            );
+            rest = &rest[end..];
+        }
+    }
+
+    #[test]
     fn both_templates_render_with_the_harness_values() {
         for mode in [EnvoyMode::Authenticated, EnvoyMode::Conformance] {
             let text = std::fs::read_to_string(fixtures::envoy_template(mode.template()))
@@ -209,6 +228,7 @@ mod tests {
             let values: Vec<(&str, String)> = [
                 "LISTEN_HOST",
                 "LISTEN_PORT",
+                "ADMIN_HOST",
                 "ADMIN_PORT",
                 "UPSTREAM_HOST",
                 "UPSTREAM_PORT",

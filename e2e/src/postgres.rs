@@ -298,22 +298,37 @@ impl LocalCluster {
         )
     }
 
-    /// SIGKILL the postmaster: a crash, with crash recovery on the next start.
+    /// SIGKILL the postmaster and every backend it forked, as a machine or container crash
+    /// would; crash recovery runs on the next start. Returns once none of them exists, because a
+    /// surviving backend keeps the shared memory that a new postmaster refuses to share.
     fn kill(&self) -> anyhow::Result<()> {
         let pid_file = Path::new(&self.data_dir()).join("postmaster.pid");
         let text = std::fs::read_to_string(&pid_file)
             .with_context(|| format!("read {}", pid_file.display()))?;
-        let pid = text.lines().next().context("empty postmaster.pid")?.trim();
-        command_output("kill", &["-9", pid])?;
-        // Children notice the postmaster is gone and exit; wait until none holds the port so a
-        // restart can bind it.
+        let postmaster: u32 = text
+            .lines()
+            .next()
+            .context("empty postmaster.pid")?
+            .trim()
+            .parse()
+            .context("postmaster.pid does not start with a pid")?;
+        let mut victims = children_of(postmaster);
+        victims.push(postmaster);
+        let pids: Vec<String> = victims.iter().map(u32::to_string).collect();
+        let mut args = vec!["-9"];
+        args.extend(pids.iter().map(String::as_str));
+        // Some may already be gone; what matters is that none is left, checked below.
+        let _ = command_output("kill", &args);
         let deadline = std::time::Instant::now() + READY_DEADLINE;
-        while std::net::TcpStream::connect((LOOPBACK, self.port)).is_ok() {
+        while victims
+            .iter()
+            .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        {
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
-                "postgres still accepting connections after kill -9"
+                "postgres processes {victims:?} still alive after kill -9"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
@@ -333,8 +348,10 @@ impl LocalCluster {
             .output()
             .with_context(|| format!("run {}", program.display()))?;
         if !output.status.success() {
+            let server_log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
             anyhow::bail!(
-                "{tool} failed ({}):\n{}{}",
+                "{tool} failed ({}):\n{}{}\nserver log:\n{server_log}",
                 output.status,
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
@@ -380,6 +397,24 @@ fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
         .context("initdb/pg_ctl not found on PATH nor in /usr/lib/postgresql/*/bin")
 }
 
+/// Pids whose parent is `parent`, from /proc (Linux).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // Format: "pid (comm) state ppid ..."; comm may contain spaces and parentheses.
+            let after_comm = &stat[stat.rfind(')')? + 1..];
+            let ppid: u32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
 fn running_as_root() -> anyhow::Result<bool> {
     // /proc/self is owned by the process's effective uid: no libc (unsafe) needed.
     Ok(std::fs::metadata("/proc/self")?.uid() == 0)
@@ -413,5 +448,14 @@ mod tests {
             "postgresql://h/x"
         );
         assert!(with_database("host=h dbname=d", "x").is_err());
+    }
+
+    #[test]
+    fn compose_pins_the_same_postgres_image() {
+        let compose =
+            std::fs::read_to_string(crate::fixtures::workspace_root().join("compose.yaml"))
+                .expect("compose.yaml");
+        let image = format!("image: {POSTGRES_IMAGE}:{POSTGRES_TAG}");
+        assert!(compose.contains(&image), "compose.yaml lacks `{image}`");
     }
 }

@@ -13,6 +13,16 @@ use crate::process::{ManagedProcess, ProcessSpec};
 use crate::tls;
 use crate::wait::wait_until;
 
+/// The variables the harness sets; compose.yaml sets the same ones (checked by a test).
+pub const SERVER_ENV_KEYS: [&str; 6] = [
+    "DS_SERVER__HOST",
+    "DS_SERVER__PORT",
+    "DS_STORAGE__MODE",
+    "DS_STORAGE__DATA_DIR",
+    "DS_TLS__CERT_PATH",
+    "DS_TLS__KEY_PATH",
+];
+
 /// Start-up includes recovering a file-durable store after kill -9.
 const HEALTHY_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -55,15 +65,16 @@ impl DsServer {
         let port = free_loopback_port()?;
         let data_dir = work_dir.join("server-data");
         std::fs::create_dir_all(&data_dir)?;
+        let [host, port_key, mode, data, cert, key] = SERVER_ENV_KEYS;
         let mut spec = ProcessSpec::new("ds-server", fixtures::binary("ds-server")?)
-            .env("DS_SERVER__HOST", LOOPBACK.to_string())
-            .env("DS_SERVER__PORT", port.to_string())
-            .env("DS_STORAGE__MODE", &options.storage_mode)
-            .env("DS_STORAGE__DATA_DIR", &data_dir);
+            .env(host, LOOPBACK.to_string())
+            .env(port_key, port.to_string())
+            .env(mode, &options.storage_mode)
+            .env(data, &data_dir);
         if options.tls {
             spec = spec
-                .env("DS_TLS__CERT_PATH", fixtures::path("server.pem"))
-                .env("DS_TLS__KEY_PATH", fixtures::path("server-key.pem"));
+                .env(cert, fixtures::path("server.pem"))
+                .env(key, fixtures::path("server-key.pem"));
         }
         for (key, value) in &options.extra_env {
             spec = spec.env(key, value);
@@ -119,5 +130,24 @@ impl DsServer {
 
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compose_sets_every_variable_the_harness_sets() {
+        let compose = std::fs::read_to_string(fixtures::workspace_root().join("compose.yaml"))
+            .expect("compose.yaml");
+        for key in SERVER_ENV_KEYS {
+            assert!(
+                compose.contains(&format!("{key}:")),
+                "compose.yaml lacks {key}"
+            );
+        }
+        assert!(compose.contains("DS_STORAGE__MODE: file-durable"));
+        assert_eq!(ServerOptions::default().storage_mode, "file-durable");
     }
 }

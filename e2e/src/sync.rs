@@ -2,9 +2,15 @@
 //! process, the same two commands compose.yaml runs.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::fixtures;
+use crate::ports::{LOOPBACK, free_loopback_port};
 use crate::process::{ManagedProcess, ProcessSpec, run_to_completion};
+use crate::wait::wait_until;
+
+/// Start-up includes connecting to Postgres and checking migrations.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How to start ds-sync.
 #[derive(Debug, Clone)]
@@ -23,16 +29,25 @@ pub struct SyncOptions {
 #[derive(Debug)]
 pub struct DsSync {
     process: ManagedProcess,
+    /// `DS_SYNC__HEALTH_ADDR` port: `/healthz`, `/readyz`, `/status` (plain HTTP, loopback).
+    pub health_port: u16,
+    client: reqwest::Client,
 }
 
 impl DsSync {
-    /// Runs `ds-sync migrate`, then starts `ds-sync run`. Logs go to `work_dir`.
-    pub fn start(options: &SyncOptions, work_dir: &Path) -> anyhow::Result<Self> {
+    /// Runs `ds-sync migrate`, then starts `ds-sync run` and waits until `/readyz` answers 200.
+    /// Logs go to `work_dir`.
+    pub async fn start(options: &SyncOptions, work_dir: &Path) -> anyhow::Result<Self> {
         let binary = fixtures::binary("ds-sync")?;
+        let health_port = free_loopback_port()?;
         let mut base = ProcessSpec::new("ds-sync", binary)
             .env("DATABASE_URL", &options.database_url)
             .env("DS_SYNC__SERVER_URL", &options.server_url)
-            .env("DS_SYNC__STREAMS", &options.streams);
+            .env("DS_SYNC__STREAMS", &options.streams)
+            .env("DS_SYNC__HEALTH_ADDR", format!("{LOOPBACK}:{health_port}"))
+            // Trust the test CA for an https:// server URL, as compose.yaml does: reqwest's rustls
+            // verifier reads its roots from SSL_CERT_FILE when it is set.
+            .env("SSL_CERT_FILE", fixtures::path("ca.pem"));
         for (key, value) in &options.extra_env {
             base = base.env(key, value);
         }
@@ -40,7 +55,34 @@ impl DsSync {
         migrate.name = "ds-sync-migrate".to_owned();
         run_to_completion(&migrate, work_dir)?;
         let process = ManagedProcess::start(base.arg("run"), work_dir)?;
-        Ok(Self { process })
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let mut sync = Self {
+            process,
+            health_port,
+            client,
+        };
+        sync.wait_ready().await?;
+        Ok(sync)
+    }
+
+    /// Polls `/readyz` until 200 (Postgres reachable, migrations applied).
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let url = format!("http://{LOOPBACK}:{}/readyz", self.health_port);
+        let client = self.client.clone();
+        let process = &mut self.process;
+        wait_until("ds-sync /readyz", READY_DEADLINE, || {
+            let alive = process.ensure_running();
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                alive?;
+                let status = client.get(&url).send().await?.status();
+                Ok(status.is_success().then_some(()))
+            }
+        })
+        .await
     }
 
     /// kill -9.
@@ -48,9 +90,11 @@ impl DsSync {
         self.process.kill()
     }
 
-    /// kill -9 and `ds-sync run` again (it resumes from its Postgres checkpoints).
-    pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.process.restart()
+    /// kill -9 and `ds-sync run` again (it resumes from its Postgres checkpoints); waits until
+    /// ready.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.restart()?;
+        self.wait_ready().await
     }
 
     /// Fails with the log tail if `ds-sync run` has exited.

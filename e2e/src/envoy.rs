@@ -221,6 +221,60 @@ mod tests {
     }
 
     #[test]
+    fn render_sh_used_by_compose_renders_like_the_harness() {
+        let values: Vec<(&str, String)> = vec![
+            ("LISTEN_HOST", "0.0.0.0".into()),
+            ("LISTEN_PORT", "8443".into()),
+            ("ADMIN_HOST", "127.0.0.1".into()),
+            ("ADMIN_PORT", "9901".into()),
+            ("UPSTREAM_HOST", "ds-server".into()),
+            ("UPSTREAM_PORT", "4437".into()),
+            ("UPSTREAM_SNI", "ds-server".into()),
+            ("FIXTURES", "/fixtures".into()),
+        ];
+        for mode in [EnvoyMode::Authenticated, EnvoyMode::Conformance] {
+            let template = fixtures::envoy_template(mode.template());
+            let output = std::process::Command::new("bash")
+                .arg(fixtures::envoy_template("render.sh"))
+                .arg(&template)
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .envs(values.iter().map(|(k, v)| (*k, v.as_str())))
+                .output()
+                .expect("run render.sh");
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let expected = render(
+                &std::fs::read_to_string(&template).expect("template"),
+                &values,
+            )
+            .expect("render");
+            assert_eq!(
+                String::from_utf8_lossy(&output.stdout).trim_end(),
+                expected.trim_end(),
+                "{mode:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn render_sh_refuses_an_unfilled_placeholder() {
+        let output = std::process::Command::new("bash")
+            .arg(fixtures::envoy_template("render.sh"))
+            .arg(fixtures::envoy_template("e2e.yaml.tmpl"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("LISTEN_PORT", "1")
+            .output()
+            .expect("run render.sh");
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("${FIXTURES}"));
+    }
+
+    #[test]
     fn both_templates_render_with_the_harness_values() {
         for mode in [EnvoyMode::Authenticated, EnvoyMode::Conformance] {
             let text = std::fs::read_to_string(fixtures::envoy_template(mode.template()))

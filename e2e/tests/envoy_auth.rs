@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::Request;
@@ -72,7 +73,11 @@ impl Upstream {
                         })
                         .collect(),
                 };
+                let slow = seen.path_and_query.starts_with(SLOW_SSE);
                 recorder.lock().expect("recorder lock").push(seen);
+                if slow {
+                    return slow_sse_response();
+                }
                 "upstream-ok".into_response()
             }
         });
@@ -103,6 +108,28 @@ impl Upstream {
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("recorder lock").clone()
     }
+}
+
+/// Path on which the upstream sends one SSE event at once and the next after [`SLOW_GAP`].
+const SLOW_SSE: &str = "/v1/stream/slow-sse";
+/// Longer than Envoy's default route timeout (15 s), which `timeout: 0s` must lift.
+const SLOW_GAP: Duration = Duration::from_secs(17);
+
+fn slow_sse_response() -> axum::response::Response {
+    let events = futures::stream::unfold(0u8, |step| async move {
+        match step {
+            0 => Some((Ok::<_, std::io::Error>("event: data\ndata: first\n\n"), 1)),
+            1 => {
+                tokio::time::sleep(SLOW_GAP).await;
+                Some((Ok("event: data\ndata: second\n\n"), 2))
+            }
+            _ => None,
+        }
+    });
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(events))
+        .expect("static response")
 }
 
 struct Stack {
@@ -403,4 +430,44 @@ async fn healthz_needs_no_token_and_drops_a_spoofed_subject() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].path_and_query, "/healthz");
     assert_eq!(seen[0].header("x-ds-subject"), None, "{seen:?}");
+}
+
+#[tokio::test]
+async fn sse_streams_unbuffered_past_the_default_route_timeout() {
+    let stack = Stack::start().await;
+    let token = mint(TokenKind::Valid).expect("mint");
+    let client = tls::client_builder()
+        .expect("client builder")
+        .timeout(SLOW_GAP + Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let mut response = client
+        .get(stack.url(&format!("{SLOW_SSE}?offset=-1&live=sse")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let mut body = String::new();
+    let mut first_event_after = None;
+    while let Some(chunk) = response.chunk().await.expect("stream not cut") {
+        body.push_str(&String::from_utf8_lossy(&chunk));
+        if first_event_after.is_none() && body.contains("data: first") {
+            first_event_after = Some(started.elapsed());
+        }
+    }
+    // Not buffered: the first event arrived long before the upstream sent the second.
+    let first = first_event_after.expect("first event delivered");
+    assert!(
+        first < SLOW_GAP / 2,
+        "first event took {first:?}: buffered?"
+    );
+    // Not cut: the second event, sent after the default route timeout, arrived too.
+    assert!(
+        body.contains("data: second"),
+        "stream ended early: {body:?}"
+    );
+    assert!(started.elapsed() >= SLOW_GAP, "{:?}", started.elapsed());
 }

@@ -14,7 +14,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 /// The whole server configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -114,17 +114,6 @@ impl Default for StorageConfig {
         StorageConfig {
             mode: StorageMode::Memory,
             data_dir: PathBuf::from("./data"),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            http: HttpConfig::default(),
-            limits: LimitsConfig::default(),
-            storage: StorageConfig::default(),
         }
     }
 }
@@ -237,12 +226,24 @@ impl Config {
         figment = figment.merge(
             Env::prefixed("DS_")
                 .split("__")
-                .filter(|k| !k.as_str().starts_with("sync")),
+                .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("sync")),
         );
         let config: Config = figment.extract().map_err(|e| {
             ConfigError(
                 e.into_iter()
-                    .map(|e| e.to_string())
+                    .map(|e| {
+                        let source = e
+                            .metadata
+                            .as_ref()
+                            .map(|m| format!(" (from {})", m.name))
+                            .unwrap_or_default();
+                        if e.path.is_empty() {
+                            format!("{}{source}", e.kind)
+                        } else {
+                            let key = format!("DS_{}", e.path.join("__")).to_ascii_uppercase();
+                            format!("{key}: {}{source}", e.kind)
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join("; "),
             )
@@ -331,6 +332,7 @@ pub fn help_text() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;
@@ -382,7 +384,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("DS_SERVER__PROT", "1");
             let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
-            assert!(err.contains("prot"), "{err}");
+            assert!(err.to_lowercase().contains("prot"), "{err}");
             Ok(())
         });
     }
@@ -392,7 +394,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("DS_LIMITS__MAX_STREAM_BYTES", "lots");
             let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
-            assert!(err.contains("max_stream_bytes"), "{err}");
+            assert!(err.contains("DS_LIMITS__MAX_STREAM_BYTES"), "{err}");
             assert!(err.contains("lots"), "{err}");
             Ok(())
         });

@@ -66,6 +66,11 @@ impl App {
         self.listener.local_addr()
     }
 
+    /// The router, for driving the server without a socket (`tower::ServiceExt::oneshot`).
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
     /// The stream registry (for tests and tools).
     pub fn streams(&self) -> Arc<Streams> {
         self.streams.clone()

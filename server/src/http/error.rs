@@ -59,6 +59,7 @@ impl IntoResponse for ApiError {
                 | StreamError::Json(_)
                 | StreamError::ForkOffsetBeyondTail { .. }
                 | StreamError::Misaligned(_)
+                | StreamError::AlreadyExpired(_)
                 | StreamError::SubOffsetOvershoot { .. } => StatusCode::BAD_REQUEST,
                 StreamError::Closed { final_offset } => {
                     extra.push((h::STREAM_CLOSED, HeaderValue::from_static("true")));

@@ -57,8 +57,11 @@ pub fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .map(str::to_owned))
 }
 
+/// `Stream-Expires-At` as sent and as Unix milliseconds.
+pub type ExpiresAt = (String, i64);
+
 /// `Stream-TTL` and `Stream-Expires-At` (mutually exclusive).
-pub fn expiry(headers: &HeaderMap) -> Result<(Option<u64>, Option<(String, i64)>), ApiError> {
+pub fn expiry(headers: &HeaderMap) -> Result<(Option<u64>, Option<ExpiresAt>), ApiError> {
     let ttl = match text(headers, h::STREAM_TTL)? {
         None => None,
         Some(v) => Some(parse_canonical_u64(v).ok_or_else(|| {

@@ -27,6 +27,8 @@ pub enum StreamError {
     Producer(#[from] ProducerError),
     #[error(transparent)]
     Json(#[from] JsonError),
+    #[error("Stream-Expires-At {0:?} is already in the past")]
+    AlreadyExpired(String),
     #[error("stream already exists with a different {0}")]
     ConfigMismatch(&'static str),
     #[error("a deleted stream with live forks still holds this path")]

@@ -194,6 +194,11 @@ impl Stream {
         self.visible.subscribe()
     }
 
+    /// How many live readers (long-poll, SSE, duplicate waiters) are watching this stream.
+    pub fn live_readers(&self) -> usize {
+        self.visible.receiver_count()
+    }
+
     /// The offset where this stream's own data starts (the fork anchor, or 0).
     pub fn own_start(&self) -> u64 {
         self.meta.fork.as_ref().map_or(0, |f| f.offset)
@@ -436,6 +441,11 @@ impl Streams {
             }
         }
 
+        if let Some((raw, at)) = &req.expires_at {
+            if (*at as i128) <= (now as i128) {
+                return Err(StreamError::AlreadyExpired(raw.clone()));
+            }
+        }
         let (source, fork_meta, content_type) = match &req.fork {
             None => (
                 None,

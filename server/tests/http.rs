@@ -1,0 +1,695 @@
+//! In-process HTTP tests: the real server on 127.0.0.1:0, driven over real HTTP.
+//!
+//! One test per protocol trap in `shared/design/LESSONS.md`, plus limits, paging, shutdown and
+//! SSE framing. The upstream conformance suite covers the rest against the release binary.
+
+use std::time::Duration;
+
+use ds_server::App;
+use ds_server::config::Config;
+use reqwest::{Client, StatusCode};
+use tokio::sync::oneshot;
+
+struct TestServer {
+    base: String,
+    streams: std::sync::Arc<ds_server::stream::Streams>,
+    client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    async fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config::default();
+        config.server.port = 0;
+        config.server.long_poll_timeout = Duration::from_millis(300);
+        tweak(&mut config);
+        let app = App::build(config).await.expect("server builds");
+        let addr = app.local_addr().expect("bound");
+        let streams = app.streams();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run(async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            base: format!("http://{addr}"),
+            streams,
+            client: Client::new(),
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn put(&self, path: &str, ct: &str, body: &'static [u8]) -> reqwest::Response {
+        self.client
+            .put(self.url(path))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .expect("put")
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        ct: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .expect("post")
+    }
+
+    async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path_and_query))
+            .send()
+            .await
+            .expect("get")
+    }
+
+    async fn read_all(&self, path: &str) -> Vec<u8> {
+        self.get(&format!("{path}?offset=-1"))
+            .await
+            .bytes()
+            .await
+            .expect("body")
+            .to_vec()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.handle).await;
+    }
+}
+
+fn header(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn offset_of(r: &reqwest::Response) -> String {
+    header(r, "stream-next-offset").expect("Stream-Next-Offset")
+}
+
+#[tokio::test]
+async fn create_append_read_round_trip() {
+    let s = TestServer::start(|_| {}).await;
+    let r = s.put("/v1/stream/a", "text/plain", b"hello ").await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert!(header(&r, "location").is_some_and(|l| l.ends_with("/v1/stream/a")));
+    let r = s.post("/v1/stream/a", "text/plain", "world").await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(offset_of(&r), "0000000000000000_0000000000000011");
+    assert_eq!(s.read_all("/v1/stream/a").await, b"hello world");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn long_poll_timeout_answers_the_requested_offset() {
+    let s = TestServer::start(|_| {}).await;
+    let r = s.put("/v1/stream/lp", "text/plain", b"abc").await;
+    let tail = offset_of(&r);
+    let r = s
+        .get(&format!("/v1/stream/lp?offset={tail}&live=long-poll"))
+        .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(offset_of(&r), tail);
+    assert_eq!(header(&r, "stream-up-to-date").as_deref(), Some("true"));
+    assert!(header(&r, "stream-cursor").is_some());
+    s.stop().await;
+}
+
+/// A long-poll reader that keeps following a stream while writers append must end up with exactly
+/// the bytes written: no skipped offsets (the trap: a timeout answering a newer tail), no repeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_readers_reassemble_exactly_what_concurrent_writers_appended() {
+    let s = TestServer::start(|c| c.server.long_poll_timeout = Duration::from_millis(20)).await;
+    s.put("/v1/stream/race", "application/octet-stream", b"")
+        .await;
+    let writer = {
+        let client = s.client.clone();
+        let url = s.url("/v1/stream/race");
+        tokio::spawn(async move {
+            let mut expected = Vec::new();
+            for i in 0..300u32 {
+                let chunk = format!("<{i}>");
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/octet-stream")
+                    .body(chunk.clone())
+                    .send()
+                    .await
+                    .expect("append");
+                assert_eq!(r.status(), StatusCode::NO_CONTENT);
+                expected.extend_from_slice(chunk.as_bytes());
+                if i % 37 == 0 {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+            expected
+        })
+    };
+    let mut got = Vec::new();
+    let mut offset = "-1".to_owned();
+    let expected = loop {
+        let r = s
+            .get(&format!("/v1/stream/race?offset={offset}&live=long-poll"))
+            .await;
+        assert!(r.status() == StatusCode::OK || r.status() == StatusCode::NO_CONTENT);
+        offset = offset_of(&r);
+        got.extend_from_slice(&r.bytes().await.expect("body"));
+        if writer.is_finished() {
+            let expected = writer.await.expect("writer");
+            // Drain whatever is left after the writer stopped.
+            loop {
+                let r = s.get(&format!("/v1/stream/race?offset={offset}")).await;
+                offset = offset_of(&r);
+                let up_to_date = header(&r, "stream-up-to-date").is_some();
+                got.extend_from_slice(&r.bytes().await.expect("body"));
+                if up_to_date {
+                    break;
+                }
+            }
+            break expected;
+        }
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&expected)
+    );
+    s.stop().await;
+}
+
+/// Append-and-close is one step: with writers racing, every append either lands before the
+/// close (and is in the stream) or is refused with 409; the close's offset is the final tail and
+/// the closing data is the last thing in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_and_close_is_atomic_under_racing_writers() {
+    let s = TestServer::start(|_| {}).await;
+    s.put("/v1/stream/close", "text/plain", b"").await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = s.client.clone();
+        let url = s.url("/v1/stream/close");
+        writers.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0..50 {
+                let body = format!("[w{w}-{i}]");
+                let r = client
+                    .post(&url)
+                    .header("content-type", "text/plain")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("append");
+                match r.status() {
+                    StatusCode::NO_CONTENT => accepted.push(body),
+                    StatusCode::CONFLICT => {
+                        assert_eq!(header(&r, "stream-closed").as_deref(), Some("true"));
+                        break;
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            }
+            accepted
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = s
+        .client
+        .post(s.url("/v1/stream/close"))
+        .header("content-type", "text/plain")
+        .header("stream-closed", "true")
+        .body("[FINAL]")
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&r, "stream-closed").as_deref(), Some("true"));
+    let final_offset = offset_of(&r);
+    let mut accepted = Vec::new();
+    for w in writers {
+        accepted.extend(w.await.expect("writer"));
+    }
+    let content = String::from_utf8(s.read_all("/v1/stream/close").await).expect("utf8");
+    assert!(content.ends_with("[FINAL]"), "{content}");
+    for body in &accepted {
+        assert_eq!(content.matches(body.as_str()).count(), 1, "{body} missing");
+    }
+    assert_eq!(
+        content.len(),
+        accepted.iter().map(String::len).sum::<usize>() + "[FINAL]".len()
+    );
+    let head = s
+        .client
+        .head(s.url("/v1/stream/close"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(offset_of(&head), final_offset);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn producer_retry_of_the_closing_append_is_a_duplicate_and_others_conflict() {
+    let s = TestServer::start(|_| {}).await;
+    s.put("/v1/stream/pc", "text/plain", b"").await;
+    let send = |seq: &'static str, id: &'static str, body: &'static str| {
+        s.client
+            .post(s.url("/v1/stream/pc"))
+            .header("content-type", "text/plain")
+            .header("producer-id", id)
+            .header("producer-epoch", "0")
+            .header("producer-seq", seq)
+            .header("stream-closed", "true")
+            .body(body)
+            .send()
+    };
+    let r = send("0", "p1", "last").await.expect("close");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = send("0", "p1", "other body").await.expect("retry");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&r, "stream-closed").as_deref(), Some("true"));
+    let r = send("1", "p1", "more").await.expect("next seq");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(header(&r, "stream-closed").as_deref(), Some("true"));
+    let r = send("0", "p2", "x").await.expect("other producer");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(s.read_all("/v1/stream/pc").await, b"last");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn huge_ttl_and_far_future_expiry_are_accepted_without_overflow() {
+    let s = TestServer::start(|_| {}).await;
+    let r = s
+        .client
+        .put(s.url("/v1/stream/ttl"))
+        .header("stream-ttl", u64::MAX.to_string())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for _ in 0..2 {
+        let r = s
+            .post("/v1/stream/ttl", "application/octet-stream", "x")
+            .await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        let r = s.get("/v1/stream/ttl?offset=-1").await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let r = s
+        .client
+        .put(s.url("/v1/stream/far"))
+        .header("stream-expires-at", "9999-12-31T23:59:59Z")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = s
+        .client
+        .head(s.url("/v1/stream/far"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s
+        .client
+        .put(s.url("/v1/stream/toolong"))
+        .header("stream-ttl", "18446744073709551616")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn expires_at_in_the_past_is_refused_with_400_not_500() {
+    let s = TestServer::start(|_| {}).await;
+    let r = s
+        .client
+        .put(s.url("/v1/stream/past"))
+        .header("stream-expires-at", "2001-01-01T00:00:00Z")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("Stream-Expires-At"), "{text}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cors_preflight_allows_every_protocol_header_and_exposes_response_headers() {
+    let s = TestServer::start(|_| {}).await;
+    let r = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/stream/any"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "if-none-match, producer-id",
+        )
+        .send()
+        .await
+        .expect("options");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let allow = header(&r, "access-control-allow-headers").expect("allow-headers");
+    for h in [
+        "content-type",
+        "authorization",
+        "if-none-match",
+        "stream-seq",
+        "stream-ttl",
+        "stream-expires-at",
+        "stream-closed",
+        "producer-id",
+        "producer-epoch",
+        "producer-seq",
+        "stream-forked-from",
+        "stream-fork-offset",
+        "stream-fork-sub-offset",
+    ] {
+        assert!(allow.contains(h), "{h} not allowed: {allow}");
+    }
+    let expose = header(&r, "access-control-expose-headers").expect("expose-headers");
+    for h in [
+        "stream-next-offset",
+        "stream-cursor",
+        "stream-up-to-date",
+        "stream-closed",
+        "etag",
+        "producer-epoch",
+        "producer-seq",
+        "producer-expected-seq",
+        "producer-received-seq",
+    ] {
+        assert!(expose.contains(h), "{h} not exposed: {expose}");
+    }
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    let r = s.get("/v1/stream/missing").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        header(&r, "x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cors_origin_list_echoes_only_allowed_origins() {
+    let s =
+        TestServer::start(|c| c.http.cors_origins = "https://a.example, https://b.example".into())
+            .await;
+    let ask = |origin: &'static str| {
+        s.client
+            .get(s.url("/healthz"))
+            .header("origin", origin)
+            .send()
+    };
+    let r = ask("https://b.example").await.expect("get");
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some("https://b.example")
+    );
+    let r = ask("https://evil.example").await.expect("get");
+    assert_eq!(header(&r, "access-control-allow-origin"), None);
+    s.stop().await;
+}
+
+/// Reads an SSE response until the connection closes (the stream is closed, so it will).
+async fn sse_text(s: &TestServer, path_and_query: &str) -> (reqwest::header::HeaderMap, String) {
+    let r = s.get(path_and_query).await;
+    let headers = r.headers().clone();
+    let text = r.text().await.expect("sse body");
+    (headers, text)
+}
+
+fn hdr(h: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+#[tokio::test]
+async fn sse_pairs_every_data_event_with_a_control_and_splits_every_line_break() {
+    let s = TestServer::start(|_| {}).await;
+    s.put("/v1/stream/sse", "text/plain", b"a\r\nb\rc\nd").await;
+    s.client
+        .post(s.url("/v1/stream/sse"))
+        .header("stream-closed", "true")
+        .send()
+        .await
+        .expect("close");
+    let (r, text) = sse_text(&s, "/v1/stream/sse?offset=-1&live=sse").await;
+    assert_eq!(
+        hdr(&r, "content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    assert_eq!(hdr(&r, "stream-sse-data-encoding"), None);
+    assert!(
+        !text.contains('\r'),
+        "payload CR leaked into the frame: {text:?}"
+    );
+    assert!(
+        !text.contains("\nid:") && !text.starts_with("id:"),
+        "{text:?}"
+    );
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 2, "{text:?}");
+    assert_eq!(events[0], "event: data\ndata:a\ndata:b\ndata:c\ndata:d");
+    assert!(events[1].starts_with("event: control\ndata:{"));
+    assert!(events[1].contains("\"streamClosed\":true"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sse_on_binary_streams_is_base64() {
+    let s = TestServer::start(|_| {}).await;
+    s.put(
+        "/v1/stream/bin",
+        "application/octet-stream",
+        b"\x00\x01\x02\xff",
+    )
+    .await;
+    s.client
+        .post(s.url("/v1/stream/bin"))
+        .header("stream-closed", "true")
+        .send()
+        .await
+        .expect("close");
+    let (r, text) = sse_text(&s, "/v1/stream/bin?offset=-1&live=sse").await;
+    assert_eq!(
+        hdr(&r, "stream-sse-data-encoding").as_deref(),
+        Some("base64")
+    );
+    assert!(
+        text.starts_with("event: data\ndata:AAEC/w==\n\nevent: control\n"),
+        "{text:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_and_unbounded_nesting_in_json_are_refused_and_nothing_is_stored() {
+    let s = TestServer::start(|_| {}).await;
+    s.put("/v1/stream/j", "application/json", b"[]").await;
+    let r = s
+        .post("/v1/stream/j", "application/json", &b"[\"\xff\xfe\"]"[..])
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    let r = s.post("/v1/stream/j", "application/json", deep).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(s.read_all("/v1/stream/j").await, b"[]");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn appends_past_the_limits_get_413_naming_the_limit_and_store_nothing() {
+    let s = TestServer::start(|c| {
+        c.limits.max_stream_bytes = 10;
+        c.limits.max_memory_bytes = 15;
+        c.limits.max_request_bytes = 100;
+    })
+    .await;
+    s.put("/v1/stream/l1", "text/plain", b"12345678").await;
+    let r = s.post("/v1/stream/l1", "text/plain", "abc").await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        r.text()
+            .await
+            .expect("body")
+            .contains("DS_LIMITS__MAX_STREAM_BYTES")
+    );
+    s.put("/v1/stream/l2", "text/plain", b"123456").await;
+    let r = s.post("/v1/stream/l2", "text/plain", "abcd").await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        r.text()
+            .await
+            .expect("body")
+            .contains("DS_LIMITS__MAX_MEMORY_BYTES")
+    );
+    let r = s.post("/v1/stream/l2", "text/plain", vec![b'x'; 101]).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        r.text()
+            .await
+            .expect("body")
+            .contains("DS_LIMITS__MAX_REQUEST_BYTES")
+    );
+    assert_eq!(s.read_all("/v1/stream/l1").await, b"12345678");
+    assert_eq!(s.read_all("/v1/stream/l2").await, b"123456");
+    // Deleting frees the budget.
+    s.client
+        .delete(s.url("/v1/stream/l1"))
+        .send()
+        .await
+        .expect("delete");
+    let r = s.post("/v1/stream/l2", "text/plain", "abcd").await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn catch_up_pages_end_on_message_boundaries_and_only_the_last_is_up_to_date() {
+    let s = TestServer::start(|c| c.limits.max_read_bytes = 20).await;
+    s.put("/v1/stream/pj", "application/json", b"[]").await;
+    for i in 0..10 {
+        let r = s
+            .post(
+                "/v1/stream/pj",
+                "application/json",
+                format!("[{{\"n\":{i}}},{{\"m\":{i}}}]"),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    }
+    let mut offset = "-1".to_owned();
+    let mut values = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = s.get(&format!("/v1/stream/pj?offset={offset}")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        offset = offset_of(&r);
+        let up_to_date = header(&r, "stream-up-to-date").is_some();
+        let page: Vec<serde_json::Value> = serde_json::from_slice(&r.bytes().await.expect("body"))
+            .expect("each page is a JSON array");
+        pages += 1;
+        values.extend(page);
+        if up_to_date {
+            break;
+        }
+    }
+    assert!(pages > 2, "expected paging, got {pages} pages");
+    assert_eq!(values.len(), 20);
+    assert_eq!(values[19], serde_json::json!({"m": 9}));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn etag_changes_when_the_stream_closes_and_matches_give_304() {
+    let s = TestServer::start(|_| {}).await;
+    s.put("/v1/stream/e", "text/plain", b"data").await;
+    let r = s.get("/v1/stream/e?offset=-1").await;
+    let etag = header(&r, "etag").expect("etag");
+    let r = s
+        .client
+        .get(s.url("/v1/stream/e?offset=-1"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    s.client
+        .post(s.url("/v1/stream/e"))
+        .header("stream-closed", "true")
+        .send()
+        .await
+        .expect("close");
+    let r = s
+        .client
+        .get(s.url("/v1/stream/e?offset=-1"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "stream-closed").as_deref(), Some("true"));
+    assert_ne!(header(&r, "etag").expect("etag"), etag);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn offsets_are_parsed_structurally_never_compared_as_strings() {
+    let s = TestServer::start(|_| {}).await;
+    s.put("/v1/stream/o", "text/plain", b"abc").await;
+    for bad in [
+        "99999999999999999_0",
+        "0_99999999999999999999",
+        "1",
+        "abc",
+        "0_0%0A",
+    ] {
+        let r = s.get(&format!("/v1/stream/o?offset={bad}")).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    // A well-formed offset past the tail reads as the tail: nothing, up to date.
+    let r = s
+        .get("/v1/stream/o?offset=0000000000000000_0000000000000999")
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(offset_of(&r), "0000000000000000_0000000000000003");
+    assert!(r.bytes().await.expect("body").is_empty());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_waiting_long_polls_and_readyz_reports_draining() {
+    let s = TestServer::start(|c| c.server.long_poll_timeout = Duration::from_secs(600)).await;
+    let r = s.get("/readyz").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s.put("/v1/stream/sd", "text/plain", b"x").await;
+    let tail = offset_of(&r);
+    let poll = {
+        let client = s.client.clone();
+        let url = s.url(&format!("/v1/stream/sd?offset={tail}&live=long-poll"));
+        tokio::spawn(async move { client.get(url).send().await })
+    };
+    // Wait (with a deadline) until the long-poll is parked on the stream.
+    let stream = s.streams.get("/v1/stream/sd", false).expect("stream");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stream.live_readers() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "long-poll never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.stop().await;
+    let r = tokio::time::timeout(Duration::from_secs(60), poll)
+        .await
+        .expect("long-poll ended by shutdown, not by its 600 s timeout")
+        .expect("task")
+        .expect("response");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(offset_of(&r), tail);
+}

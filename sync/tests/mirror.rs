@@ -37,14 +37,16 @@ async fn append_load(client: StreamClient, streams: Vec<(String, &'static str)>,
     }
 }
 
-/// Waits until the worker has committed more rows than `than`.
-async fn wait_rows_above(db: &TestDb, than: i64) -> i64 {
+/// Waits until the worker has committed more rows than `than`, or the load is over (then the
+/// rows may all be in already). Returns the row count.
+async fn wait_progress(db: &TestDb, than: i64, load: &tokio::task::JoinHandle<()>) -> i64 {
     let pg = db.client().await;
     wait_for("the worker to commit more rows", || {
         let pg = &pg;
+        let done = load.is_finished();
         async move {
             let n = row_count(pg).await;
-            (n > than).then_some(n)
+            (n > than || done).then_some(n)
         }
     })
     .await
@@ -188,14 +190,19 @@ async fn kill_9_mid_batch_neither_duplicates_nor_skips() {
     // Large batches and a long linger keep transactions open long enough to be killed inside.
     let extra = [("DS_SYNC__BATCH_ROWS", "400"), ("DS_SYNC__LINGER", "50ms")];
     let mut worker = Worker::start(&server, &db, &paths, &extra).await;
-    let load = tokio::spawn(append_load(c.clone(), streams.clone(), 400));
+    let load = tokio::spawn(append_load(c.clone(), streams.clone(), 1_000));
 
-    let mut seen = 0;
+    let (mut seen, mut kills_under_load) = (0, 0);
     for _ in 0..6 {
-        seen = wait_rows_above(&db, seen).await;
+        seen = wait_progress(&db, seen, &load).await;
+        kills_under_load += usize::from(!load.is_finished());
         worker.restart().await; // SIGKILL, then start again
     }
     load.await.unwrap_or_else(|e| panic!("load task: {e}"));
+    assert!(
+        kills_under_load > 0,
+        "the load ended before the first kill: the test proved little"
+    );
     assert_mirrored(&server, &db, &paths).await;
 }
 
@@ -217,12 +224,12 @@ async fn postgres_connections_cut_mid_run_neither_duplicate_nor_skip() {
     }
     let paths: Vec<&str> = streams.iter().map(|(p, _)| p.as_str()).collect();
     let mut worker = Worker::start(&server, &db, &paths, &[]).await;
-    let load = tokio::spawn(append_load(c.clone(), streams.clone(), 400));
+    let load = tokio::spawn(append_load(c.clone(), streams.clone(), 1_000));
 
     let mut seen = 0;
     let mut cut = 0;
     for _ in 0..6 {
-        seen = wait_rows_above(&db, seen).await;
+        seen = wait_progress(&db, seen, &load).await;
         cut += db.terminate_connections().await;
     }
     load.await.unwrap_or_else(|e| panic!("load task: {e}"));
@@ -244,7 +251,7 @@ async fn postgres_connections_cut_mid_run_neither_duplicate_nor_skip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs DS_STORAGE__MODE=file-durable in ds-server (with DS_STORAGE__PATH)"]
+#[ignore = "needs DS_STORAGE__MODE=file-durable in ds-server (with DS_STORAGE__DATA_DIR)"]
 async fn server_restart_mid_run_neither_duplicates_nor_skips() {
     let db = TestDb::create().await;
     let mut server = Server::start_durable().await;
@@ -262,10 +269,10 @@ async fn server_restart_mid_run_neither_duplicates_nor_skips() {
     }
     let paths: Vec<&str> = streams.iter().map(|(p, _)| p.as_str()).collect();
     let worker = Worker::start(&server, &db, &paths, &[]).await;
-    let mut seen = 0;
     for round in 0..3 {
-        append_load(c.clone(), streams.clone(), 100).await;
-        seen = wait_rows_above(&db, seen).await;
+        let load = tokio::spawn(append_load(c.clone(), streams.clone(), 100));
+        wait_progress(&db, 0, &load).await;
+        load.await.unwrap_or_else(|e| panic!("load task: {e}"));
         server.restart().await;
         append_load(c.clone(), streams.clone(), 20 + round).await;
     }

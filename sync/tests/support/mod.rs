@@ -250,7 +250,7 @@ impl Server {
                     .env("DS_SERVER__SSE_RECONNECT_INTERVAL", "2s");
                 if self.data_dir.is_some() {
                     c.env("DS_STORAGE__MODE", "file-durable")
-                        .env("DS_STORAGE__PATH", &data_dir);
+                        .env("DS_STORAGE__DATA_DIR", &data_dir);
                 } else {
                     c.env("DS_STORAGE__MODE", "memory");
                 }

@@ -35,7 +35,7 @@ impl Row {
 }
 
 /// Everything one response delivered for one stream, committed all or nothing.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Read {
     pub stream: Arc<str>,
     pub content_type: Arc<str>,
@@ -49,6 +49,9 @@ pub struct Read {
     pub received_at: SystemTime,
     /// Stream paths this read of the registry discovered; their checkpoint rows commit with it.
     pub discovered: Vec<String>,
+    /// This read's share of `max_inflight_bytes`, given back when the read is committed and
+    /// dropped: what bounds the memory held between followers and Postgres.
+    pub budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Read {
@@ -59,7 +62,7 @@ impl Read {
 }
 
 /// What followers hand to the writer, in stream order.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Update {
     Read(Read),
     /// The server answered 404 or 410: record it; the stream is no longer followed.
@@ -204,6 +207,7 @@ mod tests {
             closed: false,
             received_at: SystemTime::UNIX_EPOCH,
             discovered: Vec::new(),
+            budget: None,
         })
     }
 

@@ -57,6 +57,8 @@ pub struct Config {
     /// Reads queued between the followers and the Postgres writer; bounds memory with
     /// `max_event_bytes`.
     pub queue_reads: usize,
+    /// Payload bytes read but not yet committed, across all streams; followers wait beyond it.
+    pub max_inflight_bytes: usize,
     /// Largest SSE event or long-poll body accepted; a larger one is an error, not an allocation.
     pub max_event_bytes: usize,
     /// First retry delay after an error; doubles per failure, with jitter.
@@ -114,10 +116,11 @@ impl Default for Config {
             batch_bytes: 8 << 20,
             linger: Duration::from_millis(20),
             max_connections: 256,
-            yield_after: Duration::from_secs(2),
+            yield_after: Duration::from_millis(250),
             session_max: Duration::from_secs(60),
             queue_reads: 1_024,
             max_event_bytes: 16 << 20,
+            max_inflight_bytes: 64 << 20,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             health_addr: "127.0.0.1:8437".into(),
@@ -189,11 +192,18 @@ impl Config {
             ("max_connections", self.max_connections),
             ("queue_reads", self.queue_reads),
             ("max_event_bytes", self.max_event_bytes),
+            ("max_inflight_bytes", self.max_inflight_bytes),
             ("pg.pool_size", self.pg.pool_size),
         ] {
             if value == 0 {
                 return invalid(format!("{key} must be at least 1"));
             }
+        }
+        if u32::try_from(self.max_inflight_bytes).is_err() {
+            return invalid(format!(
+                "max_inflight_bytes ({}) must be below 4 GiB",
+                self.max_inflight_bytes
+            ));
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
             return invalid(format!(

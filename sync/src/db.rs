@@ -136,6 +136,29 @@ pub async fn load_checkpoints(
         .collect()
 }
 
+/// The checkpoint of one stream, unless it is closed or deleted (then it is not followed).
+pub async fn followable_checkpoint(
+    pool: &Pool,
+    stream: &str,
+) -> Result<Option<Checkpoint>, DbError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT stream, next_offset, content_type FROM ds_checkpoints \
+             WHERE stream = $1 AND NOT closed AND NOT deleted",
+            &[&stream],
+        )
+        .await?;
+    row.map(|r| {
+        Ok(Checkpoint {
+            stream: r.try_get(0)?,
+            next_offset: r.try_get(1)?,
+            content_type: r.try_get(2)?,
+        })
+    })
+    .transpose()
+}
+
 /// The registry's checkpoint, created at the start of the registry when new.
 pub async fn registry_checkpoint(pool: &Pool, registry: &str) -> Result<String, DbError> {
     let client = pool.get().await?;

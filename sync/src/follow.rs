@@ -66,6 +66,9 @@ pub struct FollowContext {
     /// (a deleted stream whose SSE stays open would otherwise never be noticed).
     pub session_max: Duration,
     pub max_event_bytes: usize,
+    /// Payload bytes handed to the writer and not yet committed, across all followers.
+    pub inflight_budget: Arc<Semaphore>,
+    pub inflight_max: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub status: Arc<Status>,
@@ -468,6 +471,20 @@ impl Follower {
             Role::Mirror => (rows, Vec::new()),
             Role::Registry(selection) => (Vec::new(), discovered_paths(&rows, selection)),
         };
+        let size = rows
+            .iter()
+            .map(Row::len)
+            .sum::<usize>()
+            .min(self.ctx.inflight_max);
+        // Waits while the writer holds `max_inflight_bytes` of uncommitted reads: backpressure
+        // instead of memory growth. A read larger than the whole budget takes all of it.
+        let budget = self
+            .ctx
+            .inflight_budget
+            .clone()
+            .acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| FollowError::WriterGone)?;
         let read = Read {
             stream: self.stream.clone(),
             content_type: self
@@ -480,6 +497,7 @@ impl Follower {
             closed,
             received_at: SystemTime::now(),
             discovered,
+            budget: Some(budget),
         };
         self.ctx
             .updates

@@ -50,6 +50,43 @@ pub enum SyncError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Follows a stream the registry announced, from its stored checkpoint rather than from '-1':
+/// the path may have been seen before (closed, deleted, re-created), and the writer refuses reads
+/// that do not start at the checkpoint. Closed or deleted streams are not followed.
+async fn follow_discovered(ctx: Arc<FollowContext>, pool: deadpool_postgres::Pool, path: String) {
+    let mut backoff = Backoff::new(ctx.backoff_min, ctx.backoff_max);
+    let checkpoint = loop {
+        match db::followable_checkpoint(&pool, &path).await {
+            Ok(cp) => break cp,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(stream = %path, error = %e, retry_in = ?delay, "loading a discovered stream's checkpoint failed");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
+    match checkpoint {
+        Some(cp) => {
+            tracing::info!(stream = %path, offset = %cp.next_offset, "discovered stream; following");
+            Follower::new(
+                ctx,
+                &cp.stream,
+                cp.next_offset,
+                cp.content_type,
+                Role::Mirror,
+            )
+            .run()
+            .await
+        }
+        None => {
+            tracing::info!(stream = %path, "discovered stream is closed or deleted in ds_checkpoints; not followed")
+        }
+    }
+}
+
 /// Runs the worker until `shutdown` is cancelled or a fatal error occurs: migrates, loads the
 /// checkpoints, follows every selected stream and discovers new ones.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), SyncError> {
@@ -128,6 +165,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         yield_after: config.yield_after,
         session_max: config.session_max,
         max_event_bytes: config.max_event_bytes,
+        inflight_budget: Arc::new(Semaphore::new(config.max_inflight_bytes)),
+        inflight_max: config.max_inflight_bytes,
         backoff_min: config.backoff_min,
         backoff_max: config.backoff_max,
         status: status.clone(),
@@ -179,10 +218,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
             },
             Some(path) = discovered_rx.recv() => {
                 if followed.insert(path.clone()) {
-                    tracing::info!(stream = %path, "discovered stream; following from its start");
-                    followers.spawn(
-                        Follower::new(ctx.clone(), &path, "-1".to_owned(), None, Role::Mirror).run(),
-                    );
+                    followers.spawn(follow_discovered(ctx.clone(), pool.clone(), path));
                 }
             }
             Some(joined) = followers.join_next() => {

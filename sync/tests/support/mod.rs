@@ -177,6 +177,8 @@ pub struct Server {
     pub base_url: String,
     /// Where a durable server keeps its data, kept across restarts.
     data_dir: Option<tempfile::TempDir>,
+    /// Extra environment of the real server (e.g. limits for a benchmark).
+    env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
@@ -196,21 +198,30 @@ fn server_bin() -> PathBuf {
 impl Server {
     /// An in-memory server.
     pub async fn start() -> Server {
-        Self::spawn(None).await
+        Self::spawn(None, &[]).await
+    }
+
+    /// An in-memory server with extra `DS_*` settings.
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Server {
+        Self::spawn(None, env).await
     }
 
     /// A server that keeps its data in a directory across restarts.
     pub async fn start_durable() -> Server {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        Self::spawn(Some(dir)).await
+        Self::spawn(Some(dir), &[]).await
     }
 
-    async fn spawn(data_dir: Option<tempfile::TempDir>) -> Server {
+    async fn spawn(data_dir: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Server {
         let mut server = Server {
             child: None,
             port: free_port(),
             base_url: String::new(),
             data_dir,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             log: PathBuf::new(),
         };
         server.base_url = format!("http://127.0.0.1:{}", server.port);
@@ -254,6 +265,7 @@ impl Server {
                 } else {
                     c.env("DS_STORAGE__MODE", "memory");
                 }
+                c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 c
             }
         };

@@ -1,0 +1,168 @@
+//! The layout file: which shard count and which stream-to-shard hash a data directory was
+//! created with. Both decide where a stream's rows live, so neither may change under existing
+//! data; the file is checked on every start and a mismatch refuses to start.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::super::{StorageError, StreamId};
+
+/// File name of the layout, inside the data directory.
+pub(super) const LAYOUT_FILE: &str = "acid-layout.json";
+const FORMAT: &str = "ds-server-acid";
+const VERSION: u32 = 1;
+/// The only hash there is so far; named so that a future one can be told apart.
+const HASH: &str = "splitmix64(stream_id) & (shard_count - 1)";
+
+pub(super) const MAX_SHARDS: u32 = 256;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Layout {
+    format: String,
+    version: u32,
+    shard_count: u32,
+    shard_hash: String,
+}
+
+/// Refuses a shard count that is not a power of two from 1 to 256.
+pub(super) fn check_shard_count(shard_count: u32) -> Result<(), StorageError> {
+    if shard_count == 0 || shard_count > MAX_SHARDS || !shard_count.is_power_of_two() {
+        return Err(StorageError::Config(format!(
+            "acid shard count {shard_count} is not a power of two from 1 to {MAX_SHARDS}"
+        )));
+    }
+    Ok(())
+}
+
+/// The shard of a stream. Stream ids are unique per stream instance and never change, so the
+/// hash of the id is stable for the stream's whole life. The splitmix64 finaliser is written out
+/// here (not `std`'s hasher, whose output may change between Rust releases) because the result is
+/// part of the on-disk format.
+pub(super) fn shard_of(id: StreamId, shard_count: u32) -> usize {
+    let mut z = id.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z & u64::from(shard_count - 1)) as usize
+}
+
+/// File name of shard `index`.
+pub(super) fn shard_file(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index:03}.redb"))
+}
+
+/// Checks the layout of `dir` against `shard_count`, writing it when the directory is new.
+pub(super) fn check_or_create(dir: &Path, shard_count: u32) -> Result<(), StorageError> {
+    let io = |what: String| move |source| StorageError::Io { what, source };
+    fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let path = dir.join(LAYOUT_FILE);
+    match fs::read(&path) {
+        Ok(raw) => {
+            let found: Layout =
+                serde_json::from_slice(&raw).map_err(|e| StorageError::Corrupt {
+                    what: path.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+            if found.format != FORMAT || found.version != VERSION || found.shard_hash != HASH {
+                return Err(StorageError::Config(format!(
+                    "{} describes format {:?} version {} with hash {:?}; this build reads {FORMAT:?} \
+                     version {VERSION} with hash {HASH:?}",
+                    path.display(),
+                    found.format,
+                    found.version,
+                    found.shard_hash
+                )));
+            }
+            if found.shard_count != shard_count {
+                return Err(StorageError::Config(format!(
+                    "{} was created with {} acid shards but {shard_count} are configured; the \
+                     shard count of an existing data directory cannot change (configure {} or \
+                     start from an empty directory)",
+                    dir.display(),
+                    found.shard_count,
+                    found.shard_count
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Shard files without a layout: someone removed it, and guessing the shard count
+            // would misplace streams.
+            if shard_file(dir, 0).exists() {
+                return Err(StorageError::Config(format!(
+                    "{} holds acid shard files but no {LAYOUT_FILE}; refusing to guess its \
+                     shard count",
+                    dir.display()
+                )));
+            }
+            write_atomically(dir, &path, shard_count)
+        }
+        Err(e) => Err(StorageError::Io {
+            what: format!("reading {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Writes the layout to a temporary file, syncs it, renames it into place and syncs the
+/// directory, so a crash leaves either no layout or a complete one.
+fn write_atomically(dir: &Path, path: &Path, shard_count: u32) -> Result<(), StorageError> {
+    let layout = Layout {
+        format: FORMAT.into(),
+        version: VERSION,
+        shard_count,
+        shard_hash: HASH.into(),
+    };
+    let mut body = serde_json::to_vec_pretty(&layout).unwrap_or_default();
+    body.push(b'\n');
+    let tmp = dir.join(format!("{LAYOUT_FILE}.tmp"));
+    let io = |what: &str| {
+        let what = format!("{what} {}", tmp.display());
+        move |source| StorageError::Io { what, source }
+    };
+    let mut file = fs::File::create(&tmp).map_err(io("creating"))?;
+    file.write_all(&body).map_err(io("writing"))?;
+    file.sync_all().map_err(io("syncing"))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io("renaming"))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StorageError::Io {
+            what: format!("syncing directory {}", dir.display()),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_hash_is_stable_and_spreads() {
+        // These values are part of the on-disk format: changing them misplaces every stream.
+        assert_eq!(shard_of(1, 16), shard_of(1, 16));
+        assert_eq!(shard_of(12345, 1), 0);
+        let pinned: Vec<usize> = (1..=8).map(|id| shard_of(id, 256)).collect();
+        assert_eq!(pinned, PINNED_SHARDS_OF_1_TO_8);
+        let mut seen = [0u32; 16];
+        for id in 0..16_000u64 {
+            seen[shard_of(id, 16)] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
+    }
+
+    const PINNED_SHARDS_OF_1_TO_8: [usize; 8] = [193, 206, 237, 202, 90, 0, 215, 54];
+
+    #[test]
+    fn bad_shard_counts_are_refused() {
+        for n in [0, 3, 6, 100, 257, 512] {
+            assert!(matches!(check_shard_count(n), Err(StorageError::Config(_))));
+        }
+        for n in [1, 2, 16, 256] {
+            check_shard_count(n).unwrap();
+        }
+    }
+}

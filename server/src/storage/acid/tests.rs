@@ -1,0 +1,544 @@
+//! Unit tests of the `acid` backend: durability across reopen, ordering under concurrency, the
+//! layout checks, the read rules and group commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::storage::{ForkMeta, ProducerState, ProducerTuple, Storage, StreamMeta};
+
+fn meta(id: StreamId, path: &str) -> StreamMeta {
+    StreamMeta {
+        id,
+        path: path.into(),
+        content_type: "text/plain".into(),
+        ttl_secs: None,
+        expires_at: None,
+        created_at_ms: 1_000,
+        fork: None,
+    }
+}
+
+fn data(s: &str) -> Option<Bytes> {
+    Some(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+fn entry(start: u64, s: &str) -> AppendEntry {
+    AppendEntry {
+        start,
+        data: data(s),
+        ..AppendEntry::default()
+    }
+}
+
+fn joined(chunk: &ReadChunk) -> String {
+    chunk
+        .parts
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect()
+}
+
+async fn read_all(log: &Arc<dyn StreamLog>, from: u64, until: u64) -> String {
+    let chunk = log.read(from, until, usize::MAX, false).await.unwrap();
+    assert_eq!(chunk.end, until);
+    joined(&chunk)
+}
+
+fn recovered_by_id(storage: &AcidStorage) -> HashMap<StreamId, Recovered> {
+    storage
+        .recover()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.meta.id, r))
+        .collect()
+}
+
+/// Rows any table of the stream's shard still holds for `id`.
+fn rows_left(storage: &AcidStorage, id: StreamId) -> usize {
+    let txn = storage.shard_of(id).db.begin_read().unwrap();
+    let records = txn.open_table(RECORDS).unwrap();
+    let producers = txn.open_table(PRODUCERS).unwrap();
+    let mut n = records.range((id, 0)..=(id, u64::MAX)).unwrap().count();
+    n += producers
+        .range((id, "")..)
+        .unwrap()
+        .take_while(|i| i.as_ref().unwrap().0.value().0 == id)
+        .count();
+    n += usize::from(txn.open_table(STREAMS).unwrap().get(id).unwrap().is_some());
+    n += usize::from(txn.open_table(STATE).unwrap().get(id).unwrap().is_some());
+    n
+}
+
+#[tokio::test]
+async fn create_append_read_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), 4).unwrap();
+    assert_eq!(storage.name(), "acid");
+    let (log, commit) = storage
+        .create(&meta(1, "/a"), vec![Bytes::from_static(b"hello ")], None)
+        .unwrap();
+    commit.await.unwrap();
+    log.append(entry(6, "world")).await.unwrap();
+    assert_eq!(read_all(&log, 0, 11).await, "hello world");
+    assert_eq!(read_all(&log, 6, 11).await, "world");
+}
+
+#[tokio::test]
+async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut source_meta = meta(7, "/source");
+    source_meta.ttl_secs = Some(60);
+    source_meta.content_type = "application/json".into();
+    let mut fork_meta = meta(9, "/fork");
+    fork_meta.expires_at = Some(("2099-01-01T00:00:00Z".into(), 4_070_908_800_000));
+    fork_meta.fork = Some(ForkMeta {
+        source_id: 7,
+        source_path: "/source".into(),
+        offset: 4,
+        sub_offset: 1,
+    });
+    let closer = ProducerTuple {
+        id: "p1".into(),
+        epoch: 1,
+        seq: 1,
+    };
+    {
+        let storage = AcidStorage::open(dir.path(), 8).unwrap();
+        let (source, c) = storage
+            .create(&source_meta, vec![Bytes::from_static(b"ab")], None)
+            .unwrap();
+        c.await.unwrap();
+        source
+            .append(AppendEntry {
+                start: 2,
+                data: data("cd"),
+                stream_seq: Some("001".into()),
+                producer: Some((
+                    "p1".into(),
+                    ProducerState {
+                        epoch: 1,
+                        last_seq: 0,
+                    },
+                )),
+                ..AppendEntry::default()
+            })
+            .await
+            .unwrap();
+        let (fork, c) = storage
+            .create(
+                &fork_meta,
+                vec![Bytes::from_static(b"c"), Bytes::from_static(b"XY")],
+                None,
+            )
+            .unwrap();
+        c.await.unwrap();
+        source
+            .append(AppendEntry {
+                start: 4,
+                data: data("ef"),
+                producer: Some((
+                    "p2".into(),
+                    ProducerState {
+                        epoch: 2,
+                        last_seq: 5,
+                    },
+                )),
+                ..AppendEntry::default()
+            })
+            .await
+            .unwrap();
+        // Close-only, by producer p1: the closing tuple and p1's new state land together.
+        source
+            .append(AppendEntry {
+                start: 6,
+                data: None,
+                close: Some(Some(closer.clone())),
+                stream_seq: Some("002".into()),
+                producer: Some((
+                    "p1".into(),
+                    ProducerState {
+                        epoch: 1,
+                        last_seq: 1,
+                    },
+                )),
+            })
+            .await
+            .unwrap();
+        source.touch(50_000);
+        source.mark_soft_deleted().await.unwrap();
+        fork.append(entry(7, "Z")).await.unwrap();
+    }
+
+    let storage = AcidStorage::open(dir.path(), 8).unwrap();
+    let mut found = recovered_by_id(&storage);
+    assert_eq!(found.len(), 2);
+    let source = found.remove(&7).unwrap();
+    assert_eq!(source.meta, source_meta);
+    let s = &source.state;
+    assert_eq!((s.tail, s.own_bytes), (6, 6));
+    assert!(s.closed && s.soft_deleted);
+    assert_eq!(s.closed_by, Some(closer));
+    assert_eq!(s.last_seq.as_deref(), Some("002"));
+    assert_eq!(s.last_access_ms, 50_000);
+    assert_eq!(
+        s.producers,
+        HashMap::from([
+            (
+                "p1".to_owned(),
+                ProducerState {
+                    epoch: 1,
+                    last_seq: 1
+                }
+            ),
+            (
+                "p2".to_owned(),
+                ProducerState {
+                    epoch: 2,
+                    last_seq: 5
+                }
+            ),
+        ])
+    );
+    assert_eq!(read_all(&source.log, 0, 6).await, "abcdef");
+
+    let fork = found.remove(&9).unwrap();
+    assert_eq!(fork.meta, fork_meta);
+    let f = &fork.state;
+    assert_eq!((f.tail, f.own_bytes), (8, 4));
+    assert!(!f.closed && !f.soft_deleted && f.closed_by.is_none() && f.last_seq.is_none());
+    assert!(f.producers.is_empty());
+    assert_eq!(f.last_access_ms, 1_000);
+    assert_eq!(read_all(&fork.log, 4, 8).await, "cXYZ");
+}
+
+#[tokio::test]
+async fn removed_streams_stay_removed_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let storage = AcidStorage::open(dir.path(), 2).unwrap();
+        for id in [1, 2] {
+            let (log, c) = storage
+                .create(
+                    &meta(id, &format!("/s{id}")),
+                    vec![Bytes::from_static(b"x")],
+                    None,
+                )
+                .unwrap();
+            c.await.unwrap();
+            log.append(AppendEntry {
+                start: 1,
+                data: data("yz"),
+                producer: Some((
+                    "p".into(),
+                    ProducerState {
+                        epoch: 0,
+                        last_seq: 0,
+                    },
+                )),
+                ..AppendEntry::default()
+            })
+            .await
+            .unwrap();
+            if id == 1 {
+                log.mark_soft_deleted().await.unwrap();
+                log.remove().await.unwrap();
+                assert_eq!(rows_left(&storage, 1), 0);
+            }
+        }
+    }
+    let storage = AcidStorage::open(dir.path(), 2).unwrap();
+    let found = recovered_by_id(&storage);
+    assert_eq!(found.keys().copied().collect::<Vec<_>>(), vec![2]);
+    assert_eq!(rows_left(&storage, 1), 0);
+    // Two records, one producer, the metadata and the state row.
+    assert_eq!(rows_left(&storage, 2), 5);
+}
+
+/// Appends of one stream submitted in offset order, as the stream layer does: the offset is
+/// taken and the write submitted under the stream's lock, then awaited outside it.
+struct Writer {
+    log: Arc<dyn StreamLog>,
+    tail: parking_lot::Mutex<u64>,
+}
+
+impl Writer {
+    fn submit(&self, s: &str) -> Commit {
+        let mut tail = self.tail.lock();
+        let commit = self.log.append(entry(*tail, s));
+        *tail += s.len() as u64;
+        commit
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_commit_in_order_and_survive_reopen() {
+    const STREAMS: u64 = 16;
+    const TASKS: usize = 8;
+    const APPENDS: usize = 25;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let storage = AcidStorage::open(dir.path(), 4).unwrap();
+        let mut writers = Vec::new();
+        for id in 1..=STREAMS {
+            let (log, c) = storage
+                .create(&meta(id, &format!("/s{id}")), Vec::new(), None)
+                .unwrap();
+            c.await.unwrap();
+            writers.push(Arc::new(Writer {
+                log,
+                tail: parking_lot::Mutex::new(0),
+            }));
+        }
+        let mut tasks = Vec::new();
+        for writer in &writers {
+            for task in 0..TASKS {
+                let writer = writer.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..APPENDS {
+                        writer.submit(&format!("{task:02}-{i:03};")).await.unwrap();
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stats = storage.stats();
+        let appends = STREAMS * (TASKS * APPENDS) as u64;
+        assert!(stats.operations >= appends + STREAMS);
+        assert!(
+            stats.transactions < appends,
+            "no batching: {stats:?} for {appends} appends"
+        );
+    }
+    let storage = AcidStorage::open(dir.path(), 4).unwrap();
+    let found = recovered_by_id(&storage);
+    assert_eq!(found.len(), STREAMS as usize);
+    let record_len = "00-000;".len() as u64;
+    for r in found.values() {
+        let tail = (TASKS * APPENDS) as u64 * record_len;
+        assert_eq!(r.state.tail, tail);
+        let text = read_all(&r.log, 0, tail).await;
+        let mut next = [0usize; TASKS];
+        for item in text.split_terminator(';') {
+            let (task, i) = item.split_once('-').unwrap();
+            let (task, i): (usize, usize) = (task.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(i, next[task], "task {task} out of order in {}", r.meta.path);
+            next[task] += 1;
+        }
+        assert_eq!(next, [APPENDS; TASKS]);
+    }
+}
+
+#[tokio::test]
+async fn shard_count_change_on_existing_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(AcidStorage::open(dir.path(), 4).unwrap());
+    let err = AcidStorage::open(dir.path(), 8).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StorageError::Config(_)), "{err:?}");
+    assert!(
+        msg.contains("4 acid shards") && msg.contains("8 are configured"),
+        "{msg}"
+    );
+    // The original count still opens.
+    drop(AcidStorage::open(dir.path(), 4).unwrap());
+}
+
+#[test]
+fn shard_files_without_a_layout_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(AcidStorage::open(dir.path(), 2).unwrap());
+    std::fs::remove_file(dir.path().join(layout::LAYOUT_FILE)).unwrap();
+    let err = AcidStorage::open(dir.path(), 2).unwrap_err();
+    assert!(matches!(err, StorageError::Config(_)), "{err:?}");
+}
+
+#[test]
+fn bad_shard_counts_are_refused_before_touching_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in [0, 3, 12, 257, 1024] {
+        let err = AcidStorage::open(dir.path(), n).unwrap_err();
+        assert!(matches!(err, StorageError::Config(_)), "{n}: {err:?}");
+        assert!(err.to_string().contains("power of two"), "{err}");
+    }
+    assert!(!dir.path().join(layout::LAYOUT_FILE).exists());
+    for n in [1, 256] {
+        let sub = dir.path().join(n.to_string());
+        drop(AcidStorage::open(&sub, n).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn reads_respect_budget_split_and_record_boundaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let (log, c) = storage
+        .create(
+            &meta(1, "/r"),
+            vec![
+                Bytes::from_static(b"abc"),
+                Bytes::from_static(b"de"),
+                Bytes::from_static(b"fghi"),
+            ],
+            None,
+        )
+        .unwrap();
+    c.await.unwrap();
+    let read = |from, until, max, split| log.read(from, until, max, split);
+
+    let c = read(0, 9, 4, false).await.unwrap();
+    assert_eq!((joined(&c).as_str(), c.end), ("abc", 3));
+    let c = read(3, 9, 100, false).await.unwrap();
+    assert_eq!((joined(&c).as_str(), c.end), ("defghi", 9));
+    // At least one whole record even over budget.
+    let c = read(0, 9, 2, false).await.unwrap();
+    assert_eq!((joined(&c).as_str(), c.end), ("abc", 3));
+    // Bounded by `until` at a record boundary.
+    let c = read(0, 5, 100, false).await.unwrap();
+    assert_eq!((joined(&c).as_str(), c.end), ("abcde", 5));
+    // Split reads may cut inside records, at both ends and at the budget.
+    let c = read(1, 5, 100, true).await.unwrap();
+    assert_eq!((joined(&c).as_str(), c.end), ("bcde", 5));
+    let c = read(0, 9, 4, true).await.unwrap();
+    assert_eq!((joined(&c).as_str(), c.end), ("abcd", 4));
+    let c = read(6, 9, 100, true).await.unwrap();
+    assert_eq!((joined(&c).as_str(), c.end), ("ghi", 9));
+    // Unsplittable reads refuse positions inside records.
+    assert!(matches!(
+        read(1, 9, 100, false).await,
+        Err(StorageError::Misaligned { pos: 1 })
+    ));
+    assert!(matches!(
+        read(0, 4, 100, false).await,
+        Err(StorageError::Misaligned { pos: 4 })
+    ));
+    // Empty range.
+    let c = read(9, 9, 100, false).await.unwrap();
+    assert_eq!((c.parts.len(), c.end), (0, 9));
+
+    // A fork's log starts at its anchor; before it is no record boundary of this log.
+    let mut fork = meta(2, "/f");
+    fork.fork = Some(ForkMeta {
+        source_id: 1,
+        source_path: "/r".into(),
+        offset: 10,
+        sub_offset: 0,
+    });
+    let (flog, c) = storage
+        .create(&fork, vec![Bytes::from_static(b"xyz")], None)
+        .unwrap();
+    c.await.unwrap();
+    assert_eq!(read_all(&flog, 10, 13).await, "xyz");
+    assert!(matches!(
+        flog.read(5, 13, 100, false).await,
+        Err(StorageError::Misaligned { pos: 5 })
+    ));
+}
+
+#[tokio::test]
+async fn reads_of_a_large_stream_stop_at_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let records: Vec<Bytes> = (0..1000).map(|_| Bytes::from(vec![b'r'; 100])).collect();
+    let (log, c) = storage.create(&meta(1, "/big"), records, None).unwrap();
+    c.await.unwrap();
+    let c = log.read(250 * 100, 100_000, 1_000, false).await.unwrap();
+    assert_eq!((c.parts.len(), c.end), (10, 26_000));
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_transactions() {
+    const N: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let mut logs = Vec::new();
+    for id in 1..=N {
+        let (log, c) = storage
+            .create(&meta(id, &format!("/g{id}")), Vec::new(), None)
+            .unwrap();
+        c.await.unwrap();
+        logs.push(log);
+    }
+    let before = storage.stats();
+    let tasks: Vec<_> = logs
+        .iter()
+        .map(|log| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(entry(0, "payload")).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let after = storage.stats();
+    let transactions = after.transactions - before.transactions;
+    assert_eq!(after.operations - before.operations, N);
+    assert!(
+        transactions < N,
+        "{N} concurrent appends took {transactions} transactions"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_commit_future_still_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let (log, c) = storage.create(&meta(1, "/d"), Vec::new(), None).unwrap();
+    drop(c);
+    drop(log.append(entry(0, "ab")));
+    log.append(entry(2, "cd")).await.unwrap();
+    assert_eq!(read_all(&log, 0, 4).await, "abcd");
+}
+
+#[tokio::test]
+async fn a_misplaced_append_is_refused_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let (log, c) = storage.create(&meta(1, "/m"), Vec::new(), None).unwrap();
+    let (other, c2) = storage.create(&meta(2, "/n"), Vec::new(), None).unwrap();
+    // Likely in one batch: the bad append fails, its neighbours commit.
+    let bad = log.append(entry(5, "gap"));
+    let good = other.append(entry(0, "ok"));
+    let next = log.append(entry(0, "fine"));
+    c.await.unwrap();
+    c2.await.unwrap();
+    assert!(matches!(bad.await, Err(StorageError::Corrupt { .. })));
+    good.await.unwrap();
+    next.await.unwrap();
+    assert_eq!(read_all(&log, 0, 4).await, "fine");
+    // Appending to a closed stream is refused too (the stream layer never does it).
+    log.append(AppendEntry {
+        start: 4,
+        close: Some(None),
+        ..AppendEntry::default()
+    })
+    .await
+    .unwrap();
+    assert!(log.append(entry(4, "late")).await.is_err());
+}
+
+#[tokio::test]
+async fn damaged_records_are_refused_on_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let (log, c) = storage
+        .create(&meta(1, "/x"), vec![Bytes::from_static(b"abc")], None)
+        .unwrap();
+    c.await.unwrap();
+    // Overwrite the record with a value whose checksum does not match.
+    let db = storage.shard_of(1).db.clone();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(RECORDS)
+        .unwrap()
+        .insert((1, 0), b"abXdddd".as_slice())
+        .unwrap();
+    txn.commit().unwrap();
+    assert!(matches!(
+        log.read(0, 3, 100, false).await,
+        Err(StorageError::Corrupt { .. })
+    ));
+}

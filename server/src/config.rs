@@ -21,6 +21,15 @@ pub struct Config {
     pub http: HttpConfig,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
+    pub tls: TlsConfig,
+}
+
+/// Direct TLS: both paths or neither.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert_path: Option<PathBuf>,
+    pub key_path: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +47,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub expiry_sweep_interval: Duration,
+    /// JSON stream announcing creates and deletes; empty disables it.
+    pub registry_stream: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +74,9 @@ pub struct LimitsConfig {
 pub struct StorageConfig {
     pub mode: StorageMode,
     pub data_dir: PathBuf,
+    pub segment_bytes: u64,
+    pub max_open_files: usize,
+    pub acid_shard_count: u32,
 }
 
 /// Where streams live and what "acknowledged" promises.
@@ -85,6 +99,7 @@ impl Default for ServerConfig {
             sse_keepalive_interval: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(10),
             expiry_sweep_interval: Duration::from_secs(30),
+            registry_stream: "/_ds/registry".into(),
         }
     }
 }
@@ -114,6 +129,9 @@ impl Default for StorageConfig {
         StorageConfig {
             mode: StorageMode::Memory,
             data_dir: PathBuf::from("./data"),
+            segment_bytes: 64 * 1024 * 1024,
+            max_open_files: 256,
+            acid_shard_count: 16,
         }
     }
 }
@@ -163,6 +181,11 @@ pub const KEYS: &[KeyDoc] = &[
         doc: "How often expired streams nobody touches are removed (access also expires them).",
     },
     KeyDoc {
+        env: "DS_SERVER__REGISTRY_STREAM",
+        default: "/_ds/registry",
+        doc: "Read-only JSON stream announcing every stream created and deleted (`{\"event\":\"created\",\"path\":...,\"contentType\":...}`, `{\"event\":\"deleted\",\"path\":...}`), for discovery by followers such as ds-sync. Must start with `/_ds/`; empty disables it.",
+    },
+    KeyDoc {
         env: "DS_HTTP__CORS_ORIGINS",
         default: "*",
         doc: "`*`, or a comma-separated list of origins allowed by CORS.",
@@ -175,7 +198,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_LIMITS__MAX_MEMORY_BYTES",
         default: "100000000",
-        doc: "Bytes all streams together may hold; an append past it gets 413.",
+        doc: "`memory`: bytes all streams together may hold (an append past it gets 413). Durable modes: RAM for the cache of newest records that live readers are served from.",
     },
     KeyDoc {
         env: "DS_LIMITS__MAX_STREAM_BYTES",
@@ -195,12 +218,37 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_STORAGE__MODE",
         default: "memory",
-        doc: "`memory` (lost on restart).",
+        doc: "`memory` (lost on restart), `file-fast` (survives a process crash), `file-durable` (fdatasync'd: survives power loss) or `acid` (redb transactions). See *Storage modes*.",
     },
     KeyDoc {
         env: "DS_STORAGE__DATA_DIR",
         default: "./data",
-        doc: "Directory of the durable storage modes.",
+        doc: "Directory of the durable storage modes (one server per directory).",
+    },
+    KeyDoc {
+        env: "DS_STORAGE__SEGMENT_BYTES",
+        default: "67108864",
+        doc: "File modes: size at which the write-ahead log starts a new segment file.",
+    },
+    KeyDoc {
+        env: "DS_STORAGE__MAX_OPEN_FILES",
+        default: "256",
+        doc: "File modes: log segment files kept open for reads.",
+    },
+    KeyDoc {
+        env: "DS_STORAGE__ACID_SHARD_COUNT",
+        default: "16",
+        doc: "`acid`: number of redb shards (power of two, 1 to 256); fixed when the directory is created.",
+    },
+    KeyDoc {
+        env: "DS_TLS__CERT_PATH",
+        default: "",
+        doc: "PEM certificate chain; with `DS_TLS__KEY_PATH`, the server speaks HTTPS (HTTP/2 and HTTP/1.1) itself.",
+    },
+    KeyDoc {
+        env: "DS_TLS__KEY_PATH",
+        default: "",
+        doc: "PEM private key for `DS_TLS__CERT_PATH` (set both or neither).",
     },
 ];
 
@@ -281,11 +329,43 @@ impl Config {
                 return Err(ConfigError(format!("{name} must be greater than 0")));
             }
         }
-        if self.storage.mode != StorageMode::Memory {
+        let registry = &self.server.registry_stream;
+        if !registry.is_empty() && !registry.starts_with(crate::stream::RESERVED_PREFIX) {
             return Err(ConfigError(format!(
-                "DS_STORAGE__MODE={:?} is not available in this build; use memory",
-                self.storage.mode
+                "DS_SERVER__REGISTRY_STREAM={registry:?} must start with {}",
+                crate::stream::RESERVED_PREFIX
             )));
+        }
+        match (&self.tls.cert_path, &self.tls.key_path) {
+            (Some(_), None) => {
+                return Err(ConfigError(
+                    "DS_TLS__CERT_PATH is set but DS_TLS__KEY_PATH is not; set both or neither"
+                        .into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError(
+                    "DS_TLS__KEY_PATH is set but DS_TLS__CERT_PATH is not; set both or neither"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        let shards = self.storage.acid_shard_count;
+        if !(1..=256).contains(&shards) || !shards.is_power_of_two() {
+            return Err(ConfigError(format!(
+                "DS_STORAGE__ACID_SHARD_COUNT={shards} must be a power of two from 1 to 256"
+            )));
+        }
+        if self.storage.max_open_files == 0 {
+            return Err(ConfigError(
+                "DS_STORAGE__MAX_OPEN_FILES must be greater than 0".into(),
+            ));
+        }
+        if self.storage.segment_bytes < 4096 {
+            return Err(ConfigError(
+                "DS_STORAGE__SEGMENT_BYTES must be at least 4096".into(),
+            ));
         }
         Ok(())
     }
@@ -310,7 +390,12 @@ impl Config {
 pub fn markdown_table() -> String {
     let mut out = String::from("| Variable | Default | Meaning |\n|---|---|---|\n");
     for k in KEYS {
-        out.push_str(&format!("| `{}` | `{}` | {} |\n", k.env, k.default, k.doc));
+        let default = if k.default.is_empty() {
+            "(unset)".to_owned()
+        } else {
+            format!("`{}`", k.default)
+        };
+        out.push_str(&format!("| `{}` | {} | {} |\n", k.env, default, k.doc));
     }
     out
 }
@@ -340,7 +425,7 @@ mod tests {
     #[test]
     fn defaults_in_the_key_table_are_the_real_defaults() {
         Jail::expect_with(|jail| {
-            for k in KEYS {
+            for k in KEYS.iter().filter(|k| !k.default.is_empty()) {
                 jail.set_env(k.env, k.default);
             }
             let loaded = Config::load(None).map_err(|e| e.to_string())?;
@@ -396,6 +481,18 @@ mod tests {
             let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
             assert!(err.contains("DS_LIMITS__MAX_STREAM_BYTES"), "{err}");
             assert!(err.contains("lots"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tls_needs_both_paths() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_TLS__CERT_PATH", "/etc/cert.pem");
+            let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains("DS_TLS__KEY_PATH"), "{err}");
+            jail.set_env("DS_TLS__KEY_PATH", "/etc/key.pem");
+            assert!(Config::load(None).is_ok());
             Ok(())
         });
     }

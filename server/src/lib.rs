@@ -10,6 +10,7 @@ pub mod http;
 pub mod live;
 pub mod storage;
 pub mod stream;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,21 +32,30 @@ pub struct App {
     config: Config,
     /// Cancelled when shutdown begins; long-lived reads and the sweeper watch it.
     shutdown: CancellationToken,
+    /// Set when the server terminates TLS itself.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl App {
     /// Opens storage and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let storage: Arc<dyn Storage> = match config.storage.mode {
-            StorageMode::Memory => Arc::new(storage::memory::MemoryStorage),
-            other => anyhow::bail!("storage mode {other:?} is not available in this build"),
+        let tls = match (&config.tls.cert_path, &config.tls.key_path) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
         };
+        let storage = open_storage(&config)?;
         let limits = Limits {
             max_stream_bytes: config.limits.max_stream_bytes,
-            max_total_bytes: config.limits.max_memory_bytes,
+            // In durable modes data lives on disk; the memory budget sizes the read cache.
+            max_total_bytes: match config.storage.mode {
+                StorageMode::Memory => config.limits.max_memory_bytes,
+                _ => u64::MAX,
+            },
             max_read_bytes: usize::try_from(config.limits.max_read_bytes).unwrap_or(usize::MAX),
         };
-        let streams = Arc::new(Streams::open(storage, limits)?);
+        let registry = Some(config.server.registry_stream.clone()).filter(|r| !r.is_empty());
+        let streams = Arc::new(Streams::open_with_registry(storage, limits, registry)?);
+        streams.ensure_registry().await?;
         let addr = SocketAddr::new(config.server.host, config.server.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -58,7 +68,13 @@ impl App {
             streams,
             config,
             shutdown,
+            tls,
         })
+    }
+
+    /// Whether the server terminates TLS itself.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The address actually bound (useful with port 0).
@@ -88,6 +104,7 @@ impl App {
             streams,
             config,
             shutdown,
+            tls,
         } = self;
         let sweeper = tokio::spawn(sweep_expired(
             streams,
@@ -95,14 +112,24 @@ impl App {
             shutdown.clone(),
         ));
         let router = http::router(state.clone());
-        let listener = listener.tap_io(|tcp| {
-            // Small responses (appends, live events) must not wait for Nagle.
-            let _ = tcp.set_nodelay(true);
-        });
         let stop = shutdown.clone();
-        let serve = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .into_future();
+        let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
+            Some(acceptor) => Box::pin(async move {
+                tls::serve(listener, acceptor, router, stop).await;
+                Ok(())
+            }),
+            None => {
+                let listener = listener.tap_io(|tcp| {
+                    // Small responses (appends, live events) must not wait for Nagle.
+                    let _ = tcp.set_nodelay(true);
+                });
+                Box::pin(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .into_future(),
+                )
+            }
+        };
         tokio::pin!(serve);
         tokio::select! {
             result = &mut serve => result?,
@@ -123,6 +150,27 @@ impl App {
         let _ = sweeper.await;
         Ok(())
     }
+}
+
+/// Opens the configured backend; blocking file work happens once, at start-up.
+fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    let s = &config.storage;
+    let dir = &s.data_dir;
+    let cache_bytes = usize::try_from(config.limits.max_memory_bytes).unwrap_or(usize::MAX);
+    let file = |durable| storage::file::FileOptions {
+        durable,
+        segment_bytes: s.segment_bytes,
+        max_open_files: s.max_open_files,
+        cache_bytes,
+    };
+    let opened: Arc<dyn Storage> = match s.mode {
+        StorageMode::Memory => Arc::new(storage::memory::MemoryStorage),
+        StorageMode::FileFast => Arc::new(storage::file::FileStorage::open(dir, file(false))?),
+        StorageMode::FileDurable => Arc::new(storage::file::FileStorage::open(dir, file(true))?),
+        StorageMode::Acid => Arc::new(storage::acid::AcidStorage::open(dir, s.acid_shard_count)?),
+    };
+    tracing::info!(mode = opened.name(), dir = %dir.display(), "storage opened");
+    Ok(opened)
 }
 
 async fn sweep_expired(

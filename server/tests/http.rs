@@ -693,3 +693,107 @@ async fn shutdown_ends_waiting_long_polls_and_readyz_reports_draining() {
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(offset_of(&r), tail);
 }
+
+#[tokio::test]
+async fn direct_tls_serves_https_with_http2() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let mut config = Config::default();
+    config.server.port = 0;
+    config.tls.cert_path = Some(fixtures.join("server.pem"));
+    config.tls.key_path = Some(fixtures.join("server-key.pem"));
+    let app = App::build(config).await.expect("server builds with TLS");
+    assert!(app.is_tls());
+    let port = app.local_addr().expect("bound").port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    let ca = std::fs::read(fixtures.join("ca.pem")).expect("ca");
+    let client = Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).expect("ca pem")])
+        .build()
+        .expect("client");
+    let base = format!("https://localhost:{port}");
+    let r = client
+        .put(format!("{base}/v1/stream/tls"))
+        .header("content-type", "text/plain")
+        .body("secret")
+        .send()
+        .await
+        .expect("put over tls");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN should pick h2");
+    assert!(header(&r, "location").is_some_and(|l| l.starts_with("https://")));
+    let r = client
+        .get(format!("{base}/v1/stream/tls?offset=-1"))
+        .send()
+        .await
+        .expect("get over tls");
+    assert_eq!(r.text().await.expect("body"), "secret");
+    // Plain HTTP to the TLS port does not get an answer.
+    let plain = Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.expect("response").status().is_success());
+    let _ = stop.send(());
+    handle.await.expect("join").expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn tls_with_a_missing_key_file_fails_at_start_naming_it() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let mut config = Config::default();
+    config.server.port = 0;
+    config.tls.cert_path = Some(fixtures.join("server.pem"));
+    config.tls.key_path = Some(fixtures.join("no-such-key.pem"));
+    let err = App::build(config)
+        .await
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("DS_TLS__KEY_PATH"), "{err}");
+}
+
+#[tokio::test]
+async fn the_registry_stream_announces_creates_and_deletes_and_is_read_only() {
+    let s = TestServer::start(|_| {}).await;
+    s.put("/v1/stream/r1", "text/plain", b"").await;
+    s.put("/v1/stream/r2", "application/json", b"[]").await;
+    s.client
+        .delete(s.url("/v1/stream/r1"))
+        .send()
+        .await
+        .expect("delete");
+    // Announcements are appended right after the operations; wait for all three.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let body = s.read_all("/_ds/registry").await;
+        let events: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("json array");
+        if events.len() >= 3 {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        events,
+        vec![
+            serde_json::json!({"event": "created", "path": "/v1/stream/r1", "contentType": "text/plain"}),
+            serde_json::json!({"event": "created", "path": "/v1/stream/r2", "contentType": "application/json"}),
+            serde_json::json!({"event": "deleted", "path": "/v1/stream/r1"}),
+        ]
+    );
+    let r = s.post("/_ds/registry", "application/json", "{}").await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = s
+        .client
+        .delete(s.url("/_ds/registry"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = s.put("/_ds/other", "text/plain", b"").await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    s.stop().await;
+}

@@ -43,11 +43,14 @@ struct Inner {
     /// Allowed CORS origins; `None` means `*`.
     cors_origins: Option<Vec<String>>,
     cache_control: HeaderValue,
+    /// The server terminates TLS itself (for `Location` URLs).
+    tls: bool,
 }
 
 impl AppState {
     pub fn new(streams: Arc<Streams>, config: Config, shutdown: CancellationToken) -> Self {
         let cors_origins = config.cors_origins();
+        let tls = config.tls.cert_path.is_some();
         let cache_control = HeaderValue::from_str(&config.http.cache_control)
             .unwrap_or(HeaderValue::from_static("no-store"));
         AppState {
@@ -58,6 +61,7 @@ impl AppState {
                 draining: AtomicBool::new(false),
                 cors_origins,
                 cache_control,
+                tls,
             }),
         }
     }
@@ -212,17 +216,25 @@ fn declared_too_large(state: &AppState, headers: &HeaderMap) -> Result<(), ApiEr
 }
 
 /// An absolute URL for `Location`, from the Host the client used.
-fn location(headers: &HeaderMap, path: &str) -> Option<HeaderValue> {
-    let host = headers
+fn location(
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    path: &str,
+    tls: bool,
+) -> Option<HeaderValue> {
+    // HTTP/2 carries the host in the URI's authority, HTTP/1.1 in `Host`.
+    let host = match headers
         .get("x-forwarded-host")
-        .or_else(|| headers.get(header::HOST))?
-        .to_str()
-        .ok()?;
+        .or_else(|| headers.get(header::HOST))
+    {
+        Some(h) => h.to_str().ok()?.to_owned(),
+        None => uri.authority()?.to_string(),
+    };
     let scheme = headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
         .filter(|p| *p == "https" || *p == "http")
-        .unwrap_or("http");
+        .unwrap_or(if tls { "https" } else { "http" });
     HeaderValue::from_str(&format!("{scheme}://{host}{path}")).ok()
 }
 
@@ -262,11 +274,10 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
     if outcome.closed {
         hs.insert(h::STREAM_CLOSED, TRUE);
     }
-    if outcome.created {
-        if let Some(loc) = location(headers, &path) {
+    if outcome.created
+        && let Some(loc) = location(headers, &parts.uri, &path, state.inner.tls) {
             hs.insert(header::LOCATION, loc);
         }
-    }
     Ok(response)
 }
 
@@ -329,11 +340,10 @@ fn head(state: &AppState, req: Request) -> Result<Response, ApiError> {
     if let Some(ttl) = meta.ttl_secs {
         hs.insert(h::STREAM_TTL, HeaderValue::from(ttl));
     }
-    if let Some(at) = meta.expires_at {
-        if let Ok(v) = HeaderValue::from_str(&at) {
+    if let Some(at) = meta.expires_at
+        && let Ok(v) = HeaderValue::from_str(&at) {
             hs.insert(h::STREAM_EXPIRES_AT, v);
         }
-    }
     if meta.closed {
         hs.insert(h::STREAM_CLOSED, TRUE);
     }
@@ -427,13 +437,12 @@ async fn catch_up(
         .await?;
     let is_now = query.offset == Some(ReadOffset::Now);
     let tag = (!is_now).then(|| etag(stream, &outcome));
-    if let (Some(tag), Some(inm)) = (&tag, req_headers.get(header::IF_NONE_MATCH)) {
-        if inm == tag {
+    if let (Some(tag), Some(inm)) = (&tag, req_headers.get(header::IF_NONE_MATCH))
+        && inm == tag {
             let mut r = StatusCode::NOT_MODIFIED.into_response();
             r.headers_mut().insert(header::ETAG, tag.clone());
             return Ok(r);
         }
-    }
     let body = encode_body(stream.kind, &outcome);
     let mut response = Response::new(Body::from(body));
     let hs = response.headers_mut();

@@ -11,7 +11,7 @@ use parking_lot::RwLock;
 
 use super::{
     AppendEntry, Commit, ProducerTuple, ReadChunk, Recovered, StorageError, StreamLog, StreamMeta,
-    done,
+    done, plan_read,
 };
 
 /// The in-memory backend.
@@ -91,56 +91,26 @@ fn read_records(
     max_bytes: usize,
     split: bool,
 ) -> Result<ReadChunk, StorageError> {
-    let mut chunk = ReadChunk {
-        parts: Vec::new(),
-        end: from,
+    let span = |i: usize| {
+        let r = &records[i];
+        (r.end - r.data.len() as u64, r.data.len() as u64)
     };
-    if from >= until {
-        return Ok(chunk);
-    }
-    // First record that ends after `from`.
-    let first = records.partition_point(|r| r.end <= from);
-    let mut budget = max_bytes;
-    for record in &records[first..] {
-        let record_start = record.end - record.data.len() as u64;
-        if record_start >= until {
-            break;
-        }
-        let lo = from.max(record_start);
-        if lo != record_start && !split {
-            return Err(StorageError::Misaligned { pos: from });
-        }
-        let hi = record.end.min(until);
-        if hi != record.end && !split {
-            // `until` inside a record can only come from a client-made fork offset.
-            return Err(StorageError::Misaligned { pos: until });
-        }
-        let mut len = (hi - lo) as usize;
-        if !chunk.parts.is_empty() || split {
-            if budget == 0 {
-                break;
-            }
-            if len > budget {
-                if !split {
-                    break;
-                }
-                len = budget;
-            }
-        }
-        let offset_in_record = (lo - record_start) as usize;
-        chunk
-            .parts
-            .push(record.data.slice(offset_in_record..offset_in_record + len));
-        chunk.end = lo + len as u64;
-        budget = budget.saturating_sub(len);
-        if chunk.end < hi {
-            break;
-        }
-    }
-    if chunk.parts.is_empty() && from < log_start {
-        return Err(StorageError::Misaligned { pos: from });
-    }
-    Ok(chunk)
+    let (pieces, end) = plan_read(
+        records.len(),
+        span,
+        log_start,
+        from,
+        until,
+        max_bytes,
+        split,
+    )?;
+    Ok(ReadChunk {
+        parts: pieces
+            .iter()
+            .map(|p| records[p.record].data.slice(p.skip..p.skip + p.len))
+            .collect(),
+        end,
+    })
 }
 
 impl StreamLog for MemoryLog {

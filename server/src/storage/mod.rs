@@ -17,6 +17,8 @@
 //!   cutting inside a record (byte streams may be cut anywhere; JSON streams may not).
 //! - Blocking I/O never runs on the caller's async worker thread.
 
+pub mod acid;
+pub mod file;
 pub mod memory;
 
 use std::collections::HashMap;
@@ -46,6 +48,10 @@ pub enum StorageError {
     Removed(StreamId),
     #[error("storage is shutting down")]
     ShuttingDown,
+    /// The backend cannot start with this configuration (e.g. a shard count that differs from
+    /// the one the data directory was created with).
+    #[error("storage configuration: {0}")]
+    Config(String),
 }
 
 /// A durable write in flight. Resolves once the write is acknowledged by the backend's promise
@@ -139,6 +145,87 @@ pub struct Recovered {
 pub struct ReadChunk {
     pub parts: Vec<Bytes>,
     pub end: u64,
+}
+
+/// One piece of a planned read: `len` bytes of record `record`, starting `skip` bytes into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub record: usize,
+    pub skip: usize,
+    pub len: usize,
+}
+
+/// Plans a read of `[from, until)` over `count` records ordered by position, where `span(i)`
+/// gives record `i`'s start position and length. Shared by every backend so that the contract's
+/// read rules (budget, at least one record, `split`, `Misaligned`) are implemented once.
+pub fn plan_read(
+    count: usize,
+    span: impl Fn(usize) -> (u64, u64),
+    log_start: u64,
+    from: u64,
+    until: u64,
+    max_bytes: usize,
+    split: bool,
+) -> Result<(Vec<Piece>, u64), StorageError> {
+    let mut pieces = Vec::new();
+    let mut end = from;
+    if from >= until {
+        return Ok((pieces, end));
+    }
+    // First record that ends after `from` (binary search over the ordered records).
+    let (mut lo, mut hi) = (0usize, count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let (s, l) = span(mid);
+        if s + l <= from {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let mut budget = max_bytes;
+    for i in lo..count {
+        let (record_start, record_len) = span(i);
+        let record_end = record_start + record_len;
+        if record_start >= until {
+            break;
+        }
+        let lo_pos = from.max(record_start);
+        if lo_pos != record_start && !split {
+            return Err(StorageError::Misaligned { pos: from });
+        }
+        let hi_pos = record_end.min(until);
+        if hi_pos != record_end && !split {
+            // `until` inside a record can only come from a client-made fork offset.
+            return Err(StorageError::Misaligned { pos: until });
+        }
+        let mut len = (hi_pos - lo_pos) as usize;
+        if !pieces.is_empty() || split {
+            if budget == 0 {
+                break;
+            }
+            if len > budget {
+                if !split {
+                    break;
+                }
+                len = budget;
+            }
+        }
+        pieces.push(Piece {
+            record: i,
+            skip: (lo_pos - record_start) as usize,
+            len,
+        });
+        end = lo_pos + len as u64;
+        budget = budget.saturating_sub(len);
+        if end < hi_pos {
+            break;
+        }
+    }
+    if pieces.is_empty() && from < log_start {
+        return Err(StorageError::Misaligned { pos: from });
+    }
+    Ok((pieces, end))
 }
 
 /// A storage backend: creates and recovers per-stream logs.

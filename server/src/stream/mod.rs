@@ -47,6 +47,13 @@ pub struct Limits {
     pub max_read_bytes: usize,
 }
 
+/// Paths under this prefix belong to the server: clients may read them, never write.
+pub const RESERVED_PREFIX: &str = "/_ds/";
+
+fn is_reserved(path: &str) -> bool {
+    path.starts_with(RESERVED_PREFIX)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -210,11 +217,10 @@ impl Stream {
     }
 
     fn expired_at(&self, now: u64) -> bool {
-        if let Some((_, at)) = &self.meta.expires_at {
-            if (now as i128) >= (*at as i128) {
+        if let Some((_, at)) = &self.meta.expires_at
+            && (now as i128) >= (*at as i128) {
                 return true;
             }
-        }
         if let Some(ttl) = self.meta.ttl_secs {
             let last = self.last_access_ms.load(Ordering::Relaxed);
             if now >= last.saturating_add(ttl.saturating_mul(1000)) {
@@ -256,6 +262,11 @@ pub struct Streams {
     /// Bytes held by all logs together, for `max_total_bytes`.
     total_bytes: AtomicU64,
     next_id: AtomicU64,
+    /// The registry stream announcing creates and deletes (discovery for followers such as
+    /// ds-sync), if enabled.
+    registry_path: Option<String>,
+    /// Feeds the task that appends to the registry stream.
+    announcements: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Bytes>>>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -278,8 +289,21 @@ fn poisoned_guard(state: &WriterState) -> Result<(), StreamError> {
 impl Streams {
     /// Loads every stored stream and returns the registry.
     pub fn open(storage: Arc<dyn Storage>, limits: Limits) -> Result<Self, StreamError> {
+        Self::open_with_registry(storage, limits, None)
+    }
+
+    /// Like [`Streams::open`], announcing stream creates and deletes on the JSON stream at
+    /// `registry` (which must be under [`RESERVED_PREFIX`]). Call [`Streams::ensure_registry`]
+    /// before serving.
+    pub fn open_with_registry(
+        storage: Arc<dyn Storage>,
+        limits: Limits,
+        registry: Option<String>,
+    ) -> Result<Self, StreamError> {
         let recovered = storage.recover()?;
         let streams = Streams {
+            registry_path: registry,
+            announcements: Mutex::new(None),
             registry: DashMap::new(),
             lifecycle: Mutex::new(()),
             storage,
@@ -335,7 +359,68 @@ impl Streams {
             by_id.insert(stream.meta.id, stream.clone());
             self.registry.insert(stream.meta.path.clone(), stream);
         }
-        self.next_id.store(max_id + 1, Ordering::Relaxed);
+        // Ids must never repeat, even across restarts of the memory store or after the highest
+        // id was removed: ETags carry the id, and a reused id could answer 304 for other data.
+        // Seeding from the clock (ms << 20 leaves room for a million creates per ms of uptime)
+        // covers both; the recovered maximum covers a clock that went backwards.
+        let seed = now_ms() << 20;
+        self.next_id
+            .store((max_id + 1).max(seed), Ordering::Relaxed);
+    }
+
+    /// Creates the registry stream if it does not exist yet and starts the task that appends
+    /// announcements to it.
+    pub async fn ensure_registry(self: &Arc<Self>) -> Result<(), StreamError> {
+        let Some(path) = self.registry_path.clone() else {
+            return Ok(());
+        };
+        if !self.registry.contains_key(&path) {
+            self.create_any(
+                &path,
+                CreateRequest {
+                    content_type: Some("application/json".into()),
+                    ..CreateRequest::default()
+                },
+            )
+            .await?;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        *self.announcements.lock() = Some(tx);
+        // Weak: the task must not keep the registry alive.
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(body) = rx.recv().await {
+                let Some(streams) = weak.upgrade() else {
+                    break;
+                };
+                let req = AppendRequest {
+                    content_type: Some("application/json".into()),
+                    body,
+                    ..AppendRequest::default()
+                };
+                if let Err(e) = streams.append_any(&path, req).await {
+                    tracing::error!(error = %e, registry = %path, "registry append failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Queues an event for the registry stream. A background task appends them in order; the
+    /// operation an event describes is already acknowledged when it is queued.
+    fn announce(&self, event: &'static str, path: &str, content_type: Option<&str>) {
+        if is_reserved(path) {
+            return;
+        }
+        let guard = self.announcements.lock();
+        let Some(tx) = guard.as_ref() else {
+            return;
+        };
+        let mut body = serde_json::json!({"event": event, "path": path});
+        if let Some(ct) = content_type {
+            body["contentType"] = serde_json::Value::from(ct);
+        }
+        let _ = tx.send(Bytes::from(body.to_string()));
     }
 
     /// Number of streams in the registry (including soft-deleted ones).
@@ -393,6 +478,17 @@ impl Streams {
         path: &str,
         req: CreateRequest,
     ) -> Result<CreateOutcome, StreamError> {
+        if is_reserved(path) {
+            return Err(StreamError::ReservedPath);
+        }
+        self.create_any(path, req).await
+    }
+
+    async fn create_any(
+        &self,
+        path: &str,
+        req: CreateRequest,
+    ) -> Result<CreateOutcome, StreamError> {
         let prefix = match &req.fork {
             Some(fork) => self.fork_prefix(fork).await?,
             None => None,
@@ -441,11 +537,10 @@ impl Streams {
             }
         }
 
-        if let Some((raw, at)) = &req.expires_at {
-            if (*at as i128) <= (now as i128) {
+        if let Some((raw, at)) = &req.expires_at
+            && (*at as i128) <= (now as i128) {
                 return Err(StreamError::AlreadyExpired(raw.clone()));
             }
-        }
         let (source, fork_meta, content_type) = match &req.fork {
             None => (
                 None,
@@ -553,6 +648,8 @@ impl Streams {
             src.state.lock().refcount += 1;
         }
         self.registry.insert(path.to_owned(), stream.clone());
+        // Under the lifecycle lock, so the registry sees creates and deletes in their real order.
+        self.announce("created", path, Some(&stream.meta.content_type));
         Ok(Created::New { stream, commit })
     }
 
@@ -634,6 +731,18 @@ impl Streams {
         path: &str,
         req: AppendRequest,
     ) -> Result<AppendOutcome, StreamError> {
+        if is_reserved(path) {
+            return Err(StreamError::ReservedPath);
+        }
+        self.append_any(path, req).await
+    }
+
+    async fn append_any(
+        &self,
+        path: &str,
+        req: AppendRequest,
+    ) -> Result<AppendOutcome, StreamError> {
+        let internal = self.registry_path.as_deref() == Some(path);
         let stream = self.get(path, true)?;
         if req.body.is_empty() && !req.close {
             return Err(StreamError::EmptyBody);
@@ -675,15 +784,14 @@ impl Streams {
                         };
                         break 'decide Next::Wait(outcome, st.tail);
                     }
-                    if let Some(ps) = st.producers.get(&p.id) {
-                        if p.epoch < ps.epoch {
+                    if let Some(ps) = st.producers.get(&p.id)
+                        && p.epoch < ps.epoch {
                             return Err(producer::ProducerError::StaleEpoch {
                                 sent: p.epoch,
                                 current: ps.epoch,
                             }
                             .into());
                         }
-                    }
                 }
                 if !has_body {
                     // Close-only on a closed stream is idempotent.
@@ -726,20 +834,21 @@ impl Streams {
                         st.tail,
                     )
                 } else {
-                    if let (Some(sent), Some(last)) = (&req.stream_seq, &st.last_seq) {
-                        if sent.as_bytes() <= last.as_bytes() {
+                    if let (Some(sent), Some(last)) = (&req.stream_seq, &st.last_seq)
+                        && sent.as_bytes() <= last.as_bytes() {
                             return Err(StreamError::SeqRegression {
                                 last: last.clone(),
                                 sent: sent.clone(),
                             });
                         }
-                    }
                     let data = match parsed {
                         Some(result) => Some(result?),
                         None => None,
                     };
                     let size = data.as_ref().map_or(0, |d| d.len() as u64);
-                    self.reserve(size, st.own_bytes)?;
+                    // The registry belongs to the server; the per-stream cap is for clients.
+                    let used = if internal { 0 } else { st.own_bytes };
+                    self.reserve(size, used)?;
                     let start = st.tail;
                     st.tail += size;
                     st.own_bytes += size;
@@ -818,6 +927,9 @@ impl Streams {
 
     /// DELETE: remove, or soft-delete while forks still read from the stream.
     pub async fn delete(&self, path: &str) -> Result<(), StreamError> {
+        if is_reserved(path) {
+            return Err(StreamError::ReservedPath);
+        }
         let commits = {
             let _guard = self.lifecycle.lock();
             let stream = self
@@ -859,6 +971,7 @@ impl Streams {
 
     /// With the lifecycle lock held: soft-delete when forks exist, else remove and cascade.
     fn delete_locked(&self, stream: &Arc<Stream>) -> Vec<Commit> {
+        self.announce("deleted", &stream.meta.path, None);
         let mut st = stream.state.lock();
         if st.refcount > 0 {
             if st.soft_deleted {

@@ -542,3 +542,91 @@ async fn damaged_records_are_refused_on_read() {
         Err(StorageError::Corrupt { .. })
     ));
 }
+
+/// Throughput of request/response appends (each task awaits its commit before the next, like an
+/// HTTP client) and of tail reads. Run it in release:
+/// `cargo test --release -p ds-server --lib acid::tests::bench -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark; prints numbers"]
+async fn bench_appends_and_tail_reads() {
+    const RECORD: usize = 128;
+    const SECS: f64 = 2.0;
+    for shards in [1u32, 16] {
+        for tasks in [1usize, 16, 64, 256] {
+            let dir = tempfile::tempdir().unwrap();
+            let storage = AcidStorage::open(dir.path(), shards).unwrap();
+            let mut logs = Vec::new();
+            for id in 1..=tasks as u64 {
+                let (log, c) = storage
+                    .create(&meta(id, &format!("/b{id}")), Vec::new(), None)
+                    .unwrap();
+                c.await.unwrap();
+                logs.push(log);
+            }
+            let before = storage.stats();
+            let started = std::time::Instant::now();
+            let deadline = started + std::time::Duration::from_secs_f64(SECS);
+            let handles: Vec<_> = logs
+                .iter()
+                .map(|log| {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let payload = Bytes::from(vec![b'x'; RECORD]);
+                        let mut tail = 0u64;
+                        while std::time::Instant::now() < deadline {
+                            log.append(AppendEntry {
+                                start: tail,
+                                data: Some(payload.clone()),
+                                ..AppendEntry::default()
+                            })
+                            .await
+                            .unwrap();
+                            tail += RECORD as u64;
+                        }
+                        tail
+                    })
+                })
+                .collect();
+            let mut tails = Vec::new();
+            for h in handles {
+                tails.push(h.await.unwrap());
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let after = storage.stats();
+            let appends = after.operations - before.operations;
+            let txns = after.transactions - before.transactions;
+            println!(
+                "shards={shards:3} tasks={tasks:3}: {:8.0} appends/s, {:6.1} appends/transaction, \
+                 {:6.0} transactions/s",
+                appends as f64 / elapsed,
+                appends as f64 / txns.max(1) as f64,
+                txns as f64 / elapsed
+            );
+            if shards == 16 && tasks == 16 {
+                // Live-reader pattern: read the last record of each stream, many times.
+                let started = std::time::Instant::now();
+                let mut reads = 0u64;
+                while started.elapsed().as_secs_f64() < 1.0 {
+                    for (log, tail) in logs.iter().zip(&tails) {
+                        let c = log
+                            .read(tail - RECORD as u64, *tail, 1 << 20, false)
+                            .await
+                            .unwrap();
+                        assert_eq!(c.end, *tail);
+                        reads += 1;
+                    }
+                }
+                let per_s = reads as f64 / started.elapsed().as_secs_f64();
+                println!("tail reads, one task: {per_s:8.0} reads/s");
+                let started = std::time::Instant::now();
+                let c = logs[0].read(0, tails[0], 4 << 20, false).await.unwrap();
+                println!(
+                    "catch-up read of {} bytes in {} records: {:?}",
+                    c.end,
+                    c.parts.len(),
+                    started.elapsed()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! `file-fast` and `file-durable`: every stream's frames go to one shared, segmented
+//! write-ahead log under `DATA_DIR/wal/`, written by one writer thread.
+//!
+//! Why one shared log rather than a file per stream: a durable mode must make many concurrent
+//! appends share one sync (group commit), and with a file per stream a batch touching 64 streams
+//! needs 64 fsyncs. Here a batch of appends to any number of streams is one `write` and, in
+//! `file-durable`, one `fdatasync`. Open file handles stay bounded whatever the stream count.
+//!
+//! - Acknowledged means: `file-fast`, written to the OS (survives a process crash, not a power
+//!   loss); `file-durable`, `fdatasync`ed (survives a power loss).
+//! - Each operation is one checksummed frame (data, producer state, `Stream-Seq` and the closed
+//!   flag together), so a crash can never re-admit a duplicate or half-apply an append.
+//! - Recovery replays the segments in order, truncates a torn tail, and refuses corruption with
+//!   the file and byte position.
+//! - Each stream keeps an in-memory index of its records and a small cache of its newest
+//!   records, so live readers rarely touch the disk; other reads are `pread`s on a blocking
+//!   thread, never on the async workers.
+//! - Space: a segment file is deleted once it is the oldest and every stream with a frame in it
+//!   is removed (oldest-first keeps a removal's tombstone around as long as older frames of the
+//!   removed stream exist).
+//!
+//! The format is written down in `server/STORAGE.md`.
+
+mod frame;
+mod recover;
+mod wal;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use parking_lot::{Mutex, RwLock};
+
+use super::{
+    AppendEntry, Commit, ProducerTuple, ReadChunk, Recovered, Storage, StorageError, StreamId,
+    StreamLog, StreamMeta, plan_read,
+};
+use wal::{Op, Target, Wal};
+
+/// The name of the file that marks a data directory as file-mode storage.
+const FORMAT_FILE: &str = "FORMAT";
+const FORMAT_TEXT: &str = "ds-server file storage v1\n";
+/// Newest bytes of each stream kept in RAM for live readers.
+const STREAM_CACHE_BYTES: usize = 1 << 20;
+
+/// Settings of the file backend.
+#[derive(Clone, Debug)]
+pub struct FileOptions {
+    /// `fdatasync` before acknowledging (`file-durable`), or only `write` (`file-fast`).
+    pub durable: bool,
+    /// Size at which the active segment is rotated.
+    pub segment_bytes: u64,
+    /// Segment files kept open for reads.
+    pub max_open_files: usize,
+    /// RAM for the newest records of all streams together.
+    pub cache_bytes: usize,
+}
+
+/// The file backend.
+pub struct FileStorage {
+    wal: Arc<Wal>,
+    /// Filled by `open`, taken by the first `recover`.
+    recovered: Mutex<Option<Vec<Recovered>>>,
+    /// Held for the life of the process: one server per data directory.
+    _lock: File,
+}
+
+impl FileStorage {
+    /// Opens (creating if needed) the store in `dir`, recovering what is there.
+    pub fn open(dir: &Path, options: FileOptions) -> Result<FileStorage, StorageError> {
+        let io = |what: &Path| {
+            let what = what.display().to_string();
+            move |source| StorageError::Io {
+                what: what.clone(),
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        lock.try_lock().map_err(|_| StorageError::Corrupt {
+            what: lock_path.display().to_string(),
+            detail: "another ds-server is using this data directory".into(),
+        })?;
+        check_format(dir)?;
+        let wal_dir = dir.join("wal");
+        std::fs::create_dir_all(&wal_dir).map_err(io(&wal_dir))?;
+        let recovery = recover::recover(&wal_dir, options.durable)?;
+        let wal = Wal::start(wal_dir, options, recovery.segments)?;
+        let recovered = recovery
+            .streams
+            .into_iter()
+            .map(|r| {
+                let shared = Arc::new(LogShared {
+                    id: r.meta.id,
+                    start: r.meta.fork.as_ref().map_or(0, |f| f.offset),
+                    index: RwLock::new(Index {
+                        records: r.records,
+                        touched: r.touched,
+                        ..Index::default()
+                    }),
+                });
+                Recovered {
+                    meta: r.meta,
+                    state: r.state,
+                    log: Arc::new(FileLog {
+                        shared,
+                        wal: wal.clone(),
+                    }) as Arc<dyn StreamLog>,
+                }
+            })
+            .collect();
+        Ok(FileStorage {
+            wal,
+            recovered: Mutex::new(Some(recovered)),
+            _lock: lock,
+        })
+    }
+
+    /// Write batches and operations so far: `ops / batches` is the group-commit factor.
+    pub fn commit_stats(&self) -> (u64, u64) {
+        self.wal.stats()
+    }
+}
+
+fn check_format(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join(FORMAT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text == FORMAT_TEXT => Ok(()),
+        Ok(text) => Err(StorageError::Corrupt {
+            what: path.display().to_string(),
+            detail: format!(
+                "this directory holds {:?}, not file-mode storage; use the mode that wrote it or another DS_STORAGE__DATA_DIR",
+                text.trim()
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let entries = std::fs::read_dir(dir)
+                .map_err(|source| StorageError::Io {
+                    what: dir.display().to_string(),
+                    source,
+                })?
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name() != "LOCK")
+                .count();
+            if entries > 0 {
+                return Err(StorageError::Corrupt {
+                    what: dir.display().to_string(),
+                    detail: "directory is not empty and is not file-mode storage".into(),
+                });
+            }
+            write_synced(&path, FORMAT_TEXT.as_bytes())?;
+            wal::sync_dir(dir)
+        }
+        Err(source) => Err(StorageError::Io {
+            what: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), StorageError> {
+    let io = |source| StorageError::Io {
+        what: path.display().to_string(),
+        source,
+    };
+    let mut f = File::create(path).map_err(io)?;
+    std::io::Write::write_all(&mut f, data).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+impl Storage for FileStorage {
+    fn name(&self) -> &'static str {
+        if self.wal.durable() {
+            "file-durable"
+        } else {
+            "file-fast"
+        }
+    }
+
+    fn create(
+        &self,
+        meta: &StreamMeta,
+        initial: Vec<Bytes>,
+        close: Option<Option<ProducerTuple>>,
+    ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
+        let initial: Vec<Bytes> = initial.into_iter().filter(|d| !d.is_empty()).collect();
+        let shared = Arc::new(LogShared {
+            id: meta.id,
+            start: meta.fork.as_ref().map_or(0, |f| f.offset),
+            index: RwLock::new(Index::default()),
+        });
+        let encoded = frame::encode_create(
+            &frame::CreateMeta {
+                meta: meta.clone(),
+                closed: close.is_some(),
+            },
+            &initial,
+        );
+        let commit = self.wal.submit(Op {
+            frame: encoded,
+            target: Target::Create {
+                log: shared.clone(),
+                data: initial,
+            },
+        });
+        let log = FileLog {
+            shared,
+            wal: self.wal.clone(),
+        };
+        Ok((Arc::new(log), commit))
+    }
+
+    fn recover(&self) -> Result<Vec<Recovered>, StorageError> {
+        Ok(self.recovered.lock().take().unwrap_or_default())
+    }
+}
+
+/// Where one record's data sits on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub start: u64,
+    pub len: u32,
+    pub seg: u32,
+    /// Byte offset of the data inside the segment file.
+    pub off: u64,
+}
+
+/// One stream's record index and cache, shared by its `FileLog` and the writer thread.
+pub(crate) struct LogShared {
+    pub id: StreamId,
+    /// Position of the stream's first own byte (the fork anchor, or 0).
+    pub start: u64,
+    pub index: RwLock<Index>,
+}
+
+#[derive(Default)]
+pub(crate) struct Index {
+    pub records: Vec<Loc>,
+    /// `cache[i]` is the data of `records[cache_from + i]`: a suffix of the records.
+    pub cache_from: usize,
+    pub cache: VecDeque<Bytes>,
+    pub cache_bytes: usize,
+    /// Segments holding any frame of this stream, ascending (for segment clean-up).
+    pub touched: Vec<u32>,
+    pub removed: bool,
+}
+
+impl Index {
+    /// Appends a committed record, caching its bytes when the budget allows.
+    pub fn push(&mut self, loc: Loc, data: Option<Bytes>, budget: &CacheBudget) {
+        self.records.push(loc);
+        let cacheable = data.filter(|d| d.len() <= STREAM_CACHE_BYTES);
+        // The cache must stay a contiguous suffix of the records.
+        if self.cache_from + self.cache.len() != self.records.len() - 1 {
+            self.clear_cache(budget);
+            self.cache_from = self.records.len();
+        }
+        match cacheable {
+            Some(d) if budget.take(d.len()) => {
+                self.cache_bytes += d.len();
+                self.cache.push_back(d);
+                while self.cache_bytes > STREAM_CACHE_BYTES {
+                    if let Some(old) = self.cache.pop_front() {
+                        self.cache_bytes -= old.len();
+                        budget.give(old.len());
+                        self.cache_from += 1;
+                    }
+                }
+            }
+            _ => {
+                self.clear_cache(budget);
+                self.cache_from = self.records.len();
+            }
+        }
+    }
+
+    pub fn clear_cache(&mut self, budget: &CacheBudget) {
+        budget.give(self.cache_bytes);
+        self.cache_from += self.cache.len();
+        self.cache.clear();
+        self.cache_bytes = 0;
+    }
+}
+
+/// RAM shared by the caches of all streams.
+pub(crate) struct CacheBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl CacheBudget {
+    pub fn new(limit: usize) -> Self {
+        CacheBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used + n > self.limit {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(u) => used = u,
+            }
+        }
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// One stream's log in the file backend.
+pub struct FileLog {
+    shared: Arc<LogShared>,
+    wal: Arc<Wal>,
+}
+
+enum Source {
+    Cached(Bytes),
+    Disk { seg: u32, off: u64, len: usize },
+}
+
+impl StreamLog for FileLog {
+    fn append(&self, entry: AppendEntry) -> Commit {
+        let encoded = frame::encode_append(self.shared.id, &entry);
+        self.wal.submit(Op {
+            frame: encoded,
+            target: Target::Append {
+                log: self.shared.clone(),
+                start: entry.start,
+                data: entry.data.filter(|d| !d.is_empty()),
+            },
+        })
+    }
+
+    fn mark_soft_deleted(&self) -> Commit {
+        self.wal.submit(Op {
+            frame: frame::encode_marker(frame::KIND_SOFT_DELETE, self.shared.id),
+            target: Target::SoftDelete(self.shared.clone()),
+        })
+    }
+
+    fn remove(&self) -> Commit {
+        self.wal.submit(Op {
+            frame: frame::encode_marker(frame::KIND_REMOVE, self.shared.id),
+            target: Target::Remove(self.shared.clone()),
+        })
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        until: u64,
+        max_bytes: usize,
+        split: bool,
+    ) -> BoxFuture<'static, Result<ReadChunk, StorageError>> {
+        let planned = {
+            let index = self.shared.index.read();
+            let records = &index.records;
+            let span = |i: usize| (records[i].start, u64::from(records[i].len));
+            plan_read(
+                records.len(),
+                span,
+                self.shared.start,
+                from,
+                until,
+                max_bytes,
+                split,
+            )
+            .map(|(pieces, end)| {
+                let sources: Vec<Source> = pieces
+                    .iter()
+                    .map(|p| {
+                        let cached = p
+                            .record
+                            .checked_sub(index.cache_from)
+                            .and_then(|i| index.cache.get(i));
+                        match cached {
+                            Some(b) => Source::Cached(b.slice(p.skip..p.skip + p.len)),
+                            None => {
+                                let loc = records[p.record];
+                                Source::Disk {
+                                    seg: loc.seg,
+                                    off: loc.off + p.skip as u64,
+                                    len: p.len,
+                                }
+                            }
+                        }
+                    })
+                    .collect();
+                (sources, end)
+            })
+        };
+        let (sources, end) = match planned {
+            Ok(x) => x,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        if sources.iter().all(|s| matches!(s, Source::Cached(_))) {
+            let parts = sources
+                .into_iter()
+                .filter_map(|s| match s {
+                    Source::Cached(b) => Some(b),
+                    Source::Disk { .. } => None,
+                })
+                .collect();
+            return Box::pin(std::future::ready(Ok(ReadChunk { parts, end })));
+        }
+        let wal = self.wal.clone();
+        Box::pin(async move {
+            let parts = tokio::task::spawn_blocking(move || read_sources(&wal, sources))
+                .await
+                .map_err(|e| StorageError::Io {
+                    what: "read task".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+            Ok(ReadChunk { parts, end })
+        })
+    }
+}
+
+/// Reads disk pieces, one `pread` per run of nearby pieces in the same segment.
+fn read_sources(wal: &Wal, sources: Vec<Source>) -> Result<Vec<Bytes>, StorageError> {
+    /// Gap between pieces (frame headers) worth reading through rather than seeking.
+    const MAX_GAP: u64 = 4096;
+    let mut parts = Vec::with_capacity(sources.len());
+    let mut i = 0;
+    let sources: Vec<Source> = sources;
+    while i < sources.len() {
+        match &sources[i] {
+            Source::Cached(b) => {
+                parts.push(b.clone());
+                i += 1;
+            }
+            Source::Disk { seg, off, len } => {
+                // Extend the run while the next piece is on disk, same segment, close after.
+                let (seg, run_start) = (*seg, *off);
+                let mut run_end = off + *len as u64;
+                let mut j = i + 1;
+                while let Some(Source::Disk {
+                    seg: s2,
+                    off: o2,
+                    len: l2,
+                }) = sources.get(j)
+                {
+                    if *s2 != seg || *o2 < run_end || *o2 - run_end > MAX_GAP {
+                        break;
+                    }
+                    run_end = o2 + *l2 as u64;
+                    j += 1;
+                }
+                let buf = Bytes::from(wal.pread(seg, run_start, (run_end - run_start) as usize)?);
+                for s in &sources[i..j] {
+                    if let Source::Disk { off, len, .. } = s {
+                        let at = (off - run_start) as usize;
+                        parts.push(buf.slice(at..at + len));
+                    }
+                }
+                i = j;
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// Where the WAL segments live under a data directory.
+pub fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal")
+}
+
+#[cfg(test)]
+mod tests;

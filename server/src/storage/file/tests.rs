@@ -1,0 +1,258 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::storage::{AppendEntry, ProducerState, ProducerTuple, Storage, StreamMeta};
+
+fn options(durable: bool) -> FileOptions {
+    FileOptions {
+        durable,
+        segment_bytes: 64 << 20,
+        max_open_files: 8,
+        cache_bytes: 1 << 20,
+    }
+}
+
+fn meta(id: u64) -> StreamMeta {
+    StreamMeta {
+        id,
+        path: format!("/s/{id}"),
+        content_type: "text/plain".into(),
+        ttl_secs: None,
+        expires_at: None,
+        created_at_ms: 1,
+        fork: None,
+    }
+}
+
+async fn read_all(log: &Arc<dyn StreamLog>, until: u64) -> Vec<u8> {
+    let chunk = log.read(0, until, usize::MAX, true).await.unwrap();
+    chunk.parts.iter().flat_map(|p| p.iter().copied()).collect()
+}
+
+fn append(start: u64, data: &'static [u8]) -> AppendEntry {
+    AppendEntry {
+        start,
+        data: Some(Bytes::from_static(data)),
+        ..AppendEntry::default()
+    }
+}
+
+#[tokio::test]
+async fn everything_comes_back_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStorage::open(dir.path(), options(true)).unwrap();
+        assert!(store.recover().unwrap().is_empty());
+        let (log, commit) = store
+            .create(&meta(1), vec![Bytes::from_static(b"ab")], None)
+            .unwrap();
+        commit.await.unwrap();
+        log.append(AppendEntry {
+            start: 2,
+            data: Some(Bytes::from_static(b"cd")),
+            stream_seq: Some("s9".into()),
+            producer: Some((
+                "p".into(),
+                ProducerState {
+                    epoch: 3,
+                    last_seq: 4,
+                },
+            )),
+            close: Some(Some(ProducerTuple {
+                id: "p".into(),
+                epoch: 3,
+                seq: 4,
+            })),
+        })
+        .await
+        .unwrap();
+        let (log2, c2) = store.create(&meta(2), vec![], None).unwrap();
+        c2.await.unwrap();
+        log2.mark_soft_deleted().await.unwrap();
+        let (log3, c3) = store.create(&meta(3), vec![], None).unwrap();
+        c3.await.unwrap();
+        log3.append(append(0, b"gone")).await.unwrap();
+        log3.remove().await.unwrap();
+    }
+    let store = FileStorage::open(dir.path(), options(true)).unwrap();
+    let mut recovered = store.recover().unwrap();
+    recovered.sort_by_key(|r| r.meta.id);
+    assert_eq!(recovered.len(), 2, "removed stream must stay removed");
+    let r1 = &recovered[0];
+    assert_eq!(r1.meta, meta(1));
+    assert_eq!(r1.state.tail, 4);
+    assert!(r1.state.closed);
+    assert_eq!(r1.state.closed_by.as_ref().map(|c| c.seq), Some(4));
+    assert_eq!(r1.state.last_seq.as_deref(), Some("s9"));
+    assert_eq!(
+        r1.state.producers.get("p"),
+        Some(&ProducerState {
+            epoch: 3,
+            last_seq: 4
+        })
+    );
+    assert_eq!(read_all(&r1.log, 4).await, b"abcd");
+    assert!(recovered[1].state.soft_deleted);
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_truncated_and_earlier_data_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStorage::open(dir.path(), options(false)).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        log.append(append(0, b"hello")).await.unwrap();
+    }
+    let seg = wal::segment_path(&wal_dir(dir.path()), 1);
+    let good_len = std::fs::metadata(&seg).unwrap().len();
+    // Half of another frame, as if the process died mid-write.
+    let partial = frame::encode_append(1, &append(5, b"world"));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.extend_from_slice(&partial.bytes[..partial.bytes.len() - 3]);
+    std::fs::write(&seg, bytes).unwrap();
+
+    let store = FileStorage::open(dir.path(), options(false)).unwrap();
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered[0].state.tail, 5);
+    assert_eq!(read_all(&recovered[0].log, 5).await, b"hello");
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
+    // And the log keeps working after the truncation.
+    recovered[0].log.append(append(5, b"!")).await.unwrap();
+    assert_eq!(read_all(&recovered[0].log, 6).await, b"hello!");
+}
+
+#[tokio::test]
+async fn a_corrupt_byte_before_the_tail_refuses_to_start_naming_file_and_position() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStorage::open(dir.path(), options(false)).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        log.append(append(0, b"first")).await.unwrap();
+        log.append(append(5, b"second")).await.unwrap();
+    }
+    let seg = wal::segment_path(&wal_dir(dir.path()), 1);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(5).position(|w| w == b"first").unwrap();
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+    let err = FileStorage::open(dir.path(), options(false))
+        .err()
+        .expect("corruption must stop start-up")
+        .to_string();
+    assert!(err.contains("0000000001.seg"), "{err}");
+    assert!(err.contains("at byte"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStorage::open(dir.path(), options(true)).unwrap();
+    let mut logs = Vec::new();
+    for id in 0..8 {
+        let (log, c) = store.create(&meta(id), vec![], None).unwrap();
+        c.await.unwrap();
+        logs.push(log);
+    }
+    let (batches_before, ops_before) = store.commit_stats();
+    let mut tasks = Vec::new();
+    for log in &logs {
+        // Submit in order per stream (as the stream layer does), await together.
+        let commits: Vec<_> = (0..50u64).map(|i| log.append(append(i, b"x"))).collect();
+        tasks.push(tokio::spawn(futures::future::try_join_all(commits)));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let (batches, ops) = store.commit_stats();
+    let (batches, ops) = (batches - batches_before, ops - ops_before);
+    assert_eq!(ops, 400);
+    assert!(batches < ops / 4, "{batches} batches for {ops} appends");
+    for log in &logs {
+        assert_eq!(read_all(log, 50).await, vec![b'x'; 50]);
+    }
+}
+
+#[tokio::test]
+async fn segments_rotate_and_dead_ones_are_deleted_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(true);
+    opts.segment_bytes = 256;
+    let wal = wal_dir(dir.path());
+    let count = |wal: &std::path::Path| std::fs::read_dir(wal).unwrap().count();
+    {
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        let (keep, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        let mut doomed = Vec::new();
+        for id in 2..10 {
+            let (log, c) = store.create(&meta(id), vec![], None).unwrap();
+            c.await.unwrap();
+            log.append(append(0, &[7u8; 100])).await.unwrap();
+            doomed.push(log);
+        }
+        keep.append(append(0, b"kept")).await.unwrap();
+        assert!(count(&wal) > 3, "expected rotation");
+        for log in doomed {
+            log.remove().await.unwrap();
+        }
+        // Segment 1 still holds stream 1's create frame, so nothing older can go yet.
+        assert!(wal::segment_path(&wal, 1).exists());
+        keep.remove().await.unwrap();
+        // Clean-up runs on the writer thread right after the acknowledgement.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count(&wal) > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} segments left",
+                count(&wal)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!wal::segment_path(&wal, 1).exists());
+    }
+    let store = FileStorage::open(dir.path(), opts).unwrap();
+    assert!(store.recover().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn reads_past_the_cache_come_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(false);
+    opts.cache_bytes = 0;
+    let store = FileStorage::open(dir.path(), opts).unwrap();
+    let (log, c) = store
+        .create(&meta(1), vec![Bytes::from_static(b"abc")], None)
+        .unwrap();
+    c.await.unwrap();
+    log.append(append(3, b"defg")).await.unwrap();
+    assert_eq!(read_all(&log, 7).await, b"abcdefg");
+    let chunk = log.read(2, 7, 2, true).await.unwrap();
+    assert_eq!(chunk.parts.concat(), b"cd");
+    assert_eq!(chunk.end, 4);
+    assert!(matches!(
+        log.read(1, 7, 100, false).await,
+        Err(StorageError::Misaligned { pos: 1 })
+    ));
+}
+
+#[test]
+fn a_second_server_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = FileStorage::open(dir.path(), options(false)).unwrap();
+    let err = FileStorage::open(dir.path(), options(false))
+        .err()
+        .expect("second open must fail")
+        .to_string();
+    assert!(err.contains("another ds-server"), "{err}");
+}
+
+#[test]
+fn a_directory_with_other_content_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("something"), b"x").unwrap();
+    assert!(FileStorage::open(dir.path(), options(false)).is_err());
+}

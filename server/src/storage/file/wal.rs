@@ -1,0 +1,459 @@
+//! The writer thread: group commit over the shared segmented log.
+//!
+//! Callers submit encoded frames through a channel and await a oneshot. The thread takes
+//! everything queued, writes it with one `write` at the end of the active segment, syncs once
+//! (`file-durable`), updates the stream indexes, and then completes every operation of the batch
+//! in submission order. Segment rotation and clean-up happen here too, so no lock guards the
+//! segment table.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::frame::{self, Encoded};
+use super::{CacheBudget, FileOptions, Loc, LogShared};
+use crate::storage::{Commit, StorageError};
+
+/// Most operations written in one batch.
+const MAX_BATCH_OPS: usize = 4096;
+/// Most bytes written in one batch (a single larger frame still goes alone).
+const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// What an operation does to the in-memory indexes once its frame is written.
+pub(crate) enum Target {
+    Create {
+        log: Arc<LogShared>,
+        data: Vec<Bytes>,
+    },
+    Append {
+        log: Arc<LogShared>,
+        start: u64,
+        data: Option<Bytes>,
+    },
+    SoftDelete(Arc<LogShared>),
+    Remove(Arc<LogShared>),
+}
+
+pub(crate) struct Op {
+    pub frame: Encoded,
+    pub target: Target,
+}
+
+struct Pending {
+    op: Op,
+    done: oneshot::Sender<Result<(), StorageError>>,
+}
+
+/// A segment as the writer tracks it.
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
+    pub id: u32,
+    /// Streams (not removed) with at least one frame in this segment.
+    pub live: u64,
+    /// Bytes in the file (the append position for the active segment).
+    pub len: u64,
+}
+
+pub(crate) struct Wal {
+    dir: PathBuf,
+    durable: bool,
+    tx: Mutex<Option<mpsc::Sender<Pending>>>,
+    /// Set after a failed write: the log's tail is unknown until restart.
+    failed: AtomicBool,
+    /// Open segment files for reads, bounded by `max_open_files`.
+    readers: Mutex<lru_files::Files>,
+    pub(crate) cache: CacheBudget,
+    batches: AtomicU64,
+    ops: AtomicU64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+pub fn segment_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("{id:010}.seg"))
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StorageError::Io {
+            what: dir.display().to_string(),
+            source,
+        })
+}
+
+fn io_err(what: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        what: what.display().to_string(),
+        source,
+    }
+}
+
+impl Wal {
+    /// Starts the writer thread over the recovered segments (ascending; the last is active).
+    pub fn start(
+        dir: PathBuf,
+        options: FileOptions,
+        mut segments: Vec<Segment>,
+    ) -> Result<Arc<Wal>, StorageError> {
+        if segments.is_empty() {
+            segments.push(create_segment(&dir, 1, options.durable)?);
+        }
+        let active = segments.last().map(|s| s.id).unwrap_or(1);
+        let path = segment_path(&dir, active);
+        let file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let wal = Arc::new(Wal {
+            dir: dir.clone(),
+            durable: options.durable,
+            tx: Mutex::new(Some(tx)),
+            failed: AtomicBool::new(false),
+            readers: Mutex::new(lru_files::Files::new(options.max_open_files.max(1))),
+            cache: CacheBudget::new(options.cache_bytes),
+            batches: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            writer: Mutex::new(None),
+        });
+        let writer = Writer {
+            wal: Arc::downgrade(&wal),
+            dir,
+            durable: options.durable,
+            segment_bytes: options.segment_bytes.max(frame::SEGMENT_HEADER_LEN + 1),
+            segments,
+            file,
+        };
+        let handle = std::thread::Builder::new()
+            .name("ds-wal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| StorageError::Io {
+                what: "writer thread".into(),
+                source,
+            })?;
+        *wal.writer.lock() = Some(handle);
+        Ok(wal)
+    }
+
+    pub fn durable(&self) -> bool {
+        self.durable
+    }
+
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.ops.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Queues an operation; the future resolves once it is acknowledged.
+    pub fn submit(&self, op: Op) -> Commit {
+        if self.failed.load(Ordering::Relaxed) {
+            return Box::pin(std::future::ready(Err(StorageError::Corrupt {
+                what: self.dir.display().to_string(),
+                detail: "an earlier write failed; restart to recover".into(),
+            })));
+        }
+        let (done, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .lock()
+            .as_ref()
+            .is_some_and(|tx| tx.send(Pending { op, done }).is_ok());
+        if !sent {
+            return Box::pin(std::future::ready(Err(StorageError::ShuttingDown)));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(StorageError::ShuttingDown)) })
+    }
+
+    /// Reads `len` bytes at `off` of segment `seg` (blocking).
+    pub fn pread(&self, seg: u32, off: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        let file = {
+            let mut readers = self.readers.lock();
+            match readers.get(seg) {
+                Some(f) => f,
+                None => {
+                    let path = segment_path(&self.dir, seg);
+                    let f = Arc::new(File::open(&path).map_err(io_err(&path))?);
+                    readers.insert(seg, f.clone());
+                    f
+                }
+            }
+        };
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off)
+            .map_err(|source| StorageError::Io {
+                what: format!("{} at {off}", segment_path(&self.dir, seg).display()),
+                source,
+            })?;
+        Ok(buf)
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after it has written everything queued.
+        self.tx.lock().take();
+        if let Some(handle) = self.writer.lock().take() {
+            // The writer itself may drop the last reference while it applies a batch.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn create_segment(dir: &Path, id: u32, durable: bool) -> Result<Segment, StorageError> {
+    let path = segment_path(dir, id);
+    let file = File::options()
+        .create_new(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    file.write_all_at(&frame::segment_header(), 0)
+        .map_err(io_err(&path))?;
+    if durable {
+        file.sync_all().map_err(io_err(&path))?;
+        sync_dir(dir)?;
+    }
+    Ok(Segment {
+        id,
+        live: 0,
+        len: frame::SEGMENT_HEADER_LEN,
+    })
+}
+
+struct Writer {
+    /// Weak, so that dropping the storage ends the thread.
+    wal: std::sync::Weak<Wal>,
+    dir: PathBuf,
+    durable: bool,
+    segment_bytes: u64,
+    /// Ascending by id; the last one is active.
+    segments: Vec<Segment>,
+    file: File,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Pending>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let mut bytes = batch[0].op.frame.bytes.len();
+            while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        bytes += p.op.frame.bytes.len();
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let Some(wal) = self.wal.upgrade() else {
+                break;
+            };
+            match self.write_batch(&wal, &batch, bytes) {
+                Ok(placed) => {
+                    wal.batches.fetch_add(1, Ordering::Relaxed);
+                    wal.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let mut removed_any = false;
+                    for (p, (seg, off)) in batch.into_iter().zip(placed) {
+                        removed_any |= matches!(p.op.target, Target::Remove(_));
+                        self.apply(&wal, p.op, seg, off);
+                        let _ = p.done.send(Ok(()));
+                    }
+                    if removed_any
+                        && let Err(e) = self.clean_segments(&wal) {
+                            tracing::warn!(error = %e, "segment clean-up failed");
+                        }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "write-ahead log write failed; refusing writes until restart");
+                    wal.failed.store(true, Ordering::Relaxed);
+                    for p in batch {
+                        let _ = p.done.send(Err(StorageError::Corrupt {
+                            what: self.dir.display().to_string(),
+                            detail: format!("write failed: {e}"),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the batch; returns where each frame landed.
+    fn write_batch(
+        &mut self,
+        wal: &Wal,
+        batch: &[Pending],
+        bytes: usize,
+    ) -> Result<Vec<(u32, u64)>, StorageError> {
+        if let Some(active) = self.segments.last()
+            && active.len > frame::SEGMENT_HEADER_LEN
+                && active.len + bytes as u64 > self.segment_bytes
+            {
+                self.rotate(wal)?;
+            }
+        let Some(active) = self.segments.last_mut() else {
+            return Err(StorageError::ShuttingDown);
+        };
+        let mut buf = Vec::with_capacity(bytes);
+        let mut placed = Vec::with_capacity(batch.len());
+        for p in batch {
+            placed.push((active.id, active.len + buf.len() as u64));
+            buf.extend_from_slice(&p.op.frame.bytes);
+        }
+        let path = segment_path(&self.dir, active.id);
+        self.file
+            .write_all_at(&buf, active.len)
+            .map_err(io_err(&path))?;
+        if self.durable {
+            self.file.sync_data().map_err(io_err(&path))?;
+        }
+        active.len += buf.len() as u64;
+        Ok(placed)
+    }
+
+    fn rotate(&mut self, wal: &Wal) -> Result<(), StorageError> {
+        let next = self.segments.last().map_or(1, |s| s.id + 1);
+        let seg = create_segment(&self.dir, next, self.durable)?;
+        let path = segment_path(&self.dir, next);
+        self.file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        self.segments.push(seg);
+        // The old active segment may already be clean (everything in it removed).
+        self.clean_segments(wal)
+    }
+
+    fn touch(&mut self, index: &mut super::Index, seg: u32) {
+        if index.touched.last() != Some(&seg) {
+            index.touched.push(seg);
+            if let Some(s) = self.segments.iter_mut().rev().find(|s| s.id == seg) {
+                s.live += 1;
+            }
+        }
+    }
+
+    fn apply(&mut self, wal: &Wal, op: Op, seg: u32, frame_off: u64) {
+        let records = op.frame.records;
+        match op.target {
+            Target::Create { log, data } => {
+                let mut index = log.index.write();
+                self.touch(&mut index, seg);
+                let mut pos = log.start;
+                for ((rel, len), bytes) in records.into_iter().zip(data) {
+                    let loc = Loc {
+                        start: pos,
+                        len: len as u32,
+                        seg,
+                        off: frame_off + rel as u64,
+                    };
+                    pos += len as u64;
+                    index.push(loc, Some(bytes), &wal.cache);
+                }
+            }
+            Target::Append { log, start, data } => {
+                let mut index = log.index.write();
+                self.touch(&mut index, seg);
+                if let Some((rel, len)) = records.first().copied() {
+                    let loc = Loc {
+                        start,
+                        len: len as u32,
+                        seg,
+                        off: frame_off + rel as u64,
+                    };
+                    index.push(loc, data, &wal.cache);
+                }
+            }
+            Target::SoftDelete(log) => {
+                let mut index = log.index.write();
+                self.touch(&mut index, seg);
+            }
+            Target::Remove(log) => {
+                let mut index = log.index.write();
+                index.removed = true;
+                index.clear_cache(&wal.cache);
+                index.records = Vec::new();
+                for seg in std::mem::take(&mut index.touched) {
+                    if let Some(s) = self.segments.iter_mut().find(|s| s.id == seg) {
+                        s.live = s.live.saturating_sub(1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes the oldest segments while nothing live is in them (never the active one).
+    fn clean_segments(&mut self, wal: &Wal) -> Result<(), StorageError> {
+        let mut deleted = false;
+        while self.segments.len() > 1 && self.segments[0].live == 0 {
+            let seg = self.segments.remove(0);
+            let path = segment_path(&self.dir, seg.id);
+            wal.readers.lock().remove(seg.id);
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            deleted = true;
+        }
+        if deleted && self.durable {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// A small bounded map of open segment files for reads.
+mod lru_files {
+    use std::collections::HashMap;
+    use std::fs::File;
+    use std::sync::Arc;
+
+    pub struct Files {
+        open: HashMap<u32, (Arc<File>, u64)>,
+        clock: u64,
+        max: usize,
+    }
+
+    impl Files {
+        pub fn new(max: usize) -> Self {
+            Files {
+                open: HashMap::new(),
+                clock: 0,
+                max,
+            }
+        }
+
+        pub fn get(&mut self, seg: u32) -> Option<Arc<File>> {
+            self.clock += 1;
+            let clock = self.clock;
+            self.open.get_mut(&seg).map(|(f, used)| {
+                *used = clock;
+                f.clone()
+            })
+        }
+
+        pub fn insert(&mut self, seg: u32, file: Arc<File>) {
+            if self.open.len() >= self.max
+                && let Some(oldest) = self
+                    .open
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| *k)
+                {
+                    self.open.remove(&oldest);
+                }
+            self.clock += 1;
+            self.open.insert(seg, (file, self.clock));
+        }
+
+        pub fn remove(&mut self, seg: u32) {
+            self.open.remove(&seg);
+        }
+    }
+}

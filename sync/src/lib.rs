@@ -37,7 +37,7 @@ pub enum SyncError {
     Db(#[from] db::DbError),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("writer: {0}")]
+    #[error("the postgres writer stopped")]
     Write(#[from] writer::WriteError),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),

@@ -385,7 +385,6 @@ async fn many_streams_take_turns_on_few_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the /_ds/registry stream in ds-server"]
 async fn prefix_pattern_discovers_streams_through_the_registry() {
     let db = TestDb::create().await;
     let server = Server::start().await;
@@ -415,4 +414,37 @@ async fn prefix_pattern_discovers_streams_through_the_registry() {
         !checkpoints(&pg).await.contains_key("/v1/stream/other"),
         "a stream outside the pattern was followed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_the_same_streams_never_write_twice() {
+    // A misconfiguration, not a supported setup: the checkpoint fence must turn it into at most
+    // a stopped worker, never a duplicate or a gap.
+    let db = TestDb::create().await;
+    let server = Server::start().await;
+    let c = StreamClient::new(&server);
+    let streams: Vec<(String, &str)> = (0..2)
+        .map(|i| (format!("/v1/stream/t{i}"), if i == 0 { JSON } else { BIN }))
+        .collect();
+    for (path, ct) in &streams {
+        c.create(path, ct, Vec::new()).await;
+    }
+    let paths: Vec<&str> = streams.iter().map(|(p, _)| p.as_str()).collect();
+    let mut a = Worker::start(&server, &db, &paths, &[]).await;
+    let mut b = Worker::start(&server, &db, &paths, &[]).await;
+    append_load(c.clone(), streams.clone(), 300).await;
+    // Whichever worker the fence stopped, one that runs must finish the job.
+    if !a.is_running() && !b.is_running() {
+        a.restart().await;
+    }
+    assert_mirrored(&server, &db, &paths).await;
+    for w in [&mut a, &mut b] {
+        if !w.is_running() {
+            assert!(
+                w.log_text().contains("checkpoint is at"),
+                "a worker stopped for another reason; log {}",
+                w.log.display()
+            );
+        }
+    }
 }

@@ -534,6 +534,18 @@ impl StreamClient {
         assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
     }
 
+    /// Appends, and says whether the server acknowledged it (for loads that run across a server
+    /// restart: what the server kept is what the mirror is compared with).
+    pub async fn try_append(&self, path: &str, content_type: &str, body: Vec<u8>) -> bool {
+        self.http
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
     pub async fn append(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) {
         let resp = self
             .http

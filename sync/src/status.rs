@@ -88,7 +88,7 @@ impl Status {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn committed(&self, batch: &[Update], rows: usize, _took: Duration) {
+    pub fn committed(&self, batch: &[Update], rows: usize) {
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now();

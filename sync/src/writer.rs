@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
@@ -106,10 +106,9 @@ async fn commit_with_retry(
     shutdown: &CancellationToken,
 ) -> Result<(), WriteError> {
     loop {
-        let started = Instant::now();
         match commit(pool, batch).await {
             Ok(rows) => {
-                status.committed(batch, rows, started.elapsed());
+                status.committed(batch, rows);
                 return Ok(());
             }
             Err(e) if e.is_fatal() => return Err(e),

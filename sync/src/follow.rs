@@ -464,8 +464,16 @@ impl Follower {
         next: String,
         closed: bool,
     ) -> Result<(), FollowError> {
-        if rows.is_empty() && next == self.offset && !closed {
-            return Ok(());
+        if next == self.offset {
+            if rows.is_empty() && !closed {
+                return Ok(());
+            }
+            // Rows keyed by an offset that did not move would collide with the next read's.
+            if !rows.is_empty() {
+                return Err(FollowError::Protocol(format!(
+                    "data delivered but the next offset stayed at {next:?}"
+                )));
+            }
         }
         let (rows, discovered) = match &self.role {
             Role::Mirror => (rows, Vec::new()),

@@ -148,6 +148,37 @@ impl Envoy {
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
     }
+
+    /// One counter or gauge from the admin `/stats`, e.g. `cluster.ds_server.ssl.handshake`;
+    /// `None` if Envoy has no stat of that exact name.
+    pub async fn stat(&self, name: &str) -> anyhow::Result<Option<u64>> {
+        anyhow::ensure!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_'),
+            "stat name {name:?} would need URL escaping"
+        );
+        // `filter` is a regex: its unescaped dots may match other names too; the exact name is
+        // picked below.
+        let url = format!("http://{LOOPBACK}:{}/stats?filter={name}", self.admin_port);
+        let text = self
+            .admin
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        text.lines()
+            .filter_map(|line| line.split_once(": "))
+            .find(|(stat, _)| *stat == name)
+            .map(|(_, value)| {
+                value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("stat {name} is not a number: {value:?}"))
+            })
+            .transpose()
+    }
 }
 
 /// Replaces every `${NAME}` in `template`; fails if any placeholder is left unfilled, so a template

@@ -13,6 +13,7 @@ pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod server;
+pub mod stack;
 pub mod sync;
 pub mod tls;
 pub mod token;

@@ -1,0 +1,278 @@
+//! Writes through Envoy land in Postgres through ds-sync exactly once while each component is
+//! killed (SIGKILL) and restarted in turn under write load: ds-server (`file-durable`), the
+//! ds-sync worker, then Envoy.
+//!
+//! Writers use idempotent producer headers and retry each append with the same sequence number
+//! until it is acknowledged, so a retry after a crash is deduplicated by the server. At the end,
+//! for every stream:
+//! - a catch-up read equals exactly what the writers had acknowledged, in order (nothing lost,
+//!   nothing doubled by a retry), and
+//! - the rows of `ds_messages` re-assembled in `(stream_offset, idx)` order equal that catch-up
+//!   read: the messages of the JSON stream, the bytes of the binary and the text stream (the text
+//!   stream is mirrored through long-poll, the others through SSE).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use ds_e2e::postgres::connect;
+use ds_e2e::server::ServerOptions;
+use ds_e2e::stack::EdgeStack;
+use ds_e2e::wait::wait_until;
+use serde_json::{Value, json};
+use support::{
+    BINARY, Content, JSON, Producer, StreamClient, TEXT, checkpoint, first_difference, mirrored,
+};
+use tokio::task::JoinHandle;
+
+/// Streams under the prefix ds-sync discovers them by (the server's registry), one per way of
+/// being mirrored.
+const STREAMS: [(&str, &str); 3] = [
+    ("/v1/stream/crash/orders", JSON),
+    ("/v1/stream/crash/blobs", BINARY),
+    ("/v1/stream/crash/log", TEXT),
+];
+const PATTERN: &str = "/v1/stream/crash/*";
+
+/// Writes every writer must get acknowledged after a restart before the next component dies:
+/// proof that the stack recovered, not just that its process is up.
+const PROGRESS_AFTER_RESTART: u64 = 5;
+/// Writing under load before each kill; time passing is the point, not a wait for a condition.
+const LOAD_BEFORE_KILL: Duration = Duration::from_millis(1500);
+/// How long a component stays dead: writers and ds-sync keep failing and retrying meanwhile.
+const DEAD_FOR: Duration = Duration::from_millis(500);
+/// Deadlines for conditions (recovery, catch-up); generous for a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// What append number `i` of a stream with `content_type` sends, and what it adds to the stream.
+fn payload(content_type: &str, i: u64) -> (Vec<u8>, Content) {
+    match content_type {
+        JSON => {
+            // Every third append carries two messages: a JSON array appends its elements.
+            let messages: Vec<Value> = if i % 3 == 0 {
+                vec![json!({ "i": i, "part": 0 }), json!({ "i": i, "part": 1 })]
+            } else {
+                vec![json!({ "i": i, "note": "crash-test ünïcode" })]
+            };
+            let body = if messages.len() == 1 {
+                messages[0].to_string()
+            } else {
+                Value::Array(messages.clone()).to_string()
+            };
+            (body.into_bytes(), Content::Messages(messages))
+        }
+        BINARY => {
+            // Every byte value, CR and LF included, in lengths from 1 to 300.
+            let len = 1 + (i * 37 % 300) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|k| ((i as usize * 31 + k * 7) % 256) as u8)
+                .collect();
+            (bytes.clone(), Content::Bytes(bytes))
+        }
+        _ => {
+            // Text with bare CR, CRLF and LF: mirrored byte for byte or not at all.
+            let text = format!("line {i}\rcr\r\ncrlf\n");
+            (text.clone().into_bytes(), Content::Bytes(text.into_bytes()))
+        }
+    }
+}
+
+fn extend(into: &mut Content, more: Content) {
+    match (into, more) {
+        (Content::Messages(all), Content::Messages(new)) => all.extend(new),
+        (Content::Bytes(all), Content::Bytes(new)) => all.extend(new),
+        (into, more) => panic!("mixed content {into:?} and {more:?}"),
+    }
+}
+
+/// One writer per stream: appends until told to stop, each until acknowledged.
+struct Writer {
+    path: &'static str,
+    acknowledged: Arc<AtomicU64>,
+    /// Returns what the stream must hold, and the producer (for its retry counts).
+    task: JoinHandle<anyhow::Result<(Content, Producer)>>,
+}
+
+fn spawn_writer(
+    client: StreamClient,
+    path: &'static str,
+    content_type: &'static str,
+    stop: Arc<AtomicBool>,
+) -> Writer {
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let counter = acknowledged.clone();
+    let task = tokio::spawn(async move {
+        let mut producer = Producer::new(format!(
+            "e2e-crash-{}",
+            path.rsplit('/').next().unwrap_or(path)
+        ));
+        let mut expected = if content_type == JSON {
+            Content::Messages(Vec::new())
+        } else {
+            Content::Bytes(Vec::new())
+        };
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let (body, adds) = payload(content_type, i);
+            producer
+                .append_until_acknowledged(&client, path, content_type, &body, DEADLINE)
+                .await?;
+            extend(&mut expected, adds);
+            counter.fetch_add(1, Ordering::Relaxed);
+            i += 1;
+        }
+        Ok((expected, producer))
+    });
+    Writer {
+        path,
+        acknowledged,
+        task,
+    }
+}
+
+/// Waits until every writer has had `more` appends acknowledged beyond `since`; fails at once if
+/// a writer gave up.
+async fn wait_for_progress(writers: &[Writer], since: &[u64], more: u64, after: &str) {
+    wait_until(
+        &format!("{more} acknowledged appends per stream after {after}"),
+        DEADLINE,
+        || async {
+            if let Some(failed) = writers.iter().find(|w| w.task.is_finished()) {
+                anyhow::bail!("writer of {} stopped early", failed.path);
+            }
+            Ok(writers
+                .iter()
+                .zip(since)
+                .all(|(w, &start)| w.acknowledged.load(Ordering::Relaxed) >= start + more)
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn counts(writers: &[Writer]) -> Vec<u64> {
+    writers
+        .iter()
+        .map(|w| w.acknowledged.load(Ordering::Relaxed))
+        .collect()
+}
+
+#[tokio::test]
+async fn writes_through_envoy_land_in_postgres_exactly_once_while_each_component_is_killed() {
+    // file-durable and TLS (the defaults): what compose runs, and what makes an acknowledged
+    // append survive the server's SIGKILL.
+    let mut stack = EdgeStack::start(ServerOptions::default())
+        .await
+        .expect("ds-server behind envoy");
+    stack
+        .start_sync(
+            PATTERN,
+            vec![
+                // Reconnect within a second of a component coming back, not after up to 30 s.
+                ("DS_SYNC__BACKOFF_MAX".to_owned(), "1s".to_owned()),
+                ("DS_SYNC__STATS_INTERVAL".to_owned(), "2s".to_owned()),
+            ],
+        )
+        .await
+        .expect("ds-sync following through envoy");
+    let client = StreamClient::new(
+        stack.client.clone(),
+        stack.edge_url(),
+        Some(stack.token.clone()),
+    );
+    for (path, content_type) in STREAMS {
+        client.create(path, content_type).await.expect("create");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<Writer> = STREAMS
+        .iter()
+        .map(|&(path, content_type)| spawn_writer(client.clone(), path, content_type, stop.clone()))
+        .collect();
+    wait_for_progress(&writers, &counts(&writers), PROGRESS_AFTER_RESTART, "start").await;
+
+    for component in ["ds-server", "ds-sync", "envoy"] {
+        tokio::time::sleep(LOAD_BEFORE_KILL).await;
+        match component {
+            "ds-server" => stack.server.kill().expect("kill ds-server"),
+            "ds-sync" => stack
+                .sync
+                .as_mut()
+                .expect("sync")
+                .kill()
+                .expect("kill ds-sync"),
+            _ => stack.envoy.kill().expect("kill envoy"),
+        }
+        tokio::time::sleep(DEAD_FOR).await;
+        let before_restart = counts(&writers);
+        match component {
+            "ds-server" => stack.server.restart().await.expect("restart ds-server"),
+            "ds-sync" => stack
+                .sync
+                .as_mut()
+                .expect("sync")
+                .restart()
+                .await
+                .expect("restart ds-sync"),
+            _ => stack.envoy.restart().await.expect("restart envoy"),
+        }
+        wait_for_progress(
+            &writers,
+            &before_restart,
+            PROGRESS_AFTER_RESTART,
+            &format!("{component} restart"),
+        )
+        .await;
+    }
+    tokio::time::sleep(LOAD_BEFORE_KILL).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut expected = Vec::new();
+    let mut retries = 0;
+    for writer in writers {
+        let (content, producer) = writer
+            .task
+            .await
+            .expect("writer task")
+            .unwrap_or_else(|e| panic!("writer of {}: {e:#}", writer.path));
+        retries += producer.retries;
+        expected.push((writer.path, content));
+    }
+    // The crashes happened under load: some appends had to be retried.
+    assert!(retries > 0, "no append was retried: did anything crash?");
+
+    let pg = connect(stack.database_url().expect("database"))
+        .await
+        .expect("connect to the mirror");
+    for (path, _) in STREAMS {
+        let (_, tail) = client.head(path).await.expect("head");
+        wait_until(
+            &format!("ds-sync checkpoint of {path} at the tail {tail}"),
+            DEADLINE,
+            || async {
+                Ok((checkpoint(&pg, path).await?.as_deref() == Some(tail.as_str())).then_some(()))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    for (path, acknowledged) in &expected {
+        let stream = client.read_all(path).await.expect("catch-up read");
+        assert!(
+            &stream == acknowledged,
+            "{path}: the stream is not what was acknowledged: {}",
+            first_difference(acknowledged, &stream)
+        );
+        let json = matches!(stream, Content::Messages(_));
+        let rows = mirrored(&pg, path, json).await.expect("rows");
+        assert!(
+            rows == stream,
+            "{path}: the mirror differs from the stream: {}",
+            first_difference(&stream, &rows)
+        );
+    }
+}

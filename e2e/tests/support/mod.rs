@@ -216,6 +216,8 @@ pub struct Producer {
     /// Appends the server answered 204 (already had them): retries of appends whose first
     /// answer was lost.
     pub duplicates: u64,
+    /// The body of the last acknowledged append, for [`Producer::resend_last`].
+    last_body: Vec<u8>,
 }
 
 /// Statuses that mean "no answer from the server yet": Envoy could not reach it.
@@ -234,7 +236,33 @@ impl Producer {
             next_seq: 0,
             retries: 0,
             duplicates: 0,
+            last_body: Vec::new(),
         }
+    }
+
+    /// Sends the last acknowledged append again, same sequence number and body, as a client
+    /// does whose answer was lost; returns the status (the protocol says 204: a duplicate).
+    pub async fn resend_last(
+        &self,
+        client: &StreamClient,
+        path: &str,
+        content_type: &str,
+    ) -> anyhow::Result<StatusCode> {
+        let seq = self
+            .next_seq
+            .checked_sub(1)
+            .context("nothing acknowledged yet")?;
+        let response = client
+            .request(Method::POST, path)
+            .header("content-type", content_type)
+            .header("producer-id", &self.id)
+            .header("producer-epoch", self.epoch.to_string())
+            .header("producer-seq", seq.to_string())
+            .body(self.last_body.clone())
+            .send()
+            .await
+            .with_context(|| format!("resend {path} seq {seq}"))?;
+        Ok(response.status())
     }
 
     /// Appends `body` as the next sequence number, retrying (same number, short backoff) on
@@ -267,11 +295,13 @@ impl Producer {
             let failure = match attempt {
                 Ok(response) if response.status() == StatusCode::OK => {
                     self.next_seq += 1;
+                    self.last_body = body.to_vec();
                     return Ok(());
                 }
                 Ok(response) if response.status() == StatusCode::NO_CONTENT => {
                     self.duplicates += 1;
                     self.next_seq += 1;
+                    self.last_body = body.to_vec();
                     return Ok(());
                 }
                 Ok(response) if is_unreached(response.status()) => {

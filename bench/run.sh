@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# Runs the benchmark: ds-server in each storage mode against the Node reference server and
+# Electric's Rust server, side by side in one run, and prints Markdown tables.
+#
+#   bench/run.sh                 # full run (~15 min)
+#   bench/run.sh --quick         # development run (~3 min)
+#   bench/run.sh --servers ds-memory,electric-wal --scenarios append,catchup
+#
+# Options:
+#   --quick              shorter cells, fewer readers, smaller catch-up stream
+#   --servers LIST       comma list of: ds-memory ds-file-fast ds-file-durable ds-acid
+#                        node-memory node-file electric-wal electric-memory (default: all)
+#   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup (default: all)
+#   --out DIR            where results.jsonl and report.md go (default: a new dir in the cache)
+#   -- ARGS...           passed to every `ds-bench run` (e.g. -- --append-secs 10)
+#
+# Environment:
+#   DS_BENCH_CACHE       competitors and scratch data (default ~/.cache/ds-bench); outside the repo
+#   CARGO_TARGET_DIR     where ds-server and ds-bench are built (default <repo>/target)
+#
+# Every server listens on 127.0.0.1 only. Each scenario gets a freshly started server and an
+# empty data directory, so no scenario inherits another's heap or files.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+CACHE=${DS_BENCH_CACHE:-$HOME/.cache/ds-bench}
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
+
+NODE_SERVER_VERSION=0.3.7
+ELECTRIC_VERSION=0.1.5
+NODE_DIR=$CACHE/node-$NODE_SERVER_VERSION
+ELECTRIC_BIN=$CACHE/electric-$ELECTRIC_VERSION/bin/durable-streams-server
+
+ALL_SERVERS=(ds-memory ds-file-fast ds-file-durable ds-acid node-memory node-file electric-wal electric-memory)
+ALL_SCENARIOS=(append fanout idle-sse idle-long-poll catchup)
+
+COMMAND_LINE="bench/run.sh$(printf ' %q' "$@")"
+QUICK=()
+SERVERS=("${ALL_SERVERS[@]}")
+SCENARIOS=("${ALL_SCENARIOS[@]}")
+OUT_DIR=""
+EXTRA_ARGS=()
+while (($#)); do
+  case "$1" in
+    --quick) QUICK=(--quick) ;;
+    --servers) IFS=, read -r -a SERVERS <<<"${2:?--servers needs a list}"; shift ;;
+    --scenarios) IFS=, read -r -a SCENARIOS <<<"${2:?--scenarios needs a list}"; shift ;;
+    --out) OUT_DIR=${2:?--out needs a directory}; shift ;;
+    --) shift; EXTRA_ARGS=("$@"); break ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+# --- competitors, installed once into the cache (never into the repo) ---------------------------
+
+install_competitors() {
+  mkdir -p "$CACHE"
+  if [[ " ${SERVERS[*]} " == *" node-"* ]] &&
+    [[ ! -f $NODE_DIR/node_modules/@durable-streams/server/package.json ]]; then
+    log "installing @durable-streams/server@$NODE_SERVER_VERSION into $NODE_DIR"
+    mkdir -p "$NODE_DIR"
+    [[ -f $NODE_DIR/package.json ]] || echo '{"private": true}' >"$NODE_DIR/package.json"
+    npm install --prefix "$NODE_DIR" --no-audit --no-fund \
+      "@durable-streams/server@$NODE_SERVER_VERSION" >&2
+  fi
+  if [[ " ${SERVERS[*]} " == *" electric-"* ]] && [[ ! -x $ELECTRIC_BIN ]]; then
+    log "installing durable-streams $ELECTRIC_VERSION (crates.io) into $CACHE/electric-$ELECTRIC_VERSION"
+    cargo install durable-streams --version "$ELECTRIC_VERSION" --locked \
+      --root "$CACHE/electric-$ELECTRIC_VERSION" >&2
+  fi
+}
+
+build_ours() {
+  log "building ds-server and ds-bench (release) into $TARGET_DIR"
+  # Two builds, not one: built together, cargo would unify ds-bench's hyper client features
+  # into ds-server's dependency graph, and ds-server would not be the binary users build.
+  (cd "$REPO_DIR" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p ds-server >&2)
+  (cd "$REPO_DIR" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p ds-bench >&2)
+  DS_SERVER=$TARGET_DIR/release/ds-server
+  DS_BENCH=$TARGET_DIR/release/ds-bench
+}
+
+# --- one server at a time -------------------------------------------------------------------------
+
+SERVER_PID=""
+DATA_DIR=""
+
+stop_server() {
+  if [[ -n $SERVER_PID ]]; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+  fi
+  if [[ -n $DATA_DIR ]]; then
+    rm -rf "$DATA_DIR"
+    DATA_DIR=""
+  fi
+}
+trap stop_server EXIT
+trap 'stop_server; exit 130' INT TERM
+
+free_port() {
+  # Below the ephemeral range (32768+), so a client socket never holds the port we pick.
+  local port
+  for _ in $(seq 1 100); do
+    port=$((20000 + RANDOM % 10000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  echo "run.sh: no free port found" >&2
+  return 1
+}
+
+about() {
+  case "$1" in
+    ds-memory) echo "in RAM; lost on restart" ;;
+    ds-file-fast) echo "written to the OS page cache; survives a process crash, not a power loss" ;;
+    ds-file-durable) echo "fdatasync'd before the response (group commit)" ;;
+    ds-acid) echo "committed in a redb transaction with immediate durability" ;;
+    node-memory) echo "@durable-streams/server $NODE_SERVER_VERSION, in-memory store (the reference implementation)" ;;
+    node-file) echo "@durable-streams/server $NODE_SERVER_VERSION, file-backed store (log files + LMDB): fdatasync per append, coalesced per file" ;;
+    electric-wal) echo "durable-streams $ELECTRIC_VERSION \`--durability wal\` (its default): group-commit fdatasync of a sharded WAL before the ack" ;;
+    electric-memory) echo "durable-streams $ELECTRIC_VERSION \`--durability memory\`: page-cache write, no WAL, no fsync" ;;
+  esac
+}
+
+label() {
+  case "$1" in
+    ds-*) echo "ds-server ${1#ds-}" ;;
+    node-*) echo "node reference ${1#node-}" ;;
+    electric-*) echo "electric ${1#electric-}" ;;
+  esac
+}
+
+# Starts server $1 on $2 with a fresh data dir; its output goes to $3. Sets SERVER_PID.
+start_server() {
+  local id=$1 port=$2 logfile=$3
+  DATA_DIR=$(mktemp -d "$CACHE/data.XXXXXX")
+  case "$id" in
+    ds-*)
+      DS_SERVER__HOST=127.0.0.1 DS_SERVER__PORT=$port \
+        DS_STORAGE__MODE=${id#ds-} DS_STORAGE__DATA_DIR=$DATA_DIR \
+        DS_SERVER__LONG_POLL_TIMEOUT=60s \
+        DS_LIMITS__MAX_MEMORY_BYTES=4000000000 DS_LIMITS__MAX_STREAM_BYTES=2000000000 \
+        RUST_LOG=warn "$DS_SERVER" >"$logfile" 2>&1 &
+      ;;
+    node-memory)
+      DS_BENCH_NODE_MODULES=$NODE_DIR/node_modules PORT=$port LONG_POLL_TIMEOUT_MS=60000 \
+        node "$BENCH_DIR/node-server.mjs" >"$logfile" 2>&1 &
+      ;;
+    node-file)
+      DS_BENCH_NODE_MODULES=$NODE_DIR/node_modules PORT=$port LONG_POLL_TIMEOUT_MS=60000 \
+        DATA_DIR=$DATA_DIR node "$BENCH_DIR/node-server.mjs" >"$logfile" 2>&1 &
+      ;;
+    electric-*)
+      "$ELECTRIC_BIN" --host 127.0.0.1 --port "$port" --data-dir "$DATA_DIR" \
+        --long-poll-timeout-ms 60000 --durability "${id#electric-}" >"$logfile" 2>&1 &
+      ;;
+    *) echo "run.sh: unknown server $id" >&2; return 2 ;;
+  esac
+  SERVER_PID=$!
+  for _ in $(seq 1 60); do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      wait "$SERVER_PID" 2>/dev/null || true
+      SERVER_PID=""
+      return 1
+    fi
+    if "$DS_BENCH" wait --url "http://127.0.0.1:$port" --timeout-secs 1 2>/dev/null; then
+      return 0
+    fi
+  done
+  return 1
+}
+
+machine() {
+  local cpu mem
+  cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+  mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
+  echo "$(nproc) cores, ${cpu:-unknown CPU}, $mem RAM, Linux $(uname -r)"
+}
+
+# --- main -----------------------------------------------------------------------------------------
+
+install_competitors
+build_ours
+
+# 10 000 SSE readers need 10 000 descriptors in the server and as many in ds-bench.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if (($(ulimit -n) < 10100)); then
+  log "warning: open files limit is $(ulimit -n); the 10 000-reader cells will fail"
+fi
+
+if [[ -z $OUT_DIR ]]; then
+  OUT_DIR=$CACHE/results-$(date +%Y%m%d-%H%M%S)
+fi
+mkdir -p "$OUT_DIR"
+RESULTS=$OUT_DIR/results.jsonl
+: >"$RESULTS"
+RUN_START=$(date +%s)
+
+for id in "${SERVERS[@]}"; do
+  lbl=$(label "$id")
+  for scenario in "${SCENARIOS[@]}"; do
+    port=$(free_port)
+    logfile=$OUT_DIR/$id-$scenario.log
+    log "$lbl: $scenario (port $port)"
+    if ! start_server "$id" "$port" "$logfile"; then
+      reason=$(grep -v '^\s*$' "$logfile" | tail -n 1 || true)
+      log "$lbl did not start: ${reason:-no output}; skipping it"
+      stop_server
+      "$DS_BENCH" skip --results "$RESULTS" --label "$lbl" \
+        --reason "refused to start: ${reason:-no output}"
+      continue 2
+    fi
+    "$DS_BENCH" run --url "http://127.0.0.1:$port" --server-pid "$SERVER_PID" \
+      --label "$lbl" --about "$(about "$id")" --scenario "$scenario" \
+      --results "$RESULTS" "${QUICK[@]}" "${EXTRA_ARGS[@]}" ||
+      log "ds-bench failed on $lbl $scenario (see above)"
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      log "$lbl exited during $scenario; its log: $logfile"
+    fi
+    stop_server
+  done
+done
+
+{
+  echo "### Benchmark results"
+  echo
+  echo "Command: \`$COMMAND_LINE\` (took $(($(date +%s) - RUN_START)) s after the build)"
+  echo
+  echo "Machine: $(machine). Load generator and server share these cores; server CPU is read"
+  echo "from /proc/<pid>/stat, so the CPU-per-append column is the server's own cost."
+  echo
+  echo "Versions: ds-server $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')," \
+    "node $(node --version 2>/dev/null || echo '?')," \
+    "@durable-streams/server $NODE_SERVER_VERSION, durable-streams (Electric) $ELECTRIC_VERSION."
+  echo
+  "$DS_BENCH" report --results "$RESULTS"
+} | tee "$OUT_DIR/report.md"
+log "results: $RESULTS, report: $OUT_DIR/report.md"

@@ -1,0 +1,340 @@
+//! Command line: `run` one scenario against one server, `wait` for a server, record a `skip`,
+//! `report` the results file as Markdown.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::client::{self, Server};
+use crate::idle::ReaderKind;
+use crate::process::{self, Process};
+use crate::report::{self, Outcome, Record};
+use crate::{append, catchup, fanout, idle};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ds-bench",
+    about = "Load generator for Durable Streams servers (driven by bench/run.sh)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one scenario against a running server and append the result to the results file.
+    Run(Box<RunArgs>),
+    /// Wait until a server answers HTTP (any status).
+    Wait {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
+    /// Record that a server or mode was not measured, and why.
+    Skip {
+        #[arg(long)]
+        results: PathBuf,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Print the results file as Markdown tables.
+    Report {
+        #[arg(long)]
+        results: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// a + b: append throughput, latency, server CPU per append.
+    Append,
+    /// c: live SSE fan-out.
+    Fanout,
+    /// d: idle SSE readers, server RSS per reader.
+    IdleSse,
+    /// d: idle long-poll readers, server RSS per reader.
+    IdleLongPoll,
+    /// e: catch-up read throughput.
+    Catchup,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Append => "append",
+            Scenario::Fanout => "fanout",
+            Scenario::IdleSse => "idle-sse",
+            Scenario::IdleLongPoll => "idle-long-poll",
+            Scenario::Catchup => "catchup",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Server base URL, loopback only (e.g. http://127.0.0.1:4437).
+    #[arg(long)]
+    pub url: String,
+    /// PID of the server process (for CPU time and RSS from /proc).
+    #[arg(long)]
+    pub server_pid: u32,
+    /// Row label in the tables, e.g. "ds-server memory".
+    #[arg(long)]
+    pub label: String,
+    /// What the mode promises, shown in the servers table.
+    #[arg(long)]
+    pub about: Option<String>,
+    #[arg(long, value_enum)]
+    pub scenario: Scenario,
+    /// JSON-lines results file to append to.
+    #[arg(long)]
+    pub results: PathBuf,
+    /// Short runs for development (defaults below shrink; explicit flags still win).
+    #[arg(long)]
+    pub quick: bool,
+    /// Stream names are prefixed with this, so runs never collide.
+    #[arg(long)]
+    pub run_id: Option<String>,
+
+    /// a: measured seconds per cell [5; quick 1].
+    #[arg(long)]
+    pub append_secs: Option<f64>,
+    /// a: warm-up seconds per cell, not measured [1; quick 0.3].
+    #[arg(long)]
+    pub warmup_secs: Option<f64>,
+    /// a: writer counts of the matrix.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub writers: Vec<usize>,
+    /// a: stream counts of the matrix.
+    #[arg(long, value_delimiter = ',', default_value = "1,100")]
+    pub streams: Vec<usize>,
+    /// a: bytes per append.
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
+    /// a: hard cap on requests per writer per cell.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub max_requests_per_writer: u64,
+
+    /// c: reader counts [1000,10000; quick 1000].
+    #[arg(long, value_delimiter = ',')]
+    pub fanout_readers: Option<Vec<usize>>,
+    /// c: writer rate in messages per second.
+    #[arg(long, default_value_t = 100)]
+    pub fanout_rate: u32,
+    /// c: seconds the writer sends [10; quick 2].
+    #[arg(long)]
+    pub fanout_secs: Option<u64>,
+
+    /// d: idle readers [10000; quick 1000].
+    #[arg(long)]
+    pub idle_readers: Option<usize>,
+    /// d: idle streams the readers are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub idle_streams: usize,
+
+    /// e: stream size in MiB [256; quick 64].
+    #[arg(long)]
+    pub catchup_mib: Option<u64>,
+    /// e: read passes [3; quick 2].
+    #[arg(long)]
+    pub catchup_passes: Option<u32>,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Run(args) => runtime.block_on(run_scenario(*args)),
+        Command::Wait { url, timeout_secs } => {
+            let server = Server::from_url(&url)?;
+            runtime.block_on(client::wait_until_answering(
+                &server,
+                Duration::from_secs(timeout_secs),
+            ))
+        }
+        Command::Skip {
+            results,
+            label,
+            reason,
+        } => report::append_record(
+            &results,
+            &Record {
+                label,
+                about: None,
+                outcome: Outcome::Skipped { reason },
+            },
+        ),
+        Command::Report { results } => {
+            print!("{}", report::markdown(&report::read_records(&results)?));
+            Ok(())
+        }
+    }
+}
+
+async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
+    let server = Server::from_url(&args.url)?;
+    let server_process = Process::server(args.server_pid);
+    server_process.cpu_time()?;
+    let run_id = args.run_id.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        format!("{t}-{}", std::process::id())
+    });
+    let q = args.quick;
+    let pick = |full: f64, quick: f64| if q { quick } else { full };
+
+    let outcome = match args.scenario {
+        Scenario::Append => {
+            let mut cells = Vec::new();
+            for &writers in &args.writers {
+                for &streams in &args.streams {
+                    let plan = append::CellPlan {
+                        writers,
+                        streams,
+                        payload_bytes: args.payload_bytes,
+                        warmup: Duration::from_secs_f64(args.warmup_secs.unwrap_or(pick(1.0, 0.3))),
+                        duration: Duration::from_secs_f64(
+                            args.append_secs.unwrap_or(pick(5.0, 1.0)),
+                        ),
+                        max_requests_per_writer: args.max_requests_per_writer,
+                    };
+                    eprintln!("  append: {writers} writers, {streams} streams");
+                    cells.push(append::run_cell(&server, &server_process, &run_id, &plan).await);
+                }
+            }
+            split(cells, "append", |cells| Outcome::Append { cells })
+        }
+        Scenario::Fanout => {
+            let counts = args
+                .fanout_readers
+                .clone()
+                .unwrap_or_else(|| if q { vec![1000] } else { vec![1000, 10_000] });
+            check_open_files(counts.iter().copied().max().unwrap_or(0))?;
+            let mut runs = Vec::new();
+            for readers in counts {
+                let plan = fanout::Plan {
+                    readers,
+                    messages_per_sec: args.fanout_rate,
+                    send_for: Duration::from_secs(args.fanout_secs.unwrap_or(if q {
+                        2
+                    } else {
+                        10
+                    })),
+                    connect_timeout: Duration::from_secs(30 + readers as u64 / 200),
+                    drain_timeout: Duration::from_secs(10),
+                    connect_concurrency: 128,
+                };
+                eprintln!("  fanout: {readers} SSE readers");
+                runs.push(fanout::run(&server, &run_id, &plan).await);
+            }
+            split(runs, "fanout", |runs| Outcome::Fanout { runs })
+        }
+        Scenario::IdleSse | Scenario::IdleLongPoll => {
+            let readers = args.idle_readers.unwrap_or(if q { 1000 } else { 10_000 });
+            check_open_files(readers)?;
+            let plan = idle::Plan {
+                kind: if args.scenario == Scenario::IdleSse {
+                    ReaderKind::Sse
+                } else {
+                    ReaderKind::LongPoll
+                },
+                readers,
+                streams: args.idle_streams,
+                connect_timeout: Duration::from_secs(30 + readers as u64 / 200),
+                connect_concurrency: 128,
+            };
+            eprintln!("  {}: {readers} readers", args.scenario.name());
+            one(
+                idle::run(&server, &server_process, &run_id, &plan).await,
+                args.scenario.name(),
+                |result| Outcome::Idle { result },
+            )
+        }
+        Scenario::Catchup => {
+            let mib = args.catchup_mib.unwrap_or(if q { 64 } else { 256 });
+            let plan = catchup::Plan {
+                fill_bytes: mib << 20,
+                append_bytes: 1 << 20,
+                passes: args.catchup_passes.unwrap_or(if q { 2 } else { 3 }),
+                pass_timeout: Duration::from_secs(60),
+            };
+            eprintln!("  catchup: {mib} MiB");
+            one(
+                catchup::run(&server, &run_id, &plan).await,
+                "catchup",
+                |result| Outcome::Catchup { result },
+            )
+        }
+    };
+    for outcome in outcome {
+        report::append_record(
+            &args.results,
+            &Record {
+                label: args.label.clone(),
+                about: args.about.clone(),
+                outcome,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn failed(scenario: &str, e: &anyhow::Error) -> Outcome {
+    eprintln!("  {scenario} failed: {e:#}");
+    Outcome::Failed {
+        scenario: scenario.to_owned(),
+        error: format!("{e:#}"),
+    }
+}
+
+/// The results that succeeded as one outcome, and each failure as its own.
+fn split<T>(
+    results: Vec<anyhow::Result<T>>,
+    scenario: &str,
+    wrap: impl FnOnce(Vec<T>) -> Outcome,
+) -> Vec<Outcome> {
+    let mut ok = Vec::new();
+    let mut out = Vec::new();
+    for r in results {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) => out.push(failed(scenario, &e)),
+        }
+    }
+    if !ok.is_empty() {
+        out.insert(0, wrap(ok));
+    }
+    out
+}
+
+fn one<T>(
+    result: anyhow::Result<T>,
+    scenario: &str,
+    wrap: impl FnOnce(T) -> Outcome,
+) -> Vec<Outcome> {
+    match result {
+        Ok(v) => vec![wrap(v)],
+        Err(e) => vec![failed(scenario, &e)],
+    }
+}
+
+fn check_open_files(connections: usize) -> anyhow::Result<()> {
+    if let Some(limit) = process::open_files_limit()
+        && limit < connections as u64 + 64
+    {
+        bail!(
+            "open files limit is {limit}, {connections} connections need more: raise `ulimit -n` \
+             (run.sh does)"
+        );
+    }
+    Ok(())
+}

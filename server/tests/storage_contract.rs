@@ -233,6 +233,18 @@ async fn durable_backends_return_exactly_what_they_acknowledged_after_reopen() {
             let (b, c) = store.create(&meta(2), vec![], Some(None)).expect("create");
             c.await.expect("commit");
             b.mark_soft_deleted().await.expect("soft delete");
+            // A close with no producer (the common case) must survive too.
+            let (closed_plain, c) = store.create(&meta(5), vec![], None).expect("create");
+            c.await.expect("commit");
+            closed_plain
+                .append(AppendEntry {
+                    start: 0,
+                    data: Some(Bytes::from_static(b"last")),
+                    close: Some(None),
+                    ..AppendEntry::default()
+                })
+                .await
+                .expect("append and close");
             let (open_one, c) = store
                 .create(&meta(4), vec![Bytes::from_static(b"o")], None)
                 .expect("create");
@@ -249,9 +261,15 @@ async fn durable_backends_return_exactly_what_they_acknowledged_after_reopen() {
         let ids: Vec<u64> = streams.iter().map(|r| r.meta.id).collect();
         assert_eq!(
             ids,
-            vec![1, 2, 4],
+            vec![1, 2, 4, 5],
             "{backend:?}: removed streams stay removed"
         );
+        assert!(
+            streams[3].state.closed,
+            "{backend:?}: a close without producer survives"
+        );
+        assert_eq!(streams[3].state.closed_by, None, "{backend:?}");
+        assert_eq!(streams[3].state.tail, 4, "{backend:?}");
         let a = &streams[0];
         assert_eq!(a.meta, meta(1), "{backend:?}");
         assert_eq!(a.state.tail, 9, "{backend:?}");

@@ -275,9 +275,10 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
         hs.insert(h::STREAM_CLOSED, TRUE);
     }
     if outcome.created
-        && let Some(loc) = location(headers, &parts.uri, &path, state.inner.tls) {
-            hs.insert(header::LOCATION, loc);
-        }
+        && let Some(loc) = location(headers, &parts.uri, &path, state.inner.tls)
+    {
+        hs.insert(header::LOCATION, loc);
+    }
     Ok(response)
 }
 
@@ -341,9 +342,10 @@ fn head(state: &AppState, req: Request) -> Result<Response, ApiError> {
         hs.insert(h::STREAM_TTL, HeaderValue::from(ttl));
     }
     if let Some(at) = meta.expires_at
-        && let Ok(v) = HeaderValue::from_str(&at) {
-            hs.insert(h::STREAM_EXPIRES_AT, v);
-        }
+        && let Ok(v) = HeaderValue::from_str(&at)
+    {
+        hs.insert(h::STREAM_EXPIRES_AT, v);
+    }
     if meta.closed {
         hs.insert(h::STREAM_CLOSED, TRUE);
     }
@@ -438,11 +440,12 @@ async fn catch_up(
     let is_now = query.offset == Some(ReadOffset::Now);
     let tag = (!is_now).then(|| etag(stream, &outcome));
     if let (Some(tag), Some(inm)) = (&tag, req_headers.get(header::IF_NONE_MATCH))
-        && inm == tag {
-            let mut r = StatusCode::NOT_MODIFIED.into_response();
-            r.headers_mut().insert(header::ETAG, tag.clone());
-            return Ok(r);
-        }
+        && inm == tag
+    {
+        let mut r = StatusCode::NOT_MODIFIED.into_response();
+        r.headers_mut().insert(header::ETAG, tag.clone());
+        return Ok(r);
+    }
     let body = encode_body(stream.kind, &outcome);
     let mut response = Response::new(Body::from(body));
     let hs = response.headers_mut();

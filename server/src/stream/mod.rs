@@ -218,9 +218,10 @@ impl Stream {
 
     fn expired_at(&self, now: u64) -> bool {
         if let Some((_, at)) = &self.meta.expires_at
-            && (now as i128) >= (*at as i128) {
-                return true;
-            }
+            && (now as i128) >= (*at as i128)
+        {
+            return true;
+        }
         if let Some(ttl) = self.meta.ttl_secs {
             let last = self.last_access_ms.load(Ordering::Relaxed);
             if now >= last.saturating_add(ttl.saturating_mul(1000)) {
@@ -538,9 +539,10 @@ impl Streams {
         }
 
         if let Some((raw, at)) = &req.expires_at
-            && (*at as i128) <= (now as i128) {
-                return Err(StreamError::AlreadyExpired(raw.clone()));
-            }
+            && (*at as i128) <= (now as i128)
+        {
+            return Err(StreamError::AlreadyExpired(raw.clone()));
+        }
         let (source, fork_meta, content_type) = match &req.fork {
             None => (
                 None,
@@ -785,13 +787,14 @@ impl Streams {
                         break 'decide Next::Wait(outcome, st.tail);
                     }
                     if let Some(ps) = st.producers.get(&p.id)
-                        && p.epoch < ps.epoch {
-                            return Err(producer::ProducerError::StaleEpoch {
-                                sent: p.epoch,
-                                current: ps.epoch,
-                            }
-                            .into());
+                        && p.epoch < ps.epoch
+                    {
+                        return Err(producer::ProducerError::StaleEpoch {
+                            sent: p.epoch,
+                            current: ps.epoch,
                         }
+                        .into());
+                    }
                 }
                 if !has_body {
                     // Close-only on a closed stream is idempotent.
@@ -835,12 +838,13 @@ impl Streams {
                     )
                 } else {
                     if let (Some(sent), Some(last)) = (&req.stream_seq, &st.last_seq)
-                        && sent.as_bytes() <= last.as_bytes() {
-                            return Err(StreamError::SeqRegression {
-                                last: last.clone(),
-                                sent: sent.clone(),
-                            });
-                        }
+                        && sent.as_bytes() <= last.as_bytes()
+                    {
+                        return Err(StreamError::SeqRegression {
+                            last: last.clone(),
+                            sent: sent.clone(),
+                        });
+                    }
                     let data = match parsed {
                         Some(result) => Some(result?),
                         None => None,

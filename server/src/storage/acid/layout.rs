@@ -89,12 +89,20 @@ pub(super) fn check_or_create(dir: &Path, shard_count: u32) -> Result<(), Storag
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // Shard files without a layout: someone removed it, and guessing the shard count
-            // would misplace streams.
-            if shard_file(dir, 0).exists() {
+            // No layout: the directory must be new. Shard files without a layout would have an
+            // unknown shard count, and anything else belongs to another mode or program.
+            let tmp_name = format!("{LAYOUT_FILE}.tmp");
+            let mut entries =
+                fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))?;
+            let foreign = entries.find_map(|e| match e {
+                Ok(e) if e.file_name().to_str() == Some(tmp_name.as_str()) => None,
+                Ok(e) => Some(e.file_name().to_string_lossy().into_owned()),
+                Err(e) => Some(format!("(unreadable entry: {e})")),
+            });
+            if let Some(name) = foreign {
                 return Err(StorageError::Config(format!(
-                    "{} holds acid shard files but no {LAYOUT_FILE}; refusing to guess its \
-                     shard count",
+                    "{} is not empty (it holds {name:?}) and has no {LAYOUT_FILE}: it is not \
+                     acid-mode storage; use an empty directory",
                     dir.display()
                 )));
             }

@@ -100,6 +100,10 @@ pub struct AcidStats {
     pub transactions: u64,
     /// Operations (creates, appends, deletes, touches) they carried.
     pub operations: u64,
+    /// Writer time spent applying operations to transactions, in microseconds.
+    pub apply_micros: u64,
+    /// Writer time spent committing (writing pages and syncing), in microseconds.
+    pub commit_micros: u64,
 }
 
 /// One shard: its database and the queue of its writer thread.
@@ -237,6 +241,8 @@ impl AcidStorage {
         for shard in &self.shards {
             total.transactions += shard.stats.transactions.load(Ordering::Relaxed);
             total.operations += shard.stats.operations.load(Ordering::Relaxed);
+            total.apply_micros += shard.stats.apply_micros.load(Ordering::Relaxed);
+            total.commit_micros += shard.stats.commit_micros.load(Ordering::Relaxed);
         }
         total
     }

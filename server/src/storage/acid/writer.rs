@@ -72,6 +72,9 @@ pub(super) struct Pending {
 pub(super) struct WriterStats {
     pub transactions: AtomicU64,
     pub operations: AtomicU64,
+    /// Time spent building transactions and committing them, for finding where a batch goes.
+    pub apply_micros: AtomicU64,
+    pub commit_micros: AtomicU64,
 }
 
 /// The outcome of one operation inside a transaction: `Err` rejects only that operation (it
@@ -166,8 +169,16 @@ fn commit(
             what: "setting durability".into(),
             detail: e.to_string(),
         })?;
+    let began = std::time::Instant::now();
     let results = apply(&txn, rows, batch)?;
+    let applied = std::time::Instant::now();
     txn.commit().ctx("committing a write transaction")?;
+    stats
+        .apply_micros
+        .fetch_add((applied - began).as_micros() as u64, Ordering::Relaxed);
+    stats
+        .commit_micros
+        .fetch_add(applied.elapsed().as_micros() as u64, Ordering::Relaxed);
     stats.transactions.fetch_add(1, Ordering::Relaxed);
     stats
         .operations

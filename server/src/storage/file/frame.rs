@@ -45,8 +45,12 @@ pub struct CreateMeta {
 /// The JSON part of an APPEND frame: writer-state changes committed with the data.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AppendState {
+    /// This append closes the stream. (Not an `Option<Option<_>>`: serde would read a closing
+    /// append without a producer, `Some(None)`, back as `None`.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closes: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub close: Option<Option<ProducerTuple>>,
+    pub closed_by: Option<ProducerTuple>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_seq: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,7 +59,7 @@ pub struct AppendState {
 
 impl AppendState {
     fn is_empty(&self) -> bool {
-        self.close.is_none() && self.stream_seq.is_none() && self.producer.is_none()
+        !self.closes && self.stream_seq.is_none() && self.producer.is_none()
     }
 }
 
@@ -98,7 +102,8 @@ pub fn encode_create(meta: &CreateMeta, initial: &[Bytes]) -> Encoded {
 
 pub fn encode_append(id: StreamId, entry: &AppendEntry) -> Encoded {
     let state = AppendState {
-        close: entry.close.clone(),
+        closes: entry.close.is_some(),
+        closed_by: entry.close.clone().flatten(),
         stream_seq: entry.stream_seq.clone(),
         producer: entry.producer.clone(),
     };
@@ -324,12 +329,29 @@ mod tests {
         };
         assert_eq!((id, start), (3, 10));
         assert_eq!(state.stream_seq.as_deref(), Some("s1"));
-        assert!(state.close.is_some());
+        assert!(state.closes);
+        assert_eq!(state.closed_by.map(|c| c.seq), Some(2));
         let (o, l) = data.unwrap();
         assert_eq!(
             &e.bytes[FRAME_HEADER_LEN + o..FRAME_HEADER_LEN + o + l],
             b"xyz"
         );
+    }
+
+    #[test]
+    fn a_close_without_a_producer_round_trips() {
+        let entry = AppendEntry {
+            start: 4,
+            close: Some(None),
+            ..AppendEntry::default()
+        };
+        let e = encode_append(1, &entry);
+        let Ok((Decoded::Append { state, data, .. }, _)) = decode(&e.bytes) else {
+            panic!("not an append")
+        };
+        assert!(state.closes, "the close must survive encoding");
+        assert_eq!(state.closed_by, None);
+        assert_eq!(data, None);
     }
 
     #[test]

@@ -221,9 +221,9 @@ fn apply(
                 s.state.tail += len as u64;
                 s.state.own_bytes += len as u64;
             }
-            if let Some(by) = state.close {
+            if state.closes {
                 s.state.closed = true;
-                s.state.closed_by = by;
+                s.state.closed_by = state.closed_by;
             }
             if let Some(seq) = state.stream_seq {
                 s.state.last_seq = Some(seq);

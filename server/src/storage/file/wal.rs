@@ -268,10 +268,9 @@ impl Writer {
                         self.apply(&wal, p.op, seg, off);
                         let _ = p.done.send(Ok(()));
                     }
-                    if removed_any
-                        && let Err(e) = self.clean_segments(&wal) {
-                            tracing::warn!(error = %e, "segment clean-up failed");
-                        }
+                    if removed_any && let Err(e) = self.clean_segments(&wal) {
+                        tracing::warn!(error = %e, "segment clean-up failed");
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "write-ahead log write failed; refusing writes until restart");
@@ -296,10 +295,10 @@ impl Writer {
     ) -> Result<Vec<(u32, u64)>, StorageError> {
         if let Some(active) = self.segments.last()
             && active.len > frame::SEGMENT_HEADER_LEN
-                && active.len + bytes as u64 > self.segment_bytes
-            {
-                self.rotate(wal)?;
-            }
+            && active.len + bytes as u64 > self.segment_bytes
+        {
+            self.rotate(wal)?;
+        }
         let Some(active) = self.segments.last_mut() else {
             return Err(StorageError::ShuttingDown);
         };
@@ -445,9 +444,9 @@ mod lru_files {
                     .iter()
                     .min_by_key(|(_, (_, used))| *used)
                     .map(|(k, _)| *k)
-                {
-                    self.open.remove(&oldest);
-                }
+            {
+                self.open.remove(&oldest);
+            }
             self.clock += 1;
             self.open.insert(seg, (file, self.clock));
         }

@@ -29,8 +29,13 @@ pub fn envoy_template(name: &str) -> PathBuf {
     workspace_root().join("envoy").join(name)
 }
 
-/// A workspace binary (`ds-server`, `ds-sync`): `DS_E2E_BIN_DIR/<name>` if set, else the debug
-/// (then release) build in `CARGO_TARGET_DIR` or `<workspace>/target`.
+/// A workspace binary (`ds-server`, `ds-sync`): `DS_E2E_BIN_DIR/<name>` if set, else the most
+/// recently built of the debug and release builds in `CARGO_TARGET_DIR` or `<workspace>/target`
+/// (newest, so that a stale debug binary never shadows a fresh release build or the reverse).
+///
+/// The e2e tests do not build the binaries themselves: `cargo test --workspace` (what `.ci/run`
+/// runs) builds both, because ds-server and ds-sync have integration tests of their own. Running
+/// only this crate needs `cargo build -p ds-server -p ds-sync` first.
 pub fn binary(name: &str) -> Result<PathBuf, anyhow::Error> {
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::var_os("DS_E2E_BIN_DIR") {
@@ -44,8 +49,16 @@ pub fn binary(name: &str) -> Result<PathBuf, anyhow::Error> {
     }
     candidates
         .iter()
-        .find(|p| p.is_file())
-        .cloned()
+        .filter_map(|path| {
+            let modified = std::fs::metadata(path)
+                .ok()
+                .filter(std::fs::Metadata::is_file)?
+                .modified()
+                .ok()?;
+            Some((modified, path))
+        })
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, path)| path.clone())
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "binary {name} not found (looked at {candidates:?}); build it first: \

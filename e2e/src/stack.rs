@@ -31,7 +31,8 @@ pub struct EdgeStack {
     pub token: String,
     /// Trusts only the test CA; 30 s per request.
     pub client: reqwest::Client,
-    /// Logs, the server's data dir and Envoy's rendered config; deleted with the stack.
+    /// Logs, the server's data dir and Envoy's rendered config; deleted with the stack unless
+    /// `DS_E2E_KEEP_WORK` is set.
     pub work: tempfile::TempDir,
 }
 
@@ -40,7 +41,11 @@ impl EdgeStack {
     /// upstream) and Envoy in front of it; returns once both answer.
     pub async fn start(mut server_options: ServerOptions) -> anyhow::Result<Self> {
         server_options.tls = true;
-        let work = tempfile::Builder::new().prefix("ds-e2e-stack-").tempdir()?;
+        let work = tempfile::Builder::new()
+            .prefix("ds-e2e-stack-")
+            // DS_E2E_KEEP_WORK=1 keeps logs and data for a look after the test.
+            .disable_cleanup(std::env::var_os("DS_E2E_KEEP_WORK").is_some())
+            .tempdir()?;
         let server = DsServer::start(server_options, work.path()).await?;
         let envoy = Envoy::start(EnvoyMode::Authenticated, server.port, work.path()).await?;
         Ok(Self {

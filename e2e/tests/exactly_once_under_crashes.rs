@@ -1,6 +1,6 @@
 //! Writes through Envoy land in Postgres through ds-sync exactly once while each component is
-//! killed (SIGKILL) and restarted in turn under write load: ds-server (`file-durable`), the
-//! ds-sync worker, then Envoy.
+//! killed (SIGKILL) and restarted in turn under write load: ds-server (`file-durable`, and again
+//! in `acid` mode), the ds-sync worker, then Envoy.
 //!
 //! Writers use idempotent producer headers and retry each append with the same sequence number
 //! until it is acknowledged, so a retry after a crash is deduplicated by the server. At the end,
@@ -133,25 +133,38 @@ fn spawn_writer(
     }
 }
 
-/// Waits until every writer has had `more` appends acknowledged beyond `since`; fails at once if
-/// a writer gave up.
-async fn wait_for_progress(writers: &[Writer], since: &[u64], more: u64, after: &str) {
-    wait_until(
+/// Waits until every writer has had `more` appends acknowledged beyond `since`; panics at once
+/// with the writer's error if one gave up.
+async fn wait_for_progress(writers: &mut [Writer], since: &[u64], more: u64, after: &str) {
+    let view: &[Writer] = writers;
+    let stopped = wait_until(
         &format!("{more} acknowledged appends per stream after {after}"),
         DEADLINE,
-        || async {
-            if let Some(failed) = writers.iter().find(|w| w.task.is_finished()) {
-                anyhow::bail!("writer of {} stopped early", failed.path);
+        || async move {
+            let writers = view;
+            if let Some(index) = writers.iter().position(|w| w.task.is_finished()) {
+                return Ok(Some(Some(index)));
             }
             Ok(writers
                 .iter()
                 .zip(since)
                 .all(|(w, &start)| w.acknowledged.load(Ordering::Relaxed) >= start + more)
-                .then_some(()))
+                .then_some(None))
         },
     )
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
+    if let Some(index) = stopped {
+        let writer = &mut writers[index];
+        let outcome = (&mut writer.task).await.expect("writer task");
+        panic!(
+            "writer of {} stopped after {after}: {:#}",
+            writer.path,
+            outcome
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("without an error"))
+        );
+    }
 }
 
 fn counts(writers: &[Writer]) -> Vec<u64> {
@@ -165,7 +178,21 @@ fn counts(writers: &[Writer]) -> Vec<u64> {
 async fn writes_through_envoy_land_in_postgres_exactly_once_while_each_component_is_killed() {
     // file-durable and TLS (the defaults): what compose runs, and what makes an acknowledged
     // append survive the server's SIGKILL.
-    let mut stack = EdgeStack::start(ServerOptions::default())
+    crash_each_component_in_turn(ServerOptions::default()).await;
+}
+
+#[tokio::test]
+async fn the_same_holds_with_the_server_in_acid_mode() {
+    crash_each_component_in_turn(ServerOptions {
+        storage_mode: "acid".to_owned(),
+        ..ServerOptions::default()
+    })
+    .await;
+}
+
+async fn crash_each_component_in_turn(server_options: ServerOptions) {
+    let mode = server_options.storage_mode.clone();
+    let mut stack = EdgeStack::start(server_options)
         .await
         .expect("ds-server behind envoy");
     stack
@@ -189,11 +216,12 @@ async fn writes_through_envoy_land_in_postgres_exactly_once_while_each_component
     }
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<Writer> = STREAMS
+    let mut writers: Vec<Writer> = STREAMS
         .iter()
         .map(|&(path, content_type)| spawn_writer(client.clone(), path, content_type, stop.clone()))
         .collect();
-    wait_for_progress(&writers, &counts(&writers), PROGRESS_AFTER_RESTART, "start").await;
+    let at_start = counts(&writers);
+    wait_for_progress(&mut writers, &at_start, PROGRESS_AFTER_RESTART, "start").await;
 
     for component in ["ds-server", "ds-sync", "envoy"] {
         tokio::time::sleep(LOAD_BEFORE_KILL).await;
@@ -221,7 +249,7 @@ async fn writes_through_envoy_land_in_postgres_exactly_once_while_each_component
             _ => stack.envoy.restart().await.expect("restart envoy"),
         }
         wait_for_progress(
-            &writers,
+            &mut writers,
             &before_restart,
             PROGRESS_AFTER_RESTART,
             &format!("{component} restart"),
@@ -240,7 +268,7 @@ async fn writes_through_envoy_land_in_postgres_exactly_once_while_each_component
             .expect("writer task")
             .unwrap_or_else(|e| panic!("writer of {}: {e:#}", writer.path));
         eprintln!(
-            "{}: {} appends acknowledged ({} items), {} attempts retried, {} answered as \
+            "{mode}: {}: {} appends acknowledged ({} items), {} attempts retried, {} answered as \
              duplicates of a lost acknowledgement",
             writer.path,
             producer.next_seq,

@@ -1,7 +1,7 @@
 //! Client → Envoy over TLS → ds-server over TLS (fixtures CA on both hops, ds-server terminating
-//! TLS itself): create, append, catch-up, long-poll (waiting and timing out), and an SSE read held
-//! open past 20 s, Envoy's default route timeout and then some, that delivers every append made
-//! meanwhile as it happens, on one connection.
+//! TLS itself, HTTP/2 on both hops): create, append, catch-up, long-poll (waiting and timing out),
+//! and an SSE read held open past 20 s (beyond Envoy's 15 s default route timeout) that delivers
+//! every append made meanwhile as it happens, on one connection.
 
 mod support;
 
@@ -164,6 +164,23 @@ async fn create_append_catch_up_and_long_poll_over_tls_on_both_hops() {
         .expect("stat")
         .unwrap_or(0);
     assert!(handshakes > 0, "no TLS handshake with the upstream");
+    // ALPN on the upstream hop: ds-server offers h2, Envoy's auto_config takes it.
+    let http2 = stack
+        .envoy
+        .stat("cluster.ds_server.upstream_cx_http2_total")
+        .await
+        .expect("stat")
+        .unwrap_or(0);
+    let http1 = stack
+        .envoy
+        .stat("cluster.ds_server.upstream_cx_http1_total")
+        .await
+        .expect("stat")
+        .unwrap_or(0);
+    assert!(
+        http2 > 0 && http1 == 0,
+        "upstream connections: {http2} HTTP/2, {http1} HTTP/1.1"
+    );
 }
 
 /// Appends made while the SSE read is open, one every [`APPEND_EVERY`]: the last lands after

@@ -1,0 +1,230 @@
+//! A stream's end reaches the mirror through Envoy: streams created after ds-sync started are
+//! discovered by prefix (the server's registry, read through Envoy with a bearer token); a stream
+//! closed with an atomic final append is mirrored to its last message and checkpointed `closed`;
+//! a deleted stream is checkpointed `deleted` and the rows mirrored before the delete stay; a
+//! stream re-created at a deleted path is mirrored again and blocks no other stream (ignored:
+//! a known ds-sync bug, see the test).
+
+mod support;
+
+use std::time::Duration;
+
+use ds_e2e::postgres::connect;
+use ds_e2e::server::ServerOptions;
+use ds_e2e::stack::EdgeStack;
+use ds_e2e::wait::wait_until;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use support::{BINARY, Content, JSON, StreamClient, checkpoint, first_difference, mirrored};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// `(closed, deleted)` of a stream's checkpoint row, once it has one.
+async fn end_state(
+    pg: &tokio_postgres::Client,
+    stream: &str,
+) -> anyhow::Result<Option<(bool, bool)>> {
+    let row = pg
+        .query_opt(
+            "SELECT closed, deleted FROM ds_checkpoints WHERE stream = $1",
+            &[&stream],
+        )
+        .await?;
+    Ok(row.map(|row| (row.get(0), row.get(1))))
+}
+
+#[tokio::test]
+async fn closed_and_deleted_streams_end_in_the_mirror_as_they_ended_on_the_server() {
+    let mut stack = EdgeStack::start(ServerOptions {
+        storage_mode: "memory".to_owned(),
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("ds-server behind envoy");
+    stack
+        .start_sync("/v1/stream/life/*", Vec::new())
+        .await
+        .expect("ds-sync following through envoy");
+    let client = StreamClient::new(
+        stack.client.clone(),
+        stack.edge_url(),
+        Some(stack.token.clone()),
+    );
+    let pg = connect(stack.database_url().expect("database"))
+        .await
+        .expect("connect to the mirror");
+
+    // Closed with its final message in the same request.
+    let closed = "/v1/stream/life/closed";
+    client.create(closed, JSON).await.expect("create");
+    for n in 0..3 {
+        let response = client
+            .append(closed, JSON, json!({ "n": n }).to_string())
+            .await
+            .expect("append");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    let response = client
+        .request(Method::POST, closed)
+        .header("content-type", JSON)
+        .header("stream-closed", "true")
+        .body(json!({ "n": "last" }).to_string())
+        .send()
+        .await
+        .expect("append and close");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+    // Written, then deleted once the mirror has it.
+    let deleted = "/v1/stream/life/deleted";
+    client.create(deleted, BINARY).await.expect("create");
+    let written: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    for chunk in written.chunks(100) {
+        let response = client
+            .append(deleted, BINARY, chunk.to_vec())
+            .await
+            .expect("append");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    let (_, tail) = client.head(deleted).await.expect("head");
+    wait_until(
+        "the deleted-to-be stream mirrored to its tail",
+        DEADLINE,
+        || async {
+            Ok((checkpoint(&pg, deleted).await?.as_deref() == Some(tail.as_str())).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let response = client
+        .request(Method::DELETE, deleted)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+    wait_until("closed checkpoint", DEADLINE, || async {
+        Ok((end_state(&pg, closed).await? == Some((true, false))).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let stream = client.read_all(closed).await.expect("catch-up read");
+    let expected = Content::Messages(vec![
+        json!({ "n": 0 }),
+        json!({ "n": 1 }),
+        json!({ "n": 2 }),
+        json!({ "n": "last" }),
+    ]);
+    assert_eq!(stream, expected);
+    let rows = mirrored(&pg, closed, true).await.expect("rows");
+    assert!(rows == stream, "{}", first_difference(&stream, &rows));
+
+    wait_until("deleted checkpoint", DEADLINE, || async {
+        Ok((end_state(&pg, deleted).await? == Some((false, true))).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let rows = mirrored(&pg, deleted, false).await.expect("rows");
+    let expected = Content::Bytes(written);
+    assert!(rows == expected, "{}", first_difference(&expected, &rows));
+}
+
+/// KNOWN BUG in ds-sync (reported to the lead; un-ignore once fixed): a stream re-created at a
+/// path whose checkpoint row says `deleted` is never mirrored. The registry's `created` event is
+/// applied with `INSERT ... ON CONFLICT (stream) DO NOTHING` (sync/src/writer.rs), so the row
+/// stays `deleted` and the new stream is not followed; nothing is logged. Resetting the row to
+/// `-1` alone would not do either: the new stream's offsets start again, so its first read's key
+/// `(stream, '-1', 0)` collides with the first life's rows. Happens with every delete or TTL
+/// expiry followed by a re-create (the conformance suite re-creates after expiry).
+#[tokio::test]
+#[ignore = "ds-sync bug: a stream re-created at a deleted path is never mirrored"]
+async fn a_stream_recreated_at_a_deleted_path_is_mirrored_and_blocks_no_other_stream() {
+    let mut stack = EdgeStack::start(ServerOptions {
+        storage_mode: "memory".to_owned(),
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("ds-server behind envoy");
+    stack
+        .start_sync("/v1/stream/again/*", Vec::new())
+        .await
+        .expect("ds-sync following through envoy");
+    let client = StreamClient::new(
+        stack.client.clone(),
+        stack.edge_url(),
+        Some(stack.token.clone()),
+    );
+    let pg = connect(stack.database_url().expect("database"))
+        .await
+        .expect("connect to the mirror");
+    let path = "/v1/stream/again/reused";
+
+    client.create(path, JSON).await.expect("create");
+    let response = client
+        .append(path, JSON, json!({ "life": 1 }).to_string())
+        .await
+        .expect("append");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let (_, tail) = client.head(path).await.expect("head");
+    wait_until("first life mirrored", DEADLINE, || async {
+        Ok((checkpoint(&pg, path).await?.as_deref() == Some(tail.as_str())).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let response = client
+        .request(Method::DELETE, path)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    wait_until("deleted checkpoint", DEADLINE, || async {
+        Ok((end_state(&pg, path).await? == Some((false, true))).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // Second life at the same path, and a bystander stream created after it.
+    client.create(path, JSON).await.expect("re-create");
+    let response = client
+        // Longer than the first life's message, so that the second life's tail differs.
+        .append(path, JSON, json!({ "life": 2, "again": true }).to_string())
+        .await
+        .expect("append");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let bystander = "/v1/stream/again/bystander";
+    client
+        .create(bystander, JSON)
+        .await
+        .expect("create bystander");
+    let response = client
+        .append(bystander, JSON, json!({ "other": true }).to_string())
+        .await
+        .expect("append");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+    let (_, bystander_tail) = client.head(bystander).await.expect("head");
+    wait_until("bystander mirrored", DEADLINE, || async {
+        Ok(
+            (checkpoint(&pg, bystander).await?.as_deref() == Some(bystander_tail.as_str()))
+                .then_some(()),
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.log_tails()));
+    let (_, tail) = client.head(path).await.expect("head");
+    wait_until("second life mirrored", DEADLINE, || async {
+        Ok((checkpoint(&pg, path).await?.as_deref() == Some(tail.as_str())).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // Rows mirrored before a delete stay, so the path's rows are both lives in order.
+    let rows = mirrored(&pg, path, true).await.expect("rows");
+    let expected = Content::Messages(vec![
+        json!({ "life": 1 }),
+        json!({ "life": 2, "again": true }),
+    ]);
+    assert!(rows == expected, "{}", first_difference(&expected, &rows));
+    assert_eq!(
+        end_state(&pg, path).await.expect("state"),
+        Some((false, false))
+    );
+}

@@ -15,7 +15,6 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::BytesMut;
@@ -75,52 +74,59 @@ impl AppState {
 /// The router of the whole server.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/healthz", get(healthz).options(preflight_route))
+        .route("/readyz", get(readyz).options(preflight_route))
         .fallback(stream_request)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            browser_headers,
-        ))
         .with_state(state)
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+async fn healthz(State(state): State<AppState>, req: Request) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    browser_headers(&state, origin, "ok".into_response())
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.inner.draining.load(Ordering::Relaxed) {
+async fn readyz(State(state): State<AppState>, req: Request) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let response = if state.inner.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else {
         "ready".into_response()
-    }
+    };
+    browser_headers(&state, origin, response)
 }
 
-/// CORS (answered here for every path, preflights included) and the browser security headers of
-/// spec 12.7, on every response.
-async fn browser_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn preflight_route(State(state): State<AppState>, req: Request) -> Response {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let preflight = req.method() == Method::OPTIONS;
-    let mut response = if preflight {
-        let mut r = StatusCode::NO_CONTENT.into_response();
-        let hs = r.headers_mut();
-        hs.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, PUT, DELETE, HEAD, OPTIONS"),
-        );
-        hs.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static(h::CORS_ALLOW_HEADERS),
-        );
-        hs.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("86400"),
-        );
-        r
-    } else {
-        next.run(req).await
-    };
+    browser_headers(&state, origin, preflight())
+}
+
+/// The answer to a CORS preflight, for any path.
+fn preflight() -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    let hs = r.headers_mut();
+    hs.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, PUT, DELETE, HEAD, OPTIONS"),
+    );
+    hs.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(h::CORS_ALLOW_HEADERS),
+    );
+    hs.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    r
+}
+
+/// CORS and the browser security headers of spec 12.7, added to every response. Done in the
+/// handlers rather than as a middleware layer: a layer boxes every request's future, and this
+/// is the hot path of every append.
+fn browser_headers(
+    state: &AppState,
+    origin: Option<HeaderValue>,
+    mut response: Response,
+) -> Response {
     let hs = response.headers_mut();
     match &state.inner.cors_origins {
         None => {
@@ -155,15 +161,18 @@ async fn browser_headers(State(state): State<AppState>, req: Request, next: Next
 }
 
 async fn stream_request(State(state): State<AppState>, req: Request) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
     let result = match *req.method() {
         Method::GET => read(&state, req).await,
         Method::HEAD => head(&state, req),
         Method::PUT => create(&state, req).await,
         Method::POST => append(&state, req).await,
         Method::DELETE => delete(&state, req).await,
+        Method::OPTIONS => Ok(preflight()),
         ref other => Err(ApiError::MethodNotAllowed(other.to_string())),
     };
-    result.unwrap_or_else(IntoResponse::into_response)
+    let response = result.unwrap_or_else(IntoResponse::into_response);
+    browser_headers(&state, origin, response)
 }
 
 fn offset_value(pos: u64) -> HeaderValue {

@@ -587,7 +587,7 @@ impl Streams {
         if !req.body.is_empty() {
             let data = match kind {
                 MediaKind::Json => json::flatten(&req.body, true)?.joined,
-                _ => req.body.clone(),
+                _ => own_copy(&req.body),
             };
             if !data.is_empty() {
                 initial.push(data);
@@ -756,7 +756,7 @@ impl Streams {
         // Parse JSON before taking the writer lock; report its error in protocol order below.
         let parsed = match (has_body, stream.kind) {
             (true, MediaKind::Json) => Some(json::flatten(&req.body, false).map(|m| m.joined)),
-            (true, _) => Some(Ok(req.body.clone())),
+            (true, _) => Some(Ok(own_copy(&req.body))),
             (false, _) => None,
         };
 
@@ -1160,6 +1160,14 @@ impl Streams {
 enum Created {
     Existing(CreateOutcome),
     New { stream: Arc<Stream>, commit: Commit },
+}
+
+/// A request body as stored data, in an allocation of its own. A body from the HTTP layer is
+/// usually a slice of the connection's read buffer; keeping that slice would pin the whole
+/// buffer (8 KiB or more) for every stored append, and the memory budget would count 100 bytes
+/// where 8 KiB are held.
+fn own_copy(body: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(body)
 }
 
 /// Lifecycle commits triggered by a read (lazy expiry) finish in the background: the reader

@@ -1,6 +1,6 @@
 //! Writes through Envoy land in Postgres through ds-sync exactly once while each component is
 //! killed (SIGKILL) and restarted in turn under write load: ds-server (`file-durable`, and again
-//! in `acid` mode), the ds-sync worker, then Envoy.
+//! in `file-fast` and `acid` mode), the ds-sync worker, then Envoy.
 //!
 //! Writers use idempotent producer headers and retry each append with the same sequence number
 //! until it is acknowledged, so a retry after a crash is deduplicated by the server. At the end,
@@ -179,6 +179,16 @@ async fn writes_through_envoy_land_in_postgres_exactly_once_while_each_component
     // file-durable and TLS (the defaults): what compose runs, and what makes an acknowledged
     // append survive the server's SIGKILL.
     crash_each_component_in_turn(ServerOptions::default()).await;
+}
+
+#[tokio::test]
+async fn the_same_holds_with_the_server_in_file_fast_mode() {
+    // file-fast promises to survive a process crash (not a power loss): SIGKILL is one.
+    crash_each_component_in_turn(ServerOptions {
+        storage_mode: "file-fast".to_owned(),
+        ..ServerOptions::default()
+    })
+    .await;
 }
 
 #[tokio::test]

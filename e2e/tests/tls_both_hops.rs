@@ -298,3 +298,78 @@ async fn sse_through_envoy_stays_open_past_20_seconds_and_delivers_appends_as_th
     let control = last_control.expect("a control event");
     assert!(control.get("streamNextOffset").is_some(), "{control}");
 }
+
+/// The server ends SSE responses on purpose every `DS_SERVER__SSE_RECONNECT_INTERVAL` (so CDNs can
+/// collapse readers): through Envoy that must arrive as a clean end of the response, after a
+/// control event, and a client resuming from that event's `streamNextOffset` misses nothing and
+/// gets nothing twice.
+#[tokio::test]
+async fn sse_closed_by_the_server_ends_cleanly_through_envoy_and_resumes_without_gaps() {
+    let stack = EdgeStack::start(ServerOptions {
+        extra_env: vec![(
+            "DS_SERVER__SSE_RECONNECT_INTERVAL".to_owned(),
+            "2s".to_owned(),
+        )],
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("ds-server behind envoy");
+    let client = StreamClient::new(
+        stack
+            .client_with_timeout(Duration::from_secs(30))
+            .expect("client"),
+        stack.edge_url(),
+        Some(stack.token.clone()),
+    );
+    let stream = "/v1/stream/tls-sse-reconnect";
+    client.create(stream, JSON).await.expect("create");
+
+    let mut offset = "-1".to_owned();
+    let mut received: Vec<Value> = Vec::new();
+    let mut next = 0;
+    // Three sessions, each ended by the server; an append before each.
+    for session in 0..3 {
+        let response = client
+            .append(stream, JSON, json!({ "n": next }).to_string())
+            .await
+            .expect("append");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        next += 1;
+        let response = client
+            .request(Method::GET, &format!("{stream}?offset={offset}&live=sse"))
+            .send()
+            .await
+            .expect("open SSE");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut events = SseReader::new(response);
+        let mut last_event = None;
+        while let Some(event) = events
+            .next_event()
+            .await
+            .unwrap_or_else(|e| panic!("session {session}: SSE cut instead of ended: {e:#}"))
+        {
+            match event.event.as_str() {
+                "data" => {
+                    let batch: Vec<Value> = serde_json::from_str(&event.data).expect("array");
+                    received.extend(batch);
+                }
+                "control" => {
+                    let control: Value = serde_json::from_str(&event.data).expect("control");
+                    offset = control["streamNextOffset"]
+                        .as_str()
+                        .expect("streamNextOffset")
+                        .to_owned();
+                }
+                other => panic!("unexpected SSE event {other:?}"),
+            }
+            last_event = Some(event.event);
+        }
+        assert_eq!(
+            last_event.as_deref(),
+            Some("control"),
+            "session {session} did not end after a control event"
+        );
+    }
+    let expected: Vec<Value> = (0..next).map(|n| json!({ "n": n })).collect();
+    assert_eq!(received, expected);
+}

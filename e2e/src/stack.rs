@@ -71,7 +71,17 @@ impl EdgeStack {
         streams: &str,
         extra_env: Vec<(String, String)>,
     ) -> anyhow::Result<()> {
-        let postgres = Postgres::start().await?;
+        self.start_sync_on(Postgres::start().await?, streams, extra_env)
+            .await
+    }
+
+    /// [`EdgeStack::start_sync`] on a given Postgres, e.g. a local cluster a test may crash.
+    pub async fn start_sync_on(
+        &mut self,
+        postgres: Postgres,
+        streams: &str,
+        extra_env: Vec<(String, String)>,
+    ) -> anyhow::Result<()> {
         let mut env = vec![("DS_SYNC__BEARER_TOKEN".to_owned(), self.token.clone())];
         env.extend(extra_env);
         let options = SyncOptions {
@@ -83,6 +93,13 @@ impl EdgeStack {
         self.postgres = Some(postgres);
         self.sync = Some(DsSync::start(&options, self.work.path()).await?);
         Ok(())
+    }
+
+    /// The Postgres ds-sync writes into (to crash it, when the harness owns it).
+    pub fn postgres_mut(&mut self) -> anyhow::Result<&mut Postgres> {
+        self.postgres
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no Postgres: call start_sync first"))
     }
 
     /// The database ds-sync writes into.

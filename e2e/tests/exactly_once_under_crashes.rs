@@ -1,6 +1,7 @@
 //! Writes through Envoy land in Postgres through ds-sync exactly once while each component is
 //! killed (SIGKILL) and restarted in turn under write load: ds-server (`file-durable`, and again
-//! in `file-fast` and `acid` mode), the ds-sync worker, then Envoy.
+//! in `file-fast` and `acid` mode), the ds-sync worker, then Envoy; and in a fourth run
+//! Postgres (a local cluster the harness owns), the server and the worker.
 //!
 //! Writers use idempotent producer headers and retry each append with the same sequence number
 //! until it is acknowledged, so a retry after a crash is deduplicated by the server. At the end,
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use ds_e2e::postgres::connect;
+use ds_e2e::postgres::{Postgres, connect};
 use ds_e2e::server::ServerOptions;
 use ds_e2e::stack::EdgeStack;
 use ds_e2e::wait::wait_until;
@@ -174,48 +175,100 @@ fn counts(writers: &[Writer]) -> Vec<u64> {
         .collect()
 }
 
+/// What the test crashes, in turn.
+#[derive(Debug, Clone, Copy)]
+enum Component {
+    Server,
+    Sync,
+    Envoy,
+    /// Only when the harness owns Postgres (a local cluster), not a `DATABASE_URL` server.
+    Postgres,
+}
+
+impl Component {
+    async fn kill(self, stack: &mut EdgeStack) -> anyhow::Result<()> {
+        match self {
+            Component::Server => stack.server.kill(),
+            Component::Sync => stack.sync.as_mut().expect("sync").kill(),
+            Component::Envoy => stack.envoy.kill(),
+            Component::Postgres => stack.postgres_mut()?.kill().await,
+        }
+    }
+
+    async fn restart(self, stack: &mut EdgeStack) -> anyhow::Result<()> {
+        match self {
+            Component::Server => stack.server.restart().await,
+            Component::Sync => stack.sync.as_mut().expect("sync").restart().await,
+            Component::Envoy => stack.envoy.restart().await,
+            Component::Postgres => stack.postgres_mut()?.restart().await,
+        }
+    }
+}
+
+const SERVER_SYNC_ENVOY: [Component; 3] = [Component::Server, Component::Sync, Component::Envoy];
+
 #[tokio::test]
 async fn writes_through_envoy_land_in_postgres_exactly_once_while_each_component_is_killed() {
     // file-durable and TLS (the defaults): what compose runs, and what makes an acknowledged
     // append survive the server's SIGKILL.
-    crash_each_component_in_turn(ServerOptions::default()).await;
+    crash_in_turn(ServerOptions::default(), None, &SERVER_SYNC_ENVOY).await;
 }
 
 #[tokio::test]
 async fn the_same_holds_with_the_server_in_file_fast_mode() {
     // file-fast promises to survive a process crash (not a power loss): SIGKILL is one.
-    crash_each_component_in_turn(ServerOptions {
+    let options = ServerOptions {
         storage_mode: "file-fast".to_owned(),
         ..ServerOptions::default()
-    })
-    .await;
+    };
+    crash_in_turn(options, None, &SERVER_SYNC_ENVOY).await;
 }
 
 #[tokio::test]
 async fn the_same_holds_with_the_server_in_acid_mode() {
-    crash_each_component_in_turn(ServerOptions {
+    let options = ServerOptions {
         storage_mode: "acid".to_owned(),
         ..ServerOptions::default()
-    })
+    };
+    crash_in_turn(options, None, &SERVER_SYNC_ENVOY).await;
+}
+
+#[tokio::test]
+async fn the_same_holds_when_postgres_is_killed_too() {
+    // A cluster the harness owns (initdb/pg_ctl), since a DATABASE_URL server cannot be killed.
+    let postgres = Postgres::start_local_cluster()
+        .await
+        .expect("local initdb/pg_ctl cluster");
+    crash_in_turn(
+        ServerOptions::default(),
+        Some(postgres),
+        &[Component::Postgres, Component::Server, Component::Sync],
+    )
     .await;
 }
 
-async fn crash_each_component_in_turn(server_options: ServerOptions) {
+/// Writers load every stream through Envoy while each of `components` is SIGKILLed and restarted
+/// in turn; then the streams must be what was acknowledged and the mirror must equal them.
+/// `postgres`: where ds-sync writes (default: a fresh database from [`Postgres::start`]).
+async fn crash_in_turn(
+    server_options: ServerOptions,
+    postgres: Option<Postgres>,
+    components: &[Component],
+) {
     let mode = server_options.storage_mode.clone();
     let mut stack = EdgeStack::start(server_options)
         .await
         .expect("ds-server behind envoy");
-    stack
-        .start_sync(
-            PATTERN,
-            vec![
-                // Reconnect within a second of a component coming back, not after up to 30 s.
-                ("DS_SYNC__BACKOFF_MAX".to_owned(), "1s".to_owned()),
-                ("DS_SYNC__STATS_INTERVAL".to_owned(), "2s".to_owned()),
-            ],
-        )
-        .await
-        .expect("ds-sync following through envoy");
+    let sync_env = vec![
+        // Reconnect within a second of a component coming back, not after up to 30 s.
+        ("DS_SYNC__BACKOFF_MAX".to_owned(), "1s".to_owned()),
+        ("DS_SYNC__STATS_INTERVAL".to_owned(), "2s".to_owned()),
+    ];
+    match postgres {
+        Some(postgres) => stack.start_sync_on(postgres, PATTERN, sync_env).await,
+        None => stack.start_sync(PATTERN, sync_env).await,
+    }
+    .expect("ds-sync following through envoy");
     let client = StreamClient::new(
         stack.client.clone(),
         stack.edge_url(),
@@ -233,36 +286,23 @@ async fn crash_each_component_in_turn(server_options: ServerOptions) {
     let at_start = counts(&writers);
     wait_for_progress(&mut writers, &at_start, PROGRESS_AFTER_RESTART, "start").await;
 
-    for component in ["ds-server", "ds-sync", "envoy"] {
+    for &component in components {
         tokio::time::sleep(LOAD_BEFORE_KILL).await;
-        match component {
-            "ds-server" => stack.server.kill().expect("kill ds-server"),
-            "ds-sync" => stack
-                .sync
-                .as_mut()
-                .expect("sync")
-                .kill()
-                .expect("kill ds-sync"),
-            _ => stack.envoy.kill().expect("kill envoy"),
-        }
+        component
+            .kill(&mut stack)
+            .await
+            .unwrap_or_else(|e| panic!("kill {component:?}: {e:#}"));
         tokio::time::sleep(DEAD_FOR).await;
         let before_restart = counts(&writers);
-        match component {
-            "ds-server" => stack.server.restart().await.expect("restart ds-server"),
-            "ds-sync" => stack
-                .sync
-                .as_mut()
-                .expect("sync")
-                .restart()
-                .await
-                .expect("restart ds-sync"),
-            _ => stack.envoy.restart().await.expect("restart envoy"),
-        }
+        component
+            .restart(&mut stack)
+            .await
+            .unwrap_or_else(|e| panic!("restart {component:?}: {e:#}"));
         wait_for_progress(
             &mut writers,
             &before_restart,
             PROGRESS_AFTER_RESTART,
-            &format!("{component} restart"),
+            &format!("{component:?} restart"),
         )
         .await;
     }
@@ -278,7 +318,7 @@ async fn crash_each_component_in_turn(server_options: ServerOptions) {
             .expect("writer task")
             .unwrap_or_else(|e| panic!("writer of {}: {e:#}", writer.path));
         eprintln!(
-            "{mode}: {}: {} appends acknowledged ({} items), {} attempts retried, {} answered as \
+            "{mode}, killing {components:?}: {}: {} appends acknowledged ({} items), {} attempts retried, {} answered as \
              duplicates of a lost acknowledgement",
             writer.path,
             producer.next_seq,

@@ -482,6 +482,15 @@ fn read_sources(wal: &Wal, sources: Vec<Source>) -> Result<Vec<Bytes>, StorageEr
     Ok(parts)
 }
 
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        // The directory lock is released right after this: the writer thread must be finished
+        // by then, or a new instance could recover the log while the old one still writes or
+        // deletes segments.
+        self.wal.shutdown();
+    }
+}
+
 /// Where the WAL segments live under a data directory.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")

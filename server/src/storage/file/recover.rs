@@ -196,12 +196,11 @@ fn apply(
             state,
             data,
         } => {
+            // A stream removed earlier may have lost its CREATE frame to segment clean-up while
+            // later frames of it remain (segments are deleted oldest first); ids are never
+            // reused, so its leftover frames are skipped.
             let Some(s) = streams.get_mut(&id) else {
-                return Err(corrupt(
-                    path,
-                    frame_off,
-                    format!("append to unknown stream {id}"),
-                ));
+                return Ok(());
             };
             if start != s.state.tail {
                 return Err(corrupt(

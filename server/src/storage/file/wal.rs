@@ -197,16 +197,25 @@ impl Wal {
     }
 }
 
-impl Drop for Wal {
-    fn drop(&mut self) {
+impl Wal {
+    /// Stops accepting operations and waits until the writer has written, acknowledged and
+    /// cleaned up everything queued. Later submissions fail with `ShuttingDown`.
+    pub fn shutdown(&self) {
         // Closing the channel ends the writer after it has written everything queued.
         self.tx.lock().take();
-        if let Some(handle) = self.writer.lock().take() {
+        let handle = self.writer.lock().take();
+        if let Some(handle) = handle {
             // The writer itself may drop the last reference while it applies a batch.
             if handle.thread().id() != std::thread::current().id() {
                 let _ = handle.join();
             }
         }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

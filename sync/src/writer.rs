@@ -166,9 +166,14 @@ async fn commit(pool: &Pool, batch: &[Update]) -> Result<usize, WriteError> {
                 idx_col.push(i32::try_from(idx).unwrap_or(i32::MAX));
                 type_col.push(&read.content_type);
                 match row {
-                    Row::Json(text) => {
+                    Row::Json(text) if jsonb_can_hold(text) => {
                         data_col.push(Some(text));
                         bytes_col.push(None);
+                    }
+                    // Kept as its exact text rather than blocking the batch forever.
+                    Row::Json(text) => {
+                        data_col.push(None);
+                        bytes_col.push(Some(text.as_bytes()));
                     }
                     Row::Bytes(b) => {
                         data_col.push(None);
@@ -238,4 +243,22 @@ async fn commit(pool: &Pool, batch: &[Update]) -> Result<usize, WriteError> {
 
     tx.commit().await?;
     Ok(rows)
+}
+
+/// Whether Postgres `jsonb` accepts a JSON text: it refuses the escape `\u0000` (a NUL
+/// character). A false "no" (the six characters inside an escaped backslash) only moves a
+/// message to the `bytes` column, losslessly.
+fn jsonb_can_hold(text: &str) -> bool {
+    !text.contains("\\u0000")
+}
+
+#[cfg(test)]
+mod jsonb_tests {
+    use super::jsonb_can_hold;
+
+    #[test]
+    fn nul_escapes_are_routed_to_bytes() {
+        assert!(jsonb_can_hold(r#"{"a":"b"}"#));
+        assert!(!jsonb_can_hold(r#"{"a":"x\u0000y"}"#));
+    }
 }

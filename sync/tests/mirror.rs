@@ -68,6 +68,9 @@ async fn json_binary_and_text_streams_mirror_exactly() {
     )
     .await;
     c.append("/v1/stream/json", JSON, r#"[[]]"#).await;
+    // jsonb cannot hold a NUL character; such a message must not block the mirror.
+    c.append("/v1/stream/json", JSON, r#"{"nul":"a\u0000b"}"#)
+        .await;
     let big: Vec<_> = (0..5_000)
         .map(|i| json!({"n": i, "s": "y".repeat(i % 100)}))
         .collect();

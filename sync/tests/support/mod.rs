@@ -725,7 +725,7 @@ pub async fn row_count(db: &tokio_postgres::Client) -> i64 {
 pub async fn mirrored(db: &tokio_postgres::Client, stream: &str) -> Content {
     let rows = db
         .query(
-            "SELECT data::text, bytes FROM ds_messages WHERE stream = $1 \
+            "SELECT data::text, bytes, content_type FROM ds_messages WHERE stream = $1 \
              ORDER BY stream_offset, idx",
             &[&stream],
         )
@@ -736,9 +736,18 @@ pub async fn mirrored(db: &tokio_postgres::Client, stream: &str) -> Content {
     for r in &rows {
         let data: Option<String> = r.get(0);
         let raw: Option<Vec<u8>> = r.get(1);
+        let content_type: String = r.get(2);
+        let is_json = content_type
+            .split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
         match (data, raw) {
             (Some(text), None) => json
                 .push(serde_json::from_str(&text).unwrap_or_else(|e| panic!("stored jsonb: {e}"))),
+            // A JSON message jsonb cannot hold is kept as its exact text in `bytes`.
+            (None, Some(b)) if is_json => json.push(
+                serde_json::from_slice(&b).unwrap_or_else(|e| panic!("stored JSON text: {e}")),
+            ),
             (None, Some(b)) => bytes.extend_from_slice(&b),
             other => panic!("row of {stream} has data and bytes both or neither: {other:?}"),
         }

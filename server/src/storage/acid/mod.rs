@@ -3,8 +3,8 @@
 //!
 //! Layout: `acid-layout.json` records the shard count and the stream-to-shard hash (see
 //! [`layout`]); `shard-NNN.redb` are the shards. A stream lives wholly in one shard, chosen by a
-//! stable hash of its id. The tables and value encodings are described in `ACID.md` next to
-//! this module.
+//! stable hash of its id. The tables and value encodings are described in `server/STORAGE.md`
+//! (section "acid mode").
 //!
 //! Writes: each shard has one writer thread ([`writer`]) that batches every operation queued
 //! while its previous commit was syncing into the next transaction (group commit). An append's

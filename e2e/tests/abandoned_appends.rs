@@ -181,24 +181,17 @@ async fn abandoned_appends_never_wedge_later_ones(mode: &str) {
     }
 }
 
-/// KNOWN BUG in ds-server (reported to the lead; un-ignore both once fixed). In
-/// `Streams::append_any` (server/src/stream/mod.rs) the writer state (tail, producer seq) is
-/// advanced under the lock, then the handler awaits the storage commit, then calls
-/// `stream.reveal(tail)`. When the client disconnects during that await, hyper drops the handler
-/// future: the commit still completes in the background, but `reveal` never runs. The appended
-/// data stays invisible to readers (catch-up, long-poll, SSE, ds-sync) and the producer's retry,
-/// a duplicate, waits in `wait_duplicate` for a visible tail that never comes, forever, until
-/// some other append to the stream reveals a later tail. Memory mode commits without a pending
-/// await, so it is not affected. Seen first as the crash test hanging after Envoy's SIGKILL.
+/// Regression test: a client that hung up while its append was committing used to leave the
+/// committed data invisible (the reveal ran in the dropped handler), wedging the producer's retry
+/// until another append moved the tail. Memory mode commits without waiting; the durable modes
+/// are the ones that exercised it.
 #[tokio::test]
-#[ignore = "ds-server bug: an append abandoned during its commit is never revealed"]
 async fn abandoned_appends_never_wedge_later_ones_in_acid_mode() {
     abandoned_appends_never_wedge_later_ones("acid").await;
 }
 
-/// The same known bug as the acid case above.
+/// The same regression test in file-durable mode.
 #[tokio::test]
-#[ignore = "ds-server bug: an append abandoned during its commit is never revealed"]
 async fn abandoned_appends_never_wedge_later_ones_in_file_durable_mode() {
     abandoned_appends_never_wedge_later_ones("file-durable").await;
 }

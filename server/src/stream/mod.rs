@@ -494,18 +494,16 @@ impl Streams {
             Some(fork) => self.fork_prefix(fork).await?,
             None => None,
         };
-        let (stream, commit) = match self.create_locked(path, &req, prefix)? {
+        let (stream, commit, tail, closed) = match self.create_locked(path, &req, prefix)? {
             Created::Existing(outcome) => return Ok(outcome),
-            Created::New { stream, commit } => (stream, commit),
+            Created::New {
+                stream,
+                commit,
+                tail,
+                closed,
+            } => (stream, commit, tail, closed),
         };
-        if let Err(e) = commit.await {
-            stream.state.lock().poisoned = true;
-            return Err(e.into());
-        }
-        let st = stream.state.lock();
-        let (tail, closed) = (st.tail, st.closed);
-        drop(st);
-        stream.reveal(tail, closed);
+        settle(stream.clone(), commit, tail, closed).await?;
         Ok(CreateOutcome {
             created: true,
             content_type: stream.meta.content_type.clone(),
@@ -652,7 +650,12 @@ impl Streams {
         self.registry.insert(path.to_owned(), stream.clone());
         // Under the lifecycle lock, so the registry sees creates and deletes in their real order.
         self.announce("created", path, Some(&stream.meta.content_type));
-        Ok(Created::New { stream, commit })
+        Ok(Created::New {
+            stream,
+            commit,
+            tail,
+            closed: req.closed,
+        })
     }
 
     fn fork_source(&self, source_path: &str, now: u64) -> Result<Arc<Stream>, StreamError> {
@@ -900,12 +903,7 @@ impl Streams {
         match next {
             Next::Wait(outcome, tail) => self.wait_duplicate(&stream, outcome, tail).await,
             Next::Commit(outcome, commit, tail) => {
-                if let Err(e) = commit.await {
-                    stream.state.lock().poisoned = true;
-                    tracing::error!(stream = %stream.meta.path, error = %e, "append commit failed");
-                    return Err(e.into());
-                }
-                stream.reveal(tail, outcome.closed);
+                settle(stream, commit, tail, outcome.closed).await?;
                 Ok(outcome)
             }
         }
@@ -1159,7 +1157,55 @@ impl Streams {
 
 enum Created {
     Existing(CreateOutcome),
-    New { stream: Arc<Stream>, commit: Commit },
+    New {
+        stream: Arc<Stream>,
+        commit: Commit,
+        /// Tail and closed state as of the creation (appends may follow before it commits).
+        tail: u64,
+        closed: bool,
+    },
+}
+
+/// Waits for a submitted write and makes it visible to readers. The reveal must happen even if
+/// the caller stops waiting (a client that hangs up mid-commit drops the handler's future): the
+/// write is committed either way, and an unrevealed tail would hide it from every reader and
+/// stall the producer's retry. So unless the commit is already complete (memory storage), it is
+/// finished on a task of its own.
+async fn settle(
+    stream: Arc<Stream>,
+    commit: Commit,
+    tail: u64,
+    closed: bool,
+) -> Result<(), StreamError> {
+    use futures::FutureExt;
+    let mut commit = commit;
+    if let Some(result) = (&mut commit).now_or_never() {
+        return finish(&stream, result, tail, closed);
+    }
+    let task = tokio::spawn(async move {
+        let result = commit.await;
+        finish(&stream, result, tail, closed)
+    });
+    task.await.unwrap_or(Err(StreamError::ShuttingDown))
+}
+
+fn finish(
+    stream: &Stream,
+    result: Result<(), crate::storage::StorageError>,
+    tail: u64,
+    closed: bool,
+) -> Result<(), StreamError> {
+    match result {
+        Ok(()) => {
+            stream.reveal(tail, closed);
+            Ok(())
+        }
+        Err(e) => {
+            stream.state.lock().poisoned = true;
+            tracing::error!(stream = %stream.meta.path, error = %e, "storage commit failed");
+            Err(e.into())
+        }
+    }
 }
 
 /// A request body as stored data, in an allocation of its own. A body from the HTTP layer is

@@ -163,7 +163,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_SERVER__SSE_RECONNECT_INTERVAL",
         default: "1m",
-        doc: "SSE connections are closed after this long so CDNs can collapse readers; clients resume.",
+        doc: "SSE connections are closed after about this long (±10% jitter) so CDNs can collapse readers; clients resume.",
     },
     KeyDoc {
         env: "DS_SERVER__SSE_KEEPALIVE_INTERVAL",

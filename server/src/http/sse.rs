@@ -97,7 +97,11 @@ fn events(
         let server = &inner.config.server;
         let mut rx = stream.subscribe();
         let mut pos = resolve(query.offset, rx.borrow().tail);
-        let reconnect_at = tokio::time::Instant::now() + server.sse_reconnect_interval;
+        // Spread reconnects over ±10% of the interval, so readers that connected together do
+        // not all reconnect in the same instant.
+        let jitter = 0.9 + 0.2 * fastrand::f64();
+        let reconnect_at =
+            tokio::time::Instant::now() + server.sse_reconnect_interval.mul_f64(jitter);
         let mut sent_anything = false;
         loop {
             let visible = *rx.borrow_and_update();

@@ -797,3 +797,39 @@ async fn the_registry_stream_announces_creates_and_deletes_and_is_read_only() {
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     s.stop().await;
 }
+
+/// Live readers at the same offset share one encoded read: the server encodes an append once,
+/// however many readers wait for it.
+#[tokio::test]
+async fn sse_readers_at_the_same_offset_share_one_encoded_read() {
+    let s = TestServer::start(|_| {}).await;
+    let r = s
+        .put("/v1/stream/fan", "application/octet-stream", b"")
+        .await;
+    let tail = offset_of(&r);
+    s.post("/v1/stream/fan", "application/octet-stream", "payload")
+        .await;
+    let stream = s.streams.get("/v1/stream/fan", false).expect("stream");
+    let visible = stream.visible();
+    assert!(stream.shared_read(0, visible).is_none());
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let mut r = s
+            .client
+            .get(s.url(&format!("/v1/stream/fan?offset={tail}&live=sse")))
+            .send()
+            .await
+            .expect("sse");
+        let first = r.chunk().await.expect("chunk").expect("first event");
+        bodies.push(first);
+    }
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b.starts_with(b"event: data\ndata:cGF5bG9hZA==\n\n"))
+    );
+    let shared = stream.shared_read(0, visible).expect("the read was shared");
+    assert_eq!(shared.next, 7);
+    assert!(shared.up_to_date);
+    s.stop().await;
+}

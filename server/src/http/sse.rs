@@ -18,7 +18,7 @@ use futures::Stream as FutStream;
 
 use super::request::ReadQuery;
 use super::{AppState, encode_body, resolve};
-use crate::stream::{ReadOutcome, Stream};
+use crate::stream::{ReadOutcome, SharedRead, Stream};
 
 /// Starts an SSE response for `stream` from the query's offset.
 pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Response {
@@ -109,23 +109,40 @@ fn events(
                 break;
             }
             if pos < visible.tail {
-                let outcome = match inner.streams.read_bounded(&stream, pos, visible).await {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::warn!(stream = %stream.meta.path, error = %e, "sse read failed");
-                        break;
+                // Readers at the same offset share one encoded data event.
+                let read = match stream.shared_read(pos, visible) {
+                    Some(shared) => shared,
+                    None => {
+                        let outcome = match inner.streams.read_bounded(&stream, pos, visible).await {
+                            Ok(o) => o,
+                            Err(e) => {
+                                tracing::warn!(stream = %stream.meta.path, error = %e, "sse read failed");
+                                break;
+                            }
+                        };
+                        let mut encoded = BytesMut::new();
+                        if !outcome.is_empty() {
+                            push_data_event(&mut encoded, stream.kind, &outcome);
+                        }
+                        let read = SharedRead {
+                            start: pos,
+                            visible,
+                            next: outcome.next,
+                            up_to_date: outcome.up_to_date(),
+                            at_end: outcome.at_end(),
+                            encoded: encoded.freeze(),
+                        };
+                        stream.share_read(read.clone());
+                        read
                     }
                 };
-                let mut buf = BytesMut::new();
-                if !outcome.is_empty() {
-                    push_data_event(&mut buf, stream.kind, &outcome);
-                }
-                let end = outcome.at_end();
-                push_control(&mut buf, outcome.next, end, outcome.up_to_date(), query.cursor);
-                pos = outcome.next;
+                let mut buf = BytesMut::with_capacity(read.encoded.len() + 160);
+                buf.extend_from_slice(&read.encoded);
+                push_control(&mut buf, read.next, read.at_end, read.up_to_date, query.cursor);
+                pos = read.next;
                 sent_anything = true;
                 yield Ok(buf.freeze());
-                if end {
+                if read.at_end {
                     break;
                 }
                 continue;

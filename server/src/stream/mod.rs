@@ -182,6 +182,39 @@ pub struct Stream {
     /// For sliding TTLs.
     last_access_ms: AtomicU64,
     log: Arc<dyn StreamLog>,
+    /// The newest live read, encoded once and shared by every live reader at the same offset,
+    /// so an append's cost does not grow with the number of readers.
+    shared_read: Mutex<Option<SharedRead>>,
+}
+
+/// A read already encoded for the wire (the HTTP layer decides the encoding).
+#[derive(Clone, Debug)]
+pub struct SharedRead {
+    /// The offset the read started at and the visible state it was bounded by.
+    pub start: u64,
+    pub visible: Visible,
+    /// The offset after the read, and whether it reached the (closed) end.
+    pub next: u64,
+    pub up_to_date: bool,
+    pub at_end: bool,
+    /// The encoded bytes.
+    pub encoded: Bytes,
+}
+
+impl Stream {
+    /// The shared encoding of the read from `start` bounded by `visible`, if one was made.
+    pub fn shared_read(&self, start: u64, visible: Visible) -> Option<SharedRead> {
+        self.shared_read
+            .lock()
+            .as_ref()
+            .filter(|r| r.start == start && r.visible == visible)
+            .cloned()
+    }
+
+    /// Offers an encoded read for other readers at the same offset.
+    pub fn share_read(&self, read: SharedRead) {
+        *self.shared_read.lock() = Some(read);
+    }
 }
 
 impl std::fmt::Debug for Stream {
@@ -354,6 +387,7 @@ impl Streams {
                     gone: false,
                 }),
                 last_access_ms: AtomicU64::new(s.last_access_ms.max(r.meta.created_at_ms)),
+                shared_read: Mutex::new(None),
                 log: r.log,
                 meta: r.meta,
             });
@@ -641,6 +675,7 @@ impl Streams {
                 gone: false,
             }),
             last_access_ms: AtomicU64::new(now),
+            shared_read: Mutex::new(None),
             log,
             meta,
         });

@@ -168,7 +168,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_SERVER__SSE_KEEPALIVE_INTERVAL",
         default: "15s",
-        doc: "Idle SSE connections get a keep-alive comment this often.",
+        doc: "Idle SSE connections get a `: keep-alive` comment: none stays silent for more than twice this long.",
     },
     KeyDoc {
         env: "DS_SERVER__SHUTDOWN_TIMEOUT",

@@ -833,3 +833,28 @@ async fn sse_readers_at_the_same_offset_share_one_encoded_read() {
     assert!(shared.up_to_date);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn idle_sse_connections_get_keep_alive_comments() {
+    let s =
+        TestServer::start(|c| c.server.sse_keepalive_interval = Duration::from_millis(50)).await;
+    s.put("/v1/stream/idle", "text/plain", b"").await;
+    let mut r = s
+        .client
+        .get(s.url("/v1/stream/idle?offset=now&live=sse"))
+        .send()
+        .await
+        .expect("sse");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains(": keep-alive\n\n") {
+        let chunk = tokio::time::timeout_at(deadline, r.chunk())
+            .await
+            .expect("a keep-alive before the deadline")
+            .expect("chunk")
+            .expect("stream open");
+        seen.extend_from_slice(&chunk);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("event: control\n"));
+    s.stop().await;
+}

@@ -102,6 +102,16 @@ fn events(
         let jitter = 0.9 + 0.2 * fastrand::f64();
         let reconnect_at =
             tokio::time::Instant::now() + server.sse_reconnect_interval.mul_f64(jitter);
+        // One timer each for the connection's life, not one per wake-up: with many readers a
+        // timer armed and cancelled on every append is a real cost.
+        let reconnect = tokio::time::sleep_until(reconnect_at);
+        tokio::pin!(reconnect);
+        let mut keepalive = tokio::time::interval_at(
+            tokio::time::Instant::now() + server.sse_keepalive_interval,
+            server.sse_keepalive_interval,
+        );
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sent = tokio::time::Instant::now();
         let mut sent_anything = false;
         loop {
             let visible = *rx.borrow_and_update();
@@ -141,6 +151,7 @@ fn events(
                 push_control(&mut buf, read.next, read.at_end, read.up_to_date, query.cursor);
                 pos = read.next;
                 sent_anything = true;
+                last_sent = tokio::time::Instant::now();
                 yield Ok(buf.freeze());
                 if read.at_end {
                     break;
@@ -151,6 +162,7 @@ fn events(
                 let mut buf = BytesMut::new();
                 push_control(&mut buf, pos, visible.closed, true, query.cursor);
                 sent_anything = true;
+                last_sent = tokio::time::Instant::now();
                 yield Ok(buf.freeze());
                 if visible.closed {
                     break;
@@ -162,10 +174,14 @@ fn events(
                         break;
                     }
                 }
-                () = tokio::time::sleep(server.sse_keepalive_interval) => {
-                    yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                _ = keepalive.tick() => {
+                    // Only a connection that sent nothing for a whole interval needs one.
+                    if last_sent.elapsed() >= server.sse_keepalive_interval {
+                        last_sent = tokio::time::Instant::now();
+                        yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                    }
                 }
-                () = tokio::time::sleep_until(reconnect_at) => break,
+                () = &mut reconnect => break,
                 () = inner.shutdown.cancelled() => break,
             }
         }

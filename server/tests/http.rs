@@ -858,3 +858,22 @@ async fn idle_sse_connections_get_keep_alive_comments() {
     assert!(String::from_utf8_lossy(&seen).starts_with("event: control\n"));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_chunked_body_over_the_request_cap_gets_413_naming_the_limit() {
+    let s = TestServer::start(|c| c.limits.max_request_bytes = 100).await;
+    s.put("/v1/stream/chunked", "text/plain", b"").await;
+    // No Content-Length: the cap is found while reading the body.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(vec![b'x'; 60]), Ok(vec![b'y'; 60])];
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let r = s.post("/v1/stream/chunked", "text/plain", body).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        r.text()
+            .await
+            .expect("body")
+            .contains("DS_LIMITS__MAX_REQUEST_BYTES")
+    );
+    assert!(s.read_all("/v1/stream/chunked").await.is_empty());
+    s.stop().await;
+}

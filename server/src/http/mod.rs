@@ -191,23 +191,19 @@ async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.inner.config.limits.max_request_bytes;
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     axum::body::to_bytes(body, limit_usize).await.map_err(|e| {
-        // `to_bytes` reports an exceeded limit and transport errors alike.
-        if std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util_limit::LengthLimitError>())
-            || e.to_string().contains("length limit")
-        {
-            ApiError::PayloadTooLarge(format!(
-                "request body is larger than DS_LIMITS__MAX_REQUEST_BYTES ({limit} bytes)"
-            ))
-        } else {
-            ApiError::bad_request(format!("could not read request body: {e}"))
+        // `to_bytes` reports an exceeded limit and transport errors alike; the limit error is
+        // somewhere in the source chain.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.is::<http_body_util::LengthLimitError>() {
+                return ApiError::PayloadTooLarge(format!(
+                    "request body is larger than DS_LIMITS__MAX_REQUEST_BYTES ({limit} bytes)"
+                ));
+            }
+            source = err.source();
         }
+        ApiError::bad_request(format!("could not read request body: {e}"))
     })
-}
-
-/// Kept as a module so the limit error type has one name here.
-mod http_body_util_limit {
-    pub use axum::extract::rejection::LengthLimitError;
 }
 
 fn declared_too_large(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -42,23 +42,8 @@ vitest_args=("$@")
 
 log() { printf '[through-envoy] %s\n' "$*" >&2; }
 
-free_port() {
-  node -e '
-    const s = require("node:net").createServer();
-    s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });
-  '
-}
-
-# Prints the HTTP status of GET $1 (000 if no answer).
-http_status() {
-  node -e '
-    const ctl = new AbortController();
-    setTimeout(() => ctl.abort(), 1000).unref();
-    fetch(process.argv[1], { signal: ctl.signal })
-      .then((r) => console.log(r.status))
-      .catch(() => console.log("000"));
-  ' "$1"
-}
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$here/lib.sh"
 
 work="$(mktemp -d -t ds-through-envoy.XXXXXX)"
 server_pid=""

@@ -11,7 +11,6 @@ use anyhow::Context;
 use crate::fixtures;
 use crate::ports::{LOOPBACK, free_loopback_port};
 use crate::process::{ManagedProcess, ProcessSpec};
-use crate::wait::wait_until;
 
 /// How long Envoy may take to load its config and open its listeners.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -119,19 +118,9 @@ impl Envoy {
     /// Polls admin `GET /ready` until it answers 200 (listeners open, config loaded).
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let url = format!("http://{LOOPBACK}:{}/ready", self.admin_port);
-        let admin = self.admin.clone();
-        let process = &mut self.process;
-        wait_until("envoy admin /ready", READY_DEADLINE, || {
-            let alive = process.ensure_running();
-            let admin = admin.clone();
-            let url = url.clone();
-            async move {
-                alive?;
-                let status = admin.get(&url).send().await?.status();
-                Ok(status.is_success().then_some(()))
-            }
-        })
-        .await
+        self.process
+            .wait_http_ok("envoy admin /ready", READY_DEADLINE, &self.admin, &url)
+            .await
     }
 
     /// kill -9.

@@ -167,6 +167,28 @@ impl ManagedProcess {
     }
 }
 
+impl ManagedProcess {
+    /// Polls `GET url` until it answers 2xx, failing early (with the reason) if the process
+    /// exits, and after `deadline` otherwise.
+    pub async fn wait_http_ok(
+        &mut self,
+        what: &str,
+        deadline: std::time::Duration,
+        client: &reqwest::Client,
+        url: &str,
+    ) -> anyhow::Result<()> {
+        crate::wait::wait_until(what, deadline, || {
+            let alive = self.ensure_running();
+            let request = client.get(url).send();
+            async move {
+                alive?;
+                Ok(request.await?.status().is_success().then_some(()))
+            }
+        })
+        .await
+    }
+}
+
 impl Drop for ManagedProcess {
     fn drop(&mut self) {
         let _ = self.kill();

@@ -11,7 +11,6 @@ use crate::fixtures;
 use crate::ports::{LOOPBACK, free_loopback_port};
 use crate::process::{ManagedProcess, ProcessSpec};
 use crate::tls;
-use crate::wait::wait_until;
 
 /// The variables the harness sets; compose.yaml sets the same ones (checked by a test).
 pub const SERVER_ENV_KEYS: [&str; 6] = [
@@ -102,19 +101,9 @@ impl DsServer {
 
     pub async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let url = format!("{}/healthz", self.base_url());
-        let client = self.client.clone();
-        let process = &mut self.process;
-        wait_until("ds-server /healthz", HEALTHY_DEADLINE, || {
-            let alive = process.ensure_running();
-            let client = client.clone();
-            let url = url.clone();
-            async move {
-                alive?;
-                let status = client.get(&url).send().await?.status();
-                Ok(status.is_success().then_some(()))
-            }
-        })
-        .await
+        self.process
+            .wait_http_ok("ds-server /healthz", HEALTHY_DEADLINE, &self.client, &url)
+            .await
     }
 
     /// kill -9.

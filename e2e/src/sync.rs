@@ -7,7 +7,6 @@ use std::time::Duration;
 use crate::fixtures;
 use crate::ports::{LOOPBACK, free_loopback_port};
 use crate::process::{ManagedProcess, ProcessSpec, run_to_completion};
-use crate::wait::wait_until;
 
 /// Start-up includes connecting to Postgres and checking migrations.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -70,19 +69,9 @@ impl DsSync {
     /// Polls `/readyz` until 200 (Postgres reachable, migrations applied).
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let url = format!("http://{LOOPBACK}:{}/readyz", self.health_port);
-        let client = self.client.clone();
-        let process = &mut self.process;
-        wait_until("ds-sync /readyz", READY_DEADLINE, || {
-            let alive = process.ensure_running();
-            let client = client.clone();
-            let url = url.clone();
-            async move {
-                alive?;
-                let status = client.get(&url).send().await?.status();
-                Ok(status.is_success().then_some(()))
-            }
-        })
-        .await
+        self.process
+            .wait_http_ok("ds-sync /readyz", READY_DEADLINE, &self.client, &url)
+            .await
     }
 
     /// kill -9.

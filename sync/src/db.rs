@@ -1,12 +1,14 @@
 //! Postgres plumbing outside the hot path: the connection pool, the migrations (sqlx's migrator,
 //! which takes an advisory lock so that several workers may start at once), the readiness check,
-//! and loading the checkpoints the worker resumes from.
+//! and the checkpoints the worker starts from. Once a stream is followed, only `writer` changes its
+//! row.
 
 use std::collections::BTreeSet;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use crate::batch::{Checkpoint, Incarnation, START_OFFSET};
 use crate::config::{Config, ConfigError};
 
 /// The migrations in `migrations/`, embedded at build time.
@@ -89,23 +91,29 @@ pub async fn check_ready(pool: &Pool) -> Result<(), DbError> {
     Ok(())
 }
 
-/// A stream to follow and where to resume it.
+/// Where a follower starts: one incarnation of a stream and its checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Checkpoint {
+pub struct StreamStart {
     pub stream: String,
+    pub incarnation: Incarnation,
     pub next_offset: String,
     pub content_type: Option<String>,
 }
 
-/// Makes sure `explicit` streams have a checkpoint row, then returns every stream to follow:
-/// the explicit ones and those under a `prefixes` entry, less closed or deleted ones and less
-/// `exclude` (the registry, which has its own follower).
-pub async fn load_checkpoints(
-    pool: &Pool,
-    explicit: &[String],
-    prefixes: &[String],
-    exclude: &str,
-) -> Result<Vec<Checkpoint>, DbError> {
+const START_COLUMNS: &str = "stream, incarnation, next_offset, content_type";
+
+fn stream_start(row: &tokio_postgres::Row) -> Result<StreamStart, tokio_postgres::Error> {
+    Ok(StreamStart {
+        stream: row.try_get(0)?,
+        incarnation: row.try_get(1)?,
+        next_offset: row.try_get(2)?,
+        content_type: row.try_get(3)?,
+    })
+}
+
+/// Gives every `explicit` stream a checkpoint row (its first incarnation, from the start) unless
+/// it has one.
+pub async fn ensure_checkpoints(pool: &Pool, explicit: &[String]) -> Result<(), DbError> {
     let client = pool.get().await?;
     client
         .execute(
@@ -114,53 +122,54 @@ pub async fn load_checkpoints(
             &[&explicit],
         )
         .await?;
+    Ok(())
+}
+
+/// Every stream to follow: the explicit ones and those under a `prefixes` entry, less closed or
+/// deleted ones and less `exclude` (the registry, which has its own follower).
+pub async fn followable_checkpoints(
+    pool: &Pool,
+    explicit: &[String],
+    prefixes: &[String],
+    exclude: &str,
+) -> Result<Vec<StreamStart>, DbError> {
+    let client = pool.get().await?;
     // `starts_with` rather than LIKE so that '%' and '_' in a prefix are literal.
     let rows = client
         .query(
-            "SELECT stream, next_offset, content_type FROM ds_checkpoints \
-             WHERE NOT closed AND NOT deleted AND stream <> $3 \
-               AND (stream = ANY($1) OR EXISTS \
-                    (SELECT 1 FROM unnest($2::text[]) AS p WHERE starts_with(stream, p))) \
-             ORDER BY stream",
+            &format!(
+                "SELECT {START_COLUMNS} FROM ds_checkpoints \
+                 WHERE NOT closed AND NOT deleted AND stream <> $3 \
+                   AND (stream = ANY($1) OR EXISTS \
+                        (SELECT 1 FROM unnest($2::text[]) AS p WHERE starts_with(stream, p))) \
+                 ORDER BY stream"
+            ),
             &[&explicit, &prefixes, &exclude],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Checkpoint {
-                stream: r.try_get(0)?,
-                next_offset: r.try_get(1)?,
-                content_type: r.try_get(2)?,
-            })
-        })
-        .collect()
+    Ok(rows.iter().map(stream_start).collect::<Result<_, _>>()?)
 }
 
 /// The checkpoint of one stream, unless it is closed or deleted (then it is not followed).
 pub async fn followable_checkpoint(
     pool: &Pool,
     stream: &str,
-) -> Result<Option<Checkpoint>, DbError> {
+) -> Result<Option<StreamStart>, DbError> {
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT stream, next_offset, content_type FROM ds_checkpoints \
-             WHERE stream = $1 AND NOT closed AND NOT deleted",
+            &format!(
+                "SELECT {START_COLUMNS} FROM ds_checkpoints \
+                 WHERE stream = $1 AND NOT closed AND NOT deleted"
+            ),
             &[&stream],
         )
         .await?;
-    row.map(|r| {
-        Ok(Checkpoint {
-            stream: r.try_get(0)?,
-            next_offset: r.try_get(1)?,
-            content_type: r.try_get(2)?,
-        })
-    })
-    .transpose()
+    Ok(row.as_ref().map(stream_start).transpose()?)
 }
 
 /// The registry's checkpoint, created at the start of the registry when new.
-pub async fn registry_checkpoint(pool: &Pool, registry: &str) -> Result<String, DbError> {
+pub async fn registry_checkpoint(pool: &Pool, registry: &str) -> Result<StreamStart, DbError> {
     let client = pool.get().await?;
     client
         .execute(
@@ -171,9 +180,66 @@ pub async fn registry_checkpoint(pool: &Pool, registry: &str) -> Result<String, 
         .await?;
     let row = client
         .query_one(
-            "SELECT next_offset FROM ds_checkpoints WHERE stream = $1",
+            &format!("SELECT {START_COLUMNS} FROM ds_checkpoints WHERE stream = $1"),
             &[&registry],
         )
         .await?;
-    Ok(row.try_get(0)?)
+    Ok(stream_start(&row)?)
+}
+
+/// Explicit streams no longer followed (closed or deleted), with their checkpoints: where no
+/// registry is followed, the worker looks at each once on start, in case the path holds a new
+/// stream now.
+pub async fn ended_checkpoints(
+    pool: &Pool,
+    explicit: &[String],
+) -> Result<Vec<(String, Checkpoint)>, DbError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT stream, incarnation, next_offset, content_type, closed, deleted, \
+                    deleted_status \
+             FROM ds_checkpoints WHERE stream = ANY($1) AND (closed OR deleted) ORDER BY stream",
+            &[&explicit],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0)?,
+                Checkpoint {
+                    incarnation: r.try_get(1)?,
+                    next_offset: r.try_get(2)?,
+                    content_type: r.try_get(3)?,
+                    closed: r.try_get(4)?,
+                    deleted: r.try_get(5)?,
+                    deleted_status: r.try_get(6)?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Starts the next incarnation of `stream` (at the stream's beginning) if its row is still at
+/// `incarnation` and not followed (closed or deleted); returns where to follow it from. Only
+/// for streams no follower of this worker writes, so it may bypass the writer.
+pub async fn start_next_incarnation(
+    pool: &Pool,
+    stream: &str,
+    incarnation: Incarnation,
+) -> Result<Option<StreamStart>, DbError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE ds_checkpoints SET incarnation = incarnation + 1, next_offset = $3, \
+                   content_type = NULL, closed = false, deleted = false, deleted_status = NULL, \
+                   updated_at = now() \
+                 WHERE stream = $1 AND incarnation = $2 AND (closed OR deleted) \
+                 RETURNING {START_COLUMNS}"
+            ),
+            &[&stream, &incarnation, &START_OFFSET],
+        )
+        .await?;
+    Ok(row.as_ref().map(stream_start).transpose()?)
 }

@@ -3,11 +3,13 @@
 //!
 //! The protocol has no list operation, so the server keeps a reserved JSON stream (default
 //! `/_ds/registry`) to which every create appends `{"event":"created","path":...}` and every
-//! delete or expiry `{"event":"deleted","path":...}`. The worker follows it like any stream, from
-//! its own checkpoint row; a created path under a pattern gets a checkpoint row in the same
-//! transaction that advances the registry's checkpoint, so a crash can neither lose a discovered
-//! stream nor discover it twice. Deleted events need no action: the stream's own follower sees
-//! 404/410 and records it.
+//! delete or expiry `{"event":"deleted","path":...}`. When a pattern is configured the worker
+//! follows it like any stream, from its own checkpoint row. Its events about covered paths
+//! (explicit or under a pattern) take effect in the transaction that advances the registry's
+//! checkpoint past them, so a crash can neither lose one nor apply one twice: `created` at a new
+//! path gives it a checkpoint row, `created` at a path whose incarnation ended (deleted) starts
+//! its next incarnation at the stream's beginning, `deleted` ends the current incarnation (its
+//! follower stops; it would see 404 soon anyway). See `batch` for the rules.
 
 use std::collections::BTreeSet;
 
@@ -55,11 +57,12 @@ impl Selection {
         !self.prefixes.is_empty()
     }
 
-    /// Whether a path the registry announced should get a follower (explicit paths have one).
-    pub fn wants_discovered(&self, path: &str) -> bool {
+    /// Whether the worker mirrors `path`: an explicit path, or one under a pattern. Never the
+    /// registry itself.
+    pub fn covers(&self, path: &str) -> bool {
         path != self.registry
-            && !self.explicit.contains(path)
-            && self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
+            && (self.explicit.contains(path)
+                || self.prefixes.iter().any(|p| path.starts_with(p.as_str())))
     }
 }
 
@@ -78,15 +81,13 @@ mod tests {
             "/_ds/registry",
         );
         assert!(sel.needs_registry());
-        assert!(sel.wants_discovered("/v1/stream/orders/1"));
-        assert!(sel.wants_discovered("/v1/stream/b"));
-        assert!(
-            !sel.wants_discovered("/v1/stream/a"),
-            "explicit: already followed"
-        );
-        assert!(!sel.wants_discovered("/_ds/registry"));
+        assert!(sel.covers("/v1/stream/orders/1"));
+        assert!(sel.covers("/v1/stream/b"));
+        assert!(sel.covers("/v1/stream/a"), "explicit paths are covered too");
+        assert!(!sel.covers("/_ds/registry"));
         let only_explicit = Selection::new(&["/x".into()], "/_ds/registry");
         assert!(!only_explicit.needs_registry());
-        assert!(!only_explicit.wants_discovered("/y"));
+        assert!(only_explicit.covers("/x"));
+        assert!(!only_explicit.covers("/y"));
     }
 }

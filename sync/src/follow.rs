@@ -26,7 +26,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::batch::{Read, Row, Update};
+use crate::batch::{Announcement, Incarnation, Lifecycle, Read, Row, START_OFFSET, Update};
+use crate::db::StreamStart;
 use crate::discovery::{RegistryEvent, Selection};
 use crate::sse::{SseError, SseParser};
 use crate::status::{Status, StreamState};
@@ -46,6 +47,12 @@ pub enum FollowError {
     Protocol(String),
     #[error("response body exceeds max_event_bytes ({limit})")]
     TooLarge { limit: usize },
+    /// Offsets of one stream only grow: an answer behind the offset asked for comes from
+    /// another stream at the same path (deleted and created again).
+    #[error(
+        "the server answered offset {next:?} to a read at {offset:?}: the path holds another stream"
+    )]
+    Replaced { offset: String, next: String },
     #[error("the writer stopped")]
     WriterGone,
 }
@@ -71,19 +78,57 @@ pub struct FollowContext {
     pub inflight_max: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// What a follower does when its path turns out to hold another stream: with the registry
+    /// followed, end the incarnation and leave the next one to the registry's `created`
+    /// announcement (starting it here too would make two); without, start it itself.
+    pub restart_replaced: bool,
     pub status: Arc<Status>,
     pub shutdown: CancellationToken,
 }
 
 impl FollowContext {
-    async fn acquire_slot(&self) -> Option<OwnedSemaphorePermit> {
+    async fn acquire_slot(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let permit = tokio::select! {
-            _ = self.shutdown.cancelled() => None,
+            _ = stop.cancelled() => None,
             permit = self.slots.clone().acquire_owned() => permit.ok(),
         };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         permit
+    }
+}
+
+/// What a HEAD found at a path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// 404 or 410.
+    Missing,
+    Present {
+        next_offset: String,
+        closed: bool,
+    },
+}
+
+impl FollowContext {
+    /// HEAD of `path`: whether a stream is there, its tail and whether it is closed.
+    pub async fn probe(&self, path: &str) -> Result<Probe, FollowError> {
+        let url = reqwest::Url::parse(&format!("{}{path}", self.base_url))
+            .map_err(|e| FollowError::Protocol(format!("stream url: {e}")))?;
+        let resp = self.http.head(url).send().await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Probe::Missing),
+            s if s.is_success() => Ok(Probe::Present {
+                next_offset: header_str(&resp, headers::STREAM_NEXT_OFFSET)
+                    .ok_or_else(|| FollowError::Protocol("HEAD without Stream-Next-Offset".into()))?
+                    .to_owned(),
+                closed: header_str(&resp, headers::STREAM_CLOSED)
+                    .is_some_and(|v| headers::is_true(v.as_bytes())),
+            }),
+            s => Err(FollowError::Status {
+                status: s.as_u16(),
+                what: "HEAD",
+            }),
+        }
     }
 }
 
@@ -92,8 +137,8 @@ impl FollowContext {
 pub enum Role {
     /// Mirror the stream's messages into `ds_messages`.
     Mirror,
-    /// Read the registry: nothing is mirrored; created paths that `selection` wants are
-    /// discovered.
+    /// Read the registry: nothing is mirrored; its create and delete events about paths that
+    /// `selection` covers are handed to the writer, which starts and ends incarnations by them.
     Registry(Arc<Selection>),
 }
 
@@ -118,11 +163,16 @@ enum SessionEnd {
     SseUnsupported,
 }
 
-/// One followed stream.
+/// One followed incarnation of a stream.
 pub struct Follower {
     ctx: Arc<FollowContext>,
     stream: Arc<str>,
+    /// The incarnation read; every update names it, so the writer can drop what is read after
+    /// the incarnation ended.
+    incarnation: Incarnation,
     role: Role,
+    /// Cancelled when the worker stops or this incarnation is no longer to be followed.
+    stop: CancellationToken,
     /// Where the next read starts: the end of the last read handed to the writer.
     offset: String,
     content_type: Option<Arc<str>>,
@@ -132,65 +182,108 @@ pub struct Follower {
     /// The current session got at least one valid answer (control event or long-poll response);
     /// a session that ends without one is retried with backoff.
     answered: bool,
+    /// The registry follower has told the writer it reached the tail once.
+    caught_up_sent: bool,
 }
 
 impl Follower {
     pub fn new(
         ctx: Arc<FollowContext>,
-        stream: &str,
-        next_offset: String,
-        content_type: Option<String>,
+        start: StreamStart,
         role: Role,
+        stop: CancellationToken,
     ) -> Self {
         Follower {
             ctx,
-            stream: stream.into(),
+            stream: start.stream.into(),
+            incarnation: start.incarnation,
             role,
-            offset: next_offset,
-            content_type: content_type.map(Into::into),
+            stop,
+            offset: start.next_offset,
+            content_type: start.content_type.map(Into::into),
             cursor: None,
             mode: None,
             answered: false,
+            caught_up_sent: false,
         }
     }
 
-    /// Follows until the stream closes, disappears, or the worker shuts down.
+    /// Follows until the stream closes or disappears, or `stop` is cancelled.
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.ctx.backoff_min, self.ctx.backoff_max);
         let status = self.ctx.status.clone();
+        status.set_incarnation(&self.stream, self.incarnation);
         loop {
             status.set_state(&self.stream, StreamState::Waiting);
-            let Some(slot) = self.ctx.acquire_slot().await else {
+            let Some(slot) = self.ctx.acquire_slot(&self.stop).await else {
                 return;
             };
             status.set_state(&self.stream, StreamState::Following);
             let start_offset = self.offset.clone();
             self.answered = false;
-            let shutdown = self.ctx.shutdown.clone();
+            let stop = self.stop.clone();
             let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 r = self.session() => r,
             };
             drop(slot);
             let progressed = self.offset != start_offset;
             match result {
                 Ok(SessionEnd::Closed) => {
-                    tracing::info!(stream = %self.stream, offset = %self.offset, "stream closed; mirrored to its end");
+                    tracing::info!(stream = %self.stream, incarnation = self.incarnation, offset = %self.offset, "stream closed; mirrored to its end");
                     return;
                 }
                 Ok(SessionEnd::Gone(code)) => {
                     if let Role::Registry(_) = self.role {
                         tracing::warn!(stream = %self.stream, status = code,
                             "the server has no registry stream; prefix patterns only match streams already in ds_checkpoints until it appears");
+                        // Nothing to wait for before following the other streams.
+                        if self.send_caught_up().await.is_err() {
+                            return;
+                        }
                         self.pause(self.ctx.backoff_max).await;
                         continue;
                     }
-                    tracing::warn!(stream = %self.stream, status = code, "stream is gone; recorded as deleted, not retried");
+                    tracing::warn!(stream = %self.stream, incarnation = self.incarnation, status = code, "stream is gone; recorded as deleted, not retried");
                     let gone = Update::Gone {
                         stream: self.stream.clone(),
-                        status: code,
+                        incarnation: self.incarnation,
+                        status: Some(code),
                     };
                     // If the writer is gone the worker is stopping; the next run finds it gone.
+                    let _ = self.ctx.updates.send(gone).await;
+                    return;
+                }
+                Err(FollowError::Replaced { .. })
+                    if matches!(self.role, Role::Registry(_)) || self.ctx.restart_replaced =>
+                {
+                    tracing::warn!(stream = %self.stream, incarnation = self.incarnation, offset = %self.offset,
+                        "the path holds another stream now; mirroring it as the next incarnation from its start");
+                    let restart = Update::Restart {
+                        stream: self.stream.clone(),
+                        incarnation: self.incarnation,
+                    };
+                    if self.ctx.updates.send(restart).await.is_err() {
+                        return;
+                    }
+                    self.incarnation += 1;
+                    self.offset = START_OFFSET.to_owned();
+                    self.cursor = None;
+                    self.mode = None;
+                    if let Role::Mirror = self.role {
+                        self.content_type = None;
+                    }
+                    status.set_incarnation(&self.stream, self.incarnation);
+                    backoff.reset();
+                }
+                Err(FollowError::Replaced { .. }) => {
+                    tracing::warn!(stream = %self.stream, incarnation = self.incarnation, offset = %self.offset,
+                        "the path holds another stream now; incarnation recorded as deleted, the registry's create announcement starts the next");
+                    let gone = Update::Gone {
+                        stream: self.stream.clone(),
+                        incarnation: self.incarnation,
+                        status: None,
+                    };
                     let _ = self.ctx.updates.send(gone).await;
                     return;
                 }
@@ -218,9 +311,25 @@ impl Follower {
 
     async fn pause(&self, delay: Duration) {
         tokio::select! {
-            _ = self.ctx.shutdown.cancelled() => {}
+            _ = self.stop.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+
+    /// Tells the writer, once, that the registry has been read to its tail: it passes the
+    /// message on after committing everything sent before it.
+    async fn send_caught_up(&mut self) -> Result<(), FollowError> {
+        if self.caught_up_sent || !matches!(self.role, Role::Registry(_)) {
+            return Ok(());
+        }
+        self.caught_up_sent = true;
+        self.ctx
+            .updates
+            .send(Update::CaughtUp {
+                stream: self.stream.clone(),
+            })
+            .await
+            .map_err(|_| FollowError::WriterGone)
     }
 
     async fn session(&mut self) -> Result<SessionEnd, FollowError> {
@@ -379,6 +488,9 @@ impl Follower {
                             control.stream_closed,
                         )
                         .await?;
+                        if up_to_date {
+                            self.send_caught_up().await?;
+                        }
                         if control.stream_closed {
                             return Ok(SessionEnd::Closed);
                         }
@@ -425,6 +537,7 @@ impl Follower {
             .status
             .set_up_to_date(&self.stream, up_to_date || closed);
         if status == StatusCode::NO_CONTENT {
+            self.send_caught_up().await?;
             // A timeout carries no data, so it must not move us: a server that answered a newer
             // tail here would make us skip bytes (a bug seen in another server).
             if next != self.offset && !closed {
@@ -445,6 +558,9 @@ impl Follower {
             vec![Row::Bytes(body)]
         };
         self.emit(rows, next, closed).await?;
+        if up_to_date || closed {
+            self.send_caught_up().await?;
+        }
         if closed {
             return Ok(SessionEnd::Closed);
         }
@@ -464,6 +580,13 @@ impl Follower {
         next: String,
         closed: bool,
     ) -> Result<(), FollowError> {
+        // Offsets sort as strings in stream order (`-1` is only ever asked for, never answered).
+        if self.offset != START_OFFSET && next < self.offset {
+            return Err(FollowError::Replaced {
+                offset: self.offset.clone(),
+                next,
+            });
+        }
         if next == self.offset {
             if rows.is_empty() && !closed {
                 return Ok(());
@@ -475,9 +598,9 @@ impl Follower {
                 )));
             }
         }
-        let (rows, discovered) = match &self.role {
+        let (rows, announcements) = match &self.role {
             Role::Mirror => (rows, Vec::new()),
-            Role::Registry(selection) => (Vec::new(), discovered_paths(&rows, selection)),
+            Role::Registry(selection) => (Vec::new(), announcements(&rows, selection)),
         };
         let size = rows
             .iter()
@@ -495,6 +618,7 @@ impl Follower {
             .map_err(|_| FollowError::WriterGone)?;
         let read = Read {
             stream: self.stream.clone(),
+            incarnation: self.incarnation,
             content_type: self
                 .content_type
                 .clone()
@@ -504,7 +628,7 @@ impl Follower {
             rows,
             closed,
             received_at: SystemTime::now(),
-            discovered,
+            announcements,
             budget: Some(budget),
         };
         self.ctx
@@ -569,14 +693,23 @@ fn decode_json_array(body: &[u8]) -> Result<Vec<Row>, FollowError> {
         .collect())
 }
 
-/// Paths of `created` registry events that the selection wants.
-fn discovered_paths(rows: &[Row], selection: &Selection) -> Vec<String> {
-    let mut paths = Vec::new();
+/// The registry's `created` and `deleted` events about paths the selection covers, in order.
+fn announcements(rows: &[Row], selection: &Selection) -> Vec<Announcement> {
+    let mut out = Vec::new();
     for row in rows {
         let Row::Json(text) = row else { continue };
         match serde_json::from_str::<RegistryEvent>(text) {
-            Ok(event) if event.event == "created" && selection.wants_discovered(&event.path) => {
-                paths.push(event.path)
+            Ok(event) if selection.covers(&event.path) => {
+                let event_kind = match event.event.as_str() {
+                    "created" => Lifecycle::Created,
+                    "deleted" => Lifecycle::Deleted,
+                    // Events the server may add later say nothing about incarnations.
+                    _ => continue,
+                };
+                out.push(Announcement {
+                    event: event_kind,
+                    path: event.path,
+                });
             }
             Ok(_) => {}
             Err(e) => {
@@ -584,7 +717,7 @@ fn discovered_paths(rows: &[Row], selection: &Selection) -> Vec<String> {
             }
         }
     }
-    paths
+    out
 }
 
 #[cfg(test)]

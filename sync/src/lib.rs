@@ -16,18 +16,21 @@ pub mod sse;
 pub mod status;
 pub mod writer;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
+use deadpool_postgres::Pool;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::batch::{Checkpoint, Incarnation, Notice};
 use crate::config::Config;
+use crate::db::StreamStart;
 use crate::discovery::Selection;
-use crate::follow::{FollowContext, Follower, Role};
+use crate::follow::{FollowContext, Follower, Probe, Role};
 use crate::status::Status;
 
 /// Why the worker stopped.
@@ -50,17 +53,115 @@ pub enum SyncError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Follows a stream the registry announced, from its stored checkpoint rather than from '-1':
-/// the path may have been seen before (closed, deleted, re-created), and the writer refuses reads
-/// that do not start at the checkpoint. Closed or deleted streams are not followed.
-async fn follow_discovered(ctx: Arc<FollowContext>, pool: deadpool_postgres::Pool, path: String) {
+/// The followers of mirrored streams: at most one per path, for its latest incarnation.
+struct Followers {
+    ctx: Arc<FollowContext>,
+    pool: Pool,
+    tasks: JoinSet<()>,
+    /// Per path, the incarnation followed and the token that stops its follower.
+    by_path: HashMap<String, (Incarnation, CancellationToken)>,
+}
+
+impl Followers {
+    /// Replaces the follower of `path` (if any) with one for `incarnation`, unless that or a
+    /// later incarnation is already followed. Returns the new follower's stop token.
+    fn claim(&mut self, path: &str, incarnation: Incarnation) -> Option<CancellationToken> {
+        if let Some((followed, stop)) = self.by_path.get(path) {
+            if *followed >= incarnation {
+                return None;
+            }
+            stop.cancel();
+        }
+        let stop = self.ctx.shutdown.child_token();
+        self.by_path
+            .insert(path.to_owned(), (incarnation, stop.clone()));
+        Some(stop)
+    }
+
+    /// Follows a stream from a checkpoint just loaded.
+    fn start(&mut self, start: StreamStart) {
+        if let Some(stop) = self.claim(&start.stream, start.incarnation) {
+            let follower = Follower::new(self.ctx.clone(), start, Role::Mirror, stop);
+            self.tasks.spawn(follower.run());
+        }
+    }
+
+    /// Follows an incarnation a committed batch announced, from its stored checkpoint.
+    fn follow(&mut self, path: String, incarnation: Incarnation) {
+        if let Some(stop) = self.claim(&path, incarnation) {
+            self.tasks.spawn(follow_announced(
+                self.ctx.clone(),
+                self.pool.clone(),
+                path,
+                incarnation,
+                stop,
+            ));
+        }
+    }
+
+    /// Stops following `incarnation` of `path` (its end was announced).
+    fn stop(&mut self, path: &str, incarnation: Incarnation) {
+        if let Some((followed, stop)) = self.by_path.get(path)
+            && *followed == incarnation
+        {
+            stop.cancel();
+        }
+    }
+}
+
+/// Follows an announced incarnation from its stored checkpoint rather than from '-1': the
+/// writer refuses reads that do not start at the checkpoint. An incarnation that ended (or was
+/// superseded) before this runs is not followed.
+async fn follow_announced(
+    ctx: Arc<FollowContext>,
+    pool: Pool,
+    path: String,
+    incarnation: Incarnation,
+    stop: CancellationToken,
+) {
     let mut backoff = Backoff::new(ctx.backoff_min, ctx.backoff_max);
     let checkpoint = loop {
         match db::followable_checkpoint(&pool, &path).await {
             Ok(cp) => break cp,
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(stream = %path, error = %e, retry_in = ?delay, "loading a discovered stream's checkpoint failed");
+                tracing::warn!(stream = %path, error = %e, retry_in = ?delay, "loading an announced stream's checkpoint failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
+    match checkpoint {
+        Some(cp) if cp.incarnation == incarnation => {
+            tracing::info!(stream = %path, incarnation, offset = %cp.next_offset, "following a discovered or re-created stream");
+            Follower::new(ctx, cp, Role::Mirror, stop).run().await
+        }
+        _ => {
+            tracing::info!(stream = %path, incarnation, "announced incarnation already ended in ds_checkpoints; not followed")
+        }
+    }
+}
+
+/// Where no registry is followed: looks once whether an explicit path that is no longer followed
+/// (deleted, or closed) holds a new stream now, and if so starts its next incarnation and has it
+/// followed. A closed stream never changes, so a stream there that is open, or closed at another
+/// tail, is a new one.
+async fn revive_if_reappeared(
+    ctx: Arc<FollowContext>,
+    pool: Pool,
+    stream: String,
+    ended: Checkpoint,
+    notices: mpsc::UnboundedSender<Notice>,
+) {
+    let mut backoff = Backoff::new(ctx.backoff_min, ctx.backoff_max);
+    let probe = loop {
+        match ctx.probe(&stream).await {
+            Ok(probe) => break probe,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(stream = %stream, error = %e, retry_in = ?delay, "looking whether an ended stream reappeared failed");
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -68,34 +169,53 @@ async fn follow_discovered(ctx: Arc<FollowContext>, pool: deadpool_postgres::Poo
             }
         }
     };
-    match checkpoint {
-        Some(cp) => {
-            tracing::info!(stream = %path, offset = %cp.next_offset, "discovered stream; following");
-            Follower::new(
-                ctx,
-                &cp.stream,
-                cp.next_offset,
-                cp.content_type,
-                Role::Mirror,
-            )
-            .run()
-            .await
-        }
-        None => {
-            tracing::info!(stream = %path, "discovered stream is closed or deleted in ds_checkpoints; not followed")
+    let reappeared = match probe {
+        Probe::Missing => false,
+        Probe::Present { .. } if ended.deleted => true,
+        Probe::Present {
+            next_offset,
+            closed,
+        } => !closed || next_offset != ended.next_offset,
+    };
+    if !reappeared {
+        return;
+    }
+    loop {
+        match db::start_next_incarnation(&pool, &stream, ended.incarnation).await {
+            Ok(Some(start)) => {
+                tracing::info!(stream = %stream, incarnation = start.incarnation, "the path holds a new stream; mirroring it as the next incarnation");
+                let _ = notices.send(Notice::Follow {
+                    path: start.stream,
+                    incarnation: start.incarnation,
+                });
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(stream = %stream, error = %e, retry_in = ?delay, "starting the next incarnation failed");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
         }
     }
 }
 
 /// Runs the worker until `shutdown` is cancelled or a fatal error occurs: migrates, loads the
 /// checkpoints, follows every selected stream and discovers new ones.
+///
+/// With a pattern configured, the registry is read to its tail (and committed) before any other
+/// stream is followed: its events since the last run may have ended incarnations or started new
+/// ones, and a follower started from an ended incarnation's checkpoint would read the new stream
+/// at the path into the old incarnation.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), SyncError> {
     db::migrate(&config).await?;
     let pool = db::pool(&config)?;
     let selection = Arc::new(Selection::new(&config.streams, &config.registry_path));
     let explicit: Vec<String> = selection.explicit.iter().cloned().collect();
-    let checkpoints =
-        db::load_checkpoints(&pool, &explicit, &selection.prefixes, &selection.registry).await?;
+    db::ensure_checkpoints(&pool, &explicit).await?;
     let status = Arc::new(Status::default());
     // Children are cancelled when the worker stops for any reason, not only on shutdown.
     let stop = shutdown.child_token();
@@ -124,11 +244,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
     );
 
     let (updates_tx, updates_rx) = mpsc::channel(config.queue_reads);
-    let (discovered_tx, mut discovered_rx) = mpsc::unbounded_channel();
+    let (notices_tx, mut notices_rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(writer::run(
         pool.clone(),
         updates_rx,
-        discovered_tx,
+        notices_tx.clone(),
         writer::BatchLimits {
             rows: config.batch_rows,
             bytes: config.batch_bytes,
@@ -169,44 +289,56 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         inflight_max: config.max_inflight_bytes,
         backoff_min: config.backoff_min,
         backoff_max: config.backoff_max,
+        restart_replaced: !selection.needs_registry(),
         status: status.clone(),
         shutdown: stop.clone(),
     });
 
-    let mut followed: HashSet<String> = HashSet::new();
-    let mut followers = JoinSet::new();
+    let mut followers = Followers {
+        ctx: ctx.clone(),
+        pool: pool.clone(),
+        tasks: JoinSet::new(),
+        by_path: HashMap::new(),
+    };
     tracing::info!(
-        streams = checkpoints.len(),
+        streams = explicit.len(),
         patterns = ?selection.prefixes,
         server = %config.server_url,
         "ds-sync starting"
     );
-    for cp in checkpoints {
-        followed.insert(cp.stream.clone());
-        followers.spawn(
-            Follower::new(
-                ctx.clone(),
-                &cp.stream,
-                cp.next_offset,
-                cp.content_type,
-                Role::Mirror,
-            )
-            .run(),
-        );
-    }
+    // Whether the streams' followers have started (see above for why they may wait).
+    let mut started = false;
     if selection.needs_registry() {
-        let registry_offset = db::registry_checkpoint(&pool, &selection.registry).await?;
-        followers.spawn(
+        let registry = db::registry_checkpoint(&pool, &selection.registry).await?;
+        tracing::info!(registry = %registry.stream, offset = %registry.next_offset, "reading the registry to its tail before following streams");
+        followers.tasks.spawn(
             Follower::new(
                 ctx.clone(),
-                &selection.registry,
-                registry_offset,
-                Some("application/json".to_owned()),
+                registry,
                 Role::Registry(selection.clone()),
+                stop.child_token(),
             )
             .run(),
         );
+    } else {
+        for (stream, ended) in db::ended_checkpoints(&pool, &explicit).await? {
+            tasks.spawn(revive_if_reappeared(
+                ctx.clone(),
+                pool.clone(),
+                stream,
+                ended,
+                notices_tx.clone(),
+            ));
+        }
+        for start in
+            db::followable_checkpoints(&pool, &explicit, &selection.prefixes, &selection.registry)
+                .await?
+        {
+            followers.start(start);
+        }
+        started = true;
     }
+    drop(notices_tx);
 
     let result = loop {
         tokio::select! {
@@ -216,12 +348,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
                 Ok(Err(e)) => Err(e.into()),
                 Err(e) => Err(e.into()),
             },
-            Some(path) = discovered_rx.recv() => {
-                if followed.insert(path.clone()) {
-                    followers.spawn(follow_discovered(ctx.clone(), pool.clone(), path));
+            Some(notice) = notices_rx.recv() => match notice {
+                Notice::RegistryCaughtUp if !started => {
+                    started = true;
+                    let starts = db::followable_checkpoints(
+                        &pool, &explicit, &selection.prefixes, &selection.registry,
+                    );
+                    match starts.await {
+                        Ok(starts) => {
+                            tracing::info!(streams = starts.len(), "registry read to its tail; following streams");
+                            for start in starts {
+                                followers.start(start);
+                            }
+                        }
+                        Err(e) => break Err(e.into()),
+                    }
                 }
-            }
-            Some(joined) = followers.join_next() => {
+                // Before the streams' followers start, their checkpoints (loaded after the
+                // registry's catch-up committed) already reflect these.
+                _ if !started => {}
+                Notice::RegistryCaughtUp => {}
+                Notice::Follow { path, incarnation } => followers.follow(path, incarnation),
+                Notice::Stop { path, incarnation } => followers.stop(&path, incarnation),
+            },
+            Some(joined) = followers.tasks.join_next() => {
                 if let Err(e) = joined {
                     tracing::error!(error = %e, "a follower task failed");
                 }
@@ -229,7 +379,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         }
     };
     stop.cancel();
-    followers.shutdown().await;
+    followers.tasks.shutdown().await;
     tasks.shutdown().await;
     result
 }

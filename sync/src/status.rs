@@ -33,6 +33,8 @@ pub enum StreamState {
 /// One stream's numbers.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StreamStatus {
+    /// The incarnation followed (see `batch`); the numbers below are about it.
+    pub incarnation: i32,
     pub state: StreamState,
     /// The last control event or long-poll said the reader has everything the server held.
     pub up_to_date: bool,
@@ -76,6 +78,17 @@ pub struct Snapshot {
 }
 
 impl Status {
+    /// A follower starts on `incarnation` of `stream`: the numbers of an earlier one are reset.
+    pub fn set_incarnation(&self, stream: &Arc<str>, incarnation: i32) {
+        let mut entry = self.streams.entry(stream.clone()).or_default();
+        if entry.incarnation != incarnation {
+            *entry = StreamStatus {
+                incarnation,
+                ..StreamStatus::default()
+            };
+        }
+    }
+
     pub fn set_state(&self, stream: &Arc<str>, state: StreamState) {
         self.streams.entry(stream.clone()).or_default().state = state;
     }
@@ -88,14 +101,15 @@ impl Status {
         self.commit_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn committed(&self, batch: &[Update], rows: usize) {
+    /// Records a committed batch: `applied` are the positions of the updates that took effect.
+    pub fn committed(&self, batch: &[Update], applied: &[usize], rows: usize) {
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now();
-        for update in batch {
-            let mut entry = self.streams.entry(update.stream().clone()).or_default();
+        for update in applied.iter().filter_map(|&i| batch.get(i)) {
             match update {
                 Update::Read(read) => {
+                    let mut entry = self.streams.entry(read.stream.clone()).or_default();
                     entry.committed_offset = Some(read.next_offset.clone());
                     entry.rows_committed += read.rows.len() as u64;
                     let lag = now.duration_since(read.received_at).unwrap_or_default();
@@ -104,7 +118,10 @@ impl Status {
                         entry.state = StreamState::Closed;
                     }
                 }
-                Update::Gone { .. } => entry.state = StreamState::Deleted,
+                Update::Gone { stream, .. } => {
+                    self.streams.entry(stream.clone()).or_default().state = StreamState::Deleted;
+                }
+                Update::Restart { .. } | Update::CaughtUp { .. } => {}
             }
         }
     }

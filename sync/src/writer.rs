@@ -1,9 +1,10 @@
 //! The Postgres write path: batches reads by size and time, and commits each batch's rows and
 //! checkpoints in one transaction, retrying with backoff until it lands.
 //!
-//! It owns the only place rows are written. A batch is kept in memory until its commit is
-//! confirmed; if the connection dies during COMMIT, the retry reads the checkpoints under
-//! `FOR UPDATE` and `batch::reconcile` drops what already landed, so nothing is applied twice.
+//! It owns the only place rows and checkpoints change once the worker runs. A batch is kept in
+//! memory until its commit is confirmed; if the connection dies during COMMIT, the retry reads the
+//! checkpoints under `FOR UPDATE` and `batch::reconcile` drops what already landed, so nothing is
+//! applied twice.
 //! It must never drop a batch: the only ways out are a confirmed commit, shutdown (the reads are
 //! re-read from the checkpoints on restart) or a fatal error that stops the worker.
 
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::batch::{self, ReconcileError, Row, Update};
+use crate::batch::{self, Checkpoint, Notice, ReconcileError, Row, Update};
 use crate::status::Status;
 
 /// Why a batch did not commit.
@@ -46,11 +47,12 @@ pub struct BatchLimits {
 }
 
 /// Receives updates from every follower and commits them in batches until `shutdown` or until
-/// all followers are gone. Discovered stream paths are passed to `discovered` after their commit.
+/// all followers are gone. What the worker must do about a committed batch (follow a discovered
+/// or re-created stream, stop an ended one) goes to `notices` after its commit.
 pub async fn run(
     pool: Pool,
     mut updates: mpsc::Receiver<Update>,
-    discovered: mpsc::UnboundedSender<String>,
+    notices: mpsc::UnboundedSender<Notice>,
     limits: BatchLimits,
     backoff: Backoff,
     status: Arc<Status>,
@@ -86,30 +88,40 @@ pub async fn run(
                 None => break,
             }
         }
-        commit_with_retry(&pool, &batch, backoff.clone(), &status, &shutdown).await?;
-        for update in batch.drain(..) {
-            if let Update::Read(read) = update {
-                for path in read.discovered {
-                    // The receiver only goes away at shutdown; the paths are committed already.
-                    let _ = discovered.send(path);
-                }
-            }
+        let committed =
+            commit_with_retry(&pool, &batch, backoff.clone(), &status, &shutdown).await?;
+        for notice in committed {
+            // The receiver only goes away at shutdown; what the notices say is committed already.
+            let _ = notices.send(notice);
         }
+        batch.clear();
     }
 }
 
+/// Commits `batch`, retrying until it lands; returns its notices (none if shutdown came first).
 async fn commit_with_retry(
     pool: &Pool,
     batch: &[Update],
     mut backoff: Backoff,
     status: &Status,
     shutdown: &CancellationToken,
-) -> Result<(), WriteError> {
+) -> Result<Vec<Notice>, WriteError> {
+    // An attempt whose COMMIT failed may have landed anyway; the retry then finds nothing left to
+    // apply and no notice to give, so the notices of the attempt that planned them are kept.
+    // Every attempt that plans any plans the same ones (they come from the same stored state),
+    // and acting on a notice twice does nothing.
+    let mut notices = Vec::new();
     loop {
-        match commit(pool, batch).await {
-            Ok(rows) => {
-                status.committed(batch, rows);
-                return Ok(());
+        match commit(pool, batch, &mut notices).await {
+            Ok(outcome) => {
+                status.committed(batch, &outcome.applied, outcome.rows);
+                if outcome.stale > 0 {
+                    tracing::debug!(
+                        stale = outcome.stale,
+                        "dropped updates of incarnations that had ended"
+                    );
+                }
+                return Ok(notices);
             }
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
@@ -117,7 +129,7 @@ async fn commit_with_retry(
                 tracing::warn!(error = %e, retry_in = ?delay, updates = batch.len(), "batch commit failed; rolled back, will retry");
                 status.commit_failed();
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => return Ok(Vec::new()),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -125,33 +137,70 @@ async fn commit_with_retry(
     }
 }
 
-/// One attempt: lock the checkpoints, apply what is not applied yet, commit. Returns rows inserted.
-async fn commit(pool: &Pool, batch: &[Update]) -> Result<usize, WriteError> {
+/// What one committed attempt did.
+struct Outcome {
+    rows: usize,
+    /// Positions in the batch of the updates that took effect.
+    applied: Vec<usize>,
+    /// Updates of incarnations that had ended, dropped.
+    stale: usize,
+}
+
+/// One attempt: lock the checkpoints, apply what is not applied yet, commit. Its notices go to
+/// `notices` before COMMIT is sent, so that they survive a COMMIT with an unknown outcome.
+async fn commit(
+    pool: &Pool,
+    batch: &[Update],
+    notices: &mut Vec<Notice>,
+) -> Result<Outcome, WriteError> {
     let mut client = pool.get().await?;
     // Dropping the transaction without commit rolls it back.
     let tx = client.transaction().await?;
 
-    let mut streams: Vec<&str> = batch.iter().map(|u| &**u.stream()).collect();
-    streams.sort_unstable();
-    streams.dedup();
+    // Every path the batch may change: the streams read, and the paths the registry announced.
+    let mut paths: Vec<&str> = Vec::with_capacity(batch.len());
+    for update in batch {
+        paths.push(update.stream());
+        if let Update::Read(read) = update {
+            paths.extend(read.announcements.iter().map(|a| a.path.as_str()));
+        }
+    }
+    paths.sort_unstable();
+    paths.dedup();
     // Sorted so that two workers locking overlapping sets cannot deadlock.
-    let stored: HashMap<String, String> = tx
+    let stored: HashMap<String, Checkpoint> = tx
         .query(
-            "SELECT stream, next_offset FROM ds_checkpoints WHERE stream = ANY($1) \
-             ORDER BY stream FOR UPDATE",
-            &[&streams],
+            "SELECT stream, incarnation, next_offset, content_type, closed, deleted, \
+                    deleted_status \
+             FROM ds_checkpoints WHERE stream = ANY($1) ORDER BY stream FOR UPDATE",
+            &[&paths],
         )
         .await?
         .into_iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .map(|row| {
+            Ok((
+                row.try_get(0)?,
+                Checkpoint {
+                    incarnation: row.try_get(1)?,
+                    next_offset: row.try_get(2)?,
+                    content_type: row.try_get(3)?,
+                    closed: row.try_get(4)?,
+                    deleted: row.try_get(5)?,
+                    deleted_status: row.try_get(6)?,
+                },
+            ))
+        })
         .collect::<Result<_, tokio_postgres::Error>>()?;
 
     let plan = batch::reconcile(batch, &stored)?;
+    if !plan.notices.is_empty() {
+        notices.clone_from(&plan.notices);
+    }
 
-    let mut rows = 0usize;
-    if !plan.reads.is_empty() {
-        let n: usize = plan.reads.iter().map(|r| r.rows.len()).sum();
+    let n: usize = plan.reads.iter().map(|r| r.rows.len()).sum();
+    if n > 0 {
         let mut stream_col: Vec<&str> = Vec::with_capacity(n);
+        let mut incarnation_col: Vec<i32> = Vec::with_capacity(n);
         let mut offset_col: Vec<&str> = Vec::with_capacity(n);
         let mut idx_col: Vec<i32> = Vec::with_capacity(n);
         let mut type_col: Vec<&str> = Vec::with_capacity(n);
@@ -161,6 +210,7 @@ async fn commit(pool: &Pool, batch: &[Update]) -> Result<usize, WriteError> {
         for read in &plan.reads {
             for (idx, row) in read.rows.iter().enumerate() {
                 stream_col.push(&read.stream);
+                incarnation_col.push(read.incarnation);
                 offset_col.push(&read.start_offset);
                 // A read holds at most `max_event_bytes` of payload, far below i32::MAX rows.
                 idx_col.push(i32::try_from(idx).unwrap_or(i32::MAX));
@@ -183,66 +233,71 @@ async fn commit(pool: &Pool, batch: &[Update]) -> Result<usize, WriteError> {
                 received_col.push(read.received_at);
             }
         }
-        rows = n;
-        if n > 0 {
-            // One statement for the whole batch: arrays in, unnest to rows. No ON CONFLICT: a
-            // duplicate key means the checkpoint logic is wrong, and that must fail loudly.
-            tx.execute(
-                "INSERT INTO ds_messages \
-                   (stream, stream_offset, idx, content_type, data, bytes, received_at) \
-                 SELECT s, o, i, c, d::jsonb, b, r \
-                 FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[], $5::text[], \
-                             $6::bytea[], $7::timestamptz[]) AS u(s, o, i, c, d, b, r)",
-                &[
-                    &stream_col,
-                    &offset_col,
-                    &idx_col,
-                    &type_col,
-                    &data_col,
-                    &bytes_col,
-                    &received_col,
-                ],
-            )
-            .await?;
-        }
-    }
-
-    if !plan.discovered.is_empty() {
+        // One statement for the whole batch: arrays in, unnest to rows. No ON CONFLICT: a
+        // duplicate key means the checkpoint logic is wrong, and that must fail loudly.
         tx.execute(
-            "INSERT INTO ds_checkpoints (stream) SELECT unnest($1::text[]) \
-             ON CONFLICT (stream) DO NOTHING",
-            &[&plan.discovered],
+            "INSERT INTO ds_messages \
+               (stream, incarnation, stream_offset, idx, content_type, data, bytes, received_at) \
+             SELECT s, n, o, i, c, d::jsonb, b, r \
+             FROM unnest($1::text[], $2::int4[], $3::text[], $4::int4[], $5::text[], \
+                         $6::text[], $7::bytea[], $8::timestamptz[]) AS u(s, n, o, i, c, d, b, r)",
+            &[
+                &stream_col,
+                &incarnation_col,
+                &offset_col,
+                &idx_col,
+                &type_col,
+                &data_col,
+                &bytes_col,
+                &received_col,
+            ],
         )
         .await?;
     }
 
     if !plan.checkpoints.is_empty() {
-        let s: Vec<&str> = plan.checkpoints.iter().map(|c| c.0).collect();
-        let n: Vec<&str> = plan.checkpoints.iter().map(|c| c.1).collect();
-        let closed: Vec<bool> = plan.checkpoints.iter().map(|c| c.2).collect();
-        let ct: Vec<&str> = plan.checkpoints.iter().map(|c| c.3).collect();
+        // The new row of every changed path, whole: the rows were read under FOR UPDATE (or did
+        // not exist: a path the registry just announced), so nothing else moved them since.
+        let cps = &plan.checkpoints;
+        let stream: Vec<&str> = cps.iter().map(|c| c.0).collect();
+        let incarnation: Vec<i32> = cps.iter().map(|c| c.1.incarnation).collect();
+        let next: Vec<&str> = cps.iter().map(|c| c.1.next_offset.as_str()).collect();
+        let content_type: Vec<Option<&str>> =
+            cps.iter().map(|c| c.1.content_type.as_deref()).collect();
+        let closed: Vec<bool> = cps.iter().map(|c| c.1.closed).collect();
+        let deleted: Vec<bool> = cps.iter().map(|c| c.1.deleted).collect();
+        let deleted_status: Vec<Option<i16>> = cps.iter().map(|c| c.1.deleted_status).collect();
         tx.execute(
-            "UPDATE ds_checkpoints c \
-             SET next_offset = u.n, closed = c.closed OR u.closed, content_type = u.ct, \
-                 updated_at = now() \
-             FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[]) AS u(s, n, closed, ct) \
-             WHERE c.stream = u.s",
-            &[&s, &n, &closed, &ct],
-        )
-        .await?;
-    }
-
-    for (stream, status) in &plan.gone {
-        tx.execute(
-            "UPDATE ds_checkpoints SET deleted = true, deleted_status = $2, updated_at = now() \
-             WHERE stream = $1",
-            &[stream, &i16::try_from(*status).unwrap_or(i16::MAX)],
+            "INSERT INTO ds_checkpoints AS c \
+               (stream, incarnation, next_offset, content_type, closed, deleted, deleted_status, \
+                updated_at) \
+             SELECT s, n, o, ct, cl, d, ds, now() \
+             FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::bool[], \
+                         $7::int2[]) AS u(s, n, o, ct, cl, d, ds) \
+             ON CONFLICT (stream) DO UPDATE SET \
+               incarnation = EXCLUDED.incarnation, next_offset = EXCLUDED.next_offset, \
+               content_type = EXCLUDED.content_type, closed = EXCLUDED.closed, \
+               deleted = EXCLUDED.deleted, deleted_status = EXCLUDED.deleted_status, \
+               updated_at = now()",
+            &[
+                &stream,
+                &incarnation,
+                &next,
+                &content_type,
+                &closed,
+                &deleted,
+                &deleted_status,
+            ],
         )
         .await?;
     }
 
     tx.commit().await?;
-    Ok(rows)
+    Ok(Outcome {
+        rows: n,
+        applied: plan.applied,
+        stale: plan.stale,
+    })
 }
 
 /// Whether Postgres `jsonb` accepts a JSON text: it refuses the escape `\u0000` (a NUL

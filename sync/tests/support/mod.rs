@@ -682,9 +682,10 @@ impl Content {
 // ---------------------------------------------------------------------------------------------
 // The checks
 
-/// One stream's checkpoint row.
+/// One stream's checkpoint row (its latest incarnation).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointRow {
+    pub incarnation: i32,
     pub next_offset: String,
     pub closed: bool,
     pub deleted: bool,
@@ -694,7 +695,8 @@ pub struct CheckpointRow {
 pub async fn checkpoints(db: &tokio_postgres::Client) -> HashMap<String, CheckpointRow> {
     let rows = db
         .query(
-            "SELECT stream, next_offset, closed, deleted, deleted_status FROM ds_checkpoints",
+            "SELECT stream, incarnation, next_offset, closed, deleted, deleted_status \
+             FROM ds_checkpoints",
             &[],
         )
         .await
@@ -704,10 +706,11 @@ pub async fn checkpoints(db: &tokio_postgres::Client) -> HashMap<String, Checkpo
             (
                 r.get::<_, String>(0),
                 CheckpointRow {
-                    next_offset: r.get(1),
-                    closed: r.get(2),
-                    deleted: r.get(3),
-                    deleted_status: r.get(4),
+                    incarnation: r.get(1),
+                    next_offset: r.get(2),
+                    closed: r.get(3),
+                    deleted: r.get(4),
+                    deleted_status: r.get(5),
                 },
             )
         })
@@ -721,19 +724,41 @@ pub async fn row_count(db: &tokio_postgres::Client) -> i64 {
         .unwrap_or(0)
 }
 
-/// The stream re-assembled from its rows in key order.
+/// The stream's latest incarnation re-assembled from its rows in key order (the README's query,
+/// through the `ds_current_messages` view).
 pub async fn mirrored(db: &tokio_postgres::Client, stream: &str) -> Content {
     let rows = db
         .query(
-            "SELECT data::text, bytes, content_type FROM ds_messages WHERE stream = $1 \
+            "SELECT data::text, bytes, content_type FROM ds_current_messages WHERE stream = $1 \
              ORDER BY stream_offset, idx",
             &[&stream],
         )
         .await
         .unwrap_or_else(|e| panic!("reading rows of {stream}: {e}"));
+    assemble(stream, &rows)
+}
+
+/// One incarnation of the stream re-assembled from its rows in key order.
+pub async fn mirrored_incarnation(
+    db: &tokio_postgres::Client,
+    stream: &str,
+    incarnation: i32,
+) -> Content {
+    let rows = db
+        .query(
+            "SELECT data::text, bytes, content_type FROM ds_messages \
+             WHERE stream = $1 AND incarnation = $2 ORDER BY stream_offset, idx",
+            &[&stream, &incarnation],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("reading rows of {stream} incarnation {incarnation}: {e}"));
+    assemble(stream, &rows)
+}
+
+fn assemble(stream: &str, rows: &[tokio_postgres::Row]) -> Content {
     let mut json = Vec::new();
     let mut bytes = Vec::new();
-    for r in &rows {
+    for r in rows {
         let data: Option<String> = r.get(0);
         let raw: Option<Vec<u8>> = r.get(1);
         let content_type: String = r.get(2);

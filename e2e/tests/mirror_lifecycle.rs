@@ -2,8 +2,8 @@
 //! discovered by prefix (the server's registry, read through Envoy with a bearer token); a stream
 //! closed with an atomic final append is mirrored to its last message and checkpointed `closed`;
 //! a deleted stream is checkpointed `deleted` and the rows mirrored before the delete stay; a
-//! stream re-created at a deleted path is mirrored again and blocks no other stream (ignored:
-//! a known ds-sync bug, see the test).
+//! stream re-created at a deleted path is mirrored again, as the path's next incarnation, and
+//! blocks no other stream.
 
 mod support;
 
@@ -128,15 +128,46 @@ async fn closed_and_deleted_streams_end_in_the_mirror_as_they_ended_on_the_serve
     assert!(rows == expected, "{}", first_difference(&expected, &rows));
 }
 
-/// KNOWN BUG in ds-sync (reported to the lead; un-ignore once fixed): a stream re-created at a
-/// path whose checkpoint row says `deleted` is never mirrored. The registry's `created` event is
-/// applied with `INSERT ... ON CONFLICT (stream) DO NOTHING` (sync/src/writer.rs), so the row
-/// stays `deleted` and the new stream is not followed; nothing is logged. Resetting the row to
-/// `-1` alone would not do either: the new stream's offsets start again, so its first read's key
-/// `(stream, '-1', 0)` collides with the first life's rows. Happens with every delete or TTL
-/// expiry followed by a re-create (the conformance suite re-creates after expiry).
+/// `(incarnation, closed, deleted)` of a stream's checkpoint row, once it has one.
+async fn incarnation_state(
+    pg: &tokio_postgres::Client,
+    stream: &str,
+) -> anyhow::Result<Option<(i32, bool, bool)>> {
+    let row = pg
+        .query_opt(
+            "SELECT incarnation, closed, deleted FROM ds_checkpoints WHERE stream = $1",
+            &[&stream],
+        )
+        .await?;
+    Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+}
+
+/// The messages of every incarnation of a JSON stream, oldest incarnation first, each in key
+/// order: `(incarnation, message)`.
+async fn every_incarnation(
+    pg: &tokio_postgres::Client,
+    stream: &str,
+) -> anyhow::Result<Vec<(i32, serde_json::Value)>> {
+    let rows = pg
+        .query(
+            "SELECT incarnation, data::text FROM ds_messages WHERE stream = $1 \
+             ORDER BY incarnation, stream_offset, idx",
+            &[&stream],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let text: String = row.get(1);
+            Ok((row.get(0), serde_json::from_str(&text)?))
+        })
+        .collect()
+}
+
+/// A path deleted and created again holds a new stream whose offsets start again: ds-sync
+/// mirrors it as the path's second incarnation (the registry's `created` event starts it at the
+/// new stream's beginning), keeps the first incarnation's rows, and `ds_current_messages` shows
+/// the stream the server holds now.
 #[tokio::test]
-#[ignore = "ds-sync bug: a stream re-created at a deleted path is never mirrored"]
 async fn a_stream_recreated_at_a_deleted_path_is_mirrored_and_blocks_no_other_stream() {
     let mut stack = EdgeStack::start(ServerOptions {
         storage_mode: "memory".to_owned(),
@@ -216,15 +247,32 @@ async fn a_stream_recreated_at_a_deleted_path_is_mirrored_and_blocks_no_other_st
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
-    // Rows mirrored before a delete stay, so the path's rows are both lives in order.
-    let rows = mirrored(&pg, path, true).await.expect("rows");
-    let expected = Content::Messages(vec![
-        json!({ "life": 1 }),
-        json!({ "life": 2, "again": true }),
-    ]);
-    assert!(rows == expected, "{}", first_difference(&expected, &rows));
+    // Rows mirrored before a delete stay: the path's rows are both lives, each in its own
+    // incarnation.
     assert_eq!(
-        end_state(&pg, path).await.expect("state"),
-        Some((false, false))
+        every_incarnation(&pg, path).await.expect("rows"),
+        vec![
+            (1, json!({ "life": 1 })),
+            (2, json!({ "life": 2, "again": true })),
+        ]
     );
+    assert_eq!(
+        incarnation_state(&pg, path).await.expect("state"),
+        Some((2, false, false))
+    );
+    // The current incarnation, the README's way, equals a catch-up read of the stream.
+    let current: Vec<serde_json::Value> = pg
+        .query(
+            "SELECT data::text FROM ds_current_messages WHERE stream = $1 \
+             ORDER BY stream_offset, idx",
+            &[&path],
+        )
+        .await
+        .expect("current rows")
+        .iter()
+        .map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("stored json"))
+        .collect();
+    let stream = client.read_all(path).await.expect("catch-up read");
+    let current = Content::Messages(current);
+    assert!(current == stream, "{}", first_difference(&stream, &current));
 }

@@ -5,18 +5,22 @@
 #   bench/run.sh                 # full run (~15 min)
 #   bench/run.sh --quick         # development run (~3 min)
 #   bench/run.sh --servers ds-memory,electric-wal --scenarios append,catchup
+#   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
+#     bench/run.sh --servers ds-memory --scenarios sync   # ds-sync into Postgres (~2 min)
 #
 # Options:
 #   --quick              shorter cells, fewer readers, smaller catch-up stream
 #   --servers LIST       comma list of: ds-memory ds-file-fast ds-file-durable ds-acid
 #                        node-memory node-file electric-wal electric-memory (default: all)
-#   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup (default: all)
+#   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup sync
+#                        (default: all but sync, which needs Postgres)
 #   --out DIR            where results.jsonl and report.md go (default: a new dir in the cache)
 #   -- ARGS...           passed to every `ds-bench run` (e.g. -- --append-secs 10)
 #
 # Environment:
 #   DS_BENCH_CACHE       competitors and scratch data (default ~/.cache/ds-bench); outside the repo
-#   CARGO_TARGET_DIR     where ds-server and ds-bench are built (default <repo>/target)
+#   CARGO_TARGET_DIR     where ds-server, ds-sync and ds-bench are built (default <repo>/target)
+#   DATABASE_URL         for the sync scenario: a Postgres it may create and drop databases in
 #
 # Every server listens on 127.0.0.1 only. Each scenario gets a freshly started server and an
 # empty data directory, so no scenario inherits another's heap or files.
@@ -77,12 +81,26 @@ install_competitors() {
 
 build_ours() {
   log "building ds-server and ds-bench (release) into $TARGET_DIR"
-  # Two builds, not one: built together, cargo would unify ds-bench's hyper client features
+  # Separate builds, not one: built together, cargo would unify ds-bench's hyper client features
   # into ds-server's dependency graph, and ds-server would not be the binary users build.
   (cd "$REPO_DIR" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p ds-server >&2)
   (cd "$REPO_DIR" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p ds-bench >&2)
   DS_SERVER=$TARGET_DIR/release/ds-server
   DS_BENCH=$TARGET_DIR/release/ds-bench
+  DS_SYNC=$TARGET_DIR/release/ds-sync
+  if wants_sync; then
+    log "building ds-sync (release) into $TARGET_DIR"
+    (cd "$REPO_DIR" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p ds-sync >&2)
+  fi
+}
+
+wants_sync() { [[ " ${SCENARIOS[*]} " == *" sync "* ]]; }
+
+# Extra `ds-bench run` arguments of a scenario.
+scenario_args() {
+  case "$1" in
+    sync) printf '%s\n' --sync-bin "$DS_SYNC" --database-url "$DATABASE_URL" ;;
+  esac
 }
 
 # --- one server at a time -------------------------------------------------------------------------
@@ -193,6 +211,12 @@ machine() {
 
 # --- main -----------------------------------------------------------------------------------------
 
+if wants_sync && [[ -z ${DATABASE_URL:-} ]]; then
+  echo "run.sh: the sync scenario needs DATABASE_URL, a Postgres it may create databases in" \
+    "(e.g. postgres://postgres@127.0.0.1:5432/test)" >&2
+  exit 2
+fi
+
 install_competitors
 build_ours
 
@@ -224,9 +248,10 @@ for id in "${SERVERS[@]}"; do
         --reason "refused to start: ${reason:-no output}"
       continue 2
     fi
+    mapfile -t SCENARIO_ARGS < <(scenario_args "$scenario")
     "$DS_BENCH" run --url "http://127.0.0.1:$port" --server-pid "$SERVER_PID" \
       --label "$lbl" --about "$(about "$id")" --scenario "$scenario" \
-      --results "$RESULTS" "${QUICK[@]}" "${EXTRA_ARGS[@]}" ||
+      --results "$RESULTS" "${QUICK[@]}" "${SCENARIO_ARGS[@]}" "${EXTRA_ARGS[@]}" ||
       log "ds-bench failed on $lbl $scenario (see above)"
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
       log "$lbl exited during $scenario; its log: $logfile"
@@ -246,6 +271,12 @@ done
   echo "Versions: ds-server $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')," \
     "node $(node --version 2>/dev/null || echo '?')," \
     "@durable-streams/server $NODE_SERVER_VERSION, durable-streams (Electric) $ELECTRIC_VERSION."
+  if wants_sync; then
+    echo
+    echo "ds-sync: the same commit, release build, defaults (\`linger\` 20 ms, 256 connections)" \
+      "unless a row says otherwise; Postgres" \
+      "$(psql "$DATABASE_URL" -Atc 'SHOW server_version' 2>/dev/null || echo '?') on this machine."
+  fi
   echo
   "$DS_BENCH" report --results "$RESULTS"
 } | tee "$OUT_DIR/report.md"

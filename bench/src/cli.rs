@@ -11,7 +11,7 @@ use crate::client::{self, Server};
 use crate::idle::ReaderKind;
 use crate::process::{self, Process};
 use crate::report::{self, Outcome, Record};
-use crate::{append, catchup, fanout, idle};
+use crate::{append, catchup, fanout, idle, sync};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -62,6 +62,8 @@ pub enum Scenario {
     IdleLongPoll,
     /// e: catch-up read throughput.
     Catchup,
+    /// f: ds-sync mirroring into Postgres (needs --sync-bin and --database-url).
+    Sync,
 }
 
 impl Scenario {
@@ -72,6 +74,7 @@ impl Scenario {
             Scenario::IdleSse => "idle-sse",
             Scenario::IdleLongPoll => "idle-long-poll",
             Scenario::Catchup => "catchup",
+            Scenario::Sync => "sync",
         }
     }
 }
@@ -144,6 +147,31 @@ pub struct RunArgs {
     /// e: read passes [3; quick 2].
     #[arg(long)]
     pub catchup_passes: Option<u32>,
+
+    /// f: the ds-sync binary (release build).
+    #[arg(long)]
+    pub sync_bin: Option<PathBuf>,
+    /// f: a Postgres the benchmark may create and drop databases in.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// f: messages in the one-stream catch-up [200000; quick 20000].
+    #[arg(long)]
+    pub sync_rows: Option<usize>,
+    /// f: streams in the many-streams catch-up.
+    #[arg(long, default_value_t = 1000)]
+    pub sync_streams: usize,
+    /// f: messages per stream in the many-streams catch-up [100; quick 10].
+    #[arg(long)]
+    pub sync_rows_per_stream: Option<usize>,
+    /// f: appends per second (over all streams) while lag is measured.
+    #[arg(long, default_value_t = 500)]
+    pub sync_lag_rate: u32,
+    /// f: seconds of appends while lag is measured [10; quick 2].
+    #[arg(long)]
+    pub sync_lag_secs: Option<f64>,
+    /// f: stream counts of the lag runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,100")]
+    pub sync_lag_streams: Vec<usize>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -193,6 +221,30 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
     let pick = |full: f64, quick: f64| if q { quick } else { full };
 
     let outcome = match args.scenario {
+        Scenario::Sync => {
+            let (Some(sync_bin), Some(database_url)) =
+                (args.sync_bin.clone(), args.database_url.clone())
+            else {
+                bail!("--scenario sync needs --sync-bin and --database-url (or DATABASE_URL)");
+            };
+            let plan = sync::Plan {
+                database_url,
+                sync_bin,
+                log_dir: sync::log_dir_for(&args.results),
+                one_stream_rows: args.sync_rows.unwrap_or(if q { 20_000 } else { 200_000 }),
+                many_streams: args.sync_streams,
+                rows_per_stream: args
+                    .sync_rows_per_stream
+                    .unwrap_or(if q { 10 } else { 100 }),
+                lag_rate: args.sync_lag_rate,
+                lag_for: Duration::from_secs_f64(args.sync_lag_secs.unwrap_or(pick(10.0, 2.0))),
+                lag_streams: args.sync_lag_streams.clone(),
+                timeout: Duration::from_secs(120),
+            };
+            one(sync::run(&server, &run_id, &plan).await, "sync", |result| {
+                Outcome::Sync { result }
+            })
+        }
         Scenario::Append => {
             let mut cells = Vec::new();
             for &writers in &args.writers {

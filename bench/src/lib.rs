@@ -19,3 +19,4 @@ pub mod process;
 pub mod report;
 pub mod sse;
 pub mod stats;
+pub mod sync;

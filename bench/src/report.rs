@@ -12,6 +12,7 @@ use crate::append::CellResult;
 use crate::catchup::CatchupResult;
 use crate::fanout::FanoutResult;
 use crate::idle::{IdleResult, ReaderKind};
+use crate::sync::SyncResult;
 
 /// One line of the results file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,6 +32,7 @@ pub enum Outcome {
     Fanout { runs: Vec<FanoutResult> },
     Idle { result: IdleResult },
     Catchup { result: CatchupResult },
+    Sync { result: SyncResult },
     Failed { scenario: String, error: String },
     Skipped { reason: String },
 }
@@ -77,6 +79,17 @@ fn fmt_rate(per_sec: f64) -> String {
         format!("{:.1}k/s", per_sec / 1_000.0)
     } else {
         format!("{per_sec:.0}/s")
+    }
+}
+
+/// A count with a thousands suffix: 950, 12.3k, 1.20M.
+fn fmt_count(n: f64) -> String {
+    if n >= 1_000_000.0 {
+        format!("{:.2}M", n / 1_000_000.0)
+    } else if n >= 1_000.0 {
+        format!("{:.1}k", n / 1_000.0)
+    } else {
+        format!("{n:.0}")
     }
 }
 
@@ -354,5 +367,59 @@ pub fn markdown(records: &[Record]) -> String {
         }
     }
     problems(records, "catchup", &mut out);
+
+    let syncs: Vec<(&str, &SyncResult)> = records
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Sync { result } => Some((r.label.as_str(), result)),
+            _ => None,
+        })
+        .collect();
+    if let Some((_, first)) = syncs.first() {
+        let _ = writeln!(
+            out,
+            "\n#### f. ds-sync: mirroring into Postgres ({}-byte JSON messages; lag = append sent → row seen committed)\n",
+            first.message_bytes
+        );
+        out.push_str("| server | measurement | rows | result |\n|---|---|---|---|\n");
+        for (label, result) in &syncs {
+            for c in &result.catchup {
+                let connections = match c.max_connections {
+                    Some(n) => format!("{n} connections"),
+                    None => "default connections".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {label} | catch-up, {} stream{}{} | {} | **{} rows/s** ({:.1} s; ds-sync CPU {:.1} µs/row) |",
+                    c.streams,
+                    if c.streams == 1 { "" } else { "s" },
+                    if c.streams == 1 {
+                        String::new()
+                    } else {
+                        format!(", {connections}")
+                    },
+                    c.rows,
+                    fmt_count(c.rows_per_sec),
+                    c.secs,
+                    c.worker_cpu_us_per_row
+                );
+            }
+            for l in &result.lag {
+                let _ = writeln!(
+                    out,
+                    "| {label} | lag, {} stream{} at {} appends/s for {:.0} s | {} | p50 {} · **p99 {}** · max {} |",
+                    l.streams,
+                    if l.streams == 1 { "" } else { "s" },
+                    l.appends_per_sec,
+                    l.secs,
+                    l.rows,
+                    fmt_us(l.lag.p50_us),
+                    fmt_us(l.lag.p99_us),
+                    fmt_us(l.lag.max_us)
+                );
+            }
+        }
+    }
+    problems(records, "sync", &mut out);
     out
 }

@@ -117,7 +117,7 @@ else
   fi
 
   log "starting $bin on $base_url (mode=$mode${data_dir:+, data_dir=$data_dir})"
-  env "${server_env[@]}" "$bin" >"$server_log" 2>&1 &
+  env -u DS_SERVER_BIN "${server_env[@]}" "$bin" >"$server_log" 2>&1 &
   server_pid=$!
 
   startup_secs="${CONFORMANCE_STARTUP_SECS:-30}"

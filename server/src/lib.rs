@@ -16,7 +16,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -119,15 +118,11 @@ impl App {
                 Ok(())
             }),
             None => {
-                let listener = listener.tap_io(|tcp| {
-                    // Small responses (appends, live events) must not wait for Nagle.
-                    let _ = tcp.set_nodelay(true);
-                });
-                Box::pin(
-                    axum::serve(listener, router)
-                        .with_graceful_shutdown(async move { stop.cancelled().await })
-                        .into_future(),
-                )
+                let max_body = config.limits.max_request_bytes;
+                Box::pin(async move {
+                    http::h1::serve(listener, router, stop, max_body).await;
+                    Ok(())
+                })
             }
         };
         tokio::pin!(serve);

@@ -4,6 +4,7 @@
 //! Any path is a stream except `/healthz` and `/readyz`.
 
 pub mod error;
+pub(crate) mod h1;
 pub mod request;
 mod sse;
 
@@ -19,6 +20,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::BytesMut;
 use ds_protocol::{MediaKind, Offset, ReadOffset, cursor, headers as h};
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -73,10 +76,20 @@ impl AppState {
 
 /// The router of the whole server.
 pub fn router(state: AppState) -> Router {
+    // Streams are served by a plain service rather than a handler: a handler's extractor
+    // wrapper keeps a copy of the request in its future, and an idle long-poll holds that
+    // future for as long as it waits.
+    let streams = {
+        let state = state.clone();
+        tower::service_fn(move |req: Request| {
+            let state = state.clone();
+            stream_request(state, req).map(Ok::<_, std::convert::Infallible>)
+        })
+    };
     Router::new()
         .route("/healthz", get(healthz).options(preflight_route))
         .route("/readyz", get(readyz).options(preflight_route))
-        .fallback(stream_request)
+        .fallback_service(streams)
         .with_state(state)
 }
 
@@ -160,19 +173,56 @@ fn browser_headers(
     response
 }
 
-async fn stream_request(State(state): State<AppState>, req: Request) -> Response {
+/// Any request to a stream path. Each kind of request gets a future of its own size: an idle
+/// long-poll reader holds its future for as long as it waits, and should not pay for the
+/// largest (an append's).
+fn stream_request(state: AppState, req: Request) -> BoxFuture<'static, Response> {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let result = match *req.method() {
-        Method::GET => read(&state, req).await,
-        Method::HEAD => head(&state, req),
-        Method::PUT => create(&state, req).await,
-        Method::POST => append(&state, req).await,
-        Method::DELETE => delete(&state, req).await,
-        Method::OPTIONS => Ok(preflight()),
-        ref other => Err(ApiError::MethodNotAllowed(other.to_string())),
+    let finish = move |state: &AppState, result: Result<Response, ApiError>| {
+        browser_headers(
+            state,
+            origin,
+            result.unwrap_or_else(IntoResponse::into_response),
+        )
     };
-    let response = result.unwrap_or_else(IntoResponse::into_response);
-    browser_headers(&state, origin, response)
+    match *req.method() {
+        Method::GET => match plan_read(&state, req) {
+            Ok(ReadPlan::LongPoll(stream, query)) => Box::pin(async move {
+                let result = long_poll(&state, &stream, &query).await;
+                finish(&state, result)
+            }),
+            Ok(ReadPlan::Sse(stream, query)) => {
+                let response = sse::respond(state.clone(), stream, &query);
+                Box::pin(std::future::ready(finish(&state, Ok(response))))
+            }
+            Ok(ReadPlan::CatchUp(stream, query, headers)) => Box::pin(async move {
+                let result = catch_up(&state, &stream, &query, &headers).await;
+                finish(&state, result)
+            }),
+            Err(e) => Box::pin(std::future::ready(finish(&state, Err(e)))),
+        },
+        Method::HEAD => {
+            let result = head(&state, req);
+            Box::pin(std::future::ready(finish(&state, result)))
+        }
+        Method::PUT => Box::pin(async move {
+            let result = create(&state, req).await;
+            finish(&state, result)
+        }),
+        Method::POST => Box::pin(async move {
+            let result = append(&state, req).await;
+            finish(&state, result)
+        }),
+        Method::DELETE => Box::pin(async move {
+            let result = delete(&state, req).await;
+            finish(&state, result)
+        }),
+        Method::OPTIONS => Box::pin(std::future::ready(finish(&state, Ok(preflight())))),
+        ref other => {
+            let e = ApiError::MethodNotAllowed(other.to_string());
+            Box::pin(std::future::ready(finish(&state, Err(e))))
+        }
+    }
 }
 
 fn offset_value(pos: u64) -> HeaderValue {
@@ -371,16 +421,23 @@ fn cursor_value(client: Option<u64>) -> HeaderValue {
     HeaderValue::from(cursor::next_cursor(SystemTime::now(), client, jitter))
 }
 
-async fn read(state: &AppState, req: Request) -> Result<Response, ApiError> {
+/// A GET, parsed: which kind of read, of which stream.
+enum ReadPlan {
+    CatchUp(Arc<Stream>, request::ReadQuery, HeaderMap),
+    LongPoll(Arc<Stream>, request::ReadQuery),
+    Sse(Arc<Stream>, request::ReadQuery),
+}
+
+fn plan_read(state: &AppState, req: Request) -> Result<ReadPlan, ApiError> {
     let (parts, _body) = req.into_parts();
     let path = request::stream_path(parts.uri.path())?;
     let query = request::read_query(parts.uri.query())?;
     let stream = state.inner.streams.get(&path, true)?;
-    match query.live {
-        LiveMode::CatchUp => catch_up(state, &stream, &query, &parts.headers).await,
-        LiveMode::LongPoll => long_poll(state, &stream, &query).await,
-        LiveMode::Sse => Ok(sse::respond(state.clone(), stream, &query)),
-    }
+    Ok(match query.live {
+        LiveMode::CatchUp => ReadPlan::CatchUp(stream, query, parts.headers),
+        LiveMode::LongPoll => ReadPlan::LongPoll(stream, query),
+        LiveMode::Sse => ReadPlan::Sse(stream, query),
+    })
 }
 
 /// The response body of a read: JSON streams as one array, others as the bytes.
@@ -485,11 +542,8 @@ async fn long_poll(
             return Err(crate::stream::StreamError::NotFound.into());
         }
         if from < visible.tail {
-            let outcome = state
-                .inner
-                .streams
-                .read_bounded(stream, from, visible)
-                .await?;
+            // Boxed: it runs once, at the end of the wait.
+            let outcome = Box::pin(state.inner.streams.read_bounded(stream, from, visible)).await?;
             let body = encode_body(stream.kind, &outcome);
             let mut response = Response::new(Body::from(body));
             let hs = response.headers_mut();

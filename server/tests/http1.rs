@@ -1,0 +1,401 @@
+//! The plaintext HTTP/1.1 connection layer (`server/src/http/h1.rs`), driven over raw TCP:
+//! message framing, pipelining, `Expect: 100-continue`, refusals, connection persistence,
+//! hang-up detection for live readers, and the hand-off of h2c connections to HTTP/2.
+
+use std::time::Duration;
+
+use ds_server::App;
+use ds_server::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    streams: std::sync::Arc<ds_server::stream::Streams>,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> Server {
+    let mut config = Config::default();
+    config.server.port = 0;
+    config.server.long_poll_timeout = Duration::from_secs(30);
+    tweak(&mut config);
+    let app = App::build(config).await.expect("server builds");
+    let addr = app.local_addr().expect("bound");
+    let streams = app.streams();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        streams,
+        _stop: stop,
+    }
+}
+
+/// One parsed response: status, lower-cased headers, body (de-chunked).
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A raw connection that reads responses off the wire.
+struct Raw {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(server: &Server) -> Raw {
+        Raw {
+            tcp: TcpStream::connect(server.addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.tcp.write_all(bytes).await.expect("write");
+    }
+
+    async fn more(&mut self) -> usize {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.tcp.read(&mut chunk))
+            .await
+            .expect("the server answers within 10 s")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..i]).into_owned();
+                self.buf.drain(..i + 2);
+                return line;
+            }
+            assert!(self.more().await > 0, "connection closed mid-line");
+        }
+    }
+
+    async fn exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.more().await > 0, "connection closed mid-body");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Reads one response head (skipping nothing: a 100 Continue is returned as itself).
+    async fn head(&mut self) -> Resp {
+        let status_line = self.line().await;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (n, v) = line.split_once(':').expect("header line");
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        Resp {
+            status,
+            headers,
+            body: Vec::new(),
+        }
+    }
+
+    /// Reads one whole response to a request of `method`.
+    async fn response(&mut self, method: &str) -> Resp {
+        let mut r = self.head().await;
+        let bodiless = method == "HEAD" || r.status == 204 || r.status == 304;
+        if bodiless {
+            return r;
+        }
+        if r.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&self.line().await, 16).expect("chunk size");
+                let data = self.exact(size).await;
+                assert_eq!(self.line().await, "", "chunk ends with CRLF");
+                if size == 0 {
+                    break;
+                }
+                r.body.extend(data);
+            }
+        } else if let Some(n) = r.header("content-length") {
+            let n: usize = n.parse().expect("content-length");
+            r.body = self.exact(n).await;
+        } else {
+            while self.more().await > 0 {}
+            r.body = std::mem::take(&mut self.buf);
+        }
+        r
+    }
+
+    /// True once the server closed the connection (EOF).
+    async fn closed(&mut self) -> bool {
+        self.more().await == 0
+    }
+}
+
+fn req(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    let mut all = req("PUT", "/p", &[("Content-Type", "text/plain")], b"");
+    all.extend(req("POST", "/p", &[("Content-Type", "text/plain")], b"one"));
+    all.extend(req("POST", "/p", &[("Content-Type", "text/plain")], b"two"));
+    all.extend(req("GET", "/p?offset=-1", &[], b""));
+    c.send(&all).await;
+    assert_eq!(c.response("PUT").await.status, 201);
+    assert_eq!(c.response("POST").await.status, 204);
+    assert_eq!(c.response("POST").await.status, 204);
+    let read = c.response("GET").await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.body, b"onetwo");
+    assert!(read.header("date").is_some(), "responses carry Date");
+}
+
+#[tokio::test]
+async fn chunked_bodies_with_extensions_and_trailers_are_stored_exactly() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    c.send(&req("PUT", "/c", &[("Content-Type", "text/plain")], b""))
+        .await;
+    assert_eq!(c.response("PUT").await.status, 201);
+    c.send(
+        b"POST /c HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: yes\r\n\r\n",
+    )
+    .await;
+    assert_eq!(c.response("POST").await.status, 204);
+    c.send(&req("GET", "/c?offset=-1", &[], b"")).await;
+    assert_eq!(c.response("GET").await.body, b"hello world");
+}
+
+#[tokio::test]
+async fn expect_100_continue_gets_an_interim_response() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    c.send(&req("PUT", "/e", &[("Content-Type", "text/plain")], b""))
+        .await;
+    assert_eq!(c.response("PUT").await.status, 201);
+    c.send(b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    assert_eq!(c.head().await.status, 100);
+    c.send(b"abc").await;
+    assert_eq!(c.response("POST").await.status, 204);
+}
+
+#[tokio::test]
+async fn ambiguous_or_malformed_framing_is_refused_with_400_and_closed() {
+    let server = start(|_| {}).await;
+    let cases: [&[u8]; 4] = [
+        b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 3, 4\r\n\r\nabc",
+        b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /x HTTP/1.1\r\nHo st: t\r\n\r\n",
+    ];
+    for raw in cases {
+        let mut c = Raw::connect(&server).await;
+        c.send(raw).await;
+        let r = c.response("POST").await;
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(raw));
+        assert!(!r.body.is_empty(), "the refusal says what was wrong");
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(c.closed().await);
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_head_gets_431() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    let big = "a".repeat(70 * 1024);
+    c.send(format!("GET /x HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(c.response("GET").await.status, 431);
+}
+
+#[tokio::test]
+async fn a_chunked_body_over_the_request_cap_gets_413_and_stores_nothing() {
+    let server = start(|c| c.limits.max_request_bytes = 10).await;
+    let mut c = Raw::connect(&server).await;
+    c.send(&req("PUT", "/big", &[("Content-Type", "text/plain")], b""))
+        .await;
+    assert_eq!(c.response("PUT").await.status, 201);
+    c.send(b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n")
+        .await;
+    let r = c.response("POST").await;
+    assert_eq!(r.status, 413);
+    assert!(String::from_utf8_lossy(&r.body).contains("DS_LIMITS__MAX_REQUEST_BYTES"));
+    let mut d = Raw::connect(&server).await;
+    d.send(&req("GET", "/big?offset=-1", &[], b"")).await;
+    assert_eq!(d.response("GET").await.body, b"");
+}
+
+#[tokio::test]
+async fn http10_and_connection_close_end_the_connection() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    c.send(b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    let r = c.response("GET").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed().await);
+
+    let mut c = Raw::connect(&server).await;
+    c.send(&req("GET", "/healthz", &[("Connection", "close")], b""))
+        .await;
+    assert_eq!(c.response("GET").await.status, 200);
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn head_and_204_carry_no_body() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    c.send(&req(
+        "PUT",
+        "/h",
+        &[("Content-Type", "text/plain")],
+        b"data",
+    ))
+    .await;
+    assert_eq!(c.response("PUT").await.status, 201);
+    c.send(&req("HEAD", "/h", &[], b"")).await;
+    let head = c.response("HEAD").await;
+    assert_eq!(head.status, 200);
+    c.send(&req("POST", "/h", &[("Content-Type", "text/plain")], b"x"))
+        .await;
+    let append = c.response("POST").await;
+    assert_eq!(append.status, 204);
+    assert_eq!(append.header("content-length"), None);
+    // Had HEAD or 204 carried a body, this response would not parse.
+    c.send(&req("GET", "/h?offset=-1", &[], b"")).await;
+    assert_eq!(c.response("GET").await.body, b"datax");
+}
+
+/// Waits (bounded) for the server to drop a stream's live readers.
+async fn live_readers_drop_to_zero(server: &Server, path: &str) -> bool {
+    for _ in 0..200 {
+        let stream = server.streams.get(path, false).expect("stream exists");
+        if stream.live_readers() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_on_sse_or_long_poll_is_noticed_at_once() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    c.send(&req("PUT", "/live", &[("Content-Type", "text/plain")], b""))
+        .await;
+    assert_eq!(c.response("PUT").await.status, 201);
+
+    let mut sse = Raw::connect(&server).await;
+    sse.send(&req("GET", "/live?offset=now&live=sse", &[], b""))
+        .await;
+    let head = sse.head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("transfer-encoding"), Some("chunked"));
+    let mut lp = Raw::connect(&server).await;
+    lp.send(&req("GET", "/live?offset=now&live=long-poll", &[], b""))
+        .await;
+    let stream = server.streams.get("/live", false).expect("stream");
+    for _ in 0..200 {
+        if stream.live_readers() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(stream.live_readers(), 2, "both readers are waiting");
+    drop(sse);
+    drop(lp);
+    // No append, no keep-alive tick: only noticing the hang-up frees them.
+    assert!(live_readers_drop_to_zero(&server, "/live").await);
+}
+
+#[tokio::test]
+async fn sse_events_arrive_as_chunks_on_a_kept_alive_connection() {
+    let server = start(|_| {}).await;
+    let mut c = Raw::connect(&server).await;
+    c.send(&req(
+        "PUT",
+        "/s",
+        &[("Content-Type", "text/plain")],
+        b"first",
+    ))
+    .await;
+    assert_eq!(c.response("PUT").await.status, 201);
+    let mut sse = Raw::connect(&server).await;
+    sse.send(&req("GET", "/s?offset=-1&live=sse", &[], b""))
+        .await;
+    assert_eq!(sse.head().await.status, 200);
+    let mut text = String::new();
+    while !text.contains("event: control") {
+        let size = usize::from_str_radix(&sse.line().await, 16).expect("chunk size");
+        text.push_str(&String::from_utf8_lossy(&sse.exact(size).await));
+        assert_eq!(sse.line().await, "");
+    }
+    assert!(text.contains("event: data\ndata:first\n"), "{text}");
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_served_over_http2() {
+    let server = start(|_| {}).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let base = format!("http://{}", server.addr);
+    let r = client
+        .put(format!("{base}/h2"))
+        .header("content-type", "text/plain")
+        .body("over h2")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 201);
+    let r = client
+        .get(format!("{base}/h2?offset=-1"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.text().await.expect("body"), "over h2");
+}

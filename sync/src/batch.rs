@@ -161,11 +161,6 @@ impl Checkpoint {
             deleted_status: None,
         }
     }
-
-    /// Whether a follower should read it: neither closed nor deleted.
-    pub fn followable(&self) -> bool {
-        !self.closed && !self.deleted
-    }
 }
 
 /// What the worker must do once a batch has committed.

@@ -162,7 +162,13 @@ fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
         StorageMode::Memory => Arc::new(storage::memory::MemoryStorage),
         StorageMode::FileFast => Arc::new(storage::file::FileStorage::open(dir, file(false))?),
         StorageMode::FileDurable => Arc::new(storage::file::FileStorage::open(dir, file(true))?),
-        StorageMode::Acid => Arc::new(storage::acid::AcidStorage::open(dir, s.acid_shard_count)?),
+        StorageMode::Acid => Arc::new(storage::acid::AcidStorage::open(
+            dir,
+            storage::acid::AcidOptions {
+                shard_count: s.acid_shard_count,
+                cache_bytes,
+            },
+        )?),
     };
     tracing::info!(mode = opened.name(), dir = %dir.display(), "storage opened");
     Ok(opened)

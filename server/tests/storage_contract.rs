@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ds_server::storage::acid::AcidStorage;
+use ds_server::storage::acid::{AcidOptions, AcidStorage};
 use ds_server::storage::file::{FileOptions, FileStorage};
 use ds_server::storage::memory::MemoryStorage;
 use ds_server::storage::{
@@ -42,7 +42,16 @@ fn open(backend: Backend, dir: &Path) -> Arc<dyn Storage> {
         Backend::Memory => Arc::new(MemoryStorage),
         Backend::FileFast => Arc::new(FileStorage::open(dir, file(false)).expect("open")),
         Backend::FileDurable => Arc::new(FileStorage::open(dir, file(true)).expect("open")),
-        Backend::Acid => Arc::new(AcidStorage::open(dir, 4).expect("open")),
+        Backend::Acid => Arc::new(
+            AcidStorage::open(
+                dir,
+                AcidOptions {
+                    shard_count: 4,
+                    cache_bytes: 64,
+                },
+            )
+            .expect("open"),
+        ),
     }
 }
 

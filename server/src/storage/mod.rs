@@ -20,6 +20,7 @@
 pub mod acid;
 pub mod file;
 pub mod memory;
+mod tail_cache;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -12,9 +12,11 @@
 //! transaction, so after a crash either all of it is there or none of it. One channel per shard
 //! keeps the operations of a stream in submission order.
 //!
-//! Reads run in `spawn_blocking` on a redb read transaction (readers never wait for the writer),
-//! range-scan from the record holding the read's start and stop at the byte budget; they never
-//! load a whole stream.
+//! Reads of a stream's newest records (live readers at the tail) are served from a RAM cache
+//! that the writer fills once a commit succeeds ([`TailCache`], shared with the file backend).
+//! Other reads run in `spawn_blocking` on a redb read transaction (readers never wait for the
+//! writer), range-scan from the record holding the read's start and stop at the byte budget;
+//! they never load a whole stream.
 //!
 //! This module must not make protocol decisions: it persists what the stream layer decided.
 
@@ -33,9 +35,11 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::tail_cache::{CacheBudget, TailCache};
 use super::{
     AppendEntry, Commit, ProducerState, ProducerTuple, ReadChunk, Recovered, Storage, StorageError,
     StreamId, StreamLog, StreamMeta, WriterSnapshot, plan_read,
@@ -78,10 +82,21 @@ impl<T, E: Into<redb::Error>> DbResult<T> for Result<T, E> {
     }
 }
 
+/// Settings of the acid backend.
+#[derive(Clone, Copy, Debug)]
+pub struct AcidOptions {
+    /// Number of shards (a power of two from 1 to 256), fixed when the directory is created.
+    pub shard_count: u32,
+    /// RAM for the newest records of all streams together.
+    pub cache_bytes: usize,
+}
+
 /// The redb-backed, sharded backend.
 pub struct AcidStorage {
     dir: PathBuf,
     shards: Vec<Arc<Shard>>,
+    /// Shared by the tail caches of all streams.
+    cache: Arc<CacheBudget>,
 }
 
 impl std::fmt::Debug for AcidStorage {
@@ -192,11 +207,12 @@ impl Drop for Shard {
 }
 
 impl AcidStorage {
-    /// Opens (creating if needed) the store under `dir` with `shard_count` shards.
+    /// Opens (creating if needed) the store under `dir`.
     ///
     /// Refuses a shard count that is not a power of two from 1 to 256, and one that differs from
     /// the count `dir` was created with.
-    pub fn open(dir: &Path, shard_count: u32) -> Result<AcidStorage, StorageError> {
+    pub fn open(dir: &Path, options: AcidOptions) -> Result<AcidStorage, StorageError> {
+        let shard_count = options.shard_count;
         layout::check_shard_count(shard_count)?;
         layout::check_or_create(dir, shard_count)?;
         let cache_bytes = (CACHE_BYTES_TOTAL / shard_count as usize).max(4 << 20);
@@ -232,6 +248,7 @@ impl AcidStorage {
         Ok(AcidStorage {
             dir: dir.to_owned(),
             shards,
+            cache: Arc::new(CacheBudget::new(options.cache_bytes)),
         })
     }
 
@@ -258,6 +275,10 @@ impl AcidStorage {
             persists_touches: meta.ttl_secs.is_some(),
             touch_sent_ms: AtomicU64::new(0),
             shard: self.shard_of(meta.id).clone(),
+            cache: Arc::new(LogCache {
+                tail: Mutex::new(TailCache::default()),
+                budget: self.cache.clone(),
+            }),
         }
     }
 
@@ -357,6 +378,7 @@ impl Storage for AcidStorage {
             initial,
             close,
             created_at_ms: meta.created_at_ms,
+            cache: log.cache.clone(),
         });
         Ok((Arc::new(log), commit))
     }
@@ -398,6 +420,34 @@ pub struct AcidLog {
     /// The last access time handed to the writer, to send at most one per interval.
     touch_sent_ms: AtomicU64,
     shard: Arc<Shard>,
+    /// The newest committed records, filled by the shard's writer after each commit.
+    cache: Arc<LogCache>,
+}
+
+/// A stream's tail cache, shared by its log (reads) and its shard's writer (fills it once a
+/// commit succeeds, so that it never holds unacknowledged data).
+#[derive(Debug)]
+pub(crate) struct LogCache {
+    tail: Mutex<TailCache>,
+    budget: Arc<CacheBudget>,
+}
+
+impl LogCache {
+    fn push(&self, start: u64, data: &Bytes) {
+        self.tail
+            .lock()
+            .push(start, Some(data.clone()), &self.budget);
+    }
+
+    fn clear(&self) {
+        self.tail.lock().clear(&self.budget);
+    }
+}
+
+impl Drop for LogCache {
+    fn drop(&mut self) {
+        self.tail.get_mut().clear(&self.budget);
+    }
 }
 
 impl std::fmt::Debug for AcidLog {
@@ -411,7 +461,11 @@ impl std::fmt::Debug for AcidLog {
 
 impl StreamLog for AcidLog {
     fn append(&self, entry: AppendEntry) -> Commit {
-        self.shard.submit(Op::Append { id: self.id, entry })
+        self.shard.submit(Op::Append {
+            id: self.id,
+            entry,
+            cache: self.cache.clone(),
+        })
     }
 
     fn mark_soft_deleted(&self) -> Commit {
@@ -419,7 +473,10 @@ impl StreamLog for AcidLog {
     }
 
     fn remove(&self) -> Commit {
-        self.shard.submit(Op::Remove { id: self.id })
+        self.shard.submit(Op::Remove {
+            id: self.id,
+            cache: self.cache.clone(),
+        })
     }
 
     fn touch(&self, now_ms: u64) {
@@ -457,6 +514,9 @@ impl StreamLog for AcidLog {
                 parts: Vec::new(),
                 end: from,
             })));
+        }
+        if let Some(cached) = self.cache.tail.lock().read(from, until, max_bytes, split) {
+            return Box::pin(std::future::ready(cached));
         }
         let db = self.shard.db.clone();
         let (id, log_start) = (self.id, self.log_start);

@@ -9,6 +9,13 @@ use bytes::Bytes;
 use super::*;
 use crate::storage::{ForkMeta, ProducerState, ProducerTuple, Storage, StreamMeta};
 
+fn options(shard_count: u32) -> AcidOptions {
+    AcidOptions {
+        shard_count,
+        cache_bytes: 1 << 20,
+    }
+}
+
 fn meta(id: StreamId, path: &str) -> StreamMeta {
     StreamMeta {
         id,
@@ -75,7 +82,7 @@ fn rows_left(storage: &AcidStorage, id: StreamId) -> usize {
 #[tokio::test]
 async fn create_append_read_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = AcidStorage::open(dir.path(), 4).unwrap();
+    let storage = AcidStorage::open(dir.path(), options(4)).unwrap();
     assert_eq!(storage.name(), "acid");
     let (log, commit) = storage
         .create(&meta(1, "/a"), vec![Bytes::from_static(b"hello ")], None)
@@ -106,7 +113,7 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
         seq: 1,
     };
     {
-        let storage = AcidStorage::open(dir.path(), 8).unwrap();
+        let storage = AcidStorage::open(dir.path(), options(8)).unwrap();
         let (source, c) = storage
             .create(&source_meta, vec![Bytes::from_static(b"ab")], None)
             .unwrap();
@@ -172,7 +179,7 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
         fork.append(entry(7, "Z")).await.unwrap();
     }
 
-    let storage = AcidStorage::open(dir.path(), 8).unwrap();
+    let storage = AcidStorage::open(dir.path(), options(8)).unwrap();
     let mut found = recovered_by_id(&storage);
     assert_eq!(found.len(), 2);
     let source = found.remove(&7).unwrap();
@@ -218,7 +225,7 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
 async fn removed_streams_stay_removed_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let storage = AcidStorage::open(dir.path(), 2).unwrap();
+        let storage = AcidStorage::open(dir.path(), options(2)).unwrap();
         for id in [1, 2] {
             let (log, c) = storage
                 .create(
@@ -249,7 +256,7 @@ async fn removed_streams_stay_removed_after_reopen() {
             }
         }
     }
-    let storage = AcidStorage::open(dir.path(), 2).unwrap();
+    let storage = AcidStorage::open(dir.path(), options(2)).unwrap();
     let found = recovered_by_id(&storage);
     assert_eq!(found.keys().copied().collect::<Vec<_>>(), vec![2]);
     assert_eq!(rows_left(&storage, 1), 0);
@@ -280,7 +287,7 @@ async fn concurrent_appends_commit_in_order_and_survive_reopen() {
     const APPENDS: usize = 25;
     let dir = tempfile::tempdir().unwrap();
     {
-        let storage = AcidStorage::open(dir.path(), 4).unwrap();
+        let storage = AcidStorage::open(dir.path(), options(4)).unwrap();
         let mut writers = Vec::new();
         for id in 1..=STREAMS {
             let (log, c) = storage
@@ -314,7 +321,7 @@ async fn concurrent_appends_commit_in_order_and_survive_reopen() {
             "no batching: {stats:?} for {appends} appends"
         );
     }
-    let storage = AcidStorage::open(dir.path(), 4).unwrap();
+    let storage = AcidStorage::open(dir.path(), options(4)).unwrap();
     let found = recovered_by_id(&storage);
     assert_eq!(found.len(), STREAMS as usize);
     let record_len = "00-000;".len() as u64;
@@ -336,8 +343,8 @@ async fn concurrent_appends_commit_in_order_and_survive_reopen() {
 #[tokio::test]
 async fn shard_count_change_on_existing_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    drop(AcidStorage::open(dir.path(), 4).unwrap());
-    let err = AcidStorage::open(dir.path(), 8).unwrap_err();
+    drop(AcidStorage::open(dir.path(), options(4)).unwrap());
+    let err = AcidStorage::open(dir.path(), options(8)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, StorageError::Config(_)), "{err:?}");
     assert!(
@@ -345,15 +352,15 @@ async fn shard_count_change_on_existing_directory_is_refused() {
         "{msg}"
     );
     // The original count still opens.
-    drop(AcidStorage::open(dir.path(), 4).unwrap());
+    drop(AcidStorage::open(dir.path(), options(4)).unwrap());
 }
 
 #[test]
 fn shard_files_without_a_layout_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    drop(AcidStorage::open(dir.path(), 2).unwrap());
+    drop(AcidStorage::open(dir.path(), options(2)).unwrap());
     std::fs::remove_file(dir.path().join(layout::LAYOUT_FILE)).unwrap();
-    let err = AcidStorage::open(dir.path(), 2).unwrap_err();
+    let err = AcidStorage::open(dir.path(), options(2)).unwrap_err();
     assert!(matches!(err, StorageError::Config(_)), "{err:?}");
 }
 
@@ -361,7 +368,7 @@ fn shard_files_without_a_layout_are_refused() {
 fn a_directory_of_another_mode_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("FORMAT"), "ds-server file storage v1\n").unwrap();
-    let err = AcidStorage::open(dir.path(), 2).unwrap_err();
+    let err = AcidStorage::open(dir.path(), options(2)).unwrap_err();
     assert!(err.to_string().contains("not acid-mode storage"), "{err}");
     assert!(!dir.path().join(layout::LAYOUT_FILE).exists());
 }
@@ -370,21 +377,37 @@ fn a_directory_of_another_mode_is_refused() {
 fn bad_shard_counts_are_refused_before_touching_the_directory() {
     let dir = tempfile::tempdir().unwrap();
     for n in [0, 3, 12, 257, 1024] {
-        let err = AcidStorage::open(dir.path(), n).unwrap_err();
+        let err = AcidStorage::open(dir.path(), options(n)).unwrap_err();
         assert!(matches!(err, StorageError::Config(_)), "{n}: {err:?}");
         assert!(err.to_string().contains("power of two"), "{err}");
     }
     assert!(!dir.path().join(layout::LAYOUT_FILE).exists());
     for n in [1, 256] {
         let sub = dir.path().join(n.to_string());
-        drop(AcidStorage::open(&sub, n).unwrap());
+        drop(AcidStorage::open(&sub, options(n)).unwrap());
     }
 }
 
+/// Read tests run twice: served by redb (no cache) and by the tail cache.
+const CACHE_SIZES: [usize; 2] = [0, 1 << 20];
+
 #[tokio::test]
 async fn reads_respect_budget_split_and_record_boundaries() {
+    for cache_bytes in CACHE_SIZES {
+        reads_respect_budget_split_and_record_boundaries_with(cache_bytes).await;
+    }
+}
+
+async fn reads_respect_budget_split_and_record_boundaries_with(cache_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let storage = AcidStorage::open(
+        dir.path(),
+        AcidOptions {
+            shard_count: 1,
+            cache_bytes,
+        },
+    )
+    .unwrap();
     let (log, c) = storage
         .create(
             &meta(1, "/r"),
@@ -450,20 +473,29 @@ async fn reads_respect_budget_split_and_record_boundaries() {
 
 #[tokio::test]
 async fn reads_of_a_large_stream_stop_at_the_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let storage = AcidStorage::open(dir.path(), 1).unwrap();
-    let records: Vec<Bytes> = (0..1000).map(|_| Bytes::from(vec![b'r'; 100])).collect();
-    let (log, c) = storage.create(&meta(1, "/big"), records, None).unwrap();
-    c.await.unwrap();
-    let c = log.read(250 * 100, 100_000, 1_000, false).await.unwrap();
-    assert_eq!((c.parts.len(), c.end), (10, 26_000));
+    for cache_bytes in CACHE_SIZES {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = AcidStorage::open(
+            dir.path(),
+            AcidOptions {
+                shard_count: 1,
+                cache_bytes,
+            },
+        )
+        .unwrap();
+        let records: Vec<Bytes> = (0..1000).map(|_| Bytes::from(vec![b'r'; 100])).collect();
+        let (log, c) = storage.create(&meta(1, "/big"), records, None).unwrap();
+        c.await.unwrap();
+        let c = log.read(250 * 100, 100_000, 1_000, false).await.unwrap();
+        assert_eq!((c.parts.len(), c.end), (10, 26_000));
+    }
 }
 
 #[tokio::test]
 async fn concurrent_appends_share_transactions() {
     const N: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
-    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let storage = AcidStorage::open(dir.path(), options(1)).unwrap();
     let mut logs = Vec::new();
     for id in 1..=N {
         let (log, c) = storage
@@ -495,7 +527,7 @@ async fn concurrent_appends_share_transactions() {
 #[tokio::test]
 async fn a_dropped_commit_future_still_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let storage = AcidStorage::open(dir.path(), options(1)).unwrap();
     let (log, c) = storage.create(&meta(1, "/d"), Vec::new(), None).unwrap();
     drop(c);
     drop(log.append(entry(0, "ab")));
@@ -506,7 +538,7 @@ async fn a_dropped_commit_future_still_writes() {
 #[tokio::test]
 async fn a_misplaced_append_is_refused_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let storage = AcidStorage::open(dir.path(), options(1)).unwrap();
     let (log, c) = storage.create(&meta(1, "/m"), Vec::new(), None).unwrap();
     let (other, c2) = storage.create(&meta(2, "/n"), Vec::new(), None).unwrap();
     // Likely in one batch: the bad append fails, its neighbours commit.
@@ -530,26 +562,71 @@ async fn a_misplaced_append_is_refused_alone() {
     assert!(log.append(entry(4, "late")).await.is_err());
 }
 
+/// Overwrites the record of stream `id` at `start` in redb with a value whose checksum does not
+/// match, so that a read served by redb fails and one served by the tail cache does not.
+fn damage_record(storage: &AcidStorage, id: StreamId, start: u64) {
+    let txn = storage.shard_of(id).db.begin_write().unwrap();
+    txn.open_table(RECORDS)
+        .unwrap()
+        .insert((id, start), b"abXdddd".as_slice())
+        .unwrap();
+    txn.commit().unwrap();
+}
+
 #[tokio::test]
 async fn damaged_records_are_refused_on_read() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = AcidStorage::open(dir.path(), 1).unwrap();
+    let uncached = AcidOptions {
+        shard_count: 1,
+        cache_bytes: 0,
+    };
+    let storage = AcidStorage::open(dir.path(), uncached).unwrap();
     let (log, c) = storage
         .create(&meta(1, "/x"), vec![Bytes::from_static(b"abc")], None)
         .unwrap();
     c.await.unwrap();
-    // Overwrite the record with a value whose checksum does not match.
-    let db = storage.shard_of(1).db.clone();
-    let txn = db.begin_write().unwrap();
-    txn.open_table(RECORDS)
-        .unwrap()
-        .insert((1, 0), b"abXdddd".as_slice())
-        .unwrap();
-    txn.commit().unwrap();
+    damage_record(&storage, 1, 0);
     assert!(matches!(
         log.read(0, 3, 100, false).await,
         Err(StorageError::Corrupt { .. })
     ));
+}
+
+#[tokio::test]
+async fn tail_reads_come_from_ram_and_older_ones_from_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let storage = AcidStorage::open(dir.path(), options(1)).unwrap();
+        let (log, c) = storage.create(&meta(1, "/t"), Vec::new(), None).unwrap();
+        c.await.unwrap();
+        log.append(entry(0, "abc")).await.unwrap();
+        log.append(entry(3, "def")).await.unwrap();
+        assert_eq!(storage.cache.used(), 6);
+        // Damaged on disk, yet the tail read still answers: it never reached redb.
+        damage_record(&storage, 1, 3);
+        assert_eq!(read_all(&log, 3, 6).await, "def");
+        // Removing the stream gives its cache back.
+        log.remove().await.unwrap();
+        assert_eq!(storage.cache.used(), 0);
+    }
+    {
+        let storage = AcidStorage::open(dir.path(), options(1)).unwrap();
+        let (log, c) = storage.create(&meta(2, "/u"), Vec::new(), None).unwrap();
+        c.await.unwrap();
+        log.append(entry(0, "abc")).await.unwrap();
+        damage_record(&storage, 2, 0);
+    }
+    // After a restart nothing is cached: the same read goes to redb and finds the damage.
+    let storage = AcidStorage::open(dir.path(), options(1)).unwrap();
+    let found = recovered_by_id(&storage);
+    assert!(matches!(
+        found[&2].log.read(0, 3, 100, false).await,
+        Err(StorageError::Corrupt { .. })
+    ));
+    // New appends are cached again, from the recovered tail on.
+    found[&2].log.append(entry(3, "xyz")).await.unwrap();
+    assert_eq!(read_all(&found[&2].log, 3, 6).await, "xyz");
+    assert_eq!(storage.cache.used(), 3);
 }
 
 /// The stream layer on top of this backend: what a client was told before a restart holds after
@@ -576,7 +653,7 @@ async fn streams_over_acid_keep_their_promises_across_a_restart() {
         }),
     };
     {
-        let storage = Arc::new(AcidStorage::open(dir.path(), 4).unwrap());
+        let storage = Arc::new(AcidStorage::open(dir.path(), options(4)).unwrap());
         let streams = Streams::open(storage, limits).unwrap();
         let created = streams
             .create(
@@ -616,7 +693,7 @@ async fn streams_over_acid_keep_their_promises_across_a_restart() {
             .unwrap();
         streams.delete("/gone").await.unwrap();
     }
-    let storage = Arc::new(AcidStorage::open(dir.path(), 4).unwrap());
+    let storage = Arc::new(AcidStorage::open(dir.path(), options(4)).unwrap());
     let streams = Streams::open(storage, limits).unwrap();
     assert_eq!(streams.len(), 1);
     let head = streams.head("/s").unwrap();
@@ -642,7 +719,7 @@ async fn bench_appends_and_tail_reads() {
     for shards in [1u32, 16] {
         for tasks in [1usize, 16, 64, 256] {
             let dir = tempfile::tempdir().unwrap();
-            let storage = AcidStorage::open(dir.path(), shards).unwrap();
+            let storage = AcidStorage::open(dir.path(), options(shards)).unwrap();
             let mut logs = Vec::new();
             for id in 1..=tasks as u64 {
                 let (log, c) = storage

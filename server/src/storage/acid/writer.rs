@@ -16,7 +16,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::codec::{self, StateRow};
-use super::{DbResult, PRODUCERS, RECORDS, STATE, STREAMS};
+use super::{DbResult, LogCache, PRODUCERS, RECORDS, STATE, STREAMS};
 use crate::storage::{AppendEntry, ProducerTuple, StorageError, StreamId};
 
 /// Most operations one transaction takes, so that one commit's latency stays bounded.
@@ -33,16 +33,19 @@ pub(super) enum Op {
         initial: Vec<Bytes>,
         close: Option<Option<ProducerTuple>>,
         created_at_ms: u64,
+        cache: Arc<LogCache>,
     },
     Append {
         id: StreamId,
         entry: AppendEntry,
+        cache: Arc<LogCache>,
     },
     SoftDelete {
         id: StreamId,
     },
     Remove {
         id: StreamId,
+        cache: Arc<LogCache>,
     },
     /// A sliding-TTL access time; best effort, committed without a sync when nothing else is.
     Touch {
@@ -57,6 +60,31 @@ impl Op {
             Op::Create { initial, .. } => initial.iter().map(Bytes::len).sum(),
             Op::Append { entry, .. } => entry.data.as_ref().map_or(0, Bytes::len),
             _ => 0,
+        }
+    }
+
+    /// Brings the stream's tail cache up to date once this operation has committed.
+    fn committed(&self) {
+        match self {
+            Op::Create {
+                start,
+                initial,
+                cache,
+                ..
+            } => {
+                let mut pos = *start;
+                for data in initial.iter().filter(|d| !d.is_empty()) {
+                    cache.push(pos, data);
+                    pos += data.len() as u64;
+                }
+            }
+            Op::Append { entry, cache, .. } => {
+                if let Some(data) = entry.data.as_ref().filter(|d| !d.is_empty()) {
+                    cache.push(entry.start, data);
+                }
+            }
+            Op::Remove { cache, .. } => cache.clear(),
+            Op::SoftDelete { .. } | Op::Touch { .. } => {}
         }
     }
 }
@@ -107,8 +135,9 @@ pub(super) fn run(db: Arc<Database>, ops: Receiver<Pending>, stats: Arc<WriterSt
         }
         let results = commit_batch(&db, &mut rows, &batch, &stats);
         for (pending, result) in batch.drain(..).zip(results) {
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "acid write failed");
+            match &result {
+                Ok(()) => pending.op.committed(),
+                Err(e) => tracing::error!(error = %e, "acid write failed"),
             }
             if let Some(done) = pending.done {
                 // The waiter may have gone (client hung up); the write stands regardless.
@@ -260,6 +289,7 @@ fn apply_one(
             initial,
             close,
             created_at_ms,
+            ..
         } => {
             let id = *id;
             if row_of(rows, &t.state, id)?.is_some() {
@@ -290,7 +320,7 @@ fn apply_one(
             );
             dirty.push(id);
         }
-        Op::Append { id, entry } => {
+        Op::Append { id, entry, .. } => {
             let id = *id;
             let Some(row) = row_of(rows, &t.state, id)? else {
                 return Ok(Err(StorageError::Removed(id)));
@@ -347,7 +377,7 @@ fn apply_one(
                 dirty.push(*id);
             }
         }
-        Op::Remove { id } => {
+        Op::Remove { id, .. } => {
             let id = *id;
             rows.remove(&id);
             t.records

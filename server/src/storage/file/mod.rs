@@ -25,16 +25,15 @@ mod frame;
 mod recover;
 mod wal;
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 
+use super::tail_cache::{CacheBudget, TailCache};
 use super::{
     AppendEntry, Commit, ProducerTuple, ReadChunk, Recovered, Storage, StorageError, StreamId,
     StreamLog, StreamMeta, plan_read,
@@ -44,8 +43,6 @@ use wal::{Op, Target, Wal};
 /// The name of the file that marks a data directory as file-mode storage.
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_TEXT: &str = "ds-server file storage v1\n";
-/// Newest bytes of each stream kept in RAM for live readers.
-const STREAM_CACHE_BYTES: usize = 1 << 20;
 
 /// Settings of the file backend.
 #[derive(Clone, Debug)]
@@ -246,10 +243,8 @@ pub(crate) struct LogShared {
 #[derive(Default)]
 pub(crate) struct Index {
     pub records: Vec<Loc>,
-    /// `cache[i]` is the data of `records[cache_from + i]`: a suffix of the records.
-    pub cache_from: usize,
-    pub cache: VecDeque<Bytes>,
-    pub cache_bytes: usize,
+    /// The newest records' bytes: always a suffix of `records`.
+    pub cache: TailCache,
     /// Segments holding any frame of this stream, ascending (for segment clean-up).
     pub touched: Vec<u32>,
     pub removed: bool,
@@ -259,73 +254,11 @@ impl Index {
     /// Appends a committed record, caching its bytes when the budget allows.
     pub fn push(&mut self, loc: Loc, data: Option<Bytes>, budget: &CacheBudget) {
         self.records.push(loc);
-        let cacheable = data.filter(|d| d.len() <= STREAM_CACHE_BYTES);
-        // The cache must stay a contiguous suffix of the records.
-        if self.cache_from + self.cache.len() != self.records.len() - 1 {
-            self.clear_cache(budget);
-            self.cache_from = self.records.len();
-        }
-        match cacheable {
-            Some(d) if budget.take(d.len()) => {
-                self.cache_bytes += d.len();
-                self.cache.push_back(d);
-                while self.cache_bytes > STREAM_CACHE_BYTES {
-                    if let Some(old) = self.cache.pop_front() {
-                        self.cache_bytes -= old.len();
-                        budget.give(old.len());
-                        self.cache_from += 1;
-                    }
-                }
-            }
-            _ => {
-                self.clear_cache(budget);
-                self.cache_from = self.records.len();
-            }
-        }
+        self.cache.push(loc.start, data, budget);
     }
 
     pub fn clear_cache(&mut self, budget: &CacheBudget) {
-        budget.give(self.cache_bytes);
-        self.cache_from += self.cache.len();
-        self.cache.clear();
-        self.cache_bytes = 0;
-    }
-}
-
-/// RAM shared by the caches of all streams.
-pub(crate) struct CacheBudget {
-    used: AtomicUsize,
-    limit: usize,
-}
-
-impl CacheBudget {
-    pub fn new(limit: usize) -> Self {
-        CacheBudget {
-            used: AtomicUsize::new(0),
-            limit,
-        }
-    }
-
-    fn take(&self, n: usize) -> bool {
-        let mut used = self.used.load(Ordering::Relaxed);
-        loop {
-            if used + n > self.limit {
-                return false;
-            }
-            match self.used.compare_exchange_weak(
-                used,
-                used + n,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(u) => used = u,
-            }
-        }
-    }
-
-    fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
+        self.cache.clear(budget);
     }
 }
 
@@ -388,12 +321,13 @@ impl StreamLog for FileLog {
                 split,
             )
             .map(|(pieces, end)| {
+                let cache_from = records.len() - index.cache.len();
                 let sources: Vec<Source> = pieces
                     .iter()
                     .map(|p| {
                         let cached = p
                             .record
-                            .checked_sub(index.cache_from)
+                            .checked_sub(cache_from)
                             .and_then(|i| index.cache.get(i));
                         match cached {
                             Some(b) => Source::Cached(b.slice(p.skip..p.skip + p.len)),

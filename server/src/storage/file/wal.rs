@@ -18,7 +18,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::frame::{self, Encoded};
-use super::{CacheBudget, FileOptions, Loc, LogShared};
+use super::{FileOptions, Loc, LogShared};
+use crate::storage::tail_cache::CacheBudget;
 use crate::storage::{Commit, StorageError};
 
 /// Most operations written in one batch.

@@ -21,6 +21,7 @@
 //! This module must not make protocol decisions: it persists what the stream layer decided.
 
 mod codec;
+mod gate;
 mod layout;
 mod writer;
 
@@ -135,7 +136,12 @@ struct Shard {
 }
 
 impl Shard {
-    fn open(dir: &Path, index: usize, cache_bytes: usize) -> Result<Shard, StorageError> {
+    fn open(
+        dir: &Path,
+        index: usize,
+        cache_bytes: usize,
+        gate: Option<Arc<gate::CommitGate>>,
+    ) -> Result<Shard, StorageError> {
         let path = layout::shard_file(dir, index);
         let what = format!("opening {}", path.display());
         let db = Database::builder()
@@ -157,7 +163,7 @@ impl Shard {
             .spawn({
                 let db = db.clone();
                 let stats = stats.clone();
-                move || writer::run(db, queue, stats)
+                move || writer::run(db, queue, stats, gate)
             })
             .map_err(|source| StorageError::Io {
                 what: format!("starting the writer of shard {index}"),
@@ -216,11 +222,15 @@ impl AcidStorage {
         layout::check_shard_count(shard_count)?;
         layout::check_or_create(dir, shard_count)?;
         let cache_bytes = (CACHE_BYTES_TOTAL / shard_count as usize).max(4 << 20);
+        let gate = gate::CommitGate::for_machine(shard_count as usize);
         // Opening a shard after a crash makes redb repair it, which reads the whole file: do the
         // shards side by side.
         let opened: Vec<Result<Shard, StorageError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..shard_count as usize)
-                .map(|index| scope.spawn(move || Shard::open(dir, index, cache_bytes)))
+                .map(|index| {
+                    let gate = gate.clone();
+                    scope.spawn(move || Shard::open(dir, index, cache_bytes, gate))
+                })
                 .collect();
             handles
                 .into_iter()

@@ -716,8 +716,19 @@ async fn streams_over_acid_keep_their_promises_across_a_restart() {
 async fn bench_appends_and_tail_reads() {
     const RECORD: usize = 128;
     const SECS: f64 = 2.0;
+    // `ACID_BENCH=16x64,1x64` runs only those shards×tasks cells.
+    let only: Option<Vec<(u32, usize)>> = std::env::var("ACID_BENCH").ok().map(|cells| {
+        cells
+            .split(',')
+            .filter_map(|c| c.split_once('x'))
+            .filter_map(|(s, t)| Some((s.parse().ok()?, t.parse().ok()?)))
+            .collect()
+    });
     for shards in [1u32, 16] {
         for tasks in [1usize, 16, 64, 256] {
+            if only.as_ref().is_some_and(|o| !o.contains(&(shards, tasks))) {
+                continue;
+            }
             let dir = tempfile::tempdir().unwrap();
             let storage = AcidStorage::open(dir.path(), options(shards)).unwrap();
             let mut logs = Vec::new();

@@ -16,6 +16,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::codec::{self, StateRow};
+use super::gate::{CommitGate, Waiter};
 use super::{DbResult, LogCache, PRODUCERS, RECORDS, STATE, STREAMS};
 use crate::storage::{AppendEntry, ProducerTuple, StorageError, StreamId};
 
@@ -117,13 +118,21 @@ struct Tables<'t> {
     records: Table<'t, (u64, u64), &'static [u8]>,
 }
 
-/// The writer thread's body: runs until every sender is gone.
-pub(super) fn run(db: Arc<Database>, ops: Receiver<Pending>, stats: Arc<WriterStats>) {
+/// The writer thread's body: runs until every sender is gone. With a `gate`, a commit waits for
+/// one of its permits; what queues up meanwhile joins the transaction.
+pub(super) fn run(
+    db: Arc<Database>,
+    ops: Receiver<Pending>,
+    stats: Arc<WriterStats>,
+    gate: Option<Arc<CommitGate>>,
+) {
     let mut rows: HashMap<StreamId, StateRow> = HashMap::new();
     let mut batch: Vec<Pending> = Vec::new();
+    let me = Waiter::current();
     while let Ok(first) = ops.recv() {
         let mut bytes = first.op.data_bytes();
         batch.push(first);
+        let permit = gate.as_ref().map(|g| g.enter(&me));
         while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
             match ops.try_recv() {
                 Ok(next) => {
@@ -134,6 +143,7 @@ pub(super) fn run(db: Arc<Database>, ops: Receiver<Pending>, stats: Arc<WriterSt
             }
         }
         let results = commit_batch(&db, &mut rows, &batch, &stats);
+        drop(permit);
         for (pending, result) in batch.drain(..).zip(results) {
             match &result {
                 Ok(()) => pending.op.committed(),

@@ -27,6 +27,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, HttpBody};
 use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -194,7 +195,11 @@ impl Conn {
                     body,
                     chunked,
                     keep,
-                }) => self.stream_body(body, chunked).await? && keep,
+                }) => {
+                    // A stream may live for minutes: it holds no read buffer meanwhile.
+                    self.release_buffer();
+                    self.stream_body(body, chunked).await? && keep
+                }
                 Err(ReadError::Io(e)) => return Err(e),
                 Err(ReadError::Truncated) => return Ok(()),
                 Err(ReadError::Refused(r)) => return Box::pin(self.refuse(r)).await,
@@ -202,10 +207,15 @@ impl Conn {
             if !keep {
                 return Ok(());
             }
-            if self.buf.is_empty() {
-                // Keep nothing while the connection waits for its next request.
-                self.buf = BytesMut::new();
-            }
+        }
+    }
+
+    /// Frees the read buffer if it holds nothing. A busy connection keeps its buffer between
+    /// requests (allocating one per request costs more than the request's parsing); a
+    /// connection about to wait for a long time gives it back.
+    fn release_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
         }
     }
 
@@ -291,10 +301,6 @@ impl Conn {
         if !complete {
             keep_alive = false;
         }
-        if self.buf.is_empty() {
-            // A live read may wait for minutes: hold no read buffer meanwhile.
-            self.buf = BytesMut::new();
-        }
 
         let mut request = Request::new(Body::from(body));
         let Head {
@@ -309,9 +315,18 @@ impl Conn {
         *request.headers_mut() = headers;
         // Boxed: the router's future is as large as the largest handler's, and a connection
         // should not carry that size for its whole life.
-        let call = Box::pin(self.router.clone().oneshot(request));
-        let Some(response) = self.until_hangup(call).await? else {
-            return Ok(Written::Done(false));
+        let mut call = Box::pin(self.router.clone().oneshot(request));
+        // Most requests are answered in their first poll. One that waits (a long-poll, a
+        // durable commit) may wait for minutes: it holds no read buffer meanwhile.
+        let response = match (&mut call).now_or_never() {
+            Some(response) => response,
+            None => {
+                self.release_buffer();
+                let Some(response) = self.until_hangup(call).await? else {
+                    return Ok(Written::Done(false));
+                };
+                response
+            }
         };
         let response = match response {
             Ok(r) => r,
@@ -538,11 +553,12 @@ impl Conn {
                         continue;
                     }
                     if chunked {
-                        let size = format!("{:x}\r\n", data.len());
+                        let mut size = [0u8; 18];
+                        let size = chunk_header(&mut size, data.len());
                         write_all_vectored(
                             &mut self.tcp,
                             &mut [
-                                IoSlice::new(size.as_bytes()),
+                                IoSlice::new(size),
                                 IoSlice::new(&data),
                                 IoSlice::new(b"\r\n"),
                             ],
@@ -755,6 +771,24 @@ fn chunk_size(line: &[u8]) -> Result<u64, Refusal> {
         .ok_or_else(|| Refusal::bad("chunked body: malformed chunk size"))
 }
 
+/// `{len:x}\r\n` in `buf`, without allocating.
+fn chunk_header(buf: &mut [u8; 18], len: usize) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = 16;
+    let mut n = len;
+    loop {
+        i -= 1;
+        buf[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[i..]
+}
+
 async fn write_all_vectored(tcp: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
     while !slices.is_empty() {
         let n = tcp.write_vectored(slices).await?;
@@ -929,6 +963,14 @@ mod tests {
             "{}",
             std::mem::size_of_val(&run)
         );
+    }
+
+    #[test]
+    fn chunk_headers() {
+        let mut buf = [0u8; 18];
+        assert_eq!(chunk_header(&mut buf, 0), b"0\r\n");
+        assert_eq!(chunk_header(&mut buf, 26), b"1a\r\n");
+        assert_eq!(chunk_header(&mut buf, usize::MAX), b"ffffffffffffffff\r\n");
     }
 
     #[test]

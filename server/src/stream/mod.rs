@@ -1204,24 +1204,56 @@ enum Created {
 /// Waits for a submitted write and makes it visible to readers. The reveal must happen even if
 /// the caller stops waiting (a client that hangs up mid-commit drops the handler's future): the
 /// write is committed either way, and an unrevealed tail would hide it from every reader and
-/// stall the producer's retry. So unless the commit is already complete (memory storage), it is
-/// finished on a task of its own.
+/// stall the producer's retry. So a caller dropped mid-wait hands the commit to a task of its
+/// own ([`Settling`]'s drop). The handler awaits the commit itself rather than a task that
+/// awaits it: under load (thousands of live readers) every extra task hand-off waits behind
+/// the whole run queue.
 async fn settle(
     stream: Arc<Stream>,
     commit: Commit,
     tail: u64,
     closed: bool,
 ) -> Result<(), StreamError> {
-    use futures::FutureExt;
-    let mut commit = commit;
-    if let Some(result) = (&mut commit).now_or_never() {
-        return finish(&stream, result, tail, closed);
+    let mut settling = Settling {
+        stream,
+        commit: Some(commit),
+        tail,
+        closed,
+    };
+    let result = match settling.commit.as_mut() {
+        Some(commit) => commit.await,
+        None => Ok(()),
+    };
+    settling.commit = None;
+    finish(&settling.stream, result, tail, closed)
+}
+
+/// A commit being waited for; if dropped before it completes, the commit finishes (and is
+/// revealed) on a task of its own.
+struct Settling {
+    stream: Arc<Stream>,
+    commit: Option<Commit>,
+    tail: u64,
+    closed: bool,
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        let Some(commit) = self.commit.take() else {
+            return;
+        };
+        let (stream, tail, closed) = (self.stream.clone(), self.tail, self.closed);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    let _ = finish(&stream, commit.await, tail, closed);
+                });
+            }
+            Err(_) => {
+                tracing::error!(stream = %stream.meta.path, "commit abandoned outside a runtime");
+            }
+        }
     }
-    let task = tokio::spawn(async move {
-        let result = commit.await;
-        finish(&stream, result, tail, closed)
-    });
-    task.await.unwrap_or(Err(StreamError::ShuttingDown))
 }
 
 fn finish(

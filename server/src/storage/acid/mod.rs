@@ -584,13 +584,22 @@ fn read_records(
         (*start, codec::record_data_len(value.value().len()) as u64)
     };
     let (pieces, end) = plan_read(window.len(), span, log_start, from, until, max_bytes, split)?;
-    let mut parts = Vec::with_capacity(pieces.len());
-    for piece in pieces {
+    // One buffer for the whole read rather than one allocation per record: large fresh
+    // allocations are what catch-up reads spent their time on (page faults).
+    let mut buf = Vec::with_capacity(pieces.iter().map(|p| p.len).sum());
+    for piece in &pieces {
         let (start, value) = &window[piece.record];
         let data = codec::read_record(id, *start, value.value())?;
-        parts.push(Bytes::copy_from_slice(
-            &data[piece.skip..piece.skip + piece.len],
-        ));
+        buf.extend_from_slice(&data[piece.skip..piece.skip + piece.len]);
     }
+    let buf = Bytes::from(buf);
+    let mut at = 0;
+    let parts = pieces
+        .iter()
+        .map(|p| {
+            at += p.len;
+            buf.slice(at - p.len..at)
+        })
+        .collect();
     Ok(ReadChunk { parts, end })
 }

@@ -809,3 +809,46 @@ async fn bench_appends_and_tail_reads() {
         }
     }
 }
+
+/// Catch-up from redb (nothing cached): a stream of 1 MiB records read from the start in 4 MiB
+/// pages, like `bench/run.sh --scenarios catchup`. Run it in release:
+/// `cargo test --release -p ds-server --lib acid::tests::bench_catch_up -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark; prints numbers"]
+async fn bench_catch_up_reads() {
+    const RECORD: usize = 1 << 20;
+    const RECORDS: u64 = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(
+        dir.path(),
+        AcidOptions {
+            shard_count: 16,
+            cache_bytes: 0,
+        },
+    )
+    .unwrap();
+    let (log, c) = storage.create(&meta(1, "/c"), Vec::new(), None).unwrap();
+    c.await.unwrap();
+    let record = Bytes::from(vec![b'c'; RECORD]);
+    for i in 0..RECORDS {
+        log.append(AppendEntry {
+            start: i * RECORD as u64,
+            data: Some(record.clone()),
+            ..AppendEntry::default()
+        })
+        .await
+        .unwrap();
+    }
+    let tail = RECORDS * RECORD as u64;
+    for pass in 0..4 {
+        let started = std::time::Instant::now();
+        let mut pos = 0;
+        while pos < tail {
+            let c = log.read(pos, tail, 4 << 20, true).await.unwrap();
+            assert!(c.end > pos);
+            pos = c.end;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!("catch-up pass {pass}: {:.2} GB/s", tail as f64 / secs / 1e9);
+    }
+}

@@ -11,6 +11,10 @@ pub const STREAM_FORKED_FROM: &str = "stream-forked-from";
 pub const STREAM_FORK_OFFSET: &str = "stream-fork-offset";
 pub const STREAM_FORK_SUB_OFFSET: &str = "stream-fork-sub-offset";
 pub const STREAM_SSE_DATA_ENCODING: &str = "stream-sse-data-encoding";
+/// Not in the protocol: this server's id of the stream instance behind a path, on HEAD, reads
+/// and creates. A path deleted and created again gets a new id, so a follower can tell the new
+/// stream from the old one (ds-sync fences its incarnations with it).
+pub const STREAM_ID: &str = "stream-id";
 pub const PRODUCER_ID: &str = "producer-id";
 pub const PRODUCER_EPOCH: &str = "producer-epoch";
 pub const PRODUCER_SEQ: &str = "producer-seq";
@@ -33,7 +37,7 @@ pub const CORS_ALLOW_HEADERS: &str = "content-type, authorization, if-none-match
 pub const CORS_EXPOSE_HEADERS: &str = "stream-next-offset, stream-cursor, stream-up-to-date, \
     stream-closed, stream-ttl, stream-expires-at, stream-sse-data-encoding, producer-epoch, \
     producer-seq, producer-expected-seq, producer-received-seq, etag, location, content-type, \
-    content-encoding, vary";
+    content-encoding, vary, stream-id";
 
 /// `Stream-Closed` counts only when its value is `true`, case-insensitively; any other value is
 /// the same as the header being absent (spec 4.1).

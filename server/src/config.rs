@@ -183,7 +183,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_SERVER__REGISTRY_STREAM",
         default: "/_ds/registry",
-        doc: "Read-only JSON stream announcing every stream created and deleted (`{\"event\":\"created\",\"path\":...,\"contentType\":...}`, `{\"event\":\"deleted\",\"path\":...}`), for discovery by followers such as ds-sync. Must start with `/_ds/`; empty disables it.",
+        doc: "Read-only JSON stream announcing every stream created and deleted (`{\"event\":\"created\",\"path\":...,\"id\":...,\"contentType\":...}`, `{\"event\":\"deleted\",\"path\":...,\"id\":...}`; `id` is the instance's `Stream-Id`), for discovery by followers such as ds-sync. Must start with `/_ds/`; empty disables it.",
     },
     KeyDoc {
         env: "DS_HTTP__CORS_ORIGINS",

@@ -758,19 +758,37 @@ async fn tls_with_a_missing_key_file_fails_at_start_naming_it() {
 #[tokio::test]
 async fn the_registry_stream_announces_creates_and_deletes_and_is_read_only() {
     let s = TestServer::start(|_| {}).await;
-    s.put("/v1/stream/r1", "text/plain", b"").await;
-    s.put("/v1/stream/r2", "application/json", b"[]").await;
+    let id_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("stream-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .expect("stream-id header")
+    };
+    let r1 = id_of(&s.put("/v1/stream/r1", "text/plain", b"").await);
+    let r2 = id_of(&s.put("/v1/stream/r2", "application/json", b"[]").await);
     s.client
         .delete(s.url("/v1/stream/r1"))
         .send()
         .await
         .expect("delete");
-    // Announcements are appended right after the operations; wait for all three.
+    let r1_again = id_of(&s.put("/v1/stream/r1", "text/plain", b"").await);
+    assert_ne!(r1, r1_again, "a re-created path is a new stream instance");
+    // Every read and HEAD names the instance it served.
+    assert_eq!(id_of(&s.get("/v1/stream/r1?offset=-1").await), r1_again);
+    let head = s
+        .client
+        .head(s.url("/v1/stream/r2"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(id_of(&head), r2);
+    // Announcements are appended right after the operations; wait for all four.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let events = loop {
         let body = s.read_all("/_ds/registry").await;
         let events: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("json array");
-        if events.len() >= 3 {
+        if events.len() >= 4 {
             break events;
         }
         assert!(tokio::time::Instant::now() < deadline, "{events:?}");
@@ -779,9 +797,10 @@ async fn the_registry_stream_announces_creates_and_deletes_and_is_read_only() {
     assert_eq!(
         events,
         vec![
-            serde_json::json!({"event": "created", "path": "/v1/stream/r1", "contentType": "text/plain"}),
-            serde_json::json!({"event": "created", "path": "/v1/stream/r2", "contentType": "application/json"}),
-            serde_json::json!({"event": "deleted", "path": "/v1/stream/r1"}),
+            serde_json::json!({"event": "created", "path": "/v1/stream/r1", "id": r1, "contentType": "text/plain"}),
+            serde_json::json!({"event": "created", "path": "/v1/stream/r2", "id": r2, "contentType": "application/json"}),
+            serde_json::json!({"event": "deleted", "path": "/v1/stream/r1", "id": r1}),
+            serde_json::json!({"event": "created", "path": "/v1/stream/r1", "id": r1_again, "contentType": "text/plain"}),
         ]
     );
     let r = s.post("/_ds/registry", "application/json", "{}").await;

@@ -259,14 +259,20 @@ impl Conn {
                 };
             }
             if self.buf.is_empty() {
-                // Idle between requests: wait for bytes without holding a buffer, and close at
-                // shutdown.
+                // Idle between requests: wait for bytes, and close at shutdown. Readiness can
+                // be stale (the read finds nothing), so every wait here must stay cancellable.
                 tokio::select! {
                     ready = self.tcp.readable() => ready?,
                     () = self.stop.cancelled() => return Ok(Incoming::Done),
                 }
-            }
-            if self.fill().await? == 0 {
+                self.buf.reserve(READ_CHUNK);
+                match self.tcp.try_read_buf(&mut self.buf) {
+                    Ok(0) => self.read_closed = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+            } else if self.fill().await? == 0 {
                 self.read_closed = true;
             }
         }

@@ -325,6 +325,7 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let mut response = status.into_response();
     let hs = response.headers_mut();
     hs.insert(header::CONTENT_TYPE, ct_value(&outcome.content_type));
+    hs.insert(h::STREAM_ID, HeaderValue::from(outcome.id));
     hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
     if outcome.closed {
         hs.insert(h::STREAM_CLOSED, TRUE);
@@ -391,6 +392,7 @@ fn head(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let mut response = StatusCode::OK.into_response();
     let hs = response.headers_mut();
     hs.insert(header::CONTENT_TYPE, ct_value(&meta.content_type));
+    hs.insert(h::STREAM_ID, HeaderValue::from(meta.id));
     hs.insert(h::STREAM_NEXT_OFFSET, offset_value(meta.next_offset));
     hs.insert(header::CACHE_CONTROL, NO_STORE);
     if let Some(ttl) = meta.ttl_secs {
@@ -477,6 +479,7 @@ fn etag(stream: &Stream, outcome: &ReadOutcome) -> HeaderValue {
 /// Headers every data-bearing read response carries.
 fn read_headers(hs: &mut HeaderMap, stream: &Stream, outcome: &ReadOutcome) {
     hs.insert(header::CONTENT_TYPE, ct_value(&stream.meta.content_type));
+    hs.insert(h::STREAM_ID, HeaderValue::from(stream.meta.id));
     hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next));
     if outcome.up_to_date() {
         hs.insert(h::STREAM_UP_TO_DATE, TRUE);
@@ -573,6 +576,7 @@ async fn long_poll(
     // for (never a newer tail this reader was not given).
     let mut response = StatusCode::NO_CONTENT.into_response();
     let hs = response.headers_mut();
+    hs.insert(h::STREAM_ID, HeaderValue::from(stream.meta.id));
     hs.insert(h::STREAM_NEXT_OFFSET, offset_value(from));
     hs.insert(h::STREAM_UP_TO_DATE, TRUE);
     hs.insert(header::CACHE_CONTROL, NO_STORE);

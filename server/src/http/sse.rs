@@ -23,6 +23,7 @@ use crate::stream::{ReadOutcome, SharedRead, Stream};
 /// Starts an SSE response for `stream` from the query's offset.
 pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Response {
     let base64 = stream.kind.sse_base64();
+    let stream_id = stream.meta.id;
     let body = Body::from_stream(events(state, stream, query.clone()));
     let mut response = Response::new(body);
     let hs = response.headers_mut();
@@ -31,6 +32,7 @@ pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Respo
         HeaderValue::from_static("text/event-stream"),
     );
     hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    hs.insert(h::STREAM_ID, HeaderValue::from(stream_id));
     // Ask reverse proxies (nginx) not to buffer the stream.
     hs.insert("x-accel-buffering", HeaderValue::from_static("no"));
     if base64 {

@@ -84,6 +84,8 @@ pub struct ForkRequest {
 /// What a PUT did.
 #[derive(Clone, Debug)]
 pub struct CreateOutcome {
+    /// The stream instance's id (`Stream-Id`).
+    pub id: u64,
     pub created: bool,
     pub content_type: String,
     pub next_offset: u64,
@@ -114,6 +116,8 @@ pub struct AppendOutcome {
 /// What HEAD reports.
 #[derive(Clone, Debug)]
 pub struct Metadata {
+    /// The stream instance's id (`Stream-Id`).
+    pub id: u64,
     pub content_type: String,
     pub next_offset: u64,
     pub ttl_secs: Option<u64>,
@@ -443,7 +447,8 @@ impl Streams {
 
     /// Queues an event for the registry stream. A background task appends them in order; the
     /// operation an event describes is already acknowledged when it is queued.
-    fn announce(&self, event: &'static str, path: &str, content_type: Option<&str>) {
+    fn announce(&self, event: &'static str, stream: &Stream, content_type: Option<&str>) {
+        let path = stream.meta.path.as_str();
         if is_reserved(path) {
             return;
         }
@@ -451,7 +456,9 @@ impl Streams {
         let Some(tx) = guard.as_ref() else {
             return;
         };
-        let mut body = serde_json::json!({"event": event, "path": path});
+        // `id` tells one life of a path from the next (the same value as the `Stream-Id` header).
+        let mut body =
+            serde_json::json!({"event": event, "path": path, "id": stream.meta.id.to_string()});
         if let Some(ct) = content_type {
             body["contentType"] = serde_json::Value::from(ct);
         }
@@ -499,6 +506,7 @@ impl Streams {
         let stream = self.get(path, false)?;
         let v = stream.visible();
         Ok(Metadata {
+            id: stream.meta.id,
             content_type: stream.meta.content_type.clone(),
             next_offset: v.tail,
             ttl_secs: stream.meta.ttl_secs,
@@ -539,6 +547,7 @@ impl Streams {
         };
         settle(stream.clone(), commit, tail, closed).await?;
         Ok(CreateOutcome {
+            id: stream.meta.id,
             created: true,
             content_type: stream.meta.content_type.clone(),
             next_offset: tail,
@@ -684,7 +693,7 @@ impl Streams {
         }
         self.registry.insert(path.to_owned(), stream.clone());
         // Under the lifecycle lock, so the registry sees creates and deletes in their real order.
-        self.announce("created", path, Some(&stream.meta.content_type));
+        self.announce("created", &stream, Some(&stream.meta.content_type));
         Ok(Created::New {
             stream,
             commit,
@@ -758,6 +767,7 @@ impl Streams {
             return Err(StreamError::ConfigMismatch("closure status"));
         }
         Ok(CreateOutcome {
+            id: existing.meta.id,
             created: false,
             content_type: meta.content_type.clone(),
             next_offset: v.tail,
@@ -1008,7 +1018,7 @@ impl Streams {
 
     /// With the lifecycle lock held: soft-delete when forks exist, else remove and cascade.
     fn delete_locked(&self, stream: &Arc<Stream>) -> Vec<Commit> {
-        self.announce("deleted", &stream.meta.path, None);
+        self.announce("deleted", stream, None);
         let mut st = stream.state.lock();
         if st.refcount > 0 {
             if st.soft_deleted {

@@ -852,3 +852,350 @@ async fn bench_catch_up_reads() {
         println!("catch-up pass {pass}: {:.2} GB/s", tail as f64 / secs / 1e9);
     }
 }
+
+/// Random operations, clean reopens and crash-reopens against an in-memory model.
+///
+/// A crash is simulated by copying the shard files while the store runs, possibly while one
+/// more append is being committed, and opening the copy: the copy holds what a `kill -9` at
+/// that moment would have left in the page cache, so redb has to repair it on open. Every
+/// acknowledged operation must come back; the one in flight must be there whole (data,
+/// producer state and `Stream-Seq` together) or not at all.
+mod model {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SLOTS: u64 = 4;
+    const PRODUCERS: [&str; 2] = ["p0", "p1"];
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Append {
+            slot: u64,
+            len: usize,
+            byte: u8,
+            producer: Option<usize>,
+            seq: bool,
+        },
+        Close {
+            slot: u64,
+        },
+        SoftDelete {
+            slot: u64,
+        },
+        Remove {
+            slot: u64,
+        },
+        Read {
+            slot: u64,
+            from: usize,
+            max: usize,
+        },
+        Reopen,
+        Crash {
+            in_flight: Option<(u64, usize, u8)>,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0..SLOTS, 1..300usize, any::<u8>(), proptest::option::of(0..PRODUCERS.len()), any::<bool>())
+                .prop_map(|(slot, len, byte, producer, seq)| Step::Append { slot, len, byte, producer, seq }),
+            1 => (0..SLOTS).prop_map(|slot| Step::Close { slot }),
+            1 => (0..SLOTS).prop_map(|slot| Step::SoftDelete { slot }),
+            1 => (0..SLOTS).prop_map(|slot| Step::Remove { slot }),
+            3 => (0..SLOTS, any::<usize>(), 1..2000usize)
+                .prop_map(|(slot, from, max)| Step::Read { slot, from, max }),
+            1 => Just(Step::Reopen),
+            2 => proptest::option::of((0..SLOTS, 1..300usize, any::<u8>()))
+                .prop_map(|in_flight| Step::Crash { in_flight }),
+        ]
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq)]
+    struct ModelStream {
+        content: Vec<u8>,
+        /// Record boundaries, for unsplittable reads.
+        starts: Vec<usize>,
+        closed: bool,
+        soft_deleted: bool,
+        producers: BTreeMap<String, ProducerState>,
+        last_seq: Option<String>,
+        /// Appends so far, for the next `Stream-Seq` (zero-padded so that it sorts).
+        appends: u64,
+    }
+
+    impl ModelStream {
+        /// The entry of the next append of `len` bytes of `byte`, and the model after it.
+        fn next(
+            &self,
+            len: usize,
+            byte: u8,
+            producer: Option<usize>,
+            seq: bool,
+        ) -> (AppendEntry, ModelStream) {
+            let mut after = self.clone();
+            let data = vec![byte; len];
+            after.starts.push(after.content.len());
+            after.content.extend_from_slice(&data);
+            after.appends += 1;
+            let stream_seq = seq.then(|| format!("{:08}", after.appends));
+            if stream_seq.is_some() {
+                after.last_seq = stream_seq.clone();
+            }
+            let producer = producer.map(|p| {
+                let id = PRODUCERS[p].to_owned();
+                let state = after.producers.get(&id).map_or(
+                    ProducerState {
+                        epoch: 0,
+                        last_seq: 0,
+                    },
+                    |s| ProducerState {
+                        epoch: s.epoch,
+                        last_seq: s.last_seq + 1,
+                    },
+                );
+                after.producers.insert(id.clone(), state);
+                (id, state)
+            });
+            let entry = AppendEntry {
+                start: self.content.len() as u64,
+                data: Some(Bytes::from(data)),
+                close: None,
+                stream_seq,
+                producer,
+            };
+            (entry, after)
+        }
+    }
+
+    struct Live {
+        dir: tempfile::TempDir,
+        store: AcidStorage,
+        logs: BTreeMap<u64, Arc<dyn StreamLog>>,
+    }
+
+    fn opts() -> AcidOptions {
+        // Small enough that reads are served partly by the tail cache, partly by redb.
+        AcidOptions {
+            shard_count: 2,
+            cache_bytes: 700,
+        }
+    }
+
+    fn open(dir: tempfile::TempDir) -> (Live, Vec<Recovered>) {
+        let store = AcidStorage::open(dir.path(), opts()).unwrap();
+        let recovered = store.recover().unwrap();
+        let live = Live {
+            dir,
+            store,
+            logs: BTreeMap::new(),
+        };
+        (live, recovered)
+    }
+
+    /// What the copy of a running store's directory holds: what a crash at this moment leaves.
+    fn copy_dir(from: &std::path::Path) -> tempfile::TempDir {
+        let to = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, to.path().join(path.file_name().unwrap())).unwrap();
+        }
+        to
+    }
+
+    fn snapshot_of(
+        m: &ModelStream,
+    ) -> (
+        u64,
+        bool,
+        bool,
+        BTreeMap<String, ProducerState>,
+        Option<String>,
+    ) {
+        (
+            m.content.len() as u64,
+            m.closed,
+            m.soft_deleted,
+            m.producers.clone(),
+            m.last_seq.clone(),
+        )
+    }
+
+    /// Checks the recovered streams against the model, accepting for `maybe` (the stream of an
+    /// append in flight at a crash) either its model or the model after that append, and
+    /// adopting whichever came back.
+    async fn check(
+        recovered: Vec<Recovered>,
+        model: &mut BTreeMap<u64, ModelStream>,
+        maybe: Option<(u64, ModelStream)>,
+    ) -> BTreeMap<u64, Arc<dyn StreamLog>> {
+        let mut ids: Vec<u64> = recovered.iter().map(|r| r.meta.id).collect();
+        ids.sort_unstable();
+        let want: Vec<u64> = model.keys().copied().collect();
+        assert_eq!(ids, want, "recovered streams");
+        let mut logs = BTreeMap::new();
+        for r in recovered {
+            let id = r.meta.id;
+            let s = &r.state;
+            let got = (
+                s.tail,
+                s.closed,
+                s.soft_deleted,
+                s.producers.clone().into_iter().collect::<BTreeMap<_, _>>(),
+                s.last_seq.clone(),
+            );
+            let m = match &maybe {
+                Some((maybe_id, after)) if *maybe_id == id && got == snapshot_of(after) => {
+                    model.insert(id, after.clone());
+                    after
+                }
+                _ => &model[&id],
+            };
+            assert_eq!(
+                got,
+                snapshot_of(m),
+                "stream {id}: all of an append or none of it"
+            );
+            assert_eq!(s.own_bytes, m.content.len() as u64);
+            let tail = m.content.len() as u64;
+            let (read, end) = read_all_bytes(&r.log, 0, tail, usize::MAX, true).await;
+            assert_eq!((read.as_slice(), end), (m.content.as_slice(), tail));
+            logs.insert(id, r.log);
+        }
+        logs
+    }
+
+    async fn read_all_bytes(
+        log: &Arc<dyn StreamLog>,
+        from: u64,
+        until: u64,
+        max: usize,
+        split: bool,
+    ) -> (Vec<u8>, u64) {
+        let chunk = log.read(from, until, max, split).await.unwrap();
+        (chunk.parts.concat(), chunk.end)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+        #[test]
+        fn acid_always_recovers_what_it_acknowledged(steps in proptest::collection::vec(step(), 1..50)) {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut model: BTreeMap<u64, ModelStream> = BTreeMap::new();
+                let (mut live, recovered) = open(tempfile::tempdir().unwrap());
+                assert!(recovered.is_empty());
+                // Ids are never reused, like the stream layer's.
+                let mut next_id = 1u64;
+                let mut slot: BTreeMap<u64, u64> = BTreeMap::new();
+                for step in steps {
+                    match step {
+                        Step::Append { slot: s, len, byte, producer, seq } => {
+                            let id = match slot.get(&s) {
+                                Some(id) if model.get(id).is_some_and(|m| !m.closed) => *id,
+                                Some(id) if model.contains_key(id) => continue,
+                                _ => {
+                                    let id = next_id;
+                                    next_id += 1;
+                                    let (log, c) = live.store.create(&meta(id, &format!("/m{id}")), Vec::new(), None).unwrap();
+                                    c.await.unwrap();
+                                    live.logs.insert(id, log);
+                                    model.insert(id, ModelStream::default());
+                                    slot.insert(s, id);
+                                    id
+                                }
+                            };
+                            let (entry, after) = model[&id].next(len, byte, producer, seq);
+                            live.logs[&id].append(entry).await.unwrap();
+                            model.insert(id, after);
+                        }
+                        Step::Close { slot: s } => {
+                            let Some(id) = slot.get(&s).copied() else { continue };
+                            let Some(m) = model.get_mut(&id) else { continue };
+                            if m.closed { continue; }
+                            live.logs[&id].append(AppendEntry {
+                                start: m.content.len() as u64,
+                                close: Some(None),
+                                ..AppendEntry::default()
+                            }).await.unwrap();
+                            m.closed = true;
+                        }
+                        Step::SoftDelete { slot: s } => {
+                            let Some(id) = slot.get(&s).copied() else { continue };
+                            let Some(m) = model.get_mut(&id) else { continue };
+                            live.logs[&id].mark_soft_deleted().await.unwrap();
+                            m.soft_deleted = true;
+                        }
+                        Step::Remove { slot: s } => {
+                            let Some(id) = slot.get(&s).copied() else { continue };
+                            if model.remove(&id).is_none() { continue; }
+                            live.logs.remove(&id).unwrap().remove().await.unwrap();
+                        }
+                        Step::Read { slot: s, from, max } => {
+                            let Some(id) = slot.get(&s).copied() else { continue };
+                            let Some(m) = model.get(&id) else { continue };
+                            if m.content.is_empty() { continue; }
+                            let tail = m.content.len();
+                            let log = &live.logs[&id];
+                            // A byte read from anywhere, cut at the budget.
+                            let from = from % tail;
+                            let (got, end) = read_all_bytes(log, from as u64, tail as u64, max, true).await;
+                            assert_eq!(end as usize, from + got.len());
+                            assert_eq!(got, &m.content[from..from + got.len()]);
+                            assert!(got.len() == max.min(tail - from));
+                            // A whole-record read from a record boundary: at least one record.
+                            let start = m.starts[from % m.starts.len()];
+                            let (got, end) = read_all_bytes(log, start as u64, tail as u64, max, false).await;
+                            assert!(m.starts.contains(&(end as usize)) || end as usize == tail);
+                            assert_eq!(got, &m.content[start..end as usize]);
+                            assert!(end as usize > start);
+                        }
+                        Step::Reopen => {
+                            let Live { dir, store, logs } = live;
+                            drop(logs);
+                            drop(store);
+                            let (reopened, recovered) = open(dir);
+                            live = reopened;
+                            live.logs = check(recovered, &mut model, None).await;
+                        }
+                        Step::Crash { in_flight } => {
+                            // The append in flight, if its stream can take one.
+                            let pending = in_flight.and_then(|(s, len, byte)| {
+                                let id = *slot.get(&s)?;
+                                let m = model.get(&id).filter(|m| !m.closed)?;
+                                let (entry, after) = m.next(len, byte, Some(0), true);
+                                Some((id, entry, after))
+                            });
+                            let (commit, maybe) = match pending {
+                                Some((id, entry, after)) => (Some(live.logs[&id].append(entry)), Some((id, after))),
+                                None => (None, None),
+                            };
+                            let copy = copy_dir(live.dir.path());
+                            if let Some(commit) = commit {
+                                commit.await.unwrap();
+                            }
+                            let Live { dir, store, logs } = live;
+                            drop(logs);
+                            drop(store);
+                            drop(dir);
+                            let (reopened, recovered) = open(copy);
+                            live = reopened;
+                            live.logs = check(recovered, &mut model, maybe).await;
+                        }
+                    }
+                }
+                // Whatever happened, a final clean restart finds the model.
+                let Live { dir, store, logs } = live;
+                drop(logs);
+                drop(store);
+                let (reopened, recovered) = open(dir);
+                check(recovered, &mut model, None).await;
+                drop(reopened);
+            });
+        }
+    }
+}

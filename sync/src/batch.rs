@@ -11,8 +11,14 @@
 //! - apply exactly the reads that start at or after the stored checkpoint, never split one;
 //! - apply a read only to the incarnation it was read for: a read of an incarnation that has
 //!   ended since is dropped, never written under the next one;
+//! - apply a read only if it came from the incarnation's stream: a read whose `Stream-Id` differs
+//!   from the id recorded for its incarnation is dropped and ends the incarnation (the fence);
 //! - the registry's announcements, in order, move incarnations: `created` at a path whose
-//!   incarnation has ended starts the next one at `-1`, `deleted` ends the current one.
+//!   incarnation has ended (or that holds another stream id) starts the next one at `-1`,
+//!   `deleted` ends the current one unless it names another stream id.
+//!
+//! Stream ids are optional everywhere (a server may send none): where either side lacks one, the
+//! rules fall back to incarnation numbers and offsets alone.
 //!
 //! `writer` runs the result inside one Postgres transaction.
 
@@ -27,6 +33,9 @@ pub const START_OFFSET: &str = "-1";
 
 /// ds-sync's number for one stream at a path, from 1 (`ds_checkpoints.incarnation`).
 pub type Incarnation = i32;
+
+/// The server's id of one stream instance (`Stream-Id`, the registry's `id`), opaque text.
+pub type StreamId = String;
 
 /// One mirrored row's payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +71,8 @@ pub enum Lifecycle {
 pub struct Announcement {
     pub event: Lifecycle,
     pub path: String,
+    /// The stream instance the event is about; `None` from a server that sends no ids.
+    pub id: Option<StreamId>,
 }
 
 /// Everything one response delivered for one stream, committed all or nothing.
@@ -70,6 +81,9 @@ pub struct Read {
     pub stream: Arc<str>,
     /// The incarnation the follower was reading; the read applies to no other.
     pub incarnation: Incarnation,
+    /// The `Stream-Id` of the response the read came from (`None` if the server sent none): the
+    /// read applies only if its incarnation's recorded id is the same or not known yet.
+    pub stream_id: Option<StreamId>,
     pub content_type: Arc<str>,
     /// Where the read began: the previous next offset (`-1` for the first read).
     pub start_offset: String,
@@ -112,10 +126,12 @@ pub enum Update {
         status: Option<u16>,
     },
     /// The path now holds another stream and its follower goes on with it: the next incarnation
-    /// starts at `-1`. For the registry itself, and for paths no registry is followed for.
+    /// starts at `-1`, for `stream_id` (the new stream's, when the server named it). For the
+    /// registry itself, and for paths no registry is followed for.
     Restart {
         stream: Arc<str>,
         incarnation: Incarnation,
+        stream_id: Option<StreamId>,
     },
     /// The registry has been read to its tail: once this commits, so has every announcement
     /// read before it.
@@ -147,11 +163,14 @@ pub struct Checkpoint {
     /// 404 or 410; `None` when the delete was learned from the registry or from the path
     /// holding another stream.
     pub deleted_status: Option<i16>,
+    /// The server's id of the incarnation's stream, once known (`ds_checkpoints.stream_id`).
+    pub stream_id: Option<StreamId>,
 }
 
 impl Checkpoint {
-    /// Where incarnation `incarnation` starts: at the beginning, content type not yet known.
-    pub fn fresh(incarnation: Incarnation) -> Self {
+    /// Where incarnation `incarnation` starts: at the beginning, content type not yet known,
+    /// stream id as far as known.
+    pub fn fresh(incarnation: Incarnation, stream_id: Option<StreamId>) -> Self {
         Checkpoint {
             incarnation,
             next_offset: START_OFFSET.to_owned(),
@@ -159,6 +178,16 @@ impl Checkpoint {
             closed: false,
             deleted: false,
             deleted_status: None,
+            stream_id,
+        }
+    }
+
+    /// Whether a response naming `seen` may be committed to this incarnation: unless both ids
+    /// are known and differ.
+    pub fn admits(&self, seen: Option<&str>) -> bool {
+        match (self.stream_id.as_deref(), seen) {
+            (Some(known), Some(seen)) => known == seen,
+            _ => true,
         }
     }
 }
@@ -218,6 +247,9 @@ pub struct Plan<'a> {
     pub applied: Vec<usize>,
     /// Reads and ends of incarnations that had already ended: dropped.
     pub stale: usize,
+    /// Reads from another stream than their incarnation's (by `Stream-Id`): dropped, and their
+    /// incarnation ended.
+    pub fenced: usize,
 }
 
 /// One path while a batch is folded over it.
@@ -245,9 +277,9 @@ impl<'a> PathState<'a> {
         }
     }
 
-    /// Replaces the checkpoint with the start of `incarnation`.
-    fn start_incarnation(&mut self, incarnation: Incarnation) {
-        self.checkpoint = Some(Checkpoint::fresh(incarnation));
+    /// Replaces the checkpoint with the start of `incarnation`, of stream `stream_id`.
+    fn start_incarnation(&mut self, incarnation: Incarnation, stream_id: Option<StreamId>) {
+        self.checkpoint = Some(Checkpoint::fresh(incarnation, stream_id));
         self.changed = true;
         self.synced = false;
     }
@@ -266,7 +298,10 @@ impl<'a> PathState<'a> {
 /// Reads of one stream and incarnation must chain (`start == previous next`). Reads that end at
 /// or before the stored checkpoint were committed by an earlier attempt whose COMMIT we could not
 /// confirm (the connection died), so they are skipped; a read of an incarnation other than the
-/// stored one is stale and dropped; anything else that disagrees with the checkpoint is an error,
+/// stored one is stale and dropped; a read whose stream id is not the incarnation's is fenced:
+/// dropped, and the incarnation ends (deleted, no status; the stream it came from is the next
+/// incarnation's, started by the registry's `created` or by the follower's `Restart`); anything
+/// else that disagrees with the checkpoint is an error,
 /// never a guess. Folding the same batch over the state it produced applies nothing again.
 pub fn reconcile<'a>(
     batch: &'a [Update],
@@ -291,13 +326,26 @@ pub fn reconcile<'a>(
                     });
                 }
                 state.previous = Some((read.incarnation, &read.next_offset));
-                let Some(cp) = state.checkpoint.as_ref() else {
+                let Some(cp) = state.checkpoint.as_mut() else {
                     return Err(ReconcileError::MissingCheckpoint {
                         stream: read.stream.to_string(),
                     });
                 };
                 if cp.incarnation != read.incarnation {
                     plan.stale += 1;
+                    continue;
+                }
+                if !cp.admits(read.stream_id.as_deref()) {
+                    plan.fenced += 1;
+                    if !cp.deleted {
+                        cp.deleted = true;
+                        cp.deleted_status = None;
+                        state.changed = true;
+                        plan.notices.push(Notice::Stop {
+                            path: read.stream.to_string(),
+                            incarnation: cp.incarnation,
+                        });
+                    }
                     continue;
                 }
                 if !state.synced {
@@ -321,6 +369,10 @@ pub fn reconcile<'a>(
                     cp.next_offset.clone_from(&read.next_offset);
                     cp.closed |= read.closed;
                     cp.content_type = Some(read.content_type.to_string());
+                    // The first committed read names the incarnation's stream, if nothing did.
+                    if cp.stream_id.is_none() {
+                        cp.stream_id.clone_from(&read.stream_id);
+                    }
                 }
                 state.changed = true;
                 plan.reads.push(read);
@@ -356,6 +408,7 @@ pub fn reconcile<'a>(
             Update::Restart {
                 stream,
                 incarnation,
+                stream_id,
             } => {
                 let state = paths
                     .entry(stream)
@@ -364,7 +417,7 @@ pub fn reconcile<'a>(
                     plan.stale += 1;
                     continue;
                 }
-                state.start_incarnation(incarnation + 1);
+                state.start_incarnation(incarnation + 1, stream_id.clone());
                 plan.applied.push(position);
             }
             Update::CaughtUp { .. } => {
@@ -394,11 +447,14 @@ pub fn reconcile<'a>(
     Ok(plan)
 }
 
-/// Applies one registry announcement: `created` at a path without a row or whose incarnation
-/// ended starts its next incarnation (a `created` for the incarnation already followed changes
-/// nothing); `deleted` ends the current one, even before its follower sees the 404, so that a
-/// quick re-create is never read into the old incarnation for longer than it takes the registry
-/// to say so.
+/// Applies one registry announcement: `created` at a path without a row, whose incarnation
+/// ended, or whose incarnation is known to be of another stream id starts its next incarnation
+/// for the announced id (a `created` of the incarnation's own stream changes nothing: with ids,
+/// the same id; without, a row still followed); `deleted` ends the current incarnation, even
+/// before its follower sees the 404, unless both ids are known and differ (a late delete of an
+/// earlier stream at the path must not end a newer one). A `deleted` ending an incarnation whose
+/// id was not known yet records the announced id, so that reads of a later stream still in
+/// flight are fenced from it.
 fn announce<'a>(
     paths: &mut HashMap<&'a str, PathState<'a>>,
     stored: &HashMap<String, Checkpoint>,
@@ -411,12 +467,22 @@ fn announce<'a>(
         .or_insert_with(|| PathState::load(stored, path));
     match announcement.event {
         Lifecycle::Created => {
+            let id = announcement.id.as_deref();
             let next = match &state.checkpoint {
                 None => 1,
+                Some(cp) if id.is_some() && cp.stream_id.as_deref() == id => return,
                 Some(cp) if cp.deleted => cp.incarnation + 1,
+                Some(cp) if !cp.admits(id) => {
+                    // The followed stream was replaced without a `deleted` reaching us first.
+                    notices.push(Notice::Stop {
+                        path: path.to_owned(),
+                        incarnation: cp.incarnation,
+                    });
+                    cp.incarnation + 1
+                }
                 Some(_) => return,
             };
-            state.start_incarnation(next);
+            state.start_incarnation(next, announcement.id.clone());
             notices.push(Notice::Follow {
                 path: path.to_owned(),
                 incarnation: next,
@@ -425,9 +491,13 @@ fn announce<'a>(
         Lifecycle::Deleted => {
             if let Some(cp) = state.checkpoint.as_mut()
                 && !cp.deleted
+                && cp.admits(announcement.id.as_deref())
             {
                 cp.deleted = true;
                 cp.deleted_status = None;
+                if cp.stream_id.is_none() {
+                    cp.stream_id.clone_from(&announcement.id);
+                }
                 state.changed = true;
                 notices.push(Notice::Stop {
                     path: path.to_owned(),
@@ -448,6 +518,7 @@ mod tests {
         Read {
             stream: stream.into(),
             incarnation,
+            stream_id: None,
             content_type: "application/octet-stream".into(),
             start_offset: start.into(),
             next_offset: next.into(),
@@ -471,6 +542,7 @@ mod tests {
             .map(|(event, path)| Announcement {
                 event: *event,
                 path: (*path).to_owned(),
+                id: None,
             })
             .collect();
         Update::Read(read)
@@ -479,7 +551,7 @@ mod tests {
     fn at(incarnation: Incarnation, next: &str) -> Checkpoint {
         Checkpoint {
             next_offset: next.to_owned(),
-            ..Checkpoint::fresh(incarnation)
+            ..Checkpoint::fresh(incarnation, None)
         }
     }
 
@@ -617,8 +689,11 @@ mod tests {
             ("/live", at(1, "0000_0007")),
         ]);
         let plan = plan(&batch, &before);
-        assert_eq!(checkpoint(&plan, "/gone"), Some(&Checkpoint::fresh(4)));
-        assert_eq!(checkpoint(&plan, "/new"), Some(&Checkpoint::fresh(1)));
+        assert_eq!(
+            checkpoint(&plan, "/gone"),
+            Some(&Checkpoint::fresh(4, None))
+        );
+        assert_eq!(checkpoint(&plan, "/new"), Some(&Checkpoint::fresh(1, None)));
         // The create of the incarnation already followed (e.g. an explicit path) changes nothing.
         assert_eq!(checkpoint(&plan, "/live"), None);
         assert_eq!(
@@ -660,7 +735,7 @@ mod tests {
             ]
         );
         assert_eq!(plan.stale, 1);
-        assert_eq!(checkpoint(&plan, "/p"), Some(&Checkpoint::fresh(2)));
+        assert_eq!(checkpoint(&plan, "/p"), Some(&Checkpoint::fresh(2, None)));
         assert_eq!(
             plan.notices,
             vec![
@@ -709,6 +784,7 @@ mod tests {
             Update::Restart {
                 stream: "/r".into(),
                 incarnation: 1,
+                stream_id: None,
             },
             Update::Read(read_of("/r", 2, "-1", "2")),
         ];
@@ -747,6 +823,7 @@ mod tests {
             Update::Restart {
                 stream: "/s".into(),
                 incarnation: 1,
+                stream_id: None,
             },
             Update::Read(read_of("/s", 2, "-1", "1")),
             Update::CaughtUp {
@@ -771,6 +848,216 @@ mod tests {
                 .any(|n| matches!(n, Notice::Follow { .. } | Notice::Stop { .. })),
             "{:?}",
             again.notices
+        );
+    }
+
+    fn read_from(
+        stream: &str,
+        incarnation: Incarnation,
+        id: &str,
+        start: &str,
+        next: &str,
+    ) -> Update {
+        Update::Read(Read {
+            stream_id: Some(id.to_owned()),
+            ..read_of(stream, incarnation, start, next)
+        })
+    }
+
+    fn registry_with_ids(start: &str, next: &str, events: &[(Lifecycle, &str, &str)]) -> Update {
+        let mut read = read_of(REGISTRY, 1, start, next);
+        read.rows.clear();
+        read.announcements = events
+            .iter()
+            .map(|(event, path, id)| Announcement {
+                event: *event,
+                path: (*path).to_owned(),
+                id: Some((*id).to_owned()),
+            })
+            .collect();
+        Update::Read(read)
+    }
+
+    fn of(id: &str, cp: Checkpoint) -> Checkpoint {
+        Checkpoint {
+            stream_id: Some(id.to_owned()),
+            ..cp
+        }
+    }
+
+    #[test]
+    fn a_read_of_another_stream_id_is_never_committed_and_ends_the_incarnation() {
+        // The path was deleted and re-created and the new stream grew past the checkpoint: the
+        // offsets chain, only the stream id tells the reads apart.
+        let batch = vec![
+            read_from("/p", 1, "7", "0000_0005", "0000_0009"),
+            read_from("/p", 1, "8", "0000_0009", "0000_0012"),
+            read_from("/p", 1, "8", "0000_0012", "0000_0020"),
+        ];
+        let before = stored(&[("/p", of("7", at(1, "0000_0005")))]);
+        let plan = plan(&batch, &before);
+        assert_eq!(inserted(&plan), vec![("/p".into(), 1, "0000_0005".into())]);
+        assert_eq!(plan.fenced, 2);
+        let cp = checkpoint(&plan, "/p").cloned();
+        assert_eq!(
+            cp.map(|cp| (cp.next_offset, cp.deleted, cp.deleted_status, cp.stream_id)),
+            Some(("0000_0009".to_owned(), true, None, Some("7".to_owned())))
+        );
+        assert_eq!(
+            plan.notices,
+            vec![Notice::Stop {
+                path: "/p".into(),
+                incarnation: 1
+            }]
+        );
+        // Folding again over what it produced changes nothing more.
+        let again = super::reconcile(&batch, &committed(before, &plan));
+        let again = again.unwrap_or_else(|e| panic!("{e}"));
+        assert!(again.reads.is_empty() && again.checkpoints.is_empty() && again.notices.is_empty());
+    }
+
+    #[test]
+    fn the_first_committed_read_names_the_incarnation_and_reads_without_an_id_still_apply() {
+        let batch = vec![
+            read_from("/p", 1, "7", "-1", "1"),
+            read("/p", "1", "2"),
+            read_from("/p", 1, "9", "2", "3"),
+        ];
+        let plan = plan(&batch, &stored(&[("/p", at(1, "-1"))]));
+        // The id-less read (an older server, or a proxy that dropped the header) is checked by
+        // offsets alone; the read of stream 9 is not the incarnation's.
+        assert_eq!(
+            inserted(&plan),
+            vec![("/p".into(), 1, "-1".into()), ("/p".into(), 1, "1".into())]
+        );
+        assert_eq!(plan.fenced, 1);
+        let cp = checkpoint(&plan, "/p").cloned();
+        assert_eq!(
+            cp.map(|cp| (cp.next_offset, cp.deleted, cp.stream_id)),
+            Some(("2".to_owned(), true, Some("7".to_owned())))
+        );
+    }
+
+    #[test]
+    fn a_late_delete_of_an_earlier_stream_does_not_end_a_newer_incarnation() {
+        let batch = vec![registry_with_ids(
+            "10",
+            "20",
+            &[
+                (Lifecycle::Deleted, "/p", "7"),
+                (Lifecycle::Deleted, "/q", "3"),
+            ],
+        )];
+        let before = stored(&[
+            (REGISTRY, at(1, "10")),
+            ("/p", of("8", at(2, "0000_0004"))),
+            ("/q", of("3", at(1, "0000_0004"))),
+        ]);
+        let plan = plan(&batch, &before);
+        assert_eq!(checkpoint(&plan, "/p"), None, "stream 8 lives on");
+        assert_eq!(checkpoint(&plan, "/q").map(|cp| cp.deleted), Some(true));
+        assert_eq!(
+            plan.notices,
+            vec![Notice::Stop {
+                path: "/q".into(),
+                incarnation: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn created_with_ids_starts_an_incarnation_only_for_a_stream_not_mirrored_yet() {
+        let batch = vec![registry_with_ids(
+            "10",
+            "20",
+            &[
+                // The followed stream's own create, and a late create of a stream whose 404
+                // the follower saw first: nothing.
+                (Lifecycle::Created, "/own", "5"),
+                (Lifecycle::Created, "/gone", "6"),
+                // A followed stream replaced without a delete reaching us.
+                (Lifecycle::Created, "/replaced", "9"),
+                // No id known for the row: today's rule (a followed row is its own stream).
+                (Lifecycle::Created, "/legacy", "4"),
+                (Lifecycle::Created, "/new", "11"),
+            ],
+        )];
+        let before = stored(&[
+            (REGISTRY, at(1, "10")),
+            ("/own", of("5", at(1, "0000_0003"))),
+            ("/gone", of("6", deleted(2, "0000_0003"))),
+            ("/replaced", of("8", at(3, "0000_0003"))),
+            ("/legacy", at(1, "0000_0003")),
+        ]);
+        let plan = plan(&batch, &before);
+        assert_eq!(checkpoint(&plan, "/own"), None);
+        assert_eq!(checkpoint(&plan, "/gone"), None);
+        assert_eq!(checkpoint(&plan, "/legacy"), None);
+        assert_eq!(
+            checkpoint(&plan, "/replaced"),
+            Some(&Checkpoint::fresh(4, Some("9".into())))
+        );
+        assert_eq!(
+            checkpoint(&plan, "/new"),
+            Some(&Checkpoint::fresh(1, Some("11".into())))
+        );
+        assert_eq!(
+            plan.notices,
+            vec![
+                Notice::Stop {
+                    path: "/replaced".into(),
+                    incarnation: 3
+                },
+                Notice::Follow {
+                    path: "/replaced".into(),
+                    incarnation: 4
+                },
+                Notice::Follow {
+                    path: "/new".into(),
+                    incarnation: 1
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_delete_that_names_the_stream_of_an_unnamed_incarnation_fences_later_reads_of_another() {
+        // Nothing of the incarnation committed yet, so its id is unknown; the registry's delete
+        // of stream 7 ends it and names it, so the follower's read of the re-created stream 8,
+        // still in flight, is not committed to it; the create of 8 starts the next incarnation.
+        let batch = vec![
+            registry_with_ids("10", "20", &[(Lifecycle::Deleted, "/p", "7")]),
+            read_from("/p", 1, "8", "-1", "0000_0004"),
+            registry_with_ids("20", "30", &[(Lifecycle::Created, "/p", "8")]),
+        ];
+        let plan = plan(
+            &batch,
+            &stored(&[(REGISTRY, at(1, "10")), ("/p", at(1, "-1"))]),
+        );
+        assert_eq!(plan.fenced, 1);
+        assert!(inserted(&plan).iter().all(|(s, _, _)| s == REGISTRY));
+        assert_eq!(
+            checkpoint(&plan, "/p"),
+            Some(&Checkpoint::fresh(2, Some("8".into())))
+        );
+    }
+
+    #[test]
+    fn restart_names_the_new_incarnation_by_the_id_that_ended_the_old_one() {
+        let batch = vec![
+            Update::Restart {
+                stream: "/r".into(),
+                incarnation: 1,
+                stream_id: Some("12".into()),
+            },
+            read_from("/r", 2, "12", "-1", "0000_0002"),
+        ];
+        let plan = plan(&batch, &stored(&[("/r", of("11", at(1, "0000_0005")))]));
+        assert_eq!(inserted(&plan), vec![("/r".into(), 2, "-1".into())]);
+        let cp = checkpoint(&plan, "/r").cloned();
+        assert_eq!(
+            cp.map(|cp| (cp.incarnation, cp.next_offset, cp.stream_id)),
+            Some((2, "0000_0002".to_owned(), Some("12".to_owned())))
         );
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use crate::batch::{Checkpoint, Incarnation, START_OFFSET};
+use crate::batch::{Checkpoint, Incarnation, START_OFFSET, StreamId};
 use crate::config::{Config, ConfigError};
 
 /// The migrations in `migrations/`, embedded at build time.
@@ -98,9 +98,11 @@ pub struct StreamStart {
     pub incarnation: Incarnation,
     pub next_offset: String,
     pub content_type: Option<String>,
+    /// The server's id of the incarnation's stream, once known.
+    pub stream_id: Option<StreamId>,
 }
 
-const START_COLUMNS: &str = "stream, incarnation, next_offset, content_type";
+const START_COLUMNS: &str = "stream, incarnation, next_offset, content_type, stream_id";
 
 fn stream_start(row: &tokio_postgres::Row) -> Result<StreamStart, tokio_postgres::Error> {
     Ok(StreamStart {
@@ -108,6 +110,7 @@ fn stream_start(row: &tokio_postgres::Row) -> Result<StreamStart, tokio_postgres
         incarnation: row.try_get(1)?,
         next_offset: row.try_get(2)?,
         content_type: row.try_get(3)?,
+        stream_id: row.try_get(4)?,
     })
 }
 
@@ -198,7 +201,7 @@ pub async fn ended_checkpoints(
     let rows = client
         .query(
             "SELECT stream, incarnation, next_offset, content_type, closed, deleted, \
-                    deleted_status \
+                    deleted_status, stream_id \
              FROM ds_checkpoints WHERE stream = ANY($1) AND (closed OR deleted) ORDER BY stream",
             &[&explicit],
         )
@@ -214,19 +217,22 @@ pub async fn ended_checkpoints(
                     closed: r.try_get(4)?,
                     deleted: r.try_get(5)?,
                     deleted_status: r.try_get(6)?,
+                    stream_id: r.try_get(7)?,
                 },
             ))
         })
         .collect()
 }
 
-/// Starts the next incarnation of `stream` (at the stream's beginning) if its row is still at
-/// `incarnation` and not followed (closed or deleted); returns where to follow it from. Only
-/// for streams no follower of this worker writes, so it may bypass the writer.
+/// Starts the next incarnation of `stream` (at the stream's beginning, for `stream_id` when the
+/// server named it) if its row is still at `incarnation` and not followed (closed or deleted);
+/// returns where to follow it from. Only for streams no follower of this worker writes, so it
+/// may bypass the writer.
 pub async fn start_next_incarnation(
     pool: &Pool,
     stream: &str,
     incarnation: Incarnation,
+    stream_id: Option<&str>,
 ) -> Result<Option<StreamStart>, DbError> {
     let client = pool.get().await?;
     let row = client
@@ -234,11 +240,11 @@ pub async fn start_next_incarnation(
             &format!(
                 "UPDATE ds_checkpoints SET incarnation = incarnation + 1, next_offset = $3, \
                    content_type = NULL, closed = false, deleted = false, deleted_status = NULL, \
-                   updated_at = now() \
+                   stream_id = $4, updated_at = now() \
                  WHERE stream = $1 AND incarnation = $2 AND (closed OR deleted) \
                  RETURNING {START_COLUMNS}"
             ),
-            &[&stream, &incarnation, &START_OFFSET],
+            &[&stream, &incarnation, &START_OFFSET, &stream_id],
         )
         .await?;
     Ok(row.as_ref().map(stream_start).transpose()?)

@@ -2,14 +2,17 @@
 //! members are found through the server's registry stream.
 //!
 //! The protocol has no list operation, so the server keeps a reserved JSON stream (default
-//! `/_ds/registry`) to which every create appends `{"event":"created","path":...}` and every
-//! delete or expiry `{"event":"deleted","path":...}`. When a pattern is configured the worker
+//! `/_ds/registry`) to which every create appends `{"event":"created","path":...,"id":...}` and
+//! every delete or expiry `{"event":"deleted","path":...,"id":...}` (`id` names the stream
+//! instance, as `Stream-Id` does). When a pattern is configured the worker
 //! follows it like any stream, from its own checkpoint row. Its events about covered paths
 //! (explicit or under a pattern) take effect in the transaction that advances the registry's
 //! checkpoint past them, so a crash can neither lose one nor apply one twice: `created` at a new
 //! path gives it a checkpoint row, `created` at a path whose incarnation ended (deleted) starts
 //! its next incarnation at the stream's beginning, `deleted` ends the current incarnation (its
-//! follower stops; it would see 404 soon anyway). See `batch` for the rules.
+//! follower stops; it would see 404 soon anyway). With ids, `created` of another stream than the
+//! followed one also starts the next incarnation, and `deleted` of another stream than the
+//! followed one changes nothing. See `batch` for the rules.
 
 use std::collections::BTreeSet;
 
@@ -20,6 +23,22 @@ use serde::Deserialize;
 pub struct RegistryEvent {
     pub event: String,
     pub path: String,
+    /// The stream instance's id (the `Stream-Id` of its responses), a JSON string; absent from
+    /// servers that send no ids. A number is accepted too, and any other value counts as absent,
+    /// so that an odd id never makes the worker skip an event.
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+}
+
+impl RegistryEvent {
+    /// The announced stream id, as the text `Stream-Id` carries.
+    pub fn id(&self) -> Option<String> {
+        match &self.id {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// The configured selection of streams.
@@ -89,5 +108,24 @@ mod tests {
         assert!(!only_explicit.needs_registry());
         assert!(only_explicit.covers("/x"));
         assert!(!only_explicit.covers("/y"));
+    }
+
+    #[test]
+    fn registry_ids_are_read_as_text_and_are_optional() {
+        let id = |text: &str| {
+            serde_json::from_str::<RegistryEvent>(text)
+                .map(|e| e.id())
+                .unwrap_or_else(|e| panic!("{text}: {e}"))
+        };
+        assert_eq!(
+            id(r#"{"event":"created","path":"/a","id":"18446744073709551615"}"#),
+            Some("18446744073709551615".to_owned())
+        );
+        assert_eq!(
+            id(r#"{"event":"deleted","path":"/a","id":7}"#),
+            Some("7".to_owned())
+        );
+        assert_eq!(id(r#"{"event":"deleted","path":"/a"}"#), None);
+        assert_eq!(id(r#"{"event":"deleted","path":"/a","id":null}"#), None);
     }
 }

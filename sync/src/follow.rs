@@ -7,6 +7,12 @@
 //! not yet confirmed by a control event when a connection drops are discarded and read again.
 //! It never writes to Postgres; the writer does.
 //!
+//! It also fences incarnations: every response's `Stream-Id` is compared with the id of the
+//! incarnation followed (from its checkpoint, or learned from the first response that named one).
+//! A response of another stream is never turned into a read of the incarnation: the incarnation
+//! ends there, and the stream that answered is mirrored as the next one, from its start. A
+//! response without `Stream-Id` (an older server) is checked by offsets alone.
+//!
 //! Why long-poll for `text/*`: SSE splits `data:` lines on CR, LF and CRLF and rejoins them with
 //! LF, so a CR in a text stream cannot survive SSE byte for byte; a long-poll body can.
 
@@ -26,7 +32,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::batch::{Announcement, Incarnation, Lifecycle, Read, Row, START_OFFSET, Update};
+use crate::batch::{
+    Announcement, Incarnation, Lifecycle, Read, Row, START_OFFSET, StreamId, Update,
+};
 use crate::db::StreamStart;
 use crate::discovery::{RegistryEvent, Selection};
 use crate::sse::{SseError, SseParser};
@@ -53,6 +61,11 @@ pub enum FollowError {
         "the server answered offset {next:?} to a read at {offset:?}: the path holds another stream"
     )]
     Replaced { offset: String, next: String },
+    /// The response named another stream instance than the incarnation's.
+    #[error(
+        "the server answered for stream id {seen:?}, not {expected:?}: the path holds another stream"
+    )]
+    OtherStream { expected: StreamId, seen: StreamId },
     #[error("the writer stopped")]
     WriterGone,
 }
@@ -106,6 +119,8 @@ pub enum Probe {
     Present {
         next_offset: String,
         closed: bool,
+        /// `Stream-Id`, if the server sent one.
+        stream_id: Option<StreamId>,
     },
 }
 
@@ -123,6 +138,7 @@ impl FollowContext {
                     .to_owned(),
                 closed: header_str(&resp, headers::STREAM_CLOSED)
                     .is_some_and(|v| headers::is_true(v.as_bytes())),
+                stream_id: stream_id_of(&resp),
             }),
             s => Err(FollowError::Status {
                 status: s.as_u16(),
@@ -170,6 +186,9 @@ pub struct Follower {
     /// The incarnation read; every update names it, so the writer can drop what is read after
     /// the incarnation ended.
     incarnation: Incarnation,
+    /// The server's id of the incarnation's stream: from its checkpoint, else from the first
+    /// response that names one. Responses naming another end the incarnation.
+    stream_id: Option<StreamId>,
     role: Role,
     /// Cancelled when the worker stops or this incarnation is no longer to be followed.
     stop: CancellationToken,
@@ -197,6 +216,7 @@ impl Follower {
             ctx,
             stream: start.stream.into(),
             incarnation: start.incarnation,
+            stream_id: start.stream_id,
             role,
             stop,
             offset: start.next_offset,
@@ -254,19 +274,25 @@ impl Follower {
                     let _ = self.ctx.updates.send(gone).await;
                     return;
                 }
-                Err(FollowError::Replaced { .. })
+                Err(e @ (FollowError::Replaced { .. } | FollowError::OtherStream { .. }))
                     if matches!(self.role, Role::Registry(_)) || self.ctx.restart_replaced =>
                 {
-                    tracing::warn!(stream = %self.stream, incarnation = self.incarnation, offset = %self.offset,
+                    tracing::warn!(stream = %self.stream, incarnation = self.incarnation, offset = %self.offset, reason = %e,
                         "the path holds another stream now; mirroring it as the next incarnation from its start");
+                    let next_id = match e {
+                        FollowError::OtherStream { seen, .. } => Some(seen),
+                        _ => None,
+                    };
                     let restart = Update::Restart {
                         stream: self.stream.clone(),
                         incarnation: self.incarnation,
+                        stream_id: next_id.clone(),
                     };
                     if self.ctx.updates.send(restart).await.is_err() {
                         return;
                     }
                     self.incarnation += 1;
+                    self.stream_id = next_id;
                     self.offset = START_OFFSET.to_owned();
                     self.cursor = None;
                     self.mode = None;
@@ -276,8 +302,8 @@ impl Follower {
                     status.set_incarnation(&self.stream, self.incarnation);
                     backoff.reset();
                 }
-                Err(FollowError::Replaced { .. }) => {
-                    tracing::warn!(stream = %self.stream, incarnation = self.incarnation, offset = %self.offset,
+                Err(e @ (FollowError::Replaced { .. } | FollowError::OtherStream { .. })) => {
+                    tracing::warn!(stream = %self.stream, incarnation = self.incarnation, offset = %self.offset, reason = %e,
                         "the path holds another stream now; incarnation recorded as deleted, the registry's create announcement starts the next");
                     let gone = Update::Gone {
                         stream: self.stream.clone(),
@@ -368,10 +394,12 @@ impl Follower {
     }
 
     /// The stream's content type, or how it is gone.
-    async fn head(&self) -> Result<Result<String, SessionEnd>, FollowError> {
+    async fn head(&mut self) -> Result<Result<String, SessionEnd>, FollowError> {
         let resp = self.ctx.http.head(self.url(None)?).send().await?;
         match resp.status() {
-            s if s.is_success() => {}
+            s if s.is_success() => {
+                self.check_stream_id(&resp)?;
+            }
             StatusCode::NOT_FOUND | StatusCode::GONE => {
                 return Ok(Err(SessionEnd::Gone(resp.status().as_u16())));
             }
@@ -388,6 +416,29 @@ impl Follower {
         )
         .unwrap_or(ds_protocol::content_type::DEFAULT_CONTENT_TYPE)
         .to_owned()))
+    }
+
+    /// The `Stream-Id` of a successful response, checked against the incarnation's: another id
+    /// is `OtherStream`; the first id seen by an incarnation that had none becomes its id.
+    fn check_stream_id(
+        &mut self,
+        resp: &reqwest::Response,
+    ) -> Result<Option<StreamId>, FollowError> {
+        let seen = stream_id_of(resp);
+        match (&self.stream_id, &seen) {
+            (Some(expected), Some(seen)) if expected != seen => {
+                return Err(FollowError::OtherStream {
+                    expected: expected.clone(),
+                    seen: seen.clone(),
+                });
+            }
+            (None, Some(seen)) => {
+                tracing::debug!(stream = %self.stream, incarnation = self.incarnation, stream_id = %seen, "learned the incarnation's stream id");
+                self.stream_id = Some(seen.clone());
+            }
+            _ => {}
+        }
+        Ok(seen)
     }
 
     async fn sse_session(&mut self) -> Result<SessionEnd, FollowError> {
@@ -422,6 +473,8 @@ impl Follower {
                 "SSE response is not text/event-stream".into(),
             ));
         }
+        // One SSE response serves one stream instance: every read of the session is its.
+        let stream_id = self.check_stream_id(&resp)?;
         let base64 = header_str(&resp, headers::STREAM_SSE_DATA_ENCODING)
             .map(|v| v.eq_ignore_ascii_case("base64"))
             .unwrap_or(false);
@@ -486,6 +539,7 @@ impl Follower {
                             std::mem::take(&mut pending),
                             control.stream_next_offset,
                             control.stream_closed,
+                            stream_id.clone(),
                         )
                         .await?;
                         if up_to_date {
@@ -523,6 +577,7 @@ impl Follower {
                 });
             }
         }
+        let stream_id = self.check_stream_id(&resp)?;
         let next = header_str(&resp, headers::STREAM_NEXT_OFFSET)
             .map(str::to_owned)
             .ok_or_else(|| FollowError::Protocol("response without Stream-Next-Offset".into()))?;
@@ -544,7 +599,7 @@ impl Follower {
                 tracing::warn!(stream = %self.stream, asked = %self.offset, answered = %next, "long-poll timeout named another offset; ignored");
             }
             if closed && next == self.offset {
-                self.emit(Vec::new(), next, true).await?;
+                self.emit(Vec::new(), next, true, stream_id).await?;
                 return Ok(SessionEnd::Closed);
             }
             return Ok(SessionEnd::Reconnect);
@@ -557,7 +612,7 @@ impl Follower {
         } else {
             vec![Row::Bytes(body)]
         };
-        self.emit(rows, next, closed).await?;
+        self.emit(rows, next, closed, stream_id).await?;
         if up_to_date || closed {
             self.send_caught_up().await?;
         }
@@ -573,12 +628,14 @@ impl Follower {
             .is_some_and(|ct| MediaKind::of(ct) == MediaKind::Json)
     }
 
-    /// Hands one read to the writer and moves `offset` to its end.
+    /// Hands one read to the writer and moves `offset` to its end. `stream_id` is the
+    /// `Stream-Id` of the response it came from (already checked against the incarnation's).
     async fn emit(
         &mut self,
         rows: Vec<Row>,
         next: String,
         closed: bool,
+        stream_id: Option<StreamId>,
     ) -> Result<(), FollowError> {
         // Offsets sort as strings in stream order (`-1` is only ever asked for, never answered).
         if self.offset != START_OFFSET && next < self.offset {
@@ -619,6 +676,7 @@ impl Follower {
         let read = Read {
             stream: self.stream.clone(),
             incarnation: self.incarnation,
+            stream_id,
             content_type: self
                 .content_type
                 .clone()
@@ -641,6 +699,14 @@ impl Follower {
 
 fn header_str<'a>(resp: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `Stream-Id` of a response, if the server sent one (an empty value counts as none).
+fn stream_id_of(resp: &reqwest::Response) -> Option<StreamId> {
+    header_str(resp, headers::STREAM_ID)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
 }
 
 async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Bytes, FollowError> {
@@ -708,6 +774,7 @@ fn announcements(rows: &[Row], selection: &Selection) -> Vec<Announcement> {
                 };
                 out.push(Announcement {
                     event: event_kind,
+                    id: event.id(),
                     path: event.path,
                 });
             }

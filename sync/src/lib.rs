@@ -146,8 +146,9 @@ async fn follow_announced(
 
 /// Where no registry is followed: looks once whether an explicit path that is no longer followed
 /// (deleted, or closed) holds a new stream now, and if so starts its next incarnation and has it
-/// followed. A closed stream never changes, so a stream there that is open, or closed at another
-/// tail, is a new one.
+/// followed. A stream id other than the ended incarnation's is a new stream; without ids, a
+/// closed stream never changes, so a stream there that is open, or closed at another tail, is a
+/// new one.
 async fn revive_if_reappeared(
     ctx: Arc<FollowContext>,
     pool: Pool,
@@ -169,19 +170,27 @@ async fn revive_if_reappeared(
             }
         }
     };
-    let reappeared = match probe {
-        Probe::Missing => false,
-        Probe::Present { .. } if ended.deleted => true,
+    let (reappeared, stream_id) = match probe {
+        Probe::Missing => (false, None),
+        Probe::Present { stream_id, .. } if ended.deleted => (true, stream_id),
+        // Both ids known: the same id is the same (closed) stream, another id a new one.
+        Probe::Present {
+            stream_id: Some(seen),
+            ..
+        } if ended.stream_id.is_some() => (ended.stream_id.as_deref() != Some(&seen), Some(seen)),
         Probe::Present {
             next_offset,
             closed,
-        } => !closed || next_offset != ended.next_offset,
+            stream_id,
+        } => (!closed || next_offset != ended.next_offset, stream_id),
     };
     if !reappeared {
         return;
     }
     loop {
-        match db::start_next_incarnation(&pool, &stream, ended.incarnation).await {
+        match db::start_next_incarnation(&pool, &stream, ended.incarnation, stream_id.as_deref())
+            .await
+        {
             Ok(Some(start)) => {
                 tracing::info!(stream = %stream, incarnation = start.incarnation, "the path holds a new stream; mirroring it as the next incarnation");
                 let _ = notices.send(Notice::Follow {

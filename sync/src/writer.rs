@@ -121,6 +121,12 @@ async fn commit_with_retry(
                         "dropped updates of incarnations that had ended"
                     );
                 }
+                if outcome.fenced > 0 {
+                    tracing::warn!(
+                        fenced = outcome.fenced,
+                        "dropped reads of another stream than their incarnation's (Stream-Id); their incarnations ended"
+                    );
+                }
                 return Ok(notices);
             }
             Err(e) if e.is_fatal() => return Err(e),
@@ -144,6 +150,8 @@ struct Outcome {
     applied: Vec<usize>,
     /// Updates of incarnations that had ended, dropped.
     stale: usize,
+    /// Reads of another stream than their incarnation's, dropped.
+    fenced: usize,
 }
 
 /// One attempt: lock the checkpoints, apply what is not applied yet, commit. Its notices go to
@@ -171,7 +179,7 @@ async fn commit(
     let stored: HashMap<String, Checkpoint> = tx
         .query(
             "SELECT stream, incarnation, next_offset, content_type, closed, deleted, \
-                    deleted_status \
+                    deleted_status, stream_id \
              FROM ds_checkpoints WHERE stream = ANY($1) ORDER BY stream FOR UPDATE",
             &[&paths],
         )
@@ -187,6 +195,7 @@ async fn commit(
                     closed: row.try_get(4)?,
                     deleted: row.try_get(5)?,
                     deleted_status: row.try_get(6)?,
+                    stream_id: row.try_get(7)?,
                 },
             ))
         })
@@ -267,18 +276,19 @@ async fn commit(
         let closed: Vec<bool> = cps.iter().map(|c| c.1.closed).collect();
         let deleted: Vec<bool> = cps.iter().map(|c| c.1.deleted).collect();
         let deleted_status: Vec<Option<i16>> = cps.iter().map(|c| c.1.deleted_status).collect();
+        let stream_id: Vec<Option<&str>> = cps.iter().map(|c| c.1.stream_id.as_deref()).collect();
         tx.execute(
             "INSERT INTO ds_checkpoints AS c \
                (stream, incarnation, next_offset, content_type, closed, deleted, deleted_status, \
-                updated_at) \
-             SELECT s, n, o, ct, cl, d, ds, now() \
+                stream_id, updated_at) \
+             SELECT s, n, o, ct, cl, d, ds, id, now() \
              FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::bool[], \
-                         $7::int2[]) AS u(s, n, o, ct, cl, d, ds) \
+                         $7::int2[], $8::text[]) AS u(s, n, o, ct, cl, d, ds, id) \
              ON CONFLICT (stream) DO UPDATE SET \
                incarnation = EXCLUDED.incarnation, next_offset = EXCLUDED.next_offset, \
                content_type = EXCLUDED.content_type, closed = EXCLUDED.closed, \
                deleted = EXCLUDED.deleted, deleted_status = EXCLUDED.deleted_status, \
-               updated_at = now()",
+               stream_id = EXCLUDED.stream_id, updated_at = now()",
             &[
                 &stream,
                 &incarnation,
@@ -287,6 +297,7 @@ async fn commit(
                 &closed,
                 &deleted,
                 &deleted_status,
+                &stream_id,
             ],
         )
         .await?;
@@ -297,6 +308,7 @@ async fn commit(
         rows: n,
         applied: plan.applied,
         stale: plan.stale,
+        fenced: plan.fenced,
     })
 }
 

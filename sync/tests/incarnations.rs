@@ -159,3 +159,76 @@ async fn an_explicit_path_that_holds_a_new_stream_is_mirrored_as_the_next_incarn
         assert_eq!(mirrored(&pg, path).await, Content::Json(second), "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_recreated_and_grown_past_the_checkpoint_is_fenced_by_its_stream_id() {
+    // The race the stream id closes: no pattern, so no registry to say what happened while the
+    // worker was down, and the new stream is longer than the old one, so the old checkpoint is a
+    // valid offset inside it and no offset goes backwards. Only the `Stream-Id` of the responses
+    // tells that the stream behind the path is another one.
+    const BINARY: &str = "application/octet-stream";
+    let db = TestDb::create().await;
+    let server = Server::start().await;
+    let c = StreamClient::new(&server);
+    let path = "/v1/stream/fence/reused";
+    let first: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+    c.create(path, BINARY, "").await;
+    for chunk in first.chunks(100) {
+        c.append(path, BINARY, chunk.to_vec()).await;
+    }
+    let mut worker = Worker::start(&server, &db, &[path], &[]).await;
+    assert_mirrored(&server, &db, &[path]).await;
+    let old = checkpoint_of(&db, path).await;
+    worker.stop();
+
+    c.delete(path).await;
+    c.create(path, BINARY, "").await;
+    let second: Vec<u8> = (0..=255u8).rev().cycle().take(1000).collect();
+    for chunk in second.chunks(250) {
+        c.append(path, BINARY, chunk.to_vec()).await;
+    }
+    let (new_tail, _) = c.tail(path).await;
+    assert!(
+        new_tail > old.next_offset,
+        "the new stream must grow past the old checkpoint ({new_tail} vs {})",
+        old.next_offset
+    );
+
+    let _worker = Worker::start(&server, &db, &[path], &[]).await;
+    // The current incarnation equals a catch-up read of the new stream, byte for byte.
+    assert_mirrored(&server, &db, &[path]).await;
+    let cp = checkpoint_of(&db, path).await;
+    assert_eq!(
+        (cp.incarnation, cp.deleted),
+        (old.incarnation + 1, false),
+        "{cp:?}"
+    );
+    let pg = db.client().await;
+    assert_eq!(
+        mirrored_incarnation(&pg, path, old.incarnation).await,
+        Content::Bytes(first),
+        "the old incarnation holds exactly the old stream"
+    );
+    assert_eq!(mirrored(&pg, path).await, Content::Bytes(second));
+    // The new incarnation is recorded as the stream the server names now.
+    let head = reqwest::Client::new()
+        .head(server.url(path))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("HEAD {path}: {e}"));
+    let served_id = head
+        .headers()
+        .get("stream-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert!(served_id.is_some(), "the server sends Stream-Id");
+    let recorded_id: Option<String> = pg
+        .query_one(
+            "SELECT stream_id FROM ds_checkpoints WHERE stream = $1",
+            &[&path],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("stream_id of {path}: {e}"))
+        .get(0);
+    assert_eq!(recorded_id, served_id);
+}

@@ -140,19 +140,16 @@ async fn incarnations_of_one_path_share_offsets_and_the_view_shows_the_latest() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_a_mirror_keeps_its_rows_as_their_first_incarnation() {
-    // A database mirrored before incarnations existed: every migration but the last applied,
-    // rows and checkpoints in it; then the incarnations migration.
+    // A database mirrored before incarnations existed: every migration before the incarnations
+    // one applied, rows and checkpoints in it; then that migration and every later one.
     let db = TestDb::create().await;
     let pg = db.client().await;
     let migrations: Vec<_> = ds_sync::db::MIGRATOR.iter().collect();
-    let (last, earlier) = migrations
-        .split_last()
-        .unwrap_or_else(|| panic!("no migrations"));
-    assert!(
-        last.description.contains("incarnations"),
-        "this test upgrades across the incarnations migration, now {:?}",
-        last.description
-    );
+    let split = migrations
+        .iter()
+        .position(|m| m.description.contains("incarnations"))
+        .unwrap_or_else(|| panic!("no incarnations migration"));
+    let (earlier, later) = migrations.split_at(split);
     for migration in earlier {
         pg.batch_execute(&migration.sql)
             .await
@@ -165,9 +162,11 @@ async fn upgrading_a_mirror_keeps_its_rows_as_their_first_incarnation() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    pg.batch_execute(&last.sql)
-        .await
-        .unwrap_or_else(|e| panic!("{}: {e}", last.description));
+    for migration in later {
+        pg.batch_execute(&migration.sql)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", migration.description));
+    }
     let row = pg
         .query_one(
             "SELECT m.incarnation, c.incarnation, \
@@ -179,4 +178,14 @@ async fn upgrading_a_mirror_keeps_its_rows_as_their_first_incarnation() {
         .unwrap_or_else(|e| panic!("{e}"));
     let (message, checkpoint, current): (i32, i32, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((message, checkpoint, current), (1, 1, 1));
+    // Mirrored before stream ids existed: the id is learned later, not guessed.
+    let stream_id: Option<String> = pg
+        .query_one(
+            "SELECT stream_id FROM ds_checkpoints WHERE stream = '/old'",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .get(0);
+    assert_eq!(stream_id, None);
 }

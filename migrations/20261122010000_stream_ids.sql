@@ -1,0 +1,11 @@
+-- The server names the stream instance behind a path in every read, HEAD and create response
+-- (`Stream-Id`) and in its registry events (`id`); a path deleted and created again gets another
+-- id. ds-sync records the id of each path's latest incarnation here and never commits a response
+-- that names another id to it: such a response ends the incarnation, and the stream it came
+-- from is mirrored as the next one, from its start.
+--
+-- NULL until learned: rows that existed before this migration, incarnations started by a server
+-- that sends no id, and incarnations that have not read anything yet. The writer sets it with
+-- the first read it commits to the incarnation, or when the registry's event starts it. It is
+-- the server's value, kept as text (a decimal u64 today) and compared as text.
+ALTER TABLE ds_checkpoints ADD COLUMN stream_id text;

@@ -112,6 +112,14 @@ impl App {
         ));
         let router = http::router(state.clone());
         let stop = shutdown.clone();
+        // SSE streams run on a runtime of their own (see `http::h1::Conn::stream_on`).
+        let live = LiveRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .thread_name("ds-live")
+                .enable_all()
+                .build()?,
+        ));
         let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
             Some(acceptor) => Box::pin(async move {
                 tls::serve(listener, acceptor, router, stop).await;
@@ -119,8 +127,9 @@ impl App {
             }),
             None => {
                 let max_body = config.limits.max_request_bytes;
+                let live = live.0.as_ref().map(|rt| rt.handle().clone());
                 Box::pin(async move {
-                    http::h1::serve(listener, router, stop, max_body).await;
+                    http::h1::serve(listener, router, stop, max_body, live).await;
                     Ok(())
                 })
             }
@@ -143,7 +152,20 @@ impl App {
         }
         shutdown.cancel();
         let _ = sweeper.await;
+        drop(live);
         Ok(())
+    }
+}
+
+/// The runtime SSE streams run on. Its streams end with the server's shutdown; a runtime cannot
+/// be dropped (which blocks) inside async code, so it is shut down in the background.
+struct LiveRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for LiveRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

@@ -351,13 +351,13 @@ async fn a_client_that_hangs_up_on_sse_or_long_poll_is_noticed_at_once() {
 }
 
 #[tokio::test]
-async fn sse_events_arrive_as_chunks_on_a_kept_alive_connection() {
+async fn sse_events_arrive_as_chunks_and_the_connection_ends_with_the_stream() {
     let server = start(|_| {}).await;
     let mut c = Raw::connect(&server).await;
     c.send(&req(
         "PUT",
         "/s",
-        &[("Content-Type", "text/plain")],
+        &[("Content-Type", "text/plain"), ("Stream-Closed", "true")],
         b"first",
     ))
     .await;
@@ -365,14 +365,22 @@ async fn sse_events_arrive_as_chunks_on_a_kept_alive_connection() {
     let mut sse = Raw::connect(&server).await;
     sse.send(&req("GET", "/s?offset=-1&live=sse", &[], b""))
         .await;
-    assert_eq!(sse.head().await.status, 200);
+    let head = sse.head().await;
+    assert_eq!(head.status, 200);
+    // Streams run on the live runtime and end their connection.
+    assert_eq!(head.header("connection"), Some("close"));
     let mut text = String::new();
-    while !text.contains("event: control") {
+    loop {
         let size = usize::from_str_radix(&sse.line().await, 16).expect("chunk size");
         text.push_str(&String::from_utf8_lossy(&sse.exact(size).await));
         assert_eq!(sse.line().await, "");
+        if size == 0 {
+            break;
+        }
     }
     assert!(text.contains("event: data\ndata:first\n"), "{text}");
+    assert!(text.contains("\"streamClosed\":true"), "{text}");
+    assert!(sse.closed().await, "the server closes after the last chunk");
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -56,7 +57,16 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves plaintext connections until `stop` is cancelled, then waits for every connection to
 /// finish the request it is serving (idle keep-alive connections close at once).
-pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken, max_body: u64) {
+///
+/// `live`, if given, is the runtime that streamed responses (SSE) move to: see
+/// [`Conn::stream_on`].
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    max_body: u64,
+    live: Option<Handle>,
+) {
     let tracker = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -80,6 +90,8 @@ pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToke
             stop: stop.clone(),
             max_body,
             read_closed: false,
+            live: live.clone(),
+            tracker: tracker.clone(),
         };
         tracker.spawn(async move {
             if let Err(e) = conn.run().await {
@@ -101,6 +113,9 @@ struct Conn {
     max_body: u64,
     /// The client sent EOF (or we stopped reading); nothing more will be read.
     read_closed: bool,
+    /// Where streamed responses go (see [`Conn::stream_on`]).
+    live: Option<Handle>,
+    tracker: TaskTracker,
 }
 
 /// A request the connection loop refuses itself, before any handler sees it.
@@ -198,6 +213,9 @@ impl Conn {
                 }) => {
                     // A stream may live for minutes: it holds no read buffer meanwhile.
                     self.release_buffer();
+                    if let Some(live) = self.live.clone() {
+                        return self.stream_on(&live, body, chunked);
+                    }
                     self.stream_body(body, chunked).await? && keep
                 }
                 Err(ReadError::Io(e)) => return Err(e),
@@ -459,8 +477,10 @@ impl Conn {
             || status == StatusCode::NOT_MODIFIED;
         let exact = HttpBody::size_hint(&body).exact();
         let chunked = !bodiless && exact.is_none() && version == Version::HTTP_11;
-        // An HTTP/1.0 stream of unknown length ends when the connection closes.
-        let keep_alive = keep_alive && (bodiless || exact.is_some() || chunked);
+        let streamed = !bodiless && exact.is_none();
+        // An HTTP/1.0 stream of unknown length ends when the connection closes, and so does one
+        // that moves to the live runtime.
+        let keep_alive = keep_alive && !(streamed && (!chunked || self.live.is_some()));
 
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -535,6 +555,55 @@ impl Conn {
             chunked,
             keep: keep_alive,
         })
+    }
+
+    /// Moves the connection, for the rest of its life, to the live runtime and streams the body
+    /// there. Thousands of SSE readers woken by one append are thousands of tasks; on the
+    /// runtime that serves requests they would queue the next append (and, in durable modes,
+    /// its commit's completion) behind all of their writes, and a slower append makes readers
+    /// coalesce less, which makes the next append slower still. On a runtime of their own the
+    /// OS shares the cores between the two, and a write never waits for a pass over every
+    /// reader. The response said `Connection: close`: the connection ends with the stream.
+    fn stream_on(self, live: &Handle, body: Body, chunked: bool) -> io::Result<()> {
+        let Conn {
+            tcp,
+            buf,
+            router,
+            stop,
+            max_body,
+            read_closed,
+            live: _,
+            tracker,
+        } = self;
+        let tcp = tcp.into_std()?;
+        let task_tracker = tracker.clone();
+        task_tracker.spawn_on(
+            async move {
+                // Registers the socket with the live runtime's I/O driver.
+                let tcp = match TcpStream::from_std(tcp) {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not move a stream's connection");
+                        return;
+                    }
+                };
+                let mut conn = Conn {
+                    tcp,
+                    buf,
+                    router,
+                    stop,
+                    max_body,
+                    read_closed,
+                    live: None,
+                    tracker,
+                };
+                if let Ok(true) = conn.stream_body(body, chunked).await {
+                    let _ = conn.tcp.shutdown().await;
+                }
+            },
+            live,
+        );
+        Ok(())
     }
 
     /// Writes a body of unknown length frame by frame as it comes; `Ok(false)` when the client
@@ -961,6 +1030,8 @@ mod tests {
             stop: CancellationToken::new(),
             max_body: 1,
             read_closed: false,
+            live: None,
+            tracker: TaskTracker::new(),
         };
         let run = conn.run();
         eprintln!("connection future: {} bytes", std::mem::size_of_val(&run));

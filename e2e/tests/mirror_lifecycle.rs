@@ -2,8 +2,8 @@
 //! discovered by prefix (the server's registry, read through Envoy with a bearer token); a stream
 //! closed with an atomic final append is mirrored to its last message and checkpointed `closed`;
 //! a deleted stream is checkpointed `deleted` and the rows mirrored before the delete stay; a
-//! stream re-created at a deleted path is mirrored again, as the path's next incarnation, and
-//! blocks no other stream.
+//! stream re-created at a deleted path is mirrored again, as the path's next incarnation (fenced
+//! by the stream id the server names through Envoy), and blocks no other stream.
 
 mod support;
 
@@ -142,6 +142,36 @@ async fn incarnation_state(
     Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
 }
 
+/// The `Stream-Id` the server (through Envoy) names for the stream at `path` now.
+async fn served_stream_id(client: &StreamClient, path: &str) -> anyhow::Result<String> {
+    let response = client.request(Method::HEAD, path).send().await?;
+    anyhow::ensure!(
+        response.status() == StatusCode::OK,
+        "HEAD {path}: {}",
+        response.status()
+    );
+    let id = response
+        .headers()
+        .get("stream-id")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| anyhow::anyhow!("HEAD {path} without Stream-Id"))?;
+    Ok(id.to_owned())
+}
+
+/// The stream id recorded for the latest incarnation of `stream`.
+async fn recorded_stream_id(
+    pg: &tokio_postgres::Client,
+    stream: &str,
+) -> anyhow::Result<Option<String>> {
+    let row = pg
+        .query_one(
+            "SELECT stream_id FROM ds_checkpoints WHERE stream = $1",
+            &[&stream],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// The messages of every incarnation of a JSON stream, oldest incarnation first, each in key
 /// order: `(incarnation, message)`.
 async fn every_incarnation(
@@ -190,6 +220,9 @@ async fn a_stream_recreated_at_a_deleted_path_is_mirrored_and_blocks_no_other_st
     let path = "/v1/stream/again/reused";
 
     client.create(path, JSON).await.expect("create");
+    let first_id = served_stream_id(&client, path)
+        .await
+        .expect("first life's id");
     let response = client
         .append(path, JSON, json!({ "life": 1 }).to_string())
         .await
@@ -259,6 +292,15 @@ async fn a_stream_recreated_at_a_deleted_path_is_mirrored_and_blocks_no_other_st
     assert_eq!(
         incarnation_state(&pg, path).await.expect("state"),
         Some((2, false, false))
+    );
+    // Each incarnation is fenced by the id of its stream, which reaches ds-sync through Envoy.
+    let second_id = served_stream_id(&client, path)
+        .await
+        .expect("second life's id");
+    assert_ne!(first_id, second_id, "a re-created stream has another id");
+    assert_eq!(
+        recorded_stream_id(&pg, path).await.expect("stream id"),
+        Some(second_id)
     );
     // The current incarnation, the README's way, equals a catch-up read of the stream.
     let current: Vec<serde_json::Value> = pg

@@ -11,21 +11,33 @@
 //! The limit is twice the CPUs (two commits per core: one syncing while the other writes its
 //! pages); with at least as many permits as shards the gate is not used at all, so machines with
 //! many cores and parallel disks keep one commit in flight per shard.
+//!
+//! Waiting only pays when more operations are on their way to the waiting shard. The gate counts
+//! the operations submitted and not yet committed, and lets every shard straight through while
+//! they average fewer than two per shard: with few concurrent writers a wait would only delay a
+//! commit of one operation while the disk could sync several shards side by side.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::Thread;
 
 use parking_lot::Mutex;
 
 /// Commits in flight allowed per CPU.
 const COMMITS_PER_CPU: usize = 2;
+/// The gate holds shards back only while at least this many operations per shard are
+/// submitted and not yet committed.
+const CROWD_PER_SHARD: usize = 2;
 
 /// The permits, shared by the writers of one store.
 #[derive(Debug)]
 pub(super) struct CommitGate {
     state: Mutex<State>,
+    /// Operations submitted to any shard and not yet committed.
+    pending: AtomicUsize,
+    /// `pending` at which shards start to wait for permits.
+    crowd: usize,
 }
 
 #[derive(Debug)]
@@ -53,9 +65,10 @@ impl Waiter {
     }
 }
 
-/// A permit to commit; handed to the next waiting writer when dropped.
+/// A permit to commit; handed to the next waiting writer when dropped. `None` when the gate
+/// let the writer through without one.
 pub(super) struct Permit<'g> {
-    gate: &'g CommitGate,
+    gate: Option<&'g CommitGate>,
 }
 
 impl CommitGate {
@@ -64,25 +77,42 @@ impl CommitGate {
     pub(super) fn for_machine(shards: usize) -> Option<Arc<CommitGate>> {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let permits = cpus * COMMITS_PER_CPU;
-        (permits < shards).then(|| Arc::new(CommitGate::new(permits)))
+        (permits < shards).then(|| Arc::new(CommitGate::new(permits, shards * CROWD_PER_SHARD)))
     }
 
-    pub(super) fn new(permits: usize) -> CommitGate {
+    /// A gate of `permits` permits that shards wait for once `crowd` operations are pending.
+    pub(super) fn new(permits: usize, crowd: usize) -> CommitGate {
         CommitGate {
             state: Mutex::new(State {
                 free: permits.max(1),
                 waiting: VecDeque::new(),
             }),
+            pending: AtomicUsize::new(0),
+            crowd,
         }
     }
 
-    /// Waits for a permit; `me` must belong to the calling thread.
+    /// Counts `n` operations submitted to a shard.
+    pub(super) fn submitted(&self, n: usize) {
+        self.pending.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` operations committed (or failed, or dropped with the queue).
+    pub(super) fn finished(&self, n: usize) {
+        self.pending.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Waits for a permit when enough operations are pending for waiting to grow the batch;
+    /// `me` must belong to the calling thread.
     pub(super) fn enter<'g>(&'g self, me: &Arc<Waiter>) -> Permit<'g> {
+        if self.pending.load(Ordering::Relaxed) < self.crowd {
+            return Permit { gate: None };
+        }
         {
             let mut state = self.state.lock();
             if state.free > 0 {
                 state.free -= 1;
-                return Permit { gate: self };
+                return Permit { gate: Some(self) };
             }
             me.granted.store(false, Ordering::Relaxed);
             state.waiting.push_back(me.clone());
@@ -91,14 +121,17 @@ impl CommitGate {
         while !me.granted.load(Ordering::Acquire) {
             std::thread::park();
         }
-        Permit { gate: self }
+        Permit { gate: Some(self) }
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
+        let Some(gate) = self.gate else {
+            return;
+        };
         let next = {
-            let mut state = self.gate.state.lock();
+            let mut state = gate.state.lock();
             let next = state.waiting.pop_front();
             if next.is_none() {
                 state.free += 1;
@@ -122,7 +155,7 @@ mod tests {
     fn never_more_than_the_limit_inside_and_everyone_gets_in() {
         const THREADS: usize = 8;
         const ROUNDS: usize = 200;
-        let gate = CommitGate::new(3);
+        let gate = CommitGate::new(3, 0);
         let inside = AtomicUsize::new(0);
         let most = AtomicUsize::new(0);
         let entered = AtomicUsize::new(0);
@@ -148,7 +181,7 @@ mod tests {
 
     #[test]
     fn waiters_are_let_in_oldest_first() {
-        let gate = CommitGate::new(1);
+        let gate = CommitGate::new(1, 0);
         let order = Mutex::new(Vec::new());
         let first = gate.enter(&Waiter::current());
         std::thread::scope(|scope| {
@@ -172,5 +205,24 @@ mod tests {
             drop(first);
         });
         assert_eq!(*order.lock(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn few_pending_operations_pass_without_a_permit() {
+        let gate = CommitGate::new(1, 4);
+        let me = Waiter::current();
+        let held = gate.enter(&me);
+        // Nothing pending: a second writer is not made to wait for the one permit.
+        let free_pass = gate.enter(&me);
+        assert!(free_pass.gate.is_none());
+        drop(free_pass);
+        gate.submitted(4);
+        drop(held);
+        let permit = gate.enter(&me);
+        assert!(permit.gate.is_some());
+        assert_eq!(gate.state.lock().free, 0);
+        drop(permit);
+        gate.finished(4);
+        assert_eq!(gate.state.lock().free, 1);
     }
 }

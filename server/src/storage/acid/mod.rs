@@ -133,6 +133,8 @@ struct Shard {
     /// (a restart in the same process can then open it again).
     writer: Option<JoinHandle<()>>,
     stats: Arc<WriterStats>,
+    /// Shared by all shards' writers; counts what is submitted here.
+    gate: Option<Arc<gate::CommitGate>>,
 }
 
 impl Shard {
@@ -163,6 +165,7 @@ impl Shard {
             .spawn({
                 let db = db.clone();
                 let stats = stats.clone();
+                let gate = gate.clone();
                 move || writer::run(db, queue, stats, gate)
             })
             .map_err(|source| StorageError::Io {
@@ -175,6 +178,7 @@ impl Shard {
             ops: Some(ops),
             writer: Some(writer),
             stats,
+            gate,
         })
     }
 
@@ -192,9 +196,18 @@ impl Shard {
     }
 
     fn send(&self, pending: Pending) -> bool {
-        self.ops
+        // Counted before the writer can see it, so that the count never goes below zero.
+        if let Some(gate) = &self.gate {
+            gate.submitted(1);
+        }
+        let sent = self
+            .ops
             .as_ref()
-            .is_some_and(|ops| ops.send(pending).is_ok())
+            .is_some_and(|ops| ops.send(pending).is_ok());
+        if !sent && let Some(gate) = &self.gate {
+            gate.finished(1);
+        }
+        sent
     }
 }
 

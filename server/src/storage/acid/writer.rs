@@ -118,8 +118,8 @@ struct Tables<'t> {
     records: Table<'t, (u64, u64), &'static [u8]>,
 }
 
-/// The writer thread's body: runs until every sender is gone. With a `gate`, a commit waits for
-/// one of its permits; what queues up meanwhile joins the transaction.
+/// The writer thread's body: runs until every sender is gone. With a `gate`, a commit may wait
+/// for one of its permits; what queues up meanwhile joins the transaction.
 pub(super) fn run(
     db: Arc<Database>,
     ops: Receiver<Pending>,
@@ -144,6 +144,9 @@ pub(super) fn run(
         }
         let results = commit_batch(&db, &mut rows, &batch, &stats);
         drop(permit);
+        if let Some(gate) = &gate {
+            gate.finished(batch.len());
+        }
         for (pending, result) in batch.drain(..).zip(results) {
             match &result {
                 Ok(()) => pending.op.committed(),

@@ -80,6 +80,11 @@ install_competitors() {
 }
 
 build_ours() {
+  # The commit that was built, read now: the tree may move on during a long run.
+  BUILT_COMMIT=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')
+  if [[ -n $(git -C "$REPO_DIR" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+    BUILT_COMMIT="$BUILT_COMMIT+uncommitted changes"
+  fi
   log "building ds-server and ds-bench (release) into $TARGET_DIR"
   # Separate builds, not one: built together, cargo would unify ds-bench's hyper client features
   # into ds-server's dependency graph, and ds-server would not be the binary users build.
@@ -268,7 +273,7 @@ done
   echo "Machine: $(machine). Load generator and server share these cores; server CPU is read"
   echo "from /proc/<pid>/stat, so the CPU-per-append column is the server's own cost."
   echo
-  echo "Versions: ds-server $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')," \
+  echo "Versions: ds-server $BUILT_COMMIT," \
     "node $(node --version 2>/dev/null || echo '?')," \
     "@durable-streams/server $NODE_SERVER_VERSION, durable-streams (Electric) $ELECTRIC_VERSION."
   if wants_sync; then

@@ -13,7 +13,8 @@ use tokio::sync::oneshot;
 struct Server {
     addr: std::net::SocketAddr,
     streams: std::sync::Arc<ds_server::stream::Streams>,
-    _stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 async fn start(tweak: impl FnOnce(&mut Config)) -> Server {
@@ -25,13 +26,14 @@ async fn start(tweak: impl FnOnce(&mut Config)) -> Server {
     let addr = app.local_addr().expect("bound");
     let streams = app.streams();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run(async move {
+    let handle = tokio::spawn(app.run(async move {
         let _ = stopped.await;
     }));
     Server {
         addr,
         streams,
-        _stop: stop,
+        stop,
+        handle,
     }
 }
 
@@ -406,4 +408,39 @@ async fn h2c_with_prior_knowledge_is_served_over_http2() {
         .await
         .expect("get");
     assert_eq!(r.text().await.expect("body"), "over h2");
+}
+
+#[tokio::test]
+async fn shutdown_ends_sse_streams_on_the_live_runtime() {
+    let server = start(|c| {
+        // Neither the reconnect interval nor a keep-alive may be what ends the stream.
+        c.server.sse_reconnect_interval = Duration::from_secs(600);
+        c.server.sse_keepalive_interval = Duration::from_secs(600);
+    })
+    .await;
+    let mut c = Raw::connect(&server).await;
+    c.send(&req("PUT", "/sd", &[("Content-Type", "text/plain")], b""))
+        .await;
+    assert_eq!(c.response("PUT").await.status, 201);
+    let mut sse = Raw::connect(&server).await;
+    sse.send(&req("GET", "/sd?offset=now&live=sse", &[], b""))
+        .await;
+    assert_eq!(sse.head().await.status, 200);
+    // The first control event says the reader is up to date; then the stream waits.
+    let size = usize::from_str_radix(&sse.line().await, 16).expect("chunk size");
+    let first = String::from_utf8_lossy(&sse.exact(size).await).into_owned();
+    assert!(first.contains("event: control"), "{first}");
+    assert_eq!(sse.line().await, "");
+
+    let _ = server.stop.send(());
+    // The stream ends with its last chunk and the connection closes (`more` fails the test
+    // if nothing arrives for 10 s).
+    assert_eq!(sse.line().await, "0");
+    assert_eq!(sse.line().await, "");
+    assert!(sse.closed().await);
+    server
+        .handle
+        .await
+        .expect("server task")
+        .expect("server ran cleanly");
 }

@@ -758,13 +758,7 @@ async fn tls_with_a_missing_key_file_fails_at_start_naming_it() {
 #[tokio::test]
 async fn the_registry_stream_announces_creates_and_deletes_and_is_read_only() {
     let s = TestServer::start(|_| {}).await;
-    let id_of = |r: &reqwest::Response| {
-        r.headers()
-            .get("stream-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .expect("stream-id header")
-    };
+    let id_of = |r: &reqwest::Response| header(r, "stream-id").expect("stream-id header");
     let r1 = id_of(&s.put("/v1/stream/r1", "text/plain", b"").await);
     let r2 = id_of(&s.put("/v1/stream/r2", "application/json", b"[]").await);
     s.client

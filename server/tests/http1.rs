@@ -309,11 +309,11 @@ async fn head_and_204_carry_no_body() {
     assert_eq!(c.response("GET").await.body, b"datax");
 }
 
-/// Waits (bounded) for the server to drop a stream's live readers.
-async fn live_readers_drop_to_zero(server: &Server, path: &str) -> bool {
+/// Waits (up to 5 s) until a stream has `n` live readers; whether it got there.
+async fn live_readers_reach(server: &Server, path: &str, n: usize) -> bool {
+    let stream = server.streams.get(path, false).expect("stream exists");
     for _ in 0..200 {
-        let stream = server.streams.get(path, false).expect("stream exists");
-        if stream.live_readers() == 0 {
+        if stream.live_readers() == n {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -338,18 +338,14 @@ async fn a_client_that_hangs_up_on_sse_or_long_poll_is_noticed_at_once() {
     let mut lp = Raw::connect(&server).await;
     lp.send(&req("GET", "/live?offset=now&live=long-poll", &[], b""))
         .await;
-    let stream = server.streams.get("/live", false).expect("stream");
-    for _ in 0..200 {
-        if stream.live_readers() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(stream.live_readers(), 2, "both readers are waiting");
+    assert!(
+        live_readers_reach(&server, "/live", 2).await,
+        "both readers are waiting"
+    );
     drop(sse);
     drop(lp);
     // No append, no keep-alive tick: only noticing the hang-up frees them.
-    assert!(live_readers_drop_to_zero(&server, "/live").await);
+    assert!(live_readers_reach(&server, "/live", 0).await);
 }
 
 #[tokio::test]

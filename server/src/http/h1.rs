@@ -276,21 +276,18 @@ impl Conn {
                     Err(ReadError::Truncated)
                 };
             }
-            if self.buf.is_empty() {
-                // Idle between requests: wait for bytes, and close at shutdown. Readiness can
-                // be stale (the read finds nothing), so every wait here must stay cancellable.
+            let n = if self.buf.is_empty() {
+                // Idle between requests: close at shutdown. `fill` may find stale readiness
+                // and wait again, so the whole of it races the shutdown, not just its start.
+                let stop = self.stop.clone();
                 tokio::select! {
-                    ready = self.tcp.readable() => ready?,
-                    () = self.stop.cancelled() => return Ok(Incoming::Done),
+                    n = self.fill() => n?,
+                    () = stop.cancelled() => return Ok(Incoming::Done),
                 }
-                self.buf.reserve(READ_CHUNK);
-                match self.tcp.try_read_buf(&mut self.buf) {
-                    Ok(0) => self.read_closed = true,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
-                }
-            } else if self.fill().await? == 0 {
+            } else {
+                self.fill().await?
+            };
+            if n == 0 {
                 self.read_closed = true;
             }
         }
@@ -386,12 +383,19 @@ impl Conn {
         }
     }
 
+    /// Reads more of a message that has begun: EOF here is a truncated message.
+    async fn fill_more(&mut self) -> Result<(), ReadError> {
+        if self.read_closed || self.fill().await? == 0 {
+            self.read_closed = true;
+            return Err(ReadError::Truncated);
+        }
+        Ok(())
+    }
+
     async fn read_exact_body(&mut self, n: usize) -> Result<Bytes, ReadError> {
         while self.buf.len() < n {
             self.buf.reserve(n - self.buf.len());
-            if self.read_closed || self.fill().await? == 0 {
-                return Err(ReadError::Truncated);
-            }
+            self.fill_more().await?;
         }
         Ok(self.buf.split_to(n).freeze())
     }
@@ -411,9 +415,7 @@ impl Conn {
                     Refusal::bad("chunked body: a chunk-size or trailer line is too long").into(),
                 );
             }
-            if self.read_closed || self.fill().await? == 0 {
-                return Err(ReadError::Truncated);
-            }
+            self.fill_more().await?;
         }
     }
 
@@ -437,9 +439,7 @@ impl Conn {
             let room = cap - body.len() as u64;
             let take = size.min(room) as usize;
             while self.buf.len() < take {
-                if self.read_closed || self.fill().await? == 0 {
-                    return Err(ReadError::Truncated);
-                }
+                self.fill_more().await?;
             }
             body.extend_from_slice(&self.buf[..take]);
             self.buf.advance(take);
@@ -447,9 +447,7 @@ impl Conn {
                 return Ok((body.freeze(), false));
             }
             while self.buf.len() < 2 {
-                if self.read_closed || self.fill().await? == 0 {
-                    return Err(ReadError::Truncated);
-                }
+                self.fill_more().await?;
             }
             if &self.buf[..2] != b"\r\n" {
                 return Err(
@@ -483,11 +481,7 @@ impl Conn {
         let keep_alive = keep_alive && !(streamed && (!chunked || self.live.is_some()));
 
         let mut out = Vec::with_capacity(512);
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_status_line(&mut out, status);
         let mut has_length = false;
         for (name, value) in &parts.headers {
             if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
@@ -655,11 +649,8 @@ impl Conn {
     async fn refuse(mut self, refusal: Refusal) -> io::Result<()> {
         let body = format!("{}\n", refusal.message);
         let mut out = Vec::with_capacity(256 + body.len());
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(refusal.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(refusal.status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\n");
+        push_status_line(&mut out, refusal.status);
+        out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
         date::push(&mut out);
         out.extend_from_slice(b"connection: close\r\ncontent-length: ");
         out.extend_from_slice(body.len().to_string().as_bytes());
@@ -716,6 +707,14 @@ impl Conn {
         };
         result.map_err(io::Error::other)
     }
+}
+
+fn push_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 fn is_disconnect(e: &io::Error) -> bool {

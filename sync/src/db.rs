@@ -114,6 +114,28 @@ fn stream_start(row: &tokio_postgres::Row) -> Result<StreamStart, tokio_postgres
     })
 }
 
+/// The columns [`checkpoint_row`] reads, in its order.
+pub(crate) const CHECKPOINT_COLUMNS: &str = "stream, incarnation, next_offset, content_type, \
+    closed, deleted, deleted_status, stream_id";
+
+/// A `ds_checkpoints` row selected with [`CHECKPOINT_COLUMNS`]: its path and checkpoint.
+pub(crate) fn checkpoint_row(
+    row: &tokio_postgres::Row,
+) -> Result<(String, Checkpoint), tokio_postgres::Error> {
+    Ok((
+        row.try_get(0)?,
+        Checkpoint {
+            incarnation: row.try_get(1)?,
+            next_offset: row.try_get(2)?,
+            content_type: row.try_get(3)?,
+            closed: row.try_get(4)?,
+            deleted: row.try_get(5)?,
+            deleted_status: row.try_get(6)?,
+            stream_id: row.try_get(7)?,
+        },
+    ))
+}
+
 /// Gives every `explicit` stream a checkpoint row (its first incarnation, from the start) unless
 /// it has one.
 pub async fn ensure_checkpoints(pool: &Pool, explicit: &[String]) -> Result<(), DbError> {
@@ -200,28 +222,14 @@ pub async fn ended_checkpoints(
     let client = pool.get().await?;
     let rows = client
         .query(
-            "SELECT stream, incarnation, next_offset, content_type, closed, deleted, \
-                    deleted_status, stream_id \
-             FROM ds_checkpoints WHERE stream = ANY($1) AND (closed OR deleted) ORDER BY stream",
+            &format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM ds_checkpoints \
+                 WHERE stream = ANY($1) AND (closed OR deleted) ORDER BY stream"
+            ),
             &[&explicit],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get(0)?,
-                Checkpoint {
-                    incarnation: r.try_get(1)?,
-                    next_offset: r.try_get(2)?,
-                    content_type: r.try_get(3)?,
-                    closed: r.try_get(4)?,
-                    deleted: r.try_get(5)?,
-                    deleted_status: r.try_get(6)?,
-                    stream_id: r.try_get(7)?,
-                },
-            ))
-        })
-        .collect()
+    rows.iter().map(|r| Ok(checkpoint_row(r)?)).collect()
 }
 
 /// Starts the next incarnation of `stream` (at the stream's beginning, for `stream_id` when the

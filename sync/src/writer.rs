@@ -178,27 +178,15 @@ async fn commit(
     // Sorted so that two workers locking overlapping sets cannot deadlock.
     let stored: HashMap<String, Checkpoint> = tx
         .query(
-            "SELECT stream, incarnation, next_offset, content_type, closed, deleted, \
-                    deleted_status, stream_id \
-             FROM ds_checkpoints WHERE stream = ANY($1) ORDER BY stream FOR UPDATE",
+            &format!(
+                "SELECT {} FROM ds_checkpoints WHERE stream = ANY($1) ORDER BY stream FOR UPDATE",
+                crate::db::CHECKPOINT_COLUMNS
+            ),
             &[&paths],
         )
         .await?
-        .into_iter()
-        .map(|row| {
-            Ok((
-                row.try_get(0)?,
-                Checkpoint {
-                    incarnation: row.try_get(1)?,
-                    next_offset: row.try_get(2)?,
-                    content_type: row.try_get(3)?,
-                    closed: row.try_get(4)?,
-                    deleted: row.try_get(5)?,
-                    deleted_status: row.try_get(6)?,
-                    stream_id: row.try_get(7)?,
-                },
-            ))
-        })
+        .iter()
+        .map(crate::db::checkpoint_row)
         .collect::<Result<_, tokio_postgres::Error>>()?;
 
     let plan = batch::reconcile(batch, &stored)?;

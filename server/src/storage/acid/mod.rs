@@ -225,6 +225,22 @@ impl Drop for Shard {
     }
 }
 
+impl Drop for AcidStorage {
+    fn drop(&mut self) {
+        let s = self.stats();
+        let per_txn = |micros: u64| micros / s.transactions.max(1);
+        tracing::info!(
+            transactions = s.transactions,
+            operations = s.operations,
+            ops_per_transaction =
+                format!("{:.1}", s.operations as f64 / s.transactions.max(1) as f64),
+            apply_us_per_transaction = per_txn(s.apply_micros),
+            commit_us_per_transaction = per_txn(s.commit_micros),
+            "acid store closed"
+        );
+    }
+}
+
 impl AcidStorage {
     /// Opens (creating if needed) the store under `dir`.
     ///

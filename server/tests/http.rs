@@ -890,3 +890,66 @@ async fn a_chunked_body_over_the_request_cap_gets_413_naming_the_limit() {
     assert!(s.read_all("/v1/stream/chunked").await.is_empty());
     s.stop().await;
 }
+
+/// `offset=now` is the tail when the request is answered, not when its body is first polled: a
+/// reader that has seen `200 OK` receives every append made after that, however late its body
+/// starts (under load the SSE body runs on another runtime, and was once polled after an append,
+/// silently skipping it).
+#[tokio::test]
+async fn sse_from_now_delivers_appends_made_after_the_headers_even_if_the_body_starts_late() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use futures::StreamExt;
+    use tower::ServiceExt;
+
+    let mut config = Config::default();
+    config.server.port = 0;
+    let app = App::build(config).await.expect("server builds");
+    let router = app.router();
+    let send = |req: Request<Body>| router.clone().oneshot(req);
+    let created = send(
+        Request::put("/v1/stream/late")
+            .header("content-type", "text/plain")
+            .body(Body::from("before,"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED.as_u16());
+
+    let sse = send(
+        Request::get("/v1/stream/late?offset=now&live=sse")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sse.status(), StatusCode::OK.as_u16());
+    // The headers are out; the body has not been polled yet. Now someone appends.
+    let appended = send(
+        Request::post("/v1/stream/late")
+            .header("content-type", "text/plain")
+            .body(Body::from("after"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(appended.status(), StatusCode::NO_CONTENT.as_u16());
+
+    let mut body = sse.into_body().into_data_stream();
+    let mut text = String::new();
+    while !text.contains("event: data") || !text.ends_with("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream stays open")
+            .expect("a chunk");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter(|d| !d.starts_with('{'))
+        .collect();
+    assert_eq!(data, ["after"], "the SSE text was {text:?}");
+}

@@ -18,13 +18,19 @@ use futures::Stream as FutStream;
 
 use super::request::ReadQuery;
 use super::{AppState, encode_body, resolve};
+use crate::live::Visible;
 use crate::stream::{ReadOutcome, SharedRead, Stream};
 
 /// Starts an SSE response for `stream` from the query's offset.
 pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Response {
     let base64 = stream.kind.sse_base64();
     let stream_id = stream.meta.id;
-    let body = Body::from_stream(events(state, stream, query.clone()));
+    // Subscribe and pin the start offset (`now` is the tail at this moment) before the headers
+    // go out: a client that has seen `200 OK` must receive every append made after it, however
+    // late the body is first polled.
+    let rx = stream.subscribe();
+    let start = resolve(query.offset, rx.borrow().tail);
+    let body = Body::from_stream(events(state, stream, rx, start, query.cursor));
     let mut response = Response::new(body);
     let hs = response.headers_mut();
     hs.insert(
@@ -92,13 +98,14 @@ fn push_control(
 fn events(
     state: AppState,
     stream: Arc<Stream>,
-    query: ReadQuery,
+    mut rx: tokio::sync::watch::Receiver<Visible>,
+    start: u64,
+    cursor: Option<u64>,
 ) -> impl FutStream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     async_stream::stream! {
         let inner = &state.inner;
         let server = &inner.config.server;
-        let mut rx = stream.subscribe();
-        let mut pos = resolve(query.offset, rx.borrow().tail);
+        let mut pos = start;
         // Spread reconnects over ±10% of the interval, so readers that connected together do
         // not all reconnect in the same instant.
         let jitter = 0.9 + 0.2 * fastrand::f64();
@@ -150,7 +157,7 @@ fn events(
                 };
                 let mut buf = BytesMut::with_capacity(read.encoded.len() + 160);
                 buf.extend_from_slice(&read.encoded);
-                push_control(&mut buf, read.next, read.at_end, read.up_to_date, query.cursor);
+                push_control(&mut buf, read.next, read.at_end, read.up_to_date, cursor);
                 pos = read.next;
                 sent_anything = true;
                 last_sent = tokio::time::Instant::now();
@@ -162,7 +169,7 @@ fn events(
             }
             if !sent_anything || visible.closed {
                 let mut buf = BytesMut::new();
-                push_control(&mut buf, pos, visible.closed, true, query.cursor);
+                push_control(&mut buf, pos, visible.closed, true, cursor);
                 sent_anything = true;
                 last_sent = tokio::time::Instant::now();
                 yield Ok(buf.freeze());

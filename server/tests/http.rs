@@ -157,7 +157,7 @@ async fn long_poll_readers_reassemble_exactly_what_concurrent_writers_appended()
                 assert_eq!(r.status(), StatusCode::NO_CONTENT);
                 expected.extend_from_slice(chunk.as_bytes());
                 if i % 37 == 0 {
-                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
             expected
@@ -952,4 +952,63 @@ async fn sse_from_now_delivers_appends_made_after_the_headers_even_if_the_body_s
         .filter(|d| !d.starts_with('{'))
         .collect();
     assert_eq!(data, ["after"], "the SSE text was {text:?}");
+}
+
+/// One timer serves both the keep-alive and the periodic close: an idle connection gets
+/// keep-alives and then ends at the reconnect interval; a connection that keeps receiving data
+/// gets no keep-alive in between.
+#[tokio::test]
+async fn sse_connections_get_keep_alives_then_end_at_the_reconnect_interval() {
+    let s = TestServer::start(|c| {
+        c.server.sse_keepalive_interval = Duration::from_millis(400);
+        c.server.sse_reconnect_interval = Duration::from_millis(2000);
+    })
+    .await;
+    s.put("/v1/stream/idle", "text/plain", b"").await;
+    s.put("/v1/stream/busy", "text/plain", b"").await;
+    let open = |path: &'static str| {
+        s.client
+            .get(s.url(&format!("/v1/stream/{path}?offset=now&live=sse")))
+            .send()
+    };
+    let (mut idle, mut busy) = (open("idle").await.unwrap(), open("busy").await.unwrap());
+    let writer = {
+        let (client, url) = (s.client.clone(), s.url("/v1/stream/busy"));
+        tokio::spawn(async move {
+            for i in 0..110 {
+                client
+                    .post(&url)
+                    .header("content-type", "text/plain")
+                    .body(format!("{i},"))
+                    .send()
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let idle_text = drain_sse(&mut idle).await;
+    let busy_text = drain_sse(&mut busy).await;
+    writer.await.unwrap();
+    assert!(
+        idle_text.matches(": keep-alive\n\n").count() >= 2,
+        "{idle_text:?}"
+    );
+    assert!(busy_text.contains("event: data\n"), "{busy_text:?}");
+    assert!(!busy_text.contains(": keep-alive"), "{busy_text:?}");
+    s.stop().await;
+}
+
+/// Reads an SSE response until the server ends it (10 s at most).
+async fn drain_sse(r: &mut reqwest::Response) -> String {
+    let mut text = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Some(chunk) = tokio::time::timeout_at(deadline, r.chunk())
+        .await
+        .expect("the connection ends at the reconnect interval, not never")
+        .expect("chunk")
+    {
+        text.extend_from_slice(&chunk);
+    }
+    String::from_utf8(text).unwrap()
 }

@@ -569,28 +569,24 @@ impl Conn {
             live: _,
             tracker,
         } = self;
-        let tcp = tcp.into_std()?;
-        let task_tracker = tracker.clone();
-        task_tracker.spawn_on(
+        let tcp = {
+            // Registers the socket with the live runtime's I/O driver, here rather than in the
+            // task, so that the task holds one connection and not its parts as well.
+            let _live = live.enter();
+            TcpStream::from_std(tcp.into_std()?)?
+        };
+        let mut conn = Conn {
+            tcp,
+            buf,
+            router,
+            stop,
+            max_body,
+            read_closed,
+            live: None,
+            tracker: tracker.clone(),
+        };
+        tracker.spawn_on(
             async move {
-                // Registers the socket with the live runtime's I/O driver.
-                let tcp = match TcpStream::from_std(tcp) {
-                    Ok(tcp) => tcp,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "could not move a stream's connection");
-                        return;
-                    }
-                };
-                let mut conn = Conn {
-                    tcp,
-                    buf,
-                    router,
-                    stop,
-                    max_body,
-                    read_closed,
-                    live: None,
-                    tracker,
-                };
                 if let Ok(true) = conn.stream_body(body, chunked).await {
                     let _ = conn.tcp.shutdown().await;
                 }

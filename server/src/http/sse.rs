@@ -111,16 +111,15 @@ fn events(
         let jitter = 0.9 + 0.2 * fastrand::f64();
         let reconnect_at =
             tokio::time::Instant::now() + server.sse_reconnect_interval.mul_f64(jitter);
-        // One timer each for the connection's life, not one per wake-up: with many readers a
-        // timer armed and cancelled on every append is a real cost.
-        let reconnect = tokio::time::sleep_until(reconnect_at);
-        tokio::pin!(reconnect);
-        let mut keepalive = tokio::time::interval_at(
-            tokio::time::Instant::now() + server.sse_keepalive_interval,
-            server.sse_keepalive_interval,
-        );
-        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer for the connection's whole life, serving both the keep-alive and the
+        // reconnect: an idle reader is mostly this future, and a timer armed and cancelled on
+        // every append is a real cost with many readers.
         let mut last_sent = tokio::time::Instant::now();
+        let next_timer = |last_sent: tokio::time::Instant| {
+            (last_sent + server.sse_keepalive_interval).min(reconnect_at)
+        };
+        let timer = tokio::time::sleep_until(next_timer(last_sent));
+        tokio::pin!(timer);
         let mut sent_anything = false;
         loop {
             let visible = *rx.borrow_and_update();
@@ -132,7 +131,8 @@ fn events(
                 let read = match stream.shared_read(pos, visible) {
                     Some(shared) => shared,
                     None => {
-                        let outcome = match inner.streams.read_bounded(&stream, pos, visible).await {
+                        // Boxed: an idle reader's future should not carry a read's size.
+                        let outcome = match Box::pin(inner.streams.read_bounded(&stream, pos, visible)).await {
                             Ok(o) => o,
                             Err(e) => {
                                 tracing::warn!(stream = %stream.meta.path, error = %e, "sse read failed");
@@ -183,14 +183,18 @@ fn events(
                         break;
                     }
                 }
-                _ = keepalive.tick() => {
+                () = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= reconnect_at {
+                        break;
+                    }
                     // Only a connection that sent nothing for a whole interval needs one.
-                    if last_sent.elapsed() >= server.sse_keepalive_interval {
-                        last_sent = tokio::time::Instant::now();
+                    if now >= last_sent + server.sse_keepalive_interval {
+                        last_sent = now;
                         yield Ok(Bytes::from_static(b": keep-alive\n\n"));
                     }
+                    timer.as_mut().reset(next_timer(last_sent));
                 }
-                () = &mut reconnect => break,
                 () = inner.shutdown.cancelled() => break,
             }
         }

@@ -337,12 +337,16 @@ impl Conn {
         // Boxed: the router's future is as large as the largest handler's, and a connection
         // should not carry that size for its whole life.
         let mut call = Box::pin(self.router.clone().oneshot(request));
-        // Most requests are answered in their first poll. One that waits (a long-poll, a
-        // durable commit) may wait for minutes: it holds no read buffer meanwhile.
+        // Most requests are answered in their first poll. A read that waits (a long-poll) may
+        // wait for minutes: it holds no read buffer meanwhile. A write that waits is waiting
+        // for a durable commit, a millisecond or so: it keeps the buffer, since freeing and
+        // allocating it again for every durable append cost more CPU than the append's parsing.
         let response = match (&mut call).now_or_never() {
             Some(response) => response,
             None => {
-                self.release_buffer();
+                if method == Method::GET {
+                    self.release_buffer();
+                }
                 let Some(response) = self.until_hangup(call).await? else {
                     return Ok(Written::Done(false));
                 };
@@ -480,7 +484,8 @@ impl Conn {
         // that moves to the live runtime.
         let keep_alive = keep_alive && !(streamed && (!chunked || self.live.is_some()));
 
-        let mut out = Vec::with_capacity(512);
+        // A protocol response head with the CORS and security headers is 500-600 bytes.
+        let mut out = Vec::with_capacity(1024);
         push_status_line(&mut out, status);
         let mut has_length = false;
         for (name, value) in &parts.headers {

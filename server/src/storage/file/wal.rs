@@ -253,8 +253,10 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Pending>) {
+        // Reused: growing a new vector through every batch is an allocation per doubling.
+        let mut batch: Vec<Pending> = Vec::with_capacity(64);
         while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
+            batch.push(first);
             let mut bytes = batch[0].op.frame.bytes.len();
             while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
@@ -273,7 +275,7 @@ impl Writer {
                     wal.batches.fetch_add(1, Ordering::Relaxed);
                     wal.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     let mut removed_any = false;
-                    for (p, (seg, off)) in batch.into_iter().zip(placed) {
+                    for (p, (seg, off)) in batch.drain(..).zip(placed) {
                         removed_any |= matches!(p.op.target, Target::Remove(_));
                         self.apply(&wal, p.op, seg, off);
                         let _ = p.done.send(Ok(()));
@@ -285,7 +287,7 @@ impl Writer {
                 Err(e) => {
                     tracing::error!(error = %e, "write-ahead log write failed; refusing writes until restart");
                     wal.failed.store(true, Ordering::Relaxed);
-                    for p in batch {
+                    for p in batch.drain(..) {
                         let _ = p.done.send(Err(StorageError::Corrupt {
                             what: self.dir.display().to_string(),
                             detail: format!("write failed: {e}"),

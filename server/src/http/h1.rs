@@ -564,31 +564,17 @@ impl Conn {
     /// OS shares the cores between the two, and a write never waits for a pass over every
     /// reader. The response said `Connection: close`: the connection ends with the stream.
     fn stream_on(self, live: &Handle, body: Body, chunked: bool) -> io::Result<()> {
-        let Conn {
-            tcp,
-            buf,
-            router,
-            stop,
-            max_body,
-            read_closed,
-            live: _,
-            tracker,
-        } = self;
         let tcp = {
             // Registers the socket with the live runtime's I/O driver, here rather than in the
             // task, so that the task holds one connection and not its parts as well.
             let _live = live.enter();
-            TcpStream::from_std(tcp.into_std()?)?
+            TcpStream::from_std(self.tcp.into_std()?)?
         };
+        let tracker = self.tracker.clone();
         let mut conn = Conn {
             tcp,
-            buf,
-            router,
-            stop,
-            max_body,
-            read_closed,
             live: None,
-            tracker: tracker.clone(),
+            ..self
         };
         tracker.spawn_on(
             async move {

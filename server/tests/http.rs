@@ -907,14 +907,14 @@ async fn sse_from_now_delivers_appends_made_after_the_headers_even_if_the_body_s
     let app = App::build(config).await.expect("server builds");
     let router = app.router();
     let send = |req: Request<Body>| router.clone().oneshot(req);
-    let created = send(
-        Request::put("/v1/stream/late")
-            .header("content-type", "text/plain")
-            .body(Body::from("before,"))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let text = |req: axum::http::request::Builder, body: &'static str| {
+        req.header("content-type", "text/plain")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let created = send(text(Request::put("/v1/stream/late"), "before,"))
+        .await
+        .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED.as_u16());
 
     let sse = send(
@@ -926,14 +926,9 @@ async fn sse_from_now_delivers_appends_made_after_the_headers_even_if_the_body_s
     .unwrap();
     assert_eq!(sse.status(), StatusCode::OK.as_u16());
     // The headers are out; the body has not been polled yet. Now someone appends.
-    let appended = send(
-        Request::post("/v1/stream/late")
-            .header("content-type", "text/plain")
-            .body(Body::from("after"))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let appended = send(text(Request::post("/v1/stream/late"), "after"))
+        .await
+        .unwrap();
     assert_eq!(appended.status(), StatusCode::NO_CONTENT.as_u16());
 
     let mut body = sse.into_body().into_data_stream();

@@ -132,7 +132,8 @@ fn events(
                     Some(shared) => shared,
                     None => {
                         // Boxed: an idle reader's future should not carry a read's size.
-                        let outcome = match Box::pin(inner.streams.read_bounded(&stream, pos, visible)).await {
+                        let reading = Box::pin(inner.streams.read_bounded(&stream, pos, visible));
+                        let outcome = match reading.await {
                             Ok(o) => o,
                             Err(e) => {
                                 tracing::warn!(stream = %stream.meta.path, error = %e, "sse read failed");

@@ -239,6 +239,24 @@ RESULTS=$OUT_DIR/results.jsonl
 : >"$RESULTS"
 RUN_START=$(date +%s)
 
+# The fan-out table's first row: the same fan-out over raw loopback TCP with no server, the
+# floor under every server's latency on this machine.
+if [[ " ${SCENARIOS[*]} " == *" fanout "* ]]; then
+  FLOOR_ARGS=()
+  for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+    case "${EXTRA_ARGS[i]}" in
+      --fanout-readers | --fanout-rate | --fanout-secs)
+        FLOOR_ARGS+=("${EXTRA_ARGS[i]}" "${EXTRA_ARGS[i + 1]:-}")
+        i=$((i + 1))
+        ;;
+      --fanout-readers=* | --fanout-rate=* | --fanout-secs=*) FLOOR_ARGS+=("${EXTRA_ARGS[i]}") ;;
+    esac
+  done
+  log "loopback floor: fanout (raw TCP, no server)"
+  "$DS_BENCH" floor --results "$RESULTS" "${QUICK[@]}" "${FLOOR_ARGS[@]}" ||
+    log "the loopback floor failed; going on without it"
+fi
+
 for id in "${SERVERS[@]}"; do
   lbl=$(label "$id")
   for scenario in "${SCENARIOS[@]}"; do

@@ -11,7 +11,7 @@ use crate::client::{self, Server};
 use crate::idle::ReaderKind;
 use crate::process::{self, Process};
 use crate::report::{self, Outcome, Record};
-use crate::{append, catchup, fanout, idle, sync};
+use crate::{append, catchup, fanout, floor, idle, sync};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +33,25 @@ pub enum Command {
         url: String,
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
+    },
+    /// Scenario c with no server: raw loopback TCP fan-out, the floor any server's row sits on.
+    Floor {
+        #[arg(long)]
+        results: PathBuf,
+        #[arg(long, default_value = "loopback floor (raw TCP, no server)")]
+        label: String,
+        /// Reader counts (both ends of each connection are in this process, so twice the
+        /// descriptors).
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        fanout_readers: Vec<usize>,
+        /// Messages per second.
+        #[arg(long, default_value_t = 100)]
+        fanout_rate: u32,
+        /// Seconds of sending [10; quick 2].
+        #[arg(long)]
+        fanout_secs: Option<u64>,
+        #[arg(long)]
+        quick: bool,
     },
     /// Record that a server or mode was not measured, and why.
     Skip {
@@ -187,6 +206,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs(timeout_secs),
             ))
         }
+        Command::Floor {
+            results,
+            label,
+            fanout_readers,
+            fanout_rate,
+            fanout_secs,
+            quick,
+        } => {
+            let counts = fanout_readers;
+            // Both ends of every connection are in this process.
+            check_open_files(2 * counts.iter().copied().max().unwrap_or(0))?;
+            let mut runs = Vec::new();
+            for readers in counts {
+                eprintln!("  floor: {readers} raw TCP readers");
+                let plan = fanout_plan(readers, fanout_rate, fanout_secs, quick);
+                runs.push(runtime.block_on(floor::run(&plan)));
+            }
+            for outcome in split(runs, "fanout", |runs| Outcome::Fanout { runs }) {
+                let record = Record {
+                    label: label.clone(),
+                    about: None,
+                    outcome,
+                };
+                report::append_record(&results, &record)?;
+            }
+            Ok(())
+        }
         Command::Skip {
             results,
             label,
@@ -269,22 +315,11 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
             let counts = args
                 .fanout_readers
                 .clone()
-                .unwrap_or_else(|| if q { vec![1000] } else { vec![1000, 10_000] });
+                .unwrap_or_else(|| fanout_counts(q));
             check_open_files(counts.iter().copied().max().unwrap_or(0))?;
             let mut runs = Vec::new();
             for readers in counts {
-                let plan = fanout::Plan {
-                    readers,
-                    messages_per_sec: args.fanout_rate,
-                    send_for: Duration::from_secs(args.fanout_secs.unwrap_or(if q {
-                        2
-                    } else {
-                        10
-                    })),
-                    connect_timeout: Duration::from_secs(30 + readers as u64 / 200),
-                    drain_timeout: Duration::from_secs(10),
-                    connect_concurrency: 128,
-                };
+                let plan = fanout_plan(readers, args.fanout_rate, args.fanout_secs, q);
                 eprintln!("  fanout: {readers} SSE readers");
                 runs.push(fanout::run(&server, &run_id, &plan).await);
             }
@@ -376,6 +411,25 @@ fn one<T>(
     match result {
         Ok(v) => vec![wrap(v)],
         Err(e) => vec![failed(scenario, &e)],
+    }
+}
+
+fn fanout_counts(quick: bool) -> Vec<usize> {
+    if quick {
+        vec![1000]
+    } else {
+        vec![1000, 10_000]
+    }
+}
+
+fn fanout_plan(readers: usize, rate: u32, secs: Option<u64>, quick: bool) -> fanout::Plan {
+    fanout::Plan {
+        readers,
+        messages_per_sec: rate,
+        send_for: Duration::from_secs(secs.unwrap_or(if quick { 2 } else { 10 })),
+        connect_timeout: Duration::from_secs(30 + readers as u64 / 200),
+        drain_timeout: Duration::from_secs(10),
+        connect_concurrency: 128,
     }
 }
 

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Header that carries a stream's tail offset (spec 5.2, 5.6).
 pub const NEXT_OFFSET: &str = "stream-next-offset";
@@ -81,6 +81,33 @@ impl Server {
     }
 
     async fn connect_once(&self) -> anyhow::Result<Conn> {
+        let stream = self.tcp_connect_once().await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            // The connection ends when the scenario drops its sender or the server closes it;
+            // the request that was in flight reports the error.
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            sender,
+            host: self.host.clone(),
+        })
+    }
+
+    /// Opens one TCP connection (TCP_NODELAY) for a scenario that speaks HTTP by hand, with
+    /// the same retries as [`Server::connect`].
+    pub async fn tcp_connect(&self) -> anyhow::Result<TcpStream> {
+        let mut last_err = None;
+        for _ in 0..3 {
+            match self.tcp_connect_once().await {
+                Ok(c) => return Ok(c),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("connect failed")))
+    }
+
+    async fn tcp_connect_once(&self) -> anyhow::Result<TcpStream> {
         let socket = match self.addr.ip() {
             IpAddr::V4(v4) if v4.is_loopback() => {
                 let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % LOOPBACK_SOURCES;
@@ -99,16 +126,7 @@ impl Server {
             .map_err(|_| anyhow!("connect to {} timed out", self.addr))?
             .with_context(|| format!("connect to {}", self.addr))?;
         stream.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            // The connection ends when the scenario drops its sender or the server closes it;
-            // the request that was in flight reports the error.
-            let _ = conn.await;
-        });
-        Ok(Conn {
-            sender,
-            host: self.host.clone(),
-        })
+        Ok(stream)
     }
 }
 

@@ -13,18 +13,17 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
-use http::{Method, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http::Uri;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::client::{Server, encode_query_value};
-use crate::sse;
+use crate::sse::{self, SseConn};
 use crate::stats::{self, Latency};
 
 /// `SSSSSSSSSSSS@TTTTTTTTTTTTTTTTTTT`: 12-digit sequence, `@`, 19-digit send time in ns.
-const RECORD_LEN: usize = 32;
+pub(crate) const RECORD_LEN: usize = 32;
 const CONTENT_TYPE: &str = "text/plain";
 
 #[derive(Clone, Debug)]
@@ -60,13 +59,13 @@ pub struct FanoutResult {
 }
 
 #[derive(Default)]
-struct ReaderOutcome {
-    connected: bool,
-    received: u64,
-    out_of_order: u64,
-    reconnects: u64,
-    latencies_us: Vec<u32>,
-    error: Option<String>,
+pub(crate) struct ReaderOutcome {
+    pub connected: bool,
+    pub received: u64,
+    pub out_of_order: u64,
+    pub reconnects: u64,
+    pub latencies_us: Vec<u32>,
+    pub error: Option<String>,
 }
 
 struct Shared {
@@ -215,6 +214,15 @@ fn mark_connected(shared: &Shared) {
     }
 }
 
+/// The part of a control event a reader needs.
+#[derive(Deserialize)]
+struct Control<'a> {
+    #[serde(borrow, rename = "streamNextOffset")]
+    next_offset: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "streamClosed")]
+    closed: Option<bool>,
+}
+
 /// Follows the stream until every record arrived, the stream closed, or the deadline passed.
 async fn read_all(
     shared: &Shared,
@@ -223,89 +231,68 @@ async fn read_all(
 ) -> anyhow::Result<()> {
     let mut offset = "now".to_owned();
     let mut carry: Vec<u8> = Vec::with_capacity(RECORD_LEN * 4);
-    let mut events = Vec::new();
     let mut stop = shared.stop.clone();
+    let stopped = stop.wait_for(|stop| *stop);
+    let expired = tokio::time::sleep_until(deadline);
+    tokio::pin!(stopped, expired);
     while outcome.received < shared.expected {
-        let uri: Uri = format!(
+        let target = format!(
             "{}?offset={}&live=sse",
             shared.path,
             encode_query_value(&offset)
-        )
-        .parse()?;
-        // The connection handle lives as long as its body is read.
-        let (_conn, resp) = {
+        );
+        let mut conn = {
             let _permit = if outcome.connected {
                 None
             } else {
                 Some(shared.connect_gate.acquire().await?)
             };
-            let mut conn = tokio::time::timeout_at(deadline, shared.server.connect())
+            tokio::time::timeout_at(deadline, SseConn::open(&shared.server, &target))
                 .await
-                .map_err(|_| anyhow!("connect timed out"))??;
-            let resp =
-                tokio::time::timeout_at(deadline, conn.send(Method::GET, uri, None, Bytes::new()))
-                    .await
-                    .map_err(|_| anyhow!("SSE request timed out"))??;
-            (conn, resp)
+                .map_err(|_| anyhow!("SSE request timed out"))??
         };
-        if resp.status() != StatusCode::OK {
-            bail!("SSE GET answered {}", resp.status());
-        }
         if outcome.connected {
             outcome.reconnects += 1;
         } else {
             outcome.connected = true;
             mark_connected(shared);
         }
-        let mut body = resp.into_body();
         let mut parser = sse::Parser::default();
         let mut closed = false;
+        let mut failed = None;
         loop {
-            let frame = tokio::select! {
-                frame = tokio::time::timeout_at(deadline, body.frame()) => frame,
-                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            let more = tokio::select! {
+                biased;
+                more = conn.read() => more?,
+                _ = &mut expired => return Ok(()),
+                _ = &mut stopped => return Ok(()),
             };
-            let frame = match frame {
-                Err(_) => return Ok(()),
-                Ok(None) => break,
-                Ok(Some(frame)) => frame?,
-            };
-            let Ok(bytes) = frame.into_data() else {
-                continue;
-            };
+            if !more {
+                break;
+            }
             let now_ns = shared.base.elapsed().as_nanos() as u64;
-            events.clear();
-            parser.feed(&bytes, &mut events);
-            for ev in events.drain(..) {
-                match ev.kind.as_str() {
-                    "data" => {
-                        carry.extend_from_slice(&ev.data);
-                        let whole = carry.len() / RECORD_LEN * RECORD_LEN;
-                        for rec in carry[..whole].chunks_exact(RECORD_LEN) {
-                            let (seq, sent_ns) = parse_record(rec)?;
-                            if seq != outcome.received {
-                                outcome.out_of_order += 1;
-                            }
-                            outcome.received += 1;
-                            let lat_us = now_ns.saturating_sub(sent_ns) / 1_000;
-                            outcome
-                                .latencies_us
-                                .push(u32::try_from(lat_us).unwrap_or(u32::MAX));
-                        }
-                        carry.drain(..whole);
-                    }
-                    "control" => {
-                        let control: serde_json::Value = serde_json::from_slice(&ev.data)?;
-                        if let Some(next) = control.get("streamNextOffset").and_then(|v| v.as_str())
-                        {
-                            next.clone_into(&mut offset);
-                        }
-                        if control.get("streamClosed").and_then(|v| v.as_bool()) == Some(true) {
-                            closed = true;
-                        }
-                    }
-                    _ => {}
+            parser.feed(conn.body(), |kind, data| {
+                if failed.is_some() {
+                    return;
                 }
+                let handled = match kind {
+                    b"data" => on_records(outcome, &mut carry, data, now_ns),
+                    b"control" => serde_json::from_slice::<Control<'_>>(data)
+                        .map(|control| {
+                            if let Some(next) = control.next_offset {
+                                next.as_ref().clone_into(&mut offset);
+                            }
+                            closed |= control.closed == Some(true);
+                        })
+                        .map_err(anyhow::Error::from),
+                    _ => Ok(()),
+                };
+                if let Err(e) = handled {
+                    failed = Some(e);
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
             }
             if outcome.received >= shared.expected || closed {
                 return Ok(());
@@ -315,6 +302,40 @@ async fn read_all(
             bail!("SSE connection ended before the first control event");
         }
     }
+    Ok(())
+}
+
+/// Takes the whole records out of one data event (a record may span events).
+fn on_records(
+    outcome: &mut ReaderOutcome,
+    carry: &mut Vec<u8>,
+    data: &[u8],
+    now_ns: u64,
+) -> anyhow::Result<()> {
+    carry.extend_from_slice(data);
+    let whole = carry.len() / RECORD_LEN * RECORD_LEN;
+    for rec in carry[..whole].chunks_exact(RECORD_LEN) {
+        record_received(outcome, rec, now_ns)?;
+    }
+    carry.drain(..whole);
+    Ok(())
+}
+
+/// Counts one record received at `now_ns` and keeps its latency.
+pub(crate) fn record_received(
+    outcome: &mut ReaderOutcome,
+    rec: &[u8],
+    now_ns: u64,
+) -> anyhow::Result<()> {
+    let (seq, sent_ns) = parse_record(rec)?;
+    if seq != outcome.received {
+        outcome.out_of_order += 1;
+    }
+    outcome.received += 1;
+    let lat_us = now_ns.saturating_sub(sent_ns) / 1_000;
+    outcome
+        .latencies_us
+        .push(u32::try_from(lat_us).unwrap_or(u32::MAX));
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod catchup;
 pub mod cli;
 pub mod client;
 pub mod fanout;
+pub mod floor;
 pub mod idle;
 pub mod process;
 pub mod report;

@@ -270,7 +270,11 @@ pub fn markdown(records: &[Record]) -> String {
                 fmt_us(f.latency.p50_us),
                 fmt_us(f.latency.p99_us),
                 fmt_us(f.latency.max_us),
-                fmt_us(f.append_latency.p99_us),
+                if f.append_latency.count == 0 {
+                    "–".to_owned()
+                } else {
+                    fmt_us(f.append_latency.p99_us)
+                },
             );
         }
         let errors: Vec<String> = fanouts

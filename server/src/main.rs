@@ -5,11 +5,6 @@ use std::path::PathBuf;
 use clap::Parser;
 use ds_server::config::{self, Config};
 
-/// mimalloc rather than glibc's allocator: the acid writers allocate and free redb page buffers on
-/// every commit, which glibc serves with arena consolidation and heap grow/trim system calls.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser, Debug)]
 #[command(name = "ds-server", version, about = "Durable Streams protocol server", after_help = config::help_text())]
 struct Args {

@@ -226,7 +226,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             for outcome in split(runs, "fanout", |runs| Outcome::Fanout { runs }) {
                 let record = Record {
                     label: label.clone(),
-                    about: None,
+                    about: Some(FLOOR_ABOUT.to_owned()),
                     outcome,
                 };
                 report::append_record(&results, &record)?;
@@ -413,6 +413,11 @@ fn one<T>(
         Err(e) => vec![failed(scenario, &e)],
     }
 }
+
+/// The floor's line in the servers table.
+const FLOOR_ABOUT: &str = "not a server: a thread writing one 160-byte frame per message to each \
+    raw loopback TCP connection, read by the same reader tasks (what the kernel and the load \
+    generator cost)";
 
 fn fanout_counts(quick: bool) -> Vec<usize> {
     if quick {

@@ -896,6 +896,8 @@ mod model {
         Reopen,
         Crash {
             in_flight: Option<(u64, usize, u8)>,
+            /// Whether that append had committed when the process died.
+            committed: bool,
         },
     }
 
@@ -909,8 +911,8 @@ mod model {
             3 => (0..SLOTS, any::<usize>(), 1..2000usize)
                 .prop_map(|(slot, from, max)| Step::Read { slot, from, max }),
             1 => Just(Step::Reopen),
-            2 => proptest::option::of((0..SLOTS, 1..300usize, any::<u8>()))
-                .prop_map(|in_flight| Step::Crash { in_flight }),
+            2 => (proptest::option::of((0..SLOTS, 1..300usize, any::<u8>())), any::<bool>())
+                .prop_map(|(in_flight, committed)| Step::Crash { in_flight, committed }),
         ]
     }
 
@@ -996,7 +998,11 @@ mod model {
         (live, recovered)
     }
 
-    /// What the copy of a running store's directory holds: what a crash at this moment leaves.
+    /// A copy of a running store's directory taken while no commit is in progress: what a
+    /// process crash at this moment leaves (every write the store issued is in the page cache).
+    /// A copy taken during a commit is not one: it reads some pages before the commit writes
+    /// them and some after, an image no process crash produces (see
+    /// `a_torn_copy_of_a_commit_in_progress_reopens`).
     fn copy_dir(from: &std::path::Path) -> tempfile::TempDir {
         let to = tempfile::tempdir().unwrap();
         for entry in std::fs::read_dir(from).unwrap() {
@@ -1077,6 +1083,73 @@ mod model {
     ) -> (Vec<u8>, u64) {
         let chunk = log.read(from, until, max, split).await.unwrap();
         (chunk.parts.concat(), chunk.end)
+    }
+
+    /// A copy taken while a commit is being written holds, page by page, either the old or the
+    /// new bytes: like the disk after a power loss, where any subset of unsynced writes may have
+    /// landed. redb 4.5 should then fall back to the last synced commit. Seen failing about once
+    /// in a few hundred CI runs of the model test (before its crash step stopped racing the
+    /// commit) with "Page r0.256/0 extends past the end of its region, which has 255 pages" from
+    /// redb's allocator rebuild, so this reproduction stays out of the default run.
+    /// `ACID_TORN_ITERS=2000 cargo test -p ds-server --lib a_torn_copy -- --ignored`
+    #[test]
+    #[ignore = "reproduction for a redb repair failure on torn mid-commit images; see the doc comment"]
+    fn a_torn_copy_of_a_commit_in_progress_reopens() {
+        let iters: usize = std::env::var("ACID_TORN_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut failures = Vec::new();
+        rt.block_on(async {
+            for iter in 0..iters {
+                let (live, recovered) = open(tempfile::tempdir().unwrap());
+                assert!(recovered.is_empty());
+                let mut model: BTreeMap<u64, ModelStream> = BTreeMap::new();
+                let mut logs = BTreeMap::new();
+                // Enough data that the shard file grows while the test runs.
+                for id in 1..=3u64 {
+                    let (log, c) = live
+                        .store
+                        .create(&meta(id, &format!("/t{id}")), Vec::new(), None)
+                        .unwrap();
+                    c.await.unwrap();
+                    let mut m = ModelStream::default();
+                    for k in 0..(iter % 40) {
+                        let (entry, after) = m.next(64 + k * 7, k as u8, Some(k % 2), k % 3 == 0);
+                        log.append(entry).await.unwrap();
+                        m = after;
+                    }
+                    logs.insert(id, log);
+                    model.insert(id, m);
+                }
+                let id = 1 + (iter as u64 % 3);
+                let (entry, after) = model[&id].next(200, 7, Some(0), true);
+                let commit = logs[&id].append(entry);
+                let copy = copy_dir(live.dir.path());
+                commit.await.unwrap();
+                drop(logs);
+                drop(live);
+                match AcidStorage::open(copy.path(), opts()).and_then(|s| {
+                    let r = s.recover()?;
+                    Ok((s, r))
+                }) {
+                    Ok((_store, recovered)) => {
+                        check(recovered, &mut model, Some((id, after))).await;
+                    }
+                    Err(e) => failures.push(format!("iteration {iter}: {e}")),
+                }
+            }
+        });
+        assert!(
+            failures.is_empty(),
+            "{} of {iters}: {failures:#?}",
+            failures.len()
+        );
     }
 
     proptest! {
@@ -1162,29 +1235,37 @@ mod model {
                             live = reopened;
                             live.logs = check(recovered, &mut model, None).await;
                         }
-                        Step::Crash { in_flight } => {
-                            // The append in flight, if its stream can take one.
+                        Step::Crash { in_flight, committed } => {
+                            // An append racing the crash, if its stream can take one: either it
+                            // committed before the process died (the image must hold it) or it
+                            // had not (the image must not, though the live store acknowledges
+                            // it after the image was taken).
                             let pending = in_flight.and_then(|(s, len, byte)| {
                                 let id = *slot.get(&s)?;
                                 let m = model.get(&id).filter(|m| !m.closed)?;
                                 let (entry, after) = m.next(len, byte, Some(0), true);
                                 Some((id, entry, after))
                             });
-                            let (commit, maybe) = match pending {
-                                Some((id, entry, after)) => (Some(live.logs[&id].append(entry)), Some((id, after))),
-                                None => (None, None),
+                            let copy = match pending {
+                                Some((id, entry, after)) if committed => {
+                                    live.logs[&id].append(entry).await.unwrap();
+                                    model.insert(id, after);
+                                    copy_dir(live.dir.path())
+                                }
+                                Some((id, entry, _)) => {
+                                    let copy = copy_dir(live.dir.path());
+                                    live.logs[&id].append(entry).await.unwrap();
+                                    copy
+                                }
+                                None => copy_dir(live.dir.path()),
                             };
-                            let copy = copy_dir(live.dir.path());
-                            if let Some(commit) = commit {
-                                commit.await.unwrap();
-                            }
                             let Live { dir, store, logs } = live;
                             drop(logs);
                             drop(store);
                             drop(dir);
                             let (reopened, recovered) = open(copy);
                             live = reopened;
-                            live.logs = check(recovered, &mut model, maybe).await;
+                            live.logs = check(recovered, &mut model, None).await;
                         }
                     }
                 }

@@ -13,7 +13,8 @@
 #   --servers LIST       comma list of: ds-memory ds-file-fast ds-file-durable ds-acid
 #                        node-memory node-file electric-wal electric-memory (default: all)
 #   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup sync
-#                        (default: all but sync, which needs Postgres)
+#                        (default: all but sync, which needs Postgres); with fanout, the
+#                        loopback floor (`ds-bench floor`, raw TCP, no server) runs first
 #   --out DIR            where results.jsonl and report.md go (default: a new dir in the cache)
 #   -- ARGS...           passed to every `ds-bench run` (e.g. -- --append-secs 10)
 #

@@ -214,11 +214,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             fanout_secs,
             quick,
         } => {
-            let counts = fanout_readers;
             // Both ends of every connection are in this process.
-            check_open_files(2 * counts.iter().copied().max().unwrap_or(0))?;
+            check_open_files(2 * fanout_readers.iter().copied().max().unwrap_or(0))?;
             let mut runs = Vec::new();
-            for readers in counts {
+            for readers in fanout_readers {
                 eprintln!("  floor: {readers} raw TCP readers");
                 let plan = fanout_plan(readers, fanout_rate, fanout_secs, quick);
                 runs.push(runtime.block_on(floor::run(&plan)));

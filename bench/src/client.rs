@@ -68,20 +68,17 @@ impl Server {
 
     /// Opens one keep-alive connection (TCP_NODELAY) and spawns its driver task.
     pub async fn connect(&self) -> anyhow::Result<Conn> {
-        let mut last_err = None;
-        // A rare EADDRNOTAVAIL when a source port is still in TIME_WAIT towards the same
-        // destination is worth a second try on another source address.
-        for _ in 0..3 {
-            match self.connect_once().await {
-                Ok(c) => return Ok(c),
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| anyhow!("connect failed")))
+        let stream = self.tcp_connect().await?;
+        self.handshake(stream).await
     }
 
+    /// [`Server::connect`] without the retries.
     async fn connect_once(&self) -> anyhow::Result<Conn> {
         let stream = self.tcp_connect_once().await?;
+        self.handshake(stream).await
+    }
+
+    async fn handshake(&self, stream: TcpStream) -> anyhow::Result<Conn> {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             // The connection ends when the scenario drops its sender or the server closes it;
@@ -94,10 +91,11 @@ impl Server {
         })
     }
 
-    /// Opens one TCP connection (TCP_NODELAY) for a scenario that speaks HTTP by hand, with
-    /// the same retries as [`Server::connect`].
+    /// Opens one TCP connection (TCP_NODELAY); scenarios that speak HTTP by hand use it as is.
     pub async fn tcp_connect(&self) -> anyhow::Result<TcpStream> {
         let mut last_err = None;
+        // A rare EADDRNOTAVAIL when a source port is still in TIME_WAIT towards the same
+        // destination is worth a second try on another source address.
         for _ in 0..3 {
             match self.tcp_connect_once().await {
                 Ok(c) => return Ok(c),

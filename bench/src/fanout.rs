@@ -23,7 +23,7 @@ use crate::sse::{self, SseConn};
 use crate::stats::{self, Latency};
 
 /// `SSSSSSSSSSSS@TTTTTTTTTTTTTTTTTTT`: 12-digit sequence, `@`, 19-digit send time in ns.
-pub(crate) const RECORD_LEN: usize = 32;
+const RECORD_LEN: usize = 32;
 const CONTENT_TYPE: &str = "text/plain";
 
 #[derive(Clone, Debug)]
@@ -174,6 +174,29 @@ pub async fn run(server: &Server, run_id: &str, plan: &Plan) -> anyhow::Result<F
         let _ = stop_tx.send(true);
     });
 
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        outcomes.push(t.await?);
+    }
+    let result = tally(
+        plan,
+        messages,
+        first_error,
+        stats::summarize_ns(&mut append_samples),
+        outcomes,
+    );
+    stopper.abort();
+    Ok(result)
+}
+
+/// Sums the readers' outcomes into the scenario's result.
+pub(crate) fn tally(
+    plan: &Plan,
+    messages: u64,
+    first_error: Option<String>,
+    append_latency: Latency,
+    outcomes: Vec<ReaderOutcome>,
+) -> FanoutResult {
     let mut result = FanoutResult {
         readers: plan.readers,
         connected: 0,
@@ -186,11 +209,10 @@ pub async fn run(server: &Server, run_id: &str, plan: &Plan) -> anyhow::Result<F
         reconnects: 0,
         first_error,
         latency: Latency::default(),
-        append_latency: stats::summarize_ns(&mut append_samples),
+        append_latency,
     };
     let mut all_latencies: Vec<u32> = Vec::new();
-    for t in tasks {
-        let o = t.await?;
+    for o in outcomes {
         result.connected += usize::from(o.connected);
         result.delivered += o.received;
         result.out_of_order += o.out_of_order;
@@ -203,9 +225,8 @@ pub async fn run(server: &Server, run_id: &str, plan: &Plan) -> anyhow::Result<F
         }
         all_latencies.extend_from_slice(&o.latencies_us);
     }
-    stopper.abort();
     result.latency = stats::summarize_us(&mut all_latencies);
-    Ok(result)
+    result
 }
 
 fn mark_connected(shared: &Shared) {
@@ -313,20 +334,27 @@ fn on_records(
     now_ns: u64,
 ) -> anyhow::Result<()> {
     carry.extend_from_slice(data);
-    let whole = carry.len() / RECORD_LEN * RECORD_LEN;
-    for rec in carry[..whole].chunks_exact(RECORD_LEN) {
-        record_received(outcome, rec, now_ns)?;
+    take_records(outcome, carry, RECORD_LEN, now_ns)
+}
+
+/// Counts the record at the start of each whole `stride` bytes of `carry` and drains them;
+/// a partial stride stays for the next read.
+pub(crate) fn take_records(
+    outcome: &mut ReaderOutcome,
+    carry: &mut Vec<u8>,
+    stride: usize,
+    now_ns: u64,
+) -> anyhow::Result<()> {
+    let whole = carry.len() / stride * stride;
+    for piece in carry[..whole].chunks_exact(stride) {
+        record_received(outcome, &piece[..RECORD_LEN], now_ns)?;
     }
     carry.drain(..whole);
     Ok(())
 }
 
 /// Counts one record received at `now_ns` and keeps its latency.
-pub(crate) fn record_received(
-    outcome: &mut ReaderOutcome,
-    rec: &[u8],
-    now_ns: u64,
-) -> anyhow::Result<()> {
+fn record_received(outcome: &mut ReaderOutcome, rec: &[u8], now_ns: u64) -> anyhow::Result<()> {
     let (seq, sent_ns) = parse_record(rec)?;
     if seq != outcome.received {
         outcome.out_of_order += 1;

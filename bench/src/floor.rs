@@ -21,8 +21,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::client::Server;
-use crate::fanout::{FanoutResult, Plan, RECORD_LEN, ReaderOutcome, record_received};
-use crate::stats;
+use crate::fanout::{FanoutResult, Plan, ReaderOutcome, take_records, tally};
 
 /// Bytes written per message per reader: about one SSE `data` event carrying one record plus
 /// its `control` event, as servers send them.
@@ -66,21 +65,15 @@ pub async fn run(plan: &Plan) -> anyhow::Result<FanoutResult> {
                     server.tcp_connect().await?
                 };
                 outcome.connected = true;
-                let mut buf = Vec::with_capacity(16 << 10);
-                let mut carry = Vec::with_capacity(FRAME_LEN * 4);
+                let mut carry = Vec::with_capacity(16 << 10);
                 while outcome.received < messages {
-                    buf.clear();
-                    if stream.read_buf(&mut buf).await? == 0 {
+                    carry.reserve(16 << 10);
+                    if stream.read_buf(&mut carry).await? == 0 {
                         break;
                     }
                     let now_ns = base.elapsed().as_nanos() as u64;
-                    // Frames are fixed-size, so a frame's record is at a fixed place in it.
-                    carry.extend_from_slice(&buf);
-                    let whole = carry.len() / FRAME_LEN * FRAME_LEN;
-                    for frame in carry[..whole].chunks_exact(FRAME_LEN) {
-                        record_received(&mut outcome, &frame[..RECORD_LEN], now_ns)?;
-                    }
-                    carry.drain(..whole);
+                    // Frames are fixed-size and each starts with its record.
+                    take_records(&mut outcome, &mut carry, FRAME_LEN, now_ns)?;
                 }
                 anyhow::Ok(())
             };
@@ -93,34 +86,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<FanoutResult> {
         }));
     }
 
-    let mut result = FanoutResult {
-        readers: plan.readers,
-        connected: 0,
-        messages,
-        messages_per_sec: plan.messages_per_sec,
-        complete_readers: 0,
-        delivered: 0,
-        expected: messages * plan.readers as u64,
-        out_of_order: 0,
-        reconnects: 0,
-        first_error: None,
-        latency: Default::default(),
-        append_latency: Default::default(),
-    };
-    let mut all = Vec::new();
+    let mut outcomes = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let o = t.await?;
-        result.connected += usize::from(o.connected);
-        result.delivered += o.received;
-        result.out_of_order += o.out_of_order;
-        if o.received == messages && o.out_of_order == 0 {
-            result.complete_readers += 1;
-        }
-        if result.first_error.is_none() {
-            result.first_error = o.error;
-        }
-        all.extend_from_slice(&o.latencies_us);
+        outcomes.push(t.await?);
     }
+    let result = tally(plan, messages, None, Default::default(), outcomes);
     stop.store(true, Ordering::Relaxed);
     // The writer has finished once every reader has; a failed reader may leave it blocked in
     // accept, so it is not joined then (the process ends soon after).
@@ -129,7 +99,6 @@ pub async fn run(plan: &Plan) -> anyhow::Result<FanoutResult> {
             .join()
             .map_err(|_| anyhow!("the floor's writer panicked"))??;
     }
-    result.latency = stats::summarize_us(&mut all);
     Ok(result)
 }
 
@@ -161,7 +130,7 @@ fn write_all(
         }
         let sent_ns = base.elapsed().as_nanos() as u64;
         let record = format!("{seq:012}@{sent_ns:019}");
-        frame[..RECORD_LEN].copy_from_slice(record.as_bytes());
+        frame[..record.len()].copy_from_slice(record.as_bytes());
         for conn in &mut conns {
             conn.write_all(&frame)?;
         }

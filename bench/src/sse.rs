@@ -38,9 +38,17 @@ pub struct SseConn {
 enum Framing {
     /// Chunked: the state of the chunk decoder.
     Chunked(Chunk),
-    /// Everything until the server closes the connection (or this many bytes are left).
+    /// Everything until the server closes the connection.
     UntilClose,
+    /// `Content-Length`: this many bytes are left.
     Length(u64),
+}
+
+impl Framing {
+    /// The whole body has been decoded.
+    fn done(&self) -> bool {
+        matches!(self, Framing::Chunked(Chunk::Done) | Framing::Length(0))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -106,7 +114,7 @@ impl SseConn {
             if !self.body.is_empty() {
                 return Ok(true);
             }
-            if self.done() {
+            if self.framing.done() {
                 return Ok(false);
             }
             if read_more(&mut self.stream, &mut self.raw).await? == 0 {
@@ -121,13 +129,6 @@ impl SseConn {
     /// The body bytes decoded by the last [`SseConn::read`].
     pub fn body(&self) -> &[u8] {
         &self.body
-    }
-
-    fn done(&self) -> bool {
-        matches!(
-            self.framing,
-            Framing::Chunked(Chunk::Done) | Framing::Length(0)
-        )
     }
 
     fn decode(&mut self) -> anyhow::Result<()> {
@@ -370,8 +371,7 @@ mod tests {
             decode_into(&mut framing, &mut raw, &mut body).unwrap();
             raw_out.extend_from_slice(&body);
         }
-        let done = matches!(framing, Framing::Chunked(Chunk::Done) | Framing::Length(0));
-        (raw_out, done)
+        (raw_out, framing.done())
     }
 
     #[test]

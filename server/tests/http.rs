@@ -825,6 +825,8 @@ async fn sse_readers_at_the_same_offset_share_one_encoded_read() {
     let stream = s.streams.get("/v1/stream/fan", false).expect("stream");
     let visible = stream.visible();
     assert!(stream.shared_read(0, visible).is_none());
+    let interval = || ds_protocol::cursor::current_interval(std::time::SystemTime::now());
+    let interval_before = interval();
     let mut bodies = Vec::new();
     for _ in 0..3 {
         let mut r = s
@@ -844,6 +846,36 @@ async fn sse_readers_at_the_same_offset_share_one_encoded_read() {
     let shared = stream.shared_read(0, visible).expect("the read was shared");
     assert_eq!(shared.next, 7);
     assert!(shared.up_to_date);
+    // A reader that echoes a cursor at or past the current interval must get a later one
+    // (spec 10.1), so it gets the shared data event with a control event of its own.
+    let future = interval_before + 100;
+    let mut r = s
+        .client
+        .get(s.url(&format!(
+            "/v1/stream/fan?offset={tail}&live=sse&cursor={future}"
+        )))
+        .send()
+        .await
+        .expect("sse");
+    let own = r.chunk().await.expect("chunk").expect("first event");
+    let own = std::str::from_utf8(&own).expect("utf-8");
+    assert!(
+        own.starts_with("event: data\ndata:cGF5bG9hZA==\n\n"),
+        "{own}"
+    );
+    let cursor: u64 = own
+        .split("\"streamCursor\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no cursor in {own}"));
+    assert!(cursor > future, "cursor {cursor} must pass {future}");
+    // Readers without a cursor were sent the shared bytes, control event and all (unless the
+    // 20-second interval turned over during the test, when their cursors differ).
+    if interval() == interval_before {
+        assert!(bodies.iter().all(|b| *b == shared.encoded), "{bodies:?}");
+        assert_eq!(shared.cursor, interval_before);
+    }
     s.stop().await;
 }
 

@@ -6,6 +6,7 @@
 //! connection is closed after the reconnect interval (for CDN collapsing) or at shutdown.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
@@ -68,20 +69,16 @@ fn push_data_event(buf: &mut BytesMut, kind: MediaKind, outcome: &ReadOutcome) {
     buf.extend_from_slice(b"\n");
 }
 
-fn push_control(
-    buf: &mut BytesMut,
-    next: u64,
-    closed: bool,
-    up_to_date: bool,
-    cursor: Option<u64>,
-) {
+/// The cursor for a control event, given the reader's own (spec 10.1).
+fn next_cursor(now: std::time::SystemTime, client: Option<u64>) -> u64 {
+    ds_protocol::cursor::next_cursor(now, client, fastrand::u64(1..=3600))
+}
+
+/// Appends a control event; `cursor` is left out once the stream is closed.
+fn push_control(buf: &mut BytesMut, next: u64, closed: bool, up_to_date: bool, cursor: u64) {
     let control = ControlEvent {
         stream_next_offset: Offset::at(next).to_string(),
-        stream_cursor: (!closed).then(|| {
-            let jitter = fastrand::u64(1..=3600);
-            ds_protocol::cursor::next_cursor(std::time::SystemTime::now(), cursor, jitter)
-                .to_string()
-        }),
+        stream_cursor: (!closed).then(|| cursor.to_string()),
         up_to_date: up_to_date || closed,
         stream_closed: closed,
     };
@@ -127,7 +124,7 @@ fn events(
                 break;
             }
             if pos < visible.tail {
-                // Readers at the same offset share one encoded data event.
+                // Readers at the same offset share one encoding of the read.
                 let read = match stream.shared_read(pos, visible) {
                     Some(shared) => shared,
                     None => {
@@ -144,6 +141,15 @@ fn events(
                         if !outcome.is_empty() {
                             push_data_event(&mut encoded, stream.kind, &outcome);
                         }
+                        let data_len = encoded.len();
+                        let shared_cursor = next_cursor(SystemTime::now(), None);
+                        push_control(
+                            &mut encoded,
+                            outcome.next,
+                            outcome.at_end(),
+                            outcome.up_to_date(),
+                            shared_cursor,
+                        );
                         let read = SharedRead {
                             start: pos,
                             visible,
@@ -151,18 +157,31 @@ fn events(
                             up_to_date: outcome.up_to_date(),
                             at_end: outcome.at_end(),
                             encoded: encoded.freeze(),
+                            data_len,
+                            cursor: shared_cursor,
                         };
                         stream.share_read(read.clone());
                         read
                     }
                 };
-                let mut buf = BytesMut::with_capacity(read.encoded.len() + 160);
-                buf.extend_from_slice(&read.encoded);
-                push_control(&mut buf, read.next, read.at_end, read.up_to_date, cursor);
+                // The shared events as they are when their cursor is the one this reader gets
+                // (it sent none, or one behind, and the same interval is still current), or
+                // when the stream is closed (no cursor); else the shared data event and a control
+                // event of its own. With a thousand readers on a stream this is one encoding per
+                // append instead of one per reader.
+                let own_cursor = next_cursor(SystemTime::now(), cursor);
+                let chunk = if read.at_end || own_cursor == read.cursor {
+                    read.encoded.clone()
+                } else {
+                    let mut buf = BytesMut::with_capacity(read.data_len + 160);
+                    buf.extend_from_slice(&read.encoded[..read.data_len]);
+                    push_control(&mut buf, read.next, read.at_end, read.up_to_date, own_cursor);
+                    buf.freeze()
+                };
                 pos = read.next;
                 sent_anything = true;
                 last_sent = tokio::time::Instant::now();
-                yield Ok(buf.freeze());
+                yield Ok(chunk);
                 if read.at_end {
                     break;
                 }
@@ -170,7 +189,7 @@ fn events(
             }
             if !sent_anything || visible.closed {
                 let mut buf = BytesMut::new();
-                push_control(&mut buf, pos, visible.closed, true, cursor);
+                push_control(&mut buf, pos, visible.closed, true, next_cursor(SystemTime::now(), cursor));
                 sent_anything = true;
                 last_sent = tokio::time::Instant::now();
                 yield Ok(buf.freeze());

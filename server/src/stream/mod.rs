@@ -201,8 +201,12 @@ pub struct SharedRead {
     pub next: u64,
     pub up_to_date: bool,
     pub at_end: bool,
-    /// The encoded bytes.
+    /// The encoded bytes: the data event (the first `data_len` bytes), then a control event
+    /// whose cursor is `cursor`, the interval current when it was encoded (what a reader
+    /// without a cursor of its own is given), or that has none once the stream is closed.
     pub encoded: Bytes,
+    pub data_len: usize,
+    pub cursor: u64,
 }
 
 impl Stream {

@@ -228,7 +228,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_STORAGE__SEGMENT_BYTES",
         default: "67108864",
-        doc: "File modes: size at which the write-ahead log starts a new segment file.",
+        doc: "File modes: size at which the write-ahead log starts a new segment file (the active file is extended 4 MiB at a time ahead of its data, so syncs overwrite instead of growing the file).",
     },
     KeyDoc {
         env: "DS_STORAGE__MAX_OPEN_FILES",

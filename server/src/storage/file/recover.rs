@@ -94,6 +94,11 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
         }
         let mut pos = header_len;
         while pos < data.len() {
+            // The writer extends a segment's file ahead of its frames, so a file may end in
+            // zeros: free space, not data (a frame is never all zeros: its kind byte is not 0).
+            if data[pos..].iter().all(|&b| b == 0) {
+                break;
+            }
             match frame::decode(&data[pos..]) {
                 Ok((decoded, len)) => {
                     apply(&mut streams, decoded, id, pos as u64, &path)?;
@@ -141,7 +146,10 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
 /// after it. A crash can only damage the end of the last batch written, so a valid frame after
 /// the damage means the damage is corruption, not a torn write.
 fn reaches_end(rest: &[u8], _err: &FrameError) -> bool {
-    !(1..rest.len()).any(|q| frame::decode(&rest[q..]).is_ok())
+    // A frame's kind byte (its 9th) is never 0, so no frame starts more than 8 bytes before
+    // the last non-zero byte: the zeros the file was extended with need no search.
+    let last = rest.iter().rposition(|&b| b != 0).unwrap_or(0);
+    !(1..=last.min(rest.len().saturating_sub(1))).any(|q| frame::decode(&rest[q..]).is_ok())
 }
 
 fn touch(touched: &mut Vec<u32>, seg: u32) {

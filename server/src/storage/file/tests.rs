@@ -107,12 +107,19 @@ async fn a_torn_tail_is_truncated_and_earlier_data_kept() {
         log.append(append(0, b"hello")).await.unwrap();
     }
     let seg = wal::segment_path(&wal_dir(dir.path()), 1);
-    let good_len = std::fs::metadata(&seg).unwrap().len();
-    // Half of another frame, as if the process died mid-write.
-    let partial = frame::encode_append(1, &append(5, b"world"));
     let mut bytes = std::fs::read(&seg).unwrap();
-    bytes.extend_from_slice(&partial.bytes[..partial.bytes.len() - 3]);
+    let good_len = data_end(&bytes);
+    // The file was extended ahead of its frames: zeros follow them.
+    assert_eq!(bytes.len() as u64, wal::GROW_STEP);
+    // Half of another frame where the next batch goes, as if the process died mid-write.
+    let partial = frame::encode_append(1, &append(5, b"world"));
+    put_at(
+        &mut bytes,
+        good_len,
+        &partial.bytes[..partial.bytes.len() - 3],
+    );
     std::fs::write(&seg, bytes).unwrap();
+    let good_len = good_len as u64;
 
     let store = FileStorage::open(dir.path(), options(false)).unwrap();
     let recovered = store.recover().unwrap();
@@ -122,6 +129,72 @@ async fn a_torn_tail_is_truncated_and_earlier_data_kept() {
     // And the log keeps working after the truncation.
     recovered[0].log.append(append(5, b"!")).await.unwrap();
     assert_eq!(read_all(&recovered[0].log, 6).await, b"hello!");
+}
+
+/// Where the frames of a segment end (the zeros it was extended with follow).
+fn data_end(data: &[u8]) -> usize {
+    let mut pos = frame::SEGMENT_HEADER_LEN as usize;
+    while let Ok((_, n)) = frame::decode(&data[pos..]) {
+        pos += n;
+    }
+    pos
+}
+
+/// Writes `bytes` over `data` at `at`, extending it if they run past its end.
+fn put_at(data: &mut Vec<u8>, at: usize, bytes: &[u8]) {
+    if data.len() < at + bytes.len() {
+        data.resize(at + bytes.len(), 0);
+    }
+    data[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Segments are extended in steps ahead of their frames; recovery takes the zeros after the last
+/// frame for free space, and a frame whose own bytes end in zeros for data.
+#[tokio::test]
+async fn zeros_after_the_frames_are_free_space_and_zeros_in_a_frame_are_data() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStorage::open(dir.path(), options(true)).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        log.append(append(0, b"a\0\0")).await.unwrap();
+        log.append(append(3, b"\0\0\0\0")).await.unwrap();
+    }
+    let seg = wal::segment_path(&wal_dir(dir.path()), 1);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), wal::GROW_STEP);
+    {
+        let store = FileStorage::open(dir.path(), options(true)).unwrap();
+        let recovered = store.recover().unwrap();
+        assert_eq!(recovered[0].state.tail, 7);
+        assert_eq!(read_all(&recovered[0].log, 7).await, b"a\0\0\0\0\0\0");
+        // Nothing was taken for a torn write, and the next append lands after the last frame.
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), wal::GROW_STEP);
+        recovered[0].log.append(append(7, b"\0")).await.unwrap();
+        assert_eq!(read_all(&recovered[0].log, 8).await, b"a\0\0\0\0\0\0\0");
+    }
+    let store = FileStorage::open(dir.path(), options(true)).unwrap();
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered[0].state.tail, 8);
+    assert_eq!(read_all(&recovered[0].log, 8).await, b"a\0\0\0\0\0\0\0");
+}
+
+/// A batch larger than the step extends the file past it, in whole steps.
+#[tokio::test]
+async fn a_batch_past_the_extended_end_extends_the_file_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let big: &'static [u8] =
+        Box::leak(vec![7u8; (wal::GROW_STEP + 10) as usize].into_boxed_slice());
+    {
+        let store = FileStorage::open(dir.path(), options(true)).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        log.append(append(0, big)).await.unwrap();
+    }
+    let seg = wal::segment_path(&wal_dir(dir.path()), 1);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 2 * wal::GROW_STEP);
+    let store = FileStorage::open(dir.path(), options(true)).unwrap();
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered[0].state.tail, big.len() as u64);
 }
 
 #[tokio::test]
@@ -420,9 +493,12 @@ mod model {
                             segs.sort();
                             let newest = segs.last().unwrap();
                             let mut data = std::fs::read(newest).unwrap();
-                            // A partial frame header: a length that runs past the end.
-                            data.extend_from_slice(&(garbage.len() as u32 + 100).to_le_bytes());
-                            data.extend_from_slice(&garbage);
+                            // A partial frame where the next batch goes (over the zeros the
+                            // file was extended with): a length that runs past the garbage.
+                            let end = super::data_end(&data);
+                            let mut torn = (garbage.len() as u32 + 100).to_le_bytes().to_vec();
+                            torn.extend_from_slice(&garbage);
+                            super::put_at(&mut data, end, &torn);
                             std::fs::write(newest, data).unwrap();
                             let store = FileStorage::open(dir.path(), opts()).unwrap();
                             let recovered = store.recover().unwrap();

@@ -24,15 +24,19 @@ pub fn media_type(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The media type of a `Content-Type` value, not lowercased: a slice, no allocation.
+fn media_slice(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or_default().trim()
+}
+
 /// Whether two content types name the same media type (parameters and case ignored).
 pub fn same_media_type(a: &str, b: &str) -> bool {
-    media_type(a) == media_type(b)
+    media_slice(a).eq_ignore_ascii_case(media_slice(b))
 }
 
 /// Whether a value has the `type/subtype` shape of a media type.
 pub fn is_well_formed(content_type: &str) -> bool {
-    let media = media_type(content_type);
-    match media.split_once('/') {
+    match media_slice(content_type).split_once('/') {
         Some((t, s)) => is_token(t) && is_token(s),
         None => false,
     }
@@ -46,10 +50,13 @@ fn is_token(s: &str) -> bool {
 
 impl MediaKind {
     pub fn of(content_type: &str) -> MediaKind {
-        let media = media_type(content_type);
-        if media == "application/json" {
+        let media = media_slice(content_type);
+        if media.eq_ignore_ascii_case("application/json") {
             MediaKind::Json
-        } else if media.starts_with("text/") {
+        } else if media
+            .get(..5)
+            .is_some_and(|t| t.eq_ignore_ascii_case("text/"))
+        {
             MediaKind::Text
         } else {
             MediaKind::Binary
@@ -83,6 +90,9 @@ mod tests {
         );
         assert_eq!(MediaKind::of("Text/Plain"), MediaKind::Text);
         assert_eq!(MediaKind::of("application/ndjson"), MediaKind::Binary);
+        assert_eq!(MediaKind::of(" TEXT/csv ;x=y"), MediaKind::Text);
+        assert_eq!(MediaKind::of("tex"), MediaKind::Binary);
+        assert_eq!(MediaKind::of("täxt/plain"), MediaKind::Binary);
         assert!(MediaKind::Binary.sse_base64());
         assert!(!MediaKind::Text.sse_base64());
     }

@@ -30,9 +30,61 @@ impl Offset {
     }
 }
 
+impl Offset {
+    /// The wire form, formatted without allocating (offsets go into a header of every response).
+    pub fn encode(&self) -> OffsetText {
+        let mut text = OffsetText {
+            buf: [0; OffsetText::CAPACITY],
+            len: 0,
+        };
+        text.push_part(self.seq);
+        text.buf[text.len] = b'_';
+        text.len += 1;
+        text.push_part(self.pos);
+        text
+    }
+}
+
+/// An offset's wire form on the stack: `{seq:016}_{pos:016}` (wider only past [`MAX_PART`],
+/// which parsing refuses and the server never reaches).
+#[derive(Clone, Copy)]
+pub struct OffsetText {
+    buf: [u8; OffsetText::CAPACITY],
+    len: usize,
+}
+
+impl OffsetText {
+    /// Two parts of up to 20 digits (`u64::MAX`) and the separator.
+    const CAPACITY: usize = 41;
+
+    fn push_part(&mut self, mut n: u64) {
+        let mut digits = [b'0'; 20];
+        let mut i = digits.len();
+        while n > 0 {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        // At least 16 digits, zero-padded.
+        let first = i.min(digits.len() - 16);
+        let part = &digits[first..];
+        self.buf[self.len..self.len + part.len()].copy_from_slice(part);
+        self.len += part.len();
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and '_' are ever written.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for Offset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016}_{:016}", self.seq, self.pos)
+        f.write_str(self.encode().as_str())
     }
 }
 
@@ -112,6 +164,22 @@ impl fmt::Display for ReadOffset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encode_matches_fixed_width_formatting() {
+        for (seq, pos) in [
+            (0, 0),
+            (0, 7),
+            (3, 1_234_567_890),
+            (MAX_PART, MAX_PART),
+            (0, MAX_PART + 1),
+            (u64::MAX, u64::MAX),
+        ] {
+            let o = Offset { seq, pos };
+            assert_eq!(o.encode().as_str(), format!("{seq:016}_{pos:016}"));
+            assert_eq!(o.to_string(), format!("{seq:016}_{pos:016}"));
+        }
+    }
     use proptest::prelude::*;
 
     #[test]

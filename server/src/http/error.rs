@@ -34,7 +34,8 @@ fn num(v: u64) -> HeaderValue {
 
 fn offset(pos: u64) -> HeaderValue {
     // Offsets are ASCII digits and '_'.
-    HeaderValue::from_str(&Offset::at(pos).to_string()).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_bytes(Offset::at(pos).encode().as_bytes())
+        .unwrap_or(HeaderValue::from_static("0"))
 }
 
 impl IntoResponse for ApiError {

@@ -5,6 +5,7 @@
 
 pub mod error;
 pub(crate) mod h1;
+mod names;
 pub mod request;
 mod sse;
 
@@ -226,7 +227,8 @@ fn stream_request(state: AppState, req: Request) -> BoxFuture<'static, Response>
 }
 
 fn offset_value(pos: u64) -> HeaderValue {
-    HeaderValue::from_str(&Offset::at(pos).to_string()).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_bytes(Offset::at(pos).encode().as_bytes())
+        .unwrap_or(HeaderValue::from_static("0"))
 }
 
 fn ct_value(ct: &str) -> HeaderValue {
@@ -325,10 +327,10 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let mut response = status.into_response();
     let hs = response.headers_mut();
     hs.insert(header::CONTENT_TYPE, ct_value(&outcome.content_type));
-    hs.insert(h::STREAM_ID, HeaderValue::from(outcome.id));
-    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
+    hs.insert(names::STREAM_ID, HeaderValue::from(outcome.id));
+    hs.insert(names::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
     if outcome.closed {
-        hs.insert(h::STREAM_CLOSED, TRUE);
+        hs.insert(names::STREAM_CLOSED, TRUE);
     }
     if outcome.created
         && let Some(loc) = location(headers, &parts.uri, &path, state.inner.tls)
@@ -369,13 +371,13 @@ async fn append(state: &AppState, req: Request) -> Result<Response, ApiError> {
     };
     let mut response = status.into_response();
     let hs = response.headers_mut();
-    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
+    hs.insert(names::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
     if outcome.closed {
-        hs.insert(h::STREAM_CLOSED, TRUE);
+        hs.insert(names::STREAM_CLOSED, TRUE);
     }
     if let Some((epoch, seq)) = outcome.producer {
-        hs.insert(h::PRODUCER_EPOCH, HeaderValue::from(epoch));
-        hs.insert(h::PRODUCER_SEQ, HeaderValue::from(seq));
+        hs.insert(names::PRODUCER_EPOCH, HeaderValue::from(epoch));
+        hs.insert(names::PRODUCER_SEQ, HeaderValue::from(seq));
     }
     Ok(response)
 }
@@ -392,19 +394,19 @@ fn head(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let mut response = StatusCode::OK.into_response();
     let hs = response.headers_mut();
     hs.insert(header::CONTENT_TYPE, ct_value(&meta.content_type));
-    hs.insert(h::STREAM_ID, HeaderValue::from(meta.id));
-    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(meta.next_offset));
+    hs.insert(names::STREAM_ID, HeaderValue::from(meta.id));
+    hs.insert(names::STREAM_NEXT_OFFSET, offset_value(meta.next_offset));
     hs.insert(header::CACHE_CONTROL, NO_STORE);
     if let Some(ttl) = meta.ttl_secs {
-        hs.insert(h::STREAM_TTL, HeaderValue::from(ttl));
+        hs.insert(names::STREAM_TTL, HeaderValue::from(ttl));
     }
     if let Some(at) = meta.expires_at
         && let Ok(v) = HeaderValue::from_str(&at)
     {
-        hs.insert(h::STREAM_EXPIRES_AT, v);
+        hs.insert(names::STREAM_EXPIRES_AT, v);
     }
     if meta.closed {
-        hs.insert(h::STREAM_CLOSED, TRUE);
+        hs.insert(names::STREAM_CLOSED, TRUE);
     }
     Ok(response)
 }
@@ -479,13 +481,13 @@ fn etag(stream: &Stream, outcome: &ReadOutcome) -> HeaderValue {
 /// Headers every data-bearing read response carries.
 fn read_headers(hs: &mut HeaderMap, stream: &Stream, outcome: &ReadOutcome) {
     hs.insert(header::CONTENT_TYPE, ct_value(&stream.meta.content_type));
-    hs.insert(h::STREAM_ID, HeaderValue::from(stream.meta.id));
-    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(outcome.next));
+    hs.insert(names::STREAM_ID, HeaderValue::from(stream.meta.id));
+    hs.insert(names::STREAM_NEXT_OFFSET, offset_value(outcome.next));
     if outcome.up_to_date() {
-        hs.insert(h::STREAM_UP_TO_DATE, TRUE);
+        hs.insert(names::STREAM_UP_TO_DATE, TRUE);
     }
     if outcome.at_end() {
-        hs.insert(h::STREAM_CLOSED, TRUE);
+        hs.insert(names::STREAM_CLOSED, TRUE);
     }
 }
 
@@ -554,7 +556,7 @@ async fn long_poll(
             hs.insert(header::ETAG, etag(stream, &outcome));
             hs.insert(header::CACHE_CONTROL, state.inner.cache_control.clone());
             if !outcome.at_end() {
-                hs.insert(h::STREAM_CURSOR, cursor_value(query.cursor));
+                hs.insert(names::STREAM_CURSOR, cursor_value(query.cursor));
             }
             return Ok(response);
         }
@@ -576,14 +578,14 @@ async fn long_poll(
     // for (never a newer tail this reader was not given).
     let mut response = StatusCode::NO_CONTENT.into_response();
     let hs = response.headers_mut();
-    hs.insert(h::STREAM_ID, HeaderValue::from(stream.meta.id));
-    hs.insert(h::STREAM_NEXT_OFFSET, offset_value(from));
-    hs.insert(h::STREAM_UP_TO_DATE, TRUE);
+    hs.insert(names::STREAM_ID, HeaderValue::from(stream.meta.id));
+    hs.insert(names::STREAM_NEXT_OFFSET, offset_value(from));
+    hs.insert(names::STREAM_UP_TO_DATE, TRUE);
     hs.insert(header::CACHE_CONTROL, NO_STORE);
     if visible.closed {
-        hs.insert(h::STREAM_CLOSED, TRUE);
+        hs.insert(names::STREAM_CLOSED, TRUE);
     } else {
-        hs.insert(h::STREAM_CURSOR, cursor_value(query.cursor));
+        hs.insert(names::STREAM_CURSOR, cursor_value(query.cursor));
     }
     Ok(response)
 }

@@ -9,14 +9,15 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::Response;
 use base64::Engine;
 use bytes::BytesMut;
 use ds_protocol::sse::{ControlEvent, split_lines};
-use ds_protocol::{MediaKind, Offset, headers as h};
+use ds_protocol::{MediaKind, Offset};
 use futures::Stream as FutStream;
 
+use super::names;
 use super::request::ReadQuery;
 use super::{AppState, encode_body, resolve};
 use crate::live::Visible;
@@ -39,12 +40,15 @@ pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Respo
         HeaderValue::from_static("text/event-stream"),
     );
     hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    hs.insert(h::STREAM_ID, HeaderValue::from(stream_id));
+    hs.insert(names::STREAM_ID, HeaderValue::from(stream_id));
     // Ask reverse proxies (nginx) not to buffer the stream.
-    hs.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    hs.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
     if base64 {
         hs.insert(
-            h::STREAM_SSE_DATA_ENCODING,
+            names::STREAM_SSE_DATA_ENCODING,
             HeaderValue::from_static("base64"),
         );
     }

@@ -1,6 +1,6 @@
 //! `ds-server`: a Durable Streams protocol server.
 //!
-//! Layers: `config` (figment), `http` (axum router and handlers), `stream` (protocol rules),
+//! Layers: `config` (figment), `http` (the request handler, HTTP/1.1 connections), `stream` (protocol rules),
 //! `storage` (backends behind one trait), `live` (what live readers wait on). [`App::build`]
 //! binds (port 0 allowed) and [`App::run`] serves until the caller's shutdown future resolves,
 //! so tests run the real server in-process.
@@ -81,9 +81,10 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// The router, for driving the server without a socket (`tower::ServiceExt::oneshot`).
-    pub fn router(&self) -> axum::Router {
-        http::router(self.state.clone())
+    /// The request handler, for driving the server without a socket
+    /// (`tower::ServiceExt::oneshot`).
+    pub fn handler(&self) -> http::Handler {
+        http::Handler::new(self.state.clone())
     }
 
     /// The stream registry (for tests and tools).
@@ -110,7 +111,7 @@ impl App {
             config.server.expiry_sweep_interval,
             shutdown.clone(),
         ));
-        let router = http::router(state.clone());
+        let handler = http::Handler::new(state.clone());
         let stop = shutdown.clone();
         // SSE streams run on a runtime of their own (see `http::h1::Conn::stream_on`).
         let live = LiveRuntime(Some(
@@ -122,14 +123,14 @@ impl App {
         ));
         let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
             Some(acceptor) => Box::pin(async move {
-                tls::serve(listener, acceptor, router, stop).await;
+                tls::serve(listener, acceptor, handler, stop).await;
                 Ok(())
             }),
             None => {
                 let max_body = config.limits.max_request_bytes;
                 let live = live.0.as_ref().map(|rt| rt.handle().clone());
                 Box::pin(async move {
-                    http::h1::serve(listener, router, stop, max_body, live).await;
+                    http::h1::serve(listener, handler, stop, max_body, live).await;
                     Ok(())
                 })
             }

@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -18,6 +17,8 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
+
+use crate::http::Handler;
 
 /// Builds the TLS acceptor from PEM files, with a message naming the file on any problem.
 pub fn acceptor(cert_path: &Path, key_path: &Path) -> anyhow::Result<TlsAcceptor> {
@@ -46,12 +47,12 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> anyhow::Result<TlsAcceptor
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `router` over TLS until `stop` is cancelled, then waits for open connections to
+/// Serves `handler` over TLS until `stop` is cancelled, then waits for open connections to
 /// finish their current requests.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    router: Router,
+    handler: Handler,
     stop: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
@@ -71,7 +72,7 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(handler.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {

@@ -15,18 +15,18 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-async fn app() -> axum::Router {
+async fn app() -> ds_server::http::Handler {
     let mut config = Config::default();
     config.server.port = 0;
     config.server.long_poll_timeout = std::time::Duration::from_millis(1);
     let app = App::build(config).await.expect("app");
-    let router = app.router();
+    let router = app.handler();
     // The listener is not used: requests go straight to the router.
     drop(app);
     router
 }
 
-async fn send(router: &axum::Router, req: Request<Body>) -> (StatusCode, Vec<u8>) {
+async fn send(router: &ds_server::http::Handler, req: Request<Body>) -> (StatusCode, Vec<u8>) {
     let response = router.clone().oneshot(req).await.expect("infallible");
     let status = response.status();
     let body = axum::body::to_bytes(response.into_body(), usize::MAX)

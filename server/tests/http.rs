@@ -436,6 +436,45 @@ async fn cors_origin_list_echoes_only_allowed_origins() {
     s.stop().await;
 }
 
+/// The probes answer GET and HEAD, CORS preflights, and 405 naming what they allow to anything
+/// else; `/healthzz` and the like are stream paths, not probes.
+#[tokio::test]
+async fn probes_answer_get_head_and_preflight_and_refuse_other_methods() {
+    let s = TestServer::start(|_| {}).await;
+    for path in ["/healthz", "/readyz"] {
+        let r = s.client.get(s.url(path)).send().await.expect("get");
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            header(&r, "access-control-allow-origin").as_deref(),
+            Some("*")
+        );
+        let r = s.client.head(s.url(path)).send().await.expect("head");
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let r = s
+            .client
+            .request(reqwest::Method::OPTIONS, s.url(path))
+            .header("origin", "https://a.example")
+            .header("access-control-request-method", "GET")
+            .send()
+            .await
+            .expect("options");
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "{path}");
+        assert!(header(&r, "access-control-allow-methods").is_some());
+        let r = s
+            .client
+            .post(s.url(path))
+            .body("x")
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(header(&r, "allow").as_deref(), Some("GET, HEAD, OPTIONS"));
+    }
+    let r = s.get("/healthzz").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    s.stop().await;
+}
+
 /// Reads an SSE response until the connection closes (the stream is closed, so it will).
 async fn sse_text(s: &TestServer, path_and_query: &str) -> (reqwest::header::HeaderMap, String) {
     let r = s.get(path_and_query).await;
@@ -937,7 +976,7 @@ async fn sse_from_now_delivers_appends_made_after_the_headers_even_if_the_body_s
     let mut config = Config::default();
     config.server.port = 0;
     let app = App::build(config).await.expect("server builds");
-    let router = app.router();
+    let router = app.handler();
     let send = |req: Request<Body>| router.clone().oneshot(req);
     let text = |req: axum::http::request::Builder, body: &'static str| {
         req.header("content-type", "text/plain")

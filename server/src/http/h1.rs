@@ -1,10 +1,11 @@
-//! Plaintext HTTP/1.1 connections, served by our own connection loop around the axum router.
+//! Plaintext HTTP/1.1 connections, served by our own connection loop around the server's
+//! request handler.
 //!
 //! Why not hyper's HTTP/1 server here: a live reader (SSE or long-poll) is mostly an idle
 //! connection, and with hyper each one keeps a 16 KiB read buffer, an 8 KiB header buffer and
 //! a cached header map for its whole life (about 24 KB of RSS per reader, measured with
 //! heaptrack). This loop holds no buffer while it waits: it reads a request head into a small
-//! buffer, hands an owned `http::Request` to the same axum router every other transport uses,
+//! buffer, hands an owned `http::Request` to the same handler every other transport uses,
 //! writes the response, and frees the buffer whenever it is empty. Everything protocol-specific
 //! stays in the handlers; this file only frames HTTP/1.1 messages.
 //!
@@ -24,7 +25,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, HttpBody};
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
@@ -37,7 +37,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
+use tower::Service;
+
+use super::Handler;
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -62,7 +64,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// [`Conn::stream_on`].
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    handler: Handler,
     stop: CancellationToken,
     max_body: u64,
     live: Option<Handle>,
@@ -86,7 +88,7 @@ pub async fn serve(
         let conn = Conn {
             tcp,
             buf: BytesMut::new(),
-            router: router.clone(),
+            handler: handler.clone(),
             stop: stop.clone(),
             max_body,
             read_closed: false,
@@ -108,7 +110,7 @@ struct Conn {
     tcp: TcpStream,
     /// Bytes read and not yet consumed; empty (no allocation) between requests.
     buf: BytesMut,
-    router: Router,
+    handler: Handler,
     stop: CancellationToken,
     max_body: u64,
     /// The client sent EOF (or we stopped reading); nothing more will be read.
@@ -334,9 +336,9 @@ impl Conn {
         *request.uri_mut() = uri;
         *request.version_mut() = v;
         *request.headers_mut() = headers;
-        // Boxed: the router's future is as large as the largest handler's, and a connection
-        // should not carry that size for its whole life.
-        let mut call = Box::pin(self.router.clone().oneshot(request));
+        // The handler boxes each request's future (an append's is large), so a connection
+        // does not carry that size for its whole life.
+        let mut call = self.handler.clone().call(request);
         // Most requests are answered in their first poll. A read that waits (a long-poll) may
         // wait for minutes: it holds no read buffer meanwhile. A write that waits is waiting
         // for a durable commit, a millisecond or so: it keeps the buffer, since freeing and
@@ -683,7 +685,7 @@ impl Conn {
         };
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         let conn =
-            builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(self.router));
+            builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(self.handler));
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
@@ -1022,10 +1024,13 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (tcp, _) = listener.accept().await.expect("accept");
+        let mut config = crate::config::Config::default();
+        config.server.port = 0;
+        let app = crate::App::build(config).await.expect("app");
         let conn = Conn {
             tcp,
             buf: BytesMut::new(),
-            router: Router::new(),
+            handler: app.handler(),
             stop: CancellationToken::new(),
             max_body: 1,
             read_closed: false,

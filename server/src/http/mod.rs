@@ -13,12 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::BytesMut;
 use ds_protocol::{MediaKind, Offset, ReadOffset, cursor, headers as h};
 use futures::FutureExt;
@@ -75,43 +73,85 @@ impl AppState {
     }
 }
 
-/// The router of the whole server.
-pub fn router(state: AppState) -> Router {
-    // Streams are served by a plain service rather than a handler: a handler's extractor
-    // wrapper keeps a copy of the request in its future, and an idle long-poll holds that
-    // future for as long as it waits.
-    let streams = {
-        let state = state.clone();
-        tower::service_fn(move |req: Request| {
-            let state = state.clone();
-            stream_request(state, req).map(Ok::<_, std::convert::Infallible>)
-        })
+/// Every request the server answers: the two probes, else a stream request.
+///
+/// A plain `tower` service rather than an axum `Router`: a router boxes its fallback's future
+/// again, clones the boxed service and inserts a path-parameters extension on every request,
+/// four allocations and a route lookup per append for two fixed paths; and a handler's
+/// extractor wrapper would keep a copy of the request in the future an idle long-poll holds.
+#[derive(Clone)]
+pub struct Handler {
+    state: AppState,
+}
+
+impl Handler {
+    pub fn new(state: AppState) -> Handler {
+        Handler { state }
+    }
+}
+
+type Answer = futures::future::Map<
+    BoxFuture<'static, Response>,
+    fn(Response) -> Result<Response, std::convert::Infallible>,
+>;
+
+/// Any request body: hyper's for HTTP/2 and TLS, ours (already a `Body`, not boxed again)
+/// for plaintext HTTP/1.1.
+impl<B> tower::Service<axum::http::Request<B>> for Handler
+where
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = Answer;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Answer {
+        let req = req.map(Body::new);
+        let state = self.state.clone();
+        let answer = match req.uri().path() {
+            "/healthz" => probe(state, req, false),
+            "/readyz" => probe(state, req, true),
+            _ => stream_request(state, req),
+        };
+        answer.map(Ok)
+    }
+}
+
+/// `/healthz` (alive) and `/readyz` (ready; 503 while draining): GET and HEAD, and CORS
+/// preflights.
+fn probe(state: AppState, req: Request, ready: bool) -> BoxFuture<'static, Response> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let response = match *req.method() {
+        Method::GET | Method::HEAD => {
+            if !ready {
+                "ok".into_response()
+            } else if state.inner.draining.load(Ordering::Relaxed) {
+                (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+            } else {
+                "ready".into_response()
+            }
+        }
+        Method::OPTIONS => preflight(),
+        ref other => {
+            let mut r = ApiError::MethodNotAllowed(other.to_string()).into_response();
+            r.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, OPTIONS"),
+            );
+            r
+        }
     };
-    Router::new()
-        .route("/healthz", get(healthz).options(preflight_route))
-        .route("/readyz", get(readyz).options(preflight_route))
-        .fallback_service(streams)
-        .with_state(state)
-}
-
-async fn healthz(State(state): State<AppState>, req: Request) -> Response {
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    browser_headers(&state, origin, "ok".into_response())
-}
-
-async fn readyz(State(state): State<AppState>, req: Request) -> Response {
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let response = if state.inner.draining.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
-    } else {
-        "ready".into_response()
-    };
-    browser_headers(&state, origin, response)
-}
-
-async fn preflight_route(State(state): State<AppState>, req: Request) -> Response {
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    browser_headers(&state, origin, preflight())
+    Box::pin(std::future::ready(browser_headers(
+        &state, origin, response,
+    )))
 }
 
 /// The answer to a CORS preflight, for any path.

@@ -5,6 +5,14 @@ use std::path::PathBuf;
 use clap::Parser;
 use ds_server::config::{self, Config};
 
+/// jemalloc instead of glibc's allocator. In the durable modes dozens of requests wait for a
+/// commit at once, each holding its buffers and futures, and they are freed on other threads
+/// than allocated them; glibc's per-thread caches overflow and every request pays for its
+/// arenas' bins (`_int_malloc`, `malloc_consolidate`: a seventh of file-durable's CPU). See
+/// server/STORAGE.md for the measurements.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "ds-server", version, about = "Durable Streams protocol server", after_help = config::help_text())]
 struct Args {

@@ -402,7 +402,7 @@ fn read_sources(wal: &Wal, sources: Vec<Source>) -> Result<Vec<Bytes>, StorageEr
                     run_end = o2 + *l2 as u64;
                     j += 1;
                 }
-                let buf = Bytes::from(wal.pread(seg, run_start, (run_end - run_start) as usize)?);
+                let buf = wal.pread(seg, run_start, (run_end - run_start) as usize)?;
                 for s in &sources[i..j] {
                     if let Source::Disk { off, len, .. } = s {
                         let at = (off - run_start) as usize;

@@ -77,6 +77,7 @@ pub(crate) struct Wal {
     /// Open segment files for reads, bounded by `max_open_files`.
     readers: Mutex<lru_files::Files>,
     pub(crate) cache: CacheBudget,
+    read_buffers: Arc<read_buffers::Pool>,
     batches: AtomicU64,
     ops: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -126,6 +127,7 @@ impl Wal {
             failed: AtomicBool::new(false),
             readers: Mutex::new(lru_files::Files::new(options.max_open_files.max(1))),
             cache: CacheBudget::new(options.cache_bytes),
+            read_buffers: Arc::new(read_buffers::Pool::default()),
             batches: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             writer: Mutex::new(None),
@@ -182,7 +184,7 @@ impl Wal {
     }
 
     /// Reads `len` bytes at `off` of segment `seg` (blocking).
-    pub fn pread(&self, seg: u32, off: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+    pub fn pread(&self, seg: u32, off: u64, len: usize) -> Result<Bytes, StorageError> {
         let file = {
             let mut readers = self.readers.lock();
             match readers.get(seg) {
@@ -195,13 +197,13 @@ impl Wal {
                 }
             }
         };
-        let mut buf = vec![0u8; len];
+        let mut buf = self.read_buffers.take(len);
         file.read_exact_at(&mut buf, off)
             .map_err(|source| StorageError::Io {
                 what: format!("{} at {off}", segment_path(&self.dir, seg).display()),
                 source,
             })?;
-        Ok(buf)
+        Ok(self.read_buffers.share(buf))
     }
 }
 
@@ -483,6 +485,110 @@ mod lru_files {
 
         pub fn remove(&mut self, seg: u32) {
             self.open.remove(&seg);
+        }
+    }
+}
+
+/// Large read buffers, reused: a catch-up page is a read of up to the read budget (4 MiB by
+/// default), and a fresh buffer of that size per read costs more than the read itself when
+/// the allocator returns it to the kernel in between (each page faulted in and zeroed again).
+/// A buffer goes back to the pool when the last `Bytes` sharing it is dropped, after the
+/// response has gone out.
+mod read_buffers {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+
+    /// Reads smaller than this get a buffer of their own.
+    const MIN_POOLED: usize = 256 << 10;
+    /// Buffers kept while idle.
+    const MAX_IDLE: usize = 4;
+
+    #[derive(Default)]
+    pub struct Pool {
+        idle: Mutex<Vec<Vec<u8>>>,
+    }
+
+    /// A buffer that returns to its pool when dropped.
+    struct Pooled {
+        buf: Vec<u8>,
+        pool: Arc<Pool>,
+    }
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            let mut idle = self.pool.idle.lock();
+            if idle.len() < MAX_IDLE {
+                idle.push(std::mem::take(&mut self.buf));
+            }
+        }
+    }
+
+    impl Pool {
+        /// A buffer of exactly `len` bytes, to be filled (its old contents are overwritten).
+        pub fn take(&self, len: usize) -> Vec<u8> {
+            let reused = (len >= MIN_POOLED)
+                .then(|| self.idle.lock().pop())
+                .flatten();
+            let mut buf = reused.unwrap_or_default();
+            // Zeroes only what the buffer never held; what it held is overwritten by the read.
+            buf.resize(len, 0);
+            buf
+        }
+
+        /// The filled buffer as `Bytes`; pooled again once every slice of it is dropped.
+        pub fn share(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
+            if buf.len() < MIN_POOLED {
+                return Bytes::from(buf);
+            }
+            Bytes::from_owner(Pooled {
+                buf,
+                pool: self.clone(),
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_large_buffer_comes_back_once_its_last_slice_is_dropped() {
+            let pool = Arc::new(Pool::default());
+            let mut buf = pool.take(MIN_POOLED);
+            buf[0] = 7;
+            let bytes = pool.share(buf);
+            let slice = bytes.slice(0..1);
+            drop(bytes);
+            assert!(pool.idle.lock().is_empty(), "a slice still shares it");
+            assert_eq!(&slice[..], &[7]);
+            drop(slice);
+            assert_eq!(pool.idle.lock().len(), 1);
+            // Reused, at the new length (smaller reads truncate, larger ones grow it).
+            let again = pool.take(MIN_POOLED + 10);
+            assert_eq!(again.len(), MIN_POOLED + 10);
+            assert!(pool.idle.lock().is_empty());
+            let small = pool.share(pool.take(10));
+            assert_eq!(small.len(), 10);
+            drop(small);
+            assert!(pool.idle.lock().is_empty(), "small reads are not pooled");
+        }
+
+        #[test]
+        fn at_most_a_few_buffers_stay_idle() {
+            let pool = Arc::new(Pool::default());
+            let shared: Vec<Bytes> = (0..MAX_IDLE + 3)
+                .map(|_| pool.share(pool.take(MIN_POOLED)))
+                .collect();
+            drop(shared);
+            assert_eq!(pool.idle.lock().len(), MAX_IDLE);
         }
     }
 }

@@ -74,7 +74,7 @@ fn push_data_event(buf: &mut BytesMut, kind: MediaKind, outcome: &ReadOutcome) {
 }
 
 /// The cursor for a control event, given the reader's own (spec 10.1).
-fn next_cursor(now: std::time::SystemTime, client: Option<u64>) -> u64 {
+fn next_cursor(now: SystemTime, client: Option<u64>) -> u64 {
     ds_protocol::cursor::next_cursor(now, client, fastrand::u64(1..=3600))
 }
 

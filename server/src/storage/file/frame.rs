@@ -1,13 +1,16 @@
 //! The on-disk record codec of the file modes (see `server/STORAGE.md`).
 //!
 //! ```text
-//! segment  := header frame*
+//! segment  := header batch*              (version 1: header frame*)
 //! header   := "DSWAL\0\0\0" (8 bytes) | version u32 LE | reserved u32 LE (0)
+//! batch    := frame(BATCH: seq u64 LE | len u32 LE) frame*    the frames fill `len` bytes
 //! frame    := len u32 LE | crc32c u32 LE | kind u8 | payload[len]
 //!             crc32c covers kind and payload
 //! ```
 //! Everything one protocol operation changes is one frame, so a frame is the unit of
-//! atomicity: after a crash it is either whole (checksum matches) or it is a torn tail.
+//! atomicity: after a crash it is either whole (checksum matches) or it is a torn tail. A
+//! batch is what the writer wrote (and, in `file-durable`, synced) at once: the unit a power
+//! loss can tear, and so the unit recovery keeps or drops whole.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -15,7 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::storage::{AppendEntry, ProducerState, ProducerTuple, StreamId, StreamMeta};
 
 pub const MAGIC: &[u8; 8] = b"DSWAL\0\0\0";
-pub const VERSION: u32 = 1;
+/// The version this build writes. Version 1 segments (frames without batch headers) are still
+/// read.
+pub const VERSION: u32 = 2;
+/// The oldest version this build reads.
+pub const OLDEST_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_LEN: u64 = 16;
 /// `len` + `crc` + `kind`.
 pub const FRAME_HEADER_LEN: usize = 9;
@@ -26,6 +33,9 @@ pub const KIND_CREATE: u8 = 1;
 pub const KIND_APPEND: u8 = 2;
 pub const KIND_SOFT_DELETE: u8 = 3;
 pub const KIND_REMOVE: u8 = 4;
+pub const KIND_BATCH: u8 = 5;
+/// A BATCH frame's total length: header, sequence number and byte count.
+pub const BATCH_FRAME_LEN: usize = FRAME_HEADER_LEN + 12;
 
 pub fn segment_header() -> [u8; SEGMENT_HEADER_LEN as usize] {
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
@@ -134,6 +144,19 @@ pub fn encode_marker(kind: u8, id: StreamId) -> Encoded {
     }
 }
 
+/// The frame that opens a batch: its sequence number (one more than the previous batch's) and
+/// the bytes of the frames that follow it in the batch.
+pub fn encode_batch(seq: u64, len: u32) -> [u8; BATCH_FRAME_LEN] {
+    let mut out = [0u8; BATCH_FRAME_LEN];
+    out[8] = KIND_BATCH;
+    out[9..17].copy_from_slice(&seq.to_le_bytes());
+    out[17..21].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c(&out[8..]);
+    out[0..4].copy_from_slice(&12u32.to_le_bytes());
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
 /// A decoded frame. Data records are given as `(offset within the payload, length)`.
 #[derive(Debug)]
 pub enum Decoded {
@@ -149,6 +172,11 @@ pub enum Decoded {
     },
     SoftDelete(StreamId),
     Remove(StreamId),
+    /// Opens a batch of `len` bytes of frames.
+    Batch {
+        seq: u64,
+        len: u32,
+    },
 }
 
 /// Why a frame did not decode.
@@ -254,6 +282,10 @@ pub fn decode(buf: &[u8]) -> Result<(Decoded, usize), FrameError> {
         }
         KIND_SOFT_DELETE => Decoded::SoftDelete(r.u64()?),
         KIND_REMOVE => Decoded::Remove(r.u64()?),
+        KIND_BATCH => Decoded::Batch {
+            seq: r.u64()?,
+            len: r.u32()?,
+        },
         other => return Err(FrameError::Bad(format!("unknown frame kind {other}"))),
     };
     Ok((decoded, total))
@@ -352,6 +384,17 @@ mod tests {
         assert!(state.closes, "the close must survive encoding");
         assert_eq!(state.closed_by, None);
         assert_eq!(data, None);
+    }
+
+    #[test]
+    fn a_batch_header_round_trips() {
+        let b = encode_batch(u64::MAX - 1, 4096);
+        let (d, n) = decode(&b).unwrap();
+        assert_eq!(n, BATCH_FRAME_LEN);
+        assert!(matches!(d, Decoded::Batch { seq, len: 4096 } if seq == u64::MAX - 1));
+        let mut bad = b;
+        bad[12] ^= 1;
+        assert!(matches!(decode(&bad), Err(FrameError::Bad(_))));
     }
 
     #[test]

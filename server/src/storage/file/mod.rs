@@ -92,7 +92,13 @@ impl FileStorage {
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir).map_err(io(&wal_dir))?;
         let recovery = recover::recover(&wal_dir, options.durable)?;
-        let wal = Wal::start(wal_dir, options, recovery.segments)?;
+        let wal = Wal::start(
+            wal_dir,
+            options,
+            recovery.segments,
+            recovery.last_batch,
+            recovery.newest_is_current,
+        )?;
         let recovered = recovery
             .streams
             .into_iter()

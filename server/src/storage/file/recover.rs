@@ -1,9 +1,9 @@
 //! Start-up recovery: replay every segment in order into stream states and record indexes.
 //!
-//! A frame that is cut short or fails its checksum at the very end of the newest segment is a
-//! torn write from a crash: the file is truncated there and recovery goes on. Anything else that
-//! does not decode is corruption, and start-up stops with the file and byte position, rather
-//! than guess.
+//! A batch that is cut short or damaged in the newest segment, with no later batch after it, is
+//! a torn write from a crash or power loss: the file is truncated at the batch's start and
+//! recovery goes on. Anything else that does not decode is corruption, and start-up stops with
+//! the file and byte position, rather than guess.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,6 +24,11 @@ pub(crate) struct RecoveredStream {
 pub(crate) struct Recovery {
     pub streams: Vec<RecoveredStream>,
     pub segments: Vec<Segment>,
+    /// The sequence number of the last batch in the log (0: none); the writer goes on from it.
+    pub last_batch: u64,
+    /// Whether the newest segment has this build's format; if not, the writer starts a new one
+    /// rather than mix batches into an older format.
+    pub newest_is_current: bool,
 }
 
 fn corrupt(path: &Path, pos: u64, detail: impl Into<String>) -> StorageError {
@@ -57,6 +62,8 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     let ids = segment_ids(dir)?;
     let mut streams: HashMap<StreamId, RecoveredStream> = HashMap::new();
     let mut segments = Vec::with_capacity(ids.len());
+    let mut last_batch: Option<u64> = None;
+    let mut newest_version = frame::VERSION;
     for (n, &id) in ids.iter().enumerate() {
         let last = n + 1 == ids.len();
         let path = segment_path(dir, id);
@@ -82,15 +89,19 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
             return Err(corrupt(&path, 0, "not a ds-server log segment (bad magic)"));
         }
         let version = u32::from_le_bytes([data[8], data[9], data[10], data[11]]);
-        if version != frame::VERSION {
+        if !(frame::OLDEST_VERSION..=frame::VERSION).contains(&version) {
             return Err(corrupt(
                 &path,
                 8,
                 format!(
-                    "segment format version {version}; this build reads {}",
+                    "segment format version {version}; this build reads {} to {}",
+                    frame::OLDEST_VERSION,
                     frame::VERSION
                 ),
             ));
+        }
+        if last {
+            newest_version = version;
         }
         let mut pos = header_len;
         while pos < data.len() {
@@ -99,25 +110,44 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
             if data[pos..].iter().all(|&b| b == 0) {
                 break;
             }
-            match frame::decode(&data[pos..]) {
-                Ok((decoded, len)) => {
-                    apply(&mut streams, decoded, id, pos as u64, &path)?;
-                    pos += len;
+            // Version 1 has no batches: each frame stands alone.
+            let step = if version == 1 {
+                frame::decode(&data[pos..])
+                    .map(|(decoded, len)| (vec![(decoded, pos)], pos + len, None))
+                    .map_err(|err| (pos, err))
+            } else {
+                read_batch(&data, pos, last_batch)
+            };
+            match step {
+                Ok((frames, end, seq)) => {
+                    for (decoded, at) in frames {
+                        apply(&mut streams, decoded, id, at as u64, &path)?;
+                    }
+                    last_batch = seq.or(last_batch);
+                    pos = end;
                 }
-                Err(err) => {
-                    let torn = last && reaches_end(&data[pos..], &err);
+                Err((at, err)) => {
+                    let torn = last
+                        && if version == 1 {
+                            !frame_after(&data[at..])
+                        } else {
+                            !batch_after(&data[at..], last_batch)
+                        };
                     if !torn {
                         let why = match err {
                             FrameError::Truncated => "frame cut short".to_owned(),
                             FrameError::Bad(why) => why,
                         };
-                        return Err(corrupt(&path, pos as u64, why));
+                        return Err(corrupt(&path, at as u64, why));
                     }
+                    // Nothing of the batch was acknowledged: acknowledgement comes only after
+                    // the write (and, in file-durable, the sync) of the whole batch.
                     tracing::warn!(
                         file = %path.display(),
                         at = pos,
+                        damaged_at = at,
                         dropped = data.len() - pos,
-                        "truncating torn write at the end of the log"
+                        "truncating a torn write at the end of the log"
                     );
                     truncate(&path, pos as u64, durable)?;
                     break;
@@ -139,17 +169,88 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     }
     let mut streams: Vec<RecoveredStream> = streams.into_values().collect();
     streams.sort_by_key(|s| s.meta.id);
-    Ok(Recovery { streams, segments })
+    Ok(Recovery {
+        streams,
+        segments,
+        last_batch: last_batch.unwrap_or(0),
+        newest_is_current: newest_version == frame::VERSION,
+    })
 }
 
-/// Whether an undecodable frame is the torn end of the log: no decodable frame starts anywhere
-/// after it. A crash can only damage the end of the last batch written, so a valid frame after
-/// the damage means the damage is corruption, not a torn write.
-fn reaches_end(rest: &[u8], _err: &FrameError) -> bool {
-    // A frame's kind byte (its 9th) is never 0, so no frame starts more than 8 bytes before
-    // the last non-zero byte: the zeros the file was extended with need no search.
+/// The frames of the batch at `pos`, where it ends and its sequence number; or where and why it
+/// does not decode. A batch must open with a BATCH frame numbered one after the previous batch
+/// (any number for the first batch read) and its frames must fill exactly its declared length.
+#[allow(clippy::type_complexity)]
+fn read_batch(
+    data: &[u8],
+    pos: usize,
+    previous: Option<u64>,
+) -> Result<(Vec<(Decoded, usize)>, usize, Option<u64>), (usize, FrameError)> {
+    let (seq, len) = match frame::decode(&data[pos..]) {
+        Ok((Decoded::Batch { seq, len }, _)) => (seq, len as usize),
+        Ok(_) => {
+            return Err((pos, FrameError::Bad("a frame outside any batch".into())));
+        }
+        Err(err) => return Err((pos, err)),
+    };
+    if let Some(previous) = previous
+        && Some(seq) != previous.checked_add(1)
+    {
+        return Err((
+            pos,
+            FrameError::Bad(format!("batch {seq} follows batch {previous}")),
+        ));
+    }
+    let start = pos + frame::BATCH_FRAME_LEN;
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= data.len())
+        .ok_or((pos, FrameError::Truncated))?;
+    let mut frames = Vec::new();
+    let mut at = start;
+    while at < end {
+        match frame::decode(&data[at..end]) {
+            Ok((Decoded::Batch { .. }, _)) => {
+                return Err((at, FrameError::Bad("a batch inside a batch".into())));
+            }
+            Ok((decoded, n)) => {
+                frames.push((decoded, at));
+                at += n;
+            }
+            Err(err) => return Err((at, err)),
+        }
+    }
+    Ok((frames, end, Some(seq)))
+}
+
+/// Version 1: whether any decodable frame starts after the damage at the start of `rest`. A
+/// crash can only damage the end of the last write, so a valid frame after the damage means
+/// the damage is corruption, not a torn write.
+fn frame_after(rest: &[u8]) -> bool {
+    candidates(rest).any(|q| frame::decode(&rest[q..]).is_ok())
+}
+
+/// Version 2: whether a batch later than `last` starts after the damage at the start of `rest`.
+/// The writer writes a batch only after the previous one is written (and, in file-durable,
+/// synced), so a power loss can tear only the last batch, in any of its pages; a later batch
+/// after damage means the damage is corruption. (Frames of the torn batch itself may follow its
+/// damage: the pages of one write can reach the disk in any order.)
+fn batch_after(rest: &[u8], last: Option<u64>) -> bool {
+    candidates(rest).any(|q| {
+        matches!(
+            frame::decode(&rest[q..]),
+            Ok((Decoded::Batch { seq, .. }, _)) if last.is_none_or(|l| seq > l)
+        )
+    })
+}
+
+/// Positions at which a frame could start. The damage itself is included: a batch whose own
+/// BATCH frame decodes but is out of place (inside another batch, numbered out of order) is a
+/// later batch too. A frame's kind byte (its 9th) is never 0, so no frame starts more than 8
+/// bytes before the last non-zero byte: the zeros the file was extended with need no search.
+fn candidates(rest: &[u8]) -> std::ops::RangeInclusive<usize> {
     let last = rest.iter().rposition(|&b| b != 0).unwrap_or(0);
-    !(1..=last.min(rest.len().saturating_sub(1))).any(|q| frame::decode(&rest[q..]).is_ok())
+    0..=last.min(rest.len().saturating_sub(1))
 }
 
 fn touch(touched: &mut Vec<u32>, seg: u32) {
@@ -248,6 +349,8 @@ fn apply(
         Decoded::Remove(id) => {
             streams.remove(&id);
         }
+        // Batches are taken apart by the caller.
+        Decoded::Batch { .. } => {}
     }
     Ok(())
 }

@@ -148,6 +148,143 @@ fn put_at(data: &mut Vec<u8>, at: usize, bytes: &[u8]) {
     data[at..at + bytes.len()].copy_from_slice(bytes);
 }
 
+/// The sequence number of the last BATCH frame of a segment's bytes.
+fn last_batch_seq(data: &[u8]) -> u64 {
+    let mut pos = frame::SEGMENT_HEADER_LEN as usize;
+    let mut last = 0;
+    while let Ok((d, n)) = frame::decode(&data[pos..]) {
+        if let frame::Decoded::Batch { seq, .. } = d {
+            last = seq;
+        }
+        pos += n;
+    }
+    last
+}
+
+/// A power loss can leave any subset of the pages of the last batch (written, never synced,
+/// never acknowledged) on disk: its later frames without its earlier ones. Recovery drops that
+/// batch whole and keeps every batch before it, which were synced before it was written.
+#[tokio::test]
+async fn a_last_batch_with_any_page_missing_is_dropped_whole() {
+    // Which part of the unsynced batch never reached the disk.
+    for damage in ["its first page", "a frame in its middle", "its last bytes"] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = FileStorage::open(dir.path(), options(true)).unwrap();
+            let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+            c.await.unwrap();
+            log.append(append(0, b"hello")).await.unwrap();
+        }
+        let seg = wal::segment_path(&wal_dir(dir.path()), 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let end = data_end(&bytes);
+        // The batch the writer would write next: three appends, the first longer than a page.
+        let first: &'static [u8] = Box::leak(vec![b'x'; 5000].into_boxed_slice());
+        let mut frames = Vec::new();
+        for (start, data) in [(5, first), (5005, &b"second"[..]), (5011, &b"third"[..])] {
+            frames.extend_from_slice(&frame::encode_append(1, &append(start, data)).bytes);
+        }
+        let mut batch =
+            frame::encode_batch(last_batch_seq(&bytes) + 1, frames.len() as u32).to_vec();
+        batch.extend_from_slice(&frames);
+        match damage {
+            "its first page" => batch[..4096].fill(0),
+            "a frame in its middle" => {
+                let at = batch.windows(6).position(|w| w == b"second").unwrap();
+                batch[at] ^= 0x20;
+            }
+            _ => {
+                let n = batch.len();
+                batch[n - 3..].fill(0);
+            }
+        }
+        put_at(&mut bytes, end, &batch);
+        std::fs::write(&seg, &bytes).unwrap();
+
+        {
+            let store = FileStorage::open(dir.path(), options(true)).unwrap_or_else(|e| {
+                panic!("{damage}: a torn last batch must not stop start-up: {e}")
+            });
+            let recovered = store.recover().unwrap();
+            assert_eq!(recovered[0].state.tail, 5, "{damage}");
+            assert_eq!(read_all(&recovered[0].log, 5).await, b"hello", "{damage}");
+            // Truncated at the batch's start: none of its frames is left behind.
+            assert_eq!(
+                std::fs::metadata(&seg).unwrap().len(),
+                end as u64,
+                "{damage}"
+            );
+            recovered[0].log.append(append(5, b"!")).await.unwrap();
+        }
+        let store = FileStorage::open(dir.path(), options(true)).unwrap();
+        let recovered = store.recover().unwrap();
+        assert_eq!(read_all(&recovered[0].log, 6).await, b"hello!", "{damage}");
+    }
+}
+
+/// Damage in a batch that a later batch follows cannot be a torn write (the writer writes a
+/// batch only after the one before it is synced): start-up stops and names the place.
+#[tokio::test]
+async fn a_damaged_batch_before_a_later_batch_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStorage::open(dir.path(), options(true)).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        log.append(append(0, b"first")).await.unwrap();
+        log.append(append(5, b"second")).await.unwrap();
+    }
+    let seg = wal::segment_path(&wal_dir(dir.path()), 1);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Zero the BATCH frame that opens the batch of "first", as if that write was lost: the batch
+    // of "second" after it proves the batch of "first" had been synced, so this is corruption.
+    let at = bytes.windows(5).position(|w| w == b"first").unwrap();
+    let batch_start = at - 20 - frame::FRAME_HEADER_LEN - frame::BATCH_FRAME_LEN;
+    bytes[batch_start..batch_start + frame::BATCH_FRAME_LEN].fill(0);
+    std::fs::write(&seg, bytes).unwrap();
+    let err = FileStorage::open(dir.path(), options(true))
+        .err()
+        .expect("damage before a later batch must stop start-up")
+        .to_string();
+    assert!(err.contains("0000000001.seg"), "{err}");
+    assert!(err.contains(&format!("at byte {batch_start}")), "{err}");
+}
+
+/// Segments written by a build before batches (format version 1: frames without BATCH frames)
+/// are read; new batches go to a new segment of the current version.
+#[tokio::test]
+async fn a_version_1_log_is_read_and_continued_in_a_new_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(FileStorage::open(dir.path(), options(true)).unwrap());
+    let seg1 = wal::segment_path(&wal_dir(dir.path()), 1);
+    let mut v1 = frame::segment_header().to_vec();
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let create = frame::CreateMeta {
+        meta: meta(1),
+        closed: false,
+    };
+    v1.extend_from_slice(&frame::encode_create(&create, &[]).bytes);
+    v1.extend_from_slice(&frame::encode_append(1, &append(0, b"old")).bytes);
+    std::fs::write(&seg1, &v1).unwrap();
+    {
+        let store = FileStorage::open(dir.path(), options(true)).unwrap();
+        let recovered = store.recover().unwrap();
+        assert_eq!(read_all(&recovered[0].log, 3).await, b"old");
+        recovered[0].log.append(append(3, b"new")).await.unwrap();
+    }
+    assert_eq!(
+        std::fs::read(&seg1).unwrap(),
+        v1,
+        "a version 1 segment is not written to"
+    );
+    let seg2 = std::fs::read(wal::segment_path(&wal_dir(dir.path()), 2)).unwrap();
+    assert_eq!(&seg2[8..12], &frame::VERSION.to_le_bytes());
+    let store = FileStorage::open(dir.path(), options(true)).unwrap();
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered[0].state.tail, 6);
+    assert_eq!(read_all(&recovered[0].log, 6).await, b"oldnew");
+}
+
 /// Segments are extended in steps ahead of their frames; recovery takes the zeros after the last
 /// frame for free space, and a frame whose own bytes end in zeros for data.
 #[tokio::test]
@@ -404,8 +541,8 @@ mod model {
         logs
     }
 
-    /// Frames of all segments as (segment path, start, len), in log order.
-    fn frames(dir: &std::path::Path) -> Vec<(std::path::PathBuf, usize, usize)> {
+    /// Frames of all segments as (segment path, start, len, opens a batch), in log order.
+    fn frames(dir: &std::path::Path) -> Vec<(std::path::PathBuf, usize, usize, bool)> {
         let mut segs: Vec<_> = std::fs::read_dir(wal_dir(dir))
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -415,8 +552,13 @@ mod model {
         for path in segs {
             let data = std::fs::read(&path).unwrap();
             let mut pos = frame::SEGMENT_HEADER_LEN as usize;
-            while let Ok((_, n)) = frame::decode(&data[pos..]) {
-                out.push((path.clone(), pos, n));
+            while let Ok((d, n)) = frame::decode(&data[pos..]) {
+                out.push((
+                    path.clone(),
+                    pos,
+                    n,
+                    matches!(d, frame::Decoded::Batch { .. }),
+                ));
                 pos += n;
             }
         }
@@ -509,13 +651,14 @@ mod model {
                             drop(std::mem::take(&mut live.logs));
                             drop(live);
                             let all = frames(dir.path());
-                            // Damage confined to the very last frame is indistinguishable from a
+                            // Damage confined to the last batch is indistinguishable from a
                             // torn write (see STORAGE.md); damage anywhere before it must stop
                             // start-up.
-                            if all.len() < 2 {
+                            let last_batch = all.iter().rposition(|f| f.3).unwrap_or(0);
+                            if last_batch == 0 {
                                 return;
                             }
-                            let (path, start, len) = all[frame % (all.len() - 1)].clone();
+                            let (path, start, len, _) = all[frame % last_batch].clone();
                             let mut data = std::fs::read(&path).unwrap();
                             data[start + at % len] ^= 0x5a;
                             std::fs::write(&path, data).unwrap();

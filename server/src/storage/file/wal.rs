@@ -109,9 +109,14 @@ impl Wal {
         dir: PathBuf,
         options: FileOptions,
         mut segments: Vec<Segment>,
+        last_batch: u64,
+        newest_is_current: bool,
     ) -> Result<Arc<Wal>, StorageError> {
-        if segments.is_empty() {
-            segments.push(create_segment(&dir, 1, options.durable)?);
+        // Batches go only into segments of this build's format: after an upgrade the older
+        // newest segment is left as it is and a new one is started.
+        if segments.is_empty() || !newest_is_current {
+            let next = segments.last().map_or(1, |s| s.id + 1);
+            segments.push(create_segment(&dir, next, options.durable)?);
         }
         let active = segments.last().map(|s| s.id).unwrap_or(1);
         let path = segment_path(&dir, active);
@@ -140,6 +145,7 @@ impl Wal {
             segments,
             allocated: file.metadata().map_err(io_err(&path))?.len(),
             file,
+            next_batch: last_batch + 1,
         };
         let handle = std::thread::Builder::new()
             .name("ds-wal-writer".into())
@@ -260,6 +266,8 @@ struct Writer {
     file: File,
     /// The active segment file's length: past the last frame, zeros.
     allocated: u64,
+    /// The sequence number of the next batch's BATCH frame.
+    next_batch: u64,
 }
 
 impl Writer {
@@ -268,7 +276,7 @@ impl Writer {
         let mut batch: Vec<Pending> = Vec::with_capacity(64);
         while let Ok(first) = rx.recv() {
             batch.push(first);
-            let mut bytes = batch[0].op.frame.bytes.len();
+            let mut bytes = frame::BATCH_FRAME_LEN + batch[0].op.frame.bytes.len();
             while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(p) => {
@@ -309,7 +317,10 @@ impl Writer {
         }
     }
 
-    /// Writes the batch; returns where each frame landed.
+    /// Writes the batch (`bytes` long, with its BATCH frame) at the end of the active segment;
+    /// returns where each frame landed. Recovery relies on the order kept here: in
+    /// `file-durable` a batch is written only after the previous one is synced, so damage
+    /// followed by a later batch is corruption, never a torn write (`recover::batch_after`).
     fn write_batch(
         &mut self,
         wal: &Wal,
@@ -326,11 +337,18 @@ impl Writer {
             return Err(StorageError::ShuttingDown);
         };
         let mut buf = Vec::with_capacity(bytes);
+        let frames_len = (bytes - frame::BATCH_FRAME_LEN) as u32;
+        buf.extend_from_slice(&frame::encode_batch(self.next_batch, frames_len));
         let mut placed = Vec::with_capacity(batch.len());
         for p in batch {
             placed.push((active.id, active.len + buf.len() as u64));
             buf.extend_from_slice(&p.op.frame.bytes);
         }
+        debug_assert_eq!(
+            buf.len(),
+            bytes,
+            "the BATCH frame's length must match its frames"
+        );
         let path = segment_path(&self.dir, active.id);
         let end = active.len + buf.len() as u64;
         if end > self.allocated {
@@ -347,6 +365,7 @@ impl Writer {
             self.file.sync_data().map_err(io_err(&path))?;
         }
         active.len += buf.len() as u64;
+        self.next_batch += 1;
         Ok(placed)
     }
 

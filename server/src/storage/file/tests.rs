@@ -299,6 +299,13 @@ async fn zeros_after_the_frames_are_free_space_and_zeros_in_a_frame_are_data() {
     }
     let seg = wal::segment_path(&wal_dir(dir.path()), 1);
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), wal::GROW_STEP);
+    // Written zeros, not a hole: a sync into allocated blocks writes no metadata.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&seg).unwrap().blocks() * 512;
+    assert!(
+        allocated >= wal::GROW_STEP,
+        "only {allocated} bytes allocated"
+    );
     {
         let store = FileStorage::open(dir.path(), options(true)).unwrap();
         let recovered = store.recover().unwrap();

@@ -26,11 +26,13 @@ use crate::storage::{Commit, StorageError};
 const MAX_BATCH_OPS: usize = 4096;
 /// Most bytes written in one batch (a single larger frame still goes alone).
 const MAX_BATCH_BYTES: usize = 16 << 20;
-/// The active segment's file is extended (sparse, zero-filled) this much at a time, ahead of
-/// the frames written into it. An append that moves the end of a file makes `fdatasync` write
-/// the inode as well as the data (a second I/O on ext4 without a journal, a journal commit with
-/// one); extending ahead makes most batches pure overwrites, whose sync writes only data. Here
-/// it cut a small append's `fdatasync` from about 330 µs to 220 µs.
+/// The active segment's file is extended with written zeros this much at a time, ahead of the
+/// frames written into it. An append that moves the end of a file makes `fdatasync` write the
+/// inode as well as the data (a second I/O on ext4 without a journal, a journal commit with
+/// one), and so does a write into a hole (`ftruncate`) or an unwritten extent (`fallocate`),
+/// which allocates or converts blocks. Extending ahead with real zeros makes most batches pure
+/// overwrites of allocated blocks, whose sync writes only data: here 145 µs per small sync
+/// against 177 µs into a hole and about 330 µs at the end of the file.
 pub(crate) const GROW_STEP: u64 = 4 << 20;
 
 /// What an operation does to the in-memory indexes once its frame is written.
@@ -80,6 +82,8 @@ pub(crate) struct Wal {
     read_buffers: Arc<read_buffers::Pool>,
     batches: AtomicU64,
     ops: AtomicU64,
+    /// Time spent in `write` + `fdatasync` of batches, µs.
+    write_micros: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -135,6 +139,7 @@ impl Wal {
             read_buffers: Arc::new(read_buffers::Pool::default()),
             batches: AtomicU64::new(0),
             ops: AtomicU64::new(0),
+            write_micros: AtomicU64::new(0),
             writer: Mutex::new(None),
         });
         let writer = Writer {
@@ -225,6 +230,14 @@ impl Wal {
             if handle.thread().id() != std::thread::current().id() {
                 let _ = handle.join();
             }
+            let (batches, ops) = self.stats();
+            tracing::info!(
+                batches,
+                operations = ops,
+                ops_per_batch = format!("{:.1}", ops as f64 / batches.max(1) as f64),
+                write_us_per_batch = self.write_micros.load(Ordering::Relaxed) / batches.max(1),
+                "write-ahead log closed"
+            );
         }
     }
 }
@@ -289,8 +302,11 @@ impl Writer {
             let Some(wal) = self.wal.upgrade() else {
                 break;
             };
+            let started = std::time::Instant::now();
             match self.write_batch(&wal, &batch, bytes) {
                 Ok(placed) => {
+                    wal.write_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     wal.batches.fetch_add(1, Ordering::Relaxed);
                     wal.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     let mut removed_any = false;
@@ -355,7 +371,10 @@ impl Writer {
             // Never far past a small configured segment.
             let step = GROW_STEP.min(self.segment_bytes.next_multiple_of(4096));
             let grown = end.next_multiple_of(step);
-            self.file.set_len(grown).map_err(io_err(&path))?;
+            let zeros = vec![0u8; (grown - self.allocated) as usize];
+            self.file
+                .write_all_at(&zeros, self.allocated)
+                .map_err(io_err(&path))?;
             self.allocated = grown;
         }
         self.file

@@ -150,7 +150,7 @@ free_port() {
 about() {
   case "$1" in
     ds-memory) echo "in RAM; lost on restart" ;;
-    ds-file-fast) echo "written to the OS page cache; survives a process crash, not a power loss" ;;
+    ds-file-fast) echo "written to the OS page cache, synced in the background every second; survives a process crash, a power loss takes about the last second" ;;
     ds-file-durable) echo "fdatasync'd before the response (group commit)" ;;
     ds-acid) echo "committed in a redb transaction with immediate durability" ;;
     node-memory) echo "@durable-streams/server $NODE_SERVER_VERSION, in-memory store (the reference implementation)" ;;

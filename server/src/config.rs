@@ -76,6 +76,8 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub segment_bytes: u64,
     pub max_open_files: usize,
+    #[serde(with = "humantime_serde")]
+    pub fast_sync_interval: Duration,
     pub acid_shard_count: u32,
 }
 
@@ -131,6 +133,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             segment_bytes: 64 * 1024 * 1024,
             max_open_files: 256,
+            fast_sync_interval: Duration::from_secs(1),
             acid_shard_count: 16,
         }
     }
@@ -236,6 +239,11 @@ pub const KEYS: &[KeyDoc] = &[
         doc: "File modes: log segment files kept open for reads.",
     },
     KeyDoc {
+        env: "DS_STORAGE__FAST_SYNC_INTERVAL",
+        default: "1s",
+        doc: "`file-fast`: how often the log is synced in the background. A power loss can take the appends of about the last interval; the server then restarts without them (see *Storage modes*).",
+    },
+    KeyDoc {
         env: "DS_STORAGE__ACID_SHARD_COUNT",
         default: "16",
         doc: "`acid`: number of redb shards (power of two, 1 to 256); fixed when the directory is created.",
@@ -324,6 +332,10 @@ impl Config {
                 s.sse_keepalive_interval,
             ),
             ("DS_SERVER__EXPIRY_SWEEP_INTERVAL", s.expiry_sweep_interval),
+            (
+                "DS_STORAGE__FAST_SYNC_INTERVAL",
+                self.storage.fast_sync_interval,
+            ),
         ] {
             if value.is_zero() {
                 return Err(ConfigError(format!("{name} must be greater than 0")));
@@ -460,6 +472,19 @@ mod tests {
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.server.port, 0);
             assert_eq!(c.server.long_poll_timeout, Duration::from_millis(500));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_fast_sync_interval_parses_and_must_not_be_zero() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_STORAGE__FAST_SYNC_INTERVAL", "250ms");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.storage.fast_sync_interval, Duration::from_millis(250));
+            jail.set_env("DS_STORAGE__FAST_SYNC_INTERVAL", "0s");
+            let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains("DS_STORAGE__FAST_SYNC_INTERVAL"), "{err}");
             Ok(())
         });
     }

@@ -180,6 +180,7 @@ fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
         segment_bytes: s.segment_bytes,
         max_open_files: s.max_open_files,
         cache_bytes,
+        fast_sync_interval: s.fast_sync_interval,
     };
     let opened: Arc<dyn Storage> = match s.mode {
         StorageMode::Memory => Arc::new(storage::memory::MemoryStorage),

@@ -37,6 +37,8 @@ fn open(backend: Backend, dir: &Path) -> Arc<dyn Storage> {
         segment_bytes: 4096,
         max_open_files: 4,
         cache_bytes: 64,
+        // Short, so that the contract tests run with the syncer busy.
+        fast_sync_interval: std::time::Duration::from_millis(5),
     };
     match backend {
         Backend::Memory => Arc::new(MemoryStorage),

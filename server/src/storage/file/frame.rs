@@ -3,7 +3,8 @@
 //! ```text
 //! segment  := header batch*              (version 1: header frame*)
 //! header   := "DSWAL\0\0\0" (8 bytes) | version u32 LE | reserved u32 LE (0)
-//! batch    := frame(BATCH: seq u64 LE | len u32 LE) frame*    the frames fill `len` bytes
+//! batch    := frame(BATCH: seq u64 LE | len u32 LE | durable segment u32 LE | durable offset u64 LE)
+//!             frame*                   the frames fill `len` bytes
 //! frame    := len u32 LE | crc32c u32 LE | kind u8 | payload[len]
 //!             crc32c covers kind and payload
 //! ```
@@ -34,8 +35,8 @@ pub const KIND_APPEND: u8 = 2;
 pub const KIND_SOFT_DELETE: u8 = 3;
 pub const KIND_REMOVE: u8 = 4;
 pub const KIND_BATCH: u8 = 5;
-/// A BATCH frame's total length: header, sequence number and byte count.
-pub const BATCH_FRAME_LEN: usize = FRAME_HEADER_LEN + 12;
+/// A BATCH frame's total length: header, sequence number, byte count and durable mark.
+pub const BATCH_FRAME_LEN: usize = FRAME_HEADER_LEN + 24;
 
 pub fn segment_header() -> [u8; SEGMENT_HEADER_LEN as usize] {
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
@@ -144,15 +145,21 @@ pub fn encode_marker(kind: u8, id: StreamId) -> Encoded {
     }
 }
 
-/// The frame that opens a batch: its sequence number (one more than the previous batch's) and
-/// the bytes of the frames that follow it in the batch.
-pub fn encode_batch(seq: u64, len: u32) -> [u8; BATCH_FRAME_LEN] {
+/// A position in the log: segment id, then byte offset in that segment. Ordered as the log is.
+pub type LogPos = (u32, u64);
+
+/// The frame that opens a batch: its sequence number (one more than the previous batch's), the
+/// bytes of the frames that follow it in the batch, and its durable mark: every byte of the log
+/// before that position had been synced when this batch was written.
+pub fn encode_batch(seq: u64, len: u32, durable: LogPos) -> [u8; BATCH_FRAME_LEN] {
     let mut out = [0u8; BATCH_FRAME_LEN];
     out[8] = KIND_BATCH;
     out[9..17].copy_from_slice(&seq.to_le_bytes());
     out[17..21].copy_from_slice(&len.to_le_bytes());
+    out[21..25].copy_from_slice(&durable.0.to_le_bytes());
+    out[25..33].copy_from_slice(&durable.1.to_le_bytes());
     let crc = crc32c::crc32c(&out[8..]);
-    out[0..4].copy_from_slice(&12u32.to_le_bytes());
+    out[0..4].copy_from_slice(&24u32.to_le_bytes());
     out[4..8].copy_from_slice(&crc.to_le_bytes());
     out
 }
@@ -172,10 +179,11 @@ pub enum Decoded {
     },
     SoftDelete(StreamId),
     Remove(StreamId),
-    /// Opens a batch of `len` bytes of frames.
+    /// Opens a batch of `len` bytes of frames; the log before `durable` was synced.
     Batch {
         seq: u64,
         len: u32,
+        durable: LogPos,
     },
 }
 
@@ -285,6 +293,7 @@ pub fn decode(buf: &[u8]) -> Result<(Decoded, usize), FrameError> {
         KIND_BATCH => Decoded::Batch {
             seq: r.u64()?,
             len: r.u32()?,
+            durable: (r.u32()?, r.u64()?),
         },
         other => return Err(FrameError::Bad(format!("unknown frame kind {other}"))),
     };
@@ -388,10 +397,12 @@ mod tests {
 
     #[test]
     fn a_batch_header_round_trips() {
-        let b = encode_batch(u64::MAX - 1, 4096);
+        let b = encode_batch(u64::MAX - 1, 4096, (7, 1 << 40));
         let (d, n) = decode(&b).unwrap();
         assert_eq!(n, BATCH_FRAME_LEN);
-        assert!(matches!(d, Decoded::Batch { seq, len: 4096 } if seq == u64::MAX - 1));
+        assert!(
+            matches!(d, Decoded::Batch { seq, len: 4096, durable: (7, off) } if seq == u64::MAX - 1 && off == 1 << 40)
+        );
         let mut bad = b;
         bad[12] ^= 1;
         assert!(matches!(decode(&bad), Err(FrameError::Bad(_))));

@@ -6,8 +6,9 @@
 //! needs 64 fsyncs. Here a batch of appends to any number of streams is one `write` and, in
 //! `file-durable`, one `fdatasync`. Open file handles stay bounded whatever the stream count.
 //!
-//! - Acknowledged means: `file-fast`, written to the OS (survives a process crash, not a power
-//!   loss); `file-durable`, `fdatasync`ed (survives a power loss).
+//! - Acknowledged means: `file-fast`, written to the OS (survives a process crash; a power loss
+//!   takes what the background sync had not reached, about the last second); `file-durable`,
+//!   `fdatasync`ed (survives a power loss).
 //! - Each operation is one checksummed frame (data, producer state, `Stream-Seq` and the closed
 //!   flag together), so a crash can never re-admit a duplicate or half-apply an append.
 //! - Recovery replays the segments in order, truncates a torn tail, and refuses corruption with
@@ -55,6 +56,9 @@ pub struct FileOptions {
     pub max_open_files: usize,
     /// RAM for the newest records of all streams together.
     pub cache_bytes: usize,
+    /// `file-fast`: how often the log is synced in the background, which bounds what a power
+    /// loss can take (see `server/STORAGE.md`). Unused by `file-durable`.
+    pub fast_sync_interval: std::time::Duration,
 }
 
 /// The file backend.

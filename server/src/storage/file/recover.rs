@@ -1,15 +1,15 @@
 //! Start-up recovery: replay every segment in order into stream states and record indexes.
 //!
-//! A batch that is cut short or damaged in the newest segment, with no later batch after it, is
-//! a torn write from a crash or power loss: the file is truncated at the batch's start and
-//! recovery goes on. Anything else that does not decode is corruption, and start-up stops with
-//! the file and byte position, rather than guess.
+//! A batch that is cut short or damaged where no later batch's durable mark covers it was never
+//! synced: a torn write from a crash or power loss. The file is truncated at the batch's start,
+//! any later segments are removed, and recovery goes on. Anything else that does not decode is
+//! corruption, and start-up stops with the file and byte position, rather than guess.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use super::Loc;
-use super::frame::{self, Decoded, FrameError};
+use super::frame::{self, Decoded, FrameError, LogPos};
 use super::wal::{Segment, segment_path, sync_dir};
 use crate::storage::{StorageError, StreamId, StreamMeta, WriterSnapshot};
 
@@ -64,7 +64,12 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     let mut segments = Vec::with_capacity(ids.len());
     let mut last_batch: Option<u64> = None;
     let mut newest_version = frame::VERSION;
+    // Set when a torn write was cut off: the segments after it are gone.
+    let mut cut = false;
     for (n, &id) in ids.iter().enumerate() {
+        if cut {
+            break;
+        }
         let last = n + 1 == ids.len();
         let path = segment_path(dir, id);
         let data = std::fs::read(&path).map_err(|source| StorageError::Io {
@@ -127,12 +132,11 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                     pos = end;
                 }
                 Err((at, err)) => {
-                    let torn = last
-                        && if version == 1 {
-                            !frame_after(&data[at..])
-                        } else {
-                            !batch_after(&data[at..], last_batch)
-                        };
+                    let torn = if version == 1 {
+                        last && !frame_after(&data[at..])
+                    } else {
+                        !vouched(&data[at..], (id, at as u64), dir, &ids[n + 1..])?
+                    };
                     if !torn {
                         let why = match err {
                             FrameError::Truncated => "frame cut short".to_owned(),
@@ -150,6 +154,21 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                         "truncating a torn write at the end of the log"
                     );
                     truncate(&path, pos as u64, durable)?;
+                    // Later segments hold only batches written after the torn one (file-fast,
+                    // whose marks show they were never synced): they go with it.
+                    for &later in &ids[n + 1..] {
+                        let later = segment_path(dir, later);
+                        tracing::warn!(file = %later.display(), "removing a segment written after a torn write");
+                        std::fs::remove_file(&later).map_err(|source| StorageError::Io {
+                            what: later.display().to_string(),
+                            source,
+                        })?;
+                    }
+                    if n + 1 < ids.len() {
+                        sync_dir(dir)?;
+                        newest_version = version;
+                    }
+                    cut = true;
                     break;
                 }
             }
@@ -187,7 +206,7 @@ fn read_batch(
     previous: Option<u64>,
 ) -> Result<(Vec<(Decoded, usize)>, usize, Option<u64>), (usize, FrameError)> {
     let (seq, len) = match frame::decode(&data[pos..]) {
-        Ok((Decoded::Batch { seq, len }, _)) => (seq, len as usize),
+        Ok((Decoded::Batch { seq, len, .. }, _)) => (seq, len as usize),
         Ok(_) => {
             return Err((pos, FrameError::Bad("a frame outside any batch".into())));
         }
@@ -230,18 +249,38 @@ fn frame_after(rest: &[u8]) -> bool {
     candidates(rest).any(|q| frame::decode(&rest[q..]).is_ok())
 }
 
-/// Version 2: whether a batch later than `last` starts after the damage at the start of `rest`.
-/// The writer writes a batch only after the previous one is written (and, in file-durable,
-/// synced), so a power loss can tear only the last batch, in any of its pages; a later batch
-/// after damage means the damage is corruption. (Frames of the torn batch itself may follow its
-/// damage: the pages of one write can reach the disk in any order.)
-fn batch_after(rest: &[u8], last: Option<u64>) -> bool {
-    candidates(rest).any(|q| {
-        matches!(
-            frame::decode(&rest[q..]),
-            Ok((Decoded::Batch { seq, .. }, _)) if last.is_none_or(|l| seq > l)
-        )
-    })
+/// Version 2: whether the damage at `damaged` (whose bytes start `rest`) lies in synced data:
+/// whether a BATCH frame after it, in `rest` or in a later segment, carries a durable mark past
+/// it. Each batch records how far the log had been synced when it was written (in file-durable,
+/// everything before it; in file-fast, what the background sync had reached). Damage no mark
+/// covers was never synced: a torn write, whatever intact frames follow it, since the pages of
+/// unsynced writes reach the disk in any order.
+fn vouched(rest: &[u8], damaged: LogPos, dir: &Path, later: &[u32]) -> Result<bool, StorageError> {
+    let covers = |bytes: &[u8]| {
+        candidates(bytes).any(|q| {
+            matches!(
+                frame::decode(&bytes[q..]),
+                Ok((Decoded::Batch { durable, .. }, _)) if durable > damaged
+            )
+        })
+    };
+    if covers(rest) {
+        return Ok(true);
+    }
+    for &id in later {
+        let path = segment_path(dir, id);
+        let data = std::fs::read(&path).map_err(|source| StorageError::Io {
+            what: path.display().to_string(),
+            source,
+        })?;
+        let body = data
+            .get(frame::SEGMENT_HEADER_LEN as usize..)
+            .unwrap_or_default();
+        if covers(body) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Positions at which a frame could start. The damage itself is included: a batch whose own

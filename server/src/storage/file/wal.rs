@@ -17,7 +17,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::frame::{self, Encoded};
+use super::frame::{self, Encoded, LogPos};
 use super::{FileOptions, Loc, LogShared};
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::{Commit, StorageError};
@@ -90,8 +90,13 @@ pub(crate) struct Wal {
     ops: AtomicU64,
     /// Time spent in `write` + `fdatasync` of batches, µs.
     write_micros: AtomicU64,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    writer: ThreadSlot,
+    /// `file-fast`: the background sync and its thread.
+    syncer: Option<(Arc<syncer::Syncer>, ThreadSlot)>,
 }
+
+/// A background thread's handle, taken when it is joined.
+type ThreadSlot = Mutex<Option<std::thread::JoinHandle<()>>>;
 
 pub fn segment_path(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("{id:010}.seg"))
@@ -130,11 +135,28 @@ impl Wal {
         }
         let active = segments.last().map(|s| s.id).unwrap_or(1);
         let path = segment_path(&dir, active);
-        let file = File::options()
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = Arc::new(
+            File::options()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?,
+        );
         let (tx, rx) = mpsc::channel::<Pending>();
+        // file-fast: what recovery read may be only in the page cache (after a `kill -9`), so
+        // it is synced once here; the durable mark starts at its end.
+        let syncer = if options.durable {
+            None
+        } else {
+            for seg in &segments {
+                let path = segment_path(&dir, seg.id);
+                File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(io_err(&path))?;
+            }
+            sync_dir(&dir)?;
+            let end = segments.last().map_or(frame::SEGMENT_HEADER_LEN, |s| s.len);
+            Some(Arc::new(syncer::Syncer::new(dir.clone(), (active, end))))
+        };
         let wal = Arc::new(Wal {
             dir: dir.clone(),
             durable: options.durable,
@@ -147,6 +169,7 @@ impl Wal {
             ops: AtomicU64::new(0),
             write_micros: AtomicU64::new(0),
             writer: Mutex::new(None),
+            syncer: syncer.clone().map(|s| (s, Mutex::new(None))),
         });
         let writer = Writer {
             wal: Arc::downgrade(&wal),
@@ -157,6 +180,7 @@ impl Wal {
             allocated: file.metadata().map_err(io_err(&path))?.len(),
             file,
             next_batch: last_batch + 1,
+            syncer,
         };
         let handle = std::thread::Builder::new()
             .name("ds-wal-writer".into())
@@ -166,6 +190,18 @@ impl Wal {
                 source,
             })?;
         *wal.writer.lock() = Some(handle);
+        if let Some((syncer, slot)) = &wal.syncer {
+            let syncer = syncer.clone();
+            let interval = options.fast_sync_interval;
+            let handle = std::thread::Builder::new()
+                .name("ds-wal-sync".into())
+                .spawn(move || syncer.run(interval))
+                .map_err(|source| StorageError::Io {
+                    what: "sync thread".into(),
+                    source,
+                })?;
+            *slot.lock() = Some(handle);
+        }
         Ok(wal)
     }
 
@@ -245,6 +281,16 @@ impl Wal {
                 "write-ahead log closed"
             );
         }
+        // file-fast: a last sync, so a clean shutdown leaves everything on disk.
+        if let Some((syncer, slot)) = &self.syncer {
+            syncer.stop();
+            let handle = slot.lock().take();
+            if let Some(handle) = handle
+                && handle.thread().id() != std::thread::current().id()
+            {
+                let _ = handle.join();
+            }
+        }
     }
 }
 
@@ -282,11 +328,13 @@ struct Writer {
     segment_bytes: u64,
     /// Ascending by id; the last one is active.
     segments: Vec<Segment>,
-    file: File,
+    file: Arc<File>,
     /// The active segment file's length: past the last frame, zeros.
     allocated: u64,
     /// The sequence number of the next batch's BATCH frame.
     next_batch: u64,
+    /// `file-fast`: the background sync, told what is written and asked what is durable.
+    syncer: Option<Arc<syncer::Syncer>>,
 }
 
 impl Writer {
@@ -360,7 +408,13 @@ impl Writer {
         };
         let mut buf = Vec::with_capacity(bytes);
         let frames_len = (bytes - frame::BATCH_FRAME_LEN) as u32;
-        buf.extend_from_slice(&frame::encode_batch(self.next_batch, frames_len));
+        // Everything before this batch is durable in file-durable (each batch is synced before
+        // the next is written); in file-fast, what the syncer last synced.
+        let durable = match &self.syncer {
+            None => (active.id, active.len),
+            Some(syncer) => syncer.durable(),
+        };
+        buf.extend_from_slice(&frame::encode_batch(self.next_batch, frames_len, durable));
         let mut placed = Vec::with_capacity(batch.len());
         for p in batch {
             placed.push((active.id, active.len + buf.len() as u64));
@@ -397,6 +451,9 @@ impl Writer {
         }
         active.len += buf.len() as u64;
         self.next_batch += 1;
+        if let Some(syncer) = &self.syncer {
+            syncer.written(&self.file, (active.id, active.len));
+        }
         Ok(placed)
     }
 
@@ -404,10 +461,14 @@ impl Writer {
         let next = self.segments.last().map_or(1, |s| s.id + 1);
         let seg = create_segment(&self.dir, next, self.durable)?;
         let path = segment_path(&self.dir, next);
-        self.file = File::options()
+        let file = File::options()
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
+        let old = std::mem::replace(&mut self.file, Arc::new(file));
+        if let Some(syncer) = &self.syncer {
+            syncer.rotated(old);
+        }
         self.allocated = seg.len;
         self.segments.push(seg);
         // The old active segment may already be clean (everything in it removed).
@@ -639,6 +700,127 @@ mod read_buffers {
                 .collect();
             drop(shared);
             assert_eq!(pool.idle.lock().len(), MAX_IDLE);
+        }
+    }
+}
+
+/// `file-fast`'s background sync. Every interval it syncs what the writer has written (segments
+/// rotated away first, then the directory, then the active segment) and publishes how far the
+/// log is durable; the writer puts that mark in each BATCH frame. After a power loss, recovery
+/// then tells damage the OS never wrote back (after every mark that survived: dropped) from
+/// damage to synced data (corruption).
+mod syncer {
+    use std::fs::File;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use parking_lot::{Condvar, Mutex};
+
+    use super::LogPos;
+
+    pub(crate) struct Syncer {
+        dir: PathBuf,
+        state: Mutex<State>,
+        wake: Condvar,
+    }
+
+    struct State {
+        /// Segments rotated away since the last sync, oldest first.
+        older: Vec<Arc<File>>,
+        /// The active segment and where its last written batch ends.
+        active: Option<(Arc<File>, LogPos)>,
+        /// Every byte of the log before this was synced.
+        durable: LogPos,
+        stop: bool,
+    }
+
+    impl Syncer {
+        pub fn new(dir: PathBuf, durable: LogPos) -> Syncer {
+            Syncer {
+                dir,
+                state: Mutex::new(State {
+                    older: Vec::new(),
+                    active: None,
+                    durable,
+                    stop: false,
+                }),
+                wake: Condvar::new(),
+            }
+        }
+
+        pub fn durable(&self) -> LogPos {
+            self.state.lock().durable
+        }
+
+        /// The writer wrote a batch ending at `end` into `file`.
+        pub fn written(&self, file: &Arc<File>, end: LogPos) {
+            let mut s = self.state.lock();
+            match &mut s.active {
+                Some((f, pos)) if Arc::ptr_eq(f, file) => *pos = end,
+                active => *active = Some((file.clone(), end)),
+            }
+        }
+
+        /// The writer moved on to a new segment; `old` still needs its sync.
+        pub fn rotated(&self, old: Arc<File>) {
+            let mut s = self.state.lock();
+            if let Some((f, _)) = s.active.take() {
+                s.older.push(f);
+            } else {
+                s.older.push(old);
+            }
+        }
+
+        /// Syncs once more and ends `run`.
+        pub fn stop(&self) {
+            self.state.lock().stop = true;
+            self.wake.notify_one();
+        }
+
+        pub fn run(&self, interval: Duration) {
+            let mut s = self.state.lock();
+            loop {
+                if !s.stop {
+                    self.wake.wait_for(&mut s, interval);
+                }
+                let stop = s.stop;
+                let older = std::mem::take(&mut s.older);
+                let active = s.active.clone();
+                let synced = parking_lot::MutexGuard::unlocked(&mut s, || {
+                    self.sync(&older, active.as_ref().map(|(f, _)| f))
+                });
+                match synced {
+                    Ok(()) => {
+                        if let Some((_, pos)) = active {
+                            s.durable = s.durable.max(pos);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "background sync of the log failed; will retry");
+                        // Synced again next time, before the mark may move past them.
+                        let newer = std::mem::replace(&mut s.older, older);
+                        s.older.extend(newer);
+                    }
+                }
+                if stop {
+                    break;
+                }
+            }
+        }
+
+        fn sync(&self, older: &[Arc<File>], active: Option<&Arc<File>>) -> std::io::Result<()> {
+            for f in older {
+                f.sync_data()?;
+            }
+            if !older.is_empty() {
+                // The new segment's directory entry, so that a mark inside it holds.
+                File::open(&self.dir)?.sync_all()?;
+            }
+            if let Some(f) = active {
+                f.sync_data()?;
+            }
+            Ok(())
         }
     }
 }

@@ -109,6 +109,8 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
             newest_version = version;
         }
         let mut pos = header_len;
+        let mut damage = None;
+        let mut batches = 0usize;
         while pos < data.len() {
             // The writer extends a segment's file ahead of its frames, so a file may end in
             // zeros: free space, not data (a frame is never all zeros: its kind byte is not 0).
@@ -129,49 +131,62 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                         apply(&mut streams, decoded, id, at as u64, &path)?;
                     }
                     last_batch = seq.or(last_batch);
+                    batches += 1;
                     pos = end;
                 }
-                Err((at, err)) => {
-                    let torn = if version == 1 {
-                        last && !frame_after(&data[at..])
-                    } else {
-                        !vouched(&data[at..], (id, at as u64), dir, &ids[n + 1..])?
-                    };
-                    if !torn {
-                        let why = match err {
-                            FrameError::Truncated => "frame cut short".to_owned(),
-                            FrameError::Bad(why) => why,
-                        };
-                        return Err(corrupt(&path, at as u64, why));
-                    }
-                    // Nothing of the batch was acknowledged: acknowledgement comes only after
-                    // the write (and, in file-durable, the sync) of the whole batch.
-                    tracing::warn!(
-                        file = %path.display(),
-                        at = pos,
-                        damaged_at = at,
-                        dropped = data.len() - pos,
-                        "truncating a torn write at the end of the log"
-                    );
-                    truncate(&path, pos as u64, durable)?;
-                    // Later segments hold only batches written after the torn one (file-fast,
-                    // whose marks show they were never synced): they go with it.
-                    for &later in &ids[n + 1..] {
-                        let later = segment_path(dir, later);
-                        tracing::warn!(file = %later.display(), "removing a segment written after a torn write");
-                        std::fs::remove_file(&later).map_err(|source| StorageError::Io {
-                            what: later.display().to_string(),
-                            source,
-                        })?;
-                    }
-                    if n + 1 < ids.len() {
-                        sync_dir(dir)?;
-                        newest_version = version;
-                    }
-                    cut = true;
+                Err(e) => {
+                    damage = Some(e);
                     break;
                 }
             }
+        }
+        // A segment is rotated only after a batch went into it, so one with none before a newer
+        // segment lost its batches (file-fast: never synced) or was damaged.
+        if damage.is_none() && version >= 2 && !last && batches == 0 {
+            damage = Some((
+                header_len,
+                FrameError::Bad("a segment with no batch before a newer segment".into()),
+            ));
+        }
+        if let Some((at, err)) = damage {
+            let torn = if version == 1 {
+                last && !frame_after(&data[at..])
+            } else {
+                !vouched(&data[at..], (id, at as u64), dir, &ids[n + 1..])?
+            };
+            if !torn {
+                let why = match err {
+                    FrameError::Truncated => "frame cut short".to_owned(),
+                    FrameError::Bad(why) => why,
+                };
+                return Err(corrupt(&path, at as u64, why));
+            }
+            // Never synced, so never acknowledged in file-durable (acknowledgement comes after
+            // the batch's sync); in file-fast, acknowledged after the last background sync,
+            // which is what the mode's promise lets a power loss take.
+            tracing::warn!(
+                file = %path.display(),
+                at = pos,
+                damaged_at = at,
+                dropped = data.len() - pos,
+                "truncating a torn write at the end of the log"
+            );
+            truncate(&path, pos as u64, durable)?;
+            // Later segments hold only batches written after the torn one (file-fast, whose
+            // marks show they were never synced): they go with it.
+            for &later in &ids[n + 1..] {
+                let later = segment_path(dir, later);
+                tracing::warn!(file = %later.display(), "removing a segment written after a torn write");
+                std::fs::remove_file(&later).map_err(|source| StorageError::Io {
+                    what: later.display().to_string(),
+                    source,
+                })?;
+            }
+            if n + 1 < ids.len() {
+                sync_dir(dir)?;
+                newest_version = version;
+            }
+            cut = true;
         }
         segments.push(Segment {
             id,
@@ -256,15 +271,19 @@ fn frame_after(rest: &[u8]) -> bool {
 /// covers was never synced: a torn write, whatever intact frames follow it, since the pages of
 /// unsynced writes reach the disk in any order.
 fn vouched(rest: &[u8], damaged: LogPos, dir: &Path, later: &[u32]) -> Result<bool, StorageError> {
-    let covers = |bytes: &[u8]| {
+    // A mark counts only if it lies between the damage and the frame carrying it: a batch
+    // never vouches for bytes after itself, so a frame that stream data merely resembles
+    // cannot claim more than the log before it.
+    let covers = |bytes: &[u8], seg: u32, base: u64| {
         candidates(bytes).any(|q| {
             matches!(
                 frame::decode(&bytes[q..]),
-                Ok((Decoded::Batch { durable, .. }, _)) if durable > damaged
+                Ok((Decoded::Batch { durable, .. }, _))
+                    if durable > damaged && durable <= (seg, base + q as u64)
             )
         })
     };
-    if covers(rest) {
+    if covers(rest, damaged.0, damaged.1) {
         return Ok(true);
     }
     for &id in later {
@@ -276,7 +295,7 @@ fn vouched(rest: &[u8], damaged: LogPos, dir: &Path, later: &[u32]) -> Result<bo
         let body = data
             .get(frame::SEGMENT_HEADER_LEN as usize..)
             .unwrap_or_default();
-        if covers(body) {
+        if covers(body, id, frame::SEGMENT_HEADER_LEN) {
             return Ok(true);
         }
     }

@@ -418,6 +418,144 @@ async fn file_fast_tear_in_an_older_segment_removes_the_segments_after_it() {
     assert_eq!(std::fs::metadata(&seg1).unwrap().len(), start as u64);
 }
 
+/// A file-fast segment whose batches never reached the disk (its header did: it is synced at
+/// rotation) reads as empty; the newer segments after it hold later appends of the same
+/// streams. Recovery must not keep those without what came before them.
+#[tokio::test]
+async fn file_fast_an_older_segment_that_lost_its_batches_takes_the_later_ones_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = FileOptions {
+        segment_bytes: 4096,
+        ..fast_unsynced()
+    };
+    let chunk: &'static [u8] = Box::leak(vec![b'q'; 1500].into_boxed_slice());
+    {
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        for i in 0..8u64 {
+            log.append(append(i * 1500, chunk)).await.unwrap();
+        }
+    }
+    let wal_dir = wal_dir(dir.path());
+    let count = || std::fs::read_dir(&wal_dir).unwrap().count();
+    assert!(count() >= 3);
+    let seg1 = wal::segment_path(&wal_dir, 1);
+    let mut bytes = std::fs::read(&seg1).unwrap();
+    bytes[frame::SEGMENT_HEADER_LEN as usize..].fill(0);
+    std::fs::write(&seg1, &bytes).unwrap();
+    let store = FileStorage::open(dir.path(), opts).unwrap();
+    let recovered = store.recover().unwrap();
+    assert!(
+        recovered.is_empty(),
+        "the stream's creation was lost with segment 1"
+    );
+    assert_eq!(count(), 1, "the segments after the lost one are gone");
+}
+
+/// In file-durable every later batch vouches for all before it: damage in an older segment is
+/// corruption.
+#[tokio::test]
+async fn file_durable_damage_in_an_older_segment_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = FileOptions {
+        segment_bytes: 4096,
+        ..options(true)
+    };
+    let chunk: &'static [u8] = Box::leak(vec![b'r'; 1500].into_boxed_slice());
+    {
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        for i in 0..8u64 {
+            log.append(append(i * 1500, chunk)).await.unwrap();
+        }
+    }
+    let seg1 = wal::segment_path(&wal_dir(dir.path()), 1);
+    let mut bytes = std::fs::read(&seg1).unwrap();
+    let (start, _) = batches(&bytes)[2];
+    bytes[start + frame::BATCH_FRAME_LEN + 40] ^= 0x10;
+    std::fs::write(&seg1, &bytes).unwrap();
+    let err = FileStorage::open(dir.path(), opts)
+        .err()
+        .expect("damage to synced data must stop start-up")
+        .to_string();
+    assert!(err.contains("0000000001.seg"), "{err}");
+}
+
+/// Stream data may contain bytes that decode as a BATCH frame. Its mark is believed only up to
+/// its own position, so a crafted frame cannot turn a torn write into a refusal to start.
+#[tokio::test]
+async fn a_batch_frame_inside_stream_data_cannot_vouch_for_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let forged: &'static [u8] = Box::leak(
+        frame::encode_batch(u64::MAX, 0, (u32::MAX, u64::MAX))
+            .to_vec()
+            .into_boxed_slice(),
+    );
+    {
+        let store = FileStorage::open(dir.path(), fast_unsynced()).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        log.append(append(0, b"a")).await.unwrap();
+        log.append(append(1, b"b")).await.unwrap();
+        log.append(append(2, forged)).await.unwrap();
+    }
+    let seg = wal::segment_path(&wal_dir(dir.path()), 1);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let marks = batches(&bytes);
+    // "b" never reached the disk; the batch holding the forged frame did.
+    let (b_start, _) = marks[2];
+    bytes[b_start..marks[3].0].fill(0);
+    std::fs::write(&seg, &bytes).unwrap();
+    let store = FileStorage::open(dir.path(), fast_unsynced())
+        .unwrap_or_else(|e| panic!("a forged mark must not stop start-up: {e}"));
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered[0].state.tail, 1);
+}
+
+/// file-fast deletes a dead segment only once the REMOVE that killed it is durable: a power
+/// loss must never keep the deletion and lose what allowed it.
+#[tokio::test]
+async fn file_fast_deletes_a_dead_segment_only_after_its_remove_is_synced() {
+    for (interval, deleted) in [(3_600_000u64, false), (5, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = FileOptions {
+            segment_bytes: 4096,
+            fast_sync_interval: std::time::Duration::from_millis(interval),
+            ..options(false)
+        };
+        let chunk: &'static [u8] = Box::leak(vec![b's'; 1500].into_boxed_slice());
+        let store = FileStorage::open(dir.path(), opts).unwrap();
+        let (doomed, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        // Two chunks fill segment 1; the third starts segment 2, where the other stream lives.
+        for i in 0..3u64 {
+            doomed.append(append(i * 1500, chunk)).await.unwrap();
+        }
+        let (other, c) = store.create(&meta(2), vec![], None).unwrap();
+        c.await.unwrap();
+        other.append(append(0, chunk)).await.unwrap();
+        doomed.remove().await.unwrap();
+        let seg1 = wal::segment_path(&wal_dir(dir.path()), 1);
+        // Keep writing; with a short interval the syncer passes the REMOVE and a later batch
+        // runs the clean-up (liveness: up to 1000 appends, 10 ms apart).
+        let mut tail = 1500;
+        for _ in 0..1000 {
+            other.append(append(tail, b"x")).await.unwrap();
+            tail += 1;
+            if !seg1.exists() {
+                break;
+            }
+            if !deleted && tail > 1520 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(!seg1.exists(), deleted, "sync interval {interval} ms");
+    }
+}
+
 /// Segments written by a build before batches (format version 1: frames without BATCH frames)
 /// are read; new batches go to a new segment of the current version.
 #[tokio::test]

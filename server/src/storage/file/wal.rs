@@ -80,8 +80,9 @@ pub(crate) struct Wal {
     dir: PathBuf,
     durable: bool,
     tx: Mutex<Option<mpsc::Sender<Pending>>>,
-    /// Set after a failed write: the log's tail is unknown until restart.
-    failed: AtomicBool,
+    /// Set after a failed write or background sync: the log's tail (or what is on disk) is
+    /// unknown until restart.
+    failed: Arc<AtomicBool>,
     /// Open segment files for reads, bounded by `max_open_files`.
     readers: Mutex<lru_files::Files>,
     pub(crate) cache: CacheBudget,
@@ -142,6 +143,7 @@ impl Wal {
                 .map_err(io_err(&path))?,
         );
         let (tx, rx) = mpsc::channel::<Pending>();
+        let failed = Arc::new(AtomicBool::new(false));
         // file-fast: what recovery read may be only in the page cache (after a `kill -9`), so
         // it is synced once here; the durable mark starts at its end.
         let syncer = if options.durable {
@@ -155,13 +157,17 @@ impl Wal {
             }
             sync_dir(&dir)?;
             let end = segments.last().map_or(frame::SEGMENT_HEADER_LEN, |s| s.len);
-            Some(Arc::new(syncer::Syncer::new(dir.clone(), (active, end))))
+            Some(Arc::new(syncer::Syncer::new(
+                dir.clone(),
+                (active, end),
+                failed.clone(),
+            )))
         };
         let wal = Arc::new(Wal {
             dir: dir.clone(),
             durable: options.durable,
             tx: Mutex::new(Some(tx)),
-            failed: AtomicBool::new(false),
+            failed: failed.clone(),
             readers: Mutex::new(lru_files::Files::new(options.max_open_files.max(1))),
             cache: CacheBudget::new(options.cache_bytes),
             read_buffers: Arc::new(read_buffers::Pool::default()),
@@ -181,6 +187,7 @@ impl Wal {
             file,
             next_batch: last_batch + 1,
             syncer,
+            clean_after: None,
         };
         let handle = std::thread::Builder::new()
             .name("ds-wal-writer".into())
@@ -335,6 +342,11 @@ struct Writer {
     next_batch: u64,
     /// `file-fast`: the background sync, told what is written and asked what is durable.
     syncer: Option<Arc<syncer::Syncer>>,
+    /// Segments may have died (every stream in them removed) once the log up to here is
+    /// durable. In file-fast the REMOVE frames that kill a segment are not synced when written,
+    /// so its file is deleted only after the background sync has passed them: a power loss
+    /// must never keep a deletion and lose what allowed it.
+    clean_after: Option<LogPos>,
 }
 
 impl Writer {
@@ -369,7 +381,10 @@ impl Writer {
                         self.apply(&wal, p.op, seg, off);
                         let _ = p.done.send(Ok(()));
                     }
-                    if removed_any && let Err(e) = self.clean_segments(&wal) {
+                    if removed_any {
+                        self.request_clean();
+                    }
+                    if let Err(e) = self.clean_when_durable(&wal) {
                         tracing::warn!(error = %e, "segment clean-up failed");
                     }
                 }
@@ -389,8 +404,8 @@ impl Writer {
 
     /// Writes the batch (`bytes` long, with its BATCH frame) at the end of the active segment;
     /// returns where each frame landed. Recovery relies on the order kept here: in
-    /// `file-durable` a batch is written only after the previous one is synced, so damage
-    /// followed by a later batch is corruption, never a torn write (`recover::batch_after`).
+    /// `file-durable` a batch is written only after the previous one is synced, and the BATCH
+    /// frame's durable mark says so (`recover::vouched`).
     fn write_batch(
         &mut self,
         wal: &Wal,
@@ -459,7 +474,9 @@ impl Writer {
 
     fn rotate(&mut self, wal: &Wal) -> Result<(), StorageError> {
         let next = self.segments.last().map_or(1, |s| s.id + 1);
-        let seg = create_segment(&self.dir, next, self.durable)?;
+        // Synced in file-fast too (once per segment): a power loss must not leave a segment
+        // whose size reached the disk and whose header did not.
+        let seg = create_segment(&self.dir, next, true)?;
         let path = segment_path(&self.dir, next);
         let file = File::options()
             .write(true)
@@ -472,6 +489,27 @@ impl Writer {
         self.allocated = seg.len;
         self.segments.push(seg);
         // The old active segment may already be clean (everything in it removed).
+        self.request_clean();
+        self.clean_when_durable(wal)
+    }
+
+    /// Asks for a clean-up once everything written so far is durable.
+    fn request_clean(&mut self) {
+        let end = self.segments.last().map_or((0, 0), |s| (s.id, s.len));
+        self.clean_after = Some(self.clean_after.map_or(end, |p| p.max(end)));
+    }
+
+    /// Runs a requested clean-up if what asked for it is durable (always, in file-durable).
+    fn clean_when_durable(&mut self, wal: &Wal) -> Result<(), StorageError> {
+        let Some(after) = self.clean_after else {
+            return Ok(());
+        };
+        if let Some(syncer) = &self.syncer
+            && syncer.durable() < after
+        {
+            return Ok(());
+        }
+        self.clean_after = None;
         self.clean_segments(wal)
     }
 
@@ -543,7 +581,7 @@ impl Writer {
             std::fs::remove_file(&path).map_err(io_err(&path))?;
             deleted = true;
         }
-        if deleted && self.durable {
+        if deleted {
             sync_dir(&self.dir)?;
         }
         Ok(())
@@ -713,6 +751,7 @@ mod syncer {
     use std::fs::File;
     use std::path::PathBuf;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use parking_lot::{Condvar, Mutex};
@@ -721,6 +760,8 @@ mod syncer {
 
     pub(crate) struct Syncer {
         dir: PathBuf,
+        /// The log's: set when a sync fails, which refuses further writes.
+        failed: Arc<AtomicBool>,
         state: Mutex<State>,
         wake: Condvar,
     }
@@ -736,9 +777,10 @@ mod syncer {
     }
 
     impl Syncer {
-        pub fn new(dir: PathBuf, durable: LogPos) -> Syncer {
+        pub fn new(dir: PathBuf, durable: LogPos, failed: Arc<AtomicBool>) -> Syncer {
             Syncer {
                 dir,
+                failed,
                 state: Mutex::new(State {
                     older: Vec::new(),
                     active: None,
@@ -797,10 +839,12 @@ mod syncer {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "background sync of the log failed; will retry");
-                        // Synced again next time, before the mark may move past them.
-                        let newer = std::mem::replace(&mut s.older, older);
-                        s.older.extend(newer);
+                        // After a failed sync the kernel may have dropped the dirty pages, so a
+                        // retry could succeed over lost data: the mark never moves again, and
+                        // the log refuses writes until a restart recovers it.
+                        tracing::error!(error = %e, "background sync of the log failed; refusing writes until restart");
+                        self.failed.store(true, Ordering::Relaxed);
+                        return;
                     }
                 }
                 if stop {

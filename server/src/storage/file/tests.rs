@@ -990,3 +990,190 @@ mod model {
         }
     }
 }
+
+/// file-fast power losses at random points against an in-memory history: recovery must always
+/// come back with a prefix of the log (in the order appends were acknowledged) that keeps at
+/// least everything synced before the loss, and the store must go on working.
+mod fast_power_loss {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Append {
+            stream: u64,
+            len: usize,
+        },
+        Reopen,
+        /// Sectors after the last synced position that never reached the disk: which segment
+        /// (from the first written since the last start), where in it, how many.
+        PowerLoss {
+            segment: usize,
+            at: u64,
+            sectors: u64,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0..3u64, 1..300usize).prop_map(|(stream, len)| Step::Append { stream, len }),
+            1 => Just(Step::Reopen),
+            2 => (0..4usize, any::<u64>(), 1..4u64)
+                .prop_map(|(segment, at, sectors)| Step::PowerLoss { segment, at, sectors }),
+        ]
+    }
+
+    fn opts() -> FileOptions {
+        FileOptions {
+            durable: false,
+            segment_bytes: 1024,
+            max_open_files: 3,
+            cache_bytes: 256,
+            // Never during a case: what is synced is what the last start synced.
+            fast_sync_interval: std::time::Duration::from_secs(3600),
+        }
+    }
+
+    /// Stream contents after the first `k` operations of the history.
+    fn state(history: &[(u64, Option<Vec<u8>>)], k: usize) -> BTreeMap<u64, Vec<u8>> {
+        let mut out: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for (id, data) in &history[..k] {
+            let s = out.entry(*id).or_default();
+            if let Some(d) = data {
+                s.extend_from_slice(d);
+            }
+        }
+        out
+    }
+
+    /// The newest segment and where its frames end: the log's end, synced at start-up.
+    fn log_end(dir: &std::path::Path) -> (u32, u64) {
+        let mut segs: Vec<_> = std::fs::read_dir(wal_dir(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort();
+        let newest = segs.last().unwrap();
+        let id: u32 = newest
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (id, data_end(&std::fs::read(newest).unwrap()) as u64)
+    }
+
+    async fn reopen(
+        dir: &std::path::Path,
+    ) -> (
+        FileStorage,
+        BTreeMap<u64, Arc<dyn StreamLog>>,
+        BTreeMap<u64, Vec<u8>>,
+    ) {
+        let store = FileStorage::open(dir, opts()).expect("a power loss must never stop start-up");
+        let mut logs = BTreeMap::new();
+        let mut got = BTreeMap::new();
+        for r in store.recover().unwrap() {
+            got.insert(r.meta.id, read_all(&r.log, r.state.tail).await);
+            logs.insert(r.meta.id, r.log);
+        }
+        (store, logs, got)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+        #[test]
+        fn recovery_after_a_power_loss_is_a_prefix_keeping_everything_synced(
+            steps in proptest::collection::vec(step(), 1..50)
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                // Every acknowledged operation in log order: (stream id, appended data or None
+                // for its creation).
+                let mut history: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+                let (mut store, mut logs, _) = reopen(dir.path()).await;
+                let mut synced_ops = 0;
+                let mut synced_at = log_end(dir.path());
+                let mut slot: BTreeMap<u64, u64> = BTreeMap::new();
+                let mut next_id = 1;
+                for step in steps {
+                    match step {
+                        Step::Append { stream, len } => {
+                            let id = match slot.get(&stream) {
+                                Some(id) if logs.contains_key(id) => *id,
+                                _ => {
+                                    let id = next_id;
+                                    next_id += 1;
+                                    let (log, c) = store.create(&meta(id), vec![], None).unwrap();
+                                    c.await.unwrap();
+                                    logs.insert(id, log);
+                                    history.push((id, None));
+                                    slot.insert(stream, id);
+                                    id
+                                }
+                            };
+                            let tail = state(&history, history.len())[&id].len() as u64;
+                            let data = vec![(history.len() % 251) as u8 + 1; len];
+                            logs[&id].append(AppendEntry {
+                                start: tail,
+                                data: Some(Bytes::from(data.clone())),
+                                ..AppendEntry::default()
+                            }).await.unwrap();
+                            history.push((id, Some(data)));
+                        }
+                        Step::Reopen => {
+                            drop(std::mem::take(&mut logs));
+                            drop(store);
+                            let (s, l, got) = reopen(dir.path()).await;
+                            assert_eq!(got, state(&history, history.len()), "a clean restart keeps everything");
+                            (store, logs) = (s, l);
+                            synced_ops = history.len();
+                            synced_at = log_end(dir.path());
+                        }
+                        Step::PowerLoss { segment, at, sectors } => {
+                            drop(std::mem::take(&mut logs));
+                            drop(store);
+                            // Lose sectors written after the last start (its sync covered the
+                            // rest), in that segment or a later one.
+                            let seg = synced_at.0 + segment as u32;
+                            let path = wal::segment_path(&wal_dir(dir.path()), seg);
+                            if let Ok(mut bytes) = std::fs::read(&path) {
+                                let from = if seg == synced_at.0 { synced_at.1 } else { frame::SEGMENT_HEADER_LEN };
+                                let end = data_end(&bytes) as u64;
+                                if end > from {
+                                    let start = (from + at % (end - from)) / 512 * 512;
+                                    let start = start.max(from);
+                                    let stop = ((start / 512 + sectors) * 512).min(bytes.len() as u64);
+                                    bytes[start as usize..stop as usize].fill(0);
+                                    std::fs::write(&path, &bytes).unwrap();
+                                }
+                            }
+                            let (s, l, got) = reopen(dir.path()).await;
+                            let k = (synced_ops..=history.len())
+                                .find(|&k| {
+                                    let want: BTreeMap<u64, Vec<u8>> = state(&history, k)
+                                        .into_iter()
+                                        .collect();
+                                    want == got
+                                });
+                            let Some(k) = k else {
+                                panic!("recovered {got:?} is no prefix of the log keeping the {synced_ops} synced operations");
+                            };
+                            history.truncate(k);
+                            slot.retain(|_, id| got.contains_key(id));
+                            (store, logs) = (s, l);
+                            synced_ops = history.len();
+                            synced_at = log_end(dir.path());
+                        }
+                    }
+                }
+            });
+        }
+    }
+}

@@ -382,6 +382,23 @@ async fn file_fast_syncs_in_the_background_and_later_batches_say_so() {
     assert!(covered, "no batch carried a mark past the first appends");
 }
 
+/// Creates stream 1 and appends eight 1 500-byte chunks of `byte` (with 4 KiB segments: two
+/// chunks a segment, so several segments); returns the chunk.
+async fn one_stream_over_segments(
+    dir: &std::path::Path,
+    opts: &FileOptions,
+    byte: u8,
+) -> &'static [u8] {
+    let chunk: &'static [u8] = Box::leak(vec![byte; 1500].into_boxed_slice());
+    let store = FileStorage::open(dir, opts.clone()).unwrap();
+    let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+    c.await.unwrap();
+    for i in 0..8u64 {
+        log.append(append(i * 1500, chunk)).await.unwrap();
+    }
+    chunk
+}
+
 /// In file-fast a torn write can sit in an older segment (rotated, not yet synced) with newer
 /// segments after it; their marks show they were never synced either: they are removed.
 #[tokio::test]
@@ -391,15 +408,7 @@ async fn file_fast_tear_in_an_older_segment_removes_the_segments_after_it() {
         segment_bytes: 4096,
         ..fast_unsynced()
     };
-    let chunk: &'static [u8] = Box::leak(vec![b'z'; 1500].into_boxed_slice());
-    {
-        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
-        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
-        c.await.unwrap();
-        for i in 0..8u64 {
-            log.append(append(i * 1500, chunk)).await.unwrap();
-        }
-    }
+    let chunk = one_stream_over_segments(dir.path(), &opts, b'z').await;
     let wal_dir = wal_dir(dir.path());
     let count = || std::fs::read_dir(&wal_dir).unwrap().count();
     assert!(count() >= 3, "the appends span several segments");
@@ -428,15 +437,7 @@ async fn file_fast_an_older_segment_that_lost_its_batches_takes_the_later_ones_w
         segment_bytes: 4096,
         ..fast_unsynced()
     };
-    let chunk: &'static [u8] = Box::leak(vec![b'q'; 1500].into_boxed_slice());
-    {
-        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
-        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
-        c.await.unwrap();
-        for i in 0..8u64 {
-            log.append(append(i * 1500, chunk)).await.unwrap();
-        }
-    }
+    one_stream_over_segments(dir.path(), &opts, b'q').await;
     let wal_dir = wal_dir(dir.path());
     let count = || std::fs::read_dir(&wal_dir).unwrap().count();
     assert!(count() >= 3);
@@ -462,15 +463,7 @@ async fn file_durable_damage_in_an_older_segment_refuses_to_start() {
         segment_bytes: 4096,
         ..options(true)
     };
-    let chunk: &'static [u8] = Box::leak(vec![b'r'; 1500].into_boxed_slice());
-    {
-        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
-        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
-        c.await.unwrap();
-        for i in 0..8u64 {
-            log.append(append(i * 1500, chunk)).await.unwrap();
-        }
-    }
+    one_stream_over_segments(dir.path(), &opts, b'r').await;
     let seg1 = wal::segment_path(&wal_dir(dir.path()), 1);
     let mut bytes = std::fs::read(&seg1).unwrap();
     let (start, _) = batches(&bytes)[2];

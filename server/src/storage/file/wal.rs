@@ -30,9 +30,10 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 /// it, with written zeros where that pays (`ZERO_FILL_BELOW`). An append that moves the end of
 /// a file makes `fdatasync` write the inode as well as the data (a second I/O on ext4 without a
 /// journal, a journal commit with one), and so does a write into a hole (`ftruncate`) or an
-/// unwritten extent (`fallocate`), which allocates or converts blocks. Extending ahead with real zeros makes most batches pure
-/// overwrites of allocated blocks, whose sync writes only data: here 145 µs per small sync
-/// against 177 µs into a hole and about 330 µs at the end of the file.
+/// unwritten extent (`fallocate`), which allocates or converts blocks. Extending ahead with
+/// real zeros makes most batches pure overwrites of allocated blocks, whose sync writes only
+/// data: here 145 µs per small sync against 177 µs into a hole and about 330 µs at the end of
+/// the file.
 pub(crate) const GROW_STEP: u64 = 4 << 20;
 /// The extension is written as zeros only in `file-durable` and only when the batch that needs
 /// it is smaller than this. Zeros pay off where a sync's fixed cost dominates (small batches);
@@ -112,6 +113,19 @@ pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         })
 }
 
+fn spawn(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, StorageError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| StorageError::Io {
+            what: format!("thread {name}"),
+            source,
+        })
+}
+
 fn io_err(what: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
         what: what.display().to_string(),
@@ -157,11 +171,7 @@ impl Wal {
             }
             sync_dir(&dir)?;
             let end = segments.last().map_or(frame::SEGMENT_HEADER_LEN, |s| s.len);
-            Some(Arc::new(syncer::Syncer::new(
-                dir.clone(),
-                (active, end),
-                failed.clone(),
-            )))
+            Some(Arc::new(syncer::Syncer::new((active, end), failed.clone())))
         };
         let wal = Arc::new(Wal {
             dir: dir.clone(),
@@ -189,25 +199,11 @@ impl Wal {
             syncer,
             clean_after: None,
         };
-        let handle = std::thread::Builder::new()
-            .name("ds-wal-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|source| StorageError::Io {
-                what: "writer thread".into(),
-                source,
-            })?;
-        *wal.writer.lock() = Some(handle);
+        *wal.writer.lock() = Some(spawn("ds-wal-writer", move || writer.run(rx))?);
         if let Some((syncer, slot)) = &wal.syncer {
             let syncer = syncer.clone();
             let interval = options.fast_sync_interval;
-            let handle = std::thread::Builder::new()
-                .name("ds-wal-sync".into())
-                .spawn(move || syncer.run(interval))
-                .map_err(|source| StorageError::Io {
-                    what: "sync thread".into(),
-                    source,
-                })?;
-            *slot.lock() = Some(handle);
+            *slot.lock() = Some(spawn("ds-wal-sync", move || syncer.run(interval))?);
         }
         Ok(wal)
     }
@@ -743,13 +739,12 @@ mod read_buffers {
 }
 
 /// `file-fast`'s background sync. Every interval it syncs what the writer has written (segments
-/// rotated away first, then the directory, then the active segment) and publishes how far the
-/// log is durable; the writer puts that mark in each BATCH frame. After a power loss, recovery
+/// rotated away first, then the active segment; a new segment's header and directory entry are
+/// synced when it is created) and publishes how far the log is durable; the writer puts that mark in each BATCH frame. After a power loss, recovery
 /// then tells damage the OS never wrote back (after every mark that survived: dropped) from
 /// damage to synced data (corruption).
 mod syncer {
     use std::fs::File;
-    use std::path::PathBuf;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
@@ -759,7 +754,6 @@ mod syncer {
     use super::LogPos;
 
     pub(crate) struct Syncer {
-        dir: PathBuf,
         /// The log's: set when a sync fails, which refuses further writes.
         failed: Arc<AtomicBool>,
         state: Mutex<State>,
@@ -777,9 +771,8 @@ mod syncer {
     }
 
     impl Syncer {
-        pub fn new(dir: PathBuf, durable: LogPos, failed: Arc<AtomicBool>) -> Syncer {
+        pub fn new(durable: LogPos, failed: Arc<AtomicBool>) -> Syncer {
             Syncer {
-                dir,
                 failed,
                 state: Mutex::new(State {
                     older: Vec::new(),
@@ -807,11 +800,8 @@ mod syncer {
         /// The writer moved on to a new segment; `old` still needs its sync.
         pub fn rotated(&self, old: Arc<File>) {
             let mut s = self.state.lock();
-            if let Some((f, _)) = s.active.take() {
-                s.older.push(f);
-            } else {
-                s.older.push(old);
-            }
+            s.active = None;
+            s.older.push(old);
         }
 
         /// Syncs once more and ends `run`.
@@ -830,7 +820,10 @@ mod syncer {
                 let older = std::mem::take(&mut s.older);
                 let active = s.active.clone();
                 let synced = parking_lot::MutexGuard::unlocked(&mut s, || {
-                    self.sync(&older, active.as_ref().map(|(f, _)| f))
+                    older
+                        .iter()
+                        .chain(active.as_ref().map(|(f, _)| f))
+                        .try_for_each(|f| f.sync_data())
                 });
                 match synced {
                     Ok(()) => {
@@ -851,20 +844,6 @@ mod syncer {
                     break;
                 }
             }
-        }
-
-        fn sync(&self, older: &[Arc<File>], active: Option<&Arc<File>>) -> std::io::Result<()> {
-            for f in older {
-                f.sync_data()?;
-            }
-            if !older.is_empty() {
-                // The new segment's directory entry, so that a mark inside it holds.
-                File::open(&self.dir)?.sync_all()?;
-            }
-            if let Some(f) = active {
-                f.sync_data()?;
-            }
-            Ok(())
         }
     }
 }

@@ -152,7 +152,7 @@ about() {
     ds-memory) echo "in RAM; lost on restart" ;;
     ds-file-fast) echo "written to the OS page cache, synced in the background every second; survives a process crash, a power loss takes about the last second" ;;
     ds-file-durable) echo "fdatasync'd before the response (group commit)" ;;
-    ds-acid) echo "committed in a redb transaction with immediate durability" ;;
+    ds-acid) echo "synced in the commit log shared by all shards (redb checkpointed)" ;;
     node-memory) echo "@durable-streams/server $NODE_SERVER_VERSION, in-memory store (the reference implementation)" ;;
     node-file) echo "@durable-streams/server $NODE_SERVER_VERSION, file-backed store (log files + LMDB): fdatasync per append, coalesced per file" ;;
     electric-wal) echo "durable-streams $ELECTRIC_VERSION \`--durability wal\` (its default): group-commit fdatasync of a sharded WAL before the ack" ;;

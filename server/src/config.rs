@@ -79,6 +79,7 @@ pub struct StorageConfig {
     #[serde(with = "humantime_serde")]
     pub fast_sync_interval: Duration,
     pub acid_shard_count: u32,
+    pub acid_commit_log: bool,
 }
 
 /// Where streams live and what "acknowledged" promises.
@@ -135,6 +136,7 @@ impl Default for StorageConfig {
             max_open_files: 256,
             fast_sync_interval: Duration::from_secs(1),
             acid_shard_count: 16,
+            acid_commit_log: true,
         }
     }
 }
@@ -231,7 +233,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_STORAGE__SEGMENT_BYTES",
         default: "67108864",
-        doc: "File modes: size at which the write-ahead log starts a new segment file (the active file is extended 4 MiB at a time ahead of its data, so syncs overwrite instead of growing the file).",
+        doc: "File modes: size at which the write-ahead log starts a new segment file (the active file is extended 4 MiB at a time ahead of its data, so syncs overwrite instead of growing the file). `acid`: size at which the commit log starts a new segment and checkpoints every shard.",
     },
     KeyDoc {
         env: "DS_STORAGE__MAX_OPEN_FILES",
@@ -247,6 +249,11 @@ pub const KEYS: &[KeyDoc] = &[
         env: "DS_STORAGE__ACID_SHARD_COUNT",
         default: "16",
         doc: "`acid`: number of redb shards (power of two, 1 to 256); fixed when the directory is created.",
+    },
+    KeyDoc {
+        env: "DS_STORAGE__ACID_COMMIT_LOG",
+        default: "true",
+        doc: "`acid`: acknowledge once the operation is synced in the commit log shared by all shards (one sync for all of them; redb is updated within ~10 ms and checkpointed when a segment fills); `false` syncs each shard's own redb commit instead. Both survive a power loss (see *Storage modes*).",
     },
     KeyDoc {
         env: "DS_TLS__CERT_PATH",

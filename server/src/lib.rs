@@ -191,6 +191,8 @@ fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
             storage::acid::AcidOptions {
                 shard_count: s.acid_shard_count,
                 cache_bytes,
+                commit_log: s.acid_commit_log,
+                log_segment_bytes: s.segment_bytes,
             },
         )?),
     };

@@ -11,7 +11,8 @@
 //! - an acknowledged close survives, and a close in flight is all or nothing;
 //! - an acknowledged fork exists with exactly the source's data up to its fork offset.
 //!
-//! `DS_CRASH_ROUNDS` sets the rounds per mode (default 10).
+//! `DS_CRASH_ROUNDS` sets the rounds per mode (default 10). acid runs twice: with the commit log
+//! (small segments, so that rolls and checkpoints happen under the kills) and with per-shard syncs.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -36,12 +37,21 @@ fn free_port() -> u16 {
 
 async fn start(mode: &str, dir: &std::path::Path) -> Server {
     let port = free_port();
+    // "acid" runs with the commit log (the default) and segments small enough to roll and
+    // checkpoint many times per round; "acid-per-shard" syncs each shard's redb commits.
+    let (storage_mode, commit_log, segment_bytes) = match mode {
+        "acid" => ("acid", "true", "16384"),
+        "acid-per-shard" => ("acid", "false", "67108864"),
+        other => (other, "true", "67108864"),
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_ds-server"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "warn")
         .env("DS_SERVER__PORT", port.to_string())
-        .env("DS_STORAGE__MODE", mode)
+        .env("DS_STORAGE__MODE", storage_mode)
+        .env("DS_STORAGE__ACID_COMMIT_LOG", commit_log)
+        .env("DS_STORAGE__SEGMENT_BYTES", segment_bytes)
         .env("DS_STORAGE__DATA_DIR", dir)
         .env("DS_STORAGE__ACID_SHARD_COUNT", "4")
         .env("DS_SERVER__LONG_POLL_TIMEOUT", "500ms")
@@ -419,4 +429,9 @@ async fn file_durable_keeps_every_acknowledged_write_across_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acid_keeps_every_acknowledged_write_across_kill_9() {
     crash_rounds("acid").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acid_per_shard_keeps_every_acknowledged_write_across_kill_9() {
+    crash_rounds("acid-per-shard").await;
 }

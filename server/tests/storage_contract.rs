@@ -20,16 +20,25 @@ enum Backend {
     Memory,
     FileFast,
     FileDurable,
+    /// With the commit log (the default).
     Acid,
+    /// With a synced redb commit per shard (`DS_STORAGE__ACID_COMMIT_LOG=false`).
+    AcidPerShard,
 }
 
-const ALL: [Backend; 4] = [
+const ALL: [Backend; 5] = [
     Backend::Memory,
     Backend::FileFast,
     Backend::FileDurable,
     Backend::Acid,
+    Backend::AcidPerShard,
 ];
-const DURABLE: [Backend; 3] = [Backend::FileFast, Backend::FileDurable, Backend::Acid];
+const DURABLE: [Backend; 4] = [
+    Backend::FileFast,
+    Backend::FileDurable,
+    Backend::Acid,
+    Backend::AcidPerShard,
+];
 
 fn open(backend: Backend, dir: &Path) -> Arc<dyn Storage> {
     let file = |durable| FileOptions {
@@ -48,8 +57,19 @@ fn open(backend: Backend, dir: &Path) -> Arc<dyn Storage> {
             AcidStorage::open(
                 dir,
                 AcidOptions {
-                    shard_count: 4,
-                    cache_bytes: 64,
+                    // Small, so that the contract tests roll segments and checkpoint.
+                    log_segment_bytes: 4096,
+                    ..AcidOptions::new(4, 64)
+                },
+            )
+            .expect("open"),
+        ),
+        Backend::AcidPerShard => Arc::new(
+            AcidStorage::open(
+                dir,
+                AcidOptions {
+                    commit_log: false,
+                    ..AcidOptions::new(4, 64)
                 },
             )
             .expect("open"),

@@ -132,33 +132,40 @@ impl TailCache {
         max_bytes: usize,
         split: bool,
     ) -> Option<Result<ReadChunk, StorageError>> {
-        let (first, end) = self.span()?;
-        if from < first || until > end {
-            return None;
-        }
-        let span = |i: usize| {
-            let (start, data) = &self.records[i];
-            (*start, data.len() as u64)
-        };
-        let planned = plan_read(
-            self.records.len(),
-            span,
-            first,
-            from,
-            until,
-            max_bytes,
-            split,
-        );
-        Some(planned.map(|(pieces, end)| {
-            ReadChunk {
-                parts: pieces
-                    .iter()
-                    .map(|p| self.records[p.record].1.slice(p.skip..p.skip + p.len))
-                    .collect(),
-                end,
-            }
-        }))
+        read_run(&self.records, from, until, max_bytes, split)
     }
+}
+
+/// Serves `[from, until)` from a contiguous run of records (oldest first, each starting where
+/// the previous one ends), with the read rules of [`plan_read`]; `None` unless the run holds the
+/// whole range.
+pub(crate) fn read_run(
+    records: &VecDeque<(u64, Bytes)>,
+    from: u64,
+    until: u64,
+    max_bytes: usize,
+    split: bool,
+) -> Option<Result<ReadChunk, StorageError>> {
+    let (first, _) = records.front()?;
+    let (last, data) = records.back()?;
+    let (first, end) = (*first, last + data.len() as u64);
+    if from < first || until > end {
+        return None;
+    }
+    let span = |i: usize| {
+        let (start, data) = &records[i];
+        (*start, data.len() as u64)
+    };
+    let planned = plan_read(records.len(), span, first, from, until, max_bytes, split);
+    Some(planned.map(|(pieces, end)| {
+        ReadChunk {
+            parts: pieces
+                .iter()
+                .map(|p| records[p.record].1.slice(p.skip..p.skip + p.len))
+                .collect(),
+            end,
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! `acid`: streams live in redb databases, one per shard; acknowledged means committed in a redb
-//! write transaction with immediate durability (synced to disk).
+//! `acid`: streams live in redb databases, one per shard; acknowledged means synced in the commit
+//! log ([`engine`], the default) or committed in a redb transaction with immediate durability.
 //!
 //! Layout: `acid-layout.json` records the shard count and the stream-to-shard hash (see
 //! [`layout`]); `shard-NNN.redb` are the shards. A stream lives wholly in one shard, chosen by a
@@ -21,6 +21,8 @@
 //! This module must not make protocol decisions: it persists what the stream layer decided.
 
 mod codec;
+mod commit_log;
+mod engine;
 mod gate;
 mod layout;
 mod writer;
@@ -28,6 +30,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +43,7 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::tail_cache::{CacheBudget, TailCache};
+use super::tail_cache::{CacheBudget, TailCache, read_run};
 use super::{
     AppendEntry, Commit, ProducerState, ProducerTuple, ReadChunk, Recovered, Storage, StorageError,
     StreamId, StreamLog, StreamMeta, WriterSnapshot, plan_read,
@@ -56,6 +59,11 @@ const STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("state");
 const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("producers");
 /// (stream id, start position) → record data + CRC-32C.
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
+
+/// The commit log's checkpoint mark: [`LAST_RECORD`] → the number of the last commit log record
+/// this shard's durable state holds (records up to it are not replayed).
+const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
+const LAST_RECORD: &str = "last_record";
 
 /// Page cache redb may use across all shards together (split evenly).
 const CACHE_BYTES_TOTAL: usize = 256 << 20;
@@ -90,6 +98,25 @@ pub struct AcidOptions {
     pub shard_count: u32,
     /// RAM for the newest records of all streams together.
     pub cache_bytes: usize,
+    /// Acknowledge through the commit log (one sync for all shards, redb made durable at
+    /// checkpoints) rather than a synced redb commit per shard and batch.
+    pub commit_log: bool,
+    /// With the commit log: a segment is closed and every shard checkpointed once it holds
+    /// this many bytes.
+    pub log_segment_bytes: u64,
+}
+
+impl AcidOptions {
+    /// `shard_count` shards and `cache_bytes` of tail cache, with the defaults otherwise (the
+    /// commit log on, 64 MiB segments).
+    pub fn new(shard_count: u32, cache_bytes: usize) -> AcidOptions {
+        AcidOptions {
+            shard_count,
+            cache_bytes,
+            commit_log: true,
+            log_segment_bytes: 64 << 20,
+        }
+    }
 }
 
 /// The redb-backed, sharded backend.
@@ -98,6 +125,8 @@ pub struct AcidStorage {
     shards: Vec<Arc<Shard>>,
     /// Shared by the tail caches of all streams.
     cache: Arc<CacheBudget>,
+    /// Whether writes go through the commit log (and the engine's counters, if so).
+    engine_stats: Option<Arc<WriterStats>>,
 }
 
 impl std::fmt::Debug for AcidStorage {
@@ -135,29 +164,153 @@ struct Shard {
     stats: Arc<WriterStats>,
     /// Shared by all shards' writers; counts what is submitted here.
     gate: Option<Arc<gate::CommitGate>>,
+    /// The commit log thread, joined once the last shard (so the last writer) is gone.
+    _log: Option<Arc<LogThreadHandle>>,
+}
+
+/// Joins the commit log thread when dropped.
+struct LogThreadHandle(Option<JoinHandle<()>>);
+
+impl Drop for LogThreadHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("acid commit log thread panicked");
+        }
+    }
+}
+
+/// Opens (creating if needed) shard `index`'s database with its tables.
+fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<Database, StorageError> {
+    let path = layout::shard_file(dir, index);
+    let what = format!("opening {}", path.display());
+    let db = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(&path)
+        .ctx(&what)?;
+    // Create the tables up front so that readers can always open them.
+    let txn = db.begin_write().ctx(&what)?;
+    txn.open_table(STREAMS).ctx(&what)?;
+    txn.open_table(STATE).ctx(&what)?;
+    txn.open_table(PRODUCERS).ctx(&what)?;
+    txn.open_table(RECORDS).ctx(&what)?;
+    txn.open_table(CHECKPOINT).ctx(&what)?;
+    txn.commit().ctx(&what)?;
+    Ok(db)
+}
+
+/// The number of the last commit log record that shard `db` holds durably.
+fn last_record(db: &Database) -> Result<u64, StorageError> {
+    let txn = db.begin_read().ctx("reading the checkpoint")?;
+    let table = txn.open_table(CHECKPOINT).ctx("reading the checkpoint")?;
+    Ok(table
+        .get(LAST_RECORD)
+        .ctx("reading the checkpoint")?
+        .map_or(0, |v| v.value()))
+}
+
+/// Most operations one replay transaction takes.
+const REPLAY_BATCH: usize = 4096;
+
+/// Applies the commit log's records newer than each shard's checkpoint, checkpoints every
+/// shard, and deletes the log. Returns the number of the last record applied (the next one
+/// written takes the one after) and the number the next segment takes.
+fn replay_log(dir: &Path, dbs: &[Arc<Database>]) -> Result<(u64, u64), StorageError> {
+    let marks = dbs
+        .iter()
+        .map(|db| last_record(db))
+        .collect::<Result<Vec<u64>, _>>()?;
+    let shards = dbs.len();
+    let mut rows: Vec<HashMap<StreamId, codec::StateRow>> = vec![HashMap::new(); shards];
+    let mut unsaved: Vec<HashSet<StreamId>> = vec![HashSet::new(); shards];
+    let mut pending: Vec<Vec<writer::Op>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut last = marks.iter().copied().max().unwrap_or(0);
+    let mut previous: Option<u64> = None;
+    let mut replayed = 0u64;
+    let apply = |shard: usize,
+                 ops: &mut Vec<writer::Op>,
+                 rows: &mut Vec<HashMap<StreamId, codec::StateRow>>,
+                 unsaved: &mut Vec<HashSet<StreamId>>|
+     -> Result<(), StorageError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        writer::replay(
+            &dbs[shard],
+            &mut rows[shard],
+            &mut unsaved[shard],
+            std::mem::take(ops),
+        )
+    };
+    let last_segment = commit_log::read_all(dir, |record| {
+        let corrupt = |detail: String| StorageError::Corrupt {
+            what: format!("{} at byte {}", record.file.display(), record.pos),
+            detail,
+        };
+        if let Some(prev) = previous
+            && record.lsn != prev + 1
+        {
+            return Err(corrupt(format!(
+                "record {} follows record {prev}: the log has a gap",
+                record.lsn
+            )));
+        }
+        previous = Some(record.lsn);
+        last = last.max(record.lsn);
+        for op in record.ops {
+            let shard = layout::shard_of(op.id(), shards as u32);
+            if record.lsn <= marks[shard] {
+                continue;
+            }
+            pending[shard].push(op);
+            if pending[shard].len() >= REPLAY_BATCH {
+                apply(shard, &mut pending[shard], &mut rows, &mut unsaved)
+                    .map_err(|e| corrupt(format!("replaying record {}: {e}", record.lsn)))?;
+            }
+        }
+        replayed += 1;
+        Ok(())
+    })?;
+    for (shard, ops) in pending.iter_mut().enumerate() {
+        apply(shard, ops, &mut rows, &mut unsaved).map_err(|e| StorageError::Corrupt {
+            what: format!(
+                "replaying the commit log in {} into shard {shard}",
+                dir.display()
+            ),
+            detail: e.to_string(),
+        })?;
+    }
+    for (i, db) in dbs.iter().enumerate() {
+        writer::checkpoint(db, &rows[i], &mut unsaved[i], last)?;
+    }
+    let segments = commit_log::segments(dir)?;
+    for (_, path) in &segments {
+        std::fs::remove_file(path).map_err(|source| StorageError::Io {
+            what: format!("deleting {}", path.display()),
+            source,
+        })?;
+    }
+    if !segments.is_empty() {
+        commit_log::sync_dir(dir)?;
+    }
+    if replayed > 0 {
+        tracing::info!(
+            records = replayed,
+            segments = segments.len(),
+            "acid commit log replayed"
+        );
+    }
+    Ok((last, last_segment.map_or(0, |n| n + 1)))
 }
 
 impl Shard {
-    fn open(
-        dir: &Path,
+    /// Shard `index` over `db` with a writer thread of its own (per-shard syncs).
+    fn with_writer(
         index: usize,
-        cache_bytes: usize,
+        db: Arc<Database>,
         gate: Option<Arc<gate::CommitGate>>,
     ) -> Result<Shard, StorageError> {
-        let path = layout::shard_file(dir, index);
-        let what = format!("opening {}", path.display());
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-            .ctx(&what)?;
-        // Create the tables up front so that readers can always open them.
-        let txn = db.begin_write().ctx(&what)?;
-        txn.open_table(STREAMS).ctx(&what)?;
-        txn.open_table(STATE).ctx(&what)?;
-        txn.open_table(PRODUCERS).ctx(&what)?;
-        txn.open_table(RECORDS).ctx(&what)?;
-        txn.commit().ctx(&what)?;
-        let db = Arc::new(db);
         let (ops, queue) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let writer = std::thread::Builder::new()
@@ -179,15 +332,35 @@ impl Shard {
             writer: Some(writer),
             stats,
             gate,
+            _log: None,
         })
+    }
+
+    /// Shard `index` over `db`, written through the commit log's engine.
+    fn logged(
+        index: usize,
+        db: Arc<Database>,
+        ops: mpsc::Sender<Pending>,
+        engine: Arc<LogThreadHandle>,
+    ) -> Shard {
+        Shard {
+            index,
+            db,
+            ops: Some(ops),
+            writer: None,
+            stats: Arc::new(WriterStats::default()),
+            gate: None,
+            _log: Some(engine),
+        }
     }
 
     /// Queues `op` and returns the future of its commit. The write happens whether or not the
     /// future is polled or dropped.
-    fn submit(&self, op: Op) -> Commit {
+    fn submit(&self, op: Op, cache: Option<Arc<LogCache>>) -> Commit {
         let (done, answer) = oneshot::channel();
         if !self.send(Pending {
             op,
+            cache,
             done: Some(done),
         }) {
             return Box::pin(std::future::ready(Err(StorageError::ShuttingDown)));
@@ -251,15 +424,11 @@ impl AcidStorage {
         layout::check_shard_count(shard_count)?;
         layout::check_or_create(dir, shard_count)?;
         let cache_bytes = (CACHE_BYTES_TOTAL / shard_count as usize).max(4 << 20);
-        let gate = gate::CommitGate::for_machine(shard_count as usize);
         // Opening a shard after a crash makes redb repair it, which reads the whole file: do the
         // shards side by side.
-        let opened: Vec<Result<Shard, StorageError>> = std::thread::scope(|scope| {
+        let opened: Vec<Result<Database, StorageError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..shard_count as usize)
-                .map(|index| {
-                    let gate = gate.clone();
-                    scope.spawn(move || Shard::open(dir, index, cache_bytes, gate))
-                })
+                .map(|index| scope.spawn(move || open_db(dir, index, cache_bytes)))
                 .collect();
             handles
                 .into_iter()
@@ -273,10 +442,44 @@ impl AcidStorage {
                 })
                 .collect()
         });
-        let shards = opened
+        let dbs = opened
             .into_iter()
-            .map(|s| s.map(Arc::new))
+            .map(|db| db.map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        // Whatever mode the store ran in last time, what its log holds goes in first.
+        let (lsn, next_segment) = replay_log(dir, &dbs)?;
+        let mut shards = Vec::with_capacity(dbs.len());
+        let mut engine_stats = None;
+        if options.commit_log {
+            let stats = Arc::new(WriterStats::default());
+            let (ops, queue) = mpsc::channel();
+            let engine = engine::start(
+                dir,
+                dbs.clone(),
+                lsn,
+                next_segment,
+                engine::EngineOptions {
+                    segment_bytes: options.log_segment_bytes,
+                },
+                stats.clone(),
+                queue,
+            )?;
+            let engine = Arc::new(LogThreadHandle(Some(engine)));
+            for (index, db) in dbs.into_iter().enumerate() {
+                shards.push(Arc::new(Shard::logged(
+                    index,
+                    db,
+                    ops.clone(),
+                    engine.clone(),
+                )));
+            }
+            engine_stats = Some(stats);
+        } else {
+            let gate = gate::CommitGate::for_machine(shard_count as usize);
+            for (index, db) in dbs.into_iter().enumerate() {
+                shards.push(Arc::new(Shard::with_writer(index, db, gate.clone())?));
+            }
+        }
         // New shard files must survive a crash before anything in them is acknowledged.
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
@@ -288,6 +491,7 @@ impl AcidStorage {
             dir: dir.to_owned(),
             shards,
             cache: Arc::new(CacheBudget::new(options.cache_bytes)),
+            engine_stats,
         })
     }
 
@@ -300,6 +504,12 @@ impl AcidStorage {
             total.apply_micros += shard.stats.apply_micros.load(Ordering::Relaxed);
             total.commit_micros += shard.stats.commit_micros.load(Ordering::Relaxed);
         }
+        if let Some(engine) = &self.engine_stats {
+            total.transactions += engine.transactions.load(Ordering::Relaxed);
+            total.operations += engine.operations.load(Ordering::Relaxed);
+            total.apply_micros += engine.apply_micros.load(Ordering::Relaxed);
+            total.commit_micros += engine.commit_micros.load(Ordering::Relaxed);
+        }
         total
     }
 
@@ -307,17 +517,21 @@ impl AcidStorage {
         &self.shards[layout::shard_of(id, self.shards.len() as u32)]
     }
 
-    fn log_for(&self, meta: &StreamMeta) -> AcidLog {
+    /// A log handle for `meta`'s stream, whose records redb holds below `flushed` (with the
+    /// commit log; without it, everything acknowledged is in redb).
+    fn log_for(&self, meta: &StreamMeta, flushed: u64) -> AcidLog {
+        let flushed = if self.engine_stats.is_some() {
+            flushed
+        } else {
+            u64::MAX
+        };
         AcidLog {
             id: meta.id,
             log_start: meta.fork.as_ref().map_or(0, |f| f.offset),
             persists_touches: meta.ttl_secs.is_some(),
             touch_sent_ms: AtomicU64::new(0),
             shard: self.shard_of(meta.id).clone(),
-            cache: Arc::new(LogCache {
-                tail: Mutex::new(TailCache::default()),
-                budget: self.cache.clone(),
-            }),
+            cache: Arc::new(LogCache::new(self.cache.clone(), flushed)),
         }
     }
 
@@ -344,7 +558,7 @@ impl AcidStorage {
                 Some(raw) => codec::StateRow::decode(id, raw.value())?,
                 None => return Err(corrupt("metadata without a state row".into())),
             };
-            let log = self.log_for(&meta);
+            let log = self.log_for(&meta, row.tail);
             // The last record must end exactly at the tail the same transactions wrote.
             let stored_end = match records
                 .range((id, 0)..=(id, u64::MAX))
@@ -407,18 +621,20 @@ impl Storage for AcidStorage {
         initial: Vec<Bytes>,
         close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
-        let log = self.log_for(meta);
+        let log = self.log_for(meta, meta.fork.as_ref().map_or(0, |f| f.offset));
         log.touch_sent_ms
             .store(meta.created_at_ms, Ordering::Relaxed);
-        let commit = log.shard.submit(Op::Create {
-            id: meta.id,
-            meta: codec::encode_meta(meta),
-            start: log.log_start,
-            initial,
-            close,
-            created_at_ms: meta.created_at_ms,
-            cache: log.cache.clone(),
-        });
+        let commit = log.shard.submit(
+            Op::Create {
+                id: meta.id,
+                meta: codec::encode_meta(meta),
+                start: log.log_start,
+                initial,
+                close,
+                created_at_ms: meta.created_at_ms,
+            },
+            Some(log.cache.clone()),
+        );
         Ok((Arc::new(log), commit))
     }
 
@@ -463,29 +679,68 @@ pub struct AcidLog {
     cache: Arc<LogCache>,
 }
 
-/// A stream's tail cache, shared by its log (reads) and its shard's writer (fills it once a
-/// commit succeeds, so that it never holds unacknowledged data).
+/// A stream's RAM copies, shared by its log (reads) and the code that acknowledges writes (fills
+/// them once a write is acknowledged, so that they never hold unacknowledged data).
 #[derive(Debug)]
 pub(crate) struct LogCache {
-    tail: Mutex<TailCache>,
+    state: Mutex<CacheState>,
     budget: Arc<CacheBudget>,
 }
 
+#[derive(Debug)]
+struct CacheState {
+    /// The newest records, within the shared budget (may be emptied).
+    tail: TailCache,
+    /// With the commit log: the records acknowledged but not yet in redb, which reads take from
+    /// here (never dropped before redb has them).
+    unflushed: VecDeque<(u64, Bytes)>,
+    /// With the commit log: redb holds this stream's records below this position. Without it,
+    /// `u64::MAX` (an acknowledged record is in redb).
+    flushed: u64,
+}
+
 impl LogCache {
+    fn new(budget: Arc<CacheBudget>, flushed: u64) -> LogCache {
+        LogCache {
+            state: Mutex::new(CacheState {
+                tail: TailCache::default(),
+                unflushed: VecDeque::new(),
+                flushed,
+            }),
+            budget,
+        }
+    }
+
     fn push(&self, start: u64, data: &Bytes) {
-        self.tail
-            .lock()
-            .push(start, Some(data.clone()), &self.budget);
+        let mut state = self.state.lock();
+        state.tail.push(start, Some(data.clone()), &self.budget);
+        if state.flushed != u64::MAX {
+            state.unflushed.push_back((start, data.clone()));
+        }
     }
 
     fn clear(&self) {
-        self.tail.lock().clear(&self.budget);
+        let mut state = self.state.lock();
+        state.tail.clear(&self.budget);
+        state.unflushed.clear();
+    }
+
+    /// redb now holds this stream's records below `end`.
+    fn flushed(&self, end: u64) {
+        let mut state = self.state.lock();
+        while let Some((start, data)) = state.unflushed.front() {
+            if start + data.len() as u64 > end {
+                break;
+            }
+            state.unflushed.pop_front();
+        }
+        state.flushed = state.flushed.max(end);
     }
 }
 
 impl Drop for LogCache {
     fn drop(&mut self) {
-        self.tail.get_mut().clear(&self.budget);
+        self.state.get_mut().tail.clear(&self.budget);
     }
 }
 
@@ -500,22 +755,17 @@ impl std::fmt::Debug for AcidLog {
 
 impl StreamLog for AcidLog {
     fn append(&self, entry: AppendEntry) -> Commit {
-        self.shard.submit(Op::Append {
-            id: self.id,
-            entry,
-            cache: self.cache.clone(),
-        })
+        self.shard
+            .submit(Op::Append { id: self.id, entry }, Some(self.cache.clone()))
     }
 
     fn mark_soft_deleted(&self) -> Commit {
-        self.shard.submit(Op::SoftDelete { id: self.id })
+        self.shard.submit(Op::SoftDelete { id: self.id }, None)
     }
 
     fn remove(&self) -> Commit {
-        self.shard.submit(Op::Remove {
-            id: self.id,
-            cache: self.cache.clone(),
-        })
+        self.shard
+            .submit(Op::Remove { id: self.id }, Some(self.cache.clone()))
     }
 
     fn touch(&self, now_ms: u64) {
@@ -536,6 +786,7 @@ impl StreamLog for AcidLog {
                     id: self.id,
                     at_ms: now_ms,
                 },
+                cache: None,
                 done: None,
             });
         }
@@ -554,22 +805,109 @@ impl StreamLog for AcidLog {
                 end: from,
             })));
         }
-        if let Some(cached) = self.cache.tail.lock().read(from, until, max_bytes, split) {
-            return Box::pin(std::future::ready(cached));
+        match self.cache.ram_read(self.id, from, until, max_bytes, split) {
+            FromRam::Served(read) => Box::pin(std::future::ready(read)),
+            FromRam::InRedbBelow(flushed) => {
+                let db = self.shard.db.clone();
+                let cache = self.cache.clone();
+                let (id, log_start) = (self.id, self.log_start);
+                Box::pin(async move {
+                    read_stitched(
+                        db, cache, id, log_start, from, until, flushed, max_bytes, split,
+                    )
+                    .await
+                })
+            }
         }
-        let db = self.shard.db.clone();
-        let (id, log_start) = (self.id, self.log_start);
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                read_records(&db, id, log_start, from, until, max_bytes, split)
-            })
-            .await
-            .map_err(|e| StorageError::Io {
-                what: format!("reading stream {id}"),
-                source: std::io::Error::other(e.to_string()),
-            })?
-        })
     }
+}
+
+/// Where a read (or the rest of one) can be served from.
+enum FromRam {
+    Served(Result<ReadChunk, StorageError>),
+    /// redb holds the stream's records below this position; the read starts below it.
+    InRedbBelow(u64),
+}
+
+impl LogCache {
+    fn ram_read(
+        &self,
+        id: StreamId,
+        from: u64,
+        until: u64,
+        max_bytes: usize,
+        split: bool,
+    ) -> FromRam {
+        let state = self.state.lock();
+        if let Some(cached) = state.tail.read(from, until, max_bytes, split) {
+            return FromRam::Served(cached);
+        }
+        if from < state.flushed {
+            return FromRam::InRedbBelow(state.flushed);
+        }
+        // Acknowledged, not yet in redb: all of it is in the unflushed run.
+        FromRam::Served(
+            read_run(&state.unflushed, from, until, max_bytes, split).unwrap_or_else(|| {
+                Err(StorageError::Corrupt {
+                    what: format!("reading stream {id}"),
+                    detail: format!(
+                        "[{from}, {until}) is neither in redb (below {}) nor in RAM",
+                        state.flushed
+                    ),
+                })
+            }),
+        )
+    }
+}
+
+/// Reads from redb what it holds (below `flushed`), then goes on from RAM or redb for the rest
+/// (with the commit log, the newest acknowledged records may not be in redb yet).
+#[allow(clippy::too_many_arguments)]
+async fn read_stitched(
+    db: Arc<Database>,
+    cache: Arc<LogCache>,
+    id: StreamId,
+    log_start: u64,
+    from: u64,
+    until: u64,
+    mut flushed: u64,
+    max_bytes: usize,
+    split: bool,
+) -> Result<ReadChunk, StorageError> {
+    let mut parts = Vec::new();
+    let mut pos = from;
+    let mut budget = max_bytes;
+    loop {
+        let cap = until.min(flushed);
+        let db = db.clone();
+        let chunk = tokio::task::spawn_blocking(move || {
+            read_records(&db, id, log_start, pos, cap, budget, split)
+        })
+        .await
+        .map_err(|e| StorageError::Io {
+            what: format!("reading stream {id}"),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        budget = budget.saturating_sub(chunk.parts.iter().map(Bytes::len).sum());
+        parts.extend(chunk.parts);
+        let stopped_short = chunk.end < cap || chunk.end == pos;
+        pos = chunk.end;
+        if stopped_short || pos >= until || budget == 0 {
+            break;
+        }
+        // redb had all it held of the range; the rest is newer.
+        match cache.ram_read(id, pos, until, budget, split) {
+            FromRam::Served(rest) => {
+                let rest = rest?;
+                parts.extend(rest.parts);
+                pos = rest.end;
+                break;
+            }
+            // The flusher moved on meanwhile: redb has more now.
+            FromRam::InRedbBelow(now) => flushed = now,
+        }
+    }
+    Ok(ReadChunk { parts, end: pos })
 }
 
 /// Reads `[from, until)` of stream `id` from one read transaction. Scans forward from the record

@@ -5,8 +5,8 @@
 //! It is the only code that writes to a shard, so it keeps the state row of each stream it has
 //! touched in memory and never reads-modifies-writes through redb on the hot path.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::codec::{self, StateRow};
 use super::gate::{CommitGate, Waiter};
-use super::{DbResult, LogCache, PRODUCERS, RECORDS, STATE, STREAMS};
+use super::{CHECKPOINT, DbResult, LAST_RECORD, LogCache, PRODUCERS, RECORDS, STATE, STREAMS};
 use crate::storage::{AppendEntry, ProducerTuple, StorageError, StreamId};
 
 /// Most operations one transaction takes, so that one commit's latency stays bounded.
@@ -25,7 +25,7 @@ const MAX_BATCH_OPS: usize = 4096;
 /// Most record bytes one transaction takes (a single larger operation still goes alone).
 const MAX_BATCH_BYTES: usize = 32 << 20;
 
-/// What the writer thread is asked to persist.
+/// What the writer thread is asked to persist (and what the commit log records).
 pub(super) enum Op {
     Create {
         id: StreamId,
@@ -34,19 +34,16 @@ pub(super) enum Op {
         initial: Vec<Bytes>,
         close: Option<Option<ProducerTuple>>,
         created_at_ms: u64,
-        cache: Arc<LogCache>,
     },
     Append {
         id: StreamId,
         entry: AppendEntry,
-        cache: Arc<LogCache>,
     },
     SoftDelete {
         id: StreamId,
     },
     Remove {
         id: StreamId,
-        cache: Arc<LogCache>,
     },
     /// A sliding-TTL access time; best effort, committed without a sync when nothing else is.
     Touch {
@@ -56,6 +53,28 @@ pub(super) enum Op {
 }
 
 impl Op {
+    /// The stream the operation is for.
+    pub(super) fn id(&self) -> StreamId {
+        match self {
+            Op::Create { id, .. }
+            | Op::Append { id, .. }
+            | Op::SoftDelete { id }
+            | Op::Remove { id }
+            | Op::Touch { id, .. } => *id,
+        }
+    }
+
+    /// Where the stream's data ends once the operation is applied, for operations that add data.
+    pub(super) fn end(&self) -> Option<u64> {
+        match self {
+            Op::Create { start, initial, .. } => {
+                Some(start + initial.iter().map(|d| d.len() as u64).sum::<u64>())
+            }
+            Op::Append { entry, .. } => entry.data.as_ref().map(|d| entry.start + d.len() as u64),
+            _ => None,
+        }
+    }
+
     fn data_bytes(&self) -> usize {
         match self {
             Op::Create { initial, .. } => initial.iter().map(Bytes::len).sum(),
@@ -63,37 +82,37 @@ impl Op {
             _ => 0,
         }
     }
+}
 
-    /// Brings the stream's tail cache up to date once this operation has committed.
-    fn committed(&self) {
-        match self {
-            Op::Create {
-                start,
-                initial,
-                cache,
-                ..
-            } => {
+/// An operation, the tail cache of its stream, and who waits for it (touches and replayed
+/// operations have nobody).
+pub(super) struct Pending {
+    pub op: Op,
+    pub cache: Option<Arc<LogCache>>,
+    pub done: Option<oneshot::Sender<Result<(), StorageError>>>,
+}
+
+impl Pending {
+    /// Brings the stream's tail cache up to date once this operation is acknowledged.
+    pub(super) fn committed(&self) {
+        let Some(cache) = &self.cache else { return };
+        match &self.op {
+            Op::Create { start, initial, .. } => {
                 let mut pos = *start;
                 for data in initial.iter().filter(|d| !d.is_empty()) {
                     cache.push(pos, data);
                     pos += data.len() as u64;
                 }
             }
-            Op::Append { entry, cache, .. } => {
+            Op::Append { entry, .. } => {
                 if let Some(data) = entry.data.as_ref().filter(|d| !d.is_empty()) {
                     cache.push(entry.start, data);
                 }
             }
-            Op::Remove { cache, .. } => cache.clear(),
+            Op::Remove { .. } => cache.clear(),
             Op::SoftDelete { .. } | Op::Touch { .. } => {}
         }
     }
-}
-
-/// An operation and who waits for it (touches have nobody).
-pub(super) struct Pending {
-    pub op: Op,
-    pub done: Option<oneshot::Sender<Result<(), StorageError>>>,
 }
 
 /// Counters the writer keeps, for metrics and for tests that prove batching.
@@ -109,7 +128,7 @@ pub(super) struct WriterStats {
 /// The outcome of one operation inside a transaction: `Err` rejects only that operation (it
 /// changed nothing); a failure that may have changed the transaction is returned by the outer
 /// `Result` of [`apply`] instead and aborts the whole transaction.
-type OpResult = Result<(), StorageError>;
+pub(super) type OpResult = Result<(), StorageError>;
 
 struct Tables<'t> {
     streams: Table<'t, u64, &'static [u8]>,
@@ -118,8 +137,8 @@ struct Tables<'t> {
     records: Table<'t, (u64, u64), &'static [u8]>,
 }
 
-/// The writer thread's body: runs until every sender is gone. With a `gate`, a commit may wait
-/// for one of its permits; what queues up meanwhile joins the transaction.
+/// The writer thread's body (per-shard syncs): runs until every sender is gone. With a `gate`,
+/// a commit may wait for one of its permits; what queues up meanwhile joins the transaction.
 pub(super) fn run(
     db: Arc<Database>,
     ops: Receiver<Pending>,
@@ -130,18 +149,8 @@ pub(super) fn run(
     let mut batch: Vec<Pending> = Vec::new();
     let me = Waiter::current();
     while let Ok(first) = ops.recv() {
-        let mut bytes = first.op.data_bytes();
-        batch.push(first);
         let permit = gate.as_ref().map(|g| g.enter(&me));
-        while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
-            match ops.try_recv() {
-                Ok(next) => {
-                    bytes += next.op.data_bytes();
-                    batch.push(next);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
+        drain(first, &ops, &mut batch);
         let results = commit_batch(&db, &mut rows, &batch, &stats);
         drop(permit);
         if let Some(gate) = &gate {
@@ -149,7 +158,7 @@ pub(super) fn run(
         }
         for (pending, result) in batch.drain(..).zip(results) {
             match &result {
-                Ok(()) => pending.op.committed(),
+                Ok(()) => pending.committed(),
                 Err(e) => tracing::error!(error = %e, "acid write failed"),
             }
             if let Some(done) = pending.done {
@@ -158,6 +167,72 @@ pub(super) fn run(
             }
         }
     }
+}
+
+/// Takes what queued up behind `first`, within the batch limits.
+pub(super) fn drain(first: Pending, ops: &Receiver<Pending>, batch: &mut Vec<Pending>) {
+    let mut bytes = first.op.data_bytes();
+    batch.push(first);
+    while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
+        match ops.try_recv() {
+            Ok(next) => {
+                bytes += next.op.data_bytes();
+                batch.push(next);
+            }
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        }
+    }
+}
+
+/// A durable commit holding the state rows changed since the last one and the number of the
+/// commit log's last record applied: from here on, the log up to that record is not needed.
+pub(super) fn checkpoint(
+    db: &Database,
+    rows: &HashMap<StreamId, StateRow>,
+    unsaved: &mut HashSet<StreamId>,
+    lsn: u64,
+) -> Result<(), StorageError> {
+    let txn = db.begin_write().ctx("beginning a checkpoint")?;
+    {
+        let mut state = txn.open_table(STATE).ctx("opening table state")?;
+        for id in unsaved.iter() {
+            if let Some(row) = rows.get(id) {
+                state
+                    .insert(*id, row.encode().as_slice())
+                    .ctx("writing a state row")?;
+            }
+        }
+        let mut mark = txn.open_table(CHECKPOINT).ctx("opening table checkpoint")?;
+        mark.insert(LAST_RECORD, lsn)
+            .ctx("writing the checkpoint")?;
+    }
+    txn.commit().ctx("committing a checkpoint")?;
+    unsaved.clear();
+    Ok(())
+}
+
+/// Applies replayed operations in one transaction committed without a sync (the caller
+/// checkpoints at the end). They all succeeded once; one that fails now means the log and the
+/// shard disagree.
+pub(super) fn replay(
+    db: &Database,
+    rows: &mut HashMap<StreamId, StateRow>,
+    unsaved: &mut HashSet<StreamId>,
+    ops: Vec<Op>,
+) -> Result<(), StorageError> {
+    let batch: Vec<Pending> = ops
+        .into_iter()
+        .map(|op| Pending {
+            op,
+            cache: None,
+            done: None,
+        })
+        .collect();
+    let stats = WriterStats::default();
+    for result in commit(db, rows, &batch, &stats, Some(unsaved))? {
+        result?;
+    }
+    Ok(())
 }
 
 /// Commits `batch` in one transaction. If that transaction fails, each operation is retried
@@ -169,7 +244,7 @@ fn commit_batch(
     batch: &[Pending],
     stats: &WriterStats,
 ) -> Vec<OpResult> {
-    match commit(db, rows, batch, stats) {
+    match commit(db, rows, batch, stats, None) {
         Ok(results) => results,
         Err(e) => {
             // The cached rows may hold changes that were never committed.
@@ -180,28 +255,34 @@ fn commit_batch(
             tracing::warn!(error = %e, ops = batch.len(), "acid batch failed; retrying one by one");
             batch
                 .iter()
-                .map(|p| match commit(db, rows, std::slice::from_ref(p), stats) {
-                    Ok(mut r) => r.pop().unwrap_or(Ok(())),
-                    Err(e) => {
-                        rows.clear();
-                        Err(e)
-                    }
-                })
+                .map(
+                    |p| match commit(db, rows, std::slice::from_ref(p), stats, None) {
+                        Ok(mut r) => r.pop().unwrap_or(Ok(())),
+                        Err(e) => {
+                            rows.clear();
+                            Err(e)
+                        }
+                    },
+                )
                 .collect()
         }
     }
 }
 
-fn commit(
+/// One transaction. With `unsaved` (commit-log mode) it commits without a sync and leaves the
+/// state rows to the next checkpoint, noting which changed; without, it writes them and syncs.
+pub(super) fn commit(
     db: &Database,
     rows: &mut HashMap<StreamId, StateRow>,
     batch: &[Pending],
     stats: &WriterStats,
+    unsaved: Option<&mut HashSet<StreamId>>,
 ) -> Result<Vec<OpResult>, StorageError> {
     let mut txn = db.begin_write().ctx("beginning a write transaction")?;
     // Touches alone need no sync: they are a best-effort hint and the next durable commit
     // carries them to disk.
-    let durability = if batch.iter().all(|p| matches!(p.op, Op::Touch { .. })) {
+    let durability = if unsaved.is_some() || batch.iter().all(|p| matches!(p.op, Op::Touch { .. }))
+    {
         Durability::None
     } else {
         Durability::Immediate
@@ -212,7 +293,7 @@ fn commit(
             detail: e.to_string(),
         })?;
     let began = std::time::Instant::now();
-    let results = apply(&txn, rows, batch)?;
+    let results = apply(&txn, rows, batch, unsaved)?;
     let applied = std::time::Instant::now();
     txn.commit().ctx("committing a write transaction")?;
     stats
@@ -232,6 +313,7 @@ fn apply(
     txn: &WriteTransaction,
     rows: &mut HashMap<StreamId, StateRow>,
     batch: &[Pending],
+    unsaved: Option<&mut HashSet<StreamId>>,
 ) -> Result<Vec<OpResult>, StorageError> {
     let mut t = Tables {
         streams: txn.open_table(STREAMS).ctx("opening table streams")?,
@@ -246,6 +328,10 @@ fn apply(
     for pending in batch {
         results.push(apply_one(&mut t, rows, &pending.op, &mut dirty)?);
     }
+    if let Some(unsaved) = unsaved {
+        unsaved.extend(dirty);
+        return Ok(results);
+    }
     dirty.sort_unstable();
     dirty.dedup();
     for id in dirty {
@@ -258,20 +344,26 @@ fn apply(
     Ok(results)
 }
 
-/// The cached state row of `id`, loaded from the table on first use.
+/// The cached state row of `id`, loaded with `load` on first use.
 fn row_of<'r>(
     rows: &'r mut HashMap<StreamId, StateRow>,
-    state: &Table<'_, u64, &'static [u8]>,
+    load: &mut dyn FnMut(StreamId) -> Result<Option<StateRow>, StorageError>,
     id: StreamId,
 ) -> Result<Option<&'r mut StateRow>, StorageError> {
     match rows.entry(id) {
         Entry::Occupied(cached) => Ok(Some(cached.into_mut())),
-        Entry::Vacant(slot) => {
-            let Some(raw) = state.get(id).ctx("reading a state row")? else {
-                return Ok(None);
-            };
-            Ok(Some(slot.insert(StateRow::decode(id, raw.value())?)))
-        }
+        Entry::Vacant(slot) => Ok(load(id)?.map(|row| slot.insert(row))),
+    }
+}
+
+/// Reads `id`'s state row from `state`.
+fn load_row(
+    state: &Table<'_, u64, &'static [u8]>,
+    id: StreamId,
+) -> Result<Option<StateRow>, StorageError> {
+    match state.get(id).ctx("reading a state row")? {
+        Some(raw) => Ok(Some(StateRow::decode(id, raw.value())?)),
+        None => Ok(None),
     }
 }
 
@@ -288,16 +380,18 @@ fn put_record(
     Ok(())
 }
 
-fn apply_one(
-    t: &mut Tables<'_>,
+/// Checks `op` against its stream's state row and, if it is admitted, changes the row as
+/// committing it will (the stream layer decided the protocol; this only refuses what would
+/// corrupt the store). `load` fetches a row not yet in `rows`. An `Err` inside `Ok` rejects the
+/// operation and changed nothing.
+pub(super) fn admit(
     rows: &mut HashMap<StreamId, StateRow>,
+    load: &mut dyn FnMut(StreamId) -> Result<Option<StateRow>, StorageError>,
     op: &Op,
-    dirty: &mut Vec<StreamId>,
 ) -> Result<OpResult, StorageError> {
     match op {
         Op::Create {
             id,
-            meta,
             start,
             initial,
             close,
@@ -305,25 +399,18 @@ fn apply_one(
             ..
         } => {
             let id = *id;
-            if row_of(rows, &t.state, id)?.is_some() {
+            if row_of(rows, load, id)?.is_some() {
                 return Ok(Err(StorageError::Corrupt {
                     what: format!("stream {id}"),
                     detail: "created twice".into(),
                 }));
             }
-            t.streams
-                .insert(id, meta.as_slice())
-                .ctx("writing stream metadata")?;
-            let mut pos = *start;
-            for data in initial.iter().filter(|d| !d.is_empty()) {
-                put_record(&mut t.records, id, pos, data)?;
-                pos += data.len() as u64;
-            }
+            let own: u64 = initial.iter().map(|d| d.len() as u64).sum();
             rows.insert(
                 id,
                 StateRow {
-                    tail: pos,
-                    own_bytes: pos - start,
+                    tail: start + own,
+                    own_bytes: own,
                     last_access_ms: *created_at_ms,
                     closed: close.is_some(),
                     soft_deleted: false,
@@ -331,11 +418,10 @@ fn apply_one(
                     last_seq: None,
                 },
             );
-            dirty.push(id);
         }
-        Op::Append { id, entry, .. } => {
+        Op::Append { id, entry } => {
             let id = *id;
-            let Some(row) = row_of(rows, &t.state, id)? else {
+            let Some(row) = row_of(rows, load, id)? else {
                 return Ok(Err(StorageError::Removed(id)));
             };
             // The stream layer assigns offsets; a gap or overlap here is a bug upstream (or a
@@ -349,14 +435,13 @@ fn apply_one(
                     ),
                 }));
             }
-            let data = entry.data.as_ref().filter(|d| !d.is_empty());
             if row.closed {
                 return Ok(Err(StorageError::Corrupt {
                     what: format!("append to stream {id}"),
                     detail: "the stream is closed".into(),
                 }));
             }
-            if let Some(data) = data {
+            if let Some(data) = entry.data.as_ref() {
                 row.tail += data.len() as u64;
                 row.own_bytes += data.len() as u64;
             }
@@ -367,32 +452,76 @@ fn apply_one(
                 row.closed = true;
                 row.closed_by = by.clone();
             }
-            if let Some(data) = data {
-                put_record(&mut t.records, id, entry.start, data)?;
-            }
-            if let Some((producer, ps)) = &entry.producer {
-                t.producers
-                    .insert((id, producer.as_str()), (ps.epoch, ps.last_seq))
-                    .ctx("writing producer state")?;
-            }
-            dirty.push(id);
         }
         Op::SoftDelete { id } => {
-            let Some(row) = row_of(rows, &t.state, *id)? else {
+            let Some(row) = row_of(rows, load, *id)? else {
                 return Ok(Err(StorageError::Removed(*id)));
             };
             row.soft_deleted = true;
-            dirty.push(*id);
         }
         Op::Touch { id, at_ms } => {
-            if let Some(row) = row_of(rows, &t.state, *id)? {
+            if let Some(row) = row_of(rows, load, *id)? {
                 row.last_access_ms = row.last_access_ms.max(*at_ms);
+            }
+        }
+        Op::Remove { id } => {
+            rows.remove(id);
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn apply_one(
+    t: &mut Tables<'_>,
+    rows: &mut HashMap<StreamId, StateRow>,
+    op: &Op,
+    dirty: &mut Vec<StreamId>,
+) -> Result<OpResult, StorageError> {
+    let admitted = {
+        let state = &t.state;
+        admit(rows, &mut |id| load_row(state, id), op)?
+    };
+    if admitted.is_err() {
+        return Ok(admitted);
+    }
+    match op {
+        Op::Create {
+            id,
+            meta,
+            start,
+            initial,
+            ..
+        } => {
+            let id = *id;
+            t.streams
+                .insert(id, meta.as_slice())
+                .ctx("writing stream metadata")?;
+            let mut pos = *start;
+            for data in initial.iter().filter(|d| !d.is_empty()) {
+                put_record(&mut t.records, id, pos, data)?;
+                pos += data.len() as u64;
+            }
+            dirty.push(id);
+        }
+        Op::Append { id, entry } => {
+            if let Some(data) = entry.data.as_ref().filter(|d| !d.is_empty()) {
+                put_record(&mut t.records, *id, entry.start, data)?;
+            }
+            if let Some((producer, ps)) = &entry.producer {
+                t.producers
+                    .insert((*id, producer.as_str()), (ps.epoch, ps.last_seq))
+                    .ctx("writing producer state")?;
+            }
+            dirty.push(*id);
+        }
+        Op::SoftDelete { id } => dirty.push(*id),
+        Op::Touch { id, .. } => {
+            if rows.contains_key(id) {
                 dirty.push(*id);
             }
         }
-        Op::Remove { id, .. } => {
+        Op::Remove { id } => {
             let id = *id;
-            rows.remove(&id);
             t.records
                 .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                 .ctx("removing records")?;

@@ -1,0 +1,432 @@
+//! The write path of `acid` with the commit log (the default): one engine thread acknowledges,
+//! one flusher thread keeps redb up to date.
+//!
+//! The engine takes every operation that queued up (for any shard), checks each against its
+//! stream's state row ([`writer::admit`]), writes the admitted ones as one record of the commit
+//! log ([`commit_log`]) and syncs it: one `write` and one `fdatasync` for all shards, the same
+//! group commit as `file-durable`. Then it answers the operations, puts their data in their
+//! streams' RAM caches (the tail cache, and the *unflushed* run that reads use until redb has the
+//! data) and hands them to the flusher.
+//!
+//! The flusher applies what the engine handed over to each shard in one redb transaction per
+//! shard every [`FLUSH_INTERVAL`], committed without a sync (redb keeps it in its write buffer;
+//! readers see it), then tells the streams' caches how far redb now reaches. When the engine has
+//! filled a log segment it asks for a checkpoint: the flusher makes a durable redb commit in every
+//! shard recording the number of the last log record applied, after which the engine deletes the
+//! full segments. After a crash, redb reopens each shard at its checkpoint and start-up replays the
+//! log's later records ([`super::replay_log`]).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase};
+
+use super::codec::StateRow;
+use super::commit_log::{self, MAGIC};
+use super::writer::{self, Op, OpResult, Pending, WriterStats};
+use super::{DbResult, LogCache, STATE, layout};
+use crate::storage::{StorageError, StreamId};
+
+/// How often the flusher applies what was acknowledged to redb.
+pub(super) const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
+/// How often idle threads look for checkpoint work.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+/// Batches the engine may hand the flusher before it waits for it (what is acknowledged and not
+/// yet in redb is held in RAM; this bounds it).
+const FLUSH_QUEUE: usize = 4096;
+
+/// Settings of the engine.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct EngineOptions {
+    /// A segment is closed, and a checkpoint requested, once it holds this many bytes.
+    pub segment_bytes: u64,
+}
+
+/// Checkpoint requests (engine → flusher) and their completion, as record numbers.
+#[derive(Debug, Default)]
+struct Checkpoints {
+    /// The engine wants every shard checkpointed at least up to this record (the last record of
+    /// the newest full segment).
+    wanted: AtomicU64,
+    /// Every shard's durable state holds everything up to this record.
+    durable: AtomicU64,
+    /// Set by the flusher when redb refused a write: the engine then refuses new operations.
+    broken: AtomicBool,
+}
+
+/// What the engine hands the flusher: the operations of one log record.
+struct Work {
+    lsn: u64,
+    ops: Vec<(Op, Option<Arc<LogCache>>)>,
+}
+
+/// Starts the engine and its flusher. `lsn` is the number of the last record already applied
+/// everywhere; `segment` the number of the first segment to write.
+pub(super) fn start(
+    dir: &Path,
+    dbs: Vec<Arc<Database>>,
+    lsn: u64,
+    segment: u64,
+    options: EngineOptions,
+    stats: Arc<WriterStats>,
+    ops: Receiver<Pending>,
+) -> Result<JoinHandle<()>, StorageError> {
+    let file = commit_log::create_segment(dir, segment)?;
+    let checkpoints = Arc::new(Checkpoints::default());
+    let (work, queue) = std::sync::mpsc::sync_channel(FLUSH_QUEUE);
+    let flusher = spawn("ds-acid-flush", {
+        let dbs = dbs.clone();
+        let checkpoints = checkpoints.clone();
+        move || flush_loop(&dbs, queue, &checkpoints, lsn)
+    })?;
+    let engine = Engine {
+        dir: dir.to_owned(),
+        dbs,
+        file,
+        segment,
+        segment_len: MAGIC.len() as u64,
+        lsn,
+        options,
+        rows: HashMap::new(),
+        checkpoints,
+        retiring: Vec::new(),
+        failed: None,
+        stats,
+    };
+    spawn("ds-acid-engine", move || engine.run(ops, work, flusher))
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StorageError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .map_err(|source| StorageError::Io {
+            what: format!("starting thread {name}"),
+            source,
+        })
+}
+
+struct Engine {
+    dir: PathBuf,
+    dbs: Vec<Arc<Database>>,
+    file: File,
+    segment: u64,
+    segment_len: u64,
+    /// Number of the last record written.
+    lsn: u64,
+    options: EngineOptions,
+    /// Every stream's state as of everything acknowledged (loaded from redb on first use).
+    rows: HashMap<StreamId, StateRow>,
+    checkpoints: Arc<Checkpoints>,
+    /// Full segments and their last record, deleted once every shard's checkpoint covers it.
+    retiring: Vec<(u64, u64)>,
+    /// Set after a failed write or sync of the log, or a failed flush: what is on disk or in
+    /// redb is then unknown, so nothing more is acknowledged until a restart replays the log.
+    failed: Option<String>,
+    stats: Arc<WriterStats>,
+}
+
+impl Engine {
+    fn run(mut self, ops: Receiver<Pending>, work: SyncSender<Work>, flusher: JoinHandle<()>) {
+        let mut batch: Vec<Pending> = Vec::new();
+        loop {
+            let first = match ops.recv_timeout(IDLE_TICK) {
+                Ok(first) => first,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.retire();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            writer::drain(first, &ops, &mut batch);
+            let began = Instant::now();
+            let results = self.admit(&batch);
+            let admitted = Instant::now();
+            let results = self.write(&batch, results);
+            self.stats
+                .apply_micros
+                .fetch_add((admitted - began).as_micros() as u64, Ordering::Relaxed);
+            self.stats
+                .commit_micros
+                .fetch_add(admitted.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .operations
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let mut flushed = Vec::new();
+            for (pending, result) in batch.drain(..).zip(results) {
+                let ok = result.is_ok();
+                match &result {
+                    Ok(()) => pending.committed(),
+                    Err(e) => tracing::error!(error = %e, "acid write failed"),
+                }
+                if let Some(done) = pending.done {
+                    // The waiter may have gone (client hung up); the write stands regardless.
+                    let _ = done.send(result);
+                }
+                if ok {
+                    flushed.push((pending.op, pending.cache));
+                }
+            }
+            if !flushed.is_empty() {
+                let mut next = Work {
+                    lsn: self.lsn,
+                    ops: flushed,
+                };
+                // Full means the flusher is behind: wait for it rather than hold more in RAM.
+                loop {
+                    match work.try_send(next) {
+                        Ok(()) => break,
+                        Err(TrySendError::Full(back)) => {
+                            next = back;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(TrySendError::Disconnected(_)) => {
+                            self.fail("the acid flusher stopped".into());
+                            break;
+                        }
+                    }
+                }
+            }
+            if self.segment_len >= self.options.segment_bytes && self.failed.is_none() {
+                self.roll();
+            }
+            self.retire();
+        }
+        // Closing the queue makes the flusher apply what is left and checkpoint every shard.
+        drop(work);
+        if flusher.join().is_err() {
+            tracing::error!("acid flusher thread panicked");
+        }
+    }
+
+    /// Checks each operation against its stream's row, advancing the rows of admitted ones.
+    fn admit(&mut self, batch: &[Pending]) -> Vec<OpResult> {
+        if self.checkpoints.broken.load(Ordering::Acquire) && self.failed.is_none() {
+            self.fail("applying acknowledged writes to redb failed (see the log)".into());
+        }
+        if let Some(why) = &self.failed {
+            return batch.iter().map(|_| Err(refused(why))).collect();
+        }
+        let dbs = &self.dbs;
+        let mut load = |id: StreamId| load_row(dbs, id);
+        batch
+            .iter()
+            .map(|p| writer::admit(&mut self.rows, &mut load, &p.op).unwrap_or_else(Err))
+            .collect()
+    }
+
+    /// Writes the admitted operations as one record and syncs it (unless only touches, which
+    /// nobody waits for, are in it). A failure fails every admitted operation.
+    fn write(&mut self, batch: &[Pending], mut results: Vec<OpResult>) -> Vec<OpResult> {
+        let admitted: Vec<&Op> = batch
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(p, _)| &p.op)
+            .collect();
+        if admitted.is_empty() {
+            return results;
+        }
+        let record = commit_log::frame(self.lsn + 1, &admitted);
+        let sync = batch.iter().any(|p| p.done.is_some());
+        let written = self
+            .file
+            .write_all(&record)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        match written {
+            Ok(()) => {
+                self.lsn += 1;
+                self.segment_len += record.len() as u64;
+            }
+            Err(e) => {
+                let why = format!(
+                    "writing {}: {e}",
+                    commit_log::segment_path(&self.dir, self.segment).display()
+                );
+                self.fail(why.clone());
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(StorageError::Io {
+                        what: "writing the acid commit log".into(),
+                        source: std::io::Error::other(why.clone()),
+                    });
+                }
+            }
+        }
+        results
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!(error = %why, "acid writes are refused until a restart");
+        self.failed = Some(why);
+    }
+
+    /// Starts the next segment and asks for a checkpoint.
+    fn roll(&mut self) {
+        match commit_log::create_segment(&self.dir, self.segment + 1) {
+            Ok(file) => {
+                // Its last record is already on its way to the flusher (sent before the roll).
+                self.checkpoints
+                    .wanted
+                    .fetch_max(self.lsn, Ordering::AcqRel);
+                self.retiring.push((self.segment, self.lsn));
+                self.file = file;
+                self.segment += 1;
+                self.segment_len = MAGIC.len() as u64;
+            }
+            // Keep appending to the current segment; the next batch tries again.
+            Err(e) => tracing::warn!(error = %e, "could not start a new acid commit log segment"),
+        }
+    }
+
+    /// Deletes the full segments every shard has checkpointed past.
+    fn retire(&mut self) {
+        let durable = self.checkpoints.durable.load(Ordering::Acquire);
+        let before = self.retiring.len();
+        let dir = &self.dir;
+        self.retiring.retain(|&(segment, last)| {
+            if last > durable {
+                return true;
+            }
+            let path = commit_log::segment_path(dir, segment);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(error = %e, file = %path.display(), "could not delete a checkpointed acid commit log segment");
+            }
+            false
+        });
+        if self.retiring.len() != before
+            && let Err(e) = commit_log::sync_dir(&self.dir)
+        {
+            tracing::warn!(error = %e, "could not sync the acid directory");
+        }
+    }
+}
+
+fn refused(why: &str) -> StorageError {
+    StorageError::Io {
+        what: "writing to the acid store".into(),
+        source: std::io::Error::other(format!(
+            "writes are refused since an earlier one failed ({why}); restart the server"
+        )),
+    }
+}
+
+/// A stream's state row as redb has it (only asked for streams the engine has not seen since
+/// start-up, whose rows the last checkpoint holds).
+fn load_row(dbs: &[Arc<Database>], id: StreamId) -> Result<Option<StateRow>, StorageError> {
+    let db = &dbs[layout::shard_of(id, dbs.len() as u32)];
+    let txn = db.begin_read().ctx("reading a state row")?;
+    let state = txn.open_table(STATE).ctx("reading a state row")?;
+    match state.get(id).ctx("reading a state row")? {
+        Some(raw) => Ok(Some(StateRow::decode(id, raw.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// The flusher: applies acknowledged operations to their shards, checkpoints when asked.
+fn flush_loop(
+    dbs: &[Arc<Database>],
+    queue: Receiver<Work>,
+    checkpoints: &Checkpoints,
+    mut lsn: u64,
+) {
+    let shards = dbs.len();
+    let mut rows: Vec<HashMap<StreamId, StateRow>> = vec![HashMap::new(); shards];
+    let mut unsaved: Vec<HashSet<StreamId>> = vec![HashSet::new(); shards];
+    let stats = WriterStats::default();
+    let mut open = true;
+    while open {
+        let mut works = Vec::new();
+        match queue.recv_timeout(IDLE_TICK) {
+            Ok(first) => works.push(first),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        if !works.is_empty() {
+            // Let more arrive, so that each shard's transaction carries many operations.
+            std::thread::sleep(FLUSH_INTERVAL);
+            works.extend(queue.try_iter());
+        }
+        if !checkpoints.broken.load(Ordering::Acquire) && !works.is_empty() {
+            match flush(dbs, &mut rows, &mut unsaved, &stats, works) {
+                Ok(last) => lsn = last,
+                Err(e) => {
+                    tracing::error!(error = %e, "acid flush to redb failed; writes are refused until a restart, which replays the commit log");
+                    checkpoints.broken.store(true, Ordering::Release);
+                }
+            }
+        }
+        // Checkpoint once the records the engine wants covered have all been applied (the
+        // last of them may still be queued here), and at shutdown.
+        let wanted = checkpoints.wanted.load(Ordering::Acquire);
+        let asked = wanted > checkpoints.durable.load(Ordering::Acquire) && lsn >= wanted;
+        if (asked || !open) && !checkpoints.broken.load(Ordering::Acquire) {
+            let mut ok = true;
+            for (i, db) in dbs.iter().enumerate() {
+                if let Err(e) = writer::checkpoint(db, &rows[i], &mut unsaved[i], lsn) {
+                    tracing::warn!(shard = i, error = %e, "acid checkpoint failed; retrying");
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                checkpoints.durable.store(lsn, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Applies `works` shard by shard, one transaction each, then moves the streams' flushed marks.
+/// Returns the number of the last record applied.
+fn flush(
+    dbs: &[Arc<Database>],
+    rows: &mut [HashMap<StreamId, StateRow>],
+    unsaved: &mut [HashSet<StreamId>],
+    stats: &WriterStats,
+    works: Vec<Work>,
+) -> Result<u64, StorageError> {
+    let shards = dbs.len();
+    let last = works.last().map_or(0, |w| w.lsn);
+    let mut per_shard: Vec<Vec<Pending>> = (0..shards).map(|_| Vec::new()).collect();
+    for work in works {
+        for (op, cache) in work.ops {
+            let shard = layout::shard_of(op.id(), shards as u32);
+            per_shard[shard].push(Pending {
+                op,
+                cache,
+                done: None,
+            });
+        }
+    }
+    for (shard, batch) in per_shard.iter().enumerate() {
+        if batch.is_empty() {
+            continue;
+        }
+        let results = writer::commit(
+            &dbs[shard],
+            &mut rows[shard],
+            batch,
+            stats,
+            Some(&mut unsaved[shard]),
+        )?;
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            return Err(StorageError::Corrupt {
+                what: format!("applying acknowledged writes to shard {shard}"),
+                detail: e.to_string(),
+            });
+        }
+        for pending in batch {
+            if let (Some(cache), Some(end)) = (&pending.cache, pending.op.end()) {
+                cache.flushed(end);
+            }
+        }
+    }
+    Ok(last)
+}

@@ -70,7 +70,7 @@ pub(super) fn create_segment(dir: &Path, n: u64) -> Result<File, StorageError> {
     };
     let mut file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(&path)
         .map_err(io)?;
     file.write_all(MAGIC).map_err(io)?;
@@ -377,6 +377,10 @@ pub(super) fn read_all(
             }
             let len = u32::from_le_bytes(raw[pos..pos + 4].try_into().unwrap_or_default()) as usize;
             let crc = u32::from_le_bytes(raw[pos + 4..pos + 8].try_into().unwrap_or_default());
+            if len == 0 && crc == 0 {
+                // The zeros written ahead of the records: the end of what was written.
+                break;
+            }
             if len > MAX_RECORD || raw.len() - pos - HEADER < len {
                 torn("record cut short")?;
                 break;

@@ -18,7 +18,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +35,8 @@ use crate::storage::{StorageError, StreamId};
 
 /// How often the flusher applies what was acknowledged to redb.
 pub(super) const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
+/// Zeros are written this far ahead of the records at a time.
+const EXTEND_BYTES: u64 = 1 << 20;
 /// How often idle threads look for checkpoint work.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 /// Batches the engine may hand the flusher before it waits for it (what is acknowledged and not
@@ -92,6 +93,7 @@ pub(super) fn start(
         file,
         segment,
         segment_len: MAGIC.len() as u64,
+        extended_to: MAGIC.len() as u64,
         lsn,
         options,
         rows: HashMap::new(),
@@ -119,6 +121,8 @@ struct Engine {
     file: File,
     segment: u64,
     segment_len: u64,
+    /// How far the segment file reaches (zeros beyond `segment_len`).
+    extended_to: u64,
     /// Number of the last record written.
     lsn: u64,
     options: EngineOptions,
@@ -238,8 +242,10 @@ impl Engine {
         let record = commit_log::frame(self.lsn + 1, &admitted);
         let sync = batch.iter().any(|p| p.done.is_some());
         let written = self
-            .file
-            .write_all(&record)
+            .extend_for(record.len() as u64)
+            .and_then(|()| {
+                std::os::unix::fs::FileExt::write_all_at(&self.file, &record, self.segment_len)
+            })
             .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         match written {
             Ok(()) => {
@@ -263,6 +269,18 @@ impl Engine {
         results
     }
 
+    /// Writes zeros ahead of the records so that `len` more bytes land inside the file: a sync
+    /// that only overwrites blocks costs about half of one that also grows the file (measured:
+    /// 139-161 µs against 250 µs on the test VM). The next sync makes the zeros durable.
+    fn extend_for(&mut self, len: u64) -> std::io::Result<()> {
+        while self.segment_len + len > self.extended_to {
+            let zeros = vec![0u8; EXTEND_BYTES as usize];
+            std::os::unix::fs::FileExt::write_all_at(&self.file, &zeros, self.extended_to)?;
+            self.extended_to += EXTEND_BYTES;
+        }
+        Ok(())
+    }
+
     fn fail(&mut self, why: String) {
         tracing::error!(error = %why, "acid writes are refused until a restart");
         self.failed = Some(why);
@@ -280,6 +298,7 @@ impl Engine {
                 self.file = file;
                 self.segment += 1;
                 self.segment_len = MAGIC.len() as u64;
+                self.extended_to = MAGIC.len() as u64;
             }
             // Keep appending to the current segment; the next batch tries again.
             Err(e) => tracing::warn!(error = %e, "could not start a new acid commit log segment"),

@@ -1328,7 +1328,8 @@ async fn the_commit_log_replays_after_a_crash_cuts_a_torn_tail_and_refuses_corru
     let corrupt = crash_copy(image.path());
     let first = log_segments(corrupt.path()).pop().unwrap();
     let mut raw = std::fs::read(&first).unwrap();
-    let at = raw.len() / 2;
+    // Inside the first record's payload (the file also holds zeros ahead of the records).
+    let at = commit_log::MAGIC.len() + 12;
     raw[at] ^= 0x55;
     std::fs::write(&first, &raw).unwrap();
     std::fs::write(

@@ -95,6 +95,7 @@ pub(super) fn start(
         segment_len: MAGIC.len() as u64,
         extended_to: MAGIC.len() as u64,
         lsn,
+        unsynced: false,
         options,
         rows: HashMap::new(),
         checkpoints,
@@ -125,6 +126,8 @@ struct Engine {
     extended_to: u64,
     /// Number of the last record written.
     lsn: u64,
+    /// Whether the last record was written without a sync.
+    unsynced: bool,
     options: EngineOptions,
     /// Every stream's state as of everything acknowledged (loaded from redb on first use).
     rows: HashMap<StreamId, StateRow>,
@@ -251,6 +254,7 @@ impl Engine {
             Ok(()) => {
                 self.lsn += 1;
                 self.segment_len += record.len() as u64;
+                self.unsynced = !sync;
             }
             Err(e) => {
                 let why = format!(
@@ -286,8 +290,21 @@ impl Engine {
         self.failed = Some(why);
     }
 
-    /// Starts the next segment and asks for a checkpoint.
+    /// Starts the next segment and asks for a checkpoint. A record nobody waited for (only
+    /// touches) is not synced when written; the full segment is synced first in that case, so
+    /// that a later segment is never on disk without everything before it (a damaged segment
+    /// that is not the last one is refused at start-up as corrupt).
     fn roll(&mut self) {
+        if self.unsynced {
+            if let Err(e) = self.file.sync_data() {
+                self.fail(format!(
+                    "syncing {}: {e}",
+                    commit_log::segment_path(&self.dir, self.segment).display()
+                ));
+                return;
+            }
+            self.unsynced = false;
+        }
         match commit_log::create_segment(&self.dir, self.segment + 1) {
             Ok(file) => {
                 // Its last record is already on its way to the flusher (sent before the roll).

@@ -1393,3 +1393,37 @@ async fn full_commit_log_segments_are_checkpointed_and_deleted() {
         .unwrap();
     assert_eq!(chunk.parts.concat(), want);
 }
+
+/// A large record lengthens the segment without zeros (a hole past it reads as zeros, the end
+/// of the records); small records after it go on writing zeros ahead, and crash images taken
+/// after either replay everything.
+#[tokio::test]
+async fn large_records_lengthen_the_commit_log_without_zeros_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AcidStorage::open(dir.path(), options(2)).unwrap();
+    let (log, c) = storage.create(&meta(3, "/bulk"), Vec::new(), None).unwrap();
+    c.await.unwrap();
+    let mut want = String::new();
+    let mut images = Vec::new();
+    for (i, len) in [10usize, 1_500_000, 7, 5].into_iter().enumerate() {
+        let piece: String = std::iter::repeat_n((b'a' + i as u8) as char, len).collect();
+        log.append(entry(want.len() as u64, &piece)).await.unwrap();
+        want.push_str(&piece);
+        if len > 1000 {
+            // Zeros would have reached the next MiB; the file ends within a page of the data.
+            let segment = log_segments(dir.path()).pop().unwrap();
+            let on_disk = std::fs::metadata(&segment).unwrap().len();
+            let slack = on_disk - want.len() as u64;
+            assert!(slack < 8192, "{slack} bytes past the records");
+        }
+        images.push((crash_copy(dir.path()), want.clone()));
+    }
+    drop(log);
+    drop(storage);
+    for (image, want) in images {
+        let reopened = AcidStorage::open(image.path(), options(2)).unwrap();
+        let found = recovered_by_id(&reopened);
+        assert_eq!(found[&3].state.tail, want.len() as u64);
+        assert_eq!(read_all(&found[&3].log, 0, want.len() as u64).await, want);
+    }
+}

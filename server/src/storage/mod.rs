@@ -17,6 +17,15 @@
 //!   cutting inside a record (byte streams may be cut anywhere; JSON streams may not).
 //! - Blocking I/O never runs on the caller's async worker thread.
 
+/// Logs that sync (`file-durable`'s segments, `acid`'s commit log) write zeros ahead of what
+/// they append, so that a sync overwrites allocated blocks instead of also growing the file,
+/// but only for writes smaller than this. Zeros pay off where a sync's fixed cost dominates
+/// (small writes); they double the bytes written, which bulk appends (bound by disk bandwidth)
+/// would feel: 1 MiB appends filled a stream at 284 MB/s with zeros everywhere against 590
+/// without in `file-durable`, and at 175 against 276 MB/s in `acid`. A larger write only
+/// lengthens the file.
+pub(crate) const ZERO_FILL_BELOW: u64 = 64 << 10;
+
 pub mod acid;
 pub mod file;
 pub mod memory;

@@ -31,14 +31,12 @@ use super::codec::StateRow;
 use super::commit_log::{self, MAGIC};
 use super::writer::{self, Op, OpResult, Pending, WriterStats};
 use super::{DbResult, LogCache, STATE, layout};
-use crate::storage::{StorageError, StreamId};
+use crate::storage::{StorageError, StreamId, ZERO_FILL_BELOW};
 
 /// How often the flusher applies what was acknowledged to redb.
 pub(super) const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// Zeros are written this far ahead of the records at a time.
 const EXTEND_BYTES: u64 = 1 << 20;
-/// Records at least this long extend the file without zeros (see `Engine::extend_for`).
-const ZERO_FILL_BELOW: u64 = 64 << 10;
 /// How often idle threads look for checkpoint work.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 /// Batches the engine may hand the flusher before it waits for it (what is acknowledged and not
@@ -278,19 +276,16 @@ impl Engine {
     /// Writes zeros ahead of the records so that `len` more bytes land inside the file: a sync
     /// that only overwrites blocks costs about half of one that also grows the file (measured:
     /// 139-161 µs against 250 µs on the test VM). The next sync makes the zeros durable.
-    ///
-    /// A record of `ZERO_FILL_BELOW` or more is bulk data, bound by the disk's bandwidth rather
-    /// than by a sync's fixed cost: zeros ahead of it would double the bytes written (1 MiB
-    /// appends filled a stream at 168 MB/s with them), so the file is only lengthened to hold it.
+    /// A record of [`ZERO_FILL_BELOW`] or more only lengthens the file to hold it.
     fn extend_for(&mut self, len: u64) -> std::io::Result<()> {
         let end = self.segment_len + len;
         if end > self.extended_to && len >= ZERO_FILL_BELOW {
-            let end = end.next_multiple_of(4096);
-            self.file.set_len(end)?;
-            self.extended_to = end;
+            let grown = end.next_multiple_of(4096);
+            self.file.set_len(grown)?;
+            self.extended_to = grown;
             return Ok(());
         }
-        while self.segment_len + len > self.extended_to {
+        while end > self.extended_to {
             let zeros = vec![0u8; EXTEND_BYTES as usize];
             std::os::unix::fs::FileExt::write_all_at(&self.file, &zeros, self.extended_to)?;
             self.extended_to += EXTEND_BYTES;

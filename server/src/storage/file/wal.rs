@@ -20,27 +20,22 @@ use tokio::sync::oneshot;
 use super::frame::{self, Encoded, LogPos};
 use super::{FileOptions, Loc, LogShared};
 use crate::storage::tail_cache::CacheBudget;
-use crate::storage::{Commit, StorageError};
+use crate::storage::{Commit, StorageError, ZERO_FILL_BELOW};
 
 /// Most operations written in one batch.
 const MAX_BATCH_OPS: usize = 4096;
 /// Most bytes written in one batch (a single larger frame still goes alone).
 const MAX_BATCH_BYTES: usize = 16 << 20;
 /// The active segment's file is extended this much at a time, ahead of the frames written into
-/// it, with written zeros where that pays (`ZERO_FILL_BELOW`). An append that moves the end of
-/// a file makes `fdatasync` write the inode as well as the data (a second I/O on ext4 without a
+/// it, with written zeros where that pays (in `file-durable`, for batches below
+/// `storage::ZERO_FILL_BELOW`; a large batch, and `file-fast`, which never syncs, use
+/// `ftruncate`). An append that moves the end of a file makes `fdatasync` write the inode as well as the data (a second I/O on ext4 without a
 /// journal, a journal commit with one), and so does a write into a hole (`ftruncate`) or an
 /// unwritten extent (`fallocate`), which allocates or converts blocks. Extending ahead with
 /// real zeros makes most batches pure overwrites of allocated blocks, whose sync writes only
 /// data: here 145 µs per small sync against 177 µs into a hole and about 330 µs at the end of
 /// the file.
 pub(crate) const GROW_STEP: u64 = 4 << 20;
-/// The extension is written as zeros only in `file-durable` and only when the batch that needs
-/// it is smaller than this. Zeros pay off where a sync's fixed cost dominates (small batches);
-/// they double the bytes written, which bulk appends (bound by disk bandwidth) would feel:
-/// 1 MiB appends filled a stream at 284 MB/s with zeros everywhere against 590 without. A
-/// large batch, and `file-fast` (which never syncs), extend with `ftruncate` instead.
-const ZERO_FILL_BELOW: usize = 64 << 10;
 
 /// What an operation does to the in-memory indexes once its frame is written.
 pub(crate) enum Target {
@@ -442,7 +437,7 @@ impl Writer {
             // Never far past a small configured segment.
             let step = GROW_STEP.min(self.segment_bytes.next_multiple_of(4096));
             let grown = end.next_multiple_of(step);
-            if self.durable && buf.len() < ZERO_FILL_BELOW {
+            if self.durable && (buf.len() as u64) < ZERO_FILL_BELOW {
                 // Zeros from where this batch ends: the batch itself fills the rest.
                 let from = self.allocated.max(end);
                 let zeros = vec![0u8; (grown - from) as usize];

@@ -2,7 +2,7 @@
 # Runs the benchmark: ds-server in each storage mode against the Node reference server and
 # Electric's Rust server, side by side in one run, and prints Markdown tables.
 #
-#   bench/run.sh                 # full run (~15 min)
+#   bench/run.sh                 # full run (~25 min)
 #   bench/run.sh --quick         # development run (~3 min)
 #   bench/run.sh --servers ds-memory,electric-wal --scenarios append,catchup
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
@@ -15,6 +15,10 @@
 #   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup sync
 #                        (default: all but sync, which needs Postgres); with fanout, the
 #                        loopback floor (`ds-bench floor`, raw TCP, no server) runs first
+#   --rounds N           run the append scenario N times, every server once per round, rounds
+#                        in turn; the report takes each cell's median round (default 3, 1 with
+#                        --quick). A VM's speed drifts over minutes: rounds in turn keep one
+#                        server's bad minute from deciding a comparison
 #   --out DIR            where results.jsonl and report.md go (default: a new dir in the cache)
 #   -- ARGS...           passed to every `ds-bench run` (e.g. -- --append-secs 10)
 #
@@ -45,6 +49,7 @@ QUICK=()
 SERVERS=("${ALL_SERVERS[@]}")
 SCENARIOS=("${ALL_SCENARIOS[@]}")
 OUT_DIR=""
+ROUNDS=""
 EXTRA_ARGS=()
 while (($#)); do
   case "$1" in
@@ -52,6 +57,7 @@ while (($#)); do
     --servers) IFS=, read -r -a SERVERS <<<"${2:?--servers needs a list}"; shift ;;
     --scenarios) IFS=, read -r -a SCENARIOS <<<"${2:?--scenarios needs a list}"; shift ;;
     --out) OUT_DIR=${2:?--out needs a directory}; shift ;;
+    --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
     --) shift; EXTRA_ARGS=("$@"); break ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -60,6 +66,14 @@ while (($#)); do
 done
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+if [[ -z $ROUNDS ]]; then
+  if ((${#QUICK[@]})); then ROUNDS=1; else ROUNDS=3; fi
+fi
+if ! [[ $ROUNDS =~ ^[1-9][0-9]*$ ]]; then
+  echo "run.sh: --rounds needs a positive whole number, got '$ROUNDS'" >&2
+  exit 2
+fi
 
 # --- competitors, installed once into the cache (never into the repo) ---------------------------
 
@@ -258,29 +272,56 @@ if [[ " ${SCENARIOS[*]} " == *" fanout "* ]]; then
     log "the loopback floor failed; going on without it"
 fi
 
-for id in "${SERVERS[@]}"; do
+SKIPPED=()
+
+# Runs scenario $2 against server $1 in a fresh process; returns 1 if the server did not start
+# (it is then recorded as skipped and left out of later rounds).
+run_one() {
+  local id=$1 scenario=$2 tag=${3:-}
+  local lbl port logfile reason
   lbl=$(label "$id")
-  for scenario in "${SCENARIOS[@]}"; do
-    port=$(free_port)
-    logfile=$OUT_DIR/$id-$scenario.log
-    log "$lbl: $scenario (port $port)"
-    if ! start_server "$id" "$port" "$logfile"; then
-      reason=$(grep -v '^\s*$' "$logfile" | tail -n 1 || true)
-      log "$lbl did not start: ${reason:-no output}; skipping it"
-      stop_server
-      "$DS_BENCH" skip --results "$RESULTS" --label "$lbl" \
-        --reason "refused to start: ${reason:-no output}"
-      continue 2
-    fi
-    mapfile -t SCENARIO_ARGS < <(scenario_args "$scenario")
-    "$DS_BENCH" run --url "http://127.0.0.1:$port" --server-pid "$SERVER_PID" \
-      --label "$lbl" --about "$(about "$id")" --scenario "$scenario" \
-      --results "$RESULTS" "${QUICK[@]}" "${SCENARIO_ARGS[@]}" "${EXTRA_ARGS[@]}" ||
-      log "ds-bench failed on $lbl $scenario (see above)"
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-      log "$lbl exited during $scenario; its log: $logfile"
-    fi
+  port=$(free_port)
+  logfile=$OUT_DIR/$id-$scenario$tag.log
+  log "$lbl: $scenario$tag (port $port)"
+  if ! start_server "$id" "$port" "$logfile"; then
+    reason=$(grep -v '^\s*$' "$logfile" | tail -n 1 || true)
+    log "$lbl did not start: ${reason:-no output}; skipping it"
     stop_server
+    "$DS_BENCH" skip --results "$RESULTS" --label "$lbl" \
+      --reason "refused to start: ${reason:-no output}"
+    SKIPPED+=("$id")
+    return 1
+  fi
+  mapfile -t SCENARIO_ARGS < <(scenario_args "$scenario")
+  "$DS_BENCH" run --url "http://127.0.0.1:$port" --server-pid "$SERVER_PID" \
+    --label "$lbl" --about "$(about "$id")" --scenario "$scenario" \
+    --results "$RESULTS" "${QUICK[@]}" "${SCENARIO_ARGS[@]}" "${EXTRA_ARGS[@]}" ||
+    log "ds-bench failed on $lbl $scenario (see above)"
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    log "$lbl exited during $scenario; its log: $logfile"
+  fi
+  stop_server
+}
+
+skipped() { [[ " ${SKIPPED[*]} " == *" $1 "* ]]; }
+
+# The append scenario first, in rounds: every server once per round, so that the servers'
+# cells are minutes apart at most and a slow stretch of the machine hits them all alike.
+if [[ " ${SCENARIOS[*]} " == *" append "* ]]; then
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for id in "${SERVERS[@]}"; do
+      skipped "$id" && continue
+      tag=""
+      ((ROUNDS > 1)) && tag="-round$round"
+      run_one "$id" append "$tag" || true
+    done
+  done
+fi
+for id in "${SERVERS[@]}"; do
+  for scenario in "${SCENARIOS[@]}"; do
+    [[ $scenario == append ]] && continue
+    skipped "$id" && continue 2
+    run_one "$id" "$scenario" || continue 2
   done
 done
 

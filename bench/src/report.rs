@@ -136,6 +136,109 @@ fn cell(cells: &[CellResult], writers: usize, streams: usize) -> Option<&CellRes
         .find(|c| c.writers == writers && c.streams == streams)
 }
 
+/// The label every throughput is compared with in the share table.
+const BASELINE: &str = "ds-server memory";
+
+/// Each server's append results, one entry per round, servers in run order.
+fn append_rounds(records: &[Record]) -> Vec<(&str, Vec<&[CellResult]>)> {
+    let mut out: Vec<(&str, Vec<&[CellResult]>)> = Vec::new();
+    for r in records {
+        if let Outcome::Append { cells } = &r.outcome {
+            match out.iter_mut().find(|(l, _)| *l == r.label) {
+                Some((_, runs)) => runs.push(cells),
+                None => out.push((&r.label, vec![cells])),
+            }
+        }
+    }
+    out
+}
+
+/// The round whose cell had the median throughput (the lower middle of an even count), so
+/// that one cell's throughput, latency and CPU all come from the same measurement.
+fn median_cell<'a>(
+    runs: &[&'a [CellResult]],
+    writers: usize,
+    streams: usize,
+) -> Option<&'a CellResult> {
+    let mut found: Vec<&CellResult> = runs
+        .iter()
+        .filter_map(|r| cell(r, writers, streams))
+        .collect();
+    found.sort_by(|a, b| a.appends_per_sec.total_cmp(&b.appends_per_sec));
+    found.get(found.len().saturating_sub(1) / 2).copied()
+}
+
+/// The median of `values` (the mean of the two middle ones for an even count).
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+/// Each server's 64-writer throughput as a share of ds-server memory mode's in the same round,
+/// so that a machine that drifts between rounds does not tilt the comparison.
+fn share_of_memory(appends: &[(&str, Vec<&[CellResult]>)], out: &mut String) {
+    let Some((_, base)) = appends.iter().find(|(l, _)| *l == BASELINE) else {
+        return;
+    };
+    let cells = [(64, 1), (64, 100)];
+    let mut rows = Vec::new();
+    for (label, runs) in appends.iter().filter(|(l, _)| *l != BASELINE) {
+        let mut row = format!("| {label} |");
+        for (w, s) in cells {
+            let mut shares: Vec<f64> = runs
+                .iter()
+                .zip(base.iter())
+                .filter_map(|(r, b)| {
+                    let (c, m) = (cell(r, w, s)?, cell(b, w, s)?);
+                    (m.appends_per_sec > 0.0).then(|| 100.0 * c.appends_per_sec / m.appends_per_sec)
+                })
+                .collect();
+            let (lo, hi) = shares
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            match median(&mut shares) {
+                Some(m) if shares.len() > 1 => {
+                    let _ = write!(
+                        row,
+                        " **{m:.1}%** ({lo:.1}–{hi:.1}%, {} rounds) |",
+                        shares.len()
+                    );
+                }
+                Some(m) => {
+                    let _ = write!(row, " **{m:.1}%** |");
+                }
+                None => row.push_str(" – |"),
+            }
+        }
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let how = if base.len() > 1 {
+        " (the median of the rounds, their range in brackets)"
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        out,
+        "\nThroughput as a share of {BASELINE} mode's in the same round{how}:\n\n\
+         | server | 64 writers · 1 stream | 64 writers · 100 streams |\n|---|---|---|"
+    );
+    for row in rows {
+        out.push_str(&row);
+        out.push('\n');
+    }
+}
+
 /// Renders every table.
 pub fn markdown(records: &[Record]) -> String {
     let mut out = String::new();
@@ -164,20 +267,25 @@ pub fn markdown(records: &[Record]) -> String {
         }
     }
 
-    let appends: Vec<(&str, &Vec<CellResult>)> = records
-        .iter()
-        .filter_map(|r| match &r.outcome {
-            Outcome::Append { cells } => Some((r.label.as_str(), cells)),
-            _ => None,
-        })
-        .collect();
+    let appends = append_rounds(records);
     let matrix = [(1, 1), (1, 100), (64, 1), (64, 100)];
-    if let Some((_, first)) = appends.first() {
-        let payload = first.first().map(|c| c.payload_bytes).unwrap_or(0);
-        let secs = first.first().map(|c| c.measured_secs).unwrap_or(0.0);
+    let rounds = appends.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+    let first = appends
+        .first()
+        .and_then(|(_, r)| r.first())
+        .and_then(|cells| cells.first());
+    if let Some(first) = first {
+        let how = if rounds > 1 {
+            format!(
+                "; each cell is the median of {rounds} rounds, every server once per round, rounds in turn"
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "\n#### a. Append throughput and latency ({payload}-byte appends, {secs:.1} s per cell after warm-up)\n"
+            "\n#### a. Append throughput and latency ({}-byte appends, {:.1} s per cell after warm-up{how})\n",
+            first.payload_bytes, first.measured_secs
         );
         out.push_str("| server |");
         for (w, s) in matrix {
@@ -189,10 +297,10 @@ pub fn markdown(records: &[Record]) -> String {
             );
         }
         out.push_str("\n|---|---|---|---|---|\n");
-        for (label, cells) in &appends {
+        for (label, runs) in &appends {
             let _ = write!(out, "| {label} |");
             for (w, s) in matrix {
-                match cell(cells, w, s) {
+                match median_cell(runs, w, s) {
                     Some(c) => {
                         let _ = write!(
                             out,
@@ -212,22 +320,23 @@ pub fn markdown(records: &[Record]) -> String {
             }
             out.push('\n');
         }
+        share_of_memory(&appends, &mut out);
     }
     problems(records, "append", &mut out);
 
     if !appends.is_empty() {
         out.push_str(
-            "\n#### b. Server CPU per append (µs of server user+system CPU per 100-byte append)\n\n\
+            "\n#### b. Server CPU per append (µs of server user+system CPU per 100-byte append, from the cells of table a)\n\n\
              | server | 64 writers · 1 stream | 64 writers · 100 streams | 1 writer · 1 stream | load generator CPU, 64 writers · 1 stream |\n\
              |---|---|---|---|---|\n",
         );
-        for (label, cells) in &appends {
+        for (label, runs) in &appends {
             let v = |w, s| {
-                cell(cells, w, s)
+                median_cell(runs, w, s)
                     .map(|c| format!("{:.1}", c.server_cpu_us_per_append))
                     .unwrap_or_else(|| "–".into())
             };
-            let client = cell(cells, 64, 1)
+            let client = median_cell(runs, 64, 1)
                 .map(|c| format!("{:.1}", c.client_cpu_us_per_append))
                 .unwrap_or_else(|| "–".into());
             let _ = writeln!(
@@ -426,4 +535,119 @@ pub fn markdown(records: &[Record]) -> String {
     }
     problems(records, "sync", &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Latency;
+
+    fn cell(writers: usize, streams: usize, rate: f64, p50_us: f64) -> CellResult {
+        CellResult {
+            writers,
+            streams,
+            payload_bytes: 100,
+            measured_secs: 5.0,
+            appends: rate as u64 * 5,
+            appends_per_sec: rate,
+            errors: 0,
+            first_error: None,
+            latency: Latency {
+                count: rate as u64 * 5,
+                p50_us,
+                p99_us: p50_us * 3.0,
+                max_us: p50_us * 10.0,
+            },
+            server_cpu_us_per_append: 10.0,
+            client_cpu_us_per_append: 5.0,
+        }
+    }
+
+    fn round(label: &str, one: f64, hundred: f64) -> Record {
+        Record {
+            label: label.into(),
+            about: None,
+            outcome: Outcome::Append {
+                cells: vec![cell(64, 1, one, one / 100.0), cell(64, 100, hundred, 1.0)],
+            },
+        }
+    }
+
+    #[test]
+    fn a_cell_is_the_median_round_whole() {
+        // Rounds in turn: memory, durable, memory, durable, ...
+        let records = vec![
+            round(BASELINE, 100_000.0, 100_000.0),
+            round("ds-server file-durable", 40_000.0, 55_000.0),
+            round(BASELINE, 50_000.0, 100_000.0),
+            round("ds-server file-durable", 30_000.0, 45_000.0),
+            round(BASELINE, 80_000.0, 100_000.0),
+            round("ds-server file-durable", 90_000.0, 50_000.0),
+        ];
+        let rounds = append_rounds(&records);
+        assert_eq!(rounds.len(), 2);
+        assert_eq!(rounds[1].1.len(), 3);
+        let median = median_cell(&rounds[0].1, 64, 1).unwrap();
+        assert_eq!(median.appends_per_sec, 80_000.0);
+        // Its latency comes from the same round, not from another one.
+        assert_eq!(median.latency.p50_us, 800.0);
+        // An even count takes the lower middle round.
+        assert_eq!(
+            median_cell(&rounds[1].1[..2], 64, 1)
+                .unwrap()
+                .appends_per_sec,
+            30_000.0
+        );
+        assert!(median_cell(&rounds[0].1, 1, 1).is_none());
+    }
+
+    #[test]
+    fn the_share_of_memory_mode_is_taken_round_by_round() {
+        let records = vec![
+            round(BASELINE, 100_000.0, 100_000.0),
+            round("ds-server acid", 40_000.0, 55_000.0),
+            round(BASELINE, 50_000.0, 100_000.0),
+            round("ds-server acid", 30_000.0, 45_000.0),
+            round(BASELINE, 80_000.0, 100_000.0),
+            round("ds-server acid", 44_000.0, 50_000.0),
+        ];
+        let text = markdown(&records);
+        // Per round 40%, 60%, 55%: the median is 55%, though the medians of the two columns
+        // (40k over 80k) would say 50%.
+        assert!(
+            text.contains("| ds-server acid | **55.0%** (40.0–60.0%, 3 rounds) | **50.0%** (45.0–55.0%, 3 rounds) |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("each cell is the median of 3 rounds"),
+            "{text}"
+        );
+        let shares = &text[text.find("share of").unwrap()..text.find("#### b.").unwrap()];
+        assert!(
+            !shares.contains(&format!("| {BASELINE} |")),
+            "memory mode is not compared with itself: {shares}"
+        );
+    }
+
+    #[test]
+    fn one_round_and_no_baseline() {
+        let one = markdown(&[
+            round(BASELINE, 100_000.0, 90_000.0),
+            round("electric wal", 45_000.0, 45_000.0),
+        ]);
+        assert!(
+            one.contains("| electric wal | **45.0%** | **50.0%** |"),
+            "{one}"
+        );
+        assert!(!one.contains("median of"), "{one}");
+        let none = markdown(&[round("electric wal", 45_000.0, 45_000.0)]);
+        assert!(!none.contains("share of"), "{none}");
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&mut []), None);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
 }

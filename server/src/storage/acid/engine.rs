@@ -425,6 +425,15 @@ fn flush_loop(
             }
         }
     }
+    let transactions = stats.transactions.load(Ordering::Relaxed);
+    let per_txn = |micros: &AtomicU64| micros.load(Ordering::Relaxed) / transactions.max(1);
+    tracing::info!(
+        transactions,
+        operations = stats.operations.load(Ordering::Relaxed),
+        apply_us_per_transaction = per_txn(&stats.apply_micros),
+        commit_us_per_transaction = per_txn(&stats.commit_micros),
+        "acid flusher stopped"
+    );
 }
 
 /// Applies `works` shard by shard, one transaction each, then moves the streams' flushed marks.

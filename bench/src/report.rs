@@ -573,17 +573,31 @@ mod tests {
         }
     }
 
+    /// Three rounds in turn of memory mode (100k, 50k, 80k on 1 stream; 100k on 100) and
+    /// `label` with `other`'s (1 stream, 100 streams) throughputs.
+    fn in_turn(label: &str, other: [(f64, f64); 3]) -> Vec<Record> {
+        [100_000.0, 50_000.0, 80_000.0]
+            .into_iter()
+            .zip(other)
+            .flat_map(|(memory, (one, hundred))| {
+                [
+                    round(BASELINE, memory, 100_000.0),
+                    round(label, one, hundred),
+                ]
+            })
+            .collect()
+    }
+
     #[test]
     fn a_cell_is_the_median_round_whole() {
-        // Rounds in turn: memory, durable, memory, durable, ...
-        let records = vec![
-            round(BASELINE, 100_000.0, 100_000.0),
-            round("ds-server file-durable", 40_000.0, 55_000.0),
-            round(BASELINE, 50_000.0, 100_000.0),
-            round("ds-server file-durable", 30_000.0, 45_000.0),
-            round(BASELINE, 80_000.0, 100_000.0),
-            round("ds-server file-durable", 90_000.0, 50_000.0),
-        ];
+        let records = in_turn(
+            "ds-server file-durable",
+            [
+                (40_000.0, 55_000.0),
+                (30_000.0, 45_000.0),
+                (90_000.0, 50_000.0),
+            ],
+        );
         let rounds = append_rounds(&records);
         assert_eq!(rounds.len(), 2);
         assert_eq!(rounds[1].1.len(), 3);
@@ -603,14 +617,14 @@ mod tests {
 
     #[test]
     fn the_share_of_memory_mode_is_taken_round_by_round() {
-        let records = vec![
-            round(BASELINE, 100_000.0, 100_000.0),
-            round("ds-server acid", 40_000.0, 55_000.0),
-            round(BASELINE, 50_000.0, 100_000.0),
-            round("ds-server acid", 30_000.0, 45_000.0),
-            round(BASELINE, 80_000.0, 100_000.0),
-            round("ds-server acid", 44_000.0, 50_000.0),
-        ];
+        let records = in_turn(
+            "ds-server acid",
+            [
+                (40_000.0, 55_000.0),
+                (30_000.0, 45_000.0),
+                (44_000.0, 50_000.0),
+            ],
+        );
         let text = markdown(&records);
         // Per round 40%, 60%, 55%: the median is 55%, though the medians of the two columns
         // (40k over 80k) would say 50%.

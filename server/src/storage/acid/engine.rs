@@ -30,7 +30,7 @@ use redb::{Database, ReadableDatabase};
 use super::codec::StateRow;
 use super::commit_log::{self, MAGIC};
 use super::writer::{self, Op, OpResult, Pending, WriterStats};
-use super::{DbResult, LogCache, STATE, layout};
+use super::{AcidStats, DbResult, LogCache, STATE, layout};
 use crate::storage::{StorageError, StreamId, ZERO_FILL_BELOW};
 
 /// How often the flusher applies what was acknowledged to redb.
@@ -425,15 +425,9 @@ fn flush_loop(
             }
         }
     }
-    let transactions = stats.transactions.load(Ordering::Relaxed);
-    let per_txn = |micros: &AtomicU64| micros.load(Ordering::Relaxed) / transactions.max(1);
-    tracing::info!(
-        transactions,
-        operations = stats.operations.load(Ordering::Relaxed),
-        apply_us_per_transaction = per_txn(&stats.apply_micros),
-        commit_us_per_transaction = per_txn(&stats.commit_micros),
-        "acid flusher stopped"
-    );
+    let mut totals = AcidStats::default();
+    totals.add(&stats);
+    totals.log("acid flusher stopped");
 }
 
 /// Applies `works` shard by shard, one transaction each, then moves the streams' flushed marks.

@@ -151,6 +151,32 @@ pub struct AcidStats {
     pub commit_micros: u64,
 }
 
+impl AcidStats {
+    /// Adds `stats`' counters to these totals.
+    fn add(&mut self, stats: &WriterStats) {
+        self.transactions += stats.transactions.load(Ordering::Relaxed);
+        self.operations += stats.operations.load(Ordering::Relaxed);
+        self.apply_micros += stats.apply_micros.load(Ordering::Relaxed);
+        self.commit_micros += stats.commit_micros.load(Ordering::Relaxed);
+    }
+
+    /// Logs the totals, per transaction, at info level with `message`.
+    fn log(&self, message: &str) {
+        let per_txn = |micros: u64| micros / self.transactions.max(1);
+        tracing::info!(
+            transactions = self.transactions,
+            operations = self.operations,
+            ops_per_transaction = format!(
+                "{:.1}",
+                self.operations as f64 / self.transactions.max(1) as f64
+            ),
+            apply_us_per_transaction = per_txn(self.apply_micros),
+            commit_us_per_transaction = per_txn(self.commit_micros),
+            "{message}"
+        );
+    }
+}
+
 /// One shard: its database and the queue of its writer thread.
 struct Shard {
     index: usize,
@@ -400,17 +426,7 @@ impl Drop for Shard {
 
 impl Drop for AcidStorage {
     fn drop(&mut self) {
-        let s = self.stats();
-        let per_txn = |micros: u64| micros / s.transactions.max(1);
-        tracing::info!(
-            transactions = s.transactions,
-            operations = s.operations,
-            ops_per_transaction =
-                format!("{:.1}", s.operations as f64 / s.transactions.max(1) as f64),
-            apply_us_per_transaction = per_txn(s.apply_micros),
-            commit_us_per_transaction = per_txn(s.commit_micros),
-            "acid store closed"
-        );
+        self.stats().log("acid store closed");
     }
 }
 
@@ -499,16 +515,10 @@ impl AcidStorage {
     pub fn stats(&self) -> AcidStats {
         let mut total = AcidStats::default();
         for shard in &self.shards {
-            total.transactions += shard.stats.transactions.load(Ordering::Relaxed);
-            total.operations += shard.stats.operations.load(Ordering::Relaxed);
-            total.apply_micros += shard.stats.apply_micros.load(Ordering::Relaxed);
-            total.commit_micros += shard.stats.commit_micros.load(Ordering::Relaxed);
+            total.add(&shard.stats);
         }
         if let Some(engine) = &self.engine_stats {
-            total.transactions += engine.transactions.load(Ordering::Relaxed);
-            total.operations += engine.operations.load(Ordering::Relaxed);
-            total.apply_micros += engine.apply_micros.load(Ordering::Relaxed);
-            total.commit_micros += engine.commit_micros.load(Ordering::Relaxed);
+            total.add(engine);
         }
         total
     }

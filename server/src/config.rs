@@ -253,7 +253,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_STORAGE__ACID_COMMIT_LOG",
         default: "true",
-        doc: "`acid`: acknowledge once the operation is synced in the commit log shared by all shards (one sync for all of them; redb is updated within ~10 ms and checkpointed when a segment fills); `false` syncs each shard's own redb commit instead. Both survive a power loss (see *Storage modes*).",
+        doc: "`acid`: acknowledge once the operation is synced in the commit log shared by all shards (one sync for all of them; redb is updated within ~100 ms, each stream's records of a flush in one row, and checkpointed when a segment fills); `false` syncs each shard's own redb commit instead. Both survive a power loss (see *Storage modes*).",
     },
     KeyDoc {
         env: "DS_TLS__CERT_PATH",

@@ -181,48 +181,120 @@ pub(super) fn decode_meta(id: StreamId, raw: &[u8]) -> Result<StreamMeta, Storag
     Ok(stored.meta)
 }
 
-/// Length of a record value holding `data_len` bytes of data.
-pub(super) fn record_value_len(data_len: usize) -> usize {
-    data_len + CRC_LEN
+/// A row of the `records` table holds this much data at most, unless it is a single record
+/// larger than that (a record is never split).
+pub(super) const ROW_DATA_BYTES: usize = 32 << 10;
+/// A row of the `records` table holds at most this many records.
+pub(super) const ROW_RECORDS: usize = 1024;
+
+const COUNT_LEN: usize = 4;
+const LEN_LEN: usize = 4;
+
+/// Length of the row value holding `records` (each non-empty, each under 4 GiB: an append is
+/// bounded far below that by the HTTP layer's body limit).
+pub(super) fn row_value_len(records: &[&[u8]]) -> usize {
+    COUNT_LEN + LEN_LEN * records.len() + records.iter().map(|r| r.len()).sum::<usize>() + CRC_LEN
 }
 
-/// The checksum of a record covers its key too, so a record found under the wrong stream or
-/// position is refused like a damaged one.
-pub(super) fn record_crc(id: StreamId, start: u64, data: &[u8]) -> u32 {
+/// The checksum of a row covers its key too, so a row found under the wrong stream or position
+/// is refused like a damaged one.
+fn row_crc(id: StreamId, start: u64, body: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&id.to_le_bytes());
     let crc = crc32c::crc32c_append(crc, &start.to_le_bytes());
-    crc32c::crc32c_append(crc, data)
+    crc32c::crc32c_append(crc, body)
 }
 
-/// Writes a record value (`data` then its checksum) into `out`, which is exactly
-/// [`record_value_len`] long.
-pub(super) fn write_record(out: &mut [u8], id: StreamId, start: u64, data: &[u8]) {
-    let (body, crc) = out.split_at_mut(data.len());
-    body.copy_from_slice(data);
-    crc.copy_from_slice(&record_crc(id, start, data).to_le_bytes());
+/// Writes the row value of `records`, which start at stream position `start`, into `out`
+/// (exactly [`row_value_len`] long): the record count (u32 LE), each record's length (u32 LE),
+/// the records' bytes, then the CRC-32C of `id LE ‖ start LE ‖ everything before it`.
+pub(super) fn write_row(out: &mut [u8], id: StreamId, start: u64, records: &[&[u8]]) {
+    let body_len = out.len() - CRC_LEN;
+    let (body, crc) = out.split_at_mut(body_len);
+    let (count, rest) = body.split_at_mut(COUNT_LEN);
+    count.copy_from_slice(&(records.len() as u32).to_le_bytes());
+    let (lens, mut data) = rest.split_at_mut(LEN_LEN * records.len());
+    for (len, record) in lens.chunks_exact_mut(LEN_LEN).zip(records) {
+        len.copy_from_slice(&(record.len() as u32).to_le_bytes());
+        let (here, after) = data.split_at_mut(record.len());
+        here.copy_from_slice(record);
+        data = after;
+    }
+    crc.copy_from_slice(&row_crc(id, start, body).to_le_bytes());
 }
 
-/// The data of a record value, after checking its checksum.
-pub(super) fn read_record(id: StreamId, start: u64, raw: &[u8]) -> Result<&[u8], StorageError> {
-    let ok = raw.len() >= CRC_LEN && {
-        let (data, crc) = raw.split_at(raw.len() - CRC_LEN);
-        let mut b = [0u8; CRC_LEN];
-        b.copy_from_slice(crc);
-        u32::from_le_bytes(b) == record_crc(id, start, data)
+/// The parts of a row value: its record lengths and its records' bytes, back to back.
+pub(super) struct Row<'a> {
+    lens: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> Row<'a> {
+    /// Bytes of data the row holds (all its records).
+    pub(super) fn data_len(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// The row's records in order.
+    pub(super) fn records(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
+        let mut data = self.data;
+        self.lens.chunks_exact(LEN_LEN).map(move |len| {
+            let (record, rest) = data.split_at(u32_at(len) as usize);
+            data = rest;
+            record
+        })
+    }
+}
+
+/// Splits a row value into its parts after checking its structure (at least one record, none
+/// empty, lengths adding up to the bytes present), not its checksum: for recovery, which only
+/// needs where a stream's last row ends, and for planning reads before [`read_row`] checks the
+/// rows a read serves.
+pub(super) fn parse_row(id: StreamId, start: u64, raw: &[u8]) -> Result<Row<'_>, StorageError> {
+    let malformed = || StorageError::Corrupt {
+        what: format!("record row of stream {id} at {start}"),
+        detail: "malformed (record count and lengths do not match its size)".into(),
     };
-    if !ok {
+    if raw.len() < COUNT_LEN + CRC_LEN {
+        return Err(malformed());
+    }
+    let body = &raw[..raw.len() - CRC_LEN];
+    let count = u32_at(&body[..COUNT_LEN]) as usize;
+    let rest = &body[COUNT_LEN..];
+    if count == 0 || count > rest.len() / LEN_LEN {
+        return Err(malformed());
+    }
+    let (lens, data) = rest.split_at(LEN_LEN * count);
+    let mut total = 0u64;
+    for len in lens.chunks_exact(LEN_LEN) {
+        let len = u32_at(len);
+        if len == 0 {
+            return Err(malformed());
+        }
+        total += u64::from(len);
+    }
+    if total != data.len() as u64 {
+        return Err(malformed());
+    }
+    Ok(Row { lens, data })
+}
+
+/// [`parse_row`], then the checksum: the row whose bytes are about to be served.
+pub(super) fn read_row(id: StreamId, start: u64, raw: &[u8]) -> Result<Row<'_>, StorageError> {
+    let row = parse_row(id, start, raw)?;
+    let (body, crc) = raw.split_at(raw.len() - CRC_LEN);
+    if u32_at(crc) != row_crc(id, start, body) {
         return Err(StorageError::Corrupt {
-            what: format!("record of stream {id} at {start}"),
+            what: format!("record row of stream {id} at {start}"),
             detail: "checksum mismatch".into(),
         });
     }
-    Ok(&raw[..raw.len() - CRC_LEN])
+    Ok(row)
 }
 
-/// Data length of a record value, without checking it (for planning reads and recovery checks;
-/// the bytes are checked when they are served).
-pub(super) fn record_data_len(raw_len: usize) -> usize {
-    raw_len.saturating_sub(CRC_LEN)
+fn u32_at(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
 }
 
 fn unseal(raw: &[u8]) -> Option<&[u8]> {
@@ -266,14 +338,69 @@ mod tests {
         assert!(StateRow::decode(1, &[]).is_err());
     }
 
+    fn row(id: StreamId, start: u64, records: &[&[u8]]) -> Vec<u8> {
+        let mut raw = vec![0u8; row_value_len(records)];
+        write_row(&mut raw, id, start, records);
+        raw
+    }
+
     #[test]
-    fn record_checksum_covers_key_and_data() {
-        let mut raw = vec![0u8; record_value_len(3)];
-        write_record(&mut raw, 5, 10, b"abc");
-        assert_eq!(read_record(5, 10, &raw).unwrap(), b"abc");
-        assert!(read_record(5, 11, &raw).is_err());
-        assert!(read_record(6, 10, &raw).is_err());
-        raw[1] ^= 0x40;
-        assert!(read_record(5, 10, &raw).is_err());
+    fn a_row_round_trips_its_records() {
+        let raw = row(5, 10, &[b"abc", b"d", b"efgh"]);
+        assert_eq!(raw.len(), 4 + 3 * 4 + 8 + 4);
+        let parsed = read_row(5, 10, &raw).unwrap();
+        assert_eq!(parsed.data_len(), 8);
+        let records: Vec<&[u8]> = parsed.records().collect();
+        assert_eq!(records, [b"abc".as_slice(), b"d", b"efgh"]);
+        let one = row(1, 0, &[b"x"]);
+        assert_eq!(read_row(1, 0, &one).unwrap().records().count(), 1);
+    }
+
+    #[test]
+    fn a_row_checksum_covers_key_and_data() {
+        let mut raw = row(5, 10, &[b"abc", b"de"]);
+        assert!(read_row(5, 10, &raw).is_ok());
+        assert!(read_row(5, 11, &raw).is_err());
+        assert!(read_row(6, 10, &raw).is_err());
+        // Structure is intact, so only the checksum can tell.
+        let last = raw.len() - 5;
+        raw[last] ^= 0x40;
+        assert!(parse_row(5, 10, &raw).is_ok());
+        assert!(matches!(
+            read_row(5, 10, &raw),
+            Err(StorageError::Corrupt { detail, .. }) if detail.contains("checksum")
+        ));
+    }
+
+    #[test]
+    fn a_malformed_row_is_refused_before_its_lengths_are_used() {
+        let good = row(5, 10, &[b"abc", b"de"]);
+        let malformed = |raw: &[u8]| {
+            matches!(
+                parse_row(5, 10, raw),
+                Err(StorageError::Corrupt { detail, .. }) if detail.contains("malformed")
+            )
+        };
+        assert!(malformed(&[]));
+        assert!(malformed(&good[..6]));
+        // A count larger than the lengths present.
+        let mut raw = good.clone();
+        raw[0] = 200;
+        assert!(malformed(&raw));
+        // A count of zero.
+        raw[0] = 0;
+        assert!(malformed(&raw));
+        // A length that runs past the data.
+        let mut raw = good.clone();
+        raw[4] = 9;
+        assert!(malformed(&raw));
+        // An empty record.
+        let mut raw = good.clone();
+        raw[4] = 0;
+        assert!(malformed(&raw));
+        // Bytes beyond what the lengths account for.
+        let mut raw = good.clone();
+        raw.insert(good.len() - 4, b'z');
+        assert!(malformed(&raw));
     }
 }

@@ -13,7 +13,8 @@ use super::super::{StorageError, StreamId};
 /// File name of the layout, inside the data directory.
 pub(super) const LAYOUT_FILE: &str = "acid-layout.json";
 const FORMAT: &str = "ds-server-acid";
-const VERSION: u32 = 1;
+/// 2: a `records` row holds a run of records (1 held one record per row).
+const VERSION: u32 = 2;
 /// The only hash there is so far; named so that a future one can be told apart.
 const HASH: &str = "splitmix64(stream_id) & (shard_count - 1)";
 
@@ -171,6 +172,25 @@ mod tests {
         }
         for n in [1, 2, 16, 256] {
             check_shard_count(n).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_directory_of_an_older_format_version_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        check_or_create(dir.path(), 4).unwrap();
+        check_or_create(dir.path(), 4).unwrap();
+        let path = dir.path().join(LAYOUT_FILE);
+        let old = fs::read_to_string(&path)
+            .unwrap()
+            .replace(&format!("\"version\": {VERSION}"), "\"version\": 1");
+        fs::write(&path, old).unwrap();
+        match check_or_create(dir.path(), 4) {
+            Err(StorageError::Config(msg)) => {
+                assert!(msg.contains("version 1"), "{msg}");
+                assert!(msg.contains(&format!("version {VERSION}")), "{msg}");
+            }
+            other => panic!("expected a configuration error, got {other:?}"),
         }
     }
 }

@@ -569,7 +569,7 @@ impl AcidStorage {
                 None => return Err(corrupt("metadata without a state row".into())),
             };
             let log = self.log_for(&meta, row.tail);
-            // The last record must end exactly at the tail the same transactions wrote.
+            // The last row must end exactly at the tail the same transactions wrote.
             let stored_end = match records
                 .range((id, 0)..=(id, u64::MAX))
                 .ctx(&what)?
@@ -577,7 +577,8 @@ impl AcidStorage {
             {
                 Some(item) => {
                     let (k, v) = item.ctx(&what)?;
-                    k.value().1 + codec::record_data_len(v.value().len()) as u64
+                    let start = k.value().1;
+                    start + codec::parse_row(id, start, v.value())?.data_len()
                 }
                 None => log.log_start,
             };
@@ -920,9 +921,9 @@ async fn read_stitched(
     Ok(ReadChunk { parts, end: pos })
 }
 
-/// Reads `[from, until)` of stream `id` from one read transaction. Scans forward from the record
+/// Reads `[from, until)` of stream `id` from one read transaction. Scans forward from the row
 /// holding `from` and stops once the budget is covered, then lets [`plan_read`] apply the
-/// contract's rules to that window.
+/// contract's rules to the records of those rows.
 fn read_records(
     db: &Database,
     id: StreamId,
@@ -938,35 +939,49 @@ fn read_records(
     }
     let what = format!("reading stream {id}");
     let txn = db.begin_read().ctx(&what)?;
-    let records = txn.open_table(RECORDS).ctx(&what)?;
-    // The record holding `from` is the last one starting at or before it.
-    let seek = match records.range((id, 0)..=(id, from)).ctx(&what)?.next_back() {
+    let table = txn.open_table(RECORDS).ctx(&what)?;
+    // The row holding `from` is the last one starting at or before it.
+    let seek = match table.range((id, 0)..=(id, from)).ctx(&what)?.next_back() {
         Some(item) => item.ctx(&what)?.0.value().1,
         None => from,
     };
-    let mut window = Vec::new();
+    let mut rows = Vec::new();
     let mut in_range = 0usize;
-    for item in records.range((id, seek)..(id, until)).ctx(&what)? {
+    for item in table.range((id, seek)..(id, until)).ctx(&what)? {
         let (key, value) = item.ctx(&what)?;
         let start = key.value().1;
-        let end = start + codec::record_data_len(value.value().len()) as u64;
-        window.push((start, value));
+        let end = start + codec::parse_row(id, start, value.value())?.data_len();
+        rows.push((start, value));
         in_range += (end.min(until).saturating_sub(start.max(from))) as usize;
         if in_range >= max_bytes.max(1) {
             break;
         }
     }
-    let span = |i: usize| {
-        let (start, value) = &window[i];
-        (*start, codec::record_data_len(value.value().len()) as u64)
-    };
-    let (pieces, end) = plan_read(window.len(), span, log_start, from, until, max_bytes, split)?;
+    // Every record of those rows, with its position; each row's checksum is checked here, before
+    // any of its bytes are served.
+    let mut records: Vec<(u64, &[u8])> = Vec::new();
+    for (start, value) in &rows {
+        let mut pos = *start;
+        for record in codec::read_row(id, *start, value.value())?.records() {
+            records.push((pos, record));
+            pos += record.len() as u64;
+        }
+    }
+    let span = |i: usize| (records[i].0, records[i].1.len() as u64);
+    let (pieces, end) = plan_read(
+        records.len(),
+        span,
+        log_start,
+        from,
+        until,
+        max_bytes,
+        split,
+    )?;
     // One buffer for the whole read rather than one allocation per record: large fresh
     // allocations are what catch-up reads spent their time on (page faults).
     let mut buf = Vec::with_capacity(pieces.iter().map(|p| p.len).sum());
     for piece in &pieces {
-        let (start, value) = &window[piece.record];
-        let data = codec::read_record(id, *start, value.value())?;
+        let data = records[piece.record].1;
         buf.extend_from_slice(&data[piece.skip..piece.skip + piece.len]);
     }
     let buf = Bytes::from(buf);

@@ -75,7 +75,8 @@ impl Op {
         }
     }
 
-    fn data_bytes(&self) -> usize {
+    /// Bytes of record data the operation adds.
+    pub(super) fn data_bytes(&self) -> usize {
         match self {
             Op::Create { initial, .. } => initial.iter().map(Bytes::len).sum(),
             Op::Append { entry, .. } => entry.data.as_ref().map_or(0, Bytes::len),
@@ -324,10 +325,12 @@ fn apply(
     // Streams whose state row changed; each row is written once per transaction however many
     // appends the stream had in it.
     let mut dirty: Vec<StreamId> = Vec::new();
+    let mut open = OpenRows::default();
     let mut results = Vec::with_capacity(batch.len());
     for pending in batch {
-        results.push(apply_one(&mut t, rows, &pending.op, &mut dirty)?);
+        results.push(apply_one(&mut t, rows, &pending.op, &mut dirty, &mut open)?);
     }
+    open.write_all(&mut t.records)?;
     if let Some(unsaved) = unsaved {
         unsaved.extend(dirty);
         return Ok(results);
@@ -342,6 +345,84 @@ fn apply(
         }
     }
     Ok(results)
+}
+
+/// The records a transaction adds, gathered per stream into rows of the `records` table: one
+/// row holds a run of consecutive records (up to [`codec::ROW_DATA_BYTES`] and
+/// [`codec::ROW_RECORDS`]), so a transaction with many appends to a stream inserts one row for
+/// them rather than one each. redb's cost is mostly per row inserted (each insert copies the
+/// leaf it lands in), so this is what makes a transaction's cost follow the number of streams
+/// it touches rather than the number of appends.
+#[derive(Default)]
+struct OpenRows<'b> {
+    rows: HashMap<StreamId, OpenRow<'b>>,
+}
+
+struct OpenRow<'b> {
+    start: u64,
+    bytes: usize,
+    records: Vec<&'b [u8]>,
+}
+
+impl<'b> OpenRows<'b> {
+    /// Adds a non-empty record of `id` starting at `start` (the end of the stream's previous
+    /// record, which the caller's admission check guarantees).
+    fn add(
+        &mut self,
+        table: &mut Table<'_, (u64, u64), &'static [u8]>,
+        id: StreamId,
+        start: u64,
+        data: &'b [u8],
+    ) -> Result<(), StorageError> {
+        let row = self.rows.entry(id).or_insert_with(|| OpenRow {
+            start,
+            bytes: 0,
+            records: Vec::new(),
+        });
+        debug_assert_eq!(row.start + row.bytes as u64, start);
+        let full = !row.records.is_empty()
+            && (row.bytes + data.len() > codec::ROW_DATA_BYTES
+                || row.records.len() >= codec::ROW_RECORDS);
+        if full {
+            put_row(table, id, row)?;
+            row.start = start;
+            row.bytes = 0;
+            row.records.clear();
+        }
+        row.bytes += data.len();
+        row.records.push(data);
+        Ok(())
+    }
+
+    /// Forgets the unwritten records of a stream that is being removed.
+    fn discard(&mut self, id: StreamId) {
+        self.rows.remove(&id);
+    }
+
+    /// Writes every open row, in key order.
+    fn write_all(
+        self,
+        table: &mut Table<'_, (u64, u64), &'static [u8]>,
+    ) -> Result<(), StorageError> {
+        let mut rows: Vec<_> = self.rows.into_iter().collect();
+        rows.sort_unstable_by_key(|(id, _)| *id);
+        for (id, row) in &rows {
+            put_row(table, *id, row)?;
+        }
+        Ok(())
+    }
+}
+
+fn put_row(
+    table: &mut Table<'_, (u64, u64), &'static [u8]>,
+    id: StreamId,
+    row: &OpenRow<'_>,
+) -> Result<(), StorageError> {
+    let mut slot = table
+        .insert_reserve((id, row.start), codec::row_value_len(&row.records))
+        .ctx("writing a record row")?;
+    codec::write_row(slot.as_mut(), id, row.start, &row.records);
+    Ok(())
 }
 
 /// The cached state row of `id`, loaded with `load` on first use.
@@ -365,19 +446,6 @@ fn load_row(
         Some(raw) => Ok(Some(StateRow::decode(id, raw.value())?)),
         None => Ok(None),
     }
-}
-
-fn put_record(
-    records: &mut Table<'_, (u64, u64), &'static [u8]>,
-    id: StreamId,
-    start: u64,
-    data: &[u8],
-) -> Result<(), StorageError> {
-    let mut slot = records
-        .insert_reserve((id, start), codec::record_value_len(data.len()))
-        .ctx("writing a record")?;
-    codec::write_record(slot.as_mut(), id, start, data);
-    Ok(())
 }
 
 /// Checks `op` against its stream's state row and, if it is admitted, changes the row as
@@ -471,11 +539,12 @@ pub(super) fn admit(
     Ok(Ok(()))
 }
 
-fn apply_one(
+fn apply_one<'b>(
     t: &mut Tables<'_>,
     rows: &mut HashMap<StreamId, StateRow>,
-    op: &Op,
+    op: &'b Op,
     dirty: &mut Vec<StreamId>,
+    open: &mut OpenRows<'b>,
 ) -> Result<OpResult, StorageError> {
     let admitted = {
         let state = &t.state;
@@ -498,14 +567,14 @@ fn apply_one(
                 .ctx("writing stream metadata")?;
             let mut pos = *start;
             for data in initial.iter().filter(|d| !d.is_empty()) {
-                put_record(&mut t.records, id, pos, data)?;
+                open.add(&mut t.records, id, pos, data)?;
                 pos += data.len() as u64;
             }
             dirty.push(id);
         }
         Op::Append { id, entry } => {
             if let Some(data) = entry.data.as_ref().filter(|d| !d.is_empty()) {
-                put_record(&mut t.records, *id, entry.start, data)?;
+                open.add(&mut t.records, *id, entry.start, data)?;
             }
             if let Some((producer, ps)) = &entry.producer {
                 t.producers
@@ -522,6 +591,7 @@ fn apply_one(
         }
         Op::Remove { id } => {
             let id = *id;
+            open.discard(id);
             t.records
                 .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                 .ctx("removing records")?;

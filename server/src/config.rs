@@ -148,6 +148,10 @@ pub struct KeyDoc {
     pub doc: &'static str,
 }
 
+/// The largest `DS_LIMITS__MAX_REQUEST_BYTES`: every storage format records a record's length,
+/// and a log record's or frame's length with its headers, in 32 bits.
+const MAX_REQUEST_BYTES: u64 = 1 << 30;
+
 /// Every setting, with its default as it would be written in the environment.
 pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
@@ -213,7 +217,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_LIMITS__MAX_REQUEST_BYTES",
         default: "16777216",
-        doc: "Largest request body; a larger one gets 413.",
+        doc: "Largest request body; a larger one gets 413. At most 1073741824 (1 GiB): the storage formats record lengths in 32 bits, headers included.",
     },
     KeyDoc {
         env: "DS_LIMITS__MAX_READ_BYTES",
@@ -376,6 +380,13 @@ impl Config {
                 "DS_STORAGE__ACID_SHARD_COUNT={shards} must be a power of two from 1 to 256"
             )));
         }
+        if l.max_request_bytes > MAX_REQUEST_BYTES {
+            return Err(ConfigError(format!(
+                "DS_LIMITS__MAX_REQUEST_BYTES={} is too large: at most {MAX_REQUEST_BYTES} (1 GiB; \
+                 the storage formats record lengths in 32 bits, headers included)",
+                l.max_request_bytes
+            )));
+        }
         if self.storage.max_open_files == 0 {
             return Err(ConfigError(
                 "DS_STORAGE__MAX_OPEN_FILES must be greater than 0".into(),
@@ -492,6 +503,22 @@ mod tests {
             jail.set_env("DS_STORAGE__FAST_SYNC_INTERVAL", "0s");
             let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
             assert!(err.contains("DS_STORAGE__FAST_SYNC_INTERVAL"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_request_limit_past_1_gib_is_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_LIMITS__MAX_REQUEST_BYTES", "1073741824");
+            assert!(Config::load(None).is_ok());
+            jail.set_env("DS_LIMITS__MAX_REQUEST_BYTES", "4294967296");
+            let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                err.contains("DS_LIMITS__MAX_REQUEST_BYTES=4294967296"),
+                "{err}"
+            );
+            assert!(err.contains("at most 1073741824"), "{err}");
             Ok(())
         });
     }

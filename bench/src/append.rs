@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::client::Server;
-use crate::process::Process;
+use crate::process::{MachineCpu, Process};
 use crate::stats::{self, Latency};
 
 /// How one cell of the matrix is run.
@@ -47,6 +47,10 @@ pub struct CellResult {
     pub server_cpu_us_per_append: f64,
     /// This process's CPU time per append: the load generator shares the cores with the server.
     pub client_cpu_us_per_append: f64,
+    /// Percent of the machine's CPU time the hypervisor gave to other guests during the window
+    /// (absent in results from before it was recorded).
+    #[serde(default)]
+    pub steal_percent: Option<f64>,
 }
 
 struct WriterOutcome {
@@ -142,9 +146,11 @@ pub async fn run_cell(
     tokio::time::sleep_until(window_start).await;
     let server_cpu0 = server_process.cpu_time()?;
     let client_cpu0 = client_process.cpu_time()?;
+    let machine0 = MachineCpu::now().ok();
     tokio::time::sleep_until(window_end).await;
     let server_cpu1 = server_process.cpu_time()?;
     let client_cpu1 = client_process.cpu_time()?;
+    let machine1 = MachineCpu::now().ok();
 
     let mut samples = Vec::new();
     let mut errors = 0;
@@ -180,5 +186,6 @@ pub async fn run_cell(
         latency: stats::summarize_ns(&mut samples),
         server_cpu_us_per_append: per_append(server_cpu1.saturating_sub(server_cpu0)),
         client_cpu_us_per_append: per_append(client_cpu1.saturating_sub(client_cpu0)),
+        steal_percent: machine0.zip(machine1).map(|(a, b)| a.steal_percent(&b)),
     })
 }

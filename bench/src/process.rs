@@ -18,6 +18,59 @@ fn clock_ticks_per_second() -> u64 {
         .unwrap_or(100)
 }
 
+/// The machine's CPU time so far, all cores together (the `cpu` line of `/proc/stat`), in ticks:
+/// everything, and the part the hypervisor gave to other guests while this one wanted to run
+/// (steal). On a shared VM steal is what makes cells minutes apart disagree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MachineCpu {
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> anyhow::Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        MachineCpu::parse(&stat)
+    }
+
+    fn parse(stat: &str) -> anyhow::Result<MachineCpu> {
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .ok_or_else(|| anyhow!("/proc/stat has no cpu line"))?;
+        // user nice system idle iowait irq softirq steal guest guest_nice; guest time is
+        // already counted in user and nice.
+        let values = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| {
+                v.parse::<u64>()
+                    .with_context(|| format!("/proc/stat value {v:?}"))
+            })
+            .collect::<anyhow::Result<Vec<u64>>>()?;
+        if values.len() < 8 {
+            return Err(anyhow!(
+                "/proc/stat cpu line has {} values: {line:?}",
+                values.len()
+            ));
+        }
+        Ok(MachineCpu {
+            total: values.iter().sum(),
+            steal: values[7],
+        })
+    }
+
+    /// Percent of the machine's CPU time stolen between `self` and the later `end`.
+    pub fn steal_percent(&self, end: &MachineCpu) -> f64 {
+        let total = end.total.saturating_sub(self.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * end.steal.saturating_sub(self.steal) as f64 / total as f64
+    }
+}
+
 /// A process whose cost we read. `pid` `None` means the benchmark's own process.
 #[derive(Clone, Debug)]
 pub struct Process {
@@ -91,4 +144,28 @@ pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_the_share_of_all_cpu_time_between_two_readings() {
+        let a = MachineCpu::parse("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(
+            a,
+            MachineCpu {
+                total: 1000,
+                steal: 40
+            }
+        );
+        let b = MachineCpu::parse("cpu  200 0 100 1500 20 0 0 140 7 0\n").unwrap();
+        // 960 ticks passed, 100 of them stolen; guest time (7) is not counted twice.
+        assert_eq!(b.total, 1960);
+        assert!((a.steal_percent(&b) - 100.0 * 100.0 / 960.0).abs() < 1e-9);
+        assert_eq!(a.steal_percent(&a), 0.0);
+        assert!(MachineCpu::parse("cpu0 1 2 3\n").is_err());
+        assert!(MachineCpu::parse("cpu  1 2 3\n").is_err());
+    }
 }

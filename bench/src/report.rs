@@ -237,6 +237,22 @@ fn share_of_memory(appends: &[(&str, Vec<&[CellResult]>)], out: &mut String) {
         out.push_str(&row);
         out.push('\n');
     }
+    let mut steal: Vec<f64> = appends
+        .iter()
+        .flat_map(|(_, runs)| runs.iter())
+        .flat_map(|cells| cells.iter())
+        .filter(|c| c.writers == 64)
+        .filter_map(|c| c.steal_percent)
+        .collect();
+    let max = steal.iter().copied().fold(0.0, f64::max);
+    if let Some(m) = median(&mut steal) {
+        let _ = writeln!(
+            out,
+            "\nCPU time the hypervisor gave to other guests during these 64-writer cells (steal, \
+             from `/proc/stat`): median {m:.1}%, highest {max:.1}% (each server's in table b). \
+             Where it is high, the cells of that minute ran slower."
+        );
+    }
 }
 
 /// Renders every table.
@@ -327,8 +343,8 @@ pub fn markdown(records: &[Record]) -> String {
     if !appends.is_empty() {
         out.push_str(
             "\n#### b. Server CPU per append (µs of server user+system CPU per 100-byte append, from the cells of table a)\n\n\
-             | server | 64 writers · 1 stream | 64 writers · 100 streams | 1 writer · 1 stream | load generator CPU, 64 writers · 1 stream |\n\
-             |---|---|---|---|---|\n",
+             | server | 64 writers · 1 stream | 64 writers · 100 streams | 1 writer · 1 stream | load generator CPU, 64 writers · 1 stream | steal, 64 writers · 1 / 100 streams |\n\
+             |---|---|---|---|---|---|\n",
         );
         for (label, runs) in &appends {
             let v = |w, s| {
@@ -339,12 +355,20 @@ pub fn markdown(records: &[Record]) -> String {
             let client = median_cell(runs, 64, 1)
                 .map(|c| format!("{:.1}", c.client_cpu_us_per_append))
                 .unwrap_or_else(|| "–".into());
+            let steal = |w, s| {
+                median_cell(runs, w, s)
+                    .and_then(|c| c.steal_percent)
+                    .map(|p| format!("{p:.1}%"))
+                    .unwrap_or_else(|| "–".into())
+            };
             let _ = writeln!(
                 out,
-                "| {label} | **{}** | {} | {} | {client} |",
+                "| {label} | **{}** | {} | {} | {client} | {} / {} |",
                 v(64, 1),
                 v(64, 100),
-                v(1, 1)
+                v(1, 1),
+                steal(64, 1),
+                steal(64, 100)
             );
         }
     }
@@ -560,6 +584,7 @@ mod tests {
             },
             server_cpu_us_per_append: 10.0,
             client_cpu_us_per_append: 5.0,
+            steal_percent: Some(rate / 10_000.0),
         }
     }
 
@@ -641,6 +666,11 @@ mod tests {
             !shares.contains(&format!("| {BASELINE} |")),
             "memory mode is not compared with itself: {shares}"
         );
+        // Steal over every 64-writer cell of every server and round (the fixture's steal is the
+        // rate over 10 000: 3% to 10%), and each server's median cell's in table b.
+        assert!(shares.contains("median 5."), "{shares}");
+        assert!(shares.contains("highest 10.0%"), "{shares}");
+        assert!(text.contains("| 4.0% / 5.0% |"), "{text}");
     }
 
     #[test]

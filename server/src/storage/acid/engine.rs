@@ -38,11 +38,12 @@ use crate::storage::{StorageError, StreamId, ZERO_FILL_BELOW};
 /// [`FLUSH_BYTES`] of record data come first). redb's cost is mostly per transaction and per
 /// row inserted, and a transaction writes one row per stream for all of that stream's records
 /// it holds, so gathering longer makes the flusher cheaper per append: at 64 writers on 100
-/// streams, 100 ms instead of 10 cut its CPU time to a quarter (`server/STORAGE.md`). Reads do
-/// not wait for it: what redb does not have yet is served from RAM.
+/// streams, 100 ms instead of 10 cut its CPU time to about a third (`server/STORAGE.md`). Reads
+/// do not wait for it: what redb does not have yet is served from RAM.
 pub(super) const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-/// The flusher applies what it holds as soon as this much record data is waiting, which bounds
-/// the acknowledged data held in RAM only (besides [`FLUSH_QUEUE`]).
+/// The flusher applies what it holds as soon as this much record data is waiting: with
+/// [`FLUSH_QUEUE`] (what may queue while a flush runs) this bounds the acknowledged data that
+/// waits in RAM for redb.
 const FLUSH_BYTES: usize = 16 << 20;
 /// Zeros are written this far ahead of the records at a time.
 const EXTEND_BYTES: u64 = 1 << 20;

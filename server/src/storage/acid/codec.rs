@@ -190,8 +190,8 @@ pub(super) const ROW_RECORDS: usize = 1024;
 const COUNT_LEN: usize = 4;
 const LEN_LEN: usize = 4;
 
-/// Length of the row value holding `records` (each non-empty, each under 4 GiB: an append is
-/// bounded far below that by the HTTP layer's body limit).
+/// Length of the row value holding `records` (each non-empty, each under 4 GiB: a request body,
+/// and so a record, is at most 1 GiB, `DS_LIMITS__MAX_REQUEST_BYTES`'s bound).
 pub(super) fn row_value_len(records: &[&[u8]]) -> usize {
     COUNT_LEN + LEN_LEN * records.len() + records.iter().map(|r| r.len()).sum::<usize>() + CRC_LEN
 }

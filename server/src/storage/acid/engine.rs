@@ -11,10 +11,10 @@
 //! The flusher applies what the engine handed over to each shard in one redb transaction per
 //! shard every [`FLUSH_INTERVAL`] (sooner once [`FLUSH_BYTES`] wait), each stream's records in
 //! that transaction gathered into rows of many records, committed without a sync (redb keeps it
-//! in its write buffer; readers see it), then tells the streams' caches how far redb now reaches. When the engine has
-//! filled a log segment it asks for a checkpoint: the flusher makes a durable redb commit in every
-//! shard recording the number of the last log record applied, after which the engine deletes the
-//! full segments. After a crash, redb reopens each shard at its checkpoint and start-up replays the
+//! in its write buffer; readers see it), then tells the streams' caches how far redb now
+//! reaches. When the engine has filled a log segment it asks for a checkpoint: the flusher makes
+//! a durable redb commit in every shard recording the number of the last log record applied,
+//! after which the engine deletes the full segments. After a crash, redb reopens each shard at its checkpoint and start-up replays the
 //! log's later records ([`super::replay_log`]).
 
 use std::collections::{HashMap, HashSet};

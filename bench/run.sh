@@ -15,11 +15,12 @@
 #   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup sync
 #                        (default: all but sync, which needs Postgres); with fanout, the
 #                        loopback floor (`ds-bench floor`, raw TCP, no server) runs first
-#   --rounds N           run the append scenario N times, every server once per round, rounds
-#                        in turn, each round starting one server further along; the report
-#                        takes each cell's median round (default 3, 1 with --quick). A VM's
-#                        speed drifts over minutes: rounds in turn keep one server's bad
-#                        minute from deciding a comparison
+#   --rounds N           run the append scenario N times (default 3, 1 with --quick): each
+#                        round starts every server, then measures each cell on every server
+#                        in turn (rotating who goes first); the report takes each cell's
+#                        median round. A VM's speed drifts over minutes: measuring a cell on
+#                        all servers within a minute or so, in rounds, keeps one server's
+#                        bad minute from deciding a comparison
 #   --out DIR            where results.jsonl and report.md go (default: a new dir in the cache)
 #   -- ARGS...           passed to every `ds-bench run` (e.g. -- --append-secs 10)
 #
@@ -306,20 +307,88 @@ run_one() {
 
 skipped() { [[ " ${SKIPPED[*]} " == *" $1 "* ]]; }
 
-# The append scenario first, in rounds: every server once per round, so that the servers'
-# cells are minutes apart at most and a slow stretch of the machine hits them all alike. Each
-# round starts one server further along the list, so no server always runs at the same point
-# of a round (on 2026-12-03 acid, always sixth, met 6-20% hypervisor steal in all three rounds
-# while the servers before it met 0.3-3%).
+# The append cells (writers × streams): ds-bench's matrix, or the one given after `--`.
+APPEND_WRITERS=1,64
+APPEND_STREAMS=1,100
+APPEND_ARGS=()
+for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+  case "${EXTRA_ARGS[i]}" in
+    --writers) APPEND_WRITERS=${EXTRA_ARGS[i + 1]:-}; i=$((i + 1)) ;;
+    --writers=*) APPEND_WRITERS=${EXTRA_ARGS[i]#--writers=} ;;
+    --streams) APPEND_STREAMS=${EXTRA_ARGS[i + 1]:-}; i=$((i + 1)) ;;
+    --streams=*) APPEND_STREAMS=${EXTRA_ARGS[i]#--streams=} ;;
+    *) APPEND_ARGS+=("${EXTRA_ARGS[i]}") ;;
+  esac
+done
+
+# The servers of one append round, all started (fresh, empty data directories) before its
+# first cell and stopped after its last: id -> pid, port, data directory.
+declare -A ROUND_PID=() ROUND_PORT=() ROUND_DIR=()
+ROUND_IDS=()
+
+stop_round() {
+  local id
+  for id in "${ROUND_IDS[@]}"; do
+    SERVER_PID=${ROUND_PID[$id]} DATA_DIR=${ROUND_DIR[$id]}
+    stop_server
+  done
+  ROUND_IDS=()
+  ROUND_PID=() ROUND_PORT=() ROUND_DIR=()
+}
+trap 'stop_round; stop_server' EXIT
+trap 'stop_round; stop_server; exit 130' INT TERM
+
+# The append scenario first, in rounds, measured cell by cell: each round starts every server,
+# then runs each cell on every server in turn before the next cell, so that one cell's
+# measurements on all servers are a minute or so apart rather than several (this VM's speed
+# drifts by tens of percent over minutes: memory mode measured 53k and 80k appends/s in cells
+# minutes apart on 2026-12-03), and the share of memory mode is taken within a round. Each
+# round and each cell starts one server further along the list, so no server always runs at
+# the same point (on 2026-12-03 acid, always sixth, met 6-20% hypervisor steal in all three
+# rounds while the servers before it met 0.3-3%). Servers not being measured are idle.
 if [[ " ${SCENARIOS[*]} " == *" append "* ]]; then
+  IFS=, read -r -a writer_counts <<<"$APPEND_WRITERS"
+  IFS=, read -r -a stream_counts <<<"$APPEND_STREAMS"
   for ((round = 1; round <= ROUNDS; round++)); do
-    for ((i = 0; i < ${#SERVERS[@]}; i++)); do
-      id=${SERVERS[(i + round - 1) % ${#SERVERS[@]}]}
+    for id in "${SERVERS[@]}"; do
       skipped "$id" && continue
-      tag=""
-      ((ROUNDS > 1)) && tag="-round$round"
-      run_one "$id" append "$tag" || true
+      port=$(free_port)
+      logfile=$OUT_DIR/$id-append-round$round.log
+      log "$(label "$id"): starting for append round $round (port $port)"
+      if ! start_server "$id" "$port" "$logfile"; then
+        reason=$(grep -v '^\s*$' "$logfile" | tail -n 1 || true)
+        log "$(label "$id") did not start: ${reason:-no output}; skipping it"
+        stop_server
+        "$DS_BENCH" skip --results "$RESULTS" --label "$(label "$id")" \
+          --reason "refused to start: ${reason:-no output}"
+        SKIPPED+=("$id")
+        continue
+      fi
+      ROUND_IDS+=("$id")
+      ROUND_PID[$id]=$SERVER_PID ROUND_PORT[$id]=$port ROUND_DIR[$id]=$DATA_DIR
+      SERVER_PID="" DATA_DIR=""
     done
+    n=${#ROUND_IDS[@]}
+    turn=0
+    for w in "${writer_counts[@]}"; do
+      for s in "${stream_counts[@]}"; do
+        for ((i = 0; i < n; i++)); do
+          id=${ROUND_IDS[(i + round - 1 + turn) % n]}
+          pid=${ROUND_PID[$id]}
+          if ! kill -0 "$pid" 2>/dev/null; then
+            log "$(label "$id") has exited; its log: $OUT_DIR/$id-append-round$round.log"
+          fi
+          log "$(label "$id"): append round $round, $w writers, $s streams"
+          "$DS_BENCH" run --url "http://127.0.0.1:${ROUND_PORT[$id]}" --server-pid "$pid" \
+            --label "$(label "$id")" --about "$(about "$id")" --scenario append \
+            --round "$round" --writers "$w" --streams "$s" --results "$RESULTS" \
+            "${QUICK[@]}" "${APPEND_ARGS[@]}" ||
+            log "ds-bench failed on $(label "$id") append (see above)"
+        done
+        turn=$((turn + 1))
+      done
+    done
+    stop_round
   done
 fi
 for id in "${SERVERS[@]}"; do

@@ -120,6 +120,10 @@ pub struct RunArgs {
     /// Short runs for development (defaults below shrink; explicit flags still win).
     #[arg(long)]
     pub quick: bool,
+    /// Which round of run.sh's append rounds this is: the report merges the cells of one label
+    /// and round (run.sh measures one cell at a time, every server in turn).
+    #[arg(long)]
+    pub round: Option<u32>,
     /// Stream names are prefixed with this, so runs never collide.
     #[arg(long)]
     pub run_id: Option<String>,
@@ -226,6 +230,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let record = Record {
                     label: label.clone(),
                     about: Some(FLOOR_ABOUT.to_owned()),
+                    round: None,
                     outcome,
                 };
                 report::append_record(&results, &record)?;
@@ -241,6 +246,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             &Record {
                 label,
                 about: None,
+                round: None,
                 outcome: Outcome::Skipped { reason },
             },
         ),
@@ -367,6 +373,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
             &Record {
                 label: args.label.clone(),
                 about: args.about.clone(),
+                round: args.round,
                 outcome,
             },
         )?;

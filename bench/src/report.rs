@@ -22,6 +22,11 @@ pub struct Record {
     /// What the mode promises (durability), shown once in the servers table.
     #[serde(default)]
     pub about: Option<String>,
+    /// Which of run.sh's append rounds the cells belong to: records of one label and round are
+    /// one round's cells (run.sh measures cell by cell, every server in turn). Absent: the
+    /// record is a round of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
     pub outcome: Outcome,
 }
 
@@ -130,23 +135,44 @@ fn list_after_table(lines: &[String], out: &mut String) {
     }
 }
 
-fn cell(cells: &[CellResult], writers: usize, streams: usize) -> Option<&CellResult> {
+fn cell<'a>(cells: &[&'a CellResult], writers: usize, streams: usize) -> Option<&'a CellResult> {
     cells
         .iter()
+        .copied()
         .find(|c| c.writers == writers && c.streams == streams)
 }
 
 /// The label every throughput is compared with in the share table.
 const BASELINE: &str = "ds-server memory";
 
-/// Each server's append results, one entry per round, servers in run order.
-fn append_rounds(records: &[Record]) -> Vec<(&str, Vec<&[CellResult]>)> {
-    let mut out: Vec<(&str, Vec<&[CellResult]>)> = Vec::new();
+/// One append round of one server: its round number (if recorded) and its cells.
+struct Round<'a> {
+    number: Option<u32>,
+    cells: Vec<&'a CellResult>,
+}
+
+/// Each server's append results, one entry per round, servers in run order. Records of one
+/// label with the same round number merge into one round; a record without one is a round.
+fn append_rounds(records: &[Record]) -> Vec<(&str, Vec<Round<'_>>)> {
+    let mut out: Vec<(&str, Vec<Round<'_>>)> = Vec::new();
     for r in records {
         if let Outcome::Append { cells } = &r.outcome {
-            match out.iter_mut().find(|(l, _)| *l == r.label) {
-                Some((_, runs)) => runs.push(cells),
-                None => out.push((&r.label, vec![cells])),
+            let rounds = match out.iter_mut().position(|(l, _)| *l == r.label) {
+                Some(i) => &mut out[i].1,
+                None => {
+                    out.push((&r.label, Vec::new()));
+                    &mut out.last_mut().expect("just pushed").1
+                }
+            };
+            match rounds
+                .iter_mut()
+                .find(|round| round.number.is_some() && round.number == r.round)
+            {
+                Some(round) => round.cells.extend(cells),
+                None => rounds.push(Round {
+                    number: r.round,
+                    cells: cells.iter().collect(),
+                }),
             }
         }
     }
@@ -155,14 +181,10 @@ fn append_rounds(records: &[Record]) -> Vec<(&str, Vec<&[CellResult]>)> {
 
 /// The round whose cell had the median throughput (the lower middle of an even count), so
 /// that one cell's throughput, latency and CPU all come from the same measurement.
-fn median_cell<'a>(
-    runs: &[&'a [CellResult]],
-    writers: usize,
-    streams: usize,
-) -> Option<&'a CellResult> {
+fn median_cell<'a>(runs: &[Round<'a>], writers: usize, streams: usize) -> Option<&'a CellResult> {
     let mut found: Vec<&CellResult> = runs
         .iter()
-        .filter_map(|r| cell(r, writers, streams))
+        .filter_map(|r| cell(&r.cells, writers, streams))
         .collect();
     found.sort_by(|a, b| a.appends_per_sec.total_cmp(&b.appends_per_sec));
     found.get(found.len().saturating_sub(1) / 2).copied()
@@ -182,9 +204,10 @@ fn median(values: &mut [f64]) -> Option<f64> {
     })
 }
 
-/// Each server's 64-writer throughput as a share of ds-server memory mode's in the same round,
-/// so that a machine that drifts between rounds does not tilt the comparison.
-fn share_of_memory(appends: &[(&str, Vec<&[CellResult]>)], out: &mut String) {
+/// Each server's 64-writer throughput as a share of ds-server memory mode's in the same round
+/// (the same round number, or the same place in the order where none was recorded), so that a
+/// machine that drifts between rounds does not tilt the comparison.
+fn share_of_memory(appends: &[(&str, Vec<Round<'_>>)], out: &mut String) {
     let Some((_, base)) = appends.iter().find(|(l, _)| *l == BASELINE) else {
         return;
     };
@@ -195,9 +218,13 @@ fn share_of_memory(appends: &[(&str, Vec<&[CellResult]>)], out: &mut String) {
         for (w, s) in cells {
             let mut shares: Vec<f64> = runs
                 .iter()
-                .zip(base.iter())
-                .filter_map(|(r, b)| {
-                    let (c, m) = (cell(r, w, s)?, cell(b, w, s)?);
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let b = match r.number {
+                        Some(n) => base.iter().find(|b| b.number == Some(n))?,
+                        None => base.get(i)?,
+                    };
+                    let (c, m) = (cell(&r.cells, w, s)?, cell(&b.cells, w, s)?);
                     (m.appends_per_sec > 0.0).then(|| 100.0 * c.appends_per_sec / m.appends_per_sec)
                 })
                 .collect();
@@ -240,7 +267,7 @@ fn share_of_memory(appends: &[(&str, Vec<&[CellResult]>)], out: &mut String) {
     let mut steal: Vec<f64> = appends
         .iter()
         .flat_map(|(_, runs)| runs.iter())
-        .flat_map(|cells| cells.iter())
+        .flat_map(|round| round.cells.iter())
         .filter(|c| c.writers == 64)
         .filter_map(|c| c.steal_percent)
         .collect();
@@ -289,11 +316,11 @@ pub fn markdown(records: &[Record]) -> String {
     let first = appends
         .first()
         .and_then(|(_, r)| r.first())
-        .and_then(|cells| cells.first());
+        .and_then(|round| round.cells.first());
     if let Some(first) = first {
         let how = if rounds > 1 {
             format!(
-                "; each cell is the median of {rounds} rounds, every server once per round, rounds in turn"
+                "; each cell is the median of {rounds} rounds; in a round every server runs each cell in turn before the next cell"
             )
         } else {
             String::new()
@@ -592,6 +619,7 @@ mod tests {
         Record {
             label: label.into(),
             about: None,
+            round: None,
             outcome: Outcome::Append {
                 cells: vec![cell(64, 1, one, one / 100.0), cell(64, 100, hundred, 1.0)],
             },
@@ -671,6 +699,51 @@ mod tests {
         assert!(shares.contains("median 5."), "{shares}");
         assert!(shares.contains("highest 10.0%"), "{shares}");
         assert!(text.contains("| 4.0% / 5.0% |"), "{text}");
+    }
+
+    /// run.sh measures cell by cell, every server in turn: one record per server, cell and
+    /// round, in an order that mixes servers and rounds.
+    #[test]
+    fn cells_of_one_round_merge_and_shares_pair_by_round_number() {
+        let one_cell = |label: &str, round: u32, streams: usize, rate: f64| Record {
+            label: label.into(),
+            about: None,
+            round: Some(round),
+            outcome: Outcome::Append {
+                cells: vec![cell(64, streams, rate, 1.0)],
+            },
+        };
+        let records = vec![
+            one_cell("ds-server acid", 1, 1, 30_000.0),
+            one_cell(BASELINE, 1, 1, 60_000.0),
+            one_cell(BASELINE, 1, 100, 80_000.0),
+            one_cell("ds-server acid", 1, 100, 60_000.0),
+            // Round 2: memory mode slow (the machine was), acid measured in the same minutes.
+            one_cell(BASELINE, 2, 1, 40_000.0),
+            one_cell("ds-server acid", 2, 1, 24_000.0),
+            one_cell("ds-server acid", 2, 100, 28_000.0),
+            one_cell(BASELINE, 2, 100, 40_000.0),
+        ];
+        let rounds = append_rounds(&records);
+        assert_eq!(rounds.len(), 2, "two servers");
+        for (label, runs) in &rounds {
+            assert_eq!(runs.len(), 2, "{label}: two rounds");
+            assert!(
+                runs.iter().all(|r| r.cells.len() == 2),
+                "{label}: two cells a round"
+            );
+        }
+        let text = markdown(&records);
+        // Round 1: 50% and 75%; round 2: 60% and 70%. Medians of two: 55% and 72.5%.
+        assert!(
+            text.contains("| ds-server acid | **55.0%** (50.0–60.0%, 2 rounds) | **72.5%** (70.0–75.0%, 2 rounds) |"),
+            "{text}"
+        );
+        // A round memory mode lacks is not compared with another round.
+        let mut lone = records;
+        lone.push(one_cell("ds-server acid", 3, 1, 1_000.0));
+        let text = markdown(&lone);
+        assert!(text.contains("(50.0–60.0%, 2 rounds)"), "{text}");
     }
 
     #[test]

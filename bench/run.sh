@@ -46,7 +46,16 @@ ELECTRIC_BIN=$CACHE/electric-$ELECTRIC_VERSION/bin/durable-streams-server
 ALL_SERVERS=(ds-memory ds-file-fast ds-file-durable ds-acid node-memory node-file electric-wal electric-memory)
 ALL_SCENARIOS=(append fanout idle-sse idle-long-poll catchup)
 
-COMMAND_LINE="bench/run.sh$(printf ' %q' "$@")"
+# The command as typed: words that need no quoting shown as they are (printf %q would also
+# escape the commas of --servers a,b), the others quoted.
+COMMAND_LINE=bench/run.sh
+for word in "$@"; do
+  if [[ $word =~ ^[A-Za-z0-9_./,=:@+-]+$ ]]; then
+    COMMAND_LINE+=" $word"
+  else
+    COMMAND_LINE+=" $(printf '%q' "$word")"
+  fi
+done
 QUICK=()
 SERVERS=("${ALL_SERVERS[@]}")
 SCENARIOS=("${ALL_SCENARIOS[@]}")

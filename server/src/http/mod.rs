@@ -484,7 +484,58 @@ fn plan_read(state: &AppState, req: Request) -> Result<ReadPlan, ApiError> {
     })
 }
 
-/// The response body of a read: JSON streams as one array, others as the bytes.
+/// Records at least this large on average are sent as they are stored, one body frame each,
+/// rather than copied into one buffer first (the HTTP writer hands large frames to the kernel
+/// with `writev` and gathers small ones itself).
+const PARTS_BODY_MIN_AVERAGE: usize = 16 * 1024;
+
+/// The response body of a read: JSON streams as one array, others as the bytes. A read of large
+/// records is not copied: its records go out as they are held (a catch-up page of 1 MiB records
+/// is 4 MiB that would otherwise be copied once more before the kernel copies it).
+fn read_body(kind: MediaKind, outcome: &ReadOutcome) -> Body {
+    let size: usize = outcome.parts.iter().map(Bytes::len).sum();
+    let parts = outcome.parts.len();
+    if kind != MediaKind::Json && parts > 1 && size / parts >= PARTS_BODY_MIN_AVERAGE {
+        return Body::new(PartsBody {
+            parts: outcome.parts.iter().cloned().collect(),
+            remaining: size as u64,
+        });
+    }
+    Body::from(encode_body(kind, outcome))
+}
+
+/// A body of several buffers with a known total length (so it is sent with `Content-Length`).
+struct PartsBody {
+    parts: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl http_body::Body for PartsBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let part = this.parts.pop_front();
+        if let Some(part) = &part {
+            this.remaining -= part.len() as u64;
+        }
+        std::task::Poll::Ready(part.map(|p| Ok(http_body::Frame::data(p))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// The response body of a read as one buffer: JSON streams as one array, others as the bytes.
 fn encode_body(kind: MediaKind, outcome: &ReadOutcome) -> Bytes {
     let size: usize = outcome.parts.iter().map(Bytes::len).sum();
     if kind != MediaKind::Json {
@@ -553,8 +604,7 @@ async fn catch_up(
         r.headers_mut().insert(header::ETAG, tag.clone());
         return Ok(r);
     }
-    let body = encode_body(stream.kind, &outcome);
-    let mut response = Response::new(Body::from(body));
+    let mut response = Response::new(read_body(stream.kind, &outcome));
     let hs = response.headers_mut();
     read_headers(hs, stream, &outcome);
     if let Some(tag) = tag {
@@ -589,8 +639,7 @@ async fn long_poll(
         if from < visible.tail {
             // Boxed: it runs once, at the end of the wait.
             let outcome = Box::pin(state.inner.streams.read_bounded(stream, from, visible)).await?;
-            let body = encode_body(stream.kind, &outcome);
-            let mut response = Response::new(Body::from(body));
+            let mut response = Response::new(read_body(stream.kind, &outcome));
             let hs = response.headers_mut();
             read_headers(hs, stream, &outcome);
             hs.insert(header::ETAG, etag(stream, &outcome));

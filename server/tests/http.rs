@@ -1080,9 +1080,8 @@ async fn drain_sse(r: &mut reqwest::Response) -> String {
 }
 
 /// Reads of large records go out as the records themselves, not copied into one buffer first
-/// (`read_body`); after a restart the durable modes serve them from their files and redb
-/// (acid shares redb's buffers). Either way the client gets every byte, in order, with a
-/// `Content-Length` that matches.
+/// (`read_body`); after a restart the durable modes serve them from their files and redb.
+/// Either way the client gets every byte, in order, with a `Content-Length` that matches.
 #[tokio::test]
 async fn large_records_read_back_whole_with_their_length_in_every_mode() {
     use ds_server::config::StorageMode;

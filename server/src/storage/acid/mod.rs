@@ -921,18 +921,6 @@ async fn read_stitched(
     Ok(ReadChunk { parts, end: pos })
 }
 
-/// Pieces of a read at least this long are served from redb's buffer without a copy.
-const SHARE_PIECES_FROM: usize = 16 * 1024;
-
-/// A `records` row's value as the owner of a [`Bytes`].
-struct RowValue(redb::AccessGuard<'static, &'static [u8]>);
-
-impl AsRef<[u8]> for RowValue {
-    fn as_ref(&self) -> &[u8] {
-        self.0.value()
-    }
-}
-
 /// Reads `[from, until)` of stream `id` from one read transaction. Scans forward from the row
 /// holding `from` and stops once the budget is covered, then lets [`plan_read`] apply the
 /// contract's rules to the records of those rows.
@@ -970,14 +958,12 @@ fn read_records(
         }
     }
     // Every record of those rows, with its position; each row's checksum is checked here, before
-    // any of its bytes are served. A row's value is shared, not copied: redb hands it over in a
-    // buffer of its own, which the records' slices keep alive.
-    let mut records: Vec<(u64, Bytes)> = Vec::new();
-    for (start, value) in rows {
-        let row = Bytes::from_owner(RowValue(value));
-        let mut pos = start;
-        for record in codec::read_row(id, start, &row)?.records() {
-            records.push((pos, row.slice_ref(record)));
+    // any of its bytes are served.
+    let mut records: Vec<(u64, &[u8])> = Vec::new();
+    for (start, value) in &rows {
+        let mut pos = *start;
+        for record in codec::read_row(id, *start, value.value())?.records() {
+            records.push((pos, record));
             pos += record.len() as u64;
         }
     }
@@ -991,25 +977,20 @@ fn read_records(
         max_bytes,
         split,
     )?;
-    // Large pieces are served from redb's buffers as they are (a catch-up page of 1 MiB records
-    // is not copied); small ones are copied into one buffer, so that a response of a few small
-    // records does not keep whole rows in memory, with one allocation for the whole read.
-    let small = |len: usize| len < SHARE_PIECES_FROM;
-    let mut buf = Vec::with_capacity(pieces.iter().map(|p| p.len).filter(|&l| small(l)).sum());
-    for piece in pieces.iter().filter(|p| small(p.len)) {
-        buf.extend_from_slice(&records[piece.record].1[piece.skip..piece.skip + piece.len]);
+    // One buffer for the whole read rather than one allocation per record: large fresh
+    // allocations are what catch-up reads spent their time on (page faults).
+    let mut buf = Vec::with_capacity(pieces.iter().map(|p| p.len).sum());
+    for piece in &pieces {
+        let data = records[piece.record].1;
+        buf.extend_from_slice(&data[piece.skip..piece.skip + piece.len]);
     }
     let buf = Bytes::from(buf);
     let mut at = 0;
     let parts = pieces
         .iter()
         .map(|p| {
-            if small(p.len) {
-                at += p.len;
-                buf.slice(at - p.len..at)
-            } else {
-                records[p.record].1.slice(p.skip..p.skip + p.len)
-            }
+            at += p.len;
+            buf.slice(at - p.len..at)
         })
         .collect();
     Ok(ReadChunk { parts, end })

@@ -285,24 +285,31 @@ fi
 
 SKIPPED=()
 
-# Runs scenario $2 against server $1 in a fresh process; returns 1 if the server did not start
-# (it is then recorded as skipped and left out of later rounds).
+# Starts server $1 on port $2 (output to $3) like start_server; if it does not start, records
+# it as skipped (with its last log line as the reason, and leaves it out from then on) and
+# returns 1.
+start_or_skip() {
+  local id=$1 port=$2 logfile=$3 lbl reason
+  lbl=$(label "$id")
+  start_server "$id" "$port" "$logfile" && return 0
+  reason=$(grep -v '^\s*$' "$logfile" | tail -n 1 || true)
+  log "$lbl did not start: ${reason:-no output}; skipping it"
+  stop_server
+  "$DS_BENCH" skip --results "$RESULTS" --label "$lbl" \
+    --reason "refused to start: ${reason:-no output}"
+  SKIPPED+=("$id")
+  return 1
+}
+
+# Runs scenario $2 against server $1 in a fresh process; returns 1 if the server did not start.
 run_one() {
-  local id=$1 scenario=$2 tag=${3:-}
-  local lbl port logfile reason
+  local id=$1 scenario=$2
+  local lbl port logfile
   lbl=$(label "$id")
   port=$(free_port)
-  logfile=$OUT_DIR/$id-$scenario$tag.log
-  log "$lbl: $scenario$tag (port $port)"
-  if ! start_server "$id" "$port" "$logfile"; then
-    reason=$(grep -v '^\s*$' "$logfile" | tail -n 1 || true)
-    log "$lbl did not start: ${reason:-no output}; skipping it"
-    stop_server
-    "$DS_BENCH" skip --results "$RESULTS" --label "$lbl" \
-      --reason "refused to start: ${reason:-no output}"
-    SKIPPED+=("$id")
-    return 1
-  fi
+  logfile=$OUT_DIR/$id-$scenario.log
+  log "$lbl: $scenario (port $port)"
+  start_or_skip "$id" "$port" "$logfile" || return 1
   mapfile -t SCENARIO_ARGS < <(scenario_args "$scenario")
   "$DS_BENCH" run --url "http://127.0.0.1:$port" --server-pid "$SERVER_PID" \
     --label "$lbl" --about "$(about "$id")" --scenario "$scenario" \
@@ -364,15 +371,7 @@ if [[ " ${SCENARIOS[*]} " == *" append "* ]]; then
       port=$(free_port)
       logfile=$OUT_DIR/$id-append-round$round.log
       log "$(label "$id"): starting for append round $round (port $port)"
-      if ! start_server "$id" "$port" "$logfile"; then
-        reason=$(grep -v '^\s*$' "$logfile" | tail -n 1 || true)
-        log "$(label "$id") did not start: ${reason:-no output}; skipping it"
-        stop_server
-        "$DS_BENCH" skip --results "$RESULTS" --label "$(label "$id")" \
-          --reason "refused to start: ${reason:-no output}"
-        SKIPPED+=("$id")
-        continue
-      fi
+      start_or_skip "$id" "$port" "$logfile" || continue
       ROUND_IDS+=("$id")
       ROUND_PID[$id]=$SERVER_PID ROUND_PORT[$id]=$port ROUND_DIR[$id]=$DATA_DIR
       SERVER_PID="" DATA_DIR=""

@@ -496,19 +496,14 @@ fn read_body(kind: MediaKind, outcome: &ReadOutcome) -> Body {
     let size: usize = outcome.parts.iter().map(Bytes::len).sum();
     let parts = outcome.parts.len();
     if kind != MediaKind::Json && parts > 1 && size / parts >= PARTS_BODY_MIN_AVERAGE {
-        return Body::new(PartsBody {
-            parts: outcome.parts.iter().cloned().collect(),
-            remaining: size as u64,
-        });
+        return Body::new(PartsBody(outcome.parts.iter().cloned().collect()));
     }
     Body::from(encode_body(kind, outcome))
 }
 
-/// A body of several buffers with a known total length (so it is sent with `Content-Length`).
-struct PartsBody {
-    parts: std::collections::VecDeque<Bytes>,
-    remaining: u64,
-}
+/// A body of several buffers, sent in order, with a known total length (so it is sent with
+/// `Content-Length`).
+struct PartsBody(std::collections::VecDeque<Bytes>);
 
 impl http_body::Body for PartsBody {
     type Data = Bytes;
@@ -518,20 +513,16 @@ impl http_body::Body for PartsBody {
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let part = this.parts.pop_front();
-        if let Some(part) = &part {
-            this.remaining -= part.len() as u64;
-        }
+        let part = self.get_mut().0.pop_front();
         std::task::Poll::Ready(part.map(|p| Ok(http_body::Frame::data(p))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.parts.is_empty()
+        self.0.is_empty()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.remaining)
+        http_body::SizeHint::with_exact(self.0.iter().map(|p| p.len() as u64).sum())
     }
 }
 

@@ -14,8 +14,8 @@
 //! in its write buffer; readers see it), then tells the streams' caches how far redb now
 //! reaches. When the engine has filled a log segment it asks for a checkpoint: the flusher makes
 //! a durable redb commit in every shard recording the number of the last log record applied,
-//! after which the engine deletes the full segments. After a crash, redb reopens each shard at its checkpoint and start-up replays the
-//! log's later records ([`super::replay_log`]).
+//! after which the engine deletes the full segments. After a crash, redb reopens each shard at
+//! its checkpoint and start-up replays the log's later records ([`super::replay_log`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;

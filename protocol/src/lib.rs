@@ -8,6 +8,7 @@ pub mod cursor;
 pub mod headers;
 pub mod offset;
 pub mod sse;
+pub mod sse_parser;
 
 pub use content_type::MediaKind;
 pub use offset::{Offset, OffsetParseError, ReadOffset};

@@ -37,8 +37,8 @@ use crate::batch::{
 };
 use crate::db::StreamStart;
 use crate::discovery::{RegistryEvent, Selection};
-use crate::sse::{SseError, SseParser};
 use crate::status::{Status, StreamState};
+use ds_protocol::sse_parser::{SseError, SseParser};
 
 /// Why a session with the server failed; every one of these is retried after a backoff.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,6 @@ pub mod db;
 pub mod discovery;
 pub mod follow;
 pub mod health;
-pub mod sse;
 pub mod status;
 pub mod writer;
 

@@ -2,9 +2,9 @@
 //!
 //! It owns only the framing: lines ended by CR, LF or CRLF (also when a CRLF is split between two
 //! network chunks), `event:` and `data:` fields, a blank line ending an event. It knows nothing of
-//! the protocol's meaning of events; `follow` does. Written by hand rather than taken from an
-//! SSE client crate so that the raw `data:` lines, the size bound and the error on a torn event
-//! are under our control.
+//! the protocol's meaning of events; its users (ds-sync's `follow`, the `ds` client) do. Written
+//! by hand rather than taken from an SSE client crate so that the raw `data:` lines, the size
+//! bound and the error on a torn event are under our control.
 
 /// One dispatched event: its type (`message` when the server named none) and its data lines
 /// joined with `\n`.

@@ -22,6 +22,23 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
     pub tls: TlsConfig,
+    pub log: LogConfig,
+}
+
+/// How log lines are written to stdout.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `text` for people, `json` (one object per line) for log pipelines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Direct TLS: both paths or neither.
@@ -268,6 +285,11 @@ pub const KEYS: &[KeyDoc] = &[
         env: "DS_TLS__KEY_PATH",
         default: "",
         doc: "PEM private key for `DS_TLS__CERT_PATH` (set both or neither).",
+    },
+    KeyDoc {
+        env: "DS_LOG__FORMAT",
+        default: "text",
+        doc: "`text` (lines for people; colours only when stdout is a terminal) or `json` (one JSON object per line, for log pipelines). Lines about a request carry its `request_id` (the request's `x-request-id`, which Envoy sets, or one made here; echoed in the response's `x-request-id`). One line per stream request at `RUST_LOG=info,ds_server::access=debug`; `RUST_LOG` filters (default `info`).",
     },
 ];
 

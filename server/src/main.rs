@@ -30,12 +30,6 @@ fn main() -> anyhow::Result<()> {
         print!("{}", config::markdown_table());
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -43,6 +37,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    init_logging(config.log.format);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -51,6 +46,19 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(addr = %app.local_addr()?, "ds-server listening");
             app.run(shutdown_signal()).await
         })
+}
+
+/// `RUST_LOG` filters (default `info`); colours only for a terminal, so files and log pipelines
+/// get no ANSI codes.
+fn init_logging(format: config::LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        config::LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        config::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 async fn shutdown_signal() {

@@ -76,6 +76,24 @@ pub struct Config {
     pub database_url: Option<String>,
     /// Postgres connection parts, used when no URL is given.
     pub pg: PgConfig,
+    /// Logging; `DS_LOG__FORMAT` sets `log.format` (the same variable as ds-server's).
+    pub log: LogConfig,
+}
+
+/// How log lines are written to stdout.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `text` for people, `json` (one object per line) for log pipelines.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Postgres connection parts (`DS_SYNC__PG__HOST` and friends).
@@ -127,6 +145,7 @@ impl Default for Config {
             stats_interval: Duration::from_secs(10),
             database_url: None,
             pg: PgConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -141,7 +160,12 @@ impl Config {
         Self::from_figment(
             figment
                 .merge(Env::prefixed("DS_SYNC__").split("__"))
-                .merge(Env::raw().only(&["DATABASE_URL"])),
+                .merge(Env::raw().only(&["DATABASE_URL"]))
+                .merge(
+                    Env::raw()
+                        .only(&["DS_LOG__FORMAT"])
+                        .map(|_| "log.format".into()),
+                ),
         )
     }
 
@@ -323,6 +347,21 @@ mod tests {
             assert_eq!(c.linger, Duration::from_millis(5));
             assert_eq!(c.pg.port, 6543);
             assert_eq!(c.database_url.as_deref(), Some("postgres://u@h:1/d"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn log_format() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_LOG__FORMAT", "json");
+            let c = load_in_jail()?;
+            assert_eq!(c.log.format, LogFormat::Json);
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_LOG__FORMAT", "xml");
+            assert!(load_in_jail().is_err(), "an unknown format is refused");
             Ok(())
         });
     }

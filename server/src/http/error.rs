@@ -40,6 +40,13 @@ fn offset(pos: u64) -> HeaderValue {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.respond(None)
+    }
+}
+
+impl ApiError {
+    /// The response; a 5xx is logged here, with the request's id when there is one.
+    pub fn respond(self, request_id: Option<&HeaderValue>) -> Response {
         let mut extra: Vec<(&'static str, HeaderValue)> = Vec::new();
         let status = match &self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -94,7 +101,10 @@ impl IntoResponse for ApiError {
             },
         };
         let body = if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+            let request_id = request_id
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or_default();
+            tracing::error!(request_id, error = %self, "request failed");
             status
                 .canonical_reason()
                 .unwrap_or("server error")

@@ -7,6 +7,7 @@ pub mod error;
 pub(crate) mod h1;
 mod names;
 pub mod request;
+pub mod request_id;
 mod sse;
 
 use std::sync::Arc;
@@ -116,10 +117,11 @@ where
     fn call(&mut self, req: axum::http::Request<B>) -> Answer {
         let req = req.map(Body::new);
         let state = self.state.clone();
+        let id = request_id::of(req.headers());
         let answer = match req.uri().path() {
-            "/healthz" => probe(state, req, false),
-            "/readyz" => probe(state, req, true),
-            _ => stream_request(state, req),
+            "/healthz" => probe(state, req, id, false),
+            "/readyz" => probe(state, req, id, true),
+            _ => stream_request(state, req, id),
         };
         answer.map(Ok)
     }
@@ -127,7 +129,12 @@ where
 
 /// `/healthz` (alive) and `/readyz` (ready; 503 while draining): GET and HEAD, and CORS
 /// preflights.
-fn probe(state: AppState, req: Request, ready: bool) -> BoxFuture<'static, Response> {
+fn probe(
+    state: AppState,
+    req: Request,
+    id: HeaderValue,
+    ready: bool,
+) -> BoxFuture<'static, Response> {
     let origin = req.headers().get(header::ORIGIN).cloned();
     let response = match *req.method() {
         Method::GET | Method::HEAD => {
@@ -150,7 +157,7 @@ fn probe(state: AppState, req: Request, ready: bool) -> BoxFuture<'static, Respo
         }
     };
     Box::pin(std::future::ready(browser_headers(
-        &state, origin, response,
+        &state, origin, id, response,
     )))
 }
 
@@ -173,15 +180,17 @@ fn preflight() -> Response {
     r
 }
 
-/// CORS and the browser security headers of spec 12.7, added to every response. Done in the
-/// handlers rather than as a middleware layer: a layer boxes every request's future, and this
-/// is the hot path of every append.
+/// CORS, the browser security headers of spec 12.7 and the request id, added to every
+/// response. Done in the handlers rather than as a middleware layer: a layer boxes every
+/// request's future, and this is the hot path of every append.
 fn browser_headers(
     state: &AppState,
     origin: Option<HeaderValue>,
+    id: HeaderValue,
     mut response: Response,
 ) -> Response {
     let hs = response.headers_mut();
+    hs.insert(request_id::REQUEST_ID, id);
     match &state.inner.cors_origins {
         None => {
             hs.insert(
@@ -217,14 +226,27 @@ fn browser_headers(
 /// Any request to a stream path. Each kind of request gets a future of its own size: an idle
 /// long-poll reader holds its future for as long as it waits, and should not pay for the
 /// largest (an append's).
-fn stream_request(state: AppState, req: Request) -> BoxFuture<'static, Response> {
+fn stream_request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'static, Response> {
     let origin = req.headers().get(header::ORIGIN).cloned();
+    // The access line is opt-in (debug): the path is copied only when it will be logged.
+    let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let finish = move |state: &AppState, result: Result<Response, ApiError>| {
-        browser_headers(
-            state,
-            origin,
-            result.unwrap_or_else(IntoResponse::into_response),
-        )
+        let response = match result {
+            Ok(response) => response,
+            Err(e) => e.respond(Some(&id)),
+        };
+        if let Some((method, path)) = access {
+            tracing::debug!(
+                target: ACCESS_LOG,
+                request_id = id.to_str().unwrap_or_default(),
+                %method,
+                path,
+                status = response.status().as_u16(),
+                "request"
+            );
+        }
+        browser_headers(state, origin, id, response)
     };
     match *req.method() {
         Method::GET => match plan_read(&state, req) {
@@ -265,6 +287,9 @@ fn stream_request(state: AppState, req: Request) -> BoxFuture<'static, Response>
         }
     }
 }
+
+/// The target of the one line per stream request (`RUST_LOG=info,ds_server::access=debug`).
+const ACCESS_LOG: &str = "ds_server::access";
 
 fn offset_value(pos: u64) -> HeaderValue {
     HeaderValue::from_bytes(Offset::at(pos).encode().as_bytes())

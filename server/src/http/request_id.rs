@@ -1,0 +1,92 @@
+//! `x-request-id`: every request the handler answers has one, taken from the request when it
+//! carries a sensible one (Envoy sets it at the edge) or made here. It is echoed on the response
+//! and carried by the request's log lines, so one id follows a request from the edge through the
+//! server's logs to the client.
+//!
+//! Making an id is on every append's path, so it costs an atomic increment and 25 bytes of
+//! formatting: a per-process random prefix (so ids of two processes or two runs differ) and a
+//! counter, not a UUID's randomness per request.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// An id longer than this from a client is replaced: it is logged on every line of its request.
+const MAX_ID_BYTES: usize = 128;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+static PREFIX: OnceLock<u32> = OnceLock::new();
+
+/// The request's id: its own `x-request-id` if that is 1 to 128 visible ASCII characters,
+/// else a new one.
+pub fn of(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&REQUEST_ID) {
+        Some(id) if acceptable(id.as_bytes()) => id.clone(),
+        _ => generate(),
+    }
+}
+
+fn acceptable(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_BYTES && id.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// `pppppppp-nnnnnnnnnnnnnnnn`: prefix and counter in hex.
+fn generate() -> HeaderValue {
+    let prefix = *PREFIX.get_or_init(|| {
+        // RandomState is seeded from the OS once per process: randomness without a crate.
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u32
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut text = [0u8; 25];
+    hex_into(u64::from(prefix), &mut text[..8]);
+    text[8] = b'-';
+    hex_into(n, &mut text[9..]);
+    // Only hex digits and '-': always a valid header value.
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn hex_into(mut n: u64, out: &mut [u8]) {
+    for slot in out.iter_mut().rev() {
+        *slot = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sensible_id_is_kept_and_anything_else_replaced() {
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID, HeaderValue::from_static("edge-7f3a"));
+        assert_eq!(of(&headers), "edge-7f3a");
+        for bad in ["", "has space", &"x".repeat(MAX_ID_BYTES + 1)] {
+            headers.insert(
+                REQUEST_ID,
+                HeaderValue::from_str(bad).unwrap_or(HeaderValue::from_static("")),
+            );
+            let id = of(&headers);
+            assert_ne!(id, bad);
+            assert_eq!(id.len(), 25, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn made_ids_are_distinct_and_share_the_process_prefix() {
+        let a = generate();
+        let b = generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_bytes()[..9], b.as_bytes()[..9]);
+        assert!(
+            a.to_str()
+                .is_ok_and(|s| s.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-'))
+        );
+    }
+}

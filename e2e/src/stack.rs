@@ -82,17 +82,47 @@ impl EdgeStack {
         streams: &str,
         extra_env: Vec<(String, String)>,
     ) -> anyhow::Result<()> {
-        let mut env = vec![("DS_SYNC__BEARER_TOKEN".to_owned(), self.token.clone())];
+        let options = self.sync_options(&postgres, streams, extra_env);
+        self.postgres = Some(postgres);
+        self.sync = Some(DsSync::start(&options, self.work.path()).await?);
+        Ok(())
+    }
+
+    /// [`EdgeStack::start_sync`] without waiting for ds-sync to be ready (its credentials may be
+    /// refused on purpose).
+    pub async fn spawn_sync(
+        &mut self,
+        streams: &str,
+        extra_env: Vec<(String, String)>,
+    ) -> anyhow::Result<()> {
+        let postgres = Postgres::start().await?;
+        let options = self.sync_options(&postgres, streams, extra_env);
+        self.postgres = Some(postgres);
+        self.sync = Some(DsSync::spawn(&options, self.work.path())?);
+        Ok(())
+    }
+
+    /// ds-sync through Envoy; with [`EdgeStack::token`] unless `extra_env` names credentials.
+    fn sync_options(
+        &self,
+        postgres: &Postgres,
+        streams: &str,
+        extra_env: Vec<(String, String)>,
+    ) -> SyncOptions {
+        let names_credentials = extra_env
+            .iter()
+            .any(|(k, _)| k == "DS_SYNC__BEARER_TOKEN" || k == "DS_SYNC__TOKEN_FILE");
+        let mut env = Vec::new();
+        if !names_credentials {
+            env.push(("DS_SYNC__BEARER_TOKEN".to_owned(), self.token.clone()));
+        }
         env.extend(extra_env);
-        let options = SyncOptions {
+        SyncOptions {
             database_url: postgres.url.clone(),
             server_url: self.edge_url(),
             streams: streams.to_owned(),
             extra_env: env,
-        };
-        self.postgres = Some(postgres);
-        self.sync = Some(DsSync::start(&options, self.work.path()).await?);
-        Ok(())
+        }
     }
 
     /// The Postgres ds-sync writes into (to crash it, when the harness owns it).

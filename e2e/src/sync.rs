@@ -37,6 +37,14 @@ impl DsSync {
     /// Runs `ds-sync migrate`, then starts `ds-sync run` and waits until `/readyz` answers 200.
     /// Logs go to `work_dir`.
     pub async fn start(options: &SyncOptions, work_dir: &Path) -> anyhow::Result<Self> {
+        let mut sync = Self::spawn(options, work_dir)?;
+        sync.wait_ready().await?;
+        Ok(sync)
+    }
+
+    /// [`DsSync::start`] without waiting for `/readyz`: for a worker expected to be unready (its
+    /// credentials refused).
+    pub fn spawn(options: &SyncOptions, work_dir: &Path) -> anyhow::Result<Self> {
         let binary = fixtures::binary("ds-sync")?;
         let health_port = free_loopback_port()?;
         let mut base = ProcessSpec::new("ds-sync", binary)
@@ -57,13 +65,19 @@ impl DsSync {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()?;
-        let mut sync = Self {
+        Ok(Self {
             process,
             health_port,
             client,
-        };
-        sync.wait_ready().await?;
-        Ok(sync)
+        })
+    }
+
+    /// `GET /readyz`: its status and body.
+    pub async fn readyz(&self) -> anyhow::Result<(u16, String)> {
+        let url = format!("http://{LOOPBACK}:{}/readyz", self.health_port);
+        let response = self.client.get(url).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.text().await?))
     }
 
     /// Polls `/readyz` until 200 (Postgres reachable, migrations applied).

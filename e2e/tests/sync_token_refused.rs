@@ -1,6 +1,7 @@
 //! ds-sync behind the edge with a token Envoy refuses (expired, as happens when nobody rotates
-//! it): every read is a 401, which must never be mistaken for the end of a stream. The streams
-//! stay followable, and a worker restarted with a valid token mirrors them completely.
+//! it): every read is a 401, which must never be mistaken for the end of a stream, and `/readyz`
+//! turns 503 and says why. The streams stay followable, and a worker restarted with a valid
+//! token mirrors them completely.
 
 mod support;
 
@@ -50,7 +51,7 @@ async fn a_refused_token_marks_nothing_deleted_and_a_valid_one_resumes_mirroring
         .unwrap_or(0);
     let streams = format!("{STREAM},/v1/stream/token/*");
     stack
-        .start_sync(
+        .spawn_sync(
             &streams,
             vec![
                 (
@@ -76,6 +77,14 @@ async fn a_refused_token_marks_nothing_deleted_and_a_valid_one_resumes_mirroring
     )
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
+    let sync = stack.sync.as_ref().expect("sync");
+    let (status, why) = wait_until("/readyz reports the refusals", DEADLINE, || async {
+        let (status, body) = sync.readyz().await?;
+        Ok((status == 503 && body.contains("refused the credentials")).then_some((status, body)))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(why.contains("401"), "{status}: {why}");
     let pg = connect(stack.database_url().expect("database"))
         .await
         .expect("connect to the mirror");

@@ -5,7 +5,7 @@
 //! environment. Unknown keys are an error, so a misspelt variable is caught at startup.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -35,6 +35,9 @@ pub struct Config {
     pub headers: BTreeMap<String, String>,
     /// Shorthand for `Authorization: Bearer <token>` (for going through Envoy).
     pub bearer_token: Option<String>,
+    /// File holding the bearer token, re-read when it changes and after every 401 (instead of
+    /// `bearer_token`, for tokens that expire and are replaced on disk).
+    pub token_file: Option<PathBuf>,
     /// Path of the server's registry stream of create/delete events, used to discover streams.
     pub registry_path: String,
     /// A batch commits once it holds this many rows...
@@ -129,6 +132,7 @@ impl Default for Config {
             streams: Vec::new(),
             headers: BTreeMap::new(),
             bearer_token: None,
+            token_file: None,
             registry_path: "/_ds/registry".into(),
             batch_rows: 5_000,
             batch_bytes: 8 << 20,
@@ -209,6 +213,17 @@ impl Config {
                     "value of header {name:?} is not a valid header value"
                 ));
             }
+        }
+        let authorization_header = self
+            .headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("authorization"));
+        if self.token_file.is_some() && (self.bearer_token.is_some() || authorization_header) {
+            return invalid(
+                "token_file cannot be combined with bearer_token or headers.authorization: \
+                 choose one source of credentials"
+                    .to_owned(),
+            );
         }
         for (key, value) in [
             ("batch_rows", self.batch_rows),
@@ -352,16 +367,28 @@ mod tests {
     }
 
     #[test]
-    fn log_format() {
+    fn log_format_and_token_file() {
         Jail::expect_with(|jail| {
             jail.set_env("DS_LOG__FORMAT", "json");
+            jail.set_env("DS_SYNC__TOKEN_FILE", "/run/secrets/token");
             let c = load_in_jail()?;
             assert_eq!(c.log.format, LogFormat::Json);
+            assert_eq!(c.token_file, Some(PathBuf::from("/run/secrets/token")));
             Ok(())
         });
         Jail::expect_with(|jail| {
             jail.set_env("DS_LOG__FORMAT", "xml");
             assert!(load_in_jail().is_err(), "an unknown format is refused");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_SYNC__TOKEN_FILE", "/run/secrets/token");
+            jail.set_env("DS_SYNC__BEARER_TOKEN", "abc");
+            let err = load_in_jail()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("choose one source"), "{err}");
             Ok(())
         });
     }

@@ -31,6 +31,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Credentials;
 use crate::backoff::Backoff;
 use crate::batch::{
     Announcement, Incarnation, Lifecycle, Read, Row, START_OFFSET, StreamId, Update,
@@ -68,6 +69,9 @@ pub enum FollowError {
     OtherStream { expected: StreamId, seen: StreamId },
     #[error("the writer stopped")]
     WriterGone,
+    /// 401: the credentials were refused (an expired token, most likely).
+    #[error("the server refused the credentials (401) for {what}")]
+    Unauthorized { what: &'static str },
 }
 
 /// Shared by all followers of one worker.
@@ -96,10 +100,22 @@ pub struct FollowContext {
     /// announcement (starting it here too would make two); without, start it itself.
     pub restart_replaced: bool,
     pub status: Arc<Status>,
+    /// Sets `Authorization` on every request; told of every 401 and every request let through.
+    pub credentials: Arc<Credentials>,
     pub shutdown: CancellationToken,
 }
 
 impl FollowContext {
+    /// A 401 is an error of its own; anything else means the credentials were let through.
+    fn check_auth(&self, resp: &reqwest::Response, what: &'static str) -> Result<(), FollowError> {
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            Err(FollowError::Unauthorized { what })
+        } else {
+            self.credentials.accepted();
+            Ok(())
+        }
+    }
+
     async fn acquire_slot(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let permit = tokio::select! {
@@ -129,7 +145,12 @@ impl FollowContext {
     pub async fn probe(&self, path: &str) -> Result<Probe, FollowError> {
         let url = reqwest::Url::parse(&format!("{}{path}", self.base_url))
             .map_err(|e| FollowError::Protocol(format!("stream url: {e}")))?;
-        let resp = self.http.head(url).send().await?;
+        let resp = self
+            .credentials
+            .authorize(self.http.head(url))
+            .send()
+            .await?;
+        self.check_auth(&resp, "HEAD")?;
         match resp.status() {
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Probe::Missing),
             s if s.is_success() => Ok(Probe::Present {
@@ -322,6 +343,10 @@ impl Follower {
                 // A clean end that delivered nothing: do not hammer the server.
                 Ok(SessionEnd::Reconnect) => self.pause(backoff.next_delay()).await,
                 Err(FollowError::WriterGone) => return,
+                // Re-read the token before backing off; a replaced token is tried at once.
+                Err(FollowError::Unauthorized { .. }) if self.ctx.credentials.refused().await => {
+                    backoff.reset();
+                }
                 Err(e) => {
                     if progressed {
                         backoff.reset();
@@ -395,7 +420,13 @@ impl Follower {
 
     /// The stream's content type, or how it is gone.
     async fn head(&mut self) -> Result<Result<String, SessionEnd>, FollowError> {
-        let resp = self.ctx.http.head(self.url(None)?).send().await?;
+        let resp = self
+            .ctx
+            .credentials
+            .authorize(self.ctx.http.head(self.url(None)?))
+            .send()
+            .await?;
+        self.ctx.check_auth(&resp, "HEAD")?;
         match resp.status() {
             s if s.is_success() => {
                 self.check_stream_id(&resp)?;
@@ -444,10 +475,11 @@ impl Follower {
     async fn sse_session(&mut self) -> Result<SessionEnd, FollowError> {
         let resp = self
             .ctx
-            .http
-            .get(self.url(Some(headers::LIVE_SSE))?)
+            .credentials
+            .authorize(self.ctx.http.get(self.url(Some(headers::LIVE_SSE))?))
             .send()
             .await?;
+        self.ctx.check_auth(&resp, "SSE read")?;
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND | StatusCode::GONE => {
@@ -560,10 +592,11 @@ impl Follower {
     async fn long_poll(&mut self) -> Result<SessionEnd, FollowError> {
         let resp = self
             .ctx
-            .http
-            .get(self.url(Some(headers::LIVE_LONG_POLL))?)
+            .credentials
+            .authorize(self.ctx.http.get(self.url(Some(headers::LIVE_LONG_POLL))?))
             .send()
             .await?;
+        self.ctx.check_auth(&resp, "long-poll read")?;
         let status = resp.status();
         match status {
             StatusCode::OK | StatusCode::NO_CONTENT => self.answered = true,

@@ -5,6 +5,7 @@
 //! follow comes from the configuration and the server's registry (`discovery`). This module wires
 //! them together and owns the worker's lifetime; `main.rs` only parses arguments.
 
+pub mod auth;
 pub mod backoff;
 pub mod batch;
 pub mod config;
@@ -50,6 +51,8 @@ pub enum SyncError {
     },
     #[error("writer task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// The followers of mirrored streams: at most one per path, for its latest incarnation.
@@ -225,6 +228,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
     let explicit: Vec<String> = selection.explicit.iter().cloned().collect();
     db::ensure_checkpoints(&pool, &explicit).await?;
     let status = Arc::new(Status::default());
+    let credentials = Arc::new(match &config.token_file {
+        Some(path) => auth::Credentials::from_file(path).await?,
+        None => auth::Credentials::fixed(None)?,
+    });
     // Children are cancelled when the worker stops for any reason, not only on shutdown.
     let stop = shutdown.child_token();
     let _stop_guard = stop.clone().drop_guard();
@@ -237,7 +244,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
                 addr: config.health_addr.clone(),
                 source,
             })?;
-        let router = health::router(pool.clone(), status.clone());
+        let router = health::router(pool.clone(), status.clone(), credentials.clone());
         let stop = stop.clone();
         tasks.spawn(async move {
             if let Err(e) = health::serve(listener, router, stop).await {
@@ -250,6 +257,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
             .clone()
             .log_periodically(config.stats_interval, stop.clone()),
     );
+    tasks.spawn(credentials.clone().watch(stop.clone()));
 
     let (updates_tx, updates_rx) = mpsc::channel(config.queue_reads);
     let (notices_tx, mut notices_rx) = mpsc::unbounded_channel();
@@ -299,6 +307,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         backoff_max: config.backoff_max,
         restart_replaced: !selection.needs_registry(),
         status: status.clone(),
+        credentials,
         shutdown: stop.clone(),
     });
 

@@ -117,7 +117,7 @@ impl Client {
                 Ok(response) => return Ok(Attempted { response, attempts }),
                 Err(error) => format!("{what}: {}", describe_error(&error)),
             };
-            let pause = backoff.next();
+            let pause = backoff.next_delay();
             if Instant::now() + pause > deadline {
                 return Err(CliError::Unavailable(format!(
                     "{failure} (gave up after {attempts} attempts in {})",
@@ -145,7 +145,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let next = match self.current {
             None => BACKOFF_FIRST,
             Some(d) => (d * 2).min(BACKOFF_CAP),
@@ -219,15 +219,15 @@ mod tests {
     #[test]
     fn backoff_grows_to_its_cap_and_stays_jittered_below_it() {
         let mut backoff = Backoff::default();
-        let first = backoff.next();
+        let first = backoff.next_delay();
         assert!(first <= BACKOFF_FIRST && first >= BACKOFF_FIRST / 2);
         for _ in 0..20 {
-            let pause = backoff.next();
+            let pause = backoff.next_delay();
             assert!(pause <= BACKOFF_CAP);
         }
-        assert!(backoff.next() >= BACKOFF_CAP / 2);
+        assert!(backoff.next_delay() >= BACKOFF_CAP / 2);
         backoff.reset();
-        assert!(backoff.next() <= BACKOFF_FIRST);
+        assert!(backoff.next_delay() <= BACKOFF_FIRST);
     }
 
     #[test]

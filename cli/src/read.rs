@@ -159,7 +159,7 @@ pub async fn follow(
             Err(Disconnect::Fatal(error)) => return Err(error),
             Err(Disconnect::Transient(message)) => {
                 eprintln!("ds: {message}; reconnecting from offset {offset}");
-                tokio::time::sleep(backoff.next()).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -291,9 +291,6 @@ async fn append_stdin(producer: &mut Producer<'_>, shape: Shape) -> Result<(), C
                 }
             }
         }
-        if let Some(bar) = &producer.progress {
-            bar.inc(0);
-        }
         // Send full batches, then (at a pause or the end) what is left.
         loop {
             let (body, consumed) = match shape {

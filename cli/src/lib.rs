@@ -284,3 +284,18 @@ pub fn invoked_as_upstream(argv0: &std::ffi::OsStr) -> bool {
         .file_name()
         .is_some_and(|name| name == "durable-stream")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstream_name_turns_on_upstream_defaults() {
+        assert!(invoked_as_upstream(std::ffi::OsStr::new(
+            "/usr/local/bin/durable-stream"
+        )));
+        assert!(!invoked_as_upstream(std::ffi::OsStr::new(
+            "/usr/local/bin/ds"
+        )));
+    }
+}

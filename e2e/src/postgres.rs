@@ -146,6 +146,17 @@ impl Postgres {
             ))
             .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
             .with_mapped_port(host_port, 5432.tcp())
+            // Loopback only (Docker publishes on every interface by default): this Postgres
+            // trusts every connection.
+            .with_host_config_modifier(|host_config| {
+                let bindings = host_config
+                    .port_bindings
+                    .iter_mut()
+                    .flat_map(|ports| ports.values_mut());
+                for binding in bindings.flatten().flatten() {
+                    binding.host_ip = Some(LOOPBACK.to_string());
+                }
+            })
             .start()
             .await
             .context("start postgres container")?;

@@ -42,6 +42,7 @@ build_base() {
   suite="${suite%-slim}"
   if ! command -v debootstrap >/dev/null 2>&1; then
     log "installing debootstrap"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
   fi
   local root="$scratch/rootfs"

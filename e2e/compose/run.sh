@@ -106,6 +106,16 @@ expect_in_order \
   '/v1/stream/demo +\| +[-0-9_]+ +\| +0 \| \{"hello": "world"\}'
 log "walkthrough: PUT 201, POST without token 401, POST 204, SSE event, row in Postgres"
 
+# What compose.yaml promises beyond the walkthrough: Envoy does not run as root, and the networks
+# keep ds-server away from everything but Envoy and ds-sync, and Postgres away from all but ds-sync.
+envoy_uid="$(docker compose exec -T envoy awk '/^Uid:/ { print $2 }' /proc/1/status)"
+[ "$envoy_uid" = 101 ] || fail "Envoy runs as uid $envoy_uid, not the image's envoy user (101)"
+reaches() { docker compose exec -T "$1" bash -c "exec 3<>/dev/tcp/$2/$3" >/dev/null 2>&1; }
+reaches envoy ds-server 4437 || fail "Envoy cannot reach ds-server"
+! reaches postgres ds-server 4437 || fail "the postgres container reaches ds-server"
+! reaches envoy postgres 5432 || fail "the envoy container reaches Postgres"
+log "Envoy runs as uid 101; only Envoy and ds-sync reach ds-server, only ds-sync Postgres"
+
 # --- 3. Load while ds-server, then ds-sync, are killed ----------------------------------------
 
 token="$(docker compose exec -T ds-sync sh /fixtures/mint-token.sh)"

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # ds-server and ds-sync in one small runtime image (compose.yaml runs both from it).
 #
 #   docker build -t durable-streams:local .

@@ -7,6 +7,8 @@
 //! Rules every helper keeps: loopback only (127.0.0.1), free ports, temp dirs, no sleeps to wait
 //! for readiness (poll a condition with a deadline: [`wait::wait_until`]), children killed on drop.
 
+#[cfg(test)]
+mod compose_file;
 pub mod envoy;
 pub mod fixtures;
 pub mod ports;

@@ -5,6 +5,10 @@
 //! 3. A throwaway local cluster: `initdb` + `pg_ctl` in a temp dir on a free loopback port.
 //! 4. Otherwise an error saying what to install.
 //!
+//! `DS_E2E_POSTGRES=testcontainers` makes testcontainers the only source, for every test,
+//! including those that crash Postgres ([`Postgres::start_owned`]): CI runs the suite so once, where
+//! a silent fallback would hide a broken container path.
+//!
 //! Every source can be asked to crash and come back ([`Postgres::kill`], [`Postgres::restart`]),
 //! except an external `DATABASE_URL` server, which the harness does not own.
 
@@ -23,7 +27,10 @@ use crate::wait::wait_until;
 
 /// The Postgres image tag compose.yaml pins too; keep them equal.
 pub const POSTGRES_IMAGE: &str = "postgres";
-pub const POSTGRES_TAG: &str = "15.10";
+pub const POSTGRES_TAG: &str = "15.20";
+
+/// Set to `testcontainers` to make that the only source (see the module docs).
+pub const SOURCE_VAR: &str = "DS_E2E_POSTGRES";
 
 /// Start-up (including crash recovery) must finish within this.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -54,6 +61,11 @@ impl std::fmt::Debug for Postgres {
 impl Postgres {
     /// The first source that works, in the order of the module docs.
     pub async fn start() -> anyhow::Result<Self> {
+        if containers_required()? {
+            return Self::start_container()
+                .await
+                .with_context(|| format!("{SOURCE_VAR}=testcontainers"));
+        }
         let mut tried = Vec::new();
         if let Ok(url) = std::env::var("DATABASE_URL") {
             return Self::fresh_database_in(&url).await;
@@ -81,6 +93,18 @@ impl Postgres {
              are on PATH or in /usr/lib/postgresql/<version>/bin",
             tried.join("\n  - ")
         )
+    }
+
+    /// A Postgres the harness owns, so that a test may crash it ([`Postgres::kill`]): a container
+    /// under `DS_E2E_POSTGRES=testcontainers`, else a local initdb/pg_ctl cluster.
+    pub async fn start_owned() -> anyhow::Result<Self> {
+        if containers_required()? {
+            Self::start_container()
+                .await
+                .with_context(|| format!("{SOURCE_VAR}=testcontainers"))
+        } else {
+            Self::start_local_cluster().await
+        }
     }
 
     /// Which source this is, for logs.
@@ -122,6 +146,17 @@ impl Postgres {
             ))
             .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
             .with_mapped_port(host_port, 5432.tcp())
+            // Loopback only (Docker publishes on every interface by default): this Postgres
+            // trusts every connection.
+            .with_host_config_modifier(|host_config| {
+                let bindings = host_config
+                    .port_bindings
+                    .iter_mut()
+                    .flat_map(|ports| ports.values_mut());
+                for binding in bindings.flatten().flatten() {
+                    binding.host_ip = Some(LOOPBACK.to_string());
+                }
+            })
             .start()
             .await
             .context("start postgres container")?;
@@ -187,6 +222,15 @@ async fn wait_for_connection(url: &str) -> anyhow::Result<()> {
         Ok(Some(()))
     })
     .await
+}
+
+/// Whether `DS_E2E_POSTGRES` asks for testcontainers only; any other value is refused.
+fn containers_required() -> anyhow::Result<bool> {
+    match std::env::var(SOURCE_VAR) {
+        Ok(value) if value == "testcontainers" => Ok(true),
+        Ok(value) => anyhow::bail!("{SOURCE_VAR}={value:?}: the only value is `testcontainers`"),
+        Err(_) => Ok(false),
+    }
 }
 
 fn docker_engine_reachable() -> bool {
@@ -452,10 +496,9 @@ mod tests {
 
     #[test]
     fn compose_pins_the_same_postgres_image() {
-        let compose =
-            std::fs::read_to_string(crate::fixtures::workspace_root().join("compose.yaml"))
-                .expect("compose.yaml");
-        let image = format!("image: {POSTGRES_IMAGE}:{POSTGRES_TAG}");
-        assert!(compose.contains(&image), "compose.yaml lacks `{image}`");
+        assert_eq!(
+            crate::compose_file::service("postgres").image(),
+            format!("{POSTGRES_IMAGE}:{POSTGRES_TAG}")
+        );
     }
 }

@@ -128,15 +128,36 @@ mod tests {
 
     #[test]
     fn compose_sets_every_variable_the_harness_sets() {
-        let compose = std::fs::read_to_string(fixtures::workspace_root().join("compose.yaml"))
-            .expect("compose.yaml");
+        let service = crate::compose_file::service("ds-server");
         for key in SERVER_ENV_KEYS {
-            assert!(
-                compose.contains(&format!("{key}:")),
-                "compose.yaml lacks {key}"
-            );
+            service.env_var(key);
         }
-        assert!(compose.contains("DS_STORAGE__MODE: file-durable"));
-        assert_eq!(ServerOptions::default().storage_mode, "file-durable");
+        // What the harness's default runs is what compose runs.
+        assert_eq!(
+            service.env_var("DS_STORAGE__MODE"),
+            ServerOptions::default().storage_mode
+        );
+        assert!(ServerOptions::default().tls);
+        // The same certificate and key, at compose's mount point of fixtures/.
+        assert_eq!(service.env_var("DS_TLS__CERT_PATH"), "/fixtures/server.pem");
+        assert_eq!(
+            service.env_var("DS_TLS__KEY_PATH"),
+            "/fixtures/server-key.pem"
+        );
+        assert_eq!(service.command(), ["ds-server"]);
+    }
+
+    /// `docker compose stop` sends SIGTERM and, after stop_grace_period, SIGKILL: the server's
+    /// drain (DS_SERVER__SHUTDOWN_TIMEOUT) must end well before that.
+    #[test]
+    fn compose_gives_the_server_longer_than_its_drain_before_sigkill() {
+        use crate::compose_file::seconds;
+        let service = crate::compose_file::service("ds-server");
+        let drain = seconds(&service.env_var("DS_SERVER__SHUTDOWN_TIMEOUT"));
+        let grace = seconds(service.string("stop_grace_period"));
+        assert!(
+            grace >= drain + 5,
+            "stop_grace_period {grace}s leaves the {drain}s drain no margin"
+        );
     }
 }

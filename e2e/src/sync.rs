@@ -8,6 +8,15 @@ use crate::fixtures;
 use crate::ports::{LOOPBACK, free_loopback_port};
 use crate::process::{ManagedProcess, ProcessSpec, run_to_completion};
 
+/// The variables the harness sets; compose.yaml's ds-sync sets the same ones (checked by a test).
+pub const SYNC_ENV_KEYS: [&str; 5] = [
+    "DATABASE_URL",
+    "DS_SYNC__SERVER_URL",
+    "DS_SYNC__STREAMS",
+    "DS_SYNC__HEALTH_ADDR",
+    "SSL_CERT_FILE",
+];
+
 /// Start-up includes connecting to Postgres and checking migrations.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -47,14 +56,15 @@ impl DsSync {
     pub fn spawn(options: &SyncOptions, work_dir: &Path) -> anyhow::Result<Self> {
         let binary = fixtures::binary("ds-sync")?;
         let health_port = free_loopback_port()?;
+        let [database, server, streams, health, ca] = SYNC_ENV_KEYS;
         let mut base = ProcessSpec::new("ds-sync", binary)
-            .env("DATABASE_URL", &options.database_url)
-            .env("DS_SYNC__SERVER_URL", &options.server_url)
-            .env("DS_SYNC__STREAMS", &options.streams)
-            .env("DS_SYNC__HEALTH_ADDR", format!("{LOOPBACK}:{health_port}"))
+            .env(database, &options.database_url)
+            .env(server, &options.server_url)
+            .env(streams, &options.streams)
+            .env(health, format!("{LOOPBACK}:{health_port}"))
             // Trust the test CA for an https:// server URL, as compose.yaml does: reqwest's rustls
             // verifier reads its roots from SSL_CERT_FILE when it is set.
-            .env("SSL_CERT_FILE", fixtures::path("ca.pem"));
+            .env(ca, fixtures::path("ca.pem"));
         for (key, value) in &options.extra_env {
             base = base.env(key, value);
         }
@@ -107,5 +117,29 @@ impl DsSync {
 
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compose_runs_ds_sync_as_the_harness_does() {
+        let service = crate::compose_file::service("ds-sync");
+        for key in SYNC_ENV_KEYS {
+            service.env_var(key);
+        }
+        assert_eq!(service.env_var("SSL_CERT_FILE"), "/fixtures/ca.pem");
+        // The harness's two steps: `ds-sync migrate` to completion, then `ds-sync run`.
+        assert_eq!(
+            service.command(),
+            ["sh", "-c", "ds-sync migrate && exec ds-sync run"]
+        );
+        // The same image as ds-server, built once.
+        assert_eq!(
+            service.image(),
+            crate::compose_file::service("ds-server").image()
+        );
     }
 }

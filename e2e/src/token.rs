@@ -160,6 +160,41 @@ mod tests {
         assert_eq!(header.kid.as_deref(), Some(KEY_ID));
     }
 
+    /// The compose walkthrough mints with `fixtures/mint-token.sh` (Docker alone, no Rust): its
+    /// token must be what `mint_for` makes, as far as Envoy checks.
+    #[test]
+    fn the_shell_minter_makes_the_same_valid_token() {
+        let output = std::process::Command::new("sh")
+            .arg(fixtures::path("mint-token.sh"))
+            .arg("bob")
+            .output()
+            .expect("run sh fixtures/mint-token.sh (needs openssl)");
+        assert!(
+            output.status.success(),
+            "mint-token.sh failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let token = String::from_utf8(output.stdout).expect("utf-8 token");
+        let token = token.trim_end();
+        let claims = verify_with_fixture_key(token).expect("shell token verifies");
+        assert_eq!(claims.iss, ISSUER);
+        assert_eq!(claims.aud, AUDIENCE);
+        assert_eq!(claims.sub, "bob");
+        let header = jsonwebtoken::decode_header(token).expect("header");
+        assert_eq!(header.kid.as_deref(), Some(KEY_ID));
+    }
+
+    #[test]
+    fn the_shell_minter_refuses_a_subject_that_would_break_its_json() {
+        let output = std::process::Command::new("sh")
+            .arg(fixtures::path("mint-token.sh"))
+            .arg("a\"b")
+            .output()
+            .expect("run sh fixtures/mint-token.sh");
+        assert!(!output.status.success());
+        assert!(output.stdout.is_empty());
+    }
+
     #[test]
     fn every_bad_kind_fails_verification() {
         for kind in TokenKind::ALL {

@@ -235,10 +235,11 @@ async fn the_same_holds_with_the_server_in_acid_mode() {
 
 #[tokio::test]
 async fn the_same_holds_when_postgres_is_killed_too() {
-    // A cluster the harness owns (initdb/pg_ctl), since a DATABASE_URL server cannot be killed.
-    let postgres = Postgres::start_local_cluster()
+    // A Postgres the harness owns (a local cluster, or a container under
+    // DS_E2E_POSTGRES=testcontainers), since a DATABASE_URL server cannot be killed.
+    let postgres = Postgres::start_owned()
         .await
-        .expect("local initdb/pg_ctl cluster");
+        .expect("a Postgres the harness owns");
     crash_in_turn(
         ServerOptions::default(),
         Some(postgres),

@@ -1,5 +1,6 @@
-//! The harness's Postgres works here: the fallback chain yields a usable database, and a local
-//! cluster survives kill -9 with its committed rows (what the crash e2e tests rely on).
+//! The harness's Postgres works here: the fallback chain yields a usable database, and a Postgres
+//! the harness owns (a local cluster, or a container under DS_E2E_POSTGRES=testcontainers)
+//! survives kill -9 with its committed rows (what the crash e2e tests rely on).
 
 use ds_e2e::postgres::{Postgres, connect};
 
@@ -16,13 +17,16 @@ async fn fallback_chain_yields_a_database_that_accepts_writes() {
         .await
         .expect("read");
     assert_eq!(row.get::<_, i32>(0), 7, "source: {}", pg.source());
+    if std::env::var(ds_e2e::postgres::SOURCE_VAR).is_ok() {
+        assert_eq!(pg.source(), "testcontainers");
+    }
 }
 
 #[tokio::test]
-async fn local_cluster_keeps_committed_rows_across_kill_and_restart() {
-    let mut pg = Postgres::start_local_cluster()
+async fn an_owned_postgres_keeps_committed_rows_across_kill_and_restart() {
+    let mut pg = Postgres::start_owned()
         .await
-        .expect("local initdb/pg_ctl cluster");
+        .expect("a Postgres the harness owns");
     let client = connect(&pg.url).await.expect("connect");
     client
         .batch_execute("CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept VALUES (1), (2)")

@@ -111,6 +111,10 @@ else
     DS_SERVER__LONG_POLL_TIMEOUT=500ms
     "DS_STORAGE__MODE=$mode"
   )
+  if [[ "${CONFORMANCE_SUBSCRIPTIONS:-}" == "1" ]]; then
+    # The suite's webhook receivers listen on http://127.0.0.1: the development exception.
+    server_env+=(DS_SUBSCRIPTIONS__ALLOW_LOCAL_WEBHOOKS=true)
+  fi
   if [[ "$mode" != "memory" ]]; then
     data_dir="$(mktemp -d -t ds-conformance-data.XXXXXX)"
     server_env+=("DS_STORAGE__DATA_DIR=$data_dir")

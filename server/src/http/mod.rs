@@ -8,6 +8,7 @@ pub(crate) mod h1;
 mod names;
 pub mod request;
 mod sse;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::stream::{AppendRequest, CreateRequest, ReadOutcome, Stream, Streams};
+use crate::subscription::Subscriptions;
 use error::ApiError;
 use request::LiveMode;
 
@@ -36,6 +38,8 @@ pub struct AppState {
 
 struct Inner {
     streams: Arc<Streams>,
+    /// `None` when subscriptions are disabled.
+    subscriptions: Option<Arc<Subscriptions>>,
     config: Config,
     /// Cancelled when shutdown begins: long-polls and SSE end at once.
     shutdown: CancellationToken,
@@ -49,7 +53,12 @@ struct Inner {
 }
 
 impl AppState {
-    pub fn new(streams: Arc<Streams>, config: Config, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        streams: Arc<Streams>,
+        subscriptions: Option<Arc<Subscriptions>>,
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Self {
         let cors_origins = config.cors_origins();
         let tls = config.tls.cert_path.is_some();
         let cache_control = HeaderValue::from_str(&config.http.cache_control)
@@ -57,6 +66,7 @@ impl AppState {
         AppState {
             inner: Arc::new(Inner {
                 streams,
+                subscriptions,
                 config,
                 shutdown,
                 draining: AtomicBool::new(false),
@@ -119,6 +129,7 @@ where
         let answer = match req.uri().path() {
             "/healthz" => probe(state, req, false),
             "/readyz" => probe(state, req, true),
+            path if subscriptions::is_control_path(path) => subscriptions::request(state, req),
             _ => stream_request(state, req),
         };
         answer.map(Ok)
@@ -319,6 +330,13 @@ fn location(
     path: &str,
     tls: bool,
 ) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("{}{path}", request_origin(headers, uri, tls)?)).ok()
+}
+
+/// `scheme://host` as the client addressed the server: the forwarded headers a proxy sets
+/// (`X-Forwarded-Proto`, `X-Forwarded-Host`), else `Host` (or HTTP/2's authority) and the
+/// server's own scheme.
+fn request_origin(headers: &HeaderMap, uri: &axum::http::Uri, tls: bool) -> Option<String> {
     // HTTP/2 carries the host in the URI's authority, HTTP/1.1 in `Host`.
     let host = match headers
         .get("x-forwarded-host")
@@ -332,7 +350,7 @@ fn location(
         .and_then(|v| v.to_str().ok())
         .filter(|p| *p == "https" || *p == "http")
         .unwrap_or(if tls { "https" } else { "http" });
-    HeaderValue::from_str(&format!("{scheme}://{host}{path}")).ok()
+    Some(format!("{scheme}://{host}"))
 }
 
 async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {

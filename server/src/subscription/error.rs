@@ -16,7 +16,9 @@ pub enum SubscriptionError {
     WebhookUrlRejected(String),
     #[error("subscription not found")]
     NotFound,
-    #[error("no such control route (see protocol section 6)")]
+    #[error(
+        "no such control route: paths with a __ds segment are reserved for the routes of protocol section 6"
+    )]
     NoSuchRoute,
     #[error("subscription exists with a different configuration")]
     ConfigConflict,

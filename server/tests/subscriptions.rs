@@ -660,18 +660,84 @@ async fn a_deleted_stream_leaves_the_pattern_links() {
     s.stop().await;
 }
 
+/// Claims, acks and generations survive a restart in every durable mode: the acked offset
+/// stays, the lease and its token stay valid, and the next wake never reuses a generation.
 #[tokio::test]
-async fn durable_modes_refuse_subscriptions_until_their_backend_keeps_them() {
-    let dir = tempfile::tempdir().expect("dir");
-    let s = Server::start(|c| {
-        c.storage.mode = StorageMode::FileFast;
-        c.storage.data_dir = dir.path().to_owned();
-    })
-    .await;
-    let (status, err) = s.put_sub("x", pull_sub("a/*", "w", 5_000)).await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
-    assert_eq!(error_code(&err), "NOT_SUPPORTED");
-    s.stop().await;
+async fn subscription_state_survives_a_restart_in_every_durable_mode() {
+    for mode in [
+        StorageMode::FileFast,
+        StorageMode::FileDurable,
+        StorageMode::Acid,
+    ] {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = |c: &mut Config| {
+            c.storage.mode = mode;
+            c.storage.data_dir = dir.path().to_owned();
+        };
+        let s = Server::start(config).await;
+        let tail = pending_pull(&s, "p", 60_000).await;
+        let (_, claim) = s.claim("p", "w").await;
+        let token = claim["token"].as_str().expect("token").to_owned();
+        let ack = json!({"wake_id": claim["wake_id"], "generation": claim["generation"],
+                         "acks": [{"stream": "p/s", "offset": tail}]});
+        assert_eq!(
+            s.call("p", "ack", Some(&token), ack).await.0,
+            StatusCode::OK
+        );
+        let jwks: Value = s
+            .client
+            .get(s.url("__ds/jwks.json"))
+            .send()
+            .await
+            .expect("jwks")
+            .json()
+            .await
+            .expect("json");
+        s.stop().await;
+
+        let s = Server::start(config).await;
+        let (status, sub) = s.get_sub("p").await;
+        assert_eq!(status, StatusCode::OK, "{mode:?}");
+        assert_eq!(
+            link(&sub, "p/s").expect("link")["acked_offset"],
+            tail.as_str(),
+            "{mode:?}"
+        );
+        assert_eq!(
+            s.claim("p", "other").await.0,
+            StatusCode::CONFLICT,
+            "{mode:?}: the lease held"
+        );
+        let (status, _) = s
+            .call(
+                "p",
+                "release",
+                Some(&token),
+                json!({"wake_id": claim["wake_id"], "generation": claim["generation"]}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::NO_CONTENT,
+            "{mode:?}: the token still holds the lease"
+        );
+        let (_, next) = s.claim("p", "w").await;
+        assert!(
+            next["generation"].as_u64() > claim["generation"].as_u64(),
+            "{mode:?}"
+        );
+        let again: Value = s
+            .client
+            .get(s.url("__ds/jwks.json"))
+            .send()
+            .await
+            .expect("jwks")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(jwks, again, "{mode:?}: the signing key is kept");
+        s.stop().await;
+    }
 }
 
 // ---- webhooks ----

@@ -114,6 +114,8 @@ pub async fn run(subs: Arc<Subscriptions>, shutdown: CancellationToken) {
         tracing::error!("subscription delivery task started twice");
         return;
     };
+    let effects = subs.poke_all().await;
+    spawn_effects(&subs, effects);
     let mut next_due: Option<u64> = Some(0);
     loop {
         let sleep = match next_due {

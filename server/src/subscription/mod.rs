@@ -370,6 +370,13 @@ struct Changes {
     rescheduled: bool,
 }
 
+/// Changes whose records are submitted to storage, with the effects to run once they are
+/// durable.
+struct Submitted {
+    commit: Option<crate::storage::Commit>,
+    effects: Vec<Effect>,
+}
+
 /// What the stream layer tells subscriptions.
 #[derive(Debug)]
 enum Notice {
@@ -708,15 +715,28 @@ impl Subscriptions {
         }
     }
 
-    /// Persists the changes, then hands the effects to the caller.
-    async fn commit(&self, changes: Changes) -> Result<Vec<Effect>, SubscriptionError> {
+    /// Submits the changes' records. Called with the state lock held, so records reach the
+    /// storage in the order the state changed (each record is a whole subscription: a later
+    /// version landing first would be overwritten by an older one).
+    fn submit(&self, changes: Changes) -> Submitted {
         if changes.rescheduled {
             self.reschedule.notify_one();
         }
-        if self.storage.keeps_records() && !changes.writes.is_empty() {
-            self.storage.write_records(changes.writes).await?;
+        let commit = (self.storage.keeps_records() && !changes.writes.is_empty())
+            .then(|| self.storage.write_records(changes.writes));
+        Submitted {
+            commit,
+            effects: changes.effects,
         }
-        Ok(changes.effects)
+    }
+
+    /// Waits until the submitted records are durable, then hands the effects to the caller:
+    /// nothing is announced (a wake, an answer) that a crash could take back.
+    async fn commit(&self, submitted: Submitted) -> Result<Vec<Effect>, SubscriptionError> {
+        if let Some(commit) = submitted.commit {
+            commit.await?;
+        }
+        Ok(submitted.effects)
     }
 
     // ---- control requests (section 6) ----
@@ -814,7 +834,7 @@ impl Subscriptions {
             let view = self.view(&sub);
             st.subs.insert(key.clone(), sub);
             self.index_links(&mut st, &key);
-            (view, changes)
+            (view, self.submit(changes))
         };
         let effects = self.commit(changes).await?;
         Ok((view, true, effects))
@@ -836,13 +856,13 @@ impl Subscriptions {
             for full in sub.links.keys() {
                 self.unindex(&mut st, key, full);
             }
-            Changes {
+            self.submit(Changes {
                 writes: vec![RecordWrite {
                     key: key.record_key(),
                     value: None,
                 }],
                 ..Changes::default()
-            }
+            })
         };
         self.commit(changes).await?;
         Ok(())
@@ -890,7 +910,7 @@ impl Subscriptions {
                 ..Changes::default()
             };
             self.index_links(&mut st, key);
-            changes
+            self.submit(changes)
         };
         self.commit(changes).await
     }
@@ -918,7 +938,7 @@ impl Subscriptions {
             if gone {
                 self.unindex(&mut st, key, &full);
             }
-            changes
+            self.submit(changes)
         };
         self.commit(changes).await?;
         Ok(())
@@ -1111,7 +1131,7 @@ impl Subscriptions {
             if let Some(sub) = st.subs.get(key) {
                 changes.writes.push(sub.record());
             }
-            (claim, changes)
+            (claim, self.submit(changes))
         };
         let effects = self.commit(changes).await?;
         Ok((claim, effects))
@@ -1178,7 +1198,7 @@ impl Subscriptions {
             if let Some(sub) = st.subs.get(key) {
                 changes.writes.push(sub.record());
             }
-            (next_wake, changes)
+            (next_wake, self.submit(changes))
         };
         let effects = self.commit(changes).await?;
         Ok((next_wake, effects))
@@ -1208,7 +1228,7 @@ impl Subscriptions {
             sub.wake = None;
             changes.writes.push(sub.record());
             self.poke(&mut st, key, &mut changes);
-            changes
+            self.submit(changes)
         };
         self.commit(changes).await
     }
@@ -1269,7 +1289,7 @@ impl Subscriptions {
                     changes.rescheduled = true;
                 }
             }
-            changes
+            self.submit(changes)
         };
         self.commit(changes).await
     }
@@ -1341,7 +1361,7 @@ impl Subscriptions {
                 }
             }
             let next = st.timers.first().map(|t| t.0);
-            (changes, next)
+            (self.submit(changes), next)
         };
         match self.commit(changes).await {
             Ok(effects) => (effects, next),
@@ -1350,6 +1370,24 @@ impl Subscriptions {
                 (Vec::new(), next)
             }
         }
+    }
+
+    /// Wakes every idle subscription with pending work: at start-up, where appends made
+    /// before a restart may have had no wake yet.
+    async fn poke_all(&self) -> Vec<Effect> {
+        let submitted = {
+            let mut st = self.state.lock();
+            let mut changes = Changes::default();
+            let keys: Vec<SubKey> = st.subs.keys().cloned().collect();
+            for key in keys {
+                self.poke(&mut st, &key, &mut changes);
+            }
+            self.submit(changes)
+        };
+        self.commit(submitted).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot persist start-up wakes");
+            Vec::new()
+        })
     }
 
     /// Handles one notice from the stream layer.
@@ -1443,7 +1481,7 @@ impl Subscriptions {
                     }
                 }
             }
-            changes
+            self.submit(changes)
         };
         match self.commit(changes).await {
             Ok(effects) => effects,

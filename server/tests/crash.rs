@@ -459,10 +459,8 @@ struct SubTracked {
 }
 
 async fn sub_json(
-    client: &Client,
     req: reqwest::RequestBuilder,
 ) -> reqwest::Result<(StatusCode, serde_json::Value)> {
-    let _ = client;
     let r = req.send().await?;
     let status = r.status();
     Ok((status, r.json().await.unwrap_or(serde_json::Value::Null)))
@@ -490,7 +488,6 @@ async fn work_until_killed(
             return tracked;
         }
         let Ok((status, claim)) = sub_json(
-            &client,
             client
                 .post(format!("{sub}/claim"))
                 .json(&serde_json::json!({"worker": "w"})),
@@ -523,7 +520,6 @@ async fn work_until_killed(
             "acks": acks.iter().map(|(s, o)| serde_json::json!({"stream": s, "offset": o})).collect::<Vec<_>>(),
         });
         let Ok((status, _)) = sub_json(
-            &client,
             client
                 .post(format!("{sub}/ack"))
                 .bearer_auth(&token)
@@ -542,7 +538,7 @@ async fn work_until_killed(
             let e = tracked.acked.entry(s.clone()).or_default();
             *e = (*e).max(pos);
         }
-        let end = if n % 2 == 0 {
+        let end = if n.is_multiple_of(2) {
             client
                 .post(format!("{sub}/ack"))
                 .bearer_auth(&token)
@@ -557,7 +553,7 @@ async fn work_until_killed(
                     "wake_id": claim["wake_id"], "generation": generation
                 }))
         };
-        if sub_json(&client, end).await.is_err() {
+        if sub_json(end).await.is_err() {
             return tracked;
         }
     }
@@ -609,10 +605,11 @@ async fn subscription_crash_rounds(mode: &str) {
         .send()
         .await
         .expect("wake stream");
-    let (status, _) = sub_json(
-        &client,
-        put(&server.base, "__ds/subscriptions/crash-pull", r#"{"type":"pull-wake","pattern":"sub/*","wake_stream":"sub-wake","lease_ttl_ms":1000}"#),
-    )
+    let (status, _) = sub_json(put(
+        &server.base,
+        "__ds/subscriptions/crash-pull",
+        r#"{"type":"pull-wake","pattern":"sub/*","wake_stream":"sub-wake","lease_ttl_ms":1000}"#,
+    ))
     .await
     .expect("subscribe");
     assert_eq!(status, StatusCode::CREATED, "{mode}");
@@ -623,14 +620,11 @@ async fn subscription_crash_rounds(mode: &str) {
             .expect("stream");
     }
     let (hook_url, hook_seen) = failing_receiver().await;
-    let (status, _) = sub_json(
-        &client,
-        put(
-            &server.base,
-            "__ds/subscriptions/crash-hook",
-            &format!(r#"{{"type":"webhook","pattern":"hook/*","webhook":{{"url":"{hook_url}"}}}}"#),
-        ),
-    )
+    let (status, _) = sub_json(put(
+        &server.base,
+        "__ds/subscriptions/crash-hook",
+        &format!(r#"{{"type":"webhook","pattern":"hook/*","webhook":{{"url":"{hook_url}"}}}}"#),
+    ))
     .await
     .expect("subscribe");
     assert_eq!(status, StatusCode::CREATED, "{mode}");
@@ -654,13 +648,10 @@ async fn subscription_crash_rounds(mode: &str) {
         let wakes_before: Vec<String> = hook_seen.lock().clone();
 
         server = start(mode, dir.path()).await;
-        let (status, sub) = sub_json(
-            &client,
-            client.get(format!(
-                "{}/v1/stream/__ds/subscriptions/crash-pull",
-                server.base
-            )),
-        )
+        let (status, sub) = sub_json(client.get(format!(
+            "{}/v1/stream/__ds/subscriptions/crash-pull",
+            server.base
+        )))
         .await
         .expect("get");
         assert_eq!(status, StatusCode::OK, "{mode}: subscription lost");
@@ -679,7 +670,6 @@ async fn subscription_crash_rounds(mode: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let (status, claim) = sub_json(
-                &client,
                 client
                     .post(format!(
                         "{}/v1/stream/__ds/subscriptions/crash-pull/claim",

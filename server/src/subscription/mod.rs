@@ -480,7 +480,12 @@ pub struct Subscriptions {
     /// The queue's receiving end, taken once by the delivery task.
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
     webhooks: delivery::Webhooks,
+    /// Milliseconds since the Unix epoch; a test clock in the model tests.
+    clock: Clock,
 }
+
+/// Where subscriptions read the time (leases, retries, wake timestamps).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 impl std::fmt::Debug for Subscriptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -544,6 +549,7 @@ impl Subscriptions {
             )
             .map_err(|e| SubscriptionError::Invalid(format!("webhook client: {e}")))?,
             settings,
+            clock: Arc::new(now_ms),
         };
         // Rebuild the indexes and deadlines of what was recovered.
         let keys: Vec<SubKey> = state.subs.keys().cloned().collect();
@@ -557,12 +563,22 @@ impl Subscriptions {
                 }
                 if w.token.is_some() && w.holder.is_none() && w.lease_until_ms.is_none() {
                     // A webhook wake whose delivery was in flight at the crash: retry now.
-                    state.timers.insert((now_ms(), key.clone()));
+                    state.timers.insert((0, key.clone()));
                 }
             }
         }
         *subs.state.lock() = state;
         Ok(subs)
+    }
+
+    /// Replaces the clock (tests drive leases and retries with a clock of their own).
+    pub fn with_clock(mut self, clock: Clock) -> Subscriptions {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
     }
 
     /// The webhook signing key.
@@ -772,7 +788,7 @@ impl Subscriptions {
             let mut sub = Subscription {
                 key: key.clone(),
                 origin: self.origin_for(request_origin),
-                created_at_ms: now_ms(),
+                created_at_ms: self.now(),
                 links: BTreeMap::new(),
                 generation: 0,
                 wake: None,
@@ -1025,7 +1041,7 @@ impl Subscriptions {
                     "subscription_id": key.id,
                     "stream": pending[0].path,
                     "generation": sub.generation,
-                    "ts": now_ms(),
+                    "ts": self.now(),
                 });
                 changes.effects.push(Effect::WakeEvent {
                     stream: sub.full_path(&wake_stream),
@@ -1081,7 +1097,7 @@ impl Subscriptions {
                 "worker must be 1 to {MAX_ID_BYTES} bytes"
             )));
         }
-        let now = now_ms();
+        let now = self.now();
         let (claim, changes) = {
             let mut st = self.state.lock();
             let mut changes = Changes::default();
@@ -1148,7 +1164,7 @@ impl Subscriptions {
     ) -> Result<(bool, Vec<Effect>), SubscriptionError> {
         self.check_available()?;
         let token = token.ok_or(SubscriptionError::Unauthorized)?;
-        let now = now_ms();
+        let now = self.now();
         let (next_wake, changes) = {
             let mut st = self.state.lock();
             let mut changes = Changes::default();
@@ -1214,7 +1230,7 @@ impl Subscriptions {
     ) -> Result<Vec<Effect>, SubscriptionError> {
         self.check_available()?;
         let token = token.ok_or(SubscriptionError::Unauthorized)?;
-        let now = now_ms();
+        let now = self.now();
         let changes = {
             let mut st = self.state.lock();
             let mut changes = Changes::default();
@@ -1242,7 +1258,7 @@ impl Subscriptions {
         wake_id: &str,
         outcome: Result<bool, String>,
     ) -> Result<Vec<Effect>, SubscriptionError> {
-        let now = now_ms();
+        let now = self.now();
         let changes = {
             let mut st = self.state.lock();
             let mut changes = Changes::default();
@@ -1308,7 +1324,7 @@ impl Subscriptions {
     /// Runs what is due: lease expiries (section 7.3) and webhook retries. Returns the next
     /// deadline.
     async fn run_timers(&self) -> (Vec<Effect>, Option<u64>) {
-        let now = now_ms();
+        let now = self.now();
         let (changes, next) = {
             let mut st = self.state.lock();
             let mut changes = Changes::default();

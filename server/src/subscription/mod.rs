@@ -713,10 +713,24 @@ impl Subscriptions {
         let paths: Vec<String> = sub.links.keys().cloned().collect();
         for p in paths {
             st.by_path.entry(p.clone()).or_default().insert(key.clone());
+            // Cleared: the subscription may be idle, so appends must send notices.
             self.notices
                 .linked
                 .entry(p)
-                .or_insert_with(|| AtomicBool::new(false));
+                .or_insert_with(|| AtomicBool::new(false))
+                .store(false, Ordering::Release);
+        }
+    }
+
+    /// A wake ended: appends to the subscription's streams must send notices again. (While
+    /// every subscription linking a stream has a wake in flight, its notice flag stays set and
+    /// an append costs a map lookup and an atomic swap, nothing more; each ending wake checks
+    /// for pending work itself.)
+    fn reopen_notices(&self, sub: &Subscription) {
+        for full in sub.links.keys() {
+            if let Some(flag) = self.notices.linked.get(full) {
+                flag.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -1204,6 +1218,7 @@ impl Subscriptions {
             }
             let next_wake = if req.done {
                 sub.wake = None;
+                self.reopen_notices(sub);
                 let pending = !self.pending(sub).is_empty();
                 self.poke(&mut st, key, &mut changes);
                 pending
@@ -1242,6 +1257,7 @@ impl Subscriptions {
             }
             Self::fence(sub, token, wake_id, generation, now)?;
             sub.wake = None;
+            self.reopen_notices(sub);
             changes.writes.push(sub.record());
             self.poke(&mut st, key, &mut changes);
             self.submit(changes)
@@ -1274,6 +1290,7 @@ impl Subscriptions {
                     // `{"done": true}`: ack the snapshot, end the wake (section 7.1).
                     let snapshot = std::mem::take(&mut wake.snapshot);
                     sub.wake = None;
+                    self.reopen_notices(sub);
                     for (full, tail) in snapshot {
                         if let Some(link) = sub.links.get_mut(&full) {
                             link.acked = link.acked.max(tail);
@@ -1346,6 +1363,7 @@ impl Subscriptions {
                 if wake.lease_until_ms.is_some_and(|t| t <= now) {
                     // Lease expired: clear the holder and token; wake again if work is pending.
                     sub.wake = None;
+                    self.reopen_notices(sub);
                     changes.writes.push(sub.record());
                     self.poke(&mut st, &key, &mut changes);
                 } else if wake.lease_until_ms.is_none()
@@ -1358,6 +1376,7 @@ impl Subscriptions {
                     if pending.is_empty() {
                         // Someone acked it all meanwhile: nothing to deliver.
                         sub.wake = None;
+                        self.reopen_notices(sub);
                     } else {
                         if let Some(w) = sub.wake.as_mut() {
                             w.snapshot = pending
@@ -1422,8 +1441,17 @@ impl Subscriptions {
                         .get(&path)
                         .map(|s| s.iter().cloned().collect())
                         .unwrap_or_default();
-                    for key in keys {
-                        self.poke(&mut st, &key, &mut changes);
+                    for key in &keys {
+                        self.poke(&mut st, key, &mut changes);
+                    }
+                    // Every subscription of this stream has a wake in flight: appends need send
+                    // nothing until one of those wakes ends (which clears the flag again).
+                    if keys
+                        .iter()
+                        .all(|k| st.subs.get(k).is_some_and(|s| s.wake.is_some()))
+                        && let Some(q) = self.notices.linked.get(&path)
+                    {
+                        q.store(true, Ordering::Release);
                     }
                 }
                 Notice::Created { path, id, start } => {

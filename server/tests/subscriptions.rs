@@ -241,6 +241,9 @@ async fn bad_bodies_are_refused_with_a_code_and_nothing_is_created() {
         .expect("put");
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(s.get_sub("bad").await.0, StatusCode::NOT_FOUND);
+    let (status, err) = s.put_sub("a%00b", pull_sub("a/*", "w", 5_000)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an id with a NUL byte");
+    assert_eq!(error_code(&err), "INVALID_REQUEST");
     s.stop().await;
 }
 

@@ -190,13 +190,39 @@ pub struct SubKey {
 
 impl SubKey {
     fn record_key(&self) -> Vec<u8> {
-        let mut k = b"subscription\0".to_vec();
+        let mut k = SUBSCRIPTION_PREFIX.to_vec();
         k.extend_from_slice(self.root.as_bytes());
         k.push(0);
         k.extend_from_slice(self.id.as_bytes());
         k
     }
+
+    /// One record per link, so an ack writes the links it moves, not the whole subscription.
+    fn link_key(&self, full: &str) -> Vec<u8> {
+        let mut k = LINK_PREFIX.to_vec();
+        k.extend_from_slice(self.root.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.id.as_bytes());
+        k.push(0);
+        k.extend_from_slice(full.as_bytes());
+        k
+    }
+
+    /// The subscription and stream path of a link record's key.
+    fn parse_link_key(key: &[u8]) -> Option<(SubKey, String)> {
+        let rest = key.strip_prefix(LINK_PREFIX)?;
+        let text = std::str::from_utf8(rest).ok()?;
+        let mut parts = text.splitn(3, '\0');
+        let root = parts.next()?.to_owned();
+        let id = parts.next()?.to_owned();
+        let full = parts.next()?.to_owned();
+        Some((SubKey { root, id }, full))
+    }
 }
+
+/// Record key prefixes (`storage::records`).
+const SUBSCRIPTION_PREFIX: &[u8] = b"subscription\0";
+const LINK_PREFIX: &[u8] = b"link\0";
 
 /// One stream linked to a subscription.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +260,8 @@ struct Subscription {
     /// Origin (`scheme://host`) for the absolute URLs this subscription hands out.
     origin: String,
     created_at_ms: u64,
+    /// Persisted as records of their own (`link_write`).
+    #[serde(skip)]
     links: BTreeMap<String, Link>,
     generation: u64,
     wake: Option<Wake>,
@@ -275,10 +303,22 @@ impl Subscription {
         }
     }
 
+    /// The subscription's own record (configuration and delivery state, not its links).
     fn record(&self) -> RecordWrite {
         RecordWrite {
             key: self.key.record_key(),
             value: Some(serde_json::to_vec(self).unwrap_or_default()),
+        }
+    }
+
+    /// The record of the link to `full` as it is now (absent: deleted).
+    fn link_write(&self, full: &str) -> RecordWrite {
+        RecordWrite {
+            key: self.key.link_key(full),
+            value: self
+                .links
+                .get(full)
+                .map(|l| serde_json::to_vec(l).unwrap_or_default()),
         }
     }
 }
@@ -520,18 +560,30 @@ impl Subscriptions {
         let unsupported_mode = durable_mode.filter(|_| !storage.keeps_records());
         let mut state = State::default();
         if storage.keeps_records() {
+            let corrupt =
+                |what: &str, e: serde_json::Error| crate::storage::StorageError::Corrupt {
+                    what: what.into(),
+                    detail: e.to_string(),
+                };
+            let mut links = Vec::new();
             for (k, v) in storage.recover_records()? {
-                if !k.starts_with(b"subscription\0") {
-                    continue;
+                if k.starts_with(SUBSCRIPTION_PREFIX) {
+                    let mut sub: Subscription = serde_json::from_slice(&v)
+                        .map_err(|e| corrupt("subscription record", e))?;
+                    sub.glob = sub.spec.pattern.as_deref().map(Glob::parse).transpose()?;
+                    state.subs.insert(sub.key.clone(), sub);
+                } else if let Some((key, full)) = SubKey::parse_link_key(&k) {
+                    let link: Link =
+                        serde_json::from_slice(&v).map_err(|e| corrupt("link record", e))?;
+                    links.push((key, full, link));
                 }
-                let mut sub: Subscription = serde_json::from_slice(&v).map_err(|e| {
-                    crate::storage::StorageError::Corrupt {
-                        what: "subscription record".into(),
-                        detail: e.to_string(),
-                    }
-                })?;
-                sub.glob = sub.spec.pattern.as_deref().map(Glob::parse).transpose()?;
-                state.subs.insert(sub.key.clone(), sub);
+            }
+            for (key, full, link) in links {
+                // A link whose subscription is gone was left by a crash between the two
+                // records' batches; it is dropped (and rewritten away at the next compaction).
+                if let Some(sub) = state.subs.get_mut(&key) {
+                    sub.links.insert(full, link);
+                }
             }
         }
         let subs = Subscriptions {
@@ -779,9 +831,12 @@ impl Subscriptions {
         request_origin: &str,
     ) -> Result<(View, bool, Vec<Effect>), SubscriptionError> {
         self.check_available()?;
-        if key.id.is_empty() || key.id.len() > MAX_ID_BYTES {
+        if key.id.is_empty()
+            || key.id.len() > MAX_ID_BYTES
+            || key.id.chars().any(|c| c.is_control() || c == '/')
+        {
             return Err(SubscriptionError::Invalid(format!(
-                "subscription id must be 1 to {MAX_ID_BYTES} bytes"
+                "subscription id must be 1 to {MAX_ID_BYTES} bytes without '/' or control characters"
             )));
         }
         let glob = spec.validate(&self.settings)?;
@@ -857,8 +912,10 @@ impl Subscriptions {
                     limit: self.settings.max_links,
                 });
             }
+            let mut writes = vec![sub.record()];
+            writes.extend(sub.links.keys().map(|full| sub.link_write(full)));
             let changes = Changes {
-                writes: vec![sub.record()],
+                writes,
                 ..Changes::default()
             };
             let view = self.view(&sub);
@@ -886,11 +943,16 @@ impl Subscriptions {
             for full in sub.links.keys() {
                 self.unindex(&mut st, key, full);
             }
+            let mut writes = vec![RecordWrite {
+                key: key.record_key(),
+                value: None,
+            }];
+            writes.extend(sub.links.keys().map(|full| RecordWrite {
+                key: key.link_key(full),
+                value: None,
+            }));
             self.submit(Changes {
-                writes: vec![RecordWrite {
-                    key: key.record_key(),
-                    value: None,
-                }],
+                writes,
                 ..Changes::default()
             })
         };
@@ -936,7 +998,10 @@ impl Subscriptions {
                 link.explicit = true;
             }
             let changes = Changes {
-                writes: vec![sub.record()],
+                writes: streams
+                    .iter()
+                    .map(|rel| sub.link_write(&sub.full_path(rel)))
+                    .collect(),
                 ..Changes::default()
             };
             self.index_links(&mut st, key);
@@ -962,7 +1027,7 @@ impl Subscriptions {
                 }
             }
             let changes = Changes {
-                writes: vec![sub.record()],
+                writes: vec![sub.link_write(&full)],
                 ..Changes::default()
             };
             if gone {
@@ -1212,8 +1277,11 @@ impl Subscriptions {
             }
             let lease_ttl_ms = sub.spec.lease_ttl_ms;
             for (full, offset) in resolved {
-                if let Some(link) = sub.links.get_mut(&full) {
-                    link.acked = link.acked.max(offset);
+                if let Some(link) = sub.links.get_mut(&full)
+                    && offset > link.acked
+                {
+                    link.acked = offset;
+                    changes.writes.push(sub.link_write(&full));
                 }
             }
             let next_wake = if req.done {
@@ -1292,8 +1360,11 @@ impl Subscriptions {
                     sub.wake = None;
                     self.reopen_notices(sub);
                     for (full, tail) in snapshot {
-                        if let Some(link) = sub.links.get_mut(&full) {
-                            link.acked = link.acked.max(tail);
+                        if let Some(link) = sub.links.get_mut(&full)
+                            && tail > link.acked
+                        {
+                            link.acked = tail;
+                            changes.writes.push(sub.link_write(&full));
                         }
                     }
                     changes.writes.push(sub.record());
@@ -1487,7 +1558,7 @@ impl Subscriptions {
                             link.stream_id = Some(id);
                             link.acked = start;
                         }
-                        changes.writes.push(sub.record());
+                        changes.writes.push(sub.link_write(&path));
                         self.index_links(&mut st, &key);
                         self.poke(&mut st, &key, &mut changes);
                     }
@@ -1518,7 +1589,7 @@ impl Subscriptions {
                             sub.links.remove(&path);
                             true
                         };
-                        changes.writes.push(sub.record());
+                        changes.writes.push(sub.link_write(&path));
                         if gone {
                             self.unindex(&mut st, &key, &path);
                         }

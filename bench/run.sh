@@ -13,7 +13,8 @@
 #   --servers LIST       comma list of: ds-memory ds-file-fast ds-file-durable ds-acid
 #                        node-memory node-file electric-wal electric-memory (default: all)
 #   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup sync
-#                        (default: all but sync, which needs Postgres); with fanout, the
+#                        subscriptions (default: all but sync, which needs Postgres, and
+#                        subscriptions, which only ds-server speaks); with fanout, the
 #                        loopback floor (`ds-bench floor`, raw TCP, no server) runs first
 #   --rounds N           run the append scenario N times (default 3, 1 with --quick): each
 #                        round starts every server, then measures each cell on every server
@@ -402,6 +403,8 @@ fi
 for id in "${SERVERS[@]}"; do
   for scenario in "${SCENARIOS[@]}"; do
     [[ $scenario == append ]] && continue
+    # Subscriptions (protocol sections 6-7) are ds-server's alone among these servers.
+    [[ $scenario == subscriptions && $id != ds-* ]] && continue
     skipped "$id" && continue 2
     run_one "$id" "$scenario" || continue 2
   done

@@ -11,7 +11,7 @@ use crate::client::{self, Server};
 use crate::idle::ReaderKind;
 use crate::process::{self, Process};
 use crate::report::{self, Outcome, Record};
-use crate::{append, catchup, fanout, floor, idle, sync};
+use crate::{append, catchup, fanout, floor, idle, subscriptions, sync};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -83,6 +83,8 @@ pub enum Scenario {
     Catchup,
     /// f: ds-sync mirroring into Postgres (needs --sync-bin and --database-url).
     Sync,
+    /// g: append cost with pattern subscriptions, and pull-wake latency (ds-server only).
+    Subscriptions,
 }
 
 impl Scenario {
@@ -94,6 +96,7 @@ impl Scenario {
             Scenario::IdleLongPoll => "idle-long-poll",
             Scenario::Catchup => "catchup",
             Scenario::Sync => "sync",
+            Scenario::Subscriptions => "subscriptions",
         }
     }
 }
@@ -195,6 +198,17 @@ pub struct RunArgs {
     /// f: stream counts of the lag runs.
     #[arg(long, value_delimiter = ',', default_value = "1,100")]
     pub sync_lag_streams: Vec<usize>,
+    /// g: pattern subscriptions matching every stream of the subscribed cell.
+    #[arg(long, default_value_t = 1000)]
+    pub subscriptions: usize,
+    /// g: writers and streams of the append cells [64 writers, 100 streams].
+    #[arg(long, default_value_t = 64)]
+    pub subscriptions_writers: usize,
+    #[arg(long, default_value_t = 100)]
+    pub subscriptions_streams: usize,
+    /// g: append-to-wake samples [200; quick 50].
+    #[arg(long)]
+    pub wake_samples: Option<usize>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -295,6 +309,31 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
             one(sync::run(&server, &run_id, &plan).await, "sync", |result| {
                 Outcome::Sync { result }
             })
+        }
+        Scenario::Subscriptions => {
+            let plan = subscriptions::Plan {
+                subscriptions: args.subscriptions,
+                cell: append::CellPlan {
+                    writers: args.subscriptions_writers,
+                    streams: args.subscriptions_streams,
+                    payload_bytes: args.payload_bytes,
+                    warmup: Duration::from_secs_f64(args.warmup_secs.unwrap_or(pick(1.0, 0.3))),
+                    duration: Duration::from_secs_f64(args.append_secs.unwrap_or(pick(5.0, 1.0))),
+                    max_requests_per_writer: args.max_requests_per_writer,
+                },
+                wake_samples: args.wake_samples.unwrap_or(if q { 50 } else { 200 }),
+            };
+            eprintln!(
+                "  subscriptions: {} pattern subscriptions, {} writers, {} streams",
+                plan.subscriptions, plan.cell.writers, plan.cell.streams
+            );
+            one(
+                subscriptions::run(&server, &server_process, &run_id, &plan).await,
+                "subscriptions",
+                |result| Outcome::Subscriptions {
+                    result: Box::new(result),
+                },
+            )
         }
         Scenario::Append => {
             let mut cells = Vec::new();

@@ -169,6 +169,29 @@ impl Conn {
         Ok((parts, body))
     }
 
+    /// Sends a JSON request with `Authorization: Bearer <token>` and reads the whole response.
+    pub async fn send_collect_with_bearer(
+        &mut self,
+        method: Method,
+        uri: Uri,
+        token: &str,
+        body: Bytes,
+    ) -> anyhow::Result<(http::response::Parts, Bytes)> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}"))?,
+        );
+        self.sender.ready().await?;
+        let (parts, body) = self.sender.send_request(req).await?.into_parts();
+        Ok((parts, body.collect().await?.to_bytes()))
+    }
+
     /// Creates a stream (or confirms it exists).
     pub async fn create_stream(
         &mut self,

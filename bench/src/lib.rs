@@ -20,4 +20,5 @@ pub mod process;
 pub mod report;
 pub mod sse;
 pub mod stats;
+pub mod subscriptions;
 pub mod sync;

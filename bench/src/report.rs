@@ -33,13 +33,31 @@ pub struct Record {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum Outcome {
-    Append { cells: Vec<CellResult> },
-    Fanout { runs: Vec<FanoutResult> },
-    Idle { result: IdleResult },
-    Catchup { result: CatchupResult },
-    Sync { result: SyncResult },
-    Failed { scenario: String, error: String },
-    Skipped { reason: String },
+    Append {
+        cells: Vec<CellResult>,
+    },
+    Fanout {
+        runs: Vec<FanoutResult>,
+    },
+    Idle {
+        result: IdleResult,
+    },
+    Catchup {
+        result: CatchupResult,
+    },
+    Sync {
+        result: SyncResult,
+    },
+    Subscriptions {
+        result: Box<crate::subscriptions::SubscriptionsResult>,
+    },
+    Failed {
+        scenario: String,
+        error: String,
+    },
+    Skipped {
+        reason: String,
+    },
 }
 
 pub fn append_record(path: &Path, record: &Record) -> anyhow::Result<()> {
@@ -585,6 +603,47 @@ pub fn markdown(records: &[Record]) -> String {
         }
     }
     problems(records, "sync", &mut out);
+
+    let subs: Vec<(&str, &crate::subscriptions::SubscriptionsResult)> = records
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Subscriptions { result } => Some((r.label.as_str(), result.as_ref())),
+            _ => None,
+        })
+        .collect();
+    if let Some((_, first)) = subs.first() {
+        let _ = writeln!(
+            out,
+            "\n#### g. Subscriptions: appends with {} pull-wake pattern subscriptions matching every stream ({} writers, {} streams, cells in the order without, with, without), and append-to-wake latency\n",
+            first.subscriptions, first.with.writers, first.with.streams
+        );
+        out.push_str(
+            "| server | without (before) | with | without (after) | with / mean without | server CPU per append, with / without | append → wake event (long-poll reader) |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        for (label, g) in &subs {
+            let base = (g.without_before.appends_per_sec + g.without_after.appends_per_sec) / 2.0;
+            let cpu_base = (g.without_before.server_cpu_us_per_append
+                + g.without_after.server_cpu_us_per_append)
+                / 2.0;
+            let _ = writeln!(
+                out,
+                "| {label} | {} /s | {} /s | {} /s | **{:.1}%** | {:.1} / {:.1} µs ({:+.1}%) | p50 {} · **p99 {}** · max {} ({} samples) |",
+                fmt_count(g.without_before.appends_per_sec),
+                fmt_count(g.with.appends_per_sec),
+                fmt_count(g.without_after.appends_per_sec),
+                100.0 * g.with.appends_per_sec / base,
+                g.with.server_cpu_us_per_append,
+                cpu_base,
+                100.0 * (g.with.server_cpu_us_per_append / cpu_base - 1.0),
+                fmt_us(g.wake_latency.p50_us),
+                fmt_us(g.wake_latency.p99_us),
+                fmt_us(g.wake_latency.max_us),
+                g.wake_latency.count
+            );
+        }
+    }
+    problems(records, "subscriptions", &mut out);
     out
 }
 

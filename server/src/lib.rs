@@ -10,6 +10,7 @@ pub mod http;
 pub mod live;
 pub mod storage;
 pub mod stream;
+pub mod subscription;
 mod tls;
 
 use std::future::Future;
@@ -22,12 +23,15 @@ use tokio_util::sync::CancellationToken;
 use config::{Config, StorageMode};
 use storage::Storage;
 use stream::{Limits, Streams};
+use subscription::Subscriptions;
 
 /// A bound, ready-to-run server.
 pub struct App {
     listener: TcpListener,
     state: http::AppState,
     streams: Arc<Streams>,
+    /// `None` when `DS_SUBSCRIPTIONS__ENABLED=false`.
+    subscriptions: Option<Arc<Subscriptions>>,
     config: Config,
     /// Cancelled when shutdown begins; long-lived reads and the sweeper watch it.
     shutdown: CancellationToken,
@@ -53,18 +57,42 @@ impl App {
             max_read_bytes: usize::try_from(config.limits.max_read_bytes).unwrap_or(usize::MAX),
         };
         let registry = Some(config.server.registry_stream.clone()).filter(|r| !r.is_empty());
-        let streams = Arc::new(Streams::open_with_registry(storage, limits, registry)?);
+        let queue = config
+            .subscriptions
+            .enabled
+            .then(subscription::NoticeQueue::new);
+        let streams = Arc::new(Streams::open_observed(
+            storage.clone(),
+            limits,
+            registry,
+            queue.as_ref().map(subscription::NoticeQueue::events),
+        )?);
         streams.ensure_registry().await?;
+        let subscriptions = match queue {
+            Some(queue) => Some(Arc::new(open_subscriptions(
+                &config,
+                streams.clone(),
+                storage,
+                queue,
+            )?)),
+            None => None,
+        };
         let addr = SocketAddr::new(config.server.host, config.server.port);
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let shutdown = CancellationToken::new();
-        let state = http::AppState::new(streams.clone(), config.clone(), shutdown.clone());
+        let state = http::AppState::new(
+            streams.clone(),
+            subscriptions.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
         Ok(App {
             listener,
             state,
             streams,
+            subscriptions,
             config,
             shutdown,
             tls,
@@ -102,10 +130,13 @@ impl App {
             listener,
             state,
             streams,
+            subscriptions,
             config,
             shutdown,
             tls,
         } = self;
+        let delivery = subscriptions
+            .map(|subs| tokio::spawn(subscription::delivery::run(subs, shutdown.clone())));
         let sweeper = tokio::spawn(sweep_expired(
             streams,
             config.server.expiry_sweep_interval,
@@ -153,6 +184,9 @@ impl App {
         }
         shutdown.cancel();
         let _ = sweeper.await;
+        if let Some(delivery) = delivery {
+            let _ = delivery.await;
+        }
         drop(live);
         Ok(())
     }
@@ -168,6 +202,48 @@ impl Drop for LiveRuntime {
             rt.shutdown_background();
         }
     }
+}
+
+/// Subscriptions over the opened streams, with the webhook signing key of the mode: kept in a
+/// file in the durable modes, made afresh in memory mode.
+fn open_subscriptions(
+    config: &Config,
+    streams: Arc<Streams>,
+    storage: Arc<dyn Storage>,
+    queue: subscription::NoticeQueue,
+) -> anyhow::Result<Subscriptions> {
+    let c = &config.subscriptions;
+    let durable_mode = match config.storage.mode {
+        StorageMode::Memory => None,
+        StorageMode::FileFast => Some("file-fast"),
+        StorageMode::FileDurable => Some("file-durable"),
+        StorageMode::Acid => Some("acid"),
+    };
+    let key = match durable_mode {
+        None => subscription::signing::SigningKey::generate()?,
+        Some(_) => subscription::signing::SigningKey::load_or_create(
+            &c.signing_key_path
+                .clone()
+                .unwrap_or_else(|| config.storage.data_dir.join("webhook-signing.key")),
+        )?,
+    };
+    let settings = subscription::Settings {
+        max_subscriptions: c.max_subscriptions,
+        max_links: c.max_links,
+        allow_local_webhooks: c.allow_local_webhooks,
+        public_url: Some(c.public_url.clone()).filter(|u| !u.is_empty()),
+        retry_min: c.retry_min,
+        retry_max: c.retry_max,
+        webhook_timeout: c.webhook_timeout,
+    };
+    Ok(Subscriptions::open(
+        streams,
+        storage,
+        queue,
+        settings,
+        Arc::new(key),
+        durable_mode,
+    )?)
 }
 
 /// Opens the configured backend; blocking file work happens once, at start-up.

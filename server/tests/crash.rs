@@ -11,6 +11,13 @@
 //! - an acknowledged close survives, and a close in flight is all or nothing;
 //! - an acknowledged fork exists with exactly the source's data up to its fork offset.
 //!
+//! Subscriptions get rounds of their own: a worker claims, heartbeats and acks a pull-wake
+//! subscription while writers append, and a webhook subscription's receiver keeps failing, when
+//! the server is killed. After every restart:
+//! - every acknowledged ack is still there (acked offsets never move backwards);
+//! - the next claim's generation is above every generation a claim was answered with;
+//! - the webhook's retry schedule survived: the same wake is delivered again.
+//!
 //! `DS_CRASH_ROUNDS` sets the rounds per mode (default 10). acid runs twice: with the commit log
 //! (small segments, so that rolls and checkpoints happen under the kills) and with per-shard syncs.
 
@@ -55,6 +62,11 @@ async fn start(mode: &str, dir: &std::path::Path) -> Server {
         .env("DS_STORAGE__DATA_DIR", dir)
         .env("DS_STORAGE__ACID_SHARD_COUNT", "4")
         .env("DS_SERVER__LONG_POLL_TIMEOUT", "500ms")
+        // The subscription rounds' webhook receiver is on 127.0.0.1, and fails on purpose:
+        // quick retries keep several attempts inside a round.
+        .env("DS_SUBSCRIPTIONS__ALLOW_LOCAL_WEBHOOKS", "true")
+        .env("DS_SUBSCRIPTIONS__RETRY_MIN", "100ms")
+        .env("DS_SUBSCRIPTIONS__RETRY_MAX", "400ms")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -434,4 +446,297 @@ async fn acid_keeps_every_acknowledged_write_across_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acid_per_shard_keeps_every_acknowledged_write_across_kill_9() {
     crash_rounds("acid-per-shard").await;
+}
+
+// ---- subscriptions ----
+
+/// What the subscription rounds know: per stream the highest acknowledged ack, and the highest
+/// generation a claim was answered with.
+#[derive(Default)]
+struct SubTracked {
+    acked: std::collections::HashMap<String, u64>,
+    max_generation: u64,
+}
+
+async fn sub_json(
+    req: reqwest::RequestBuilder,
+) -> reqwest::Result<(StatusCode, serde_json::Value)> {
+    let r = req.send().await?;
+    let status = r.status();
+    Ok((status, r.json().await.unwrap_or(serde_json::Value::Null)))
+}
+
+/// Appends to the `sub/*` streams and claims, heartbeats and acks until the server dies.
+async fn work_until_killed(
+    client: Client,
+    base: String,
+    mut tracked: SubTracked,
+    round: usize,
+) -> SubTracked {
+    let sub = format!("{base}/v1/stream/__ds/subscriptions/crash-pull");
+    let mut n = 0u64;
+    loop {
+        n += 1;
+        let stream = format!("sub/s{}", n % 3);
+        let r = client
+            .post(format!("{base}/v1/stream/{stream}"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"round":{round},"n":{n}}}"#))
+            .send()
+            .await;
+        if r.is_err() {
+            return tracked;
+        }
+        let Ok((status, claim)) = sub_json(
+            client
+                .post(format!("{sub}/claim"))
+                .json(&serde_json::json!({"worker": "w"})),
+        )
+        .await
+        else {
+            return tracked;
+        };
+        if status != StatusCode::OK {
+            // A lease of an earlier life may still be held: wait for it to lapse.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let generation = claim["generation"].as_u64().expect("generation");
+        tracked.max_generation = tracked.max_generation.max(generation);
+        let token = claim["token"].as_str().expect("token").to_owned();
+        let streams = claim["streams"].as_array().cloned().unwrap_or_default();
+        let acks: Vec<(String, String)> = streams
+            .iter()
+            .map(|s| {
+                (
+                    s["path"].as_str().expect("path").to_owned(),
+                    s["tail_offset"].as_str().expect("tail").to_owned(),
+                )
+            })
+            .collect();
+        // A heartbeat with the acks, then done (or release on odd rounds).
+        let body = serde_json::json!({
+            "wake_id": claim["wake_id"], "generation": generation,
+            "acks": acks.iter().map(|(s, o)| serde_json::json!({"stream": s, "offset": o})).collect::<Vec<_>>(),
+        });
+        let Ok((status, _)) = sub_json(
+            client
+                .post(format!("{sub}/ack"))
+                .bearer_auth(&token)
+                .json(&body),
+        )
+        .await
+        else {
+            return tracked;
+        };
+        if status != StatusCode::OK {
+            // Fenced: the lease lapsed on a slow machine. Nothing was acknowledged.
+            continue;
+        }
+        for (s, o) in &acks {
+            let pos = offset_pos(o);
+            let e = tracked.acked.entry(s.clone()).or_default();
+            *e = (*e).max(pos);
+        }
+        let end = if n.is_multiple_of(2) {
+            client
+                .post(format!("{sub}/ack"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({
+                    "wake_id": claim["wake_id"], "generation": generation, "done": true
+                }))
+        } else {
+            client
+                .post(format!("{sub}/release"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({
+                    "wake_id": claim["wake_id"], "generation": generation
+                }))
+        };
+        if sub_json(end).await.is_err() {
+            return tracked;
+        }
+    }
+}
+
+/// A webhook receiver that always fails, remembering every wake id it was sent.
+async fn failing_receiver() -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+    let seen: Arc<parking_lot::Mutex<Vec<String>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let log = log.clone();
+            async move {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    log.lock()
+                        .push(v["wake_id"].as_str().unwrap_or_default().to_owned());
+                }
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/hook"), seen)
+}
+
+async fn subscription_crash_rounds(mode: &str) {
+    let rounds: usize = std::env::var("DS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+        .min(6);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Client::new();
+    let mut server = start(mode, dir.path()).await;
+    let put = |base: &str, path: &str, body: &str| {
+        client
+            .put(format!("{base}/v1/stream/{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+    };
+    put(&server.base, "sub-wake", "[]")
+        .send()
+        .await
+        .expect("wake stream");
+    let (status, _) = sub_json(put(
+        &server.base,
+        "__ds/subscriptions/crash-pull",
+        r#"{"type":"pull-wake","pattern":"sub/*","wake_stream":"sub-wake","lease_ttl_ms":1000}"#,
+    ))
+    .await
+    .expect("subscribe");
+    assert_eq!(status, StatusCode::CREATED, "{mode}");
+    for i in 0..3 {
+        put(&server.base, &format!("sub/s{i}"), "[]")
+            .send()
+            .await
+            .expect("stream");
+    }
+    let (hook_url, hook_seen) = failing_receiver().await;
+    let (status, _) = sub_json(put(
+        &server.base,
+        "__ds/subscriptions/crash-hook",
+        &format!(r#"{{"type":"webhook","pattern":"hook/*","webhook":{{"url":"{hook_url}"}}}}"#),
+    ))
+    .await
+    .expect("subscribe");
+    assert_eq!(status, StatusCode::CREATED, "{mode}");
+    put(&server.base, "hook/x", r#"{"n":1}"#)
+        .send()
+        .await
+        .expect("stream");
+
+    let mut tracked = SubTracked::default();
+    for round in 0..rounds {
+        let worker = tokio::spawn(work_until_killed(
+            client.clone(),
+            server.base.clone(),
+            tracked,
+            round,
+        ));
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(150..600))).await;
+        server.child.kill().expect("kill -9");
+        let _ = server.child.wait();
+        tracked = worker.await.expect("worker");
+        let wakes_before: Vec<String> = hook_seen.lock().clone();
+
+        server = start(mode, dir.path()).await;
+        let (status, sub) = sub_json(client.get(format!(
+            "{}/v1/stream/__ds/subscriptions/crash-pull",
+            server.base
+        )))
+        .await
+        .expect("get");
+        assert_eq!(status, StatusCode::OK, "{mode}: subscription lost");
+        for (path, acked) in &tracked.acked {
+            let link = sub["streams"]
+                .as_array()
+                .and_then(|l| l.iter().find(|l| l["path"] == path.as_str()))
+                .unwrap_or_else(|| panic!("{mode}: link {path} lost"));
+            let now = offset_pos(link["acked_offset"].as_str().expect("offset"));
+            assert!(
+                now >= *acked,
+                "{mode} {path}: acked offset went back from {acked} to {now}"
+            );
+        }
+        // The next claim (once any pre-crash lease lapsed) has a generation never seen before.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, claim) = sub_json(
+                client
+                    .post(format!(
+                        "{}/v1/stream/__ds/subscriptions/crash-pull/claim",
+                        server.base
+                    ))
+                    .json(&serde_json::json!({"worker": "checker"})),
+            )
+            .await
+            .expect("claim");
+            if status == StatusCode::OK {
+                let generation = claim["generation"].as_u64().expect("generation");
+                assert!(
+                    generation > tracked.max_generation,
+                    "{mode}: generation {generation} repeats (highest answered {})",
+                    tracked.max_generation
+                );
+                tracked.max_generation = generation;
+                let r = client
+                    .post(format!(
+                        "{}/v1/stream/__ds/subscriptions/crash-pull/release",
+                        server.base
+                    ))
+                    .bearer_auth(claim["token"].as_str().expect("token"))
+                    .json(
+                        &serde_json::json!({"wake_id": claim["wake_id"], "generation": generation}),
+                    )
+                    .send()
+                    .await
+                    .expect("release");
+                assert_eq!(r.status(), StatusCode::NO_CONTENT, "{mode}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{mode}: no claim after restart"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The failing webhook's wake is retried after the restart.
+        if let Some(last) = wakes_before.last().cloned() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while hook_seen.lock().len() <= wakes_before.len() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{mode}: webhook not retried after restart"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let after = hook_seen.lock()[wakes_before.len()].clone();
+            assert_eq!(after, last, "{mode}: the retried delivery is the same wake");
+        }
+    }
+    assert!(
+        !tracked.acked.is_empty(),
+        "{mode}: the rounds acknowledged no ack"
+    );
+    assert!(
+        !hook_seen.lock().is_empty(),
+        "{mode}: the webhook was never tried"
+    );
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_keep_acked_acks_and_fresh_generations_across_kill_9() {
+    for mode in ["file-fast", "file-durable", "acid"] {
+        subscription_crash_rounds(mode).await;
+    }
 }

@@ -8,6 +8,7 @@ use ds_protocol::{Offset, headers as h};
 
 use crate::stream::StreamError;
 use crate::stream::producer::ProducerError;
+use crate::subscription::SubscriptionError;
 
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("method {0} is not allowed on a stream")]
     MethodNotAllowed(String),
+    #[error(transparent)]
+    Subscription(#[from] SubscriptionError),
+    #[error("method {method} is not allowed here (allowed: {allow})")]
+    ControlMethodNotAllowed { method: String, allow: &'static str },
 }
 
 impl ApiError {
@@ -38,6 +43,52 @@ fn offset(pos: u64) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("0"))
 }
 
+/// A subscription error as section 6/7 shapes it: a status and
+/// `{"error": {"code": ..., "message": ...}}` (with `current_holder` and `generation` for
+/// `ALREADY_CLAIMED`).
+fn subscription_error(e: &SubscriptionError) -> Response {
+    use SubscriptionError as E;
+    let (status, code) = match e {
+        E::Invalid(_) | E::Pattern(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        E::WebhookUrlRejected(_) => (StatusCode::BAD_REQUEST, "WEBHOOK_URL_REJECTED"),
+        E::NotLinked(_) => (StatusCode::BAD_REQUEST, "STREAM_NOT_LINKED"),
+        E::AckBeyondTail { .. } => (StatusCode::BAD_REQUEST, "OFFSET_BEYOND_TAIL"),
+        E::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        E::NotFound => (StatusCode::NOT_FOUND, "SUBSCRIPTION_NOT_FOUND"),
+        E::NoSuchRoute => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        E::Disabled => (StatusCode::NOT_FOUND, "SUBSCRIPTIONS_DISABLED"),
+        E::ConfigConflict => (StatusCode::CONFLICT, "SUBSCRIPTION_CONFLICT"),
+        E::AlreadyClaimed { .. } => (StatusCode::CONFLICT, "ALREADY_CLAIMED"),
+        E::Fenced => (StatusCode::CONFLICT, "FENCED"),
+        E::WrongType { .. } => (StatusCode::CONFLICT, "WRONG_SUBSCRIPTION_TYPE"),
+        E::TooManySubscriptions { .. } => {
+            (StatusCode::INSUFFICIENT_STORAGE, "TOO_MANY_SUBSCRIPTIONS")
+        }
+        E::TooManyLinks { .. } => (StatusCode::INSUFFICIENT_STORAGE, "TOO_MANY_LINKS"),
+        E::NotDurableHere(_) => (StatusCode::NOT_IMPLEMENTED, "NOT_SUPPORTED"),
+        E::Stream(_) | E::Storage(_) | E::Random => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+    };
+    let message = if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED {
+        tracing::error!(error = %e, "subscription request failed");
+        "internal error".to_owned()
+    } else {
+        e.to_string()
+    };
+    let mut error = serde_json::json!({ "code": code, "message": message });
+    if let E::AlreadyClaimed { holder, generation } = e {
+        error["current_holder"] = holder.as_str().into();
+        error["generation"] = (*generation).into();
+    }
+    let mut response = (status, serde_json::json!({ "error": error }).to_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.respond(None)
@@ -49,6 +100,11 @@ impl ApiError {
     pub fn respond(self, request_id: Option<&HeaderValue>) -> Response {
         let mut extra: Vec<(&'static str, HeaderValue)> = Vec::new();
         let status = match &self {
+            ApiError::Subscription(e) => return subscription_error(e),
+            ApiError::ControlMethodNotAllowed { allow, .. } => {
+                extra.push(("allow", HeaderValue::from_static(allow)));
+                StatusCode::METHOD_NOT_ALLOWED
+            }
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed(_) => {

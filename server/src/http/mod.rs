@@ -9,6 +9,7 @@ mod names;
 pub mod request;
 pub mod request_id;
 mod sse;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::stream::{AppendRequest, CreateRequest, ReadOutcome, Stream, Streams};
+use crate::subscription::Subscriptions;
 use error::ApiError;
 use request::LiveMode;
 
@@ -37,6 +39,8 @@ pub struct AppState {
 
 struct Inner {
     streams: Arc<Streams>,
+    /// `None` when subscriptions are disabled.
+    subscriptions: Option<Arc<Subscriptions>>,
     config: Config,
     /// Cancelled when shutdown begins: long-polls and SSE end at once.
     shutdown: CancellationToken,
@@ -50,7 +54,12 @@ struct Inner {
 }
 
 impl AppState {
-    pub fn new(streams: Arc<Streams>, config: Config, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        streams: Arc<Streams>,
+        subscriptions: Option<Arc<Subscriptions>>,
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Self {
         let cors_origins = config.cors_origins();
         let tls = config.tls.cert_path.is_some();
         let cache_control = HeaderValue::from_str(&config.http.cache_control)
@@ -58,6 +67,7 @@ impl AppState {
         AppState {
             inner: Arc::new(Inner {
                 streams,
+                subscriptions,
                 config,
                 shutdown,
                 draining: AtomicBool::new(false),
@@ -121,6 +131,7 @@ where
         let answer = match req.uri().path() {
             "/healthz" => probe(state, req, id, false),
             "/readyz" => probe(state, req, id, true),
+            path if subscriptions::is_control_path(path) => subscriptions::request(state, req, id),
             _ => stream_request(state, req, id),
         };
         answer.map(Ok)
@@ -344,6 +355,13 @@ fn location(
     path: &str,
     tls: bool,
 ) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("{}{path}", request_origin(headers, uri, tls)?)).ok()
+}
+
+/// `scheme://host` as the client addressed the server: the forwarded headers a proxy sets
+/// (`X-Forwarded-Proto`, `X-Forwarded-Host`), else `Host` (or HTTP/2's authority) and the
+/// server's own scheme.
+fn request_origin(headers: &HeaderMap, uri: &axum::http::Uri, tls: bool) -> Option<String> {
     // HTTP/2 carries the host in the URI's authority, HTTP/1.1 in `Host`.
     let host = match headers
         .get("x-forwarded-host")
@@ -357,7 +375,7 @@ fn location(
         .and_then(|v| v.to_str().ok())
         .filter(|p| *p == "https" || *p == "http")
         .unwrap_or(if tls { "https" } else { "http" });
-    HeaderValue::from_str(&format!("{scheme}://{host}{path}")).ok()
+    Some(format!("{scheme}://{host}"))
 }
 
 async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {

@@ -29,6 +29,7 @@ pub(crate) const ZERO_FILL_BELOW: u64 = 64 << 10;
 pub mod acid;
 pub mod file;
 pub mod memory;
+pub mod records;
 mod tail_cache;
 
 use std::collections::HashMap;
@@ -255,6 +256,36 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Every stream stored, for start-up. Memory storage returns none.
     fn recover(&self) -> Result<Vec<Recovered>, StorageError>;
+
+    /// Whether [`Storage::write_records`] keeps records with this mode's promise. Memory
+    /// storage keeps nothing (its records live in the owners' own maps, in RAM like its
+    /// streams); a durable backend that does not implement records yet says `false` too, and
+    /// the features that need records refuse to run on it rather than quietly keep RAM state.
+    fn keeps_records(&self) -> bool {
+        false
+    }
+
+    /// Writes small keyed records beside the streams (subscription state), all of `batch` or
+    /// none of it, with the same promise as an append in this mode (`None` deletes the key).
+    /// Writes complete in submission order.
+    fn write_records(&self, _batch: Vec<RecordWrite>) -> Commit {
+        done()
+    }
+
+    /// Every record stored, for start-up.
+    fn recover_records(&self) -> Result<Vec<Record>, StorageError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A stored record: key and value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
+/// One write of [`Storage::write_records`]: set `key` to `value`, or delete it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordWrite {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
 }
 
 /// One stream's log.

@@ -50,8 +50,23 @@ pub struct Limits {
 /// Paths under this prefix belong to the server: clients may read them, never write.
 pub const RESERVED_PREFIX: &str = "/_ds/";
 
+/// A path segment that marks the control routes of the stream root before it (subscriptions,
+/// see `server/SUBSCRIPTIONS.md`): no stream may have it.
+pub const CONTROL_SEGMENT: &str = "__ds";
+
 fn is_reserved(path: &str) -> bool {
-    path.starts_with(RESERVED_PREFIX)
+    path.starts_with(RESERVED_PREFIX) || path.split('/').any(|seg| seg == CONTROL_SEGMENT)
+}
+
+/// Told about stream lifecycles, for subscriptions. Every call must return at once (it runs on
+/// the append path and under the lifecycle lock): implementations queue, they do not work.
+pub trait StreamEvents: Send + Sync + 'static {
+    /// A stream was created; its initial data (if any) is not visible yet.
+    fn created(&self, stream: &Stream);
+    /// The stream's visible tail moved (or it was closed).
+    fn revealed(&self, stream: &Stream);
+    /// The stream is gone for good (deleted, expired or collected).
+    fn removed(&self, stream: &Stream);
 }
 
 /// Milliseconds since the Unix epoch.
@@ -189,6 +204,8 @@ pub struct Stream {
     /// The newest live read, encoded once and shared by every live reader at the same offset,
     /// so an append's cost does not grow with the number of readers.
     shared_read: Mutex<Option<SharedRead>>,
+    /// Told when the visible tail moves (subscriptions), if anyone listens.
+    events: Option<Arc<dyn StreamEvents>>,
 }
 
 /// A read already encoded for the wire (the HTTP layer decides the encoding).
@@ -279,6 +296,7 @@ impl Stream {
     /// Makes everything up to `tail` (and the closed flag) visible once committed. Appends of one
     /// stream commit in order, so moving the tail forward monotonically is correct.
     fn reveal(&self, tail: u64, closed: bool) {
+        let mut moved = false;
         self.publish(|v| {
             let mut changed = false;
             if tail > v.tail {
@@ -289,8 +307,12 @@ impl Stream {
                 v.closed = true;
                 changed = true;
             }
+            moved = changed;
             changed
         });
+        if moved && let Some(events) = &self.events {
+            events.revealed(self);
+        }
     }
 }
 
@@ -309,6 +331,8 @@ pub struct Streams {
     registry_path: Option<String>,
     /// Feeds the task that appends to the registry stream.
     announcements: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Bytes>>>,
+    /// Told about creates, reveals and removals (subscriptions).
+    events: Option<Arc<dyn StreamEvents>>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -342,8 +366,19 @@ impl Streams {
         limits: Limits,
         registry: Option<String>,
     ) -> Result<Self, StreamError> {
+        Self::open_observed(storage, limits, registry, None)
+    }
+
+    /// Like [`Streams::open_with_registry`], telling `events` about every stream's lifecycle.
+    pub fn open_observed(
+        storage: Arc<dyn Storage>,
+        limits: Limits,
+        registry: Option<String>,
+        events: Option<Arc<dyn StreamEvents>>,
+    ) -> Result<Self, StreamError> {
         let recovered = storage.recover()?;
         let streams = Streams {
+            events,
             registry_path: registry,
             announcements: Mutex::new(None),
             registry: DashMap::new(),
@@ -396,6 +431,7 @@ impl Streams {
                 }),
                 last_access_ms: AtomicU64::new(s.last_access_ms.max(r.meta.created_at_ms)),
                 shared_read: Mutex::new(None),
+                events: self.events.clone(),
                 log: r.log,
                 meta: r.meta,
             });
@@ -467,6 +503,16 @@ impl Streams {
             body["contentType"] = serde_json::Value::from(ct);
         }
         let _ = tx.send(Bytes::from(body.to_string()));
+    }
+
+    /// Every stream in the registry, without expiring or touching any (subscription backfill).
+    pub fn all(&self) -> Vec<Arc<Stream>> {
+        self.registry.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// The stream at `path`, if one is registered, without expiring or touching it.
+    pub fn peek(&self, path: &str) -> Option<Arc<Stream>> {
+        self.registry.get(path).map(|e| e.value().clone())
     }
 
     /// Number of streams in the registry (including soft-deleted ones).
@@ -689,6 +735,7 @@ impl Streams {
             }),
             last_access_ms: AtomicU64::new(now),
             shared_read: Mutex::new(None),
+            events: self.events.clone(),
             log,
             meta,
         });
@@ -698,6 +745,9 @@ impl Streams {
         self.registry.insert(path.to_owned(), stream.clone());
         // Under the lifecycle lock, so the registry sees creates and deletes in their real order.
         self.announce("created", &stream, Some(&stream.meta.content_type));
+        if let Some(events) = &self.events {
+            events.created(&stream);
+        }
         Ok(Created::New {
             stream,
             commit,
@@ -1055,6 +1105,9 @@ impl Streams {
                 v.gone = true;
                 true
             });
+            if let Some(events) = &self.events {
+                events.removed(&s);
+            }
             commits.push(s.log.remove());
             if let Some(src) = &s.source {
                 let mut st = src.state.lock();

@@ -127,6 +127,8 @@ pub struct AcidStorage {
     cache: Arc<CacheBudget>,
     /// Whether writes go through the commit log (and the engine's counters, if so).
     engine_stats: Option<Arc<WriterStats>>,
+    /// Subscription state (see `storage::records`), synced before it is acknowledged.
+    records: super::records::RecordLog,
 }
 
 impl std::fmt::Debug for AcidStorage {
@@ -503,7 +505,10 @@ impl AcidStorage {
                 what: format!("syncing directory {}", dir.display()),
                 source,
             })?;
+        let records =
+            super::records::RecordLog::open(dir, true, std::time::Duration::from_secs(1))?;
         Ok(AcidStorage {
+            records,
             dir: dir.to_owned(),
             shards,
             cache: Arc::new(CacheBudget::new(options.cache_bytes)),
@@ -624,6 +629,18 @@ impl AcidStorage {
 impl Storage for AcidStorage {
     fn name(&self) -> &'static str {
         "acid"
+    }
+
+    fn keeps_records(&self) -> bool {
+        true
+    }
+
+    fn write_records(&self, batch: Vec<super::RecordWrite>) -> Commit {
+        self.records.write(batch)
+    }
+
+    fn recover_records(&self) -> Result<Vec<super::Record>, StorageError> {
+        Ok(self.records.take_recovered())
     }
 
     fn create(

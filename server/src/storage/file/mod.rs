@@ -64,6 +64,8 @@ pub struct FileOptions {
 /// The file backend.
 pub struct FileStorage {
     wal: Arc<Wal>,
+    /// Subscription state (see `storage::records`).
+    records: super::records::RecordLog,
     /// Filled by `open`, taken by the first `recover`.
     recovered: Mutex<Option<Vec<Recovered>>>,
     /// Held for the life of the process: one server per data directory.
@@ -96,6 +98,8 @@ impl FileStorage {
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir).map_err(io(&wal_dir))?;
         let recovery = recover::recover(&wal_dir, options.durable)?;
+        let records =
+            super::records::RecordLog::open(dir, options.durable, options.fast_sync_interval)?;
         let wal = Wal::start(
             wal_dir,
             options,
@@ -128,6 +132,7 @@ impl FileStorage {
             .collect();
         Ok(FileStorage {
             wal,
+            records,
             recovered: Mutex::new(Some(recovered)),
             _lock: lock,
         })
@@ -186,6 +191,18 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<(), StorageError> {
 }
 
 impl Storage for FileStorage {
+    fn keeps_records(&self) -> bool {
+        true
+    }
+
+    fn write_records(&self, batch: Vec<super::RecordWrite>) -> Commit {
+        self.records.write(batch)
+    }
+
+    fn recover_records(&self) -> Result<Vec<super::Record>, StorageError> {
+        Ok(self.records.take_recovered())
+    }
+
     fn name(&self) -> &'static str {
         if self.wal.durable() {
             "file-durable"

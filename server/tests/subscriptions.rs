@@ -491,6 +491,11 @@ async fn bad_acks_are_refused_and_nothing_is_half_applied() {
             "INVALID_REQUEST",
         ),
         (
+            // Inside the stream's one JSON message: no reader was ever handed this offset.
+            json!([{"stream": "b/s", "offset": tail}, {"stream": "b/s", "offset": "0000000000000000_0000000000000001"}]),
+            "OFFSET_MISALIGNED",
+        ),
+        (
             json!([{"stream": "b/s", "offset": tail, "extra": 1}]),
             "INVALID_REQUEST",
         ),

@@ -53,6 +53,7 @@ fn subscription_error(e: &SubscriptionError) -> Response {
         E::WebhookUrlRejected(_) => (StatusCode::BAD_REQUEST, "WEBHOOK_URL_REJECTED"),
         E::NotLinked(_) => (StatusCode::BAD_REQUEST, "STREAM_NOT_LINKED"),
         E::AckBeyondTail { .. } => (StatusCode::BAD_REQUEST, "OFFSET_BEYOND_TAIL"),
+        E::AckMisaligned { .. } => (StatusCode::BAD_REQUEST, "OFFSET_MISALIGNED"),
         E::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
         E::NotFound => (StatusCode::NOT_FOUND, "SUBSCRIPTION_NOT_FOUND"),
         E::NoSuchRoute => (StatusCode::NOT_FOUND, "NOT_FOUND"),

@@ -1159,6 +1159,23 @@ impl Streams {
             .await
     }
 
+    /// Refuses an offset inside a JSON record: JSON streams are read, forked and acked on
+    /// the boundaries the server hands out. A byte stream accepts any position up to its tail.
+    pub async fn check_boundary(
+        &self,
+        stream: &Arc<Stream>,
+        offset: u64,
+    ) -> Result<(), StreamError> {
+        let visible = stream.visible();
+        if stream.kind != MediaKind::Json || offset == 0 || offset >= visible.tail {
+            return Ok(());
+        }
+        // One whole record from `offset`; fails with `Misaligned` inside a record.
+        self.read_chain(stream, offset, visible, 1, false)
+            .await
+            .map(|_| ())
+    }
+
     async fn read_chain(
         &self,
         stream: &Arc<Stream>,

@@ -38,6 +38,8 @@ pub enum SubscriptionError {
         offset: u64,
         tail: u64,
     },
+    #[error("ack offset for {path:?} is inside a message; ack an offset the server handed out")]
+    AckMisaligned { path: String, offset: u64 },
     #[error(
         "the server holds its maximum of {limit} subscriptions (DS_SUBSCRIPTIONS__MAX_SUBSCRIPTIONS)"
     )]

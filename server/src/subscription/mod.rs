@@ -35,7 +35,7 @@ use glob::Glob;
 use signing::SigningKey;
 
 use crate::storage::{RecordWrite, Storage, StreamId};
-use crate::stream::{Stream, StreamEvents, Streams, now_ms};
+use crate::stream::{Stream, StreamError, StreamEvents, Streams, now_ms};
 
 /// Shortest and longest `lease_ttl_ms`, and the default (section 6.2).
 pub const MIN_LEASE_MS: u64 = 1_000;
@@ -1242,6 +1242,39 @@ impl Subscriptions {
         Ok((claim, effects))
     }
 
+    /// Refuses acks at offsets inside a JSON record before any state is touched (the check
+    /// reads storage, so it runs before the state lock; data below a tail never changes, and a
+    /// stream replaced meanwhile is caught by the link's stream id under the lock).
+    async fn check_ack_boundaries(
+        &self,
+        key: &SubKey,
+        req: &AckRequest,
+    ) -> Result<(), SubscriptionError> {
+        let targets: Vec<(String, Arc<Stream>, u64)> = {
+            let st = self.state.lock();
+            let Some(sub) = st.subs.get(key) else {
+                return Ok(());
+            };
+            req.acks
+                .iter()
+                .filter_map(|(rel, offset)| {
+                    let stream = self.streams.peek(&sub.full_path(rel))?;
+                    Some((rel.clone(), stream, *offset))
+                })
+                .collect()
+        };
+        for (path, stream, offset) in targets {
+            match self.streams.check_boundary(&stream, offset).await {
+                Ok(()) => {}
+                Err(StreamError::Misaligned(_)) => {
+                    return Err(SubscriptionError::AckMisaligned { path, offset });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// POST `.../ack` (pull-wake) and `.../callback` (webhook): applies acks (never
     /// backwards), extends the lease, and with `done` ends the wake. Returns `next_wake`.
     pub async fn ack(
@@ -1253,6 +1286,7 @@ impl Subscriptions {
     ) -> Result<(bool, Vec<Effect>), SubscriptionError> {
         self.check_available()?;
         let token = token.ok_or(SubscriptionError::Unauthorized)?;
+        self.check_ack_boundaries(key, &req).await?;
         let now = self.now();
         let (next_wake, changes) = {
             let mut st = self.state.lock();

@@ -134,7 +134,7 @@ pub struct Acceptor {
 
 /// The answer written (without waiting) to a plaintext connection over the cap.
 pub const HTTP_REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
-content-type: text/plain; charset=utf-8\r\ncontent-length: 67\r\n\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 66\r\n\r\n\
 too many open connections (DS_SERVER__MAX_CONNECTIONS); try again\n";
 
 impl Acceptor {
@@ -428,5 +428,34 @@ where
                 }
             } => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_declares_its_own_length() {
+        let text = std::str::from_utf8(HTTP_REFUSAL).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        let declared = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.parse::<usize>().ok());
+        assert_eq!(declared, Some(body.len()));
+    }
+
+    #[test]
+    fn admission_counts_places_and_refusals() {
+        let admission = Admission::new(2);
+        let a = admission.try_admit();
+        let b = admission.try_admit();
+        assert!(a.is_some() && b.is_some());
+        assert!(admission.try_admit().is_none());
+        assert_eq!(admission.refused(), 1);
+        drop(a);
+        assert_eq!(admission.open(), 1);
+        assert!(admission.try_admit().is_some());
     }
 }

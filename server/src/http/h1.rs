@@ -1048,21 +1048,19 @@ fn transfer_codings(te: &http::header::GetAll<'_, HeaderValue>) -> Result<(), Re
             "the final Transfer-Encoding must be chunked: the body's end cannot be known",
         ));
     }
-    for coding in codings.filter(|c| !c.is_empty()) {
-        if coding.eq_ignore_ascii_case(b"chunked") {
-            return Err(Refusal::bad(
-                "Transfer-Encoding lists chunked more than once",
-            ));
-        }
-        return Err(Refusal::new(
+    match codings.find(|c| !c.is_empty()) {
+        None => Ok(()),
+        Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => Err(Refusal::bad(
+            "Transfer-Encoding lists chunked more than once",
+        )),
+        Some(coding) => Err(Refusal::new(
             StatusCode::NOT_IMPLEMENTED,
             format!(
                 "Transfer-Encoding {:?} is not supported: send the body chunked, uncompressed",
                 String::from_utf8_lossy(coding)
             ),
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// A decimal number of digits only (no sign, no spaces), if it fits 64 bits.

@@ -1326,6 +1326,9 @@ impl AsyncWrite for Prefixed {
 }
 
 #[cfg(test)]
+mod differential;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

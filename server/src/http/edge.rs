@@ -363,6 +363,17 @@ impl http_body::Body for GuardedBody {
     }
 }
 
+/// Where a hyper-served connection is in its life.
+enum Ending {
+    Serving,
+    /// The server is shutting down; its `DS_SERVER__SHUTDOWN_TIMEOUT` bounds the rest.
+    Draining,
+    /// Idle, asked to close (HTTP/2: GOAWAY); dropped if it has not by `by`.
+    ClosingIdle {
+        by: Instant,
+    },
+}
+
 /// Serves one connection (TLS, or h2c after the plaintext loop saw the preface) with hyper,
 /// under the same bounds as the plaintext loop: hyper's own header read timeout for HTTP/1.1,
 /// and for both protocols a close once no request is in progress and no byte has moved for
@@ -398,31 +409,35 @@ where
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    // After asking the connection to end: how long it gets before it is dropped.
-    let mut closing_by: Option<Instant> = None;
+    let mut state = Ending::Serving;
     loop {
         let idle_at = activity.idle_at(limits.idle_timeout);
+        let serving = matches!(state, Ending::Serving);
+        let gone_by = match state {
+            Ending::ClosingIdle { by } => Some(by),
+            _ => None,
+        };
         tokio::select! {
             result = conn.as_mut() => return result,
-            () = stop.cancelled(), if closing_by.is_none() => {
-                // The server's shutdown timeout bounds the rest.
+            () = stop.cancelled(), if serving => {
                 conn.as_mut().graceful_shutdown();
-                closing_by = Some(Instant::now() + Duration::from_secs(3600));
+                state = Ending::Draining;
             }
-            () = tokio::time::sleep_until(idle_at), if closing_by.is_none() => {
-                let idle = activity.active.load(Ordering::Relaxed) == 0
-                    && Instant::now() >= activity.idle_at(limits.idle_timeout);
-                if idle {
+            () = tokio::time::sleep_until(idle_at), if serving => {
+                if activity.active.load(Ordering::Relaxed) > 0 {
+                    // A response is in progress (it may be a quiet live one): look again
+                    // one idle period from now; its end starts the idle clock anyway.
+                    activity.touch();
+                } else if Instant::now() >= activity.idle_at(limits.idle_timeout) {
                     tracing::debug!("closing an idle connection");
                     conn.as_mut().graceful_shutdown();
-                    closing_by = Some(Instant::now() + limits.header_read_timeout);
-                } else if activity.active.load(Ordering::Relaxed) > 0 {
-                    // A response is in progress: look again one idle period from now.
-                    activity.touch();
+                    state = Ending::ClosingIdle {
+                        by: Instant::now() + limits.header_read_timeout,
+                    };
                 }
             }
             () = async {
-                match closing_by {
+                match gone_by {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }

@@ -217,7 +217,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_SERVER__IDLE_TIMEOUT",
         default: "1m",
-        doc: "A connection with no request in progress (a new one, or keep-alive between requests) is closed after this long without a byte from the client; on HTTP/2 and TLS, without a byte either way. Never applied while a response (SSE, long-poll) is in progress.",
+        doc: "A connection with no request in progress (a new one, or keep-alive between requests) is closed after this long without a byte from the client; on HTTP/2 and TLS, without a byte either way. Never applied while a response (SSE, long-poll) is in progress, except that on plaintext HTTP/1.1 a client that takes none of a response for this long (it stopped reading) is disconnected.",
     },
     KeyDoc {
         env: "DS_SERVER__BODY_READ_TIMEOUT",

@@ -865,3 +865,51 @@ async fn an_append_racing_storage_shutdown_gets_503_and_does_not_poison_its_stre
         .expect("body");
     assert_eq!(&body[..], b"kept");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_responses_is_cut_off() {
+    let server = start(|c| {
+        short_timeouts(c);
+        c.server.max_connections = 1;
+    })
+    .await;
+    let mut stalled = Raw::connect(&server).await;
+    stalled
+        .send(&req(
+            "PUT",
+            "/big",
+            &[("Content-Type", "text/plain")],
+            &vec![b'x'; 1 << 20],
+        ))
+        .await;
+    assert_eq!(stalled.response().await.map(|r| r.0), Some(201));
+    // 64 MiB of responses asked for, none read: the socket buffers fill and the server's
+    // writes stop moving.
+    let get = req("GET", "/big?offset=-1", &[], b"");
+    stalled.send(&get.repeat(64)).await;
+    // The one connection place frees up once the server gives up on the stalled writes.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut c = Raw::connect(&server).await;
+        c.send(&req("GET", "/healthz", &[], b"")).await;
+        if c.response().await.map(|r| r.0) == Some(200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled connection still holds its place"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the stalled client can still read is what was buffered, not the 64 MiB.
+    let mut total = 0usize;
+    loop {
+        let mut chunk = vec![0u8; 1 << 16];
+        match tokio::time::timeout(PATIENCE, stalled.tcp.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => total += n,
+            Err(_) => panic!("the stalled connection was not closed"),
+        }
+    }
+    assert!(total < 64 << 20, "{total} bytes arrived");
+}

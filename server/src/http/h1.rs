@@ -408,7 +408,12 @@ impl<S: ConnService> Conn<S> {
                 .get(header::EXPECT)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
         {
-            self.tcp.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            write_all_vectored(
+                &mut self.tcp,
+                &mut [IoSlice::new(b"HTTP/1.1 100 Continue\r\n\r\n")],
+                self.limits.idle_timeout,
+            )
+            .await?;
         }
         let (body, complete) = match framing {
             Framing::None => (Bytes::new(), true),
@@ -735,7 +740,12 @@ impl<S: ConnService> Conn<S> {
         out.extend_from_slice(b"\r\n");
 
         if bodiless {
-            self.tcp.write_all(&out).await?;
+            write_all_vectored(
+                &mut self.tcp,
+                &mut [IoSlice::new(&out)],
+                self.limits.idle_timeout,
+            )
+            .await?;
             return Ok(Written::Done(keep_alive));
         }
         if exact.is_some() {
@@ -751,6 +761,7 @@ impl<S: ConnService> Conn<S> {
                         write_all_vectored(
                             &mut self.tcp,
                             &mut [IoSlice::new(&out), IoSlice::new(&data)],
+                            self.limits.idle_timeout,
                         )
                         .await?;
                         out.clear();
@@ -758,12 +769,22 @@ impl<S: ConnService> Conn<S> {
                 }
             }
             if !out.is_empty() {
-                self.tcp.write_all(&out).await?;
+                write_all_vectored(
+                    &mut self.tcp,
+                    &mut [IoSlice::new(&out)],
+                    self.limits.idle_timeout,
+                )
+                .await?;
             }
             return Ok(Written::Done(keep_alive));
         }
         // A stream (SSE): the head goes out at once.
-        self.tcp.write_all(&out).await?;
+        write_all_vectored(
+            &mut self.tcp,
+            &mut [IoSlice::new(&out)],
+            self.limits.idle_timeout,
+        )
+        .await?;
         Ok(Written::Stream {
             body,
             chunked,
@@ -833,16 +854,27 @@ impl<S: ConnService> Conn<S> {
                                 IoSlice::new(&data),
                                 IoSlice::new(b"\r\n"),
                             ],
+                            self.limits.idle_timeout,
                         )
                         .await?;
                     } else {
-                        self.tcp.write_all(&data).await?;
+                        write_all_vectored(
+                            &mut self.tcp,
+                            &mut [IoSlice::new(&data)],
+                            self.limits.idle_timeout,
+                        )
+                        .await?;
                     }
                 }
             }
         }
         if chunked {
-            self.tcp.write_all(b"0\r\n\r\n").await?;
+            write_all_vectored(
+                &mut self.tcp,
+                &mut [IoSlice::new(b"0\r\n\r\n")],
+                self.limits.idle_timeout,
+            )
+            .await?;
         }
         Ok(true)
     }
@@ -858,7 +890,12 @@ impl<S: ConnService> Conn<S> {
         out.extend_from_slice(body.len().to_string().as_bytes());
         out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(body.as_bytes());
-        self.tcp.write_all(&out).await?;
+        write_all_vectored(
+            &mut self.tcp,
+            &mut [IoSlice::new(&out)],
+            self.limits.idle_timeout,
+        )
+        .await?;
         self.linger().await;
         Ok(())
     }
@@ -1242,9 +1279,19 @@ fn chunk_header(buf: &mut [u8; 18], len: usize) -> &[u8] {
     &buf[i..]
 }
 
-async fn write_all_vectored(tcp: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes all of `slices`. A client that takes none of it for `stall` (it stopped reading:
+/// the socket's buffer stays full) fails the write with `TimedOut`, which ends the connection,
+/// so a reader that never reads cannot hold one forever. A slow reader that keeps taking bytes
+/// is never cut.
+async fn write_all_vectored(
+    tcp: &mut TcpStream,
+    mut slices: &mut [IoSlice<'_>],
+    stall: Duration,
+) -> io::Result<()> {
     while !slices.is_empty() {
-        let n = tcp.write_vectored(slices).await?;
+        let n = tokio::time::timeout(stall, tcp.write_vectored(slices))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))??;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -168,6 +168,12 @@ struct Conn<S = Handler> {
     tracker: TaskTracker,
     /// This connection's place under `DS_SERVER__MAX_CONNECTIONS`, given back when it ends.
     _admitted: Option<Admitted>,
+    /// The timer of the waits for a request (idle and head timeouts), one for the connection's
+    /// life and moved forward for each wait: moving a registered timer later is an atomic
+    /// store, while a new timer per wait cost a timer-wheel insertion and removal (a lock
+    /// each) per request, and made every connection's future larger by a timer. Dropped while
+    /// a live response waits, like the read buffer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A request the connection loop refuses itself, before any handler sees it.
@@ -262,6 +268,7 @@ impl<S: ConnService> Conn<S> {
             live,
             tracker,
             _admitted: admitted,
+            timer: None,
         }
     }
 
@@ -353,35 +360,45 @@ impl<S: ConnService> Conn<S> {
                     Err(ReadError::Truncated)
                 };
             }
-            let n = if self.buf.is_empty() {
-                // Idle between requests: close at shutdown, and silently after the idle
-                // timeout (no request was begun, so there is nothing to answer). `fill` may
-                // find stale readiness and wait again, so the whole of it races the shutdown,
-                // not just its start.
-                let stop = self.stop.clone();
-                let idle = self.limits.idle_timeout;
-                tokio::select! {
-                    n = tokio::time::timeout(idle, self.fill()) => match n {
-                        Ok(n) => n?,
-                        Err(_) => return Ok(Incoming::Done),
-                    },
-                    () = stop.cancelled() => return Ok(Incoming::Done),
-                }
+            // Idle between requests (nothing of a request yet): close at shutdown, and silently
+            // after the idle timeout, since there is nothing to answer. A head begun must end
+            // by its deadline: 408. `fill` may find stale readiness and wait again, so the
+            // whole of it races the timer and the shutdown, not just its start.
+            let idle = self.buf.is_empty();
+            let at = if idle {
+                tokio::time::Instant::now() + self.limits.idle_timeout
             } else {
-                let timeout = self.limits.header_read_timeout;
-                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                match tokio::time::timeout_at(at, self.fill()).await {
-                    Ok(n) => n?,
-                    Err(_) => {
-                        return Err(Refusal::new(
-                            StatusCode::REQUEST_TIMEOUT,
-                            format!(
-                                "request head not complete within \
-                                 DS_SERVER__HEADER_READ_TIMEOUT ({timeout:?})"
-                            ),
-                        )
-                        .into());
-                    }
+                *deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.limits.header_read_timeout
+                })
+            };
+            let mut timer = match self.timer.take() {
+                Some(mut timer) => {
+                    timer.as_mut().reset(at);
+                    timer
+                }
+                None => Box::pin(tokio::time::sleep_until(at)),
+            };
+            let stop = self.stop.clone();
+            let filled = tokio::select! {
+                n = self.fill() => Some(n),
+                () = timer.as_mut() => None,
+                () = stop.cancelled(), if idle => None,
+            };
+            self.timer = Some(timer);
+            let n = match filled {
+                Some(n) => n?,
+                None if idle => return Ok(Incoming::Done),
+                None => {
+                    let timeout = self.limits.header_read_timeout;
+                    return Err(Refusal::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "request head not complete within \
+                             DS_SERVER__HEADER_READ_TIMEOUT ({timeout:?})"
+                        ),
+                    )
+                    .into());
                 }
             };
             if n == 0 {
@@ -452,6 +469,7 @@ impl<S: ConnService> Conn<S> {
             None => {
                 if method == Method::GET {
                     self.release_buffer();
+                    self.timer = None;
                 }
                 let Some(response) = self.until_hangup(call).await? else {
                     return Ok(Written::Done(false));
@@ -810,6 +828,7 @@ impl<S: ConnService> Conn<S> {
         let mut conn = Conn {
             tcp,
             live: None,
+            timer: None,
             ..self
         };
         tracker.spawn_on(

@@ -425,11 +425,13 @@ impl<S: ConnService> Conn<S> {
                 .get(header::EXPECT)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
         {
-            write_all_vectored(
+            // Boxed: a write's timer would otherwise be part of this future, which a long-poll
+            // holds for its whole wait.
+            Box::pin(write_all_vectored(
                 &mut self.tcp,
                 &mut [IoSlice::new(b"HTTP/1.1 100 Continue\r\n\r\n")],
                 self.limits.idle_timeout,
-            )
+            ))
             .await?;
         }
         let (body, complete) = match framing {
@@ -1308,9 +1310,20 @@ async fn write_all_vectored(
     stall: Duration,
 ) -> io::Result<()> {
     while !slices.is_empty() {
-        let n = tokio::time::timeout(stall, tcp.write_vectored(slices))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))??;
+        // Written at once when the socket's buffer has room (almost always); only a full
+        // buffer is waited for, under the timer, so a write costs no timer.
+        let n = match tcp.try_write_vectored(slices) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout(stall, tcp.writable())
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
+                    })??;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

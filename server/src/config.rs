@@ -103,6 +103,17 @@ pub struct ServerConfig {
     pub expiry_sweep_interval: Duration,
     /// JSON stream announcing creates and deletes; empty disables it.
     pub registry_stream: String,
+    /// From a request head's first byte to its end.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress, waiting for one.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Longest wait for the next bytes of a request body.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Open connections at most; 0 sizes it from the open-file limit.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +168,10 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             expiry_sweep_interval: Duration::from_secs(30),
             registry_stream: "/_ds/registry".into(),
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 0,
         }
     }
 }
@@ -247,6 +262,26 @@ pub const KEYS: &[KeyDoc] = &[
         env: "DS_SERVER__REGISTRY_STREAM",
         default: "/_ds/registry",
         doc: "Read-only JSON stream announcing every stream created and deleted (`{\"event\":\"created\",\"path\":...,\"id\":...,\"contentType\":...}`, `{\"event\":\"deleted\",\"path\":...,\"id\":...}`; `id` is the instance's `Stream-Id`), for discovery by followers such as ds-sync. Must start with `/_ds/`; empty disables it.",
+    },
+    KeyDoc {
+        env: "DS_SERVER__HEADER_READ_TIMEOUT",
+        default: "30s",
+        doc: "A request head (request line and headers) must arrive within this long of its first byte; else 408 and the connection closes. Also bounds a TLS handshake.",
+    },
+    KeyDoc {
+        env: "DS_SERVER__IDLE_TIMEOUT",
+        default: "1m",
+        doc: "A connection with no request in progress (a new one, or keep-alive between requests) is closed after this long without a byte from the client; on HTTP/2 and TLS, without a byte either way. Never applied while a response (SSE, long-poll) is in progress, except that on plaintext HTTP/1.1 a client that takes none of a response for this long (it stopped reading) is disconnected.",
+    },
+    KeyDoc {
+        env: "DS_SERVER__BODY_READ_TIMEOUT",
+        default: "30s",
+        doc: "While a request body arrives, the longest wait for its next bytes; past it 408 and the connection closes.",
+    },
+    KeyDoc {
+        env: "DS_SERVER__MAX_CONNECTIONS",
+        default: "0",
+        doc: "Open client connections at most; past it new connections are closed at once (and counted in a log line) while open ones carry on. `0`: the open-file limit (`RLIMIT_NOFILE`, read from `/proc/self/limits`) less `DS_STORAGE__MAX_OPEN_FILES` and 64 for everything else.",
     },
     KeyDoc {
         env: "DS_HTTP__CORS_ORIGINS",
@@ -447,6 +482,9 @@ impl Config {
                 s.sse_keepalive_interval,
             ),
             ("DS_SERVER__EXPIRY_SWEEP_INTERVAL", s.expiry_sweep_interval),
+            ("DS_SERVER__HEADER_READ_TIMEOUT", s.header_read_timeout),
+            ("DS_SERVER__IDLE_TIMEOUT", s.idle_timeout),
+            ("DS_SERVER__BODY_READ_TIMEOUT", s.body_read_timeout),
             (
                 "DS_STORAGE__FAST_SYNC_INTERVAL",
                 self.storage.fast_sync_interval,
@@ -529,6 +567,25 @@ impl Config {
         Ok(())
     }
 
+    /// `DS_SERVER__MAX_CONNECTIONS`, with `0` sized from the open-file limit: each connection
+    /// is a file descriptor, and so is every log segment storage keeps open, so connections get
+    /// what the limit leaves after those and a margin for everything else (listener, runtime,
+    /// directory syncs). Without a readable limit (not Linux), 1024 less the same.
+    pub fn max_connections(&self) -> usize {
+        if self.server.max_connections > 0 {
+            return self.server.max_connections;
+        }
+        let limit = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|text| open_file_limit(&text))
+            .unwrap_or(1024);
+        let reserved = u64::try_from(self.storage.max_open_files)
+            .unwrap_or(u64::MAX)
+            .saturating_add(64);
+        // Never so small that the server cannot serve at all.
+        usize::try_from(limit.saturating_sub(reserved).max(16)).unwrap_or(usize::MAX)
+    }
+
     /// Origins allowed by CORS, `None` meaning any.
     pub fn cors_origins(&self) -> Option<Vec<String>> {
         let raw = self.http.cors_origins.trim();
@@ -543,6 +600,17 @@ impl Config {
             )
         }
     }
+}
+
+/// The soft limit on open files from the text of `/proc/self/limits` (std has no `getrlimit`,
+/// and the workspace forbids the `unsafe` a libc call needs); `unlimited` is `u64::MAX`.
+fn open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    if soft == "unlimited" {
+        return Some(u64::MAX);
+    }
+    soft.parse().ok()
 }
 
 /// The settings as a Markdown table (for the README and `--help`).
@@ -650,6 +718,26 @@ mod tests {
             assert!(err.contains("at most 1073741824"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max processes             63704                63704                processes \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_file_limit(text), Some(1024));
+        assert_eq!(
+            open_file_limit(
+                "Max open files            unlimited            unlimited            files\n"
+            ),
+            Some(u64::MAX)
+        );
+        assert_eq!(open_file_limit("nothing here"), None);
+        let mut c = Config::default();
+        c.server.max_connections = 7;
+        assert_eq!(c.max_connections(), 7);
+        c.server.max_connections = 0;
+        assert!(c.max_connections() >= 16);
     }
 
     #[test]

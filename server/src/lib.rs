@@ -152,16 +152,17 @@ impl App {
                 .enable_all()
                 .build()?,
         ));
+        let limits = http::edge::EdgeLimits::from_config(&config);
+        let admission = connection_cap(&config);
         let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
             Some(acceptor) => Box::pin(async move {
-                tls::serve(listener, acceptor, handler, stop).await;
+                tls::serve(listener, acceptor, handler, stop, limits, admission).await;
                 Ok(())
             }),
             None => {
-                let max_body = config.limits.max_request_bytes;
                 let live = live.0.as_ref().map(|rt| rt.handle().clone());
                 Box::pin(async move {
-                    http::h1::serve(listener, handler, stop, max_body, live).await;
+                    http::h1::serve(listener, handler, stop, limits, admission, live).await;
                     Ok(())
                 })
             }
@@ -190,6 +191,13 @@ impl App {
         drop(live);
         Ok(())
     }
+}
+
+/// The cap on open connections, sized from the open-file limit unless configured.
+fn connection_cap(config: &Config) -> Arc<http::edge::Admission> {
+    let max = config.max_connections();
+    tracing::info!(max_connections = max, "accepting connections");
+    http::edge::Admission::new(max)
 }
 
 /// The runtime SSE streams run on. Its streams end with the server's shutdown; a runtime cannot

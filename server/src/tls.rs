@@ -2,23 +2,22 @@
 //! `DS_TLS__KEY_PATH` are set. ALPN offers HTTP/2 and HTTP/1.1.
 //!
 //! The accept loop owns each connection's task; at shutdown it stops accepting and asks every
-//! connection to finish gracefully (the caller bounds how long that may take).
+//! connection to finish gracefully (the caller bounds how long that may take). Connections are
+//! counted against `DS_SERVER__MAX_CONNECTIONS` with the plaintext ones (`http::edge`).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::http::Handler;
+use crate::http::edge::{self, Acceptor, Admission, EdgeLimits};
 
 /// Builds the TLS acceptor from PEM files, with a message naming the file on any problem.
 pub fn acceptor(cert_path: &Path, key_path: &Path) -> anyhow::Result<TlsAcceptor> {
@@ -48,47 +47,45 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> anyhow::Result<TlsAcceptor
 }
 
 /// Serves `handler` over TLS until `stop` is cancelled, then waits for open connections to
-/// finish their current requests.
+/// finish their current requests (the caller bounds how long). Handshakes get
+/// `DS_SERVER__HEADER_READ_TIMEOUT`; connections are served under [`edge::serve_hyper`]'s bounds.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     handler: Handler,
     stop: CancellationToken,
+    limits: EdgeLimits,
+    admission: Arc<Admission>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving the others.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => break,
-        };
+    let tracker = TaskTracker::new();
+    let limits = Arc::new(limits);
+    let mut incoming = Acceptor::new(listener, admission, None);
+    while let Some((tcp, peer, admitted)) = incoming.next(&stop).await {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(handler.clone());
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
+        let handler = handler.clone();
+        let limits = limits.clone();
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let _admitted = admitted;
+            let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "tls handshake failed");
                     return;
                 }
+                Err(_) => {
+                    tracing::debug!(%peer, "tls handshake timed out");
+                    return;
+                }
             };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            if let Err(e) = edge::serve_hyper(tls, handler, &limits, &stop).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
-    drop(listener);
-    graceful.shutdown().await;
+    tracker.close();
+    tracker.wait().await;
 }

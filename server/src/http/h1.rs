@@ -10,8 +10,7 @@
 //! stays in the handlers; this file only frames HTTP/1.1 messages.
 //!
 //! What it implements (RFC 9112): request heads parsed by `httparse` (the parser hyper uses);
-//! `Content-Length` and `chunked` request bodies (extensions and trailers skipped), a message
-//! with both or with an unknown transfer coding refused with 400; `Expect: 100-continue`;
+//! `Content-Length` and `chunked` request bodies; `Expect: 100-continue` (HTTP/1.1 only);
 //! keep-alive and pipelining for HTTP/1.1 (`Connection: close` honoured), one request per
 //! connection for HTTP/1.0; responses framed by `Content-Length` when the body's size is known
 //! and by chunked encoding otherwise; no body for HEAD, 1xx, 204 and 304; a `Date` header.
@@ -19,6 +18,19 @@
 //! noticed at once and its handler dropped. A connection that starts with the HTTP/2 preface
 //! (h2c with prior knowledge) is handed to hyper's HTTP/2 server. TLS connections never come
 //! here (see `tls.rs`).
+//!
+//! The network is hostile, so framing is at least as strict as hyper's wherever the two could
+//! disagree about where a message ends (a differential test, `h1/differential.rs`, holds us to
+//! it): lines end with CRLF only (a bare LF or CR anywhere in a head or a chunked body's lines
+//! is refused); a chunk size is hex digits right at the start of its line, followed by nothing
+//! or by extensions of RFC 9112's grammar, 16 KiB of extensions per body at most; trailers are
+//! parsed as header fields, at most 100 of them and 16 KiB; `Content-Length` is one decimal
+//! number (repeated headers must agree); `Transfer-Encoding` must be exactly `chunked` (501 for
+//! any other coding), never with `Content-Length` or on HTTP/1.0. Every wait is bounded
+//! ([`EdgeLimits`]): a request head must arrive within `header_read_timeout` of its first byte
+//! (408), a connection waiting for a request is closed after `idle_timeout` without a byte, and
+//! a body must keep arriving (`body_read_timeout` at most between reads, 408). A live response
+//! is never cut by any of them. After a request, a buffer grown for a large body is given back.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -30,8 +42,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
@@ -40,6 +50,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::Handler;
+use super::edge::{Acceptor, Admission, Admitted, EdgeLimits, HTTP_REFUSAL};
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -47,8 +58,18 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Bytes asked of the socket per read while a head or body arrives.
 const READ_CHUNK: usize = 4096;
-/// Longest chunk-size line (size, extensions) or trailer line in a chunked body.
-const MAX_CHUNK_LINE: usize = 4096;
+/// Chunk extension bytes one body may carry, all its chunks together (hyper's bound: a body
+/// whose extensions reach it is refused).
+const MAX_CHUNK_EXTENSION_BYTES: usize = 16 * 1024;
+/// Longest chunk-size line: room for the extensions and a size with some leading zeros.
+const MAX_CHUNK_LINE: usize = MAX_CHUNK_EXTENSION_BYTES + 64;
+/// Bytes of a body's trailer section, its lines' CRLFs and the final CRLF included (hyper's
+/// bound: a section that reaches it is refused); more gets 431.
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// Largest read buffer a connection keeps after a request; a larger one (grown for a large
+/// body, or a view of a body's allocation) is replaced, so an idle connection holds what a
+/// fresh one holds whatever its last body was.
+const KEPT_BUFFER_BYTES: usize = 16 * 1024;
 /// A response body this small is written together with its head, in one write.
 const COALESCE_BYTES: usize = 16 * 1024;
 /// After refusing a request whose body we did not read, how long to drain what the client still
@@ -66,58 +87,93 @@ pub async fn serve(
     listener: TcpListener,
     handler: Handler,
     stop: CancellationToken,
-    max_body: u64,
+    limits: EdgeLimits,
+    admission: std::sync::Arc<Admission>,
     live: Option<Handle>,
 ) {
     let tracker = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving the others.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => break,
-        };
+    let limits = std::sync::Arc::new(limits);
+    let mut incoming = Acceptor::new(listener, admission, Some(HTTP_REFUSAL));
+    while let Some((tcp, peer, admitted)) = incoming.next(&stop).await {
         // Small responses (appends, live events) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let conn = Conn {
+        let conn = Conn::new(
             tcp,
-            buf: BytesMut::new(),
-            handler: handler.clone(),
-            stop: stop.clone(),
-            max_body,
-            read_closed: false,
-            live: live.clone(),
-            tracker: tracker.clone(),
-        };
+            handler.clone(),
+            stop.clone(),
+            limits.clone(),
+            live.clone(),
+            tracker.clone(),
+            Some(admitted),
+        );
         tracker.spawn(async move {
             if let Err(e) = conn.run().await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
-    drop(listener);
+    drop(incoming);
     tracker.close();
     tracker.wait().await;
 }
 
-struct Conn {
+/// What a connection hands its requests to: the server's [`Handler`], or a recorder in the
+/// differential test.
+pub(crate) trait ConnService:
+    Service<
+        Request<Body>,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future: Send + Unpin + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// Serves a connection that began with the HTTP/2 preface; `io` yields the bytes read
+    /// so far first.
+    fn serve_h2(
+        self,
+        io: Prefixed,
+        limits: &EdgeLimits,
+        stop: &CancellationToken,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl ConnService for Handler {
+    async fn serve_h2(
+        self,
+        io: Prefixed,
+        limits: &EdgeLimits,
+        stop: &CancellationToken,
+    ) -> io::Result<()> {
+        super::edge::serve_hyper(io, self, limits, stop)
+            .await
+            .map_err(io::Error::other)
+    }
+}
+
+struct Conn<S = Handler> {
     tcp: TcpStream,
     /// Bytes read and not yet consumed; empty (no allocation) between requests.
     buf: BytesMut,
-    handler: Handler,
+    handler: S,
     stop: CancellationToken,
-    max_body: u64,
+    /// Body size and timeouts, shared by every connection of the listener.
+    limits: std::sync::Arc<EdgeLimits>,
     /// The client sent EOF (or we stopped reading); nothing more will be read.
     read_closed: bool,
     /// Where streamed responses go (see [`Conn::stream_on`]).
     live: Option<Handle>,
     tracker: TaskTracker,
+    /// This connection's place under `DS_SERVER__MAX_CONNECTIONS`, given back when it ends.
+    _admitted: Option<Admitted>,
+    /// The timer of the waits for a request (idle and head timeouts), one for the connection's
+    /// life and moved forward for each wait: moving a registered timer later is an atomic
+    /// store, while a new timer per wait cost a timer-wheel insertion and removal (a lock
+    /// each) per request, and made every connection's future larger by a timer. Dropped while
+    /// a live response waits, like the read buffer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A request the connection loop refuses itself, before any handler sees it.
@@ -192,7 +248,30 @@ enum Framing {
     Chunked,
 }
 
-impl Conn {
+impl<S: ConnService> Conn<S> {
+    fn new(
+        tcp: TcpStream,
+        handler: S,
+        stop: CancellationToken,
+        limits: std::sync::Arc<EdgeLimits>,
+        live: Option<Handle>,
+        tracker: TaskTracker,
+        admitted: Option<Admitted>,
+    ) -> Self {
+        Conn {
+            tcp,
+            buf: BytesMut::new(),
+            handler,
+            stop,
+            limits,
+            read_closed: false,
+            live,
+            tracker,
+            _admitted: admitted,
+            timer: None,
+        }
+    }
+
     async fn run(mut self) -> io::Result<()> {
         loop {
             let head = match self.read_head().await {
@@ -253,6 +332,9 @@ impl Conn {
     }
 
     async fn read_head(&mut self) -> Result<Incoming, ReadError> {
+        // Set when the head's first byte is in: the whole head must be in by then, however
+        // it trickles.
+        let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             if !self.buf.is_empty() {
                 let n = self.buf.len().min(H2_PREFACE.len());
@@ -278,16 +360,46 @@ impl Conn {
                     Err(ReadError::Truncated)
                 };
             }
-            let n = if self.buf.is_empty() {
-                // Idle between requests: close at shutdown. `fill` may find stale readiness
-                // and wait again, so the whole of it races the shutdown, not just its start.
-                let stop = self.stop.clone();
-                tokio::select! {
-                    n = self.fill() => n?,
-                    () = stop.cancelled() => return Ok(Incoming::Done),
-                }
+            // Idle between requests (nothing of a request yet): close at shutdown, and silently
+            // after the idle timeout, since there is nothing to answer. A head begun must end
+            // by its deadline: 408. `fill` may find stale readiness and wait again, so the
+            // whole of it races the timer and the shutdown, not just its start.
+            let idle = self.buf.is_empty();
+            let at = if idle {
+                tokio::time::Instant::now() + self.limits.idle_timeout
             } else {
-                self.fill().await?
+                *deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.limits.header_read_timeout
+                })
+            };
+            let mut timer = match self.timer.take() {
+                Some(mut timer) => {
+                    timer.as_mut().reset(at);
+                    timer
+                }
+                None => Box::pin(tokio::time::sleep_until(at)),
+            };
+            let stop = self.stop.clone();
+            let filled = tokio::select! {
+                n = self.fill() => Some(n),
+                () = timer.as_mut() => None,
+                () = stop.cancelled(), if idle => None,
+            };
+            self.timer = Some(timer);
+            let n = match filled {
+                Some(n) => n?,
+                None if idle => return Ok(Incoming::Done),
+                None => {
+                    let timeout = self.limits.header_read_timeout;
+                    return Err(Refusal::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "request head not complete within \
+                             DS_SERVER__HEADER_READ_TIMEOUT ({timeout:?})"
+                        ),
+                    )
+                    .into());
+                }
             };
             if n == 0 {
                 self.read_closed = true;
@@ -302,15 +414,25 @@ impl Conn {
         let method = head.method.clone();
         let version = head.version;
 
-        let too_large = matches!(framing, Framing::Length(n) if n > self.max_body);
+        let too_large = matches!(framing, Framing::Length(n) if n > self.limits.max_body);
+        // HTTP/1.0 clients do not know 100 Continue: RFC 9110 10.1.1 says to ignore their
+        // expectation.
         if !too_large
+            && version == Version::HTTP_11
             && !matches!(framing, Framing::None)
             && head
                 .headers
                 .get(header::EXPECT)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
         {
-            self.tcp.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            // Boxed: a write's timer would otherwise be part of this future, which a long-poll
+            // holds for its whole wait.
+            Box::pin(write_all_vectored(
+                &mut self.tcp,
+                &mut [IoSlice::new(b"HTTP/1.1 100 Continue\r\n\r\n")],
+                self.limits.idle_timeout,
+            ))
+            .await?;
         }
         let (body, complete) = match framing {
             Framing::None => (Bytes::new(), true),
@@ -324,6 +446,7 @@ impl Conn {
         if !complete {
             keep_alive = false;
         }
+        let large_body = body.len() > KEPT_BUFFER_BYTES;
 
         let mut request = Request::new(Body::from(body));
         let Head {
@@ -348,6 +471,7 @@ impl Conn {
             None => {
                 if method == Method::GET {
                     self.release_buffer();
+                    self.timer = None;
                 }
                 let Some(response) = self.until_hangup(call).await? else {
                     return Ok(Written::Done(false));
@@ -362,6 +486,15 @@ impl Conn {
         let written = Box::pin(self.write_head(response, &method, version, keep_alive)).await?;
         if !complete && matches!(written, Written::Done(_)) {
             Box::pin(self.linger()).await;
+        }
+        // A large body's bytes were read into the buffer (a `Content-Length` body is even a
+        // view of its allocation): the connection must not keep them while it waits.
+        if large_body || self.buf.capacity() > KEPT_BUFFER_BYTES {
+            self.buf = if self.buf.is_empty() {
+                BytesMut::new()
+            } else {
+                BytesMut::from(&self.buf[..])
+            };
         }
         Ok(written)
     }
@@ -389,9 +522,26 @@ impl Conn {
         }
     }
 
-    /// Reads more of a message that has begun: EOF here is a truncated message.
+    /// Reads more of a body that has begun: EOF here is a truncated message, and a client that
+    /// sends nothing for `body_read_timeout` gets 408.
     async fn fill_more(&mut self) -> Result<(), ReadError> {
-        if self.read_closed || self.fill().await? == 0 {
+        if self.read_closed {
+            return Err(ReadError::Truncated);
+        }
+        let timeout = self.limits.body_read_timeout;
+        let n = match tokio::time::timeout(timeout, self.fill()).await {
+            Ok(n) => n?,
+            Err(_) => {
+                return Err(Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "no bytes of the request body for DS_SERVER__BODY_READ_TIMEOUT ({timeout:?})"
+                    ),
+                )
+                .into());
+            }
+        };
+        if n == 0 {
             self.read_closed = true;
             return Err(ReadError::Truncated);
         }
@@ -406,20 +556,47 @@ impl Conn {
         Ok(self.buf.split_to(n).freeze())
     }
 
-    /// Reads one CRLF-terminated line (without the CRLF) of at most `MAX_CHUNK_LINE` bytes.
-    async fn read_line(&mut self) -> Result<Bytes, ReadError> {
+    /// The length of the line at the start of the buffer, once its CRLF is in (the line is
+    /// `buf[..len]`, its CRLF the two bytes after). Lines end with CRLF only: a bare LF, or a
+    /// CR not followed by LF, is refused, since a front end that ends lines differently would
+    /// see other messages in the same bytes (request smuggling). At most `limit` bytes.
+    async fn line_len(
+        &mut self,
+        limit: usize,
+        too_long: fn() -> Refusal,
+    ) -> Result<usize, ReadError> {
         let mut searched = 0;
         loop {
-            if let Some(i) = self.buf[searched..].windows(2).position(|w| w == b"\r\n") {
-                let line = self.buf.split_to(searched + i).freeze();
-                self.buf.advance(2);
-                return Ok(line);
-            }
-            searched = self.buf.len().saturating_sub(1);
-            if self.buf.len() > MAX_CHUNK_LINE {
-                return Err(
-                    Refusal::bad("chunked body: a chunk-size or trailer line is too long").into(),
-                );
+            if let Some(i) = self.buf[searched..]
+                .iter()
+                .position(|&b| b == b'\r' || b == b'\n')
+            {
+                let at = searched + i;
+                if at > limit {
+                    return Err(too_long().into());
+                }
+                if self.buf[at] == b'\n' {
+                    return Err(Refusal::bad(
+                        "chunked body: bare LF ending a line (lines end with CRLF)",
+                    )
+                    .into());
+                }
+                match self.buf.get(at + 1) {
+                    Some(b'\n') => return Ok(at),
+                    Some(_) => {
+                        return Err(Refusal::bad(
+                            "chunked body: CR not followed by LF (lines end with CRLF)",
+                        )
+                        .into());
+                    }
+                    // The CR is the last byte in: look at it again with more.
+                    None => searched = at,
+                }
+            } else {
+                searched = self.buf.len();
+                if searched > limit {
+                    return Err(too_long().into());
+                }
             }
             self.fill_more().await?;
         }
@@ -429,26 +606,42 @@ impl Conn {
     /// bytes with `complete = false`, so the handler answers 413 and the connection closes.
     async fn read_chunked_body(&mut self) -> Result<(Bytes, bool), ReadError> {
         let mut body = BytesMut::new();
-        let cap = self.max_body.saturating_add(1);
+        let cap = self.limits.max_body.saturating_add(1);
+        let mut extension_bytes = 0usize;
         loop {
-            let line = self.read_line().await?;
-            let size = chunk_size(&line)?;
+            let len = self
+                .line_len(MAX_CHUNK_LINE, || {
+                    Refusal::bad(format!(
+                        "chunked body: a chunk-size line is longer than {MAX_CHUNK_LINE} bytes"
+                    ))
+                })
+                .await?;
+            let (size, extensions) = parse_chunk_line(&self.buf[..len])?;
+            self.buf.advance(len + 2);
+            extension_bytes += extensions;
+            if extension_bytes >= MAX_CHUNK_EXTENSION_BYTES {
+                return Err(Refusal::bad(format!(
+                    "chunked body: chunk extensions reach {MAX_CHUNK_EXTENSION_BYTES} bytes"
+                ))
+                .into());
+            }
             if size == 0 {
-                // Trailer fields, then the empty line.
-                loop {
-                    if self.read_line().await?.is_empty() {
-                        break;
-                    }
-                }
+                Box::pin(self.read_trailers()).await?;
                 return Ok((body.freeze(), true));
             }
             let room = cap - body.len() as u64;
             let take = size.min(room) as usize;
-            while self.buf.len() < take {
-                self.fill_more().await?;
+            // Moved out of the read buffer as it comes, so the buffer stays small.
+            let mut left = take;
+            while left > 0 {
+                if self.buf.is_empty() {
+                    self.fill_more().await?;
+                }
+                let n = left.min(self.buf.len());
+                body.extend_from_slice(&self.buf[..n]);
+                self.buf.advance(n);
+                left -= n;
             }
-            body.extend_from_slice(&self.buf[..take]);
-            self.buf.advance(take);
             if size > room {
                 return Ok((body.freeze(), false));
             }
@@ -461,6 +654,51 @@ impl Conn {
                 );
             }
             self.buf.advance(2);
+        }
+    }
+
+    /// Reads the trailer section after the last chunk, through its final CRLF, and checks it
+    /// as header fields; the fields themselves are dropped (no handler reads trailers).
+    async fn read_trailers(&mut self) -> Result<(), ReadError> {
+        let too_large = || {
+            Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("chunked body: trailer section reaches {MAX_TRAILER_BYTES} bytes"),
+            )
+        };
+        // Kept only when there are trailers, for the parser.
+        let mut section: Option<BytesMut> = None;
+        let mut count = 0usize;
+        loop {
+            let used = section.as_ref().map_or(0, BytesMut::len);
+            let len = self
+                .line_len(MAX_TRAILER_BYTES.saturating_sub(used + 2), too_large)
+                .await?;
+            if len == 0 {
+                self.buf.advance(2);
+                let Some(mut section) = section else {
+                    return Ok(());
+                };
+                section.extend_from_slice(b"\r\n");
+                if section.len() >= MAX_TRAILER_BYTES {
+                    return Err(too_large().into());
+                }
+                return check_trailers(&section).map_err(Into::into);
+            }
+            count += 1;
+            if count > MAX_HEADERS {
+                return Err(Refusal::new(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    format!("chunked body: more than {MAX_HEADERS} trailer fields"),
+                )
+                .into());
+            }
+            let section = section.get_or_insert_with(BytesMut::new);
+            section.extend_from_slice(&self.buf[..len + 2]);
+            self.buf.advance(len + 2);
+            if section.len() >= MAX_TRAILER_BYTES {
+                return Err(too_large().into());
+            }
         }
     }
 
@@ -522,7 +760,12 @@ impl Conn {
         out.extend_from_slice(b"\r\n");
 
         if bodiless {
-            self.tcp.write_all(&out).await?;
+            write_all_vectored(
+                &mut self.tcp,
+                &mut [IoSlice::new(&out)],
+                self.limits.idle_timeout,
+            )
+            .await?;
             return Ok(Written::Done(keep_alive));
         }
         if exact.is_some() {
@@ -538,6 +781,7 @@ impl Conn {
                         write_all_vectored(
                             &mut self.tcp,
                             &mut [IoSlice::new(&out), IoSlice::new(&data)],
+                            self.limits.idle_timeout,
                         )
                         .await?;
                         out.clear();
@@ -545,12 +789,22 @@ impl Conn {
                 }
             }
             if !out.is_empty() {
-                self.tcp.write_all(&out).await?;
+                write_all_vectored(
+                    &mut self.tcp,
+                    &mut [IoSlice::new(&out)],
+                    self.limits.idle_timeout,
+                )
+                .await?;
             }
             return Ok(Written::Done(keep_alive));
         }
         // A stream (SSE): the head goes out at once.
-        self.tcp.write_all(&out).await?;
+        write_all_vectored(
+            &mut self.tcp,
+            &mut [IoSlice::new(&out)],
+            self.limits.idle_timeout,
+        )
+        .await?;
         Ok(Written::Stream {
             body,
             chunked,
@@ -576,6 +830,7 @@ impl Conn {
         let mut conn = Conn {
             tcp,
             live: None,
+            timer: None,
             ..self
         };
         tracker.spawn_on(
@@ -620,16 +875,27 @@ impl Conn {
                                 IoSlice::new(&data),
                                 IoSlice::new(b"\r\n"),
                             ],
+                            self.limits.idle_timeout,
                         )
                         .await?;
                     } else {
-                        self.tcp.write_all(&data).await?;
+                        write_all_vectored(
+                            &mut self.tcp,
+                            &mut [IoSlice::new(&data)],
+                            self.limits.idle_timeout,
+                        )
+                        .await?;
                     }
                 }
             }
         }
         if chunked {
-            self.tcp.write_all(b"0\r\n\r\n").await?;
+            write_all_vectored(
+                &mut self.tcp,
+                &mut [IoSlice::new(b"0\r\n\r\n")],
+                self.limits.idle_timeout,
+            )
+            .await?;
         }
         Ok(true)
     }
@@ -645,7 +911,12 @@ impl Conn {
         out.extend_from_slice(body.len().to_string().as_bytes());
         out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(body.as_bytes());
-        self.tcp.write_all(&out).await?;
+        write_all_vectored(
+            &mut self.tcp,
+            &mut [IoSlice::new(&out)],
+            self.limits.idle_timeout,
+        )
+        .await?;
         self.linger().await;
         Ok(())
     }
@@ -683,18 +954,7 @@ impl Conn {
             prefix,
             io: self.tcp,
         };
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        let conn =
-            builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(self.handler));
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            () = self.stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        result.map_err(io::Error::other)
+        self.handler.serve_h2(io, &self.limits, &self.stop).await
     }
 }
 
@@ -730,6 +990,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
         }
         Err(e) => return Err(Refusal::bad(format!("malformed request head: {e}"))),
     };
+    // httparse (like hyper) takes a bare LF for a line end; a front end that does not would
+    // read other header fields, or another message, out of the same bytes.
+    if has_bare_lf(&buf[..len]) {
+        return Err(Refusal::bad(
+            "bare LF in the request head (lines end with CRLF)",
+        ));
+    }
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|_| Refusal::bad("malformed request method"))?;
     let version = match req.version {
@@ -775,6 +1042,19 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
     }))
 }
 
+/// Whether `bytes` hold an LF not preceded by CR.
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(i) = bytes[from..].iter().position(|&b| b == b'\n') {
+        let at = from + i;
+        if at == 0 || bytes[at - 1] != b'\r' {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
+}
+
 /// How the request body is delimited (RFC 9112 section 6.3).
 fn framing(head: &Head) -> Result<Framing, Refusal> {
     // Iterators, not collected: a vector here would be an allocation on every request.
@@ -789,37 +1069,69 @@ fn framing(head: &Head) -> Result<Framing, Refusal> {
         if head.version != Version::HTTP_11 {
             return Err(Refusal::bad("Transfer-Encoding requires HTTP/1.1"));
         }
-        let last = te
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim)
-            .unwrap_or("");
-        if !last.eq_ignore_ascii_case("chunked") {
-            return Err(Refusal::bad(
-                "unsupported Transfer-Encoding: the final coding must be chunked",
-            ));
-        }
-        return Ok(Framing::Chunked);
+        return transfer_codings(&te).map(|()| Framing::Chunked);
     }
     let mut length: Option<u64> = None;
     for v in cl.iter() {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            let n = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
-                .flatten()
-                .ok_or_else(|| Refusal::bad("malformed Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Refusal::bad("conflicting Content-Length values"));
-            }
-            length = Some(n);
+        // One number per field, as hyper reads it: a list ("5, 5") is refused.
+        let n = decimal(v.as_bytes()).ok_or_else(|| {
+            Refusal::bad(format!(
+                "malformed Content-Length {:?}: one decimal number expected",
+                String::from_utf8_lossy(v.as_bytes())
+            ))
+        })?;
+        if length.is_some_and(|l| l != n) {
+            return Err(Refusal::bad("conflicting Content-Length values"));
         }
+        length = Some(n);
     }
     Ok(match length {
         Some(0) | None => Framing::None,
         Some(n) => Framing::Length(n),
+    })
+}
+
+/// Checks that `Transfer-Encoding` is `chunked` alone: the final coding must be chunked, or
+/// nothing tells where the body ends (400, RFC 9112 6.3); chunked twice is malformed (400); any
+/// other coding is one we do not decode (501), and storing encoded bytes as the data would be
+/// wrong. Empty list elements are allowed (RFC 9110 5.6.1).
+fn transfer_codings(te: &http::header::GetAll<'_, HeaderValue>) -> Result<(), Refusal> {
+    let mut codings = te
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    let last = codings.next_back().unwrap_or_default();
+    if !last.eq_ignore_ascii_case(b"chunked") {
+        return Err(Refusal::bad(
+            "the final Transfer-Encoding must be chunked: the body's end cannot be known",
+        ));
+    }
+    match codings.find(|c| !c.is_empty()) {
+        None => Ok(()),
+        Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => Err(Refusal::bad(
+            "Transfer-Encoding lists chunked more than once",
+        )),
+        Some(coding) => Err(Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "Transfer-Encoding {:?} is not supported: send the body chunked, uncompressed",
+                String::from_utf8_lossy(coding)
+            ),
+        )),
+    }
+}
+
+/// A decimal number of digits only (no sign, no spaces), if it fits 64 bits.
+fn decimal(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() {
+        return None;
+    }
+    bytes.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
     })
 }
 
@@ -831,20 +1143,143 @@ fn has_token(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
-/// The size of a chunk from its size line (extensions after `;` ignored).
-fn chunk_size(line: &[u8]) -> Result<u64, Refusal> {
-    let digits = line
-        .split(|b| *b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return Err(Refusal::bad("chunked body: malformed chunk size"));
+/// A chunk-size line (without its CRLF): the size, and how many bytes of extensions follow
+/// its first `;` (they count against `MAX_CHUNK_EXTENSION_BYTES`). The size is hex digits from
+/// the first byte, ended by the line's end or by extensions (RFC 9112 7.1.1): nothing before
+/// it, no whitespace after it unless extensions follow.
+fn parse_chunk_line(line: &[u8]) -> Result<(u64, usize), Refusal> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(Refusal::bad(
+            "chunked body: a chunk-size line must start with the size in hex digits",
+        ));
     }
-    std::str::from_utf8(digits)
-        .ok()
-        .and_then(|d| u64::from_str_radix(d, 16).ok())
-        .ok_or_else(|| Refusal::bad("chunked body: malformed chunk size"))
+    let size = line[..digits]
+        .iter()
+        .try_fold(0u64, |n, &b| {
+            let digit = char::from(b).to_digit(16).map(u64::from)?;
+            n.checked_mul(16)?.checked_add(digit)
+        })
+        .ok_or_else(|| Refusal::bad("chunked body: chunk size does not fit 64 bits"))?;
+    let rest = &line[digits..];
+    if rest.is_empty() {
+        return Ok((size, 0));
+    }
+    let blank = rest
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    if rest.get(blank) != Some(&b';') {
+        return Err(Refusal::bad(
+            "chunked body: unexpected bytes after the chunk size (whitespace or other)",
+        ));
+    }
+    let extensions = &rest[blank + 1..];
+    if !chunk_extensions_are_valid(extensions) {
+        return Err(Refusal::bad(
+            "chunked body: malformed chunk extension (RFC 9112 7.1.1 grammar)",
+        ));
+    }
+    Ok((size, extensions.len()))
+}
+
+/// `chunk-ext` after its first `;`: `BWS name [ BWS "=" BWS value ]`, then more of the same
+/// each after `BWS ";"`; a name is a token, a value a token or a quoted string.
+fn chunk_extensions_are_valid(ext: &[u8]) -> bool {
+    let blank = |i: usize| {
+        i + ext[i..]
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count()
+    };
+    let token = |i: usize| i + ext[i..].iter().take_while(|b| is_tchar(**b)).count();
+    let mut i = 0;
+    loop {
+        i = blank(i);
+        let end = token(i);
+        if end == i {
+            return false;
+        }
+        i = blank(end);
+        if ext.get(i) == Some(&b'=') {
+            i = blank(i + 1);
+            let end = if ext.get(i) == Some(&b'"') {
+                match quoted_string_end(ext, i) {
+                    Some(end) => end,
+                    None => return false,
+                }
+            } else {
+                token(i)
+            };
+            if end == i {
+                return false;
+            }
+            i = blank(end);
+        }
+        match ext.get(i) {
+            None => return true,
+            Some(b';') => i += 1,
+            Some(_) => return false,
+        }
+    }
+}
+
+/// RFC 9110 5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The index just past the quoted string that opens at `ext[start]` (RFC 9110 5.6.4).
+fn quoted_string_end(ext: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        match *ext.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                let quoted = *ext.get(i + 1)?;
+                if !(quoted == b'\t'
+                    || quoted == b' '
+                    || quoted.is_ascii_graphic()
+                    || quoted >= 0x80)
+                {
+                    return None;
+                }
+                i += 2;
+            }
+            b => {
+                if !(b == b'\t' || b == b' ' || b.is_ascii_graphic() || b >= 0x80) {
+                    return None;
+                }
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Checks a trailer section (its lines and the final CRLF) as header fields, as hyper does.
+fn check_trailers(section: &[u8]) -> Result<(), Refusal> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            for field in fields {
+                if HeaderName::from_bytes(field.name.as_bytes()).is_err()
+                    || HeaderValue::from_bytes(field.value).is_err()
+                {
+                    return Err(Refusal::bad(format!(
+                        "chunked body: malformed trailer field {:?}",
+                        field.name
+                    )));
+                }
+            }
+            Ok(())
+        }
+        Ok(httparse::Status::Partial) => {
+            Err(Refusal::bad("chunked body: malformed trailer section"))
+        }
+        Err(e) => Err(Refusal::bad(format!(
+            "chunked body: malformed trailer field: {e}"
+        ))),
+    }
 }
 
 /// `{len:x}\r\n` in `buf`, without allocating.
@@ -865,9 +1300,38 @@ fn chunk_header(buf: &mut [u8; 18], len: usize) -> &[u8] {
     &buf[i..]
 }
 
-async fn write_all_vectored(tcp: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes all of `slices`. A client that takes none of it for `stall` (it stopped reading:
+/// the socket's buffer stays full) fails the write with `TimedOut`, which ends the connection,
+/// so a reader that never reads cannot hold one forever. A slow reader that keeps taking bytes
+/// is never cut.
+async fn write_all_vectored(
+    tcp: &mut TcpStream,
+    mut slices: &mut [IoSlice<'_>],
+    stall: Duration,
+) -> io::Result<()> {
     while !slices.is_empty() {
-        let n = tcp.write_vectored(slices).await?;
+        // Written at once when the socket's buffer has room (almost always); only a full
+        // buffer is waited for, under the timer, so a write costs no timer.
+        let n = match tcp.try_write_vectored(slices) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Polled readiness and a boxed timer: `writable()`'s waiter and a timer inline
+                // would make this future, which every live reader holds, 250 bytes larger.
+                let stalled = Box::pin(tokio::time::sleep(stall));
+                let ready = std::future::poll_fn(|cx| tcp.poll_write_ready(cx));
+                tokio::select! {
+                    ready = ready => ready?,
+                    () = stalled => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client stopped reading",
+                        ));
+                    }
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -901,7 +1365,7 @@ mod date {
 }
 
 /// An I/O object that yields `prefix` before reading from `io`.
-struct Prefixed {
+pub(crate) struct Prefixed {
     prefix: Bytes,
     io: TcpStream,
 }
@@ -947,6 +1411,9 @@ impl AsyncWrite for Prefixed {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod differential;
 
 #[cfg(test)]
 mod tests {
@@ -995,20 +1462,25 @@ mod tests {
             Some("len 12")
         );
         assert_eq!(
-            f("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n")
+            f("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
                 .ok()
                 .as_deref(),
             Some("len 5")
         );
-        assert!(f("POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n").is_err());
+        assert!(f("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").is_err());
+        assert!(f("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").is_err());
+        assert!(f("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n").is_err());
         assert!(f("POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n").is_err());
         assert!(f("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n").is_err());
         assert_eq!(
-            f("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            f("POST / HTTP/1.1\r\nTransfer-Encoding: , Chunked\r\n\r\n")
                 .ok()
                 .as_deref(),
             Some("chunked")
         );
+        assert!(f("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").is_err());
+        assert!(f("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n").is_err());
+        assert!(f("POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n").is_err());
         assert!(f("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").is_err());
         assert!(
             f("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")
@@ -1027,16 +1499,17 @@ mod tests {
         let mut config = crate::config::Config::default();
         config.server.port = 0;
         let app = crate::App::build(config).await.expect("app");
-        let conn = Conn {
+        let limits = EdgeLimits::from_config(&crate::config::Config::default());
+        let admission = Admission::new(1);
+        let conn = Conn::new(
             tcp,
-            buf: BytesMut::new(),
-            handler: app.handler(),
-            stop: CancellationToken::new(),
-            max_body: 1,
-            read_closed: false,
-            live: None,
-            tracker: TaskTracker::new(),
-        };
+            app.handler(),
+            CancellationToken::new(),
+            std::sync::Arc::new(limits),
+            None,
+            TaskTracker::new(),
+            admission.try_admit(),
+        );
         let run = conn.run();
         eprintln!("connection future: {} bytes", std::mem::size_of_val(&run));
         assert!(
@@ -1055,12 +1528,55 @@ mod tests {
     }
 
     #[test]
-    fn chunk_sizes() {
-        assert_eq!(chunk_size(b"1a").ok(), Some(26));
-        assert_eq!(chunk_size(b"A;name=value").ok(), Some(10));
-        assert!(chunk_size(b"").is_err());
-        assert!(chunk_size(b"zz").is_err());
-        assert!(chunk_size(b"11111111111111111").is_err());
+    fn chunk_size_lines() {
+        let size = |line: &[u8]| parse_chunk_line(line).ok().map(|(n, _)| n);
+        assert_eq!(size(b"1a"), Some(26));
+        assert_eq!(size(b"001A"), Some(26));
+        assert_eq!(size(b"A;name=value"), Some(10));
+        assert_eq!(size(b"A ; name = \"quoted \\\" value\" ;other"), Some(10));
+        assert_eq!(parse_chunk_line(b"5;a=b").ok(), Some((5, 3)));
+        assert_eq!(size(b"ffffffffffffffff"), Some(u64::MAX));
+        for refused in [
+            &b""[..],
+            b"zz",
+            b"10000000000000000",
+            b" 5",
+            b"5 ",
+            b"5\t",
+            b"\x0c5",
+            b"5\x0c",
+            b"5;",
+            b"5;a=",
+            b"5;a b",
+            b"5;a=\"open",
+            b"5;a=\"bad\x01\"",
+            b"5;\x0c",
+            b"0x5",
+            b"-5",
+            b"+5",
+        ] {
+            assert!(
+                parse_chunk_line(refused).is_err(),
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+    }
+
+    #[test]
+    fn trailer_sections_are_header_fields() {
+        assert!(check_trailers(b"X-A: 1\r\nX-B: two\r\n\r\n").is_ok());
+        assert!(check_trailers(b"X A: 1\r\n\r\n").is_err());
+        assert!(check_trailers(b"no colon\r\n\r\n").is_err());
+        assert!(check_trailers(b" folded: 1\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn bare_line_feeds() {
+        assert!(!has_bare_lf(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(has_bare_lf(b"GET / HTTP/1.1\nHost: x\r\n\r\n"));
+        assert!(has_bare_lf(b"\n"));
+        assert!(head_of("GET / HTTP/1.1\r\nA: b\nContent-Length: 5\r\n\r\n").is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Handlers translate between HTTP and the `stream` layer; they never touch storage types.
 //! Any path is a stream except `/healthz` and `/readyz`.
 
+pub mod edge;
 pub mod error;
 pub(crate) mod h1;
 mod names;

@@ -58,5 +58,16 @@ pub enum StreamError {
     #[error("stream is unavailable after a storage failure; restart to recover")]
     Poisoned,
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
+}
+
+impl From<StorageError> for StreamError {
+    /// Storage that stopped accepting work because the server is stopping is not a failure
+    /// of the stream: it is answered like any request that races the shutdown (503).
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::ShuttingDown => StreamError::ShuttingDown,
+            e => StreamError::Storage(e),
+        }
+    }
 }

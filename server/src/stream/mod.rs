@@ -264,6 +264,11 @@ impl Stream {
         self.visible.receiver_count()
     }
 
+    /// Whether a storage failure made this stream refuse writes until a restart.
+    pub fn is_poisoned(&self) -> bool {
+        self.state.lock().poisoned
+    }
+
     /// The offset where this stream's own data starts (the fork anchor, or 0).
     pub fn own_start(&self) -> u64 {
         self.meta.fork.as_ref().map_or(0, |f| f.offset)
@@ -1226,7 +1231,7 @@ impl Streams {
                     crate::storage::StorageError::Misaligned { pos } => {
                         StreamError::Misaligned(ds_protocol::Offset::at(pos).to_string())
                     }
-                    other => StreamError::Storage(other),
+                    other => other.into(),
                 })?;
             let got: usize = chunk.parts.iter().map(Bytes::len).sum();
             outcome.parts.extend(chunk.parts);
@@ -1350,6 +1355,14 @@ fn finish(
         Ok(()) => {
             stream.reveal(tail, closed);
             Ok(())
+        }
+        // Storage refuses everything from now on (the server is stopping): the write was not
+        // made, nothing later can be, and recovery at the next start reads what is stored. The
+        // stream is not poisoned: that is for a failure that leaves memory and disk at odds
+        // while the server goes on.
+        Err(crate::storage::StorageError::ShuttingDown) => {
+            tracing::debug!(stream = %stream.meta.path, "write refused: storage is shutting down");
+            Err(StreamError::ShuttingDown)
         }
         Err(e) => {
             stream.state.lock().poisoned = true;

@@ -170,6 +170,34 @@ mod tests {
         }
     }
 
+    /// The guard at delivery time: a name that resolves to loopback (as a public name
+    /// re-pointed at an internal address would) yields no address to connect to.
+    #[tokio::test]
+    async fn names_resolving_to_local_addresses_are_dropped_at_delivery_time() {
+        let name = |n: &str| n.parse::<Name>().expect("a host name");
+        let refused = GuardedResolver { allow_local: false }
+            .resolve(name("localhost"))
+            .await;
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("local network addresses"),
+            "localhost must not resolve for webhooks: {message:?}"
+        );
+        let allowed: Vec<SocketAddr> = GuardedResolver { allow_local: true }
+            .resolve(name("localhost"))
+            .await
+            .map(|addrs| addrs.collect())
+            .unwrap_or_default();
+        assert!(
+            !allowed.is_empty(),
+            "the development switch allows localhost"
+        );
+        assert!(
+            allowed.iter().all(|a| is_dev_loopback(a.ip())),
+            "{allowed:?}"
+        );
+    }
+
     #[test]
     fn public_https_is_allowed() {
         assert!(check("https://example.com/hooks", false).is_ok());

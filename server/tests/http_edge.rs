@@ -811,6 +811,7 @@ async fn an_append_racing_storage_shutdown_gets_503_and_does_not_poison_its_stre
     let streams = Arc::new(ds_server::stream::Streams::open(storage, limits).expect("streams"));
     let handler = ds_server::http::Handler::new(ds_server::http::AppState::new(
         streams.clone(),
+        None,
         config,
         tokio_util::sync::CancellationToken::new(),
     ));

@@ -529,7 +529,8 @@ async fn acked_offsets_never_move_backwards_and_heartbeats_keep_the_claim() {
             "m",
             "ack",
             Some(&token),
-            ack("0000000000000000_0000000000000001")
+            // The stream's start: a boundary, behind what was acked.
+            ack("0000000000000000_0000000000000000")
         )
         .await
         .0,

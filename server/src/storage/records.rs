@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! file   := header frame*
-//! header := "DSREC\0\0\0" (8 bytes) | version u32 LE (1) | reserved u32 LE (0)
-//! frame  := len u32 LE | crc32c u32 LE (of payload) | payload[len]
+//! header := "DSREC\0\0\0" (8 bytes) | version u32 LE (2) | reserved u32 LE (0)
+//! frame  := len u32 LE | crc32c u32 LE (of mark and payload) | mark u64 LE | payload[len]
 //! payload:= count u32 LE | write*
 //! write  := key_len u32 LE | key | present u8 (1: set, 0: delete) | [value_len u32 LE | value]
 //! ```
@@ -18,8 +18,13 @@
 //! grows past twice the live size, which keeps it bounded.
 //!
 //! Acknowledged means what the mode promises: `fdatasync`ed (`file-durable`, `acid`), or written
-//! to the OS and synced in the background (`file-fast`). Recovery truncates a torn last frame
-//! and refuses a bad frame that is followed by more data.
+//! to the OS and synced in the background (`file-fast`). Each frame carries a **durable mark**:
+//! the length of the file the writer knew to be synced when it wrote the frame (a frame never
+//! vouches for itself). Recovery stops at the first frame that is cut short or fails its
+//! checksum; if no decodable frame after it carries a mark past the damage, the damage lies
+//! where nothing was synced yet (a power loss can keep any subset of unsynced pages, so intact
+//! frames may follow it): a torn write, dropped with everything after it. If a later mark covers
+//! it, synced data is damaged: corruption, and start-up stops naming the file and position.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -32,15 +37,18 @@ use super::{Commit, Record, RecordWrite, StorageError};
 
 pub const FILE_NAME: &str = "records.log";
 const MAGIC: &[u8; 8] = b"DSREC\0\0\0";
-const VERSION: u32 = 1;
+/// 2: frames carry a durable mark (1, never released, had none).
+const VERSION: u32 = 2;
 const HEADER_LEN: u64 = 16;
 /// Largest frame accepted when decoding; anything larger is corruption.
 const MAX_FRAME: u32 = 1 << 30;
+/// A frame's length, checksum and durable mark.
+const FRAME_HEADER_LEN: usize = 16;
 /// Compaction threshold: the file is rewritten once it exceeds twice the live bytes plus this.
 const COMPACT_SLACK: u64 = 1 << 20;
 
 type Reply = tokio::sync::oneshot::Sender<Result<(), StorageError>>;
-/// A submitted batch: its encoded frame, its writes (for the live map) and who waits.
+/// A submitted batch: its encoded payload, its writes (for the live map) and who waits.
 type Submission = (Vec<u8>, Vec<RecordWrite>, Reply);
 /// The live records, key to value.
 type Live = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -59,7 +67,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
     }
 }
 
-fn encode(batch: &[RecordWrite]) -> Vec<u8> {
+fn encode_payload(batch: &[RecordWrite]) -> Vec<u8> {
     let mut payload = Vec::new();
     payload.extend_from_slice(&(batch.len() as u32).to_le_bytes());
     for w in batch {
@@ -74,11 +82,48 @@ fn encode(batch: &[RecordWrite]) -> Vec<u8> {
             None => payload.push(0),
         }
     }
-    let mut frame = Vec::with_capacity(payload.len() + 8);
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-    frame.extend_from_slice(&payload);
-    frame
+    payload
+}
+
+/// Appends one frame of `payload` to `out`, vouching that the first `mark` bytes of the file
+/// are synced.
+fn push_frame(out: &mut Vec<u8>, payload: &[u8], mark: u64) {
+    let mark = mark.to_le_bytes();
+    let mut crc = crc32c::crc32c(&mark);
+    crc = crc32c::crc32c_append(crc, payload);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&mark);
+    out.extend_from_slice(payload);
+}
+
+/// The frame at the start of `rest`, if it is whole and its checksum holds: its durable mark,
+/// its payload and its length with the header.
+fn frame_at(rest: &[u8]) -> Option<(u64, &[u8], usize)> {
+    let header = rest.get(..FRAME_HEADER_LEN)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    if len > MAX_FRAME {
+        return None;
+    }
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let end = FRAME_HEADER_LEN.checked_add(len as usize)?;
+    let body = rest.get(8..end)?;
+    if crc32c::crc32c(body) != crc {
+        return None;
+    }
+    let mark = u64::from_le_bytes([
+        body[0], body[1], body[2], body[3], body[4], body[5], body[6], body[7],
+    ]);
+    Some((mark, &body[8..], end))
+}
+
+/// Whether any decodable frame after the damage at `damage` (searched byte by byte, since the
+/// frame boundaries after damage are unknown) vouches for it: a mark past `damage`, and not
+/// past the frame's own position.
+fn later_mark_covers(bytes: &[u8], damage: usize) -> bool {
+    (damage + 1..bytes.len().saturating_sub(FRAME_HEADER_LEN - 1)).any(|at| {
+        frame_at(&bytes[at..]).is_some_and(|(mark, _, _)| mark > damage as u64 && mark <= at as u64)
+    })
 }
 
 fn decode_payload(p: &[u8]) -> Option<Vec<RecordWrite>> {
@@ -149,45 +194,24 @@ fn replay(path: &Path) -> Result<(Live, u64), StorageError> {
     let mut pos = HEADER_LEN as usize;
     let mut live_bytes = 0u64;
     while pos < bytes.len() {
-        let rest = &bytes[pos..];
-        let torn = |why: &str| -> Result<(), StorageError> {
-            // A bad frame is a torn tail only if nothing but zeros follows its declared end.
-            let declared = if rest.len() >= 4 {
-                u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize + 8
-            } else {
-                rest.len()
-            };
-            if rest.iter().skip(declared).any(|b| *b != 0) {
+        let Some((_, payload, len)) = frame_at(&bytes[pos..]) else {
+            if later_mark_covers(&bytes, pos) {
                 return Err(corrupt(format!(
-                    "{why} at byte {pos}, followed by more data"
+                    "a damaged frame at byte {pos} that a later frame says was synced"
                 )));
             }
-            tracing::warn!(file = %path.display(), at = pos, "record log: dropping a torn last frame");
-            Ok(())
+            tracing::warn!(
+                file = %path.display(),
+                at = pos,
+                dropped_bytes = bytes.len() - pos,
+                "record log: dropping a torn write (never synced) and everything after it"
+            );
+            break;
         };
-        if rest.len() < 8 {
-            torn("a truncated frame header")?;
-            break;
-        }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        if len == 0 && crc == 0 {
-            torn("zeros")?;
-            break;
-        }
-        if len > MAX_FRAME || rest.len() < 8 + len as usize {
-            torn("a truncated frame")?;
-            break;
-        }
-        let payload = &rest[8..8 + len as usize];
-        if crc32c::crc32c(payload) != crc {
-            torn("a checksum mismatch")?;
-            break;
-        }
         let batch = decode_payload(payload)
             .ok_or_else(|| corrupt(format!("a frame at byte {pos} does not parse")))?;
         apply(&mut live, &mut live_bytes, batch);
-        pos += 8 + len as usize;
+        pos += len;
     }
     Ok((live, pos as u64))
 }
@@ -201,11 +225,13 @@ fn rewrite(path: &Path, live: &Live) -> Result<(File, u64), StorageError> {
     header[8..12].copy_from_slice(&VERSION.to_le_bytes());
     let mut buf = header.to_vec();
     // One frame per record keeps every frame small whatever the number of records.
+    // Mark 0: the file is synced whole, then renamed into place, before anything relies on it.
     for (k, v) in live {
-        buf.extend_from_slice(&encode(&[RecordWrite {
+        let payload = encode_payload(&[RecordWrite {
             key: k.clone(),
             value: Some(v.clone()),
-        }]));
+        }]);
+        push_frame(&mut buf, &payload, 0);
     }
     f.write_all(&buf).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -225,6 +251,9 @@ struct Writer {
     len: u64,
     live: Live,
     live_bytes: u64,
+    /// The file's length when it was last known synced: the durable mark of every frame
+    /// written now. It never moves after a failed sync.
+    synced: u64,
     durable: bool,
     fast_sync_interval: Duration,
     last_sync: Instant,
@@ -237,6 +266,7 @@ impl Writer {
         self.len += frames.len() as u64;
         if self.durable {
             self.file.sync_data().map_err(io(&self.path))?;
+            self.synced = self.len;
         } else {
             self.dirty = true;
         }
@@ -248,6 +278,7 @@ impl Writer {
             let (file, len) = rewrite(&self.path, &self.live)?;
             self.file = file;
             self.len = len;
+            self.synced = len;
             self.dirty = false;
         }
         Ok(())
@@ -255,8 +286,10 @@ impl Writer {
 
     fn background_sync(&mut self) {
         if self.dirty && self.last_sync.elapsed() >= self.fast_sync_interval {
-            if let Err(e) = self.file.sync_data() {
-                tracing::error!(error = %e, "record log: background sync failed");
+            match self.file.sync_data() {
+                Ok(()) => self.synced = self.len,
+                // The mark stays where it was: nothing written since is vouched for.
+                Err(e) => tracing::error!(error = %e, "record log: background sync failed"),
             }
             self.dirty = false;
             self.last_sync = Instant::now();
@@ -279,8 +312,8 @@ impl Writer {
                 ops.push(op);
             }
             let mut frames = Vec::new();
-            for (frame, _, _) in &ops {
-                frames.extend_from_slice(frame);
+            for (payload, _, _) in &ops {
+                push_frame(&mut frames, payload, self.synced);
             }
             let result = self.write(&frames);
             let ok = result.is_ok();
@@ -335,6 +368,8 @@ impl RecordLog {
             len,
             live,
             live_bytes,
+            // `rewrite` synced the whole file.
+            synced: len,
             durable,
             fast_sync_interval,
             last_sync: Instant::now(),
@@ -359,12 +394,12 @@ impl RecordLog {
             return super::done();
         }
         let (reply, done) = tokio::sync::oneshot::channel();
-        let frame = encode(&batch);
+        let payload = encode_payload(&batch);
         let sent = self
             .tx
             .lock()
             .as_ref()
-            .map(|tx| tx.send((frame, batch, reply)).is_ok())
+            .map(|tx| tx.send((payload, batch, reply)).is_ok())
             .unwrap_or(false);
         Box::pin(async move {
             if !sent {
@@ -447,6 +482,124 @@ mod tests {
             RecordLog::open(dir.path(), true, Duration::from_secs(1)),
             Err(StorageError::Corrupt { .. })
         ));
+    }
+
+    fn recovered_keys(dir: &Path, durable: bool) -> Result<Vec<String>, StorageError> {
+        let log = RecordLog::open(dir, durable, Duration::from_secs(3600))?;
+        Ok(log
+            .take_recovered()
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+            .collect())
+    }
+
+    /// A power loss during a write can keep any subset of its pages (zeros where a page did
+    /// not land, the file cut anywhere), and a group write holds several frames: whatever
+    /// survived of the last, unsynced write, every acknowledged record reopens and nothing
+    /// else is refused.
+    #[test]
+    fn a_power_loss_during_the_last_write_drops_it_whichever_pages_survived() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(FILE_NAME);
+        {
+            let log = RecordLog::open(dir.path(), true, Duration::from_secs(1)).expect("open");
+            for k in ["a", "b", "c"] {
+                block_on(log.write(vec![set(k, &k.repeat(100))])).expect("write");
+            }
+        }
+        let synced = std::fs::read(&path).expect("read");
+        // The unsynced write: two frames (two batches of one group commit), marked with the
+        // length synced before it, as the writer marks them.
+        let mut image = synced.clone();
+        let start = image.len();
+        for k in ["d", "e"] {
+            push_frame(
+                &mut image,
+                &encode_payload(&[set(k, &k.repeat(3000))]),
+                start as u64,
+            );
+        }
+        let end = image.len();
+        let mut damaged: Vec<Vec<u8>> = Vec::new();
+        for cut in [start + 1, start + 15, start + 16, start + 100, end - 1] {
+            damaged.push(image[..cut].to_vec());
+        }
+        for (from, to) in [
+            (start, start + 16),        // the first frame's header never landed
+            (start + 16, start + 2000), // a page of the first frame's payload
+            (start + 3030, end),        // the second frame
+        ] {
+            let mut d = image.clone();
+            d[from..to].fill(0);
+            damaged.push(d);
+        }
+        for (i, d) in damaged.iter().enumerate() {
+            std::fs::write(&path, d).expect("write image");
+            let keys =
+                recovered_keys(dir.path(), true).unwrap_or_else(|e| panic!("image {i}: {e}"));
+            assert!(
+                keys.starts_with(&["a".to_owned(), "b".to_owned(), "c".to_owned()]),
+                "image {i}: {keys:?}"
+            );
+        }
+        // The first frame of the group gone, the second intact after it: dropped with it (no
+        // later mark vouches for the damage).
+        let mut d = image.clone();
+        d[start + 16..start + 2000].fill(0);
+        std::fs::write(&path, &d).expect("write image");
+        assert_eq!(
+            recovered_keys(dir.path(), true).expect("reopen"),
+            ["a", "b", "c"]
+        );
+    }
+
+    /// Damage that a later frame's durable mark covers was synced before: corruption, refused
+    /// with the position, whatever follows.
+    #[test]
+    fn damage_before_a_later_durable_mark_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(FILE_NAME);
+        {
+            let log = RecordLog::open(dir.path(), true, Duration::from_secs(1)).expect("open");
+            for k in ["a", "b", "c"] {
+                block_on(log.write(vec![set(k, "v")])).expect("write");
+            }
+        }
+        let whole = std::fs::read(&path).expect("read");
+        let second =
+            HEADER_LEN as usize + FRAME_HEADER_LEN + encode_payload(&[set("a", "v")]).len();
+        let mut bad = whole.clone();
+        bad[second + FRAME_HEADER_LEN + 2] ^= 0x01;
+        std::fs::write(&path, &bad).expect("write");
+        match RecordLog::open(dir.path(), true, Duration::from_secs(1)) {
+            Err(StorageError::Corrupt { detail, .. }) => {
+                assert!(detail.contains(&format!("byte {second}")), "{detail}");
+            }
+            Err(e) => panic!("expected corruption, got {e}"),
+            Ok(_) => panic!("damage to synced data was accepted"),
+        }
+    }
+
+    /// `file-fast` acknowledges before the background sync: a power loss may take any of the
+    /// writes since the last sync, and recovery keeps what precedes the first damage.
+    #[test]
+    fn file_fast_drops_everything_from_the_first_unsynced_damage() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(FILE_NAME);
+        {
+            let log = RecordLog::open(dir.path(), false, Duration::from_secs(3600)).expect("open");
+            for k in ["a", "b", "c"] {
+                block_on(log.write(vec![set(k, "v")])).expect("write");
+            }
+            // Dropping the log syncs it; the image below is what a power loss could leave.
+        }
+        let whole = std::fs::read(&path).expect("read");
+        let second =
+            HEADER_LEN as usize + FRAME_HEADER_LEN + encode_payload(&[set("a", "v")]).len();
+        let mut lost = whole.clone();
+        lost[second..second + FRAME_HEADER_LEN].fill(0);
+        std::fs::write(&path, &lost).expect("write");
+        assert_eq!(recovered_keys(dir.path(), false).expect("reopen"), ["a"]);
     }
 
     #[test]

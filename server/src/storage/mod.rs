@@ -57,6 +57,10 @@ pub enum StorageError {
     Misaligned { pos: u64 },
     #[error("stream {0} is no longer stored")]
     Removed(StreamId),
+    /// The read starts before the stream's retained start: that prefix was released
+    /// ([`StreamLog::release`]). `start` is the earliest position still stored.
+    #[error("data before position {start} was released")]
+    Released { start: u64 },
     #[error("storage is shutting down")]
     ShuttingDown,
     /// The backend cannot start with this configuration (e.g. a shard count that differs from
@@ -140,8 +144,11 @@ pub struct WriterSnapshot {
     pub soft_deleted: bool,
     /// Last access time, for sliding TTLs (best effort: persisted lazily by some backends).
     pub last_access_ms: u64,
-    /// Bytes held by this stream's own log (not counting inherited data).
+    /// Bytes held by this stream's own log (not counting inherited data or released bytes).
     pub own_bytes: u64,
+    /// The retained start: everything before it was released ([`StreamLog::release`]) and is
+    /// gone. 0 (or the fork anchor) when nothing was released.
+    pub released: u64,
 }
 
 /// One stream found by [`Storage::recover`].
@@ -301,6 +308,20 @@ pub trait StreamLog: Send + Sync + 'static {
 
     /// Notes the last access time for sliding TTLs. Backends may persist it lazily.
     fn touch(&self, _now_ms: u64) {}
+
+    /// Releases the stream's data before `before`, a record boundary at or below the
+    /// acknowledged tail (the retention decision is the stream layer's: every subscription
+    /// linked to the stream acked past it and no fork pins it). Afterwards a read starting
+    /// below `before` fails with [`StorageError::Released`] naming the retained start; once the
+    /// returned commit resolves, a restart recovers `released >= before` with this mode's
+    /// promise, and never shows released bytes again. Space is given back as the backend can
+    /// (memory: at once; acid: rows deleted, pages reused; file modes: a segment is removed once
+    /// nothing in it is live). Releasing at or below the current retained start does nothing.
+    /// The default keeps the data (a backend that cannot release yet); the stream layer still
+    /// refuses reads below the retained start it recorded.
+    fn release(&self, _before: u64) -> Commit {
+        done()
+    }
 
     /// Reads `[from, until)`, see the module contract.
     fn read(

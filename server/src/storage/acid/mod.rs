@@ -602,6 +602,7 @@ impl AcidStorage {
                 soft_deleted: row.soft_deleted,
                 last_access_ms: row.last_access_ms,
                 own_bytes: row.own_bytes,
+                released: 0,
             };
             for item in producers.range((id, "")..).ctx(&what)? {
                 let (k, v) = item.ctx(&what)?;

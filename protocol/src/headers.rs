@@ -15,6 +15,9 @@ pub const STREAM_SSE_DATA_ENCODING: &str = "stream-sse-data-encoding";
 /// and creates. A path deleted and created again gets a new id, so a follower can tell the new
 /// stream from the old one (ds-sync fences its incarnations with it).
 pub const STREAM_ID: &str = "stream-id";
+/// The earliest offset a stream still holds, once retention released data before it (on 410
+/// answers to reads below it, on HEAD and on reads).
+pub const STREAM_EARLIEST_OFFSET: &str = "stream-earliest-offset";
 pub const PRODUCER_ID: &str = "producer-id";
 pub const PRODUCER_EPOCH: &str = "producer-epoch";
 pub const PRODUCER_SEQ: &str = "producer-seq";
@@ -37,7 +40,7 @@ pub const CORS_ALLOW_HEADERS: &str = "content-type, authorization, if-none-match
 pub const CORS_EXPOSE_HEADERS: &str = "stream-next-offset, stream-cursor, stream-up-to-date, \
     stream-closed, stream-ttl, stream-expires-at, stream-sse-data-encoding, producer-epoch, \
     producer-seq, producer-expected-seq, producer-received-seq, etag, location, content-type, \
-    content-encoding, vary, stream-id";
+    content-encoding, vary, stream-id, stream-earliest-offset, retry-after";
 
 /// `Stream-Closed` counts only when its value is `true`, case-insensitively; any other value is
 /// the same as the header being absent (spec 4.1).

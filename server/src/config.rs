@@ -24,6 +24,27 @@ pub struct Config {
     pub tls: TlsConfig,
     pub log: LogConfig,
     pub subscriptions: SubscriptionsConfig,
+    pub retention: RetentionConfig,
+}
+
+/// Retention: when a stream's acknowledged prefix is released (README *Retention*).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub mode: RetentionMode,
+    /// How long data stays after every subscription linked to its stream acked it.
+    #[serde(with = "humantime_serde")]
+    pub min_age: Duration,
+}
+
+/// `keep`: nothing is released (streams hold everything until deleted). `acked`: a stream's
+/// prefix is released once every subscription linked to it acked past it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetentionMode {
+    #[default]
+    Keep,
+    Acked,
 }
 
 /// Subscriptions (protocol sections 6 and 7; `server/SUBSCRIPTIONS.md`).
@@ -261,7 +282,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_SERVER__REGISTRY_STREAM",
         default: "/_ds/registry",
-        doc: "Read-only JSON stream announcing every stream created and deleted (`{\"event\":\"created\",\"path\":...,\"id\":...,\"contentType\":...}`, `{\"event\":\"deleted\",\"path\":...,\"id\":...}`; `id` is the instance's `Stream-Id`), for discovery by followers such as ds-sync. Must start with `/_ds/`; empty disables it.",
+        doc: "Read-only JSON stream announcing every stream created and deleted (`{\"event\":\"created\",\"path\":...,\"id\":...,\"contentType\":...}`, `{\"event\":\"deleted\",\"path\":...,\"id\":...}`; `id` is the instance's `Stream-Id`), for discovery by followers such as ds-sync. Every event is recorded before its create or delete is answered; one that cannot be recorded fails the operation (503). It is outside the memory budget; with `DS_RETENTION__MODE=acked` it is held to `DS_LIMITS__MAX_STREAM_BYTES` and released as the subscriptions linking it ack (ds-sync links and acks it). Must start with `/_ds/`; empty disables it.",
     },
     KeyDoc {
         env: "DS_SERVER__HEADER_READ_TIMEOUT",
@@ -296,7 +317,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_LIMITS__MAX_MEMORY_BYTES",
         default: "100000000",
-        doc: "`memory`: bytes all streams together may hold (an append past it gets 413). Durable modes: RAM for the cache of newest records that live readers are served from.",
+        doc: "`memory`: bytes all streams together may hold, counting retained data only (neither released data nor the registry stream count). An append past it gets 413 with `DS_RETENTION__MODE=keep`, and 503 with `Retry-After` with `acked` (backpressure until subscribers ack; see *Retention*). Durable modes: RAM for the cache of newest records that live readers are served from.",
     },
     KeyDoc {
         env: "DS_LIMITS__MAX_STREAM_BYTES",
@@ -407,6 +428,16 @@ pub const KEYS: &[KeyDoc] = &[
         env: "DS_SUBSCRIPTIONS__MAX_LINKS",
         default: "100000",
         doc: "Most streams one subscription links; a pattern or list that would link more gets 507 (a stream created later that would pass it is not linked, with an error log line).",
+    },
+    KeyDoc {
+        env: "DS_RETENTION__MODE",
+        default: "keep",
+        doc: "`keep`: streams keep all their data until deleted. `acked`: a stream's prefix is released once every subscription linked to it acked past it (streams no subscription links keep everything; forks pin their source's data before their anchor); reads below the retained start get 410 with `Stream-Earliest-Offset`. See *Retention*.",
+    },
+    KeyDoc {
+        env: "DS_RETENTION__MIN_AGE",
+        default: "0s",
+        doc: "`acked`: data is released only this long after every subscription acked it (a hold for late readers).",
     },
 ];
 

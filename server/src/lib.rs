@@ -61,12 +61,17 @@ impl App {
             .subscriptions
             .enabled
             .then(subscription::NoticeQueue::new);
-        let streams = Arc::new(Streams::open_observed(
+        let mut streams = Streams::open_observed(
             storage.clone(),
             limits,
             registry,
             queue.as_ref().map(subscription::NoticeQueue::events),
-        )?);
+        )?;
+        streams.set_retention(stream::Retention {
+            acked: config.retention.mode == config::RetentionMode::Acked,
+            min_age_ms: u64::try_from(config.retention.min_age.as_millis()).unwrap_or(u64::MAX),
+        });
+        let streams = Arc::new(streams);
         streams.ensure_registry().await?;
         let subscriptions = match queue {
             Some(queue) => Some(Arc::new(open_subscriptions(
@@ -137,6 +142,7 @@ impl App {
         } = self;
         let delivery = subscriptions
             .map(|subs| tokio::spawn(subscription::delivery::run(subs, shutdown.clone())));
+        let retention = tokio::spawn(streams.clone().run_retention(shutdown.clone()));
         let sweeper = tokio::spawn(sweep_expired(
             streams,
             config.server.expiry_sweep_interval,
@@ -185,6 +191,7 @@ impl App {
         }
         shutdown.cancel();
         let _ = sweeper.await;
+        let _ = retention.await;
         if let Some(delivery) = delivery {
             let _ = delivery.await;
         }

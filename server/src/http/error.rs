@@ -33,6 +33,10 @@ impl ApiError {
     }
 }
 
+/// `Retry-After` of backpressure answers: the retention task releases acked data within about
+/// 100 ms of the ack, so a second is enough for a subscriber that keeps up.
+const RETRY_AFTER_SECS: &str = "1";
+
 fn num(v: u64) -> HeaderValue {
     HeaderValue::from(v)
 }
@@ -151,13 +155,27 @@ impl ApiError {
                 StreamError::StreamFull { .. } | StreamError::MemoryFull { .. } => {
                     StatusCode::PAYLOAD_TOO_LARGE
                 }
+                StreamError::Released { earliest, .. } => {
+                    extra.push((h::STREAM_EARLIEST_OFFSET, offset(*earliest)));
+                    StatusCode::GONE
+                }
+                StreamError::Backpressure { .. } | StreamError::RegistryUnavailable { .. } => {
+                    extra.push(("retry-after", HeaderValue::from_static(RETRY_AFTER_SECS)));
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 StreamError::ShuttingDown | StreamError::Poisoned => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
                 StreamError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
-        let body = if status.is_server_error() {
+        // Backpressure is a 503 the client must understand: it says why and what to wait for.
+        let explained = matches!(
+            self,
+            ApiError::Stream(StreamError::Backpressure { .. })
+                | ApiError::Stream(StreamError::RegistryUnavailable { .. })
+        );
+        let body = if status.is_server_error() && !explained {
             let request_id = request_id
                 .and_then(|id| id.to_str().ok())
                 .unwrap_or_default();

@@ -268,7 +268,7 @@ fn stream_request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'
             }),
             Ok(ReadPlan::Sse(stream, query)) => {
                 let response = sse::respond(state.clone(), stream, &query);
-                Box::pin(std::future::ready(finish(&state, Ok(response))))
+                Box::pin(std::future::ready(finish(&state, response)))
             }
             Ok(ReadPlan::CatchUp(stream, query, headers)) => Box::pin(async move {
                 let result = catch_up(&state, &stream, &query, &headers).await;
@@ -492,13 +492,19 @@ fn head(state: &AppState, req: Request) -> Result<Response, ApiError> {
     if meta.closed {
         hs.insert(names::STREAM_CLOSED, TRUE);
     }
+    if meta.earliest > 0 {
+        hs.insert(names::STREAM_EARLIEST_OFFSET, offset_value(meta.earliest));
+    }
     Ok(response)
 }
 
-/// Where a read starts, in bytes, for a stream whose visible tail is `tail`.
-fn resolve(offset: Option<ReadOffset>, tail: u64) -> u64 {
+/// Where a read starts, in bytes, for a stream whose visible tail is `tail` and whose data
+/// before `earliest` was released: `-1` (the start) is the earliest data still held, so a
+/// reader without an offset (the upstream client's default) reads what there is; an explicit
+/// offset below it is answered 410 by the read.
+fn resolve(offset: Option<ReadOffset>, tail: u64, earliest: u64) -> u64 {
     match offset.unwrap_or(ReadOffset::Start) {
-        ReadOffset::Start => 0,
+        ReadOffset::Start => earliest,
         ReadOffset::Now => tail,
         ReadOffset::At(o) => request::concrete_pos(o).min(tail),
     }
@@ -609,6 +615,10 @@ fn read_headers(hs: &mut HeaderMap, stream: &Stream, outcome: &ReadOutcome) {
     hs.insert(header::CONTENT_TYPE, ct_value(&stream.meta.content_type));
     hs.insert(names::STREAM_ID, HeaderValue::from(stream.meta.id));
     hs.insert(names::STREAM_NEXT_OFFSET, offset_value(outcome.next));
+    let earliest = stream.earliest();
+    if earliest > 0 {
+        hs.insert(names::STREAM_EARLIEST_OFFSET, offset_value(earliest));
+    }
     if outcome.up_to_date() {
         hs.insert(names::STREAM_UP_TO_DATE, TRUE);
     }
@@ -624,7 +634,7 @@ async fn catch_up(
     req_headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let visible = stream.visible();
-    let from = resolve(query.offset, visible.tail);
+    let from = resolve(query.offset, visible.tail, stream.earliest());
     let outcome = state
         .inner
         .streams
@@ -664,7 +674,7 @@ async fn long_poll(
 ) -> Result<Response, ApiError> {
     let mut rx = stream.subscribe();
     let initial = *rx.borrow_and_update();
-    let from = resolve(query.offset, initial.tail);
+    let from = resolve(query.offset, initial.tail, stream.earliest());
     let deadline = tokio::time::Instant::now() + state.inner.config.server.long_poll_timeout;
     let mut visible = initial;
     loop {

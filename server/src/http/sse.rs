@@ -19,19 +19,33 @@ use futures::Stream as FutStream;
 
 use super::names;
 use super::request::ReadQuery;
+use super::error::ApiError;
 use super::{AppState, encode_body, resolve};
 use crate::live::Visible;
 use crate::stream::{ReadOutcome, SharedRead, Stream};
 
 /// Starts an SSE response for `stream` from the query's offset.
-pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Response {
+pub fn respond(
+    state: AppState,
+    stream: Arc<Stream>,
+    query: &ReadQuery,
+) -> Result<Response, ApiError> {
     let base64 = stream.kind.sse_base64();
     let stream_id = stream.meta.id;
     // Subscribe and pin the start offset (`now` is the tail at this moment) before the headers
     // go out: a client that has seen `200 OK` must receive every append made after it, however
     // late the body is first polled.
     let rx = stream.subscribe();
-    let start = resolve(query.offset, rx.borrow().tail);
+    let earliest = stream.earliest();
+    let start = resolve(query.offset, rx.borrow().tail, earliest);
+    if start < earliest {
+        // Released: answered like a catch-up read (410), before any event goes out.
+        return Err(crate::stream::StreamError::Released {
+            offset: Offset::at(start).to_string(),
+            earliest,
+        }
+        .into());
+    }
     let body = Body::from_stream(events(state, stream, rx, start, query.cursor));
     let mut response = Response::new(body);
     let hs = response.headers_mut();
@@ -52,7 +66,7 @@ pub fn respond(state: AppState, stream: Arc<Stream>, query: &ReadQuery) -> Respo
             HeaderValue::from_static("base64"),
         );
     }
-    response
+    Ok(response)
 }
 
 fn push_data_event(buf: &mut BytesMut, kind: MediaKind, outcome: &ReadOutcome) {
@@ -136,6 +150,9 @@ fn events(
                         let reading = Box::pin(inner.streams.read_bounded(&stream, pos, visible));
                         let outcome = match reading.await {
                             Ok(o) => o,
+                            // Released while this reader lagged: the response ends, and the
+                            // reconnect at its offset is answered 410 with the earliest offset.
+                            Err(crate::stream::StreamError::Released { .. }) => break,
                             Err(e) => {
                                 tracing::warn!(stream = %stream.meta.path, error = %e, "sse read failed");
                                 break;

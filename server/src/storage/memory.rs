@@ -32,7 +32,8 @@ impl super::Storage for MemoryStorage {
         let start = meta.fork.as_ref().map_or(0, |f| f.offset);
         let log = MemoryLog::new(start);
         {
-            let mut records = log.records.write();
+            let mut log_records = log.records.write();
+            let records = &mut log_records.records;
             let mut end = start;
             for data in initial.into_iter().filter(|d| !d.is_empty()) {
                 end += data.len() as u64;
@@ -57,16 +58,27 @@ struct Record {
 /// One stream's records, ordered by position.
 #[derive(Debug)]
 pub struct MemoryLog {
-    /// Position of the first record (the fork anchor for forks, else 0).
+    records: RwLock<Records>,
+}
+
+#[derive(Debug)]
+struct Records {
+    /// Position of the first record held: the fork anchor for forks, else 0, until a release
+    /// moves it forward.
     start: u64,
-    records: RwLock<Vec<Record>>,
+    /// Whether `start` moved by a release (reads below it are `Released`, not misaligned).
+    released: bool,
+    records: Vec<Record>,
 }
 
 impl MemoryLog {
     fn new(start: u64) -> Self {
         MemoryLog {
-            start,
-            records: RwLock::new(Vec::new()),
+            records: RwLock::new(Records {
+                start,
+                released: false,
+                records: Vec::new(),
+            }),
         }
     }
 
@@ -77,8 +89,11 @@ impl MemoryLog {
         max_bytes: usize,
         split: bool,
     ) -> Result<ReadChunk, StorageError> {
-        let records = self.records.read();
-        read_records(&records, self.start, from, until, max_bytes, split)
+        let log = self.records.read();
+        if log.released && from < log.start && from < until {
+            return Err(StorageError::Released { start: log.start });
+        }
+        read_records(&log.records, log.start, from, until, max_bytes, split)
     }
 }
 
@@ -116,9 +131,8 @@ fn read_records(
 impl StreamLog for MemoryLog {
     fn append(&self, entry: AppendEntry) -> Commit {
         if let Some(data) = entry.data.filter(|d| !d.is_empty()) {
-            let mut records = self.records.write();
             let end = entry.start + data.len() as u64;
-            records.push(Record { end, data });
+            self.records.write().records.push(Record { end, data });
         }
         done()
     }
@@ -129,7 +143,22 @@ impl StreamLog for MemoryLog {
 
     fn remove(&self) -> Commit {
         // Readers holding `Bytes` keep their pieces alive; the vector goes now.
-        self.records.write().clear();
+        self.records.write().records.clear();
+        done()
+    }
+
+    /// Drops the records that end at or before `before`: the stream layer passes a record
+    /// boundary, so no record straddles it. The bytes go at once (readers holding `Bytes` of
+    /// them keep just those pieces alive).
+    fn release(&self, before: u64) -> Commit {
+        let mut log = self.records.write();
+        if before <= log.start {
+            return done();
+        }
+        let n = log.records.partition_point(|r| r.end <= before);
+        log.records.drain(..n);
+        log.start = before;
+        log.released = true;
         done()
     }
 
@@ -208,6 +237,33 @@ mod tests {
             read_records(&r, 0, 1, 6, 100, false),
             Err(StorageError::Misaligned { pos: 1 })
         ));
+    }
+
+    #[test]
+    fn released_records_are_gone_and_reads_below_say_where_data_starts() {
+        let log = MemoryLog::new(0);
+        let mut start = 0;
+        for part in ["abc", "de", "fghi"] {
+            let data = Bytes::from_static(part.as_bytes());
+            let len = data.len() as u64;
+            let _ = log.append(AppendEntry {
+                start,
+                data: Some(data),
+                ..AppendEntry::default()
+            });
+            start += len;
+        }
+        let _ = log.release(5);
+        assert_eq!(log.records.read().records.len(), 1);
+        assert!(matches!(
+            log.read_now(0, 9, 100, false),
+            Err(StorageError::Released { start: 5 })
+        ));
+        let c = log.read_now(5, 9, 100, false).unwrap();
+        assert_eq!(joined(&c), "fghi");
+        // Releasing at or below the retained start changes nothing.
+        let _ = log.release(3);
+        assert_eq!(log.read_now(5, 9, 100, false).unwrap().end, 9);
     }
 
     #[test]

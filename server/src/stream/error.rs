@@ -53,6 +53,18 @@ pub enum StreamError {
         "append of {size} bytes would take the server past DS_LIMITS__MAX_MEMORY_BYTES ({limit} bytes; {used} used)"
     )]
     MemoryFull { size: u64, used: u64, limit: u64 },
+    #[error(
+        "append of {size} bytes would take the server past DS_LIMITS__MAX_MEMORY_BYTES ({limit} bytes; {used} held): the data held is waiting for subscribers (ds-sync) to acknowledge it; retry after the Retry-After delay"
+    )]
+    Backpressure { size: u64, used: u64, limit: u64 },
+    /// The read starts before the stream's earliest retained offset (retention released it).
+    #[error(
+        "offset {offset} is before this stream's earliest retained offset {e}: the data before it was acknowledged by every subscription linked to the stream (with ds-sync: mirrored to Postgres; read it there) and released from this server; read from {e} (or offset=-1) to resume",
+        e = ds_protocol::Offset::at(*.earliest)
+    )]
+    Released { offset: String, earliest: u64 },
+    #[error("the stream registry cannot record this {event}: {why}; nothing was changed, retry later")]
+    RegistryUnavailable { event: &'static str, why: String },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("stream is unavailable after a storage failure; restart to recover")]

@@ -15,7 +15,7 @@ pub mod error;
 pub mod json;
 pub mod producer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,6 +46,23 @@ pub struct Limits {
     /// Largest read response, in bytes (a single larger record is still returned whole).
     pub max_read_bytes: usize,
 }
+
+/// When a stream's acknowledged prefix is released (`DS_RETENTION__*`, README *Retention*).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Retention {
+    /// `acked` mode: subscriptions' acks release data; `false` keeps everything (`keep`).
+    pub acked: bool,
+    /// How long data stays after it was acked by every subscription (`DS_RETENTION__MIN_AGE`).
+    pub min_age_ms: u64,
+}
+
+/// The retention task runs a pass at most this often, so a stream's log is asked to release at
+/// most once per this many milliseconds.
+pub const RELEASE_INTERVAL_MS: u64 = 100;
+
+/// Release candidates one stream keeps while they age (`DS_RETENTION__MIN_AGE`); past it the
+/// newest one absorbs later acks (released a little later, never earlier).
+const MAX_RELEASE_CANDIDATES: usize = 256;
 
 /// Paths under this prefix belong to the server: clients may read them, never write.
 pub const RESERVED_PREFIX: &str = "/_ds/";
@@ -138,6 +155,8 @@ pub struct Metadata {
     pub ttl_secs: Option<u64>,
     pub expires_at: Option<String>,
     pub closed: bool,
+    /// The earliest retained offset (0: nothing was released).
+    pub earliest: u64,
 }
 
 /// A read's result.
@@ -183,8 +202,12 @@ struct WriterState {
     soft_deleted: bool,
     /// Gone from the registry (deleted, expired or garbage-collected).
     removed: bool,
-    /// Bytes in this stream's own log.
+    /// Bytes in this stream's own log (retained bytes: released ones no longer count).
     own_bytes: u64,
+    /// What each live fork reading from this stream still references (by fork id): from the
+    /// fork's own earliest retained offset up to its anchor, so the lower of the two. The stream
+    /// never releases past the lowest (a fork reads its data before its anchor from here).
+    fork_pins: HashMap<StreamId, u64>,
     /// A commit failed; the in-memory state may be ahead of storage.
     poisoned: bool,
 }
@@ -206,6 +229,19 @@ pub struct Stream {
     shared_read: Mutex<Option<SharedRead>>,
     /// Told when the visible tail moves (subscriptions), if anyone listens.
     events: Option<Arc<dyn StreamEvents>>,
+    /// The earliest retained offset: reads below it get `Released` (0: nothing released).
+    retained: AtomicU64,
+    /// Offsets every subscription acked, waiting to be released (retention).
+    release: Mutex<ReleaseQueue>,
+}
+
+/// A stream's acked offsets on their way to being released.
+#[derive(Debug, Default)]
+struct ReleaseQueue {
+    /// `(offset, acked at ms)`, offsets increasing.
+    candidates: VecDeque<(u64, u64)>,
+    /// The highest offset ever offered (re-offered when a fork that pinned it goes away).
+    acked: u64,
 }
 
 /// A read already encoded for the wire (the HTTP layer decides the encoding).
@@ -274,6 +310,56 @@ impl Stream {
         self.meta.fork.as_ref().map_or(0, |f| f.offset)
     }
 
+    /// The earliest offset still readable: data before it was released (0: none was).
+    pub fn earliest(&self) -> u64 {
+        self.retained.load(Ordering::Acquire)
+    }
+
+    fn new_stream(
+        meta: StreamMeta,
+        source: Option<Arc<Stream>>,
+        state: WriterState,
+        visible: Visible,
+        last_access_ms: u64,
+        log: Arc<dyn StreamLog>,
+        events: Option<Arc<dyn StreamEvents>>,
+    ) -> Stream {
+        Stream {
+            kind: MediaKind::of(&meta.content_type),
+            source,
+            state: Mutex::new(state),
+            visible: watch::Sender::new(visible),
+            last_access_ms: AtomicU64::new(last_access_ms),
+            shared_read: Mutex::new(None),
+            events,
+            log,
+            meta,
+            retained: AtomicU64::new(0),
+            release: Mutex::new(ReleaseQueue::default()),
+        }
+    }
+
+    /// Notes a live fork that references this stream's data from `from` (the lifecycle lock
+    /// is held, or the fork's earliest moved).
+    fn pin(&self, fork: StreamId, from: u64) {
+        let mut st = self.state.lock();
+        if st.fork_pins.insert(fork, from).is_none() {
+            st.refcount += 1;
+        }
+    }
+
+    /// Refuses a fork anchored below the retained start.
+    fn check_retained(&self, offset: u64) -> Result<(), StreamError> {
+        let earliest = self.earliest();
+        if offset < earliest {
+            return Err(StreamError::Released {
+                offset: ds_protocol::Offset::at(offset).to_string(),
+                earliest,
+            });
+        }
+        Ok(())
+    }
+
     fn touch(&self, now: u64) {
         self.last_access_ms.store(now, Ordering::Relaxed);
         self.log.touch(now);
@@ -334,10 +420,13 @@ pub struct Streams {
     /// The registry stream announcing creates and deletes (discovery for followers such as
     /// ds-sync), if enabled.
     registry_path: Option<String>,
-    /// Feeds the task that appends to the registry stream.
-    announcements: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Bytes>>>,
     /// Told about creates, reveals and removals (subscriptions).
     events: Option<Arc<dyn StreamEvents>>,
+    retention: Retention,
+    /// Streams with release candidates, for the retention task.
+    releasing: Mutex<HashMap<StreamId, Arc<Stream>>>,
+    /// Wakes the retention task when a candidate arrives.
+    release_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Streams {
@@ -385,7 +474,9 @@ impl Streams {
         let streams = Streams {
             events,
             registry_path: registry,
-            announcements: Mutex::new(None),
+            retention: Retention::default(),
+            releasing: Mutex::new(HashMap::new()),
+            release_wake: tokio::sync::Notify::new(),
             registry: DashMap::new(),
             lifecycle: Mutex::new(()),
             storage,
@@ -409,37 +500,45 @@ impl Streams {
                 .fork
                 .as_ref()
                 .and_then(|f| by_id.get(&f.source_id).cloned());
-            if let Some(src) = &source {
-                src.state.lock().refcount += 1;
+            if let (Some(src), Some(fork)) = (&source, &r.meta.fork) {
+                let from = if r.state.released > fork.offset {
+                    fork.offset
+                } else {
+                    0
+                };
+                src.pin(r.meta.id, from);
             }
             let s = &r.state;
-            self.total_bytes.fetch_add(s.own_bytes, Ordering::Relaxed);
-            let stream = Arc::new(Stream {
-                kind: MediaKind::of(&r.meta.content_type),
+            if !self.is_registry(&r.meta.path) {
+                self.total_bytes.fetch_add(s.own_bytes, Ordering::Relaxed);
+            }
+            let own_start = r.meta.fork.as_ref().map_or(0, |f| f.offset);
+            // A fork's log starts at its anchor: a retained start there means none released.
+            let retained = if s.released > own_start { s.released } else { 0 };
+            let last_access = s.last_access_ms.max(r.meta.created_at_ms);
+            let stream = Arc::new(Stream::new_stream(
+                r.meta,
                 source,
-                state: Mutex::new(WriterState {
+                WriterState {
                     tail: s.tail,
                     closed: s.closed,
                     closed_by: s.closed_by.clone(),
                     last_seq: s.last_seq.clone(),
                     producers: s.producers.clone(),
-                    refcount: 0,
                     soft_deleted: s.soft_deleted,
-                    removed: false,
                     own_bytes: s.own_bytes,
-                    poisoned: false,
-                }),
-                visible: watch::Sender::new(Visible {
+                    ..WriterState::default()
+                },
+                Visible {
                     tail: s.tail,
                     closed: s.closed,
                     gone: false,
-                }),
-                last_access_ms: AtomicU64::new(s.last_access_ms.max(r.meta.created_at_ms)),
-                shared_read: Mutex::new(None),
-                events: self.events.clone(),
-                log: r.log,
-                meta: r.meta,
-            });
+                },
+                last_access,
+                r.log,
+                self.events.clone(),
+            ));
+            stream.retained.store(retained, Ordering::Release);
             by_id.insert(stream.meta.id, stream.clone());
             self.registry.insert(stream.meta.path.clone(), stream);
         }
@@ -468,46 +567,72 @@ impl Streams {
             )
             .await?;
         }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
-        *self.announcements.lock() = Some(tx);
-        // Weak: the task must not keep the registry alive.
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            while let Some(body) = rx.recv().await {
-                let Some(streams) = weak.upgrade() else {
-                    break;
-                };
-                let req = AppendRequest {
-                    content_type: Some("application/json".into()),
-                    body,
-                    ..AppendRequest::default()
-                };
-                if let Err(e) = streams.append_any(&path, req).await {
-                    tracing::error!(error = %e, registry = %path, "registry append failed");
-                }
-            }
-        });
         Ok(())
     }
 
-    /// Queues an event for the registry stream. A background task appends them in order; the
-    /// operation an event describes is already acknowledged when it is queued.
-    fn announce(&self, event: &'static str, stream: &Stream, content_type: Option<&str>) {
-        let path = stream.meta.path.as_str();
+    /// Sets the retention rules (before the streams are shared).
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+    }
+
+    fn is_registry(&self, path: &str) -> bool {
+        self.registry_path.as_deref() == Some(path)
+    }
+
+    /// Appends an event to the registry stream, with the lifecycle lock held so the registry
+    /// has creates and deletes in their real order. Submitted before the operation it describes
+    /// is answered; an event that cannot be recorded fails that operation (nothing is dropped).
+    /// The registry is bookkeeping: it is outside the memory budget; in `acked` mode it is held
+    /// to `max_stream_bytes` and released by the acks of the subscriptions linking it.
+    fn announce(
+        &self,
+        event: &'static str,
+        path: &str,
+        id: StreamId,
+        content_type: Option<&str>,
+    ) -> Result<Option<Pending>, StreamError> {
         if is_reserved(path) {
-            return;
+            return Ok(None);
         }
-        let guard = self.announcements.lock();
-        let Some(tx) = guard.as_ref() else {
-            return;
+        let Some(registry) = self.registry_path.as_deref().and_then(|p| self.peek(p)) else {
+            return Ok(None);
         };
         // `id` tells one life of a path from the next (the same value as the `Stream-Id` header).
-        let mut body =
-            serde_json::json!({"event": event, "path": path, "id": stream.meta.id.to_string()});
+        let mut body = serde_json::json!({"event": event, "path": path, "id": id.to_string()});
         if let Some(ct) = content_type {
             body["contentType"] = serde_json::Value::from(ct);
         }
-        let _ = tx.send(Bytes::from(body.to_string()));
+        let data = Bytes::from(body.to_string());
+        let size = data.len() as u64;
+        let unavailable = |why: String| StreamError::RegistryUnavailable { event, why };
+        let mut st = registry.state.lock();
+        if st.poisoned {
+            return Err(unavailable("it failed to store an earlier event".into()));
+        }
+        if self.retention.acked && st.own_bytes + size > self.limits.max_stream_bytes {
+            return Err(unavailable(format!(
+                "it holds {} bytes, DS_LIMITS__MAX_STREAM_BYTES ({}), of events the subscriptions \
+                 linking {} have not acknowledged",
+                st.own_bytes,
+                self.limits.max_stream_bytes,
+                registry.meta.path
+            )));
+        }
+        let start = st.tail;
+        st.tail += size;
+        st.own_bytes += size;
+        let commit = registry.log.append(AppendEntry {
+            start,
+            data: Some(data),
+            ..AppendEntry::default()
+        });
+        let tail = st.tail;
+        drop(st);
+        Ok(Some(Pending {
+            stream: registry,
+            commit,
+            tail,
+        }))
     }
 
     /// Every stream in the registry, without expiring or touching any (subscription backfill).
@@ -561,6 +686,7 @@ impl Streams {
         let stream = self.get(path, false)?;
         let v = stream.visible();
         Ok(Metadata {
+            earliest: stream.earliest(),
             id: stream.meta.id,
             content_type: stream.meta.content_type.clone(),
             next_offset: v.tail,
@@ -591,16 +717,22 @@ impl Streams {
             Some(fork) => self.fork_prefix(fork).await?,
             None => None,
         };
-        let (stream, commit, tail, closed) = match self.create_locked(path, &req, prefix)? {
-            Created::Existing(outcome) => return Ok(outcome),
-            Created::New {
-                stream,
-                commit,
-                tail,
-                closed,
-            } => (stream, commit, tail, closed),
-        };
-        settle(stream.clone(), commit, tail, closed).await?;
+        let (stream, commit, tail, closed, announced) =
+            match self.create_locked(path, &req, prefix)? {
+                Created::Existing(outcome) => return Ok(outcome),
+                Created::New {
+                    stream,
+                    commit,
+                    tail,
+                    closed,
+                    announced,
+                } => (stream, commit, tail, closed, announced),
+            };
+        let created = settle(stream.clone(), commit, tail, closed).await;
+        if let Some(p) = announced {
+            p.settle().await?;
+        }
+        created?;
         Ok(CreateOutcome {
             id: stream.meta.id,
             created: true,
@@ -625,7 +757,7 @@ impl Streams {
                 return Err(StreamError::PathHeldBySoftDeleted);
             }
             if existing.expired_at(now) {
-                self.expire_locked(&existing);
+                spawn_commits(self.expire_locked(&existing)?, "expiry");
                 if existing.state.lock().soft_deleted {
                     return Err(StreamError::PathHeldBySoftDeleted);
                 }
@@ -667,6 +799,9 @@ impl Streams {
                         tail: ds_protocol::Offset::at(tail).to_string(),
                     });
                 }
+                // Under the lifecycle lock, where the retention task moves the retained start:
+                // either the release sees this fork's anchor, or this fork sees the release.
+                src.check_retained(offset)?;
                 let meta = ForkMeta {
                     source_id: src.meta.id,
                     source_path: src.meta.path.clone(),
@@ -694,6 +829,14 @@ impl Streams {
         self.reserve(own_bytes, 0)?;
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Recorded first: a create the registry cannot record is not made.
+        let announced = match self.announce("created", path, id, Some(&content_type)) {
+            Ok(a) => a,
+            Err(e) => {
+                self.release(own_bytes);
+                return Err(e);
+            }
+        };
         let meta = StreamMeta {
             id,
             path: path.to_owned(),
@@ -719,37 +862,37 @@ impl Streams {
             Ok(x) => x,
             Err(e) => {
                 self.release(own_bytes);
+                // The registry already has the create: tell its readers it did not happen.
+                if let Ok(Some(p)) = self.announce("deleted", path, id, None) {
+                    spawn_commits(vec![p.into_commit()], "registry");
+                }
                 return Err(e.into());
             }
         };
         let tail = start + own_bytes;
-        let stream = Arc::new(Stream {
-            kind,
-            source: source.clone(),
-            state: Mutex::new(WriterState {
+        let stream = Arc::new(Stream::new_stream(
+            meta,
+            source.clone(),
+            WriterState {
                 tail,
                 closed: req.closed,
                 own_bytes,
                 ..WriterState::default()
-            }),
+            },
             // Invisible until the creation commits: readers that find it wait for `reveal`.
-            visible: watch::Sender::new(Visible {
+            Visible {
                 tail: start,
                 closed: false,
                 gone: false,
-            }),
-            last_access_ms: AtomicU64::new(now),
-            shared_read: Mutex::new(None),
-            events: self.events.clone(),
+            },
+            now,
             log,
-            meta,
-        });
+            self.events.clone(),
+        ));
         if let Some(src) = &source {
-            src.state.lock().refcount += 1;
+            src.pin(stream.meta.id, 0);
         }
         self.registry.insert(path.to_owned(), stream.clone());
-        // Under the lifecycle lock, so the registry sees creates and deletes in their real order.
-        self.announce("created", &stream, Some(&stream.meta.content_type));
         if let Some(events) = &self.events {
             events.created(&stream);
         }
@@ -758,6 +901,7 @@ impl Streams {
             commit,
             tail,
             closed: req.closed,
+            announced,
         })
     }
 
@@ -771,7 +915,9 @@ impl Streams {
             return Err(StreamError::ForkSourceDeleted(source_path.to_owned()));
         }
         if src.expired_at(now) {
-            self.expire_locked(&src);
+            if let Ok(commits) = self.expire_locked(&src) {
+                spawn_commits(commits, "expiry");
+            }
             return Err(StreamError::ForkSourceNotFound(source_path.to_owned()));
         }
         Ok(src)
@@ -1047,10 +1193,10 @@ impl Streams {
                 return Err(StreamError::SoftDeleted);
             }
             if stream.expired_at(now_ms()) {
-                self.expire_locked(&stream);
+                spawn_commits(self.expire_locked(&stream)?, "expiry");
                 return Err(StreamError::NotFound);
             }
-            self.delete_locked(&stream)
+            self.delete_locked(&stream)?
         };
         for c in commits {
             c.await?;
@@ -1064,30 +1210,37 @@ impl Streams {
             let _guard = self.lifecycle.lock();
             self.expire_locked(stream)
         };
-        spawn_commits(commits, "expiry");
+        match commits {
+            Ok(commits) => spawn_commits(commits, "expiry"),
+            // Not removed: the next sweep or access tries again.
+            Err(e) => tracing::warn!(stream = %stream.meta.path, error = %e, "expiry postponed"),
+        }
     }
 
-    fn expire_locked(&self, stream: &Arc<Stream>) -> Vec<Commit> {
+    fn expire_locked(&self, stream: &Arc<Stream>) -> Result<Vec<Commit>, StreamError> {
         if stream.state.lock().removed {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         tracing::debug!(stream = %stream.meta.path, "stream expired");
         self.delete_locked(stream)
     }
 
     /// With the lifecycle lock held: soft-delete when forks exist, else remove and cascade.
-    fn delete_locked(&self, stream: &Arc<Stream>) -> Vec<Commit> {
-        self.announce("deleted", stream, None);
+    /// The registry records the delete first; if it cannot, nothing is deleted.
+    fn delete_locked(&self, stream: &Arc<Stream>) -> Result<Vec<Commit>, StreamError> {
+        let announced = self.announce("deleted", &stream.meta.path, stream.meta.id, None)?;
+        let mut commits: Vec<Commit> = announced.map(Pending::into_commit).into_iter().collect();
         let mut st = stream.state.lock();
         if st.refcount > 0 {
-            if st.soft_deleted {
-                return Vec::new();
+            if !st.soft_deleted {
+                st.soft_deleted = true;
+                commits.push(stream.log.mark_soft_deleted());
             }
-            st.soft_deleted = true;
-            return vec![stream.log.mark_soft_deleted()];
+            return Ok(commits);
         }
         drop(st);
-        self.remove_locked(stream)
+        commits.extend(self.remove_locked(stream));
+        Ok(commits)
     }
 
     /// Removes a stream for good and releases its hold on its source, cascading up the chain.
@@ -1105,6 +1258,7 @@ impl Streams {
             };
             self.registry
                 .remove_if(&s.meta.path, |_, v| Arc::ptr_eq(v, &s));
+            self.releasing.lock().remove(&s.meta.id);
             self.release(own_bytes);
             s.publish(|v| {
                 v.gone = true;
@@ -1117,9 +1271,15 @@ impl Streams {
             if let Some(src) = &s.source {
                 let mut st = src.state.lock();
                 st.refcount = st.refcount.saturating_sub(1);
+                st.fork_pins.remove(&s.meta.id);
                 if st.refcount == 0 && st.soft_deleted {
                     drop(st);
                     current = Some(src.clone());
+                } else {
+                    drop(st);
+                    // The pin moved: what the source's subscriptions acked may go now.
+                    let acked = src.release.lock().acked;
+                    self.offer_release(src, acked);
                 }
             }
         }
@@ -1172,7 +1332,12 @@ impl Streams {
         offset: u64,
     ) -> Result<(), StreamError> {
         let visible = stream.visible();
-        if stream.kind != MediaKind::Json || offset == 0 || offset >= visible.tail {
+        if stream.kind != MediaKind::Json
+            || offset == 0
+            || offset >= visible.tail
+            || offset <= stream.earliest()
+        {
+            // At or below the retained start an ack changes nothing (acks never go back).
             return Ok(());
         }
         // One whole record from `offset`; fails with `Misaligned` inside a record.
@@ -1190,6 +1355,13 @@ impl Streams {
         split: bool,
     ) -> Result<ReadOutcome, StreamError> {
         let from = from.min(visible.tail);
+        let earliest = stream.earliest();
+        if from < earliest {
+            return Err(StreamError::Released {
+                offset: ds_protocol::Offset::at(from).to_string(),
+                earliest,
+            });
+        }
         let mut outcome = ReadOutcome {
             parts: Vec::new(),
             start: from,
@@ -1231,6 +1403,11 @@ impl Streams {
                     crate::storage::StorageError::Misaligned { pos } => {
                         StreamError::Misaligned(ds_protocol::Offset::at(pos).to_string())
                     }
+                    // Released while this read ran.
+                    crate::storage::StorageError::Released { start } => StreamError::Released {
+                        offset: ds_protocol::Offset::at(pos).to_string(),
+                        earliest: start.max(stream.earliest()),
+                    },
                     other => other.into(),
                 })?;
             let got: usize = chunk.parts.iter().map(Bytes::len).sum();
@@ -1242,6 +1419,150 @@ impl Streams {
             }
         }
         Ok(outcome)
+    }
+
+    /// Every subscription linked to `stream` acked up to `acked` (durably): in `acked` mode
+    /// the prefix before it is released by the retention task, `min_age` later. Returns at
+    /// once (called by the subscription layer after its acks are stored).
+    pub fn offer_release(&self, stream: &Arc<Stream>, acked: u64) {
+        if !self.retention.acked || acked <= stream.earliest() {
+            return;
+        }
+        let now = now_ms();
+        let mut q = stream.release.lock();
+        q.acked = q.acked.max(acked);
+        let full = q.candidates.len() >= MAX_RELEASE_CANDIDATES;
+        match q.candidates.back_mut() {
+            Some(last) if last.0 >= acked => return,
+            // Full: the newest candidate absorbs this one (released later, never earlier).
+            Some(last) if full => last.0 = acked,
+            _ => q.candidates.push_back((acked, now)),
+        }
+        self.releasing
+            .lock()
+            .insert(stream.meta.id, stream.clone());
+        drop(q);
+        self.release_wake.notify_one();
+    }
+
+    /// One pass of the retention task: releases what is due. Returns how long until the next
+    /// candidate is due (`None`: nothing waits).
+    pub async fn release_due(&self) -> Option<u64> {
+        let now = now_ms();
+        let min_age = self.retention.min_age_ms;
+        let streams: Vec<Arc<Stream>> = self.releasing.lock().values().cloned().collect();
+        let mut next: Option<u64> = None;
+        for stream in streams {
+            let target = {
+                let mut q = stream.release.lock();
+                let mut target = None;
+                while let Some(&(offset, at)) = q.candidates.front() {
+                    let due = at.saturating_add(min_age);
+                    if due > now {
+                        next = Some(next.map_or(due - now, |n| n.min(due - now)));
+                        break;
+                    }
+                    target = Some(offset);
+                    q.candidates.pop_front();
+                }
+                if q.candidates.is_empty() {
+                    self.releasing.lock().remove(&stream.meta.id);
+                }
+                target
+            };
+            if let Some(target) = target
+                && let Err(e) = self.release_to(&stream, target).await
+            {
+                tracing::error!(stream = %stream.meta.path, error = %e, "release failed");
+            }
+        }
+        next
+    }
+
+    /// Runs the retention task until `shutdown`: a pass whenever a candidate arrives or comes
+    /// due, at most one pass per [`RELEASE_INTERVAL_MS`].
+    pub async fn run_retention(
+        self: Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        if !self.retention.acked {
+            return;
+        }
+        loop {
+            let next = self.release_due().await;
+            let wait = std::time::Duration::from_millis(next.unwrap_or(3_600_000));
+            tokio::select! {
+                () = self.release_wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(RELEASE_INTERVAL_MS)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Releases `stream`'s data before `target`, clamped to its visible tail and to the lowest
+    /// anchor of its live forks. Releases only at a record boundary (a target inside a record
+    /// waits for a later ack); only the retention task calls this, so releases of a stream are
+    /// serial and increasing.
+    async fn release_to(&self, stream: &Arc<Stream>, target: u64) -> Result<(), StreamError> {
+        let visible = stream.visible();
+        let own_start = stream.own_start();
+        let pin = |st: &WriterState| st.fork_pins.values().min().copied().unwrap_or(u64::MAX);
+        let target = {
+            let st = stream.state.lock();
+            if st.removed || st.poisoned || visible.gone {
+                return Ok(());
+            }
+            target.min(visible.tail).min(pin(&st))
+        };
+        if target <= stream.earliest() {
+            return Ok(());
+        }
+        if target < visible.tail {
+            // One whole record from `target`: `Misaligned` inside a record.
+            match self.read_chain(stream, target, visible, 1, false).await {
+                Ok(_) => {}
+                Err(StreamError::Misaligned(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        let freed = {
+            // Under the lifecycle lock, where forks are created: a fork either sees this
+            // release (and is refused below it) or pins the data first.
+            let _guard = self.lifecycle.lock();
+            let st = stream.state.lock();
+            // A fork created meanwhile pins it: the next ack or the fork's removal retries.
+            if st.removed || target > pin(&st) {
+                return Ok(());
+            }
+            let old = stream.earliest().max(own_start);
+            stream.retained.store(target, Ordering::Release);
+            drop(st);
+            // A fork's data before its anchor is its source's: the fork no longer references
+            // what it released.
+            if let (Some(src), Some(fork)) = (&stream.source, &stream.meta.fork) {
+                src.pin(stream.meta.id, target.min(fork.offset));
+            }
+            target.saturating_sub(old)
+        };
+        if let Some(src) = &stream.source {
+            let acked = src.release.lock().acked;
+            self.offer_release(src, acked);
+        }
+        if target > own_start {
+            stream.log.release(target).await?;
+        }
+        let mut st = stream.state.lock();
+        let freed = freed.min(st.own_bytes);
+        st.own_bytes -= freed;
+        if !st.removed && !self.is_registry(&stream.meta.path) {
+            self.release(freed);
+        }
+        tracing::debug!(stream = %stream.meta.path, before = target, freed, "released");
+        Ok(())
     }
 
     fn reserve(&self, size: u64, stream_used: u64) -> Result<(), StreamError> {
@@ -1260,7 +1581,12 @@ impl Streams {
         loop {
             let new = used.saturating_add(size);
             if new > limit {
-                return Err(StreamError::MemoryFull { size, used, limit });
+                // With retention, the budget drains as subscribers ack: a retry will succeed.
+                return Err(if self.retention.acked {
+                    StreamError::Backpressure { size, used, limit }
+                } else {
+                    StreamError::MemoryFull { size, used, limit }
+                });
             }
             match self.total_bytes.compare_exchange_weak(
                 used,
@@ -1287,7 +1613,36 @@ enum Created {
         /// Tail and closed state as of the creation (appends may follow before it commits).
         tail: u64,
         closed: bool,
+        /// The registry event, to wait for before answering.
+        announced: Option<Pending>,
     },
+}
+
+/// A registry event submitted to storage, revealed to readers once it commits.
+struct Pending {
+    stream: Arc<Stream>,
+    commit: Commit,
+    tail: u64,
+}
+
+impl Pending {
+    async fn settle(self) -> Result<(), StreamError> {
+        settle(self.stream, self.commit, self.tail, false).await
+    }
+
+    /// As a commit, for callers that collect commits (deletes, expiry).
+    fn into_commit(self) -> Commit {
+        Box::pin(async move {
+            self.settle().await.map_err(|e| match e {
+                StreamError::Storage(e) => e,
+                StreamError::ShuttingDown => crate::storage::StorageError::ShuttingDown,
+                other => crate::storage::StorageError::Corrupt {
+                    what: "registry stream".into(),
+                    detail: other.to_string(),
+                },
+            })
+        })
+    }
 }
 
 /// Waits for a submitted write and makes it visible to readers. The reveal must happen even if

@@ -831,6 +831,34 @@ impl Subscriptions {
         Ok(submitted.effects)
     }
 
+    /// For retention: each of `paths` whose stream every linked subscription acked, with the
+    /// lowest acked offset (what may be released). A stream no subscription links, or one a
+    /// subscription links for another instance (its create notice is still queued), has none.
+    fn release_floors(&self, st: &State, paths: &[String]) -> Vec<(Arc<Stream>, u64)> {
+        let mut out = Vec::new();
+        for full in paths {
+            let (Some(stream), Some(keys)) = (self.streams.peek(full), st.by_path.get(full)) else {
+                continue;
+            };
+            let id = Some(stream.meta.id);
+            let floor = keys.iter().try_fold(u64::MAX, |floor, key| {
+                let link = st.subs.get(key)?.links.get(full)?;
+                (link.stream_id == id).then_some(floor.min(link.acked))
+            });
+            if let Some(floor) = floor.filter(|f| *f != u64::MAX) {
+                out.push((stream, floor));
+            }
+        }
+        out
+    }
+
+    /// Hands release floors to the stream layer, once the acks behind them are stored.
+    fn offer_releases(&self, floors: Vec<(Arc<Stream>, u64)>) {
+        for (stream, floor) in floors {
+            self.streams.offer_release(&stream, floor);
+        }
+    }
+
     // ---- control requests (section 6) ----
 
     /// PUT: create, or re-confirm an identical subscription. `Ok((view, created))`.
@@ -947,12 +975,16 @@ impl Subscriptions {
     /// DELETE: the subscription and its links go; requests for its wakes fail from now on.
     pub async fn delete(&self, key: &SubKey) -> Result<(), SubscriptionError> {
         self.check_available()?;
+        let floors;
         let changes = {
             let mut st = self.state.lock();
             let sub = st.subs.remove(key).ok_or(SubscriptionError::NotFound)?;
             for full in sub.links.keys() {
                 self.unindex(&mut st, key, full);
             }
+            // The others linking these streams may have acked further.
+            let paths: Vec<String> = sub.links.keys().cloned().collect();
+            floors = self.release_floors(&st, &paths);
             let mut writes = vec![RecordWrite {
                 key: key.record_key(),
                 value: None,
@@ -967,6 +999,7 @@ impl Subscriptions {
             })
         };
         self.commit(changes).await?;
+        self.offer_releases(floors);
         Ok(())
     }
 
@@ -1288,7 +1321,7 @@ impl Subscriptions {
         let token = token.ok_or(SubscriptionError::Unauthorized)?;
         self.check_ack_boundaries(key, &req).await?;
         let now = self.now();
-        let (next_wake, changes) = {
+        let (next_wake, changes, floors) = {
             let mut st = self.state.lock();
             let mut changes = Changes::default();
             let sub = st.subs.get_mut(key).ok_or(SubscriptionError::NotFound)?;
@@ -1320,6 +1353,7 @@ impl Subscriptions {
                 resolved.push((full, *offset));
             }
             let lease_ttl_ms = sub.spec.lease_ttl_ms;
+            let acked_paths: Vec<String> = resolved.iter().map(|(f, _)| f.clone()).collect();
             for (full, offset) in resolved {
                 if let Some(link) = sub.links.get_mut(&full)
                     && offset > link.acked
@@ -1341,9 +1375,11 @@ impl Subscriptions {
             if let Some(sub) = st.subs.get(key) {
                 changes.writes.push(sub.record());
             }
-            (next_wake, self.submit(changes))
+            let floors = self.release_floors(&st, &acked_paths);
+            (next_wake, self.submit(changes), floors)
         };
         let effects = self.commit(changes).await?;
+        self.offer_releases(floors);
         Ok((next_wake, effects))
     }
 
@@ -1387,6 +1423,7 @@ impl Subscriptions {
         outcome: Result<bool, String>,
     ) -> Result<Vec<Effect>, SubscriptionError> {
         let now = self.now();
+        let mut floors = Vec::new();
         let changes = {
             let mut st = self.state.lock();
             let mut changes = Changes::default();
@@ -1401,6 +1438,7 @@ impl Subscriptions {
                 Ok(true) => {
                     // `{"done": true}`: ack the snapshot, end the wake (section 7.1).
                     let snapshot = std::mem::take(&mut wake.snapshot);
+                    let acked_paths: Vec<String> = snapshot.iter().map(|(f, _)| f.clone()).collect();
                     sub.wake = None;
                     self.reopen_notices(sub);
                     for (full, tail) in snapshot {
@@ -1413,6 +1451,7 @@ impl Subscriptions {
                     }
                     changes.writes.push(sub.record());
                     self.poke(&mut st, key, &mut changes);
+                    floors = self.release_floors(&st, &acked_paths);
                 }
                 Ok(false) => {
                     wake.attempt = 0;
@@ -1439,7 +1478,9 @@ impl Subscriptions {
             }
             self.submit(changes)
         };
-        self.commit(changes).await
+        let effects = self.commit(changes).await?;
+        self.offer_releases(floors);
+        Ok(effects)
     }
 
     /// Exponential backoff from `retry_min` to `retry_max` with ±20% jitter (section 7.1).

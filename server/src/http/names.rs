@@ -12,8 +12,7 @@ pub const STREAM_CLOSED: HeaderName = HeaderName::from_static(h::STREAM_CLOSED);
 pub const STREAM_TTL: HeaderName = HeaderName::from_static(h::STREAM_TTL);
 pub const STREAM_EXPIRES_AT: HeaderName = HeaderName::from_static(h::STREAM_EXPIRES_AT);
 pub const STREAM_ID: HeaderName = HeaderName::from_static(h::STREAM_ID);
-pub const STREAM_EARLIEST_OFFSET: HeaderName =
-    HeaderName::from_static(h::STREAM_EARLIEST_OFFSET);
+pub const STREAM_EARLIEST_OFFSET: HeaderName = HeaderName::from_static(h::STREAM_EARLIEST_OFFSET);
 pub const PRODUCER_EPOCH: HeaderName = HeaderName::from_static(h::PRODUCER_EPOCH);
 pub const PRODUCER_SEQ: HeaderName = HeaderName::from_static(h::PRODUCER_SEQ);
 pub const STREAM_SSE_DATA_ENCODING: HeaderName =

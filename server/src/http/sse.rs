@@ -17,9 +17,9 @@ use ds_protocol::sse::{ControlEvent, split_lines};
 use ds_protocol::{MediaKind, Offset};
 use futures::Stream as FutStream;
 
+use super::error::ApiError;
 use super::names;
 use super::request::ReadQuery;
-use super::error::ApiError;
 use super::{AppState, encode_body, resolve};
 use crate::live::Visible;
 use crate::stream::{ReadOutcome, SharedRead, Stream};

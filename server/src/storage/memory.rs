@@ -246,14 +246,14 @@ mod tests {
         for part in ["abc", "de", "fghi"] {
             let data = Bytes::from_static(part.as_bytes());
             let len = data.len() as u64;
-            let _ = log.append(AppendEntry {
+            drop(log.append(AppendEntry {
                 start,
                 data: Some(data),
                 ..AppendEntry::default()
-            });
+            }));
             start += len;
         }
-        let _ = log.release(5);
+        drop(log.release(5));
         assert_eq!(log.records.read().records.len(), 1);
         assert!(matches!(
             log.read_now(0, 9, 100, false),
@@ -262,7 +262,7 @@ mod tests {
         let c = log.read_now(5, 9, 100, false).unwrap();
         assert_eq!(joined(&c), "fghi");
         // Releasing at or below the retained start changes nothing.
-        let _ = log.release(3);
+        drop(log.release(3));
         assert_eq!(log.read_now(5, 9, 100, false).unwrap().end, 9);
     }
 

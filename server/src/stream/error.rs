@@ -63,7 +63,9 @@ pub enum StreamError {
         e = ds_protocol::Offset::at(*.earliest)
     )]
     Released { offset: String, earliest: u64 },
-    #[error("the stream registry cannot record this {event}: {why}; nothing was changed, retry later")]
+    #[error(
+        "the stream registry cannot record this {event}: {why}; nothing was changed, retry later"
+    )]
     RegistryUnavailable { event: &'static str, why: String },
     #[error("server is shutting down")]
     ShuttingDown,

@@ -514,7 +514,11 @@ impl Streams {
             }
             let own_start = r.meta.fork.as_ref().map_or(0, |f| f.offset);
             // A fork's log starts at its anchor: a retained start there means none released.
-            let retained = if s.released > own_start { s.released } else { 0 };
+            let retained = if s.released > own_start {
+                s.released
+            } else {
+                0
+            };
             let last_access = s.last_access_ms.max(r.meta.created_at_ms);
             let stream = Arc::new(Stream::new_stream(
                 r.meta,
@@ -613,9 +617,7 @@ impl Streams {
             return Err(unavailable(format!(
                 "it holds {} bytes, DS_LIMITS__MAX_STREAM_BYTES ({}), of events the subscriptions \
                  linking {} have not acknowledged",
-                st.own_bytes,
-                self.limits.max_stream_bytes,
-                registry.meta.path
+                st.own_bytes, self.limits.max_stream_bytes, registry.meta.path
             )));
         }
         let start = st.tail;
@@ -1438,9 +1440,7 @@ impl Streams {
             Some(last) if full => last.0 = acked,
             _ => q.candidates.push_back((acked, now)),
         }
-        self.releasing
-            .lock()
-            .insert(stream.meta.id, stream.clone());
+        self.releasing.lock().insert(stream.meta.id, stream.clone());
         drop(q);
         self.release_wake.notify_one();
     }
@@ -1481,10 +1481,7 @@ impl Streams {
 
     /// Runs the retention task until `shutdown`: a pass whenever a candidate arrives or comes
     /// due, at most one pass per [`RELEASE_INTERVAL_MS`].
-    pub async fn run_retention(
-        self: Arc<Self>,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
+    pub async fn run_retention(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         if !self.retention.acked {
             return;
         }

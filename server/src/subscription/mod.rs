@@ -1438,7 +1438,8 @@ impl Subscriptions {
                 Ok(true) => {
                     // `{"done": true}`: ack the snapshot, end the wake (section 7.1).
                     let snapshot = std::mem::take(&mut wake.snapshot);
-                    let acked_paths: Vec<String> = snapshot.iter().map(|(f, _)| f.clone()).collect();
+                    let acked_paths: Vec<String> =
+                        snapshot.iter().map(|(f, _)| f.clone()).collect();
                     sub.wake = None;
                     self.reopen_notices(sub);
                     for (full, tail) in snapshot {

@@ -1436,8 +1436,9 @@ impl Streams {
         let full = q.candidates.len() >= MAX_RELEASE_CANDIDATES;
         match q.candidates.back_mut() {
             Some(last) if last.0 >= acked => return,
-            // Full: the newest candidate absorbs this one (released later, never earlier).
-            Some(last) if full => last.0 = acked,
+            // Full: the newest candidate absorbs this one and restarts its hold (released
+            // later, never earlier).
+            Some(last) if full => *last = (acked, now),
             _ => q.candidates.push_back((acked, now)),
         }
         self.releasing.lock().insert(stream.meta.id, stream.clone());

@@ -458,6 +458,9 @@ async fn a_full_budget_pushes_back_with_503_until_acks_release_data() {
     };
     assert!(next > first);
     assert_eq!(s.streams.total_bytes(), big.len() as u64);
+    let counters = s.streams.retention_counters();
+    assert_eq!(counters.released_bytes, big.len() as u64);
+    assert!(counters.backpressured >= 1);
     s.stop().await;
 }
 

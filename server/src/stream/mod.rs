@@ -427,6 +427,18 @@ pub struct Streams {
     releasing: Mutex<HashMap<StreamId, Arc<Stream>>>,
     /// Wakes the retention task when a candidate arrives.
     release_wake: tokio::sync::Notify,
+    /// For metrics: bytes released, and appends refused with backpressure.
+    released_bytes: AtomicU64,
+    backpressured: AtomicU64,
+}
+
+/// Retention counters since start (for metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionCounters {
+    /// Bytes released from streams' logs (acked by every subscriber).
+    pub released_bytes: u64,
+    /// Appends answered with backpressure (503) because the memory budget was full.
+    pub backpressured: u64,
 }
 
 impl std::fmt::Debug for Streams {
@@ -477,6 +489,8 @@ impl Streams {
             retention: Retention::default(),
             releasing: Mutex::new(HashMap::new()),
             release_wake: tokio::sync::Notify::new(),
+            released_bytes: AtomicU64::new(0),
+            backpressured: AtomicU64::new(0),
             registry: DashMap::new(),
             lifecycle: Mutex::new(()),
             storage,
@@ -654,6 +668,14 @@ impl Streams {
 
     pub fn is_empty(&self) -> bool {
         self.registry.is_empty()
+    }
+
+    /// Retention counters since start.
+    pub fn retention_counters(&self) -> RetentionCounters {
+        RetentionCounters {
+            released_bytes: self.released_bytes.load(Ordering::Relaxed),
+            backpressured: self.backpressured.load(Ordering::Relaxed),
+        }
     }
 
     /// Bytes held across all streams.
@@ -1559,6 +1581,7 @@ impl Streams {
         if !st.removed && !self.is_registry(&stream.meta.path) {
             self.release(freed);
         }
+        self.released_bytes.fetch_add(freed, Ordering::Relaxed);
         tracing::debug!(stream = %stream.meta.path, before = target, freed, "released");
         Ok(())
     }
@@ -1581,6 +1604,7 @@ impl Streams {
             if new > limit {
                 // With retention, the budget drains as subscribers ack: a retry will succeed.
                 return Err(if self.retention.acked {
+                    self.backpressured.fetch_add(1, Ordering::Relaxed);
                     StreamError::Backpressure { size, used, limit }
                 } else {
                     StreamError::MemoryFull { size, used, limit }

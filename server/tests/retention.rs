@@ -678,3 +678,80 @@ async fn keep_mode_registry_is_outside_the_budget_and_keeps_every_event() {
     assert_eq!(events, 3_001);
     s.stop().await;
 }
+
+/// An SSE reader that lags (it stops reading, so the server's writes back up) while its
+/// position is released: its response ends where the data went, and resuming there gets 410.
+#[tokio::test]
+async fn an_sse_reader_whose_position_is_released_while_it_lags_is_ended_and_told_on_reconnect() {
+    let s = Server::start(|c| {
+        c.limits.max_stream_bytes = 64 << 20;
+        c.limits.max_memory_bytes = 128 << 20;
+        c.limits.max_read_bytes = 64 << 10;
+        // Bounds the test if the reader never lagged (the body would not end before this).
+        c.server.sse_reconnect_interval = Duration::from_secs(30);
+    })
+    .await;
+    s.put_stream("w/a").await;
+    let a = s.subscribe(ROOT, "a", pull_sub("lag/*", "w/a")).await;
+    let r = s
+        .client
+        .put(s.url("lag/s"))
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    s.linked(&a, "lag/s").await;
+    // 32 MiB: far more than the socket buffers between a reader that stopped and the server.
+    let chunk = "x".repeat(1 << 20);
+    let mut tail = String::new();
+    for _ in 0..32 {
+        let r = s
+            .client
+            .post(s.url("lag/s"))
+            .header("content-type", "text/plain")
+            .body(chunk.clone())
+            .send()
+            .await
+            .expect("append");
+        assert!(r.status().is_success());
+        tail = header(&r, "stream-next-offset");
+    }
+    let mut sse = s.get("lag/s", "offset=-1&live=sse").await;
+    assert_eq!(sse.status(), StatusCode::OK);
+    let first = sse.chunk().await.expect("first chunk").expect("data");
+    assert!(!first.is_empty());
+
+    s.ack(&a, "lag/s", &tail).await;
+    eventually("the release", || async {
+        s.earliest("lag/s").await.as_deref() == Some(tail.as_str())
+    })
+    .await;
+
+    // Drain: what was already written arrives, then the response ends short of the tail.
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    let mut last = String::new();
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(bytes) = sse.chunk().await.expect("chunk") {
+            text.push_str(&String::from_utf8_lossy(&bytes));
+            if let Some(i) = text.rfind("\"streamNextOffset\":\"") {
+                let rest = &text[i + 20..];
+                if let Some(end) = rest.find('"') {
+                    last = rest[..end].to_owned();
+                }
+            }
+            // Keep only the tail of the text: events are parsed as they come.
+            if text.len() > 1 << 16 {
+                text = text.split_off(text.len() - 4096);
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the SSE response did not end");
+    assert!(!last.is_empty(), "no control event");
+    assert!(last < tail, "the reader reached the tail: it never lagged");
+    let r = s.get("lag/s", &format!("offset={last}&live=sse")).await;
+    assert_eq!(r.status(), StatusCode::GONE);
+    assert_eq!(header(&r, "stream-earliest-offset"), tail);
+    s.stop().await;
+}

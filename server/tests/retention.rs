@@ -755,3 +755,53 @@ async fn an_sse_reader_whose_position_is_released_while_it_lags_is_ended_and_tol
     assert_eq!(header(&r, "stream-earliest-offset"), tail);
     s.stop().await;
 }
+
+/// After a restart the stored acks drive retention again, in every durable mode: nothing
+/// acked is readable (whether the backend kept the bytes or not), nothing unacked is lost.
+#[tokio::test]
+async fn stored_acks_release_again_after_a_restart() {
+    use ds_server::config::StorageMode;
+    for mode in [
+        StorageMode::FileFast,
+        StorageMode::FileDurable,
+        StorageMode::Acid,
+    ] {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = |c: &mut Config| {
+            c.storage.mode = mode;
+            c.storage.data_dir = dir.path().to_owned();
+        };
+        let s = Server::start(config).await;
+        s.put_stream("w/a").await;
+        let a = s.subscribe(ROOT, "a", pull_sub("d/*", "w/a")).await;
+        s.put_stream("d/s").await;
+        s.linked(&a, "d/s").await;
+        let o1 = s.append("d/s", r#"{"n":1}"#).await;
+        let o2 = s.append("d/s", r#"{"n":2}"#).await;
+        s.ack(&a, "d/s", &o1).await;
+        eventually("the release", || async {
+            s.earliest("d/s").await.as_deref() == Some(o1.as_str())
+        })
+        .await;
+        s.stop().await;
+
+        let s = Server::start(config).await;
+        eventually("the release after the restart", || async {
+            s.earliest("d/s").await.as_deref() == Some(o1.as_str())
+        })
+        .await;
+        assert_eq!(
+            s.get("d/s", &format!("offset={START}")).await.status(),
+            StatusCode::GONE,
+            "{mode:?}"
+        );
+        let r = s.get("d/s", "offset=-1").await;
+        assert_eq!(header(&r, "stream-next-offset"), o2, "{mode:?}");
+        assert_eq!(
+            r.json::<Value>().await.expect("json"),
+            json!([{"n": 2}]),
+            "{mode:?}"
+        );
+        s.stop().await;
+    }
+}

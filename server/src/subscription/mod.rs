@@ -619,7 +619,11 @@ impl Subscriptions {
                 }
             }
         }
+        // Retention resumes where the stored acks left it (a restart forgets what was queued).
+        let paths: Vec<String> = state.by_path.keys().cloned().collect();
+        let floors = subs.release_floors(&state, &paths);
         *subs.state.lock() = state;
+        subs.offer_releases(floors);
         Ok(subs)
     }
 

@@ -30,7 +30,10 @@ mod tests {
                     ds_live_readers{mode=\"sse\"} 2\nds_live_readers{mode=\"long_poll\"} 0\n";
         assert_eq!(sample(text, "ds_appends_total"), Some(7.0));
         assert_eq!(sample(text, "ds_live_readers{mode=\"sse\"}"), Some(2.0));
-        assert_eq!(sample(text, "ds_live_readers{mode=\"long_poll\"}"), Some(0.0));
+        assert_eq!(
+            sample(text, "ds_live_readers{mode=\"long_poll\"}"),
+            Some(0.0)
+        );
         assert_eq!(sample(text, "ds_live_readers"), None);
         assert!(value(text, "ds_nothing").is_err());
     }
@@ -159,11 +162,7 @@ mod tests {
         assert!(exprs.len() >= 10, "{exprs:?}");
         for expr in &exprs {
             // Label values (`"ds_public"`) are not series: only what is outside quotes.
-            let outside: String = expr
-                .split('"')
-                .step_by(2)
-                .collect::<Vec<_>>()
-                .join(" ");
+            let outside: String = expr.split('"').step_by(2).collect::<Vec<_>>().join(" ");
             for word in outside.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                 if !word.starts_with("ds_") {
                     continue;

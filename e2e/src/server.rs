@@ -167,7 +167,10 @@ mod tests {
         // Metrics on a port of their own, which Envoy never routes to.
         let metrics = service.env_var("DS_METRICS__ADDR");
         assert!(metrics.ends_with(":9464"), "{metrics}");
-        assert_ne!(metrics, format!("0.0.0.0:{}", service.env_var("DS_SERVER__PORT")));
+        assert_ne!(
+            metrics,
+            format!("0.0.0.0:{}", service.env_var("DS_SERVER__PORT"))
+        );
     }
 
     /// `docker compose stop` sends SIGTERM and, after stop_grace_period, SIGKILL: the server's

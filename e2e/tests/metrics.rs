@@ -155,9 +155,7 @@ async fn metrics_move_with_traffic_and_stay_off_the_public_listener() {
     assert_eq!(rows, 5.0, "{caught_up}");
     let committed = value(&caught_up, "ds_sync_committed_bytes_total").expect("bytes");
     assert!(committed > 0.0, "{caught_up}");
-    assert!(
-        value(&caught_up, "ds_sync_pg_transaction_duration_seconds_count").expect("pg") >= 1.0
-    );
+    assert!(value(&caught_up, "ds_sync_pg_transaction_duration_seconds_count").expect("pg") >= 1.0);
     // The stream and the registry.
     assert!(value(&caught_up, "ds_sync_streams_followed").expect("followed") >= 2.0);
     assert_eq!(

@@ -87,12 +87,13 @@ impl App {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        let metrics_listener = match config.metrics.addr.as_str() {
-            "" => None,
-            addr => Some(TcpListener::bind(addr).await.map_err(|e| {
-                anyhow::anyhow!("cannot listen on {addr} (DS_METRICS__ADDR): {e}")
-            })?),
-        };
+        let metrics_listener =
+            match config.metrics.addr.as_str() {
+                "" => None,
+                addr => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {addr} (DS_METRICS__ADDR): {e}")
+                })?),
+            };
         let shutdown = CancellationToken::new();
         let state = http::AppState::new(
             streams.clone(),

@@ -498,11 +498,7 @@ pub async fn serve(listener: TcpListener, registry: Registry, stop: Cancellation
             }),
         )
         .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                "only GET /metrics is served here\n",
-            )
-                .into_response()
+            (StatusCode::NOT_FOUND, "only GET /metrics is served here\n").into_response()
         });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

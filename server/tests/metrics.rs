@@ -100,7 +100,11 @@ async fn series_move_with_traffic_and_only_the_metrics_listener_serves_them() {
             .expect("append");
         assert_eq!(r.status(), 204);
     }
-    let missing = client.get(format!("{base}/m/none")).send().await.expect("get");
+    let missing = client
+        .get(format!("{base}/m/none"))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(missing.status(), 404);
 
     let after = scrape(&client, metrics).await;
@@ -205,7 +209,13 @@ async fn series_move_with_traffic_and_only_the_metrics_listener_serves_them() {
         .await
         .expect("public");
     assert_eq!(public.status(), 404);
-    assert!(!public.text().await.unwrap_or_default().contains("ds_appends"));
+    assert!(
+        !public
+            .text()
+            .await
+            .unwrap_or_default()
+            .contains("ds_appends")
+    );
     // And the metrics listener serves nothing else.
     let other = client
         .get(format!("http://{metrics}/m/a"))

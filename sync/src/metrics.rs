@@ -81,7 +81,11 @@ impl Histogram {
                 (bound, n)
             })
             .collect();
-        (self.sum.load(Ordering::Relaxed) as f64 * scale, count, buckets)
+        (
+            self.sum.load(Ordering::Relaxed) as f64 * scale,
+            count,
+            buckets,
+        )
     }
 }
 

@@ -277,7 +277,11 @@ fn stream_request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'
             }),
             Ok(ReadPlan::Sse(stream, query)) => {
                 let response = sse::respond(state.clone(), stream, &query);
-                Box::pin(std::future::ready(finish(&state, Operation::Sse, Ok(response))))
+                Box::pin(std::future::ready(finish(
+                    &state,
+                    Operation::Sse,
+                    Ok(response),
+                )))
             }
             Ok(ReadPlan::CatchUp(stream, query, headers)) => Box::pin(async move {
                 let result = catch_up(&state, &stream, &query, &headers).await;

@@ -138,6 +138,19 @@ impl Envoy {
         self.process.log_tail(lines)
     }
 
+    /// The admin `/stats/prometheus` (what compose's Prometheus scrapes).
+    pub async fn prometheus_stats(&self) -> anyhow::Result<String> {
+        let url = format!("http://{LOOPBACK}:{}/stats/prometheus", self.admin_port);
+        Ok(self
+            .admin
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// One counter or gauge from the admin `/stats`, e.g. `cluster.ds_server.ssl.handshake`;
     /// `None` if Envoy has no stat of that exact name.
     pub async fn stat(&self, name: &str) -> anyhow::Result<Option<u64>> {

@@ -11,6 +11,7 @@
 mod compose_file;
 pub mod envoy;
 pub mod fixtures;
+pub mod metrics;
 pub mod ports;
 pub mod postgres;
 pub mod process;

@@ -1,8 +1,8 @@
 //! The real `ds-server` binary on a free loopback port, with its data dir and optional TLS.
 //!
 //! The environment is exactly what compose.yaml sets (`DS_SERVER__HOST`, `DS_SERVER__PORT`,
-//! `DS_STORAGE__MODE`, `DS_STORAGE__DATA_DIR`, `DS_TLS__CERT_PATH`, `DS_TLS__KEY_PATH`), with
-//! loopback and temp-dir values.
+//! `DS_STORAGE__MODE`, `DS_STORAGE__DATA_DIR`, `DS_TLS__CERT_PATH`, `DS_TLS__KEY_PATH`,
+//! `DS_METRICS__ADDR`), with loopback and temp-dir values.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,13 +13,14 @@ use crate::process::{ManagedProcess, ProcessSpec};
 use crate::tls;
 
 /// The variables the harness sets; compose.yaml sets the same ones (checked by a test).
-pub const SERVER_ENV_KEYS: [&str; 6] = [
+pub const SERVER_ENV_KEYS: [&str; 7] = [
     "DS_SERVER__HOST",
     "DS_SERVER__PORT",
     "DS_STORAGE__MODE",
     "DS_STORAGE__DATA_DIR",
     "DS_TLS__CERT_PATH",
     "DS_TLS__KEY_PATH",
+    "DS_METRICS__ADDR",
 ];
 
 /// Start-up includes recovering a file-durable store after kill -9.
@@ -52,6 +53,8 @@ impl Default for ServerOptions {
 pub struct DsServer {
     process: ManagedProcess,
     pub port: u16,
+    /// `DS_METRICS__ADDR`'s port: Prometheus metrics, plain HTTP on loopback.
+    pub metrics_port: u16,
     pub tls: bool,
     pub data_dir: PathBuf,
     client: reqwest::Client,
@@ -62,14 +65,16 @@ impl DsServer {
     /// `GET /healthz` answers 200.
     pub async fn start(options: ServerOptions, work_dir: &Path) -> anyhow::Result<Self> {
         let port = free_loopback_port()?;
+        let metrics_port = free_loopback_port()?;
         let data_dir = work_dir.join("server-data");
         std::fs::create_dir_all(&data_dir)?;
-        let [host, port_key, mode, data, cert, key] = SERVER_ENV_KEYS;
+        let [host, port_key, mode, data, cert, key, metrics] = SERVER_ENV_KEYS;
         let mut spec = ProcessSpec::new("ds-server", fixtures::binary("ds-server")?)
             .env(host, LOOPBACK.to_string())
             .env(port_key, port.to_string())
             .env(mode, &options.storage_mode)
-            .env(data, &data_dir);
+            .env(data, &data_dir)
+            .env(metrics, format!("{LOOPBACK}:{metrics_port}"));
         if options.tls {
             spec = spec
                 .env(cert, fixtures::path("server.pem"))
@@ -85,6 +90,7 @@ impl DsServer {
         let mut server = Self {
             process,
             port,
+            metrics_port,
             tls: options.tls,
             data_dir,
             client,
@@ -97,6 +103,19 @@ impl DsServer {
     pub fn base_url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{LOOPBACK}:{}", self.port)
+    }
+
+    /// `GET /metrics` on the metrics listener: the Prometheus text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let url = format!("http://{LOOPBACK}:{}/metrics", self.metrics_port);
+        Ok(self
+            .client
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
     }
 
     pub async fn wait_healthy(&mut self) -> anyhow::Result<()> {
@@ -145,6 +164,13 @@ mod tests {
             "/fixtures/server-key.pem"
         );
         assert_eq!(service.command(), ["ds-server"]);
+        // Metrics on a port of their own, which Envoy never routes to.
+        let metrics = service.env_var("DS_METRICS__ADDR");
+        assert!(metrics.ends_with(":9464"), "{metrics}");
+        assert_ne!(
+            metrics,
+            format!("0.0.0.0:{}", service.env_var("DS_SERVER__PORT"))
+        );
     }
 
     /// `docker compose stop` sends SIGTERM and, after stop_grace_period, SIGKILL: the server's

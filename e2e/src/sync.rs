@@ -9,12 +9,13 @@ use crate::ports::{LOOPBACK, free_loopback_port};
 use crate::process::{ManagedProcess, ProcessSpec, run_to_completion};
 
 /// The variables the harness sets; compose.yaml's ds-sync sets the same ones (checked by a test).
-pub const SYNC_ENV_KEYS: [&str; 5] = [
+pub const SYNC_ENV_KEYS: [&str; 6] = [
     "DATABASE_URL",
     "DS_SYNC__SERVER_URL",
     "DS_SYNC__STREAMS",
     "DS_SYNC__HEALTH_ADDR",
     "SSL_CERT_FILE",
+    "DS_SYNC__METRICS_ADDR",
 ];
 
 /// Start-up includes connecting to Postgres and checking migrations.
@@ -39,6 +40,8 @@ pub struct DsSync {
     process: ManagedProcess,
     /// `DS_SYNC__HEALTH_ADDR` port: `/healthz`, `/readyz`, `/status` (plain HTTP, loopback).
     pub health_port: u16,
+    /// `DS_SYNC__METRICS_ADDR` port: Prometheus metrics (plain HTTP, loopback).
+    pub metrics_port: u16,
     client: reqwest::Client,
 }
 
@@ -56,12 +59,14 @@ impl DsSync {
     pub fn spawn(options: &SyncOptions, work_dir: &Path) -> anyhow::Result<Self> {
         let binary = fixtures::binary("ds-sync")?;
         let health_port = free_loopback_port()?;
-        let [database, server, streams, health, ca] = SYNC_ENV_KEYS;
+        let metrics_port = free_loopback_port()?;
+        let [database, server, streams, health, ca, metrics] = SYNC_ENV_KEYS;
         let mut base = ProcessSpec::new("ds-sync", binary)
             .env(database, &options.database_url)
             .env(server, &options.server_url)
             .env(streams, &options.streams)
             .env(health, format!("{LOOPBACK}:{health_port}"))
+            .env(metrics, format!("{LOOPBACK}:{metrics_port}"))
             // Trust the test CA for an https:// server URL, as compose.yaml does: reqwest's rustls
             // verifier reads its roots from SSL_CERT_FILE when it is set.
             .env(ca, fixtures::path("ca.pem"));
@@ -78,8 +83,22 @@ impl DsSync {
         Ok(Self {
             process,
             health_port,
+            metrics_port,
             client,
         })
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let url = format!("http://{LOOPBACK}:{}/metrics", self.metrics_port);
+        Ok(self
+            .client
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
     }
 
     /// `GET /readyz`: its status and body.

@@ -85,6 +85,11 @@ async fn a_refused_token_marks_nothing_deleted_and_a_valid_one_resumes_mirroring
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(why.contains("401"), "{status}: {why}");
+    // And its metrics count the refusals.
+    let metrics = sync.metrics().await.expect("ds-sync metrics");
+    let refusals = ds_e2e::metrics::value(&metrics, "ds_sync_auth_failures_total")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(refusals >= 1.0, "{metrics}");
     let pg = connect(stack.database_url().expect("database"))
         .await
         .expect("connect to the mirror");

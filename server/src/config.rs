@@ -25,6 +25,15 @@ pub struct Config {
     pub log: LogConfig,
     pub subscriptions: SubscriptionsConfig,
     pub retention: RetentionConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics (README *Metrics*).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` of the metrics listener; empty: no listener.
+    pub addr: String,
 }
 
 /// Retention: when a stream's acknowledged prefix is released (README *Retention*).
@@ -439,6 +448,11 @@ pub const KEYS: &[KeyDoc] = &[
         default: "0s",
         doc: "`acked`: data is released only this long after every subscription acked it (a hold for late readers).",
     },
+    KeyDoc {
+        env: "DS_METRICS__ADDR",
+        default: "",
+        doc: "`host:port` of a listener of its own serving Prometheus metrics at `GET /metrics` (see *Metrics*), e.g. `127.0.0.1:9464`; port `0` picks a free one. Unset: no listener. Keep it off the public network: Envoy routes only to `DS_SERVER__PORT`.",
+    },
 ];
 
 /// A configuration problem, worded for the operator.
@@ -588,6 +602,14 @@ impl Config {
             return Err(ConfigError(format!(
                 "DS_SUBSCRIPTIONS__PUBLIC_URL={:?} must be an origin such as https://streams.example.com",
                 sub.public_url
+            )));
+        }
+        if !self.metrics.addr.is_empty()
+            && self.metrics.addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError(format!(
+                "DS_METRICS__ADDR={:?} must be an address and port such as 127.0.0.1:9464",
+                self.metrics.addr
             )));
         }
         if self.storage.segment_bytes < 4096 {
@@ -800,6 +822,23 @@ mod tests {
             assert!(err.contains("DS_TLS__KEY_PATH"), "{err}");
             jail.set_env("DS_TLS__KEY_PATH", "/etc/key.pem");
             assert!(Config::load(None).is_ok());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_metrics_address_must_be_an_address_and_port() {
+        Jail::expect_with(|jail| {
+            assert_eq!(
+                Config::load(None).map_err(|e| e.to_string())?.metrics.addr,
+                ""
+            );
+            jail.set_env("DS_METRICS__ADDR", "127.0.0.1:9464");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.metrics.addr, "127.0.0.1:9464");
+            jail.set_env("DS_METRICS__ADDR", "localhost");
+            let err = Config::load(None).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains("DS_METRICS__ADDR=\"localhost\""), "{err}");
             Ok(())
         });
     }

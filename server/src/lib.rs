@@ -8,6 +8,7 @@
 pub mod config;
 pub mod http;
 pub mod live;
+pub mod metrics;
 pub mod storage;
 pub mod stream;
 pub mod subscription;
@@ -37,6 +38,10 @@ pub struct App {
     shutdown: CancellationToken,
     /// Set when the server terminates TLS itself.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The Prometheus listener (`DS_METRICS__ADDR`), if configured.
+    metrics_listener: Option<TcpListener>,
+    /// For the metrics' memory budget.
+    storage: Arc<dyn Storage>,
 }
 
 impl App {
@@ -47,6 +52,7 @@ impl App {
             _ => None,
         };
         let storage = open_storage(&config)?;
+        metrics::storage_opened(storage.name());
         let limits = Limits {
             max_stream_bytes: config.limits.max_stream_bytes,
             // In durable modes data lives on disk; the memory budget sizes the read cache.
@@ -77,7 +83,7 @@ impl App {
             Some(queue) => Some(Arc::new(open_subscriptions(
                 &config,
                 streams.clone(),
-                storage,
+                storage.clone(),
                 queue,
             )?)),
             None => None,
@@ -86,6 +92,13 @@ impl App {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let metrics_listener =
+            match config.metrics.addr.as_str() {
+                "" => None,
+                addr => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {addr} (DS_METRICS__ADDR): {e}")
+                })?),
+            };
         let shutdown = CancellationToken::new();
         let state = http::AppState::new(
             streams.clone(),
@@ -101,7 +114,16 @@ impl App {
             config,
             shutdown,
             tls,
+            metrics_listener,
+            storage,
         })
+    }
+
+    /// The metrics listener's address, when `DS_METRICS__ADDR` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Whether the server terminates TLS itself.
@@ -139,12 +161,15 @@ impl App {
             config,
             shutdown,
             tls,
+            metrics_listener,
+            storage,
         } = self;
         let delivery = subscriptions
+            .clone()
             .map(|subs| tokio::spawn(subscription::delivery::run(subs, shutdown.clone())));
         let retention = tokio::spawn(streams.clone().run_retention(shutdown.clone()));
         let sweeper = tokio::spawn(sweep_expired(
-            streams,
+            streams.clone(),
             config.server.expiry_sweep_interval,
             shutdown.clone(),
         ));
@@ -160,6 +185,20 @@ impl App {
         ));
         let limits = http::edge::EdgeLimits::from_config(&config);
         let admission = connection_cap(&config);
+        let metrics_server = metrics_listener.map(|listener| {
+            let registry = metrics::registry(metrics::Sources {
+                streams: streams.clone(),
+                subscriptions: subscriptions.clone(),
+                storage,
+                admission: admission.clone(),
+                memory_limit: (config.storage.mode == StorageMode::Memory)
+                    .then_some(config.limits.max_memory_bytes),
+            });
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics listening (GET /metrics)");
+            }
+            tokio::spawn(metrics::serve(listener, registry, shutdown.clone()))
+        });
         let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
             Some(acceptor) => Box::pin(async move {
                 tls::serve(listener, acceptor, handler, stop, limits, admission).await;
@@ -194,6 +233,10 @@ impl App {
         let _ = retention.await;
         if let Some(delivery) = delivery {
             let _ = delivery.await;
+        }
+        // Scrapes need no drain; a scraper's idle keep-alive connection must not hold shutdown.
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
         }
         drop(live);
         Ok(())

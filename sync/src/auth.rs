@@ -95,6 +95,7 @@ impl Credentials {
     pub async fn refused(&self) -> bool {
         // The caller logs the refusal with its stream; a changed token is logged by `reload`.
         self.refusals_in_a_row.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::auth_failure();
         self.reload(true).await
     }
 

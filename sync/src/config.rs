@@ -72,6 +72,9 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Where `/healthz`, `/readyz` and `/status` listen; empty disables them.
     pub health_addr: String,
+    /// Where Prometheus metrics are served (`GET /metrics`); empty (the default) disables them.
+    /// `DS_METRICS__ADDR` sets it too (ds-server's variable), `DS_SYNC__METRICS_ADDR` first.
+    pub metrics_addr: String,
     /// How often throughput and lag are logged.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
@@ -146,6 +149,7 @@ impl Default for Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             health_addr: "127.0.0.1:8437".into(),
+            metrics_addr: String::new(),
             stats_interval: Duration::from_secs(10),
             database_url: None,
             pg: PgConfig::default(),
@@ -163,6 +167,11 @@ impl Config {
         }
         Self::from_figment(
             figment
+                .merge(
+                    Env::raw()
+                        .only(&["DS_METRICS__ADDR"])
+                        .map(|_| "metrics_addr".into()),
+                )
                 .merge(Env::prefixed("DS_SYNC__").split("__"))
                 .merge(Env::raw().only(&["DATABASE_URL"]))
                 .merge(
@@ -242,6 +251,14 @@ impl Config {
             return invalid(format!(
                 "max_inflight_bytes ({}) must be below 4 GiB",
                 self.max_inflight_bytes
+            ));
+        }
+        if !self.metrics_addr.is_empty()
+            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return invalid(format!(
+                "metrics_addr {:?} must be an address and port such as 127.0.0.1:9465",
+                self.metrics_addr
             ));
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
@@ -389,6 +406,24 @@ mod tests {
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(err.contains("choose one source"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn metrics_address_from_either_variable_ds_sync_first() {
+        Jail::expect_with(|jail| {
+            assert_eq!(load_in_jail()?.metrics_addr, "");
+            jail.set_env("DS_METRICS__ADDR", "127.0.0.1:9464");
+            assert_eq!(load_in_jail()?.metrics_addr, "127.0.0.1:9464");
+            jail.set_env("DS_SYNC__METRICS_ADDR", "127.0.0.1:9465");
+            assert_eq!(load_in_jail()?.metrics_addr, "127.0.0.1:9465");
+            jail.set_env("DS_SYNC__METRICS_ADDR", "nowhere");
+            let err = load_in_jail()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("metrics_addr"), "{err}");
             Ok(())
         });
     }

@@ -254,6 +254,7 @@ impl Follower {
         let mut backoff = Backoff::new(self.ctx.backoff_min, self.ctx.backoff_max);
         let status = self.ctx.status.clone();
         status.set_incarnation(&self.stream, self.incarnation);
+        let mut sessions = 0u64;
         loop {
             status.set_state(&self.stream, StreamState::Waiting);
             let Some(slot) = self.ctx.acquire_slot(&self.stop).await else {
@@ -261,6 +262,10 @@ impl Follower {
             };
             status.set_state(&self.stream, StreamState::Following);
             let start_offset = self.offset.clone();
+            if sessions > 0 && self.mode == Some(Mode::Sse) {
+                crate::metrics::sse_reconnect();
+            }
+            sessions += 1;
             self.answered = false;
             let stop = self.stop.clone();
             let result = tokio::select! {
@@ -706,6 +711,7 @@ impl Follower {
             .acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
             .await
             .map_err(|_| FollowError::WriterGone)?;
+        self.ctx.status.received(&self.stream, &next);
         let read = Read {
             stream: self.stream.clone(),
             incarnation: self.incarnation,

@@ -13,6 +13,7 @@ pub mod db;
 pub mod discovery;
 pub mod follow;
 pub mod health;
+pub mod metrics;
 pub mod status;
 pub mod writer;
 
@@ -46,6 +47,11 @@ pub enum SyncError {
     Http(#[from] reqwest::Error),
     #[error("health endpoint on {addr}: {source}")]
     Health {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
         addr: String,
         source: std::io::Error,
     },
@@ -249,6 +255,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         tasks.spawn(async move {
             if let Err(e) = health::serve(listener, router, stop).await {
                 tracing::error!(error = %e, "health endpoint failed");
+            }
+        });
+    }
+    if !config.metrics_addr.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
+            .await
+            .map_err(|source| SyncError::Metrics {
+                addr: config.metrics_addr.clone(),
+                source,
+            })?;
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics listening (GET /metrics)");
+        }
+        let registry = metrics::registry(status.clone());
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = metrics::serve(listener, registry, stop).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
             }
         });
     }

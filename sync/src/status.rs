@@ -43,6 +43,28 @@ pub struct StreamStatus {
     pub rows_committed: u64,
     /// From receiving a read to committing it, for the last batch that held this stream.
     pub commit_lag_ms: u64,
+    /// Since when the mirror has been behind the server (not everything the server held is
+    /// committed); `None`: current. The `ds_sync_stream_lag_seconds` metric.
+    #[serde(skip)]
+    pub behind_since: Option<Instant>,
+    /// The next offset of the last read handed to the writer.
+    #[serde(skip)]
+    pub read_offset: Option<String>,
+}
+
+impl StreamStatus {
+    /// Everything read has been committed.
+    fn all_committed(&self) -> bool {
+        self.read_offset.is_none() || self.read_offset == self.committed_offset
+    }
+}
+
+/// Totals since start, for metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Totals {
+    pub rows: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
 }
 
 /// Shared counters.
@@ -82,11 +104,20 @@ impl Status {
     pub fn set_incarnation(&self, stream: &Arc<str>, incarnation: i32) {
         let mut entry = self.streams.entry(stream.clone()).or_default();
         if entry.incarnation != incarnation {
+            // Behind until its reader first reaches the tail with everything committed.
             *entry = StreamStatus {
                 incarnation,
+                behind_since: Some(Instant::now()),
                 ..StreamStatus::default()
             };
         }
+    }
+
+    /// A read ending at `next_offset` was handed to the writer.
+    pub fn received(&self, stream: &Arc<str>, next_offset: &str) {
+        let mut entry = self.streams.entry(stream.clone()).or_default();
+        entry.read_offset = Some(next_offset.to_owned());
+        entry.behind_since.get_or_insert_with(Instant::now);
     }
 
     pub fn set_state(&self, stream: &Arc<str>, state: StreamState) {
@@ -94,7 +125,13 @@ impl Status {
     }
 
     pub fn set_up_to_date(&self, stream: &Arc<str>, up_to_date: bool) {
-        self.streams.entry(stream.clone()).or_default().up_to_date = up_to_date;
+        let mut entry = self.streams.entry(stream.clone()).or_default();
+        entry.up_to_date = up_to_date;
+        if !up_to_date {
+            entry.behind_since.get_or_insert_with(Instant::now);
+        } else if entry.all_committed() {
+            entry.behind_since = None;
+        }
     }
 
     pub fn commit_failed(&self) {
@@ -106,11 +143,16 @@ impl Status {
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now();
+        let mut bytes = 0u64;
         for update in applied.iter().filter_map(|&i| batch.get(i)) {
             match update {
                 Update::Read(read) => {
+                    bytes += read.rows.iter().map(|r| r.len() as u64).sum::<u64>();
                     let mut entry = self.streams.entry(read.stream.clone()).or_default();
                     entry.committed_offset = Some(read.next_offset.clone());
+                    if entry.up_to_date && entry.all_committed() {
+                        entry.behind_since = None;
+                    }
                     entry.rows_committed += read.rows.len() as u64;
                     let lag = now.duration_since(read.received_at).unwrap_or_default();
                     entry.commit_lag_ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
@@ -124,6 +166,30 @@ impl Status {
                 Update::Restart { .. } | Update::CaughtUp { .. } => {}
             }
         }
+        crate::metrics::committed_bytes(bytes);
+    }
+
+    pub fn totals(&self) -> Totals {
+        Totals {
+            rows: self.rows.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+            commit_failures: self.commit_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every followed stream (not closed or deleted) with its lag, largest first.
+    pub fn lags(&self) -> Vec<(Arc<str>, Duration)> {
+        let mut lags: Vec<(Arc<str>, Duration)> = self
+            .streams
+            .iter()
+            .filter(|e| !matches!(e.state, StreamState::Closed | StreamState::Deleted))
+            .map(|e| {
+                let lag = e.behind_since.map(|t| t.elapsed()).unwrap_or_default();
+                (e.key().clone(), lag)
+            })
+            .collect();
+        lags.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        lags
     }
 
     pub fn snapshot(&self) -> Snapshot {

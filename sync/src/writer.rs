@@ -112,7 +112,10 @@ async fn commit_with_retry(
     // and acting on a notice twice does nothing.
     let mut notices = Vec::new();
     loop {
-        match commit(pool, batch, &mut notices).await {
+        let attempt = std::time::Instant::now();
+        let committed = commit(pool, batch, &mut notices).await;
+        crate::metrics::pg_transaction(attempt.elapsed());
+        match committed {
             Ok(outcome) => {
                 status.committed(batch, &outcome.applied, outcome.rows);
                 if outcome.stale > 0 {

@@ -27,6 +27,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::{self, Operation};
 use crate::stream::{AppendRequest, CreateRequest, ReadOutcome, Stream, Streams};
 use crate::subscription::Subscriptions;
 use error::ApiError;
@@ -132,7 +133,13 @@ where
         let answer = match req.uri().path() {
             "/healthz" => probe(state, req, id, false),
             "/readyz" => probe(state, req, id, true),
-            path if subscriptions::is_control_path(path) => subscriptions::request(state, req, id),
+            path if subscriptions::is_control_path(path) => {
+                let started = std::time::Instant::now();
+                Box::pin(subscriptions::request(state, req, id).map(move |response| {
+                    metrics::request(Operation::Subscription, response.status().as_u16(), started);
+                    response
+                }))
+            }
             _ => stream_request(state, req, id),
         };
         answer.map(Ok)
@@ -239,15 +246,17 @@ fn browser_headers(
 /// long-poll reader holds its future for as long as it waits, and should not pay for the
 /// largest (an append's).
 fn stream_request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'static, Response> {
+    let started = std::time::Instant::now();
     let origin = req.headers().get(header::ORIGIN).cloned();
     // The access line is opt-in (debug): the path is copied only when it will be logged.
     let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let finish = move |state: &AppState, result: Result<Response, ApiError>| {
+    let finish = move |state: &AppState, op: Operation, result: Result<Response, ApiError>| {
         let response = match result {
             Ok(response) => response,
             Err(e) => e.respond(Some(&id)),
         };
+        metrics::request(op, response.status().as_u16(), started);
         if let Some((method, path)) = access {
             tracing::debug!(
                 target: ACCESS_LOG,
@@ -264,38 +273,42 @@ fn stream_request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'
         Method::GET => match plan_read(&state, req) {
             Ok(ReadPlan::LongPoll(stream, query)) => Box::pin(async move {
                 let result = long_poll(&state, &stream, &query).await;
-                finish(&state, result)
+                finish(&state, Operation::LongPoll, result)
             }),
             Ok(ReadPlan::Sse(stream, query)) => {
                 let response = sse::respond(state.clone(), stream, &query);
-                Box::pin(std::future::ready(finish(&state, response)))
+                Box::pin(std::future::ready(finish(&state, Operation::Sse, response)))
             }
             Ok(ReadPlan::CatchUp(stream, query, headers)) => Box::pin(async move {
                 let result = catch_up(&state, &stream, &query, &headers).await;
-                finish(&state, result)
+                finish(&state, Operation::Read, result)
             }),
-            Err(e) => Box::pin(std::future::ready(finish(&state, Err(e)))),
+            Err(e) => Box::pin(std::future::ready(finish(&state, Operation::Read, Err(e)))),
         },
         Method::HEAD => {
             let result = head(&state, req);
-            Box::pin(std::future::ready(finish(&state, result)))
+            Box::pin(std::future::ready(finish(&state, Operation::Head, result)))
         }
         Method::PUT => Box::pin(async move {
             let result = create(&state, req).await;
-            finish(&state, result)
+            finish(&state, Operation::Create, result)
         }),
         Method::POST => Box::pin(async move {
             let result = append(&state, req).await;
-            finish(&state, result)
+            finish(&state, Operation::Append, result)
         }),
         Method::DELETE => Box::pin(async move {
             let result = delete(&state, req).await;
-            finish(&state, result)
+            finish(&state, Operation::Delete, result)
         }),
-        Method::OPTIONS => Box::pin(std::future::ready(finish(&state, Ok(preflight())))),
+        Method::OPTIONS => Box::pin(std::future::ready(finish(
+            &state,
+            Operation::Options,
+            Ok(preflight()),
+        ))),
         ref other => {
             let e = ApiError::MethodNotAllowed(other.to_string());
-            Box::pin(std::future::ready(finish(&state, Err(e))))
+            Box::pin(std::future::ready(finish(&state, Operation::Other, Err(e))))
         }
     }
 }
@@ -433,6 +446,7 @@ async fn append(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let content_type = request::content_type(headers)?;
     declared_too_large(state, headers)?;
     let body = body_bytes(state, body).await?;
+    let body_len = body.len();
     let has_producer = producer.is_some();
     let outcome = state
         .inner
@@ -448,6 +462,9 @@ async fn append(state: &AppState, req: Request) -> Result<Response, ApiError> {
             },
         )
         .await?;
+    if outcome.stored_data {
+        metrics::appended(body_len);
+    }
     let status = if has_producer && outcome.stored_data {
         StatusCode::OK
     } else {
@@ -672,6 +689,7 @@ async fn long_poll(
     stream: &Arc<Stream>,
     query: &request::ReadQuery,
 ) -> Result<Response, ApiError> {
+    let _reader = metrics::LiveReader::new(metrics::LiveMode::LongPoll);
     let mut rx = stream.subscribe();
     let initial = *rx.borrow_and_update();
     let from = resolve(query.offset, initial.tail, stream.earliest());

@@ -118,6 +118,8 @@ fn events(
     cursor: Option<u64>,
 ) -> impl FutStream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     async_stream::stream! {
+        // Counted while the body is being streamed: from its first poll until it is dropped.
+        let _reader = crate::metrics::LiveReader::new(crate::metrics::LiveMode::Sse);
         let inner = &state.inner;
         let server = &inner.config.server;
         let mut pos = start;

@@ -251,6 +251,13 @@ pub trait Storage: Send + Sync + 'static {
     /// The mode's name, for logs.
     fn name(&self) -> &'static str;
 
+    /// `(used, limit)` bytes of the RAM budget this backend keeps (`DS_LIMITS__MAX_MEMORY_BYTES`
+    /// sizes the durable modes' record cache), for metrics; `None` where the streams' own bytes
+    /// are the budget (memory).
+    fn memory_budget(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Creates a stream's log holding `initial` records (positions from the fork anchor, or 0),
     /// closed at once when `close` is set. The log is usable immediately; the commit says when
     /// the creation is durable.

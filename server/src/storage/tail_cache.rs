@@ -56,9 +56,13 @@ impl CacheBudget {
     }
 
     /// Bytes held by all caches together.
-    #[cfg(test)]
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// `(used, limit)` in bytes, for metrics.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.used() as u64, self.limit as u64)
     }
 }
 

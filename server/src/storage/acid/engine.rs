@@ -179,6 +179,7 @@ impl Engine {
             self.stats
                 .operations
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            crate::metrics::storage_batch(batch.len());
             let mut flushed = Vec::new();
             let mut bytes = 0;
             for (pending, result) in batch.drain(..).zip(results) {
@@ -264,7 +265,15 @@ impl Engine {
             .and_then(|()| {
                 std::os::unix::fs::FileExt::write_all_at(&self.file, &record, self.segment_len)
             })
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+            .and_then(|()| {
+                if !sync {
+                    return Ok(());
+                }
+                let syncing = Instant::now();
+                self.file.sync_data()?;
+                crate::metrics::storage_sync(syncing.elapsed());
+                Ok(())
+            });
         match written {
             Ok(()) => {
                 self.lsn += 1;

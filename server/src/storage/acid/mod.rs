@@ -632,6 +632,10 @@ impl Storage for AcidStorage {
         "acid"
     }
 
+    fn memory_budget(&self) -> Option<(u64, u64)> {
+        Some(self.cache.usage())
+    }
+
     fn keeps_records(&self) -> bool {
         true
     }

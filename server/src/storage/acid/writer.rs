@@ -153,6 +153,7 @@ pub(super) fn run(
         let permit = gate.as_ref().map(|g| g.enter(&me));
         drain(first, &ops, &mut batch);
         let results = commit_batch(&db, &mut rows, &batch, &stats);
+        crate::metrics::storage_batch(batch.len());
         drop(permit);
         if let Some(gate) = &gate {
             gate.finished(batch.len());
@@ -297,6 +298,9 @@ pub(super) fn commit(
     let results = apply(&txn, rows, batch, unsaved)?;
     let applied = std::time::Instant::now();
     txn.commit().ctx("committing a write transaction")?;
+    if matches!(durability, Durability::Immediate) {
+        crate::metrics::storage_sync(applied.elapsed());
+    }
     stats
         .apply_micros
         .fetch_add((applied - began).as_micros() as u64, Ordering::Relaxed);

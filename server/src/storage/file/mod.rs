@@ -211,6 +211,10 @@ impl Storage for FileStorage {
         }
     }
 
+    fn memory_budget(&self) -> Option<(u64, u64)> {
+        Some(self.wal.cache.usage())
+    }
+
     fn create(
         &self,
         meta: &StreamMeta,

@@ -366,6 +366,7 @@ impl Writer {
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     wal.batches.fetch_add(1, Ordering::Relaxed);
                     wal.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    crate::metrics::storage_batch(batch.len());
                     let mut removed_any = false;
                     for (p, (seg, off)) in batch.drain(..).zip(placed) {
                         removed_any |= matches!(p.op.target, Target::Remove(_));
@@ -453,7 +454,9 @@ impl Writer {
             .write_all_at(&buf, active.len)
             .map_err(io_err(&path))?;
         if self.durable {
+            let syncing = std::time::Instant::now();
             self.file.sync_data().map_err(io_err(&path))?;
+            crate::metrics::storage_sync(syncing.elapsed());
         }
         active.len += buf.len() as u64;
         self.next_batch += 1;
@@ -815,10 +818,13 @@ mod syncer {
                 let older = std::mem::take(&mut s.older);
                 let active = s.active.clone();
                 let synced = parking_lot::MutexGuard::unlocked(&mut s, || {
-                    older
+                    let syncing = std::time::Instant::now();
+                    let synced = older
                         .iter()
                         .chain(active.as_ref().map(|(f, _)| f))
-                        .try_for_each(|f| f.sync_data())
+                        .try_for_each(|f| f.sync_data());
+                    crate::metrics::storage_sync(syncing.elapsed());
+                    synced
                 });
                 match synced {
                     Ok(()) => {

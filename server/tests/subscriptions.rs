@@ -587,7 +587,11 @@ async fn an_ack_naming_a_replaced_stream_instance_is_skipped_and_the_token_may_c
         .send()
         .await
         .expect("ack");
-    assert_eq!(r.status(), StatusCode::OK, "the old instance's ack is skipped, not refused");
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the old instance's ack is skipped, not refused"
+    );
     let (_, sub) = s.get_sub("i").await;
     assert_eq!(
         link(&sub, "i/s").expect("link")["acked_offset"],

@@ -461,7 +461,10 @@ mod tests {
         });
         Jail::expect_with(|jail| {
             jail.set_env("DS_SYNC__SUBSCRIPTION", "a/b");
-            assert!(load_in_jail().is_err(), "a subscription id is one path segment");
+            assert!(
+                load_in_jail().is_err(),
+                "a subscription id is one path segment"
+            );
             Ok(())
         });
         Jail::expect_with(|jail| {

@@ -203,7 +203,9 @@ impl Subscriber {
         for path in &selection.explicit {
             match relative(path) {
                 Some(rel) => streams.push(rel),
-                None => tracing::warn!(stream = %path, "path cannot be linked to a subscription; mirrored, but never acked"),
+                None => {
+                    tracing::warn!(stream = %path, "path cannot be linked to a subscription; mirrored, but never acked")
+                }
             }
         }
         let pattern = glob_for(&selection.prefixes);
@@ -326,7 +328,12 @@ impl Subscriber {
                 id: self.id.clone(),
                 url: self.url.clone(),
             }),
-            (StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED, _) => {
+            (
+                StatusCode::NOT_FOUND
+                | StatusCode::METHOD_NOT_ALLOWED
+                | StatusCode::NOT_IMPLEMENTED,
+                _,
+            ) => {
                 tracing::warn!(status = %status, body = %body, "the server offers no subscriptions here; mirroring without one (no lease, no acks)");
                 Ok(false)
             }
@@ -556,7 +563,10 @@ mod tests {
     fn prefixes_become_one_glob() {
         let g = |ps: &[&str]| glob_for(&ps.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(g(&[]), None);
-        assert_eq!(g(&["/v1/stream/orders/"]).as_deref(), Some("v1/stream/orders/**"));
+        assert_eq!(
+            g(&["/v1/stream/orders/"]).as_deref(),
+            Some("v1/stream/orders/**")
+        );
         assert_eq!(g(&["/"]).as_deref(), Some("**"));
         assert_eq!(g(&["/v1/stream/ord"]).as_deref(), Some("v1/stream/**"));
         assert_eq!(

@@ -158,7 +158,10 @@ async fn a_standby_worker_takes_over_after_the_working_one_is_killed() {
         async move { text.contains("standing by").then_some(()) }
     })
     .await;
-    assert!(!b.log_text().contains(HOLDING), "two workers hold one lease");
+    assert!(
+        !b.log_text().contains(HOLDING),
+        "two workers hold one lease"
+    );
 
     let streams: Vec<(String, &str)> = (0..3)
         .map(|i| {
@@ -206,7 +209,10 @@ async fn a_standby_worker_takes_over_after_the_working_one_is_killed() {
         .await
         .map(|r| r.get(0))
         .unwrap_or(-1);
-    assert_eq!(json_rows, expected as i64, "JSON rows in Postgres vs messages");
+    assert_eq!(
+        json_rows, expected as i64,
+        "JSON rows in Postgres vs messages"
+    );
     wait_acked_up_to_postgres(&server, &db, &paths).await;
     assert!(b.is_running());
 }
@@ -217,9 +223,9 @@ async fn the_subscription_is_created_again_after_a_memory_server_restart() {
     let mut server = Server::start().await;
     let c = StreamClient::new(&server);
     let path = "/v1/stream/restart/x";
+    c.create(path, JSON, r#"{"n":1}"#).await;
     let worker = Worker::start(&server, &db, &[path], &[]).await;
     wait_holding(&worker, 1).await;
-    c.create(path, JSON, r#"{"n":1}"#).await;
     assert_mirrored(&server, &db, &[path]).await;
     wait_acked_up_to_postgres(&server, &db, &[path]).await;
 

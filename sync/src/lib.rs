@@ -378,7 +378,10 @@ async fn mirror(
     let mut writer = tokio::spawn(writer::run(
         pool.clone(),
         updates_rx,
-        notices_tx.clone(),
+        writer::AfterCommit {
+            notices: notices_tx.clone(),
+            acks: shared.acks,
+        },
         writer::BatchLimits {
             rows: config.batch_rows,
             bytes: config.batch_bytes,
@@ -386,7 +389,6 @@ async fn mirror(
         },
         Backoff::new(config.backoff_min, config.backoff_max),
         status.clone(),
-        shared.acks,
         stop.clone(),
     ));
 
@@ -459,10 +461,13 @@ async fn mirror(
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            finished = &mut writer => break match { writer_done = true; finished } {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(e.into()),
+            finished = &mut writer => break {
+                writer_done = true;
+                match finished {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(e.into()),
+                }
             },
             Some(notice) = notices_rx.recv() => match notice {
                 Notice::RegistryCaughtUp if !started => {

@@ -47,19 +47,27 @@ pub struct BatchLimits {
     pub linger: Duration,
 }
 
+/// Who hears of a committed batch.
+pub struct AfterCommit {
+    /// What the worker must do about it (follow a stream, stop one).
+    pub notices: mpsc::UnboundedSender<Notice>,
+    /// The checkpoints it committed, to be acked to the server (with a subscription).
+    pub acks: Option<Arc<AckBook>>,
+}
+
 /// Receives updates from every follower and commits them in batches until `shutdown` or until
 /// all followers are gone. What the worker must do about a committed batch (follow a discovered
 /// or re-created stream, stop an ended one) goes to `notices` after its commit.
 pub async fn run(
     pool: Pool,
     mut updates: mpsc::Receiver<Update>,
-    notices: mpsc::UnboundedSender<Notice>,
+    after: AfterCommit,
     limits: BatchLimits,
     backoff: Backoff,
     status: Arc<Status>,
-    acks: Option<Arc<AckBook>>,
     shutdown: CancellationToken,
 ) -> Result<(), WriteError> {
+    let AfterCommit { notices, acks } = after;
     let mut batch: Vec<Update> = Vec::new();
     loop {
         // Wait for the first update of a batch, then fill it until a limit or the linger time.

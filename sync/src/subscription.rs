@@ -128,6 +128,9 @@ enum Held {
     Lost(String),
     /// The request did not get through; try again.
     Failed(String),
+    /// The server refused the acks themselves (400: e.g. an offset beyond a tail a crashed
+    /// server lost); sending them again would fail the same way.
+    Refused(String),
 }
 
 /// The worker's subscription client.
@@ -460,6 +463,7 @@ impl Subscriber {
                         | (StatusCode::NOT_FOUND, "SUBSCRIPTION_NOT_FOUND") => {
                             Held::Lost(format!("{status} {body}"))
                         }
+                        (StatusCode::BAD_REQUEST, _) => Held::Refused(format!("{status} {body}")),
                         _ => Held::Failed(format!("{status} {body}")),
                     };
                 }
@@ -538,6 +542,12 @@ impl Subscriber {
                     tracing::warn!(subscription = %self.id, reason = %why, "lost the subscription's lease; stopping work to claim again");
                     work.cancel();
                     return;
+                }
+                Held::Refused(why) => {
+                    // Dropped (they trail Postgres; the next commit of each stream acks it
+                    // again); a heartbeat without them follows at once.
+                    tracing::error!(subscription = %self.id, reason = %why, acks = acks.len(), "the server refused these acks; dropped");
+                    retry_at = Some(Instant::now());
                 }
                 Held::Failed(why) => {
                     book.put_back(acks);

@@ -196,7 +196,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub sync_lag_secs: Option<f64>,
     /// f: give each worker a subscription of its own (`DS_SYNC__SUBSCRIPTION`), so that it acks
-    /// what it commits; `false` for a ds-sync from before subscriptions (an A/B against it).
+    /// what it commits; `false` runs it without one (`DS_SYNC__SUBSCRIPTION=""`: no lease, no
+    /// acks), the A/B of acks in one binary.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sync_subscriptions: bool,
     /// f: stream counts of the lag runs.

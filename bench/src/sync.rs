@@ -58,8 +58,7 @@ pub struct Plan {
     pub lag_streams: Vec<usize>,
     /// Bounds every wait (a worker that never catches up fails the measurement).
     pub timeout: Duration,
-    /// Each worker gets a subscription of its own (and acks to it); off for a ds-sync from
-    /// before subscriptions, which refuses the unknown `DS_SYNC__SUBSCRIPTION`.
+    /// Each worker gets a subscription of its own (and acks to it); off: none (no acks).
     pub subscriptions: bool,
 }
 
@@ -543,6 +542,8 @@ impl Worker {
                 })
                 .collect();
             cmd.env("DS_SYNC__SUBSCRIPTION", id);
+        } else {
+            cmd.env("DS_SYNC__SUBSCRIPTION", "");
         }
         let child = cmd
             .spawn()

@@ -195,6 +195,11 @@ pub struct RunArgs {
     /// f: seconds of appends while lag is measured [10; quick 2].
     #[arg(long)]
     pub sync_lag_secs: Option<f64>,
+    /// f: give each worker a subscription of its own (`DS_SYNC__SUBSCRIPTION`), so that it acks
+    /// what it commits; `false` runs it without one (`DS_SYNC__SUBSCRIPTION=""`: no lease, no
+    /// acks), the A/B of acks in one binary.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub sync_subscriptions: bool,
     /// f: stream counts of the lag runs.
     #[arg(long, value_delimiter = ',', default_value = "1,100")]
     pub sync_lag_streams: Vec<usize>,
@@ -304,6 +309,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
                 lag_rate: args.sync_lag_rate,
                 lag_for: Duration::from_secs_f64(args.sync_lag_secs.unwrap_or(pick(10.0, 2.0))),
                 lag_streams: args.sync_lag_streams.clone(),
+                subscriptions: args.sync_subscriptions,
                 timeout: Duration::from_secs(120),
             };
             one(sync::run(&server, &run_id, &plan).await, "sync", |result| {

@@ -58,6 +58,8 @@ pub struct Plan {
     pub lag_streams: Vec<usize>,
     /// Bounds every wait (a worker that never catches up fails the measurement).
     pub timeout: Duration,
+    /// Each worker gets a subscription of its own (and acks to it); off: none (no acks).
+    pub subscriptions: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -522,6 +524,27 @@ impl Worker {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
+        if plan.subscriptions {
+            // One per worker: measurements differ in streams (a subscription's configuration),
+            // and a killed worker's lease would keep the next one waiting.
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let id: String = format!("bench-{tag}-{nanos}")
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            cmd.env("DS_SYNC__SUBSCRIPTION", id);
+        } else {
+            cmd.env("DS_SYNC__SUBSCRIPTION", "");
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("start {}", plan.sync_bin.display()))?;

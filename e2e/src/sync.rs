@@ -69,7 +69,10 @@ impl DsSync {
             .env(metrics, format!("{LOOPBACK}:{metrics_port}"))
             // Trust the test CA for an https:// server URL, as compose.yaml does: reqwest's rustls
             // verifier reads its roots from SSL_CERT_FILE when it is set.
-            .env(ca, fixtures::path("ca.pem"));
+            .env(ca, fixtures::path("ca.pem"))
+            // A killed worker holds the subscription's lease until it lapses, and its restart
+            // waits that long before it mirrors: short here, so restarts resume quickly.
+            .env("DS_SYNC__LEASE_TTL", "3s");
         for (key, value) in &options.extra_env {
             base = base.env(key, value);
         }

@@ -546,6 +546,107 @@ async fn acked_offsets_never_move_backwards_and_heartbeats_keep_the_claim() {
     s.stop().await;
 }
 
+/// The `Stream-Id` the server names for the stream at `rel` now.
+async fn stream_id(s: &Server, rel: &str) -> String {
+    let r = s.client.head(s.url(rel)).send().await.expect("head");
+    r.headers()
+        .get("stream-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("Stream-Id")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_ack_naming_a_replaced_stream_instance_is_skipped_and_the_token_may_come_in_its_own_header()
+ {
+    // ds-sync acks what Postgres committed, naming the stream instance: a late ack of a deleted
+    // stream must not move the cursor of the stream created at its path since.
+    let s = Server::start(|_| {}).await;
+    let first_tail = pending_pull(&s, "i", 60_000).await;
+    let old_id = stream_id(&s, "i/s").await;
+    let (_, claim) = s.claim("i", "w").await;
+    let token = claim["token"].as_str().expect("token").to_owned();
+    let delete = s.client.delete(s.url("i/s")).send().await.expect("delete");
+    assert!(delete.status().is_success());
+    // The new stream is longer, so the old tail is a boundary inside it.
+    assert!(s.put_stream("i/s", r#"{"n":1}"#).await.is_success());
+    s.append("i/s", r#"{"n":2}"#).await;
+    let new_id = stream_id(&s, "i/s").await;
+    assert_ne!(old_id, new_id);
+    let ack = |id: &str, offset: &str| {
+        json!({"wake_id": claim["wake_id"], "generation": claim["generation"],
+               "acks": [{"stream": "i/s", "offset": offset, "stream_id": id}]})
+    };
+    // `Subscription-Token` carries the claim token where `Authorization` holds an edge's JWT.
+    let r = s
+        .client
+        .post(format!("{}/ack", s.sub_url("i")))
+        .header("subscription-token", &token)
+        .header("authorization", "Bearer not-the-claim-token")
+        .json(&ack(&old_id, &first_tail))
+        .send()
+        .await
+        .expect("ack");
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the old instance's ack is skipped, not refused"
+    );
+    let (_, sub) = s.get_sub("i").await;
+    assert_eq!(
+        link(&sub, "i/s").expect("link")["acked_offset"],
+        "0000000000000000_0000000000000000",
+        "an ack of the deleted stream moved the new stream's cursor"
+    );
+    // The current instance's ack applies.
+    let (status, _) = s
+        .call("i", "ack", Some(&token), ack(&new_id, &first_tail))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, sub) = s.get_sub("i").await;
+    assert_eq!(
+        link(&sub, "i/s").expect("link")["acked_offset"],
+        first_tail.as_str()
+    );
+    let (status, err) = s
+        .call("i", "ack", Some(&token), ack("x", &first_tail))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&err), "INVALID_REQUEST");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn links_from_start_links_existing_streams_at_their_beginning() {
+    // Extension for subscribers such as ds-sync, which must process what the server held
+    // before the subscription existed (the protocol's default links at the tail).
+    let s = Server::start(|_| {}).await;
+    assert!(s.put_stream("lf/a", r#"{"n":1}"#).await.is_success());
+    assert!(s.put_stream("lf/b", r#"{"n":1}"#).await.is_success());
+    assert!(s.put_stream("w/lf", "[]").await.is_success());
+    let mut body = json!({"type": "pull-wake", "pattern": "lf/a", "streams": ["lf/b"],
+                          "wake_stream": "w/lf", "links_from": "start"});
+    let (status, sub) = s.put_sub("lf", body.clone()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(sub["links_from"], "start");
+    for rel in ["lf/a", "lf/b"] {
+        assert_eq!(
+            link(&sub, rel).expect("link")["acked_offset"],
+            "0000000000000000_0000000000000000",
+            "{rel}"
+        );
+    }
+    // Part of the configuration: the same body re-confirms, another value conflicts.
+    assert_eq!(s.put_sub("lf", body.clone()).await.0, StatusCode::OK);
+    body["links_from"] = json!("tail");
+    assert_eq!(s.put_sub("lf", body.clone()).await.0, StatusCode::CONFLICT);
+    body["links_from"] = json!("middle");
+    let (status, err) = s.put_sub("lf2", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&err), "INVALID_REQUEST");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn an_expired_lease_clears_the_holder_and_wakes_again_while_work_is_pending() {
     let s = Server::start(|_| {}).await;

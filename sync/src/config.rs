@@ -40,6 +40,13 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Path of the server's registry stream of create/delete events, used to discover streams.
     pub registry_path: String,
+    /// Subscription (at the server's root `/`) through which the worker acks what Postgres
+    /// committed and holds the lease that decides which of several workers mirrors; empty: none.
+    pub subscription: String,
+    /// The subscription's lease: a standby worker takes over within this after the worker
+    /// holding it dies (1 s to 10 min; part of the subscription's configuration).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
     /// A batch commits once it holds this many rows...
     pub batch_rows: usize,
     /// ...or this many bytes of payload...
@@ -137,6 +144,8 @@ impl Default for Config {
             bearer_token: None,
             token_file: None,
             registry_path: "/_ds/registry".into(),
+            subscription: "ds-sync".into(),
+            lease_ttl: Duration::from_secs(30),
             batch_rows: 5_000,
             batch_bytes: 8 << 20,
             linger: Duration::from_millis(20),
@@ -259,6 +268,25 @@ impl Config {
             return invalid(format!(
                 "metrics_addr {:?} must be an address and port such as 127.0.0.1:9465",
                 self.metrics_addr
+            ));
+        }
+        if !self.subscription.is_empty()
+            && (self.subscription.len() > 128
+                || !self
+                    .subscription
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                || self.subscription.starts_with('.'))
+        {
+            return invalid(format!(
+                "subscription {:?} must be 1 to 128 of A-Z a-z 0-9 - _ . (not starting with '.'), or empty for none",
+                self.subscription
+            ));
+        }
+        if self.lease_ttl < Duration::from_secs(1) || self.lease_ttl > Duration::from_secs(600) {
+            return invalid(format!(
+                "lease_ttl ({:?}) must be from 1s to 10min",
+                self.lease_ttl
             ));
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
@@ -464,6 +492,29 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("DS_SYNC__STREAMS", "relative");
             assert!(load_in_jail().is_err());
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_SYNC__SUBSCRIPTION", "a/b");
+            assert!(
+                load_in_jail().is_err(),
+                "a subscription id is one path segment"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_SYNC__LEASE_TTL", "500ms");
+            let err = load_in_jail()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("lease_ttl"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("DS_SYNC__SUBSCRIPTION", "");
+            let c = load_in_jail()?;
+            assert_eq!(c.subscription, "", "empty turns the subscription off");
             Ok(())
         });
     }

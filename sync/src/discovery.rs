@@ -18,6 +18,9 @@ use std::collections::BTreeSet;
 
 use serde::Deserialize;
 
+/// Where the worker keeps streams of its own (the subscription's wake stream), never mirrored.
+pub const SYNC_PREFIX: &str = "/_ds-sync/";
+
 /// One event of the registry stream. Unknown fields are ignored so the server may add some.
 #[derive(Debug, Deserialize)]
 pub struct RegistryEvent {
@@ -77,9 +80,10 @@ impl Selection {
     }
 
     /// Whether the worker mirrors `path`: an explicit path, or one under a pattern. Never the
-    /// registry itself.
+    /// registry itself, nor the worker's own wake streams (under [`SYNC_PREFIX`]).
     pub fn covers(&self, path: &str) -> bool {
         path != self.registry
+            && !path.starts_with(SYNC_PREFIX)
             && (self.explicit.contains(path)
                 || self.prefixes.iter().any(|p| path.starts_with(p.as_str())))
     }
@@ -104,6 +108,7 @@ mod tests {
         assert!(sel.covers("/v1/stream/b"));
         assert!(sel.covers("/v1/stream/a"), "explicit paths are covered too");
         assert!(!sel.covers("/_ds/registry"));
+        assert!(!sel.covers("/_ds-sync/ds-sync/wake"));
         let only_explicit = Selection::new(&["/x".into()], "/_ds/registry");
         assert!(!only_explicit.needs_registry());
         assert!(only_explicit.covers("/x"));

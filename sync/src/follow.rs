@@ -67,6 +67,15 @@ pub enum FollowError {
         "the server answered for stream id {seen:?}, not {expected:?}: the path holds another stream"
     )]
     OtherStream { expected: StreamId, seen: StreamId },
+    /// 410 with `Stream-Earliest-Offset`: the server released (acked retention) data at the
+    /// checkpoint that Postgres does not hold. Not a delete: the stream is still there.
+    #[error(
+        "the server released the data at offset {offset:?} before it was mirrored (its earliest \
+         retained offset is {earliest:?}): another subscription's acks or a deleted ds-sync \
+         subscription let it go. Nothing is skipped silently: to accept the loss and resume, \
+         UPDATE ds_checkpoints SET next_offset = '{earliest}' WHERE stream = '<this stream>'"
+    )]
+    Released { offset: String, earliest: String },
     #[error("the writer stopped")]
     WriterGone,
     /// 401: the credentials were refused (an expired token, most likely).
@@ -348,6 +357,12 @@ impl Follower {
                 // A clean end that delivered nothing: do not hammer the server.
                 Ok(SessionEnd::Reconnect) => self.pause(backoff.next_delay()).await,
                 Err(FollowError::WriterGone) => return,
+                Err(e @ FollowError::Released { .. }) => {
+                    // Loud and retried: an operator decides; the stream is not recorded deleted.
+                    tracing::error!(stream = %self.stream, incarnation = self.incarnation, error = %e, retry_in = ?self.ctx.backoff_max, "data released before it was mirrored");
+                    status.set_state(&self.stream, StreamState::Backoff);
+                    self.pause(self.ctx.backoff_max).await;
+                }
                 // Re-read the token before backing off; a replaced token is tried at once.
                 Err(FollowError::Unauthorized { .. }) if self.ctx.credentials.refused().await => {
                     backoff.reset();
@@ -423,6 +438,36 @@ impl Follower {
         Ok(url)
     }
 
+    /// A 410 naming the earliest retained offset is released data, not a deleted stream.
+    /// A read from the start of a partly released stream begins at its earliest retained offset:
+    /// what came before never reaches Postgres, which is logged as an error.
+    fn check_released(&self, resp: &reqwest::Response) -> Result<(), FollowError> {
+        let earliest = resp
+            .headers()
+            .get("stream-earliest-offset")
+            .and_then(|v| v.to_str().ok());
+        if resp.status().is_success() {
+            if let Some(earliest) = earliest
+                && self.offset == START_OFFSET
+                && earliest.bytes().any(|b| b.is_ascii_digit() && b != b'0')
+            {
+                tracing::error!(stream = %self.stream, incarnation = self.incarnation, earliest = %earliest,
+                    "the server released this stream's beginning before it was mirrored; mirroring from its earliest retained offset");
+            }
+            return Ok(());
+        }
+        if resp.status() != StatusCode::GONE {
+            return Ok(());
+        }
+        match earliest {
+            Some(earliest) => Err(FollowError::Released {
+                offset: self.offset.clone(),
+                earliest: earliest.to_owned(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The stream's content type, or how it is gone.
     async fn head(&mut self) -> Result<Result<String, SessionEnd>, FollowError> {
         let resp = self
@@ -485,6 +530,7 @@ impl Follower {
             .send()
             .await?;
         self.ctx.check_auth(&resp, "SSE read")?;
+        self.check_released(&resp)?;
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND | StatusCode::GONE => {
@@ -602,6 +648,7 @@ impl Follower {
             .send()
             .await?;
         self.ctx.check_auth(&resp, "long-poll read")?;
+        self.check_released(&resp)?;
         let status = resp.status();
         match status {
             StatusCode::OK | StatusCode::NO_CONTENT => self.answered = true,

@@ -15,6 +15,7 @@ pub mod follow;
 pub mod health;
 pub mod metrics;
 pub mod status;
+pub mod subscription;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::db::StreamStart;
 use crate::discovery::Selection;
 use crate::follow::{FollowContext, Follower, Probe, Role};
 use crate::status::Status;
+use crate::subscription::{AckBook, Subscriber};
 
 /// Why the worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,8 @@ pub enum SyncError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Subscription(#[from] subscription::SubscriptionError),
 }
 
 /// The followers of mirrored streams: at most one per path, for its latest incarnation.
@@ -220,13 +224,10 @@ async fn revive_if_reappeared(
     }
 }
 
-/// Runs the worker until `shutdown` is cancelled or a fatal error occurs: migrates, loads the
-/// checkpoints, follows every selected stream and discovers new ones.
-///
-/// With a pattern configured, the registry is read to its tail (and committed) before any other
-/// stream is followed: its events since the last run may have ended incarnations or started new
-/// ones, and a follower started from an ended incarnation's checkpoint would read the new stream
-/// at the path into the old incarnation.
+/// Runs the worker until `shutdown` is cancelled or a fatal error occurs: migrates, then
+/// (with a subscription) waits to hold the subscription's lease, and mirrors while it holds it
+/// (see `subscription`). A lost lease stops the mirroring, which starts again from the
+/// checkpoints once the lease is held again.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), SyncError> {
     db::migrate(&config).await?;
     let pool = db::pool(&config)?;
@@ -283,22 +284,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
     );
     tasks.spawn(credentials.clone().watch(stop.clone()));
 
-    let (updates_tx, updates_rx) = mpsc::channel(config.queue_reads);
-    let (notices_tx, mut notices_rx) = mpsc::unbounded_channel();
-    let mut writer = tokio::spawn(writer::run(
-        pool.clone(),
-        updates_rx,
-        notices_tx.clone(),
-        writer::BatchLimits {
-            rows: config.batch_rows,
-            bytes: config.batch_bytes,
-            linger: config.linger,
-        },
-        Backoff::new(config.backoff_min, config.backoff_max),
-        status.clone(),
-        stop.clone(),
-    ));
-
     let mut headers = reqwest::header::HeaderMap::new();
     for (name, value) in config.request_headers() {
         // Validated by Config::load; a failure here would be a bug, reported, not a panic.
@@ -316,8 +301,123 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         .default_headers(headers)
         .connect_timeout(std::time::Duration::from_secs(10))
         .build()?;
+    let subscriber =
+        Subscriber::new(&config, &selection, http.clone(), credentials.clone()).map(Arc::new);
+
+    let result = loop {
+        let lease = match &subscriber {
+            Some(sub) => match sub.acquire(&stop).await {
+                Ok(lease) => lease,
+                Err(e) => break Err(e.into()),
+            },
+            None => None,
+        };
+        if stop.is_cancelled() {
+            break Ok(());
+        }
+        let work = stop.child_token();
+        let finished = CancellationToken::new();
+        let mut holder = None;
+        let mut book = None;
+        if let (Some(sub), Some(lease)) = (&subscriber, lease) {
+            let b = Arc::new(AckBook::default());
+            holder = Some(tokio::spawn(sub.clone().hold(
+                lease,
+                b.clone(),
+                work.clone(),
+                stop.clone(),
+                finished.clone(),
+            )));
+            book = Some(b);
+        }
+        let worked = mirror(
+            &config,
+            &pool,
+            &selection,
+            &explicit,
+            &status,
+            Mirror {
+                http: http.clone(),
+                credentials: credentials.clone(),
+                acks: book,
+            },
+            work.clone(),
+        )
+        .await;
+        if worked.is_err() {
+            work.cancel();
+        }
+        finished.cancel();
+        if let Some(holder) = holder {
+            // On shutdown it sends the last acks and releases the lease first.
+            if let Err(e) = holder.await {
+                tracing::error!(error = %e, "the lease task failed");
+            }
+        }
+        match worked {
+            Err(e) => break Err(e),
+            Ok(()) if stop.is_cancelled() || subscriber.is_none() => break Ok(()),
+            // The lease was lost: claim it again, then resume from the checkpoints.
+            Ok(()) => {}
+        }
+    };
+    stop.cancel();
+    tasks.shutdown().await;
+    result
+}
+
+/// What one mirroring session shares with the worker around it.
+struct Mirror {
+    http: reqwest::Client,
+    credentials: Arc<auth::Credentials>,
+    /// Where committed checkpoints go to be acked (with a subscription).
+    acks: Option<Arc<AckBook>>,
+}
+
+/// Mirrors until `shutdown` is cancelled (the worker stops, or its lease was lost) or a fatal
+/// error occurs: loads the checkpoints, follows every selected stream and discovers new ones.
+///
+/// With a pattern configured, the registry is read to its tail (and committed) before any other
+/// stream is followed: its events since the last run may have ended incarnations or started new
+/// ones, and a follower started from an ended incarnation's checkpoint would read the new stream
+/// at the path into the old incarnation.
+async fn mirror(
+    config: &Config,
+    pool: &Pool,
+    selection: &Arc<Selection>,
+    explicit: &[String],
+    status: &Arc<Status>,
+    shared: Mirror,
+    shutdown: CancellationToken,
+) -> Result<(), SyncError> {
+    let pool = pool.clone();
+    let explicit = explicit.to_vec();
+    let status = status.clone();
+    let stop = shutdown.child_token();
+    let _stop_guard = stop.clone().drop_guard();
+    let mut tasks = JoinSet::new();
+
+    let (updates_tx, updates_rx) = mpsc::channel(config.queue_reads);
+    let (notices_tx, mut notices_rx) = mpsc::unbounded_channel();
+    let mut writer = tokio::spawn(writer::run(
+        pool.clone(),
+        updates_rx,
+        writer::AfterCommit {
+            notices: notices_tx.clone(),
+            acks: shared.acks,
+        },
+        writer::BatchLimits {
+            rows: config.batch_rows,
+            bytes: config.batch_bytes,
+            linger: config.linger,
+        },
+        Backoff::new(config.backoff_min, config.backoff_max),
+        status.clone(),
+        stop.clone(),
+    ));
+
     let ctx = Arc::new(FollowContext {
-        http,
+        http: shared.http,
         base_url: config.server_url.trim_end_matches('/').to_owned(),
         updates: updates_tx,
         slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -331,7 +431,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
         backoff_max: config.backoff_max,
         restart_replaced: !selection.needs_registry(),
         status: status.clone(),
-        credentials,
+        credentials: shared.credentials,
         shutdown: stop.clone(),
     });
 
@@ -381,13 +481,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
     }
     drop(notices_tx);
 
+    let mut writer_done = false;
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            finished = &mut writer => break match finished {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(e.into()),
+            finished = &mut writer => break {
+                writer_done = true;
+                match finished {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(e.into()),
+                }
             },
             Some(notice) = notices_rx.recv() => match notice {
                 Notice::RegistryCaughtUp if !started => {
@@ -422,5 +526,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Sync
     stop.cancel();
     followers.tasks.shutdown().await;
     tasks.shutdown().await;
+    // A batch being committed lands (or not) before the next session loads the checkpoints:
+    // two writers of one worker must never overlap.
+    if !writer_done && let Err(e) = writer.await {
+        tracing::error!(error = %e, "writer task failed");
+    }
     result
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::batch::{self, Checkpoint, Notice, ReconcileError, Row, Update};
 use crate::status::Status;
+use crate::subscription::AckBook;
 
 /// Why a batch did not commit.
 #[derive(Debug, thiserror::Error)]
@@ -46,18 +47,27 @@ pub struct BatchLimits {
     pub linger: Duration,
 }
 
+/// Who hears of a committed batch.
+pub struct AfterCommit {
+    /// What the worker must do about it (follow a stream, stop one).
+    pub notices: mpsc::UnboundedSender<Notice>,
+    /// The checkpoints it committed, to be acked to the server (with a subscription).
+    pub acks: Option<Arc<AckBook>>,
+}
+
 /// Receives updates from every follower and commits them in batches until `shutdown` or until
 /// all followers are gone. What the worker must do about a committed batch (follow a discovered
 /// or re-created stream, stop an ended one) goes to `notices` after its commit.
 pub async fn run(
     pool: Pool,
     mut updates: mpsc::Receiver<Update>,
-    notices: mpsc::UnboundedSender<Notice>,
+    after: AfterCommit,
     limits: BatchLimits,
     backoff: Backoff,
     status: Arc<Status>,
     shutdown: CancellationToken,
 ) -> Result<(), WriteError> {
+    let AfterCommit { notices, acks } = after;
     let mut batch: Vec<Update> = Vec::new();
     loop {
         // Wait for the first update of a batch, then fill it until a limit or the linger time.
@@ -88,8 +98,12 @@ pub async fn run(
                 None => break,
             }
         }
-        let committed =
+        let (committed, checkpoints) =
             commit_with_retry(&pool, &batch, backoff.clone(), &status, &shutdown).await?;
+        // Only now, after COMMIT: what the server is told is in Postgres.
+        if let Some(book) = &acks {
+            book.committed(checkpoints);
+        }
         for notice in committed {
             // The receiver only goes away at shutdown; what the notices say is committed already.
             let _ = notices.send(notice);
@@ -98,22 +112,27 @@ pub async fn run(
     }
 }
 
-/// Commits `batch`, retrying until it lands; returns its notices (none if shutdown came first).
+/// A committed checkpoint to ack: path, stream id, next offset.
+type Committed = (String, String, String);
+
+/// Commits `batch`, retrying until it lands; returns its notices and the checkpoints it
+/// committed (none if shutdown came first).
 async fn commit_with_retry(
     pool: &Pool,
     batch: &[Update],
     mut backoff: Backoff,
     status: &Status,
     shutdown: &CancellationToken,
-) -> Result<Vec<Notice>, WriteError> {
+) -> Result<(Vec<Notice>, Vec<Committed>), WriteError> {
     // An attempt whose COMMIT failed may have landed anyway; the retry then finds nothing left to
     // apply and no notice to give, so the notices of the attempt that planned them are kept.
     // Every attempt that plans any plans the same ones (they come from the same stored state),
     // and acting on a notice twice does nothing.
     let mut notices = Vec::new();
+    let mut checkpoints = Vec::new();
     loop {
         let attempt = std::time::Instant::now();
-        let committed = commit(pool, batch, &mut notices).await;
+        let committed = commit(pool, batch, &mut notices, &mut checkpoints).await;
         crate::metrics::pg_transaction(attempt.elapsed());
         match committed {
             Ok(outcome) => {
@@ -130,7 +149,7 @@ async fn commit_with_retry(
                         "dropped reads of another stream than their incarnation's (Stream-Id); their incarnations ended"
                     );
                 }
-                return Ok(notices);
+                return Ok((notices, checkpoints));
             }
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
@@ -138,7 +157,7 @@ async fn commit_with_retry(
                 tracing::warn!(error = %e, retry_in = ?delay, updates = batch.len(), "batch commit failed; rolled back, will retry");
                 status.commit_failed();
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(Vec::new()),
+                    _ = shutdown.cancelled() => return Ok((Vec::new(), Vec::new())),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -158,11 +177,13 @@ struct Outcome {
 }
 
 /// One attempt: lock the checkpoints, apply what is not applied yet, commit. Its notices go to
-/// `notices` before COMMIT is sent, so that they survive a COMMIT with an unknown outcome.
+/// `notices` and the checkpoints it writes to `checkpoints` before COMMIT is sent, so that they
+/// survive a COMMIT with an unknown outcome (the retry then finds nothing left to write).
 async fn commit(
     pool: &Pool,
     batch: &[Update],
     notices: &mut Vec<Notice>,
+    checkpoints: &mut Vec<Committed>,
 ) -> Result<Outcome, WriteError> {
     let mut client = pool.get().await?;
     // Dropping the transaction without commit rolls it back.
@@ -256,6 +277,16 @@ async fn commit(
     }
 
     if !plan.checkpoints.is_empty() {
+        // What an ack may say once this commits: positions of known stream instances.
+        *checkpoints = plan
+            .checkpoints
+            .iter()
+            .filter(|(_, cp)| !cp.deleted && cp.next_offset != crate::batch::START_OFFSET)
+            .filter_map(|(path, cp)| {
+                let id = cp.stream_id.as_ref()?;
+                Some((path.to_string(), id.to_string(), cp.next_offset.clone()))
+            })
+            .collect();
         // The new row of every changed path, whole: the rows were read under FOR UPDATE (or did
         // not exist: a path the registry just announced), so nothing else moved them since.
         let cps = &plan.checkpoints;

@@ -141,7 +141,21 @@ async fn json_body<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiE
     })
 }
 
+/// The header that may carry a claim or callback token instead of `Authorization: Bearer`
+/// (an extension): behind an edge such as Envoy, `Authorization` carries the service JWT the
+/// edge checks and removes, so a worker there sends the wake's token in this header.
+pub const TOKEN_HEADER: &str = "subscription-token";
+
 fn bearer(req: &Request) -> Option<String> {
+    if let Some(token) = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        return Some(token.to_owned());
+    }
     let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme
@@ -235,6 +249,9 @@ struct PutBody {
     wake_stream: Option<String>,
     lease_ttl_ms: Option<u64>,
     description: Option<String>,
+    /// Extension: `"start"` links existing streams at their beginning, `"tail"` (the
+    /// protocol's rule, the default) at their tail.
+    links_from: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +271,10 @@ struct ClaimBody {
 struct AckItem {
     stream: String,
     offset: String,
+    /// Extension: the `Stream-Id` of the instance acked (decimal text); an ack of an instance
+    /// that is no longer linked at the path is skipped (see `AckRequest::stream_ids`).
+    #[serde(default)]
+    stream_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -301,12 +322,22 @@ async fn put(
             )));
         }
     };
+    let links_from_start = match body.links_from.as_deref() {
+        None | Some("tail") => false,
+        Some("start") => true,
+        Some(other) => {
+            return Err(invalid(format!(
+                "links_from {other:?} is not \"start\" or \"tail\""
+            )));
+        }
+    };
     let spec = Spec {
         delivery,
         pattern: body.pattern,
         streams: body.streams.unwrap_or_default(),
         lease_ttl_ms: body.lease_ttl_ms.unwrap_or(DEFAULT_LEASE_MS),
         description: body.description,
+        links_from_start,
     };
     let (view, created, effects) = subs.put(key, spec, &origin).await?;
     delivery::spawn_effects(subs, effects);
@@ -352,6 +383,7 @@ async fn act(
         Action::Ack | Action::Callback => {
             let body: AckBody = json_body(req.into_body()).await?;
             let mut acks = Vec::with_capacity(body.acks.len());
+            let mut stream_ids = Vec::with_capacity(body.acks.len());
             if body.acks.len() > crate::subscription::MAX_STREAMS_PER_REQUEST {
                 return Err(invalid(format!(
                     "acks lists at most {} streams",
@@ -360,12 +392,23 @@ async fn act(
             }
             for a in body.acks {
                 let pos = parse_offset(&a.stream, &a.offset)?;
+                let id = match &a.stream_id {
+                    None => None,
+                    Some(raw) => Some(raw.parse::<u64>().map_err(|_| {
+                        invalid(format!(
+                            "ack stream_id {raw:?} for {:?} is not a Stream-Id (a decimal number)",
+                            a.stream
+                        ))
+                    })?),
+                };
                 acks.push((a.stream, pos));
+                stream_ids.push(id);
             }
             let request = AckRequest {
                 wake_id: body.wake_id,
                 generation: body.generation,
                 acks,
+                stream_ids,
                 done: body.done,
             };
             let webhook = matches!(action, Action::Callback);
@@ -428,6 +471,7 @@ fn view_json(view: &View) -> serde_json::Value {
         "status": view.status,
         "generation": view.generation,
         "description": view.spec.description,
+        "links_from": if view.spec.links_from_start { "start" } else { "tail" },
     })
 }
 

@@ -92,6 +92,13 @@ pub struct Spec {
     pub streams: Vec<String>,
     pub lease_ttl_ms: u64,
     pub description: Option<String>,
+    /// Extension (`"links_from": "start"`): explicit links and the pattern's backfill start at
+    /// each existing stream's beginning instead of its tail, so that what the subscriber has
+    /// not processed yet stays pending (and unreleased under acked retention). ds-sync asks for
+    /// it: Postgres must get what the server held before the subscription existed. Not
+    /// serialized when off, so hashes of subscriptions without it are unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub links_from_start: bool,
 }
 
 impl Spec {
@@ -384,7 +391,19 @@ pub struct AckRequest {
     pub generation: u64,
     /// Root-relative paths and offsets.
     pub acks: Vec<(String, u64)>,
+    /// Parallel to `acks` (missing entries are `None`): the stream instance (`Stream-Id`) each
+    /// ack is about. An ack naming an instance that is no longer the link's (deleted, or the
+    /// path re-created) is skipped, never applied to the newer stream: a subscriber such as
+    /// ds-sync acking a deleted incarnation late must not move the cursor of its successor.
+    pub stream_ids: Vec<Option<StreamId>>,
     pub done: bool,
+}
+
+impl AckRequest {
+    /// The stream instance ack `i` names, if any.
+    fn stream_id(&self, i: usize) -> Option<StreamId> {
+        self.stream_ids.get(i).copied().flatten()
+    }
 }
 
 /// What the delivery task must do once the state change is durable.
@@ -907,11 +926,13 @@ impl Subscriptions {
                 hash,
                 spec,
             };
-            // Explicit streams at their current tail (an absent one from its start, when made).
+            // Explicit streams at their current tail (an absent one from its start, when made),
+            // or at their start with `links_from_start`.
+            let from_start = sub.spec.links_from_start;
             for rel in sub.spec.streams.clone() {
                 let full = sub.full_path(&rel);
                 let (stream_id, acked) = match self.current(&full) {
-                    Some((id, tail)) => (Some(id), tail),
+                    Some((id, tail)) => (Some(id), if from_start { 0 } else { tail }),
                     None => (None, 0),
                 };
                 sub.links.insert(
@@ -938,7 +959,7 @@ impl Subscriptions {
                     let link = sub.links.entry(full.clone()).or_insert(Link {
                         explicit: false,
                         glob: true,
-                        acked: v.tail,
+                        acked: if from_start { 0 } else { v.tail },
                         stream_id: Some(stream.meta.id),
                     });
                     link.glob = true;
@@ -1027,12 +1048,13 @@ impl Subscriptions {
                     limit: self.settings.max_links,
                 });
             }
+            let from_start = sub.spec.links_from_start;
             for rel in &streams {
                 let full = sub.full_path(rel);
                 let current = self.current(&full);
                 let link = sub.links.entry(full).or_insert_with(|| {
                     let (stream_id, acked) = match current {
-                        Some((id, tail)) => (Some(id), tail),
+                        Some((id, tail)) => (Some(id), if from_start { 0 } else { tail }),
                         None => (None, 0),
                     };
                     Link {
@@ -1294,8 +1316,13 @@ impl Subscriptions {
             };
             req.acks
                 .iter()
-                .filter_map(|(rel, offset)| {
+                .enumerate()
+                .filter_map(|(i, (rel, offset))| {
                     let stream = self.streams.peek(&sub.full_path(rel))?;
+                    // An ack of another instance is skipped below, whatever its offset.
+                    if req.stream_id(i).is_some_and(|id| id != stream.meta.id) {
+                        return None;
+                    }
                     Some((rel.clone(), stream, *offset))
                 })
                 .collect()
@@ -1339,13 +1366,19 @@ impl Subscriptions {
             Self::fence(sub, token, &req.wake_id, req.generation, now)?;
             // Every ack is checked before any is applied: nothing is half applied.
             let mut resolved = Vec::with_capacity(req.acks.len());
-            for (rel, offset) in &req.acks {
+            for (i, (rel, offset)) in req.acks.iter().enumerate() {
                 check_relative_path(rel, "stream")?;
                 let full = sub.full_path(rel);
-                let link = sub
-                    .links
-                    .get(&full)
-                    .ok_or_else(|| SubscriptionError::NotLinked(rel.clone()))?;
+                let expected = req.stream_id(i);
+                let link = match sub.links.get(&full) {
+                    Some(link) => link,
+                    // The instance acked is gone and its link with it: nothing to move.
+                    None if expected.is_some() => continue,
+                    None => return Err(SubscriptionError::NotLinked(rel.clone())),
+                };
+                if expected.is_some() && link.stream_id != expected {
+                    continue;
+                }
                 let tail = self.tail_of(&full, link).unwrap_or(link.acked);
                 if *offset > tail {
                     return Err(SubscriptionError::AckBeyondTail {

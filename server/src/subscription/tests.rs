@@ -23,6 +23,7 @@ fn spec(streams: &[&str]) -> Spec {
         streams: streams.iter().map(|s| (*s).to_owned()).collect(),
         lease_ttl_ms: DEFAULT_LEASE_MS,
         description: None,
+        links_from_start: false,
     }
 }
 
@@ -290,6 +291,7 @@ mod model {
                         wake_id,
                         generation,
                         acks: vec![(format!("p/{stream}"), offset)],
+                        stream_ids: Vec::new(),
                         done,
                     };
                     let current = live_holder == Some(worker) && generation == m.max_generation;

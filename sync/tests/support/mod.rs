@@ -369,6 +369,9 @@ impl Worker {
             ("DS_SYNC__STATS_INTERVAL".into(), "1s".into()),
             // Short sessions exercise reconnecting from the checkpoint and notice deletes fast.
             ("DS_SYNC__SESSION_MAX".into(), "2s".into()),
+            // A worker killed with SIGKILL holds the subscription's lease until it lapses; a
+            // restarted (or standby) worker waits that long before it mirrors.
+            ("DS_SYNC__LEASE_TTL".into(), "3s".into()),
             ("RUST_LOG".into(), "info,ds_sync=debug".into()),
         ];
         for (k, v) in extra {
@@ -499,6 +502,36 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The subscription `id` as the server shows it (`GET {root}__ds/subscriptions/{id}` at root
+/// `/`): `None` while it does not exist.
+pub async fn subscription(server: &Server, id: &str) -> Option<Value> {
+    let resp = reqwest::get(server.url(&format!("/__ds/subscriptions/{id}")))
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+/// The acked offset of each stream linked to a subscription, by absolute path.
+pub fn acked_offsets(sub: &Value) -> HashMap<String, String> {
+    sub["streams"]
+        .as_array()
+        .map(|links| {
+            links
+                .iter()
+                .filter_map(|l| {
+                    Some((
+                        format!("/{}", l["path"].as_str()?),
+                        l["acked_offset"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -148,9 +148,10 @@ impl ApiError {
                         StatusCode::CONFLICT
                     }
                 },
-                StreamError::StreamFull { .. } | StreamError::MemoryFull { .. } => {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                }
+                StreamError::StreamFull { .. }
+                | StreamError::MemoryFull { .. }
+                | StreamError::StreamsFull { .. }
+                | StreamError::ProducersFull { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 StreamError::ShuttingDown | StreamError::Poisoned => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }

@@ -53,6 +53,14 @@ pub enum StreamError {
         "append of {size} bytes would take the server past DS_LIMITS__MAX_MEMORY_BYTES ({limit} bytes; {used} used)"
     )]
     MemoryFull { size: u64, used: u64, limit: u64 },
+    #[error(
+        "creating the stream would take the server past DS_LIMITS__MAX_STREAMS ({limit} streams)"
+    )]
+    StreamsFull { limit: usize },
+    #[error(
+        "a new idempotent producer would take the server past DS_LIMITS__MAX_PRODUCERS ({limit} producer states; {used} held); idle producers are forgotten after DS_LIMITS__PRODUCER_IDLE_TIMEOUT"
+    )]
+    ProducersFull { used: u64, limit: u64 },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("stream is unavailable after a storage failure; restart to recover")]

@@ -162,6 +162,10 @@ pub struct LimitsConfig {
     pub max_stream_bytes: u64,
     pub max_request_bytes: u64,
     pub max_read_bytes: u64,
+    pub max_streams: u64,
+    pub max_producers: u64,
+    #[serde(with = "humantime_serde")]
+    pub producer_idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +226,9 @@ impl Default for LimitsConfig {
             max_stream_bytes: 10_000_000,
             max_request_bytes: 16 * 1024 * 1024,
             max_read_bytes: 4 * 1024 * 1024,
+            max_streams: 1_000_000,
+            max_producers: 1_000_000,
+            producer_idle_timeout: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -342,6 +349,21 @@ pub const KEYS: &[KeyDoc] = &[
         env: "DS_LIMITS__MAX_READ_BYTES",
         default: "4194304",
         doc: "Largest read response; longer reads are paged (a single larger message is sent whole).",
+    },
+    KeyDoc {
+        env: "DS_LIMITS__MAX_STREAMS",
+        default: "1000000",
+        doc: "Streams clients may have (soft-deleted ones kept for their forks included); a PUT past it gets 413. Every stream holds a few hundred bytes of RAM in every mode (see *Limits*).",
+    },
+    KeyDoc {
+        env: "DS_LIMITS__MAX_PRODUCERS",
+        default: "1000000",
+        doc: "Idempotent-producer states all streams together may hold (one per stream and `Producer-Id`); an append that would start one more gets 413. Each holds RAM in every mode (see *Limits*).",
+    },
+    KeyDoc {
+        env: "DS_LIMITS__PRODUCER_IDLE_TIMEOUT",
+        default: "7d",
+        doc: "A producer with no accepted append on a stream for this long is forgotten there and then treated as new (spec 5.2.1, *Producer State Cleanup*), also across restarts; `0s` never forgets.",
     },
     KeyDoc {
         env: "DS_STORAGE__MODE",
@@ -510,6 +532,8 @@ impl Config {
             ("DS_LIMITS__MAX_STREAM_BYTES", l.max_stream_bytes),
             ("DS_LIMITS__MAX_REQUEST_BYTES", l.max_request_bytes),
             ("DS_LIMITS__MAX_READ_BYTES", l.max_read_bytes),
+            ("DS_LIMITS__MAX_STREAMS", l.max_streams),
+            ("DS_LIMITS__MAX_PRODUCERS", l.max_producers),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be greater than 0")));

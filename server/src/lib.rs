@@ -61,6 +61,10 @@ impl App {
                 _ => u64::MAX,
             },
             max_read_bytes: usize::try_from(config.limits.max_read_bytes).unwrap_or(usize::MAX),
+            max_streams: usize::try_from(config.limits.max_streams).unwrap_or(usize::MAX),
+            max_producers: config.limits.max_producers,
+            producer_idle_ms: u64::try_from(config.limits.producer_idle_timeout.as_millis())
+                .unwrap_or(u64::MAX),
         };
         let registry = Some(config.server.registry_stream.clone()).filter(|r| !r.is_empty());
         let queue = config

@@ -807,6 +807,7 @@ async fn an_append_racing_storage_shutdown_gets_503_and_does_not_poison_its_stre
         max_stream_bytes: config.limits.max_stream_bytes,
         max_total_bytes: config.limits.max_memory_bytes,
         max_read_bytes: 1 << 20,
+        ..Default::default()
     };
     let streams = Arc::new(ds_server::stream::Streams::open(storage, limits).expect("streams"));
     let handler = ds_server::http::Handler::new(ds_server::http::AppState::new(

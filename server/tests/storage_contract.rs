@@ -236,6 +236,7 @@ async fn durable_backends_return_exactly_what_they_acknowledged_after_reopen() {
                     ProducerState {
                         epoch: 2,
                         last_seq: 0,
+                        last_ms: 0,
                     },
                 )),
             })
@@ -256,6 +257,8 @@ async fn durable_backends_return_exactly_what_they_acknowledged_after_reopen() {
                     ProducerState {
                         epoch: 2,
                         last_seq: 1,
+                        // The time of the producer's last append is stored with it.
+                        last_ms: 1_234_567,
                     },
                 )),
             })
@@ -320,7 +323,8 @@ async fn durable_backends_return_exactly_what_they_acknowledged_after_reopen() {
             a.state.producers.get("writer"),
             Some(&ProducerState {
                 epoch: 2,
-                last_seq: 1
+                last_seq: 1,
+                last_ms: 1_234_567,
             }),
             "{backend:?}"
         );

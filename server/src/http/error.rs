@@ -152,9 +152,10 @@ impl ApiError {
                         StatusCode::CONFLICT
                     }
                 },
-                StreamError::StreamFull { .. } | StreamError::MemoryFull { .. } => {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                }
+                StreamError::StreamFull { .. }
+                | StreamError::MemoryFull { .. }
+                | StreamError::StreamsFull { .. }
+                | StreamError::ProducersFull { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 StreamError::Released { earliest, .. } => {
                     extra.push((h::STREAM_EARLIEST_OFFSET, offset(*earliest)));
                     StatusCode::GONE

@@ -10,8 +10,11 @@ use crate::stream::producer::ProducerRequest;
 
 /// Longest stream path accepted.
 const MAX_PATH_BYTES: usize = 1024;
-/// Longest `Stream-Seq` or `Producer-Id` accepted.
+/// Longest `Stream-Seq` accepted.
 const MAX_TOKEN_BYTES: usize = 1024;
+/// Longest `Producer-Id` accepted: the server keeps one per producer and stream (and stores it
+/// with every append that names it), so it is kept short.
+pub const MAX_PRODUCER_ID_BYTES: usize = 256;
 
 /// A header as UTF-8 text, if present. Non-UTF-8 values are refused.
 pub fn text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -115,9 +118,10 @@ pub fn producer(headers: &HeaderMap) -> Result<Option<ProducerRequest>, ApiError
             if id.is_empty() {
                 return Err(ApiError::bad_request("Producer-Id must not be empty"));
             }
-            if id.len() > MAX_TOKEN_BYTES {
+            if id.len() > MAX_PRODUCER_ID_BYTES {
                 return Err(ApiError::bad_request(format!(
-                    "Producer-Id is longer than {MAX_TOKEN_BYTES} bytes"
+                    "Producer-Id is {} bytes; the limit is {MAX_PRODUCER_ID_BYTES} bytes",
+                    id.len()
                 )));
             }
             let epoch = parse_js_safe_u64(epoch).ok_or_else(|| {

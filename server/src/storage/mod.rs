@@ -28,6 +28,7 @@ pub(crate) const ZERO_FILL_BELOW: u64 = 64 << 10;
 
 pub mod acid;
 pub mod file;
+pub mod fsutil;
 pub mod memory;
 pub mod records;
 mod tail_cache;
@@ -79,10 +80,19 @@ pub fn done() -> Commit {
 }
 
 /// Idempotent-producer state for one `(stream, producer id)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerState {
     pub epoch: u64,
     pub last_seq: u64,
+    /// When the producer's last append was accepted (Unix ms): a producer idle longer than
+    /// `DS_LIMITS__PRODUCER_IDLE_TIMEOUT` is forgotten. 0: unknown (written by a build that did
+    /// not store it); recovery then counts the idle time from the start-up.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The producer request that closed a stream, so that its retry is recognised as a duplicate.

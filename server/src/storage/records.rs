@@ -234,8 +234,10 @@ fn rewrite(path: &Path, live: &Live) -> Result<(File, u64), StorageError> {
         push_frame(&mut buf, &payload, 0);
     }
     f.write_all(&buf).map_err(io(&tmp))?;
+    super::fsutil::crash_point("records-tmp-written");
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
+    super::fsutil::crash_point("records-renamed");
     if let Some(dir) = path.parent() {
         File::open(dir)
             .and_then(|d| d.sync_all())

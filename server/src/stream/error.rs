@@ -67,6 +67,14 @@ pub enum StreamError {
         "the stream registry cannot record this {event}: {why}; nothing was changed, retry later"
     )]
     RegistryUnavailable { event: &'static str, why: String },
+    #[error(
+        "creating the stream would take the server past DS_LIMITS__MAX_STREAMS ({limit} streams)"
+    )]
+    StreamsFull { limit: usize },
+    #[error(
+        "a new idempotent producer would take the server past DS_LIMITS__MAX_PRODUCERS ({limit} producer states; {used} held); idle producers are forgotten after DS_LIMITS__PRODUCER_IDLE_TIMEOUT"
+    )]
+    ProducersFull { used: u64, limit: u64 },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("stream is unavailable after a storage failure; restart to recover")]

@@ -45,6 +45,28 @@ pub struct Limits {
     pub max_total_bytes: u64,
     /// Largest read response, in bytes (a single larger record is still returned whole).
     pub max_read_bytes: usize,
+    /// Streams clients may have (`DS_LIMITS__MAX_STREAMS`); the server's own streams (under
+    /// [`RESERVED_PREFIX`]) are not counted.
+    pub max_streams: usize,
+    /// Idempotent-producer states all streams together may hold (`DS_LIMITS__MAX_PRODUCERS`).
+    pub max_producers: u64,
+    /// A producer with no accepted append for this long is forgotten, in milliseconds
+    /// (`DS_LIMITS__PRODUCER_IDLE_TIMEOUT`); 0 never forgets.
+    pub producer_idle_ms: u64,
+}
+
+impl Default for Limits {
+    /// No limits (tests and tools); the server sets every one from its configuration.
+    fn default() -> Self {
+        Limits {
+            max_stream_bytes: u64::MAX,
+            max_total_bytes: u64::MAX,
+            max_read_bytes: usize::MAX,
+            max_streams: usize::MAX,
+            max_producers: u64::MAX,
+            producer_idle_ms: 0,
+        }
+    }
 }
 
 /// When a stream's acknowledged prefix is released (`DS_RETENTION__*`, README *Retention*).
@@ -219,14 +241,15 @@ pub struct Stream {
     /// The source stream, for forks; kept alive for reads that stitch inherited data.
     source: Option<Arc<Stream>>,
     state: Mutex<WriterState>,
-    /// The acknowledged tail that readers may see; live readers wait on it.
-    visible: watch::Sender<Visible>,
+    /// The acknowledged tail that readers may see; live readers wait on its watch.
+    visible: Mutex<VisibleCell>,
     /// For sliding TTLs.
     last_access_ms: AtomicU64,
     log: Arc<dyn StreamLog>,
     /// The newest live read, encoded once and shared by every live reader at the same offset,
     /// so an append's cost does not grow with the number of readers.
-    shared_read: Mutex<Option<SharedRead>>,
+    /// Boxed: most streams never have one, and it is large.
+    shared_read: Mutex<Option<Box<SharedRead>>>,
     /// Told when the visible tail moves (subscriptions), if anyone listens.
     events: Option<Arc<dyn StreamEvents>>,
     /// The earliest retained offset: reads below it get `Released` (0: nothing released).
@@ -242,6 +265,20 @@ struct ReleaseQueue {
     candidates: VecDeque<(u64, u64)>,
     /// The highest offset ever offered (re-offered when a fork that pinned it goes away).
     acked: u64,
+}
+
+/// A stream's visible state and the watch live readers wait on. The watch (about 500 bytes of
+/// RAM) exists only while someone watches: it is made by the first `subscribe` and dropped by
+/// the first change after its last receiver went, so an idle stream holds only the state.
+struct VisibleCell {
+    now: Visible,
+    watch: Option<watch::Sender<Visible>>,
+}
+
+impl VisibleCell {
+    fn new(now: Visible) -> Mutex<VisibleCell> {
+        Mutex::new(VisibleCell { now, watch: None })
+    }
 }
 
 /// A read already encoded for the wire (the HTTP layer decides the encoding).
@@ -267,14 +304,14 @@ impl Stream {
     pub fn shared_read(&self, start: u64, visible: Visible) -> Option<SharedRead> {
         self.shared_read
             .lock()
-            .as_ref()
+            .as_deref()
             .filter(|r| r.start == start && r.visible == visible)
             .cloned()
     }
 
     /// Offers an encoded read for other readers at the same offset.
     pub fn share_read(&self, read: SharedRead) {
-        *self.shared_read.lock() = Some(read);
+        *self.shared_read.lock() = Some(Box::new(read));
     }
 }
 
@@ -287,17 +324,25 @@ impl std::fmt::Debug for Stream {
 impl Stream {
     /// The current visible state.
     pub fn visible(&self) -> Visible {
-        *self.visible.borrow()
+        self.visible.lock().now
     }
 
     /// Subscribes to changes of the visible state (appends, close, removal).
     pub fn subscribe(&self) -> watch::Receiver<Visible> {
-        self.visible.subscribe()
+        let mut cell = self.visible.lock();
+        let now = cell.now;
+        cell.watch
+            .get_or_insert_with(|| watch::Sender::new(now))
+            .subscribe()
     }
 
     /// How many live readers (long-poll, SSE, duplicate waiters) are watching this stream.
     pub fn live_readers(&self) -> usize {
-        self.visible.receiver_count()
+        self.visible
+            .lock()
+            .watch
+            .as_ref()
+            .map_or(0, watch::Sender::receiver_count)
     }
 
     /// Whether a storage failure made this stream refuse writes until a restart.
@@ -328,7 +373,7 @@ impl Stream {
             kind: MediaKind::of(&meta.content_type),
             source,
             state: Mutex::new(state),
-            visible: watch::Sender::new(visible),
+            visible: VisibleCell::new(visible),
             last_access_ms: AtomicU64::new(last_access_ms),
             shared_read: Mutex::new(None),
             events,
@@ -381,7 +426,18 @@ impl Stream {
     }
 
     fn publish(&self, f: impl FnOnce(&mut Visible) -> bool) {
-        self.visible.send_if_modified(f);
+        let mut cell = self.visible.lock();
+        if !f(&mut cell.now) {
+            return;
+        }
+        let now = cell.now;
+        // A receiver can only be made under this lock, so none appears while the watch goes.
+        if cell.watch.as_ref().is_some_and(|w| w.receiver_count() == 0) {
+            cell.watch = None;
+        }
+        if let Some(w) = &cell.watch {
+            w.send_replace(now);
+        }
     }
 
     /// Makes everything up to `tail` (and the closed flag) visible once committed. Appends of one
@@ -416,6 +472,10 @@ pub struct Streams {
     limits: Limits,
     /// Bytes held by all logs together, for `max_total_bytes`.
     total_bytes: AtomicU64,
+    /// Producer states held by all streams together, for `max_producers`.
+    producers: AtomicU64,
+    /// When the sweeper next looks for idle producers (Unix ms).
+    next_producer_sweep_ms: AtomicU64,
     next_id: AtomicU64,
     /// The registry stream announcing creates and deletes (discovery for followers such as
     /// ds-sync), if enabled.
@@ -448,6 +508,11 @@ impl std::fmt::Debug for Streams {
             .field("storage", &self.storage.name())
             .finish()
     }
+}
+
+/// Whether a producer last used at `p.last_ms` is idle past `idle_ms` at `now`.
+fn producer_idle(p: &ProducerState, now: u64, idle_ms: u64) -> bool {
+    now >= p.last_ms.saturating_add(idle_ms)
 }
 
 fn poisoned_guard(state: &WriterState) -> Result<(), StreamError> {
@@ -496,6 +561,8 @@ impl Streams {
             storage,
             limits,
             total_bytes: AtomicU64::new(0),
+            producers: AtomicU64::new(0),
+            next_producer_sweep_ms: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
         };
         streams.install_recovered(recovered);
@@ -507,7 +574,9 @@ impl Streams {
         recovered.sort_by_key(|r| r.meta.id);
         let mut by_id: HashMap<StreamId, Arc<Stream>> = HashMap::new();
         let mut max_id = 0;
-        for r in recovered {
+        let now = now_ms();
+        for mut r in recovered {
+            self.recover_producers(&mut r.state.producers, now);
             max_id = max_id.max(r.meta.id);
             let source = r
                 .meta
@@ -567,6 +636,84 @@ impl Streams {
         let seed = now_ms() << 20;
         self.next_id
             .store((max_id + 1).max(seed), Ordering::Relaxed);
+    }
+
+    /// Keeps the recovered producers that are not idle past the limit, counting them. A producer
+    /// whose time is unknown (stored by an older build) counts as used now: a restart may keep
+    /// a producer longer than the idle timeout, never forget one sooner (forgetting too soon
+    /// could re-admit a retried append as new data).
+    fn recover_producers(&self, producers: &mut HashMap<String, ProducerState>, now: u64) {
+        let idle = self.limits.producer_idle_ms;
+        for p in producers.values_mut() {
+            if p.last_ms == 0 {
+                p.last_ms = now;
+            }
+        }
+        if idle > 0 {
+            producers.retain(|_, p| !producer_idle(p, now, idle));
+            producers.shrink_to_fit();
+        }
+        self.producers
+            .fetch_add(producers.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Producer states held by all streams together.
+    pub fn producer_count(&self) -> u64 {
+        self.producers.load(Ordering::Relaxed)
+    }
+
+    /// The state of producer `id` on a stream, forgetting it first if it has been idle past the
+    /// limit (it is then treated as new, as spec 5.2.1 "Producer State Cleanup" allows).
+    fn producer_state(&self, st: &mut WriterState, id: &str, now: u64) -> Option<ProducerState> {
+        let idle = self.limits.producer_idle_ms;
+        let state = st.producers.get(id).copied()?;
+        if idle > 0 && producer_idle(&state, now, idle) {
+            st.producers.remove(id);
+            self.producers.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(state)
+    }
+
+    /// Takes a slot for a new producer state, refusing past `max_producers`.
+    fn reserve_producer(&self) -> Result<(), StreamError> {
+        let limit = self.limits.max_producers;
+        self.producers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map(|_| ())
+            .map_err(|used| StreamError::ProducersFull { used, limit })
+    }
+
+    /// Forgets every producer idle past the limit, in every stream; returns how many. The
+    /// sweeper calls it (through [`Streams::sweep_expired`]) at most every eighth of the idle
+    /// timeout, so that producers of streams nobody touches go too.
+    pub fn sweep_idle_producers(&self, now: u64) -> u64 {
+        let idle = self.limits.producer_idle_ms;
+        if idle == 0 {
+            return 0;
+        }
+        let mut forgotten = 0u64;
+        for e in self.registry.iter() {
+            let mut st = e.value().state.lock();
+            if st.producers.is_empty() {
+                continue;
+            }
+            let before = st.producers.len();
+            st.producers.retain(|_, p| !producer_idle(p, now, idle));
+            let gone = before - st.producers.len();
+            if gone > 0 {
+                forgotten += gone as u64;
+                if st.producers.len() * 4 < st.producers.capacity() {
+                    st.producers.shrink_to_fit();
+                }
+            }
+        }
+        if forgotten > 0 {
+            self.producers.fetch_sub(forgotten, Ordering::Relaxed);
+        }
+        forgotten
     }
 
     /// Creates the registry stream if it does not exist yet and starts the task that appends
@@ -794,6 +941,19 @@ impl Streams {
             && (*at as i128) <= (now as i128)
         {
             return Err(StreamError::AlreadyExpired(raw.clone()));
+        }
+        if !is_reserved(path) {
+            // Exact: creates and removals both hold the lifecycle lock.
+            let own = self
+                .registry_path
+                .as_deref()
+                .is_some_and(|r| self.registry.contains_key(r));
+            let streams = self.registry.len() - usize::from(own);
+            if streams >= self.limits.max_streams {
+                return Err(StreamError::StreamsFull {
+                    limit: self.limits.max_streams,
+                });
+            }
         }
         let (source, fork_meta, content_type) = match &req.fork {
             None => (
@@ -1042,6 +1202,7 @@ impl Streams {
             Commit(AppendOutcome, Commit, u64),
         }
 
+        let now = now_ms();
         let next = 'decide: {
             let mut st = stream.state.lock();
             poisoned_guard(&st)?;
@@ -1063,7 +1224,7 @@ impl Streams {
                         };
                         break 'decide Next::Wait(outcome, st.tail);
                     }
-                    if let Some(ps) = st.producers.get(&p.id)
+                    if let Some(ps) = self.producer_state(&mut st, &p.id, now)
                         && p.epoch < ps.epoch
                     {
                         return Err(producer::ProducerError::StaleEpoch {
@@ -1100,7 +1261,10 @@ impl Streams {
                     }
                 }
                 let verdict = match &req.producer {
-                    Some(p) => Some(producer::check(st.producers.get(&p.id).copied(), p)?),
+                    Some(p) => {
+                        let known = self.producer_state(&mut st, &p.id, now);
+                        Some(producer::check(known, p)?)
+                    }
                     None => None,
                 };
                 if let Some(Verdict::Duplicate { epoch, highest_seq }) = verdict {
@@ -1129,7 +1293,19 @@ impl Streams {
                     let size = data.as_ref().map_or(0, |d| d.len() as u64);
                     // The registry belongs to the server; the per-stream cap is for clients.
                     let used = if internal { 0 } else { st.own_bytes };
-                    self.reserve(size, used)?;
+                    let new_producer = match (&req.producer, verdict) {
+                        (Some(p), Some(Verdict::Accept(_))) => !st.producers.contains_key(&p.id),
+                        _ => false,
+                    };
+                    if new_producer {
+                        self.reserve_producer()?;
+                    }
+                    if let Err(e) = self.reserve(size, used) {
+                        if new_producer {
+                            self.producers.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        return Err(e);
+                    }
                     let start = st.tail;
                     st.tail += size;
                     st.own_bytes += size;
@@ -1137,7 +1313,8 @@ impl Streams {
                         st.last_seq = Some(seq.clone());
                     }
                     let producer_update = match (&req.producer, verdict) {
-                        (Some(p), Some(Verdict::Accept(ps))) => {
+                        (Some(p), Some(Verdict::Accept(mut ps))) => {
+                            ps.last_ms = now;
                             st.producers.insert(p.id.clone(), ps);
                             Some((p.id.clone(), ps))
                         }
@@ -1278,6 +1455,9 @@ impl Streams {
                     break;
                 }
                 st.removed = true;
+                let producers = std::mem::take(&mut st.producers);
+                self.producers
+                    .fetch_sub(producers.len() as u64, Ordering::Relaxed);
                 std::mem::take(&mut st.own_bytes)
             };
             self.registry
@@ -1326,6 +1506,15 @@ impl Streams {
         let n = expired.len();
         for s in expired {
             self.expire(&s);
+        }
+        let idle = self.limits.producer_idle_ms;
+        if idle > 0 && now >= self.next_producer_sweep_ms.load(Ordering::Relaxed) {
+            self.next_producer_sweep_ms
+                .store(now + idle / 8, Ordering::Relaxed);
+            let forgotten = self.sweep_idle_producers(now);
+            if forgotten > 0 {
+                tracing::debug!(forgotten, "forgot idle producers");
+            }
         }
         n
     }
@@ -1824,5 +2013,119 @@ impl Streams {
             _ => record.slice(..n as usize),
         };
         Ok(Some(prefix))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryStorage;
+
+    fn streams(limits: Limits) -> Streams {
+        Streams::open(Arc::new(MemoryStorage), limits).expect("open")
+    }
+
+    fn produce(id: &str, epoch: u64, seq: u64) -> AppendRequest {
+        AppendRequest {
+            content_type: Some("application/octet-stream".into()),
+            body: Bytes::from_static(b"x"),
+            producer: Some(ProducerRequest {
+                id: id.into(),
+                epoch,
+                seq,
+            }),
+            ..AppendRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_forgets_idle_producers_and_counts_them_out() {
+        let s = streams(Limits {
+            producer_idle_ms: 60_000,
+            ..Limits::default()
+        });
+        s.create("/a", CreateRequest::default()).await.unwrap();
+        s.append("/a", produce("p1", 0, 0)).await.unwrap();
+        s.append("/a", produce("p2", 3, 0)).await.unwrap();
+        assert_eq!(s.producer_count(), 2);
+        let now = now_ms();
+        assert_eq!(s.sweep_idle_producers(now), 0, "not idle yet");
+        assert_eq!(s.sweep_idle_producers(now + 61_000), 2);
+        assert_eq!(s.producer_count(), 0);
+        let stream = s.peek("/a").unwrap();
+        assert!(stream.state.lock().producers.is_empty());
+        // Forgotten means new: a lower epoch is accepted instead of fenced.
+        s.append("/a", produce("p2", 0, 0)).await.unwrap();
+        assert_eq!(s.producer_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_timeout_never_forgets() {
+        let s = streams(Limits::default());
+        s.create("/a", CreateRequest::default()).await.unwrap();
+        s.append("/a", produce("p", 1, 0)).await.unwrap();
+        assert_eq!(s.sweep_idle_producers(u64::MAX), 0);
+        assert!(matches!(
+            s.append("/a", produce("p", 0, 0)).await,
+            Err(StreamError::Producer(
+                producer::ProducerError::StaleEpoch { .. }
+            ))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stream_holds_a_watch_only_while_someone_watches() {
+        let s = streams(Limits::default());
+        s.create("/w", CreateRequest::default()).await.unwrap();
+        let stream = s.peek("/w").unwrap();
+        assert!(stream.visible.lock().watch.is_none(), "idle: no watch");
+        let mut rx = stream.subscribe();
+        assert_eq!(stream.live_readers(), 1);
+        s.append(
+            "/w",
+            AppendRequest {
+                content_type: Some("application/octet-stream".into()),
+                body: Bytes::from_static(b"abc"),
+                ..AppendRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+        // The watcher saw the change.
+        let seen = *rx.wait_for(|v| v.tail == 3).await.unwrap();
+        assert_eq!(seen.tail, 3);
+        drop(rx);
+        assert_eq!(stream.live_readers(), 0);
+        s.append(
+            "/w",
+            AppendRequest {
+                content_type: Some("application/octet-stream".into()),
+                body: Bytes::from_static(b"d"),
+                ..AppendRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            stream.visible.lock().watch.is_none(),
+            "the first change after the last watcher left drops the watch"
+        );
+        assert_eq!(stream.visible().tail, 4);
+    }
+
+    #[tokio::test]
+    async fn streams_past_the_limit_are_refused_and_the_servers_own_are_not_counted() {
+        let s = streams(Limits {
+            max_streams: 1,
+            ..Limits::default()
+        });
+        s.create("/one", CreateRequest::default()).await.unwrap();
+        assert!(matches!(
+            s.create("/two", CreateRequest::default()).await,
+            Err(StreamError::StreamsFull { limit: 1 })
+        ));
+        s.create_any("/_ds/own", CreateRequest::default())
+            .await
+            .unwrap();
     }
 }

@@ -40,6 +40,7 @@ pub fn check(
             Ok(Verdict::Accept(ProducerState {
                 epoch: req.epoch,
                 last_seq: 0,
+                last_ms: 0,
             }))
         } else {
             Err(ProducerError::Gap {
@@ -59,6 +60,7 @@ pub fn check(
             Ok(Verdict::Accept(ProducerState {
                 epoch: req.epoch,
                 last_seq: 0,
+                last_ms: 0,
             }))
         } else {
             Err(ProducerError::NewEpochNonZeroSeq { seq: req.seq })
@@ -76,6 +78,7 @@ pub fn check(
         Ok(Verdict::Accept(ProducerState {
             epoch: state.epoch,
             last_seq: req.seq,
+            last_ms: 0,
         }))
     } else {
         Err(ProducerError::Gap {
@@ -98,7 +101,11 @@ mod tests {
     }
 
     fn st(epoch: u64, last_seq: u64) -> Option<ProducerState> {
-        Some(ProducerState { epoch, last_seq })
+        Some(ProducerState {
+            epoch,
+            last_seq,
+            last_ms: 0,
+        })
     }
 
     #[test]
@@ -107,7 +114,8 @@ mod tests {
             check(None, &req(3, 0)),
             Ok(Verdict::Accept(ProducerState {
                 epoch: 3,
-                last_seq: 0
+                last_seq: 0,
+                last_ms: 0
             }))
         );
         assert_eq!(
@@ -136,7 +144,8 @@ mod tests {
             check(st(2, 5), &req(3, 0)),
             Ok(Verdict::Accept(ProducerState {
                 epoch: 3,
-                last_seq: 0
+                last_seq: 0,
+                last_ms: 0
             }))
         );
     }
@@ -161,7 +170,8 @@ mod tests {
             check(st(1, 5), &req(1, 6)),
             Ok(Verdict::Accept(ProducerState {
                 epoch: 1,
-                last_seq: 6
+                last_seq: 6,
+                last_ms: 0
             }))
         );
         assert_eq!(

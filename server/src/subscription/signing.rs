@@ -84,7 +84,18 @@ impl SigningKey {
                 // Written under a temporary name and renamed, so a crash never leaves half a key.
                 let tmp = path.with_extension("tmp");
                 write_private(&tmp, &seed).map_err(io)?;
+                crate::storage::fsutil::crash_point("signing-key-tmp-written");
                 std::fs::rename(&tmp, path).map_err(io)?;
+                crate::storage::fsutil::crash_point("signing-key-renamed");
+                // The rename is durable only once the directory is synced: a key lost to a
+                // power loss would be replaced by another, and receivers would reject it.
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
                 Self::from_seed(&seed, &shown)
             }
             Err(e) => Err(io(e)),

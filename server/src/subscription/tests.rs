@@ -58,6 +58,7 @@ fn backoff_doubles_from_the_minimum_to_the_maximum_within_20_percent() {
         max_stream_bytes: 1 << 20,
         max_total_bytes: 1 << 20,
         max_read_bytes: 1 << 20,
+        ..Default::default()
     };
     let streams = Arc::new(
         Streams::open_observed(storage.clone(), limits, None, Some(queue.events())).expect("open"),
@@ -155,6 +156,7 @@ mod model {
             max_stream_bytes: 1 << 20,
             max_total_bytes: u64::MAX,
             max_read_bytes: 1 << 20,
+            ..Default::default()
         };
         let streams = Arc::new(
             Streams::open_observed(storage.clone(), limits, None, Some(queue.events()))

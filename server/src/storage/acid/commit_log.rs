@@ -73,6 +73,7 @@ pub(super) fn create_segment(dir: &Path, n: u64) -> Result<File, StorageError> {
         .write(true)
         .open(&path)
         .map_err(io)?;
+    crate::storage::fsutil::crash_point("acid-log-segment-created");
     file.write_all(MAGIC).map_err(io)?;
     file.sync_all().map_err(io)?;
     sync_dir(dir)?;
@@ -175,11 +176,13 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
                 None => out.push(0),
             }
             match &entry.producer {
+                // 2: with the time of the append (1, without it, is still read).
                 Some((p, ps)) => {
-                    out.push(1);
+                    out.push(2);
                     put_bytes(out, p.as_bytes());
                     put_u64(out, ps.epoch);
                     put_u64(out, ps.last_seq);
+                    put_u64(out, ps.last_ms);
                 }
                 None => out.push(0),
             }
@@ -279,11 +282,12 @@ impl<'a> Cursor<'a> {
                 };
                 let producer = match self.u8()? {
                     0 => None,
-                    1 => Some((
+                    flag @ (1 | 2) => Some((
                         self.string()?,
                         ProducerState {
                             epoch: self.u64()?,
                             last_seq: self.u64()?,
+                            last_ms: if flag == 2 { self.u64()? } else { 0 },
                         },
                     )),
                     _ => return None,

@@ -58,7 +58,7 @@ pub(super) fn shard_file(dir: &Path, index: usize) -> PathBuf {
 /// Checks the layout of `dir` against `shard_count`, writing it when the directory is new.
 pub(super) fn check_or_create(dir: &Path, shard_count: u32) -> Result<(), StorageError> {
     let io = |what: String| move |source| StorageError::Io { what, source };
-    fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    crate::storage::fsutil::create_dir_synced(dir)?;
     let path = dir.join(LAYOUT_FILE);
     match fs::read(&path) {
         Ok(raw) => {
@@ -134,9 +134,11 @@ fn write_atomically(dir: &Path, path: &Path, shard_count: u32) -> Result<(), Sto
     };
     let mut file = fs::File::create(&tmp).map_err(io("creating"))?;
     file.write_all(&body).map_err(io("writing"))?;
+    crate::storage::fsutil::crash_point("acid-layout-tmp-written");
     file.sync_all().map_err(io("syncing"))?;
     drop(file);
     fs::rename(&tmp, path).map_err(io("renaming"))?;
+    crate::storage::fsutil::crash_point("acid-layout-renamed");
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| StorageError::Io {

@@ -57,6 +57,10 @@ const STREAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("streams");
 const STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("state");
 /// (stream id, producer id) → (epoch, last seq); only the producer an append names is written.
 const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("producers");
+/// (stream id, producer id) → when the producer's last append was accepted (Unix ms), for
+/// `DS_LIMITS__PRODUCER_IDLE_TIMEOUT`. A table of its own so that directories written before it
+/// existed open unchanged: a producer without a row here has an unknown time (0).
+const PRODUCER_USED: TableDefinition<(u64, &str), u64> = TableDefinition::new("producer_used");
 /// (stream id, start position) → record data + CRC-32C.
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
 
@@ -210,21 +214,54 @@ impl Drop for LogThreadHandle {
 }
 
 /// Opens (creating if needed) shard `index`'s database with its tables.
+///
+/// A new shard is made under a temporary name (`shard-NNN.redb.tmp`), its tables committed (a
+/// durable redb commit: the header and the tables are synced), then renamed into place and the
+/// directory synced. redb sizes a new file before its header is written and synced, so a crash
+/// while creating it under its real name would leave a file every later start refuses ("Not a
+/// redb database"); a crash now leaves at most the temporary file, which the next start deletes.
 fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<Database, StorageError> {
     let path = layout::shard_file(dir, index);
     let what = format!("opening {}", path.display());
-    let db = Database::builder()
-        .set_cache_size(cache_bytes)
-        .create(&path)
-        .ctx(&what)?;
-    // Create the tables up front so that readers can always open them.
-    let txn = db.begin_write().ctx(&what)?;
-    txn.open_table(STREAMS).ctx(&what)?;
-    txn.open_table(STATE).ctx(&what)?;
-    txn.open_table(PRODUCERS).ctx(&what)?;
-    txn.open_table(RECORDS).ctx(&what)?;
-    txn.open_table(CHECKPOINT).ctx(&what)?;
-    txn.commit().ctx(&what)?;
+    let builder = || {
+        let mut b = Database::builder();
+        b.set_cache_size(cache_bytes);
+        b
+    };
+    let create_tables = |db: &Database| -> Result<(), StorageError> {
+        // Create the tables up front so that readers can always open them.
+        let txn = db.begin_write().ctx(&what)?;
+        txn.open_table(STREAMS).ctx(&what)?;
+        txn.open_table(STATE).ctx(&what)?;
+        txn.open_table(PRODUCERS).ctx(&what)?;
+        txn.open_table(PRODUCER_USED).ctx(&what)?;
+        txn.open_table(RECORDS).ctx(&what)?;
+        txn.open_table(CHECKPOINT).ctx(&what)?;
+        txn.commit().ctx(&what)
+    };
+    if path.exists() {
+        let db = builder().open(&path).ctx(&what)?;
+        create_tables(&db)?;
+        return Ok(db);
+    }
+    let tmp = crate::storage::fsutil::temp_path(&path);
+    crate::storage::fsutil::remove_leftover(&tmp)?;
+    let db = builder().create(&tmp).ctx(&what)?;
+    crate::storage::fsutil::crash_point("acid-shard-created");
+    create_tables(&db)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| StorageError::Io {
+            what: format!("syncing {}", tmp.display()),
+            source,
+        })?;
+    // redb holds the file open, not the name: renaming it under the open database is safe.
+    std::fs::rename(&tmp, &path).map_err(|source| StorageError::Io {
+        what: format!("renaming {} to {}", tmp.display(), path.display()),
+        source,
+    })?;
+    crate::storage::fsutil::crash_point("acid-shard-renamed");
+    crate::storage::fsutil::sync_dir(dir)?;
     Ok(db)
 }
 
@@ -556,6 +593,7 @@ impl AcidStorage {
         let streams = txn.open_table(STREAMS).ctx(&what)?;
         let state = txn.open_table(STATE).ctx(&what)?;
         let producers = txn.open_table(PRODUCERS).ctx(&what)?;
+        let producer_used = txn.open_table(PRODUCER_USED).ctx(&what)?;
         let records = txn.open_table(RECORDS).ctx(&what)?;
         let mut found = Vec::new();
         for item in streams.iter().ctx(&what)? {
@@ -611,9 +649,18 @@ impl AcidStorage {
                     break;
                 }
                 let (epoch, last_seq) = v.value();
-                snapshot
-                    .producers
-                    .insert(producer.to_owned(), ProducerState { epoch, last_seq });
+                let last_ms = producer_used
+                    .get((id, producer))
+                    .ctx(&what)?
+                    .map_or(0, |v| v.value());
+                snapshot.producers.insert(
+                    producer.to_owned(),
+                    ProducerState {
+                        epoch,
+                        last_seq,
+                        last_ms,
+                    },
+                );
             }
             log.touch_sent_ms
                 .store(row.last_access_ms, Ordering::Relaxed);

@@ -140,6 +140,7 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
                     ProducerState {
                         epoch: 1,
                         last_seq: 0,
+                        last_ms: 0,
                     },
                 )),
                 ..AppendEntry::default()
@@ -163,6 +164,7 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
                     ProducerState {
                         epoch: 2,
                         last_seq: 5,
+                        last_ms: 0,
                     },
                 )),
                 ..AppendEntry::default()
@@ -181,6 +183,7 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
                     ProducerState {
                         epoch: 1,
                         last_seq: 1,
+                        last_ms: 0,
                     },
                 )),
             })
@@ -209,14 +212,16 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
                 "p1".to_owned(),
                 ProducerState {
                     epoch: 1,
-                    last_seq: 1
+                    last_seq: 1,
+                    last_ms: 0
                 }
             ),
             (
                 "p2".to_owned(),
                 ProducerState {
                     epoch: 2,
-                    last_seq: 5
+                    last_seq: 5,
+                    last_ms: 0
                 }
             ),
         ])
@@ -255,6 +260,7 @@ async fn removed_streams_stay_removed_after_reopen() {
                     ProducerState {
                         epoch: 0,
                         last_seq: 0,
+                        last_ms: 0,
                     },
                 )),
                 ..AppendEntry::default()
@@ -729,6 +735,7 @@ async fn streams_over_acid_keep_their_promises_across_a_restart() {
         max_stream_bytes: 1 << 20,
         max_total_bytes: 1 << 30,
         max_read_bytes: 1 << 20,
+        ..Default::default()
     };
     let dir = tempfile::tempdir().unwrap();
     let closing = |body: &'static str| AppendRequest {
@@ -1036,10 +1043,12 @@ mod model {
                     ProducerState {
                         epoch: 0,
                         last_seq: 0,
+                        last_ms: 0,
                     },
                     |s| ProducerState {
                         epoch: s.epoch,
                         last_seq: s.last_seq + 1,
+                        last_ms: 0,
                     },
                 );
                 after.producers.insert(id.clone(), state);

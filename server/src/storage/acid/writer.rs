@@ -17,7 +17,9 @@ use tokio::sync::oneshot;
 
 use super::codec::{self, StateRow};
 use super::gate::{CommitGate, Waiter};
-use super::{CHECKPOINT, DbResult, LAST_RECORD, LogCache, PRODUCERS, RECORDS, STATE, STREAMS};
+use super::{
+    CHECKPOINT, DbResult, LAST_RECORD, LogCache, PRODUCER_USED, PRODUCERS, RECORDS, STATE, STREAMS,
+};
 use crate::storage::{AppendEntry, ProducerTuple, StorageError, StreamId};
 
 /// Most operations one transaction takes, so that one commit's latency stays bounded.
@@ -135,6 +137,7 @@ struct Tables<'t> {
     streams: Table<'t, u64, &'static [u8]>,
     state: Table<'t, u64, &'static [u8]>,
     producers: Table<'t, (u64, &'static str), (u64, u64)>,
+    producer_used: Table<'t, (u64, &'static str), u64>,
     records: Table<'t, (u64, u64), &'static [u8]>,
 }
 
@@ -324,6 +327,9 @@ fn apply(
         streams: txn.open_table(STREAMS).ctx("opening table streams")?,
         state: txn.open_table(STATE).ctx("opening table state")?,
         producers: txn.open_table(PRODUCERS).ctx("opening table producers")?,
+        producer_used: txn
+            .open_table(PRODUCER_USED)
+            .ctx("opening table producer_used")?,
         records: txn.open_table(RECORDS).ctx("opening table records")?,
     };
     // Streams whose state row changed; each row is written once per transaction however many
@@ -584,6 +590,11 @@ fn apply_one<'b>(
                 t.producers
                     .insert((*id, producer.as_str()), (ps.epoch, ps.last_seq))
                     .ctx("writing producer state")?;
+                if ps.last_ms != 0 {
+                    t.producer_used
+                        .insert((*id, producer.as_str()), ps.last_ms)
+                        .ctx("writing producer state")?;
+                }
             }
             dirty.push(*id);
         }
@@ -612,6 +623,9 @@ fn apply_one<'b>(
                 .ctx("listing producers")?;
             for producer in &producers {
                 t.producers
+                    .remove((id, producer.as_str()))
+                    .ctx("removing producer state")?;
+                t.producer_used
                     .remove((id, producer.as_str()))
                     .ctx("removing producer state")?;
             }

@@ -354,6 +354,7 @@ mod tests {
                 ProducerState {
                     epoch: 1,
                     last_seq: 2,
+                    last_ms: 0,
                 },
             )),
         };

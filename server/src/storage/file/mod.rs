@@ -82,7 +82,7 @@ impl FileStorage {
                 source,
             }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        super::fsutil::create_dir_synced(dir)?;
         let lock_path = dir.join("LOCK");
         let lock = File::options()
             .create(true)
@@ -96,7 +96,12 @@ impl FileStorage {
         })?;
         check_format(dir)?;
         let wal_dir = dir.join("wal");
-        std::fs::create_dir_all(&wal_dir).map_err(io(&wal_dir))?;
+        if !wal_dir.is_dir() {
+            std::fs::create_dir(&wal_dir).map_err(io(&wal_dir))?;
+            super::fsutil::crash_point("file-wal-dir-created");
+            // Strict POSIX makes the new entry durable only with its directory.
+            wal::sync_dir(dir)?;
+        }
         let recovery = recover::recover(&wal_dir, options.durable)?;
         let records =
             super::records::RecordLog::open(dir, options.durable, options.fast_sync_interval)?;
@@ -156,38 +161,33 @@ fn check_format(dir: &Path) -> Result<(), StorageError> {
             ),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let entries = std::fs::read_dir(dir)
+            // A new directory. A crash during an earlier first start may have left `LOCK` and
+            // `FORMAT.tmp` (the format is written under that name and renamed): both are ours.
+            let tmp = super::fsutil::temp_path(&path);
+            let foreign = std::fs::read_dir(dir)
                 .map_err(|source| StorageError::Io {
                     what: dir.display().to_string(),
                     source,
                 })?
                 .filter_map(Result::ok)
-                .filter(|e| e.file_name() != "LOCK")
-                .count();
-            if entries > 0 {
+                .find(|e| e.file_name() != "LOCK" && e.path() != tmp);
+            if let Some(entry) = foreign {
                 return Err(StorageError::Corrupt {
                     what: dir.display().to_string(),
-                    detail: "directory is not empty and is not file-mode storage".into(),
+                    detail: format!(
+                        "directory is not empty (it holds {:?}) and has no {FORMAT_FILE}: it is not file-mode storage; use an empty directory",
+                        entry.file_name()
+                    ),
                 });
             }
-            write_synced(&path, FORMAT_TEXT.as_bytes())?;
-            wal::sync_dir(dir)
+            super::fsutil::remove_leftover(&tmp)?;
+            super::fsutil::write_atomically(&path, FORMAT_TEXT.as_bytes(), "file-format")
         }
         Err(source) => Err(StorageError::Io {
             what: path.display().to_string(),
             source,
         }),
     }
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> Result<(), StorageError> {
-    let io = |source| StorageError::Io {
-        what: path.display().to_string(),
-        source,
-    };
-    let mut f = File::create(path).map_err(io)?;
-    std::io::Write::write_all(&mut f, data).map_err(io)?;
-    f.sync_all().map_err(io)
 }
 
 impl Storage for FileStorage {

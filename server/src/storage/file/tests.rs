@@ -59,6 +59,7 @@ async fn everything_comes_back_after_reopen() {
                 ProducerState {
                     epoch: 3,
                     last_seq: 4,
+                    last_ms: 0,
                 },
             )),
             close: Some(Some(ProducerTuple {
@@ -91,7 +92,8 @@ async fn everything_comes_back_after_reopen() {
         r1.state.producers.get("p"),
         Some(&ProducerState {
             epoch: 3,
-            last_seq: 4
+            last_seq: 4,
+            last_ms: 0
         })
     );
     assert_eq!(read_all(&r1.log, 4).await, b"abcd");

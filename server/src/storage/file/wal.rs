@@ -305,6 +305,7 @@ fn create_segment(dir: &Path, id: u32, durable: bool) -> Result<Segment, Storage
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
+    crate::storage::fsutil::crash_point("file-segment-created");
     file.write_all_at(&frame::segment_header(), 0)
         .map_err(io_err(&path))?;
     if durable {

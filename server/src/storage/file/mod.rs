@@ -16,9 +16,11 @@
 //! - Each stream keeps an in-memory index of its records and a small cache of its newest
 //!   records, so live readers rarely touch the disk; other reads are `pread`s on a blocking
 //!   thread, never on the async workers.
-//! - Space: a segment file is deleted once it is the oldest and every stream with a frame in it
-//!   is removed (oldest-first keeps a removal's tombstone around as long as older frames of the
-//!   removed stream exist).
+//! - Space: a segment file is deleted once it is the oldest and no stream needs it, neither for
+//!   its state (its newest CREATE or STATE frame and later frames) nor for retained records
+//!   (oldest-first keeps a removal's tombstone around as long as older frames of the removed
+//!   stream exist). Released records need nothing; the oldest segment's remaining states and
+//!   retained records are written forward in STATE frames when that pays (`wal::Writer::forward`).
 //!
 //! The format is written down in `server/STORAGE.md`.
 
@@ -300,8 +302,8 @@ pub(crate) struct Index {
     pub records: VecDeque<Loc>,
     /// The newest records' bytes: always a suffix of `records`.
     pub cache: TailCache,
-    /// Segments this stream pins, ascending (for segment clean-up): every segment from its
-    /// `base` or from its first retained record (whichever is older) that holds a frame of it.
+    /// Segments from `base` on holding a frame of this stream, ascending: the frames recovery
+    /// needs for its state (its retained records keep their segments through their bytes).
     pub touched: Vec<u32>,
     pub removed: bool,
     /// The segment of the stream's newest CREATE or STATE frame: recovery needs that frame and

@@ -594,3 +594,117 @@ async fn disk_stays_bounded_when_releases_follow_the_writers() {
         assert_eq!(streams[2].state.released, written / 2 - LAG, "{backend:?}");
     }
 }
+
+/// CPU seconds this process has used (user + system), from `/proc/self/stat`.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// What a release costs, per backend: 64 streams of 256 records of 1 KiB each, released one
+/// record at a time (all streams at once, so releases share batches as appends do), then one
+/// stream's releases one after another (latency). Prints wall and CPU time per release.
+/// `cargo test --release -p ds-server --test storage_contract bench_release -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; prints numbers"]
+async fn bench_release_cost() {
+    const STREAMS: u64 = 64;
+    const RECORDS: u64 = 256;
+    for backend in DURABLE {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Storage> = match backend {
+            Backend::FileDurable | Backend::FileFast => Arc::new(
+                FileStorage::open(
+                    dir.path(),
+                    FileOptions {
+                        durable: backend == Backend::FileDurable,
+                        segment_bytes: 64 << 20,
+                        max_open_files: 16,
+                        cache_bytes: 64 << 20,
+                        fast_sync_interval: std::time::Duration::from_secs(1),
+                    },
+                )
+                .expect("open"),
+            ),
+            _ => Arc::new(
+                AcidStorage::open(
+                    dir.path(),
+                    AcidOptions {
+                        commit_log: backend == Backend::Acid,
+                        ..AcidOptions::new(16, 64 << 20)
+                    },
+                )
+                .expect("open"),
+            ),
+        };
+        let record = Bytes::from(vec![7u8; 1024]);
+        let mut logs = Vec::new();
+        for id in 1..=STREAMS {
+            let (log, c) = store.create(&meta(id), vec![], None).expect("create");
+            c.await.expect("commit");
+            logs.push(log);
+        }
+        let (cpu, wall) = (cpu_secs(), std::time::Instant::now());
+        let mut tasks = Vec::new();
+        for log in logs.clone() {
+            let record = record.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..RECORDS {
+                    log.append(AppendEntry {
+                        start: i * 1024,
+                        data: Some(record.clone()),
+                        ..AppendEntry::default()
+                    })
+                    .await
+                    .expect("append");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let n = (STREAMS * RECORDS) as f64;
+        let append = (wall.elapsed().as_secs_f64() / n, (cpu_secs() - cpu) / n);
+        let (cpu, wall) = (cpu_secs(), std::time::Instant::now());
+        let mut tasks = Vec::new();
+        for log in logs.clone() {
+            tasks.push(tokio::spawn(async move {
+                for i in 1..RECORDS {
+                    log.release(i * 1024).await.expect("release");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let n = (STREAMS * (RECORDS - 1)) as f64;
+        let concurrent = (wall.elapsed().as_secs_f64() / n, (cpu_secs() - cpu) / n);
+        // One stream, one release at a time.
+        let log = &logs[0];
+        for i in 0..RECORDS {
+            log.append(data(RECORDS * 1024 + i * 1024, &record))
+                .await
+                .expect("append");
+        }
+        let (cpu, wall) = (cpu_secs(), std::time::Instant::now());
+        for i in 1..=RECORDS {
+            log.release(RECORDS * 1024 + i * 1024)
+                .await
+                .expect("release");
+        }
+        let n = RECORDS as f64;
+        let single = (wall.elapsed().as_secs_f64() / n, (cpu_secs() - cpu) / n);
+        let us = |(w, c): (f64, f64)| format!("{:.1} µs wall, {:.1} µs CPU", w * 1e6, c * 1e6);
+        eprintln!(
+            "{backend:?}: append (64 streams at once) {}; release (64 streams at once) {}; release (one stream, one at a time) {}",
+            us(append),
+            us(concurrent),
+            us(single)
+        );
+    }
+}

@@ -1280,6 +1280,11 @@ mod fast_power_loss {
             stream: u64,
             len: usize,
         },
+        /// Releases the stream before one of its record ends (picked by `at`).
+        Release {
+            stream: u64,
+            at: usize,
+        },
         Reopen,
         /// Sectors after the last synced position that never reached the disk: which segment
         /// (from the first written since the last start), where in it, how many.
@@ -1293,6 +1298,7 @@ mod fast_power_loss {
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             8 => (0..3u64, 1..300usize).prop_map(|(stream, len)| Step::Append { stream, len }),
+            3 => (0..3u64, any::<usize>()).prop_map(|(stream, at)| Step::Release { stream, at }),
             1 => Just(Step::Reopen),
             2 => (0..4usize, any::<u64>(), 1..4u64)
                 .prop_map(|(segment, at, sectors)| Step::PowerLoss { segment, at, sectors }),
@@ -1310,13 +1316,46 @@ mod fast_power_loss {
         }
     }
 
-    /// Stream contents after the first `k` operations of the history.
-    fn state(history: &[(u64, Option<Vec<u8>>)], k: usize) -> BTreeMap<u64, Vec<u8>> {
-        let mut out: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for (id, data) in &history[..k] {
-            let s = out.entry(*id).or_default();
-            if let Some(d) = data {
-                s.extend_from_slice(d);
+    /// One acknowledged operation: a stream's creation, an append, or a release.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create,
+        Data(Vec<u8>),
+        Release(u64),
+    }
+
+    /// A stream as recovered: its retained start, tail and retained bytes.
+    type Got = BTreeMap<u64, (u64, u64, Vec<u8>)>;
+
+    /// Streams after the first `k` operations of the history: (released, tail, retained bytes).
+    fn state(history: &[(u64, Op)], k: usize) -> Got {
+        let mut all: BTreeMap<u64, (u64, Vec<u8>)> = BTreeMap::new();
+        for (id, op) in &history[..k] {
+            let s = all.entry(*id).or_default();
+            match op {
+                Op::Create => {}
+                Op::Data(d) => s.1.extend_from_slice(d),
+                Op::Release(before) => s.0 = s.0.max(*before),
+            }
+        }
+        all.into_iter()
+            .map(|(id, (released, content))| {
+                let tail = content.len() as u64;
+                (id, (released, tail, content[released as usize..].to_vec()))
+            })
+            .collect()
+    }
+
+    /// Where the records of stream `id` end, after the whole history.
+    fn ends(history: &[(u64, Op)], id: u64) -> Vec<u64> {
+        let mut pos = 0;
+        let mut out = Vec::new();
+        for (i, op) in history {
+            if *i == id
+                && let Op::Data(d) = op
+            {
+                pos += d.len() as u64;
+                out.push(pos);
             }
         }
         out
@@ -1342,16 +1381,14 @@ mod fast_power_loss {
 
     async fn reopen(
         dir: &std::path::Path,
-    ) -> (
-        FileStorage,
-        BTreeMap<u64, Arc<dyn StreamLog>>,
-        BTreeMap<u64, Vec<u8>>,
-    ) {
+    ) -> (FileStorage, BTreeMap<u64, Arc<dyn StreamLog>>, Got) {
         let store = FileStorage::open(dir, opts()).expect("a power loss must never stop start-up");
         let mut logs = BTreeMap::new();
         let mut got = BTreeMap::new();
         for r in store.recover().unwrap() {
-            got.insert(r.meta.id, read_all(&r.log, r.state.tail).await);
+            let (released, tail) = (r.state.released, r.state.tail);
+            let chunk = r.log.read(released, tail, usize::MAX, true).await.unwrap();
+            got.insert(r.meta.id, (released, tail, chunk.parts.concat()));
             logs.insert(r.meta.id, r.log);
         }
         (store, logs, got)
@@ -1369,7 +1406,7 @@ mod fast_power_loss {
                 let dir = tempfile::tempdir().unwrap();
                 // Every acknowledged operation in log order: (stream id, appended data or None
                 // for its creation).
-                let mut history: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+                let mut history: Vec<(u64, Op)> = Vec::new();
                 let (mut store, mut logs, _) = reopen(dir.path()).await;
                 let mut synced_ops = 0;
                 let mut synced_at = log_end(dir.path());
@@ -1386,19 +1423,28 @@ mod fast_power_loss {
                                     let (log, c) = store.create(&meta(id), vec![], None).unwrap();
                                     c.await.unwrap();
                                     logs.insert(id, log);
-                                    history.push((id, None));
+                                    history.push((id, Op::Create));
                                     slot.insert(stream, id);
                                     id
                                 }
                             };
-                            let tail = state(&history, history.len())[&id].len() as u64;
+                            let tail = state(&history, history.len())[&id].1;
                             let data = vec![(history.len() % 251) as u8 + 1; len];
                             logs[&id].append(AppendEntry {
                                 start: tail,
                                 data: Some(Bytes::from(data.clone())),
                                 ..AppendEntry::default()
                             }).await.unwrap();
-                            history.push((id, Some(data)));
+                            history.push((id, Op::Data(data)));
+                        }
+                        Step::Release { stream, at } => {
+                            let Some(id) = slot.get(&stream).copied() else { continue };
+                            let Some(log) = logs.get(&id) else { continue };
+                            let ends = ends(&history, id);
+                            if ends.is_empty() { continue; }
+                            let before = ends[at % ends.len()];
+                            log.release(before).await.unwrap();
+                            history.push((id, Op::Release(before)));
                         }
                         Step::Reopen => {
                             drop(std::mem::take(&mut logs));
@@ -1430,10 +1476,7 @@ mod fast_power_loss {
                             let (s, l, got) = reopen(dir.path()).await;
                             let k = (synced_ops..=history.len())
                                 .find(|&k| {
-                                    let want: BTreeMap<u64, Vec<u8>> = state(&history, k)
-                                        .into_iter()
-                                        .collect();
-                                    want == got
+                                    state(&history, k) == got
                                 });
                             let Some(k) = k else {
                                 panic!("recovered {got:?} is no prefix of the log keeping the {synced_ops} synced operations");

@@ -120,6 +120,19 @@ impl TailCache {
         }
     }
 
+    /// Drops the cached records that end at or before `pos` (released data), returning their
+    /// bytes to the budget. What stays is still a suffix of the stream's records.
+    pub fn drop_before(&mut self, pos: u64, budget: &CacheBudget) {
+        while let Some((start, data)) = self.records.front() {
+            if start + data.len() as u64 > pos {
+                break;
+            }
+            self.bytes -= data.len();
+            budget.give(data.len());
+            self.records.pop_front();
+        }
+    }
+
     /// Drops everything cached, returning its bytes to the budget.
     pub fn clear(&mut self, budget: &CacheBudget) {
         budget.give(self.bytes);

@@ -5,8 +5,10 @@
 use super::super::{ProducerTuple, StorageError, StreamId, StreamMeta};
 use serde::{Deserialize, Serialize};
 
-/// Version byte that starts every state row.
-const STATE_VERSION: u8 = 1;
+/// Version byte that starts every state row: 2 adds the retained start (`released`); a
+/// version 1 row (written before retention) is read with `released = tail - own_bytes`, the
+/// log start.
+const STATE_VERSION: u8 = 2;
 /// Version of the `streams` table's JSON.
 const META_VERSION: u32 = 1;
 
@@ -21,7 +23,10 @@ const CRC_LEN: usize = 4;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct StateRow {
     pub tail: u64,
+    /// Bytes retained: `tail - released`.
     pub own_bytes: u64,
+    /// The retained start: records before it are released (the log start when none are).
+    pub released: u64,
     pub last_access_ms: u64,
     pub closed: bool,
     pub soft_deleted: bool,
@@ -44,6 +49,7 @@ impl StateRow {
         out.extend_from_slice(&self.tail.to_le_bytes());
         out.extend_from_slice(&self.own_bytes.to_le_bytes());
         out.extend_from_slice(&self.last_access_ms.to_le_bytes());
+        out.extend_from_slice(&self.released.to_le_bytes());
         match &self.last_seq {
             Some(seq) => {
                 out.push(1);
@@ -72,14 +78,24 @@ impl StateRow {
         };
         let body = unseal(raw).ok_or_else(|| corrupt("checksum mismatch"))?;
         let mut r = Reader(body);
-        if r.u8()? != STATE_VERSION {
+        let version = r.u8()?;
+        if version != 1 && version != STATE_VERSION {
             return Err(corrupt("unknown version"));
         }
         let flags = r.u8()?;
+        let tail = r.u64()?;
+        let own_bytes = r.u64()?;
+        let last_access_ms = r.u64()?;
+        let released = if version == 1 {
+            tail.saturating_sub(own_bytes)
+        } else {
+            r.u64()?
+        };
         let mut row = StateRow {
-            tail: r.u64()?,
-            own_bytes: r.u64()?,
-            last_access_ms: r.u64()?,
+            tail,
+            own_bytes,
+            released,
+            last_access_ms,
             closed: flags & CLOSED != 0,
             soft_deleted: flags & SOFT_DELETED != 0,
             closed_by: None,
@@ -316,6 +332,7 @@ mod tests {
         let row = StateRow {
             tail: 42,
             own_bytes: 40,
+            released: 2,
             last_access_ms: 7,
             closed: true,
             soft_deleted: true,
@@ -336,6 +353,24 @@ mod tests {
             Err(StorageError::Corrupt { .. })
         ));
         assert!(StateRow::decode(1, &[]).is_err());
+    }
+
+    #[test]
+    fn a_version_1_state_row_reads_with_its_log_start_as_the_retained_start() {
+        // A version 1 row: no `released` field after the access time.
+        let mut v1 = vec![1u8, CLOSED];
+        v1.extend_from_slice(&50u64.to_le_bytes());
+        v1.extend_from_slice(&30u64.to_le_bytes());
+        v1.extend_from_slice(&9u64.to_le_bytes());
+        v1.extend_from_slice(&[0, 0]);
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let row = StateRow::decode(1, &v1).unwrap();
+        assert_eq!(
+            (row.tail, row.own_bytes, row.released, row.closed),
+            (50, 30, 20, true)
+        );
+        assert_eq!(row.encode()[0], STATE_VERSION);
     }
 
     fn row(id: StreamId, start: u64, records: &[&[u8]]) -> Vec<u8> {

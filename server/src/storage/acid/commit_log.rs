@@ -100,6 +100,7 @@ const APPEND: u8 = 2;
 const SOFT_DELETE: u8 = 3;
 const REMOVE: u8 = 4;
 const TOUCH: u8 = 5;
+const RELEASE: u8 = 6;
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
@@ -194,6 +195,11 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
         Op::Remove { id } => {
             out.push(REMOVE);
             put_u64(out, *id);
+        }
+        Op::Release { id, before } => {
+            out.push(RELEASE);
+            put_u64(out, *id);
+            put_u64(out, *before);
         }
         Op::Touch { id, at_ms } => {
             out.push(TOUCH);
@@ -305,6 +311,10 @@ impl<'a> Cursor<'a> {
             }
             SOFT_DELETE => Op::SoftDelete { id: self.u64()? },
             REMOVE => Op::Remove { id: self.u64()? },
+            RELEASE => Op::Release {
+                id: self.u64()?,
+                before: self.u64()?,
+            },
             TOUCH => Op::Touch {
                 id: self.u64()?,
                 at_ms: self.u64()?,

@@ -69,6 +69,15 @@ const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("record
 const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
 const LAST_RECORD: &str = "last_record";
 
+/// One item of a range over the `records` table.
+type RowItem<'a> = Result<
+    (
+        redb::AccessGuard<'a, (u64, u64)>,
+        redb::AccessGuard<'a, &'static [u8]>,
+    ),
+    redb::StorageError,
+>;
+
 /// Page cache redb may use across all shards together (split evenly).
 const CACHE_BYTES_TOTAL: usize = 256 << 20;
 /// A sliding-TTL stream's access time is persisted at most this often; TTLs count in seconds
@@ -571,19 +580,27 @@ impl AcidStorage {
 
     /// A log handle for `meta`'s stream, whose records redb holds below `flushed` (with the
     /// commit log; without it, everything acknowledged is in redb).
-    fn log_for(&self, meta: &StreamMeta, flushed: u64) -> AcidLog {
+    /// `released` is the retained start (the log start, or more).
+    fn log_for(&self, meta: &StreamMeta, flushed: u64, released: u64) -> AcidLog {
         let flushed = if self.engine_stats.is_some() {
             flushed
         } else {
             u64::MAX
         };
+        let log_start = meta.fork.as_ref().map_or(0, |f| f.offset);
         AcidLog {
             id: meta.id,
-            log_start: meta.fork.as_ref().map_or(0, |f| f.offset),
+            log_start,
             persists_touches: meta.ttl_secs.is_some(),
             touch_sent_ms: AtomicU64::new(0),
             shard: self.shard_of(meta.id).clone(),
-            cache: Arc::new(LogCache::new(self.cache.clone(), flushed)),
+            // 0 while nothing past the log start is released: reads before a fork's anchor
+            // are misaligned, not released.
+            cache: Arc::new(LogCache::new(
+                self.cache.clone(),
+                flushed,
+                if released > log_start { released } else { 0 },
+            )),
         }
     }
 
@@ -611,24 +628,32 @@ impl AcidStorage {
                 Some(raw) => codec::StateRow::decode(id, raw.value())?,
                 None => return Err(corrupt("metadata without a state row".into())),
             };
-            let log = self.log_for(&meta, row.tail);
-            // The last row must end exactly at the tail the same transactions wrote.
-            let stored_end = match records
-                .range((id, 0)..=(id, u64::MAX))
-                .ctx(&what)?
-                .next_back()
-            {
-                Some(item) => {
-                    let (k, v) = item.ctx(&what)?;
-                    let start = k.value().1;
-                    start + codec::parse_row(id, start, v.value())?.data_len()
-                }
-                None => log.log_start,
+            let log = self.log_for(&meta, row.tail, row.released);
+            let released = row.released.max(log.log_start);
+            // The last row must end exactly at the tail the same transactions wrote, and the
+            // first must hold the retained start (rows wholly before it are deleted).
+            let span = |item: Option<RowItem<'_>>| -> Result<Option<(u64, u64)>, StorageError> {
+                let Some(item) = item else { return Ok(None) };
+                let (k, v) = item.ctx(&what)?;
+                let start = k.value().1;
+                Ok(Some((
+                    start,
+                    start + codec::parse_row(id, start, v.value())?.data_len(),
+                )))
             };
-            if stored_end != row.tail || row.tail - log.log_start != row.own_bytes {
+            let mut rows = records.range((id, 0)..=(id, u64::MAX)).ctx(&what)?;
+            let first = span(rows.next())?;
+            let last = span(rows.next_back())?.or(first);
+            let holds = match (first, last) {
+                (Some((start, first_end)), Some((_, end))) => {
+                    start <= released && released < first_end && end == row.tail
+                }
+                _ => released == row.tail,
+            };
+            if !holds || row.tail - released != row.own_bytes {
                 return Err(corrupt(format!(
-                    "records end at {stored_end}, state says tail {} with {} own bytes from {}",
-                    row.tail, row.own_bytes, log.log_start
+                    "records {first:?} .. {last:?}, state says [{released}, {}) with {} own bytes",
+                    row.tail, row.own_bytes
                 )));
             }
             let mut snapshot = WriterSnapshot {
@@ -640,7 +665,7 @@ impl AcidStorage {
                 soft_deleted: row.soft_deleted,
                 last_access_ms: row.last_access_ms,
                 own_bytes: row.own_bytes,
-                released: 0,
+                released,
             };
             for item in producers.range((id, "")..).ctx(&what)? {
                 let (k, v) = item.ctx(&what)?;
@@ -701,7 +726,8 @@ impl Storage for AcidStorage {
         initial: Vec<Bytes>,
         close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
-        let log = self.log_for(meta, meta.fork.as_ref().map_or(0, |f| f.offset));
+        let start = meta.fork.as_ref().map_or(0, |f| f.offset);
+        let log = self.log_for(meta, start, start);
         log.touch_sent_ms
             .store(meta.created_at_ms, Ordering::Relaxed);
         let commit = log.shard.submit(
@@ -777,15 +803,19 @@ struct CacheState {
     /// With the commit log: redb holds this stream's records below this position. Without it,
     /// `u64::MAX` (an acknowledged record is in redb).
     flushed: u64,
+    /// The retained start: reads below it are refused (0 while nothing past the log start is
+    /// released).
+    released: u64,
 }
 
 impl LogCache {
-    fn new(budget: Arc<CacheBudget>, flushed: u64) -> LogCache {
+    fn new(budget: Arc<CacheBudget>, flushed: u64, released: u64) -> LogCache {
         LogCache {
             state: Mutex::new(CacheState {
                 tail: TailCache::default(),
                 unflushed: VecDeque::new(),
                 flushed,
+                released,
             }),
             budget,
         }
@@ -803,6 +833,26 @@ impl LogCache {
         let mut state = self.state.lock();
         state.tail.clear(&self.budget);
         state.unflushed.clear();
+    }
+
+    /// The records before `before` are released (acknowledged): reads below it are refused
+    /// from now on, and the RAM copies of those records are dropped.
+    fn release(&self, before: u64) {
+        let mut state = self.state.lock();
+        if before <= state.released {
+            return;
+        }
+        state.released = before;
+        let CacheState {
+            tail, unflushed, ..
+        } = &mut *state;
+        tail.drop_before(before, &self.budget);
+        while unflushed
+            .front()
+            .is_some_and(|(start, data)| start + data.len() as u64 <= before)
+        {
+            unflushed.pop_front();
+        }
     }
 
     /// redb now holds this stream's records below `end`.
@@ -846,6 +896,19 @@ impl StreamLog for AcidLog {
     fn remove(&self) -> Commit {
         self.shard
             .submit(Op::Remove { id: self.id }, Some(self.cache.clone()))
+    }
+
+    fn release(&self, before: u64) -> Commit {
+        if before <= self.log_start || before <= self.cache.state.lock().released {
+            return super::done();
+        }
+        self.shard.submit(
+            Op::Release {
+                id: self.id,
+                before,
+            },
+            Some(self.cache.clone()),
+        )
     }
 
     fn touch(&self, now_ms: u64) {
@@ -919,6 +982,11 @@ impl LogCache {
         split: bool,
     ) -> FromRam {
         let state = self.state.lock();
+        if from < state.released {
+            return FromRam::Served(Err(StorageError::Released {
+                start: state.released,
+            }));
+        }
         if let Some(cached) = state.tail.read(from, until, max_bytes, split) {
             return FromRam::Served(cached);
         }

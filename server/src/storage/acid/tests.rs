@@ -978,6 +978,11 @@ mod model {
         Remove {
             slot: u64,
         },
+        /// Releases before one of the stream's record boundaries (picked by `at`).
+        Release {
+            slot: u64,
+            at: usize,
+        },
         Read {
             slot: u64,
             from: usize,
@@ -998,6 +1003,7 @@ mod model {
             1 => (0..SLOTS).prop_map(|slot| Step::Close { slot }),
             1 => (0..SLOTS).prop_map(|slot| Step::SoftDelete { slot }),
             1 => (0..SLOTS).prop_map(|slot| Step::Remove { slot }),
+            3 => (0..SLOTS, any::<usize>()).prop_map(|(slot, at)| Step::Release { slot, at }),
             3 => (0..SLOTS, any::<usize>(), 1..2000usize)
                 .prop_map(|(slot, from, max)| Step::Read { slot, from, max }),
             1 => Just(Step::Reopen),
@@ -1017,6 +1023,8 @@ mod model {
         last_seq: Option<String>,
         /// Appends so far, for the next `Stream-Seq` (zero-padded so that it sorts).
         appends: u64,
+        /// The retained start.
+        released: usize,
     }
 
     impl ModelStream {
@@ -1154,10 +1162,18 @@ mod model {
                 snapshot_of(m),
                 "stream {id}: all of an append or none of it"
             );
-            assert_eq!(s.own_bytes, m.content.len() as u64);
             let tail = m.content.len() as u64;
-            let (read, end) = read_all_bytes(&r.log, 0, tail, usize::MAX, true).await;
-            assert_eq!((read.as_slice(), end), (m.content.as_slice(), tail));
+            let released = m.released as u64;
+            assert_eq!(s.released, released, "stream {id}: the retained start");
+            assert_eq!(s.own_bytes, tail - released);
+            if released > 0 {
+                assert!(matches!(
+                    r.log.read(0, tail, usize::MAX, true).await,
+                    Err(StorageError::Released { start }) if start == released
+                ));
+            }
+            let (read, end) = read_all_bytes(&r.log, released, tail, usize::MAX, true).await;
+            assert_eq!((read.as_slice(), end), (&m.content[m.released..], tail));
             logs.insert(id, r.log);
         }
         logs
@@ -1298,20 +1314,40 @@ mod model {
                             if model.remove(&id).is_none() { continue; }
                             live.logs.remove(&id).unwrap().remove().await.unwrap();
                         }
+                        Step::Release { slot: s, at } => {
+                            let Some(id) = slot.get(&s).copied() else { continue };
+                            let Some(m) = model.get_mut(&id) else { continue };
+                            if m.starts.is_empty() { continue; }
+                            // A record boundary: a record's start, or the tail.
+                            let before = if at % (m.starts.len() + 1) == m.starts.len() {
+                                m.content.len()
+                            } else {
+                                m.starts[at % m.starts.len()]
+                            };
+                            live.logs[&id].release(before as u64).await.unwrap();
+                            m.released = m.released.max(before);
+                        }
                         Step::Read { slot: s, from, max } => {
                             let Some(id) = slot.get(&s).copied() else { continue };
                             let Some(m) = model.get(&id) else { continue };
-                            if m.content.is_empty() { continue; }
+                            if m.content.len() <= m.released { continue; }
                             let tail = m.content.len();
                             let log = &live.logs[&id];
-                            // A byte read from anywhere, cut at the budget.
-                            let from = from % tail;
+                            if m.released > 0 {
+                                assert!(matches!(
+                                    log.read((from % m.released) as u64, tail as u64, max, true).await,
+                                    Err(StorageError::Released { start }) if start == m.released as u64
+                                ));
+                            }
+                            // A byte read from anywhere retained, cut at the budget.
+                            let from = m.released + from % (tail - m.released);
                             let (got, end) = read_all_bytes(log, from as u64, tail as u64, max, true).await;
                             assert_eq!(end as usize, from + got.len());
                             assert_eq!(got, &m.content[from..from + got.len()]);
                             assert!(got.len() == max.min(tail - from));
                             // A whole-record read from a record boundary: at least one record.
-                            let start = m.starts[from % m.starts.len()];
+                            let kept: Vec<usize> = m.starts.iter().copied().filter(|&st| st >= m.released).collect();
+                            let start = kept[from % kept.len()];
                             let (got, end) = read_all_bytes(log, start as u64, tail as u64, max, false).await;
                             assert!(m.starts.contains(&(end as usize)) || end as usize == tail);
                             assert_eq!(got, &m.content[start..end as usize]);

@@ -47,6 +47,11 @@ pub(super) enum Op {
     Remove {
         id: StreamId,
     },
+    /// The stream's records before `before` are released: rows that end by then are deleted.
+    Release {
+        id: StreamId,
+        before: u64,
+    },
     /// A sliding-TTL access time; best effort, committed without a sync when nothing else is.
     Touch {
         id: StreamId,
@@ -62,6 +67,7 @@ impl Op {
             | Op::Append { id, .. }
             | Op::SoftDelete { id }
             | Op::Remove { id }
+            | Op::Release { id, .. }
             | Op::Touch { id, .. } => *id,
         }
     }
@@ -113,6 +119,7 @@ impl Pending {
                 }
             }
             Op::Remove { .. } => cache.clear(),
+            Op::Release { before, .. } => cache.release(*before),
             Op::SoftDelete { .. } | Op::Touch { .. } => {}
         }
     }
@@ -404,6 +411,18 @@ impl<'b> OpenRows<'b> {
         Ok(())
     }
 
+    /// Writes the open row of `id` now, if it has one.
+    fn write_stream(
+        &mut self,
+        table: &mut Table<'_, (u64, u64), &'static [u8]>,
+        id: StreamId,
+    ) -> Result<(), StorageError> {
+        if let Some(row) = self.rows.remove(&id) {
+            put_row(table, id, &row)?;
+        }
+        Ok(())
+    }
+
     /// Forgets the unwritten records of a stream that is being removed.
     fn discard(&mut self, id: StreamId) {
         self.rows.remove(&id);
@@ -489,6 +508,7 @@ pub(super) fn admit(
                 StateRow {
                     tail: start + own,
                     own_bytes: own,
+                    released: *start,
                     last_access_ms: *created_at_ms,
                     closed: close.is_some(),
                     soft_deleted: false,
@@ -536,6 +556,21 @@ pub(super) fn admit(
                 return Ok(Err(StorageError::Removed(*id)));
             };
             row.soft_deleted = true;
+        }
+        Op::Release { id, before } => {
+            let Some(row) = row_of(rows, load, *id)? else {
+                return Ok(Err(StorageError::Removed(*id)));
+            };
+            if *before > row.tail {
+                return Ok(Err(StorageError::Corrupt {
+                    what: format!("release of stream {id}"),
+                    detail: format!("release before {before} is past the tail {}", row.tail),
+                }));
+            }
+            if *before > row.released {
+                row.released = *before;
+                row.own_bytes = row.tail - *before;
+            }
         }
         Op::Touch { id, at_ms } => {
             if let Some(row) = row_of(rows, load, *id)? {
@@ -599,6 +634,20 @@ fn apply_one<'b>(
             dirty.push(*id);
         }
         Op::SoftDelete { id } => dirty.push(*id),
+        Op::Release { id, before } => {
+            let (id, before) = (*id, *before);
+            // Records of this transaction may be among those released: their row goes in first.
+            open.write_stream(&mut t.records, id)?;
+            // Rows that end by `before` are deleted; a row holding `before` inside it stays
+            // whole (rows are never split) until a later release passes its end.
+            t.records
+                .retain_in((id, 0)..(id, before), |key, value| {
+                    codec::parse_row(id, key.1, value)
+                        .map_or(true, |row| key.1 + row.data_len() > before)
+                })
+                .ctx("deleting released records")?;
+            dirty.push(id);
+        }
         Op::Touch { id, .. } => {
             if rows.contains_key(id) {
                 dirty.push(*id);

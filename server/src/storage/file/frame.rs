@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::storage::{AppendEntry, ProducerState, ProducerTuple, StreamId, StreamMeta};
 
 pub const MAGIC: &[u8; 8] = b"DSWAL\0\0\0";
-/// The version this build writes. Version 1 segments (frames without batch headers) are still
-/// read.
-pub const VERSION: u32 = 2;
+/// The version this build writes: 3 adds the RELEASE and STATE frames (retention). Version 1
+/// segments (frames without batch headers) and version 2 segments are still read; a build that
+/// reads only up to 2 refuses a version 3 segment by its version number.
+pub const VERSION: u32 = 3;
 /// The oldest version this build reads.
 pub const OLDEST_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_LEN: u64 = 16;
@@ -35,6 +36,10 @@ pub const KIND_APPEND: u8 = 2;
 pub const KIND_SOFT_DELETE: u8 = 3;
 pub const KIND_REMOVE: u8 = 4;
 pub const KIND_BATCH: u8 = 5;
+/// A stream's data before a position is released (version 3).
+pub const KIND_RELEASE: u8 = 6;
+/// A stream's whole state, written forward so that older segments can be deleted (version 3).
+pub const KIND_STATE: u8 = 7;
 /// A BATCH frame's total length: header, sequence number, byte count and durable mark.
 pub const BATCH_FRAME_LEN: usize = FRAME_HEADER_LEN + 24;
 
@@ -66,6 +71,30 @@ pub struct AppendState {
     pub stream_seq: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub producer: Option<(String, ProducerState)>,
+}
+
+/// The JSON part of a STATE frame: everything recovery needs to know about a stream that the
+/// frames before this one said (its CREATE frame included), so that those frames' segments can
+/// be deleted. The frame may also carry retained records moved out of the segment being freed
+/// (starting at `moved_from`); the stream's other retained records stay in their own frames.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamState {
+    pub meta: StreamMeta,
+    pub tail: u64,
+    pub released: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_by: Option<ProducerTuple>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub producers: Vec<(String, ProducerState)>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub soft_deleted: bool,
+    /// Position of the first record this frame carries (meaningless when it carries none).
+    #[serde(default)]
+    pub moved_from: u64,
 }
 
 impl AppendState {
@@ -145,6 +174,37 @@ pub fn encode_marker(kind: u8, id: StreamId) -> Encoded {
     }
 }
 
+/// RELEASE: stream `id`'s data before `before` is gone.
+pub fn encode_release(id: StreamId, before: u64) -> Encoded {
+    Encoded {
+        bytes: frame(KIND_RELEASE, 16, |b| {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&before.to_le_bytes());
+        }),
+        records: Vec::new(),
+    }
+}
+
+/// STATE: a stream's whole state as of this point of the log, and the consecutive retained
+/// records `moved` (from `state.moved_from`) rewritten here so that their old segment can go.
+pub fn encode_state(state: &StreamState, moved: &[Bytes]) -> Encoded {
+    let json = serde_json::to_vec(state).unwrap_or_default();
+    let data_len: usize = moved.iter().map(|d| d.len() + 4).sum();
+    let mut records = Vec::with_capacity(moved.len());
+    let bytes = frame(KIND_STATE, 16 + json.len() + data_len, |b| {
+        b.extend_from_slice(&state.meta.id.to_le_bytes());
+        b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        b.extend_from_slice(&json);
+        b.extend_from_slice(&(moved.len() as u32).to_le_bytes());
+        for d in moved {
+            b.extend_from_slice(&(d.len() as u32).to_le_bytes());
+            records.push((b.len(), d.len()));
+            b.extend_from_slice(d);
+        }
+    });
+    Encoded { bytes, records }
+}
+
 /// A position in the log: segment id, then byte offset in that segment. Ordered as the log is.
 pub type LogPos = (u32, u64);
 
@@ -179,6 +239,15 @@ pub enum Decoded {
     },
     SoftDelete(StreamId),
     Remove(StreamId),
+    Release {
+        id: StreamId,
+        before: u64,
+    },
+    State {
+        state: Box<StreamState>,
+        /// Moved records, from `state.moved_from` on.
+        records: Vec<(usize, usize)>,
+    },
     /// Opens a batch of `len` bytes of frames; the log before `durable` was synced.
     Batch {
         seq: u64,
@@ -290,6 +359,34 @@ pub fn decode(buf: &[u8]) -> Result<(Decoded, usize), FrameError> {
         }
         KIND_SOFT_DELETE => Decoded::SoftDelete(r.u64()?),
         KIND_REMOVE => Decoded::Remove(r.u64()?),
+        KIND_RELEASE => Decoded::Release {
+            id: r.u64()?,
+            before: r.u64()?,
+        },
+        KIND_STATE => {
+            let id = r.u64()?;
+            let json_len = r.u32()? as usize;
+            let state: StreamState = serde_json::from_slice(r.take(json_len)?)
+                .map_err(|e| FrameError::Bad(format!("stream state: {e}")))?;
+            if state.meta.id != id {
+                return Err(FrameError::Bad(format!(
+                    "state frame of stream {id} holds stream {}",
+                    state.meta.id
+                )));
+            }
+            let n = r.u32()? as usize;
+            let mut records = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                let l = r.u32()? as usize;
+                let at = r.pos;
+                r.take(l)?;
+                records.push((at, l));
+            }
+            Decoded::State {
+                state: Box::new(state),
+                records,
+            }
+        }
         KIND_BATCH => Decoded::Batch {
             seq: r.u64()?,
             len: r.u32()?,
@@ -407,6 +504,49 @@ mod tests {
         let mut bad = b;
         bad[12] ^= 1;
         assert!(matches!(decode(&bad), Err(FrameError::Bad(_))));
+    }
+
+    #[test]
+    fn release_and_state_frames_round_trip() {
+        let e = encode_release(4, 99);
+        assert!(matches!(
+            decode(&e.bytes),
+            Ok((Decoded::Release { id: 4, before: 99 }, n)) if n == e.bytes.len()
+        ));
+        let state = StreamState {
+            meta: meta().meta,
+            tail: 30,
+            released: 12,
+            closed: true,
+            closed_by: None,
+            last_seq: Some("a".into()),
+            producers: vec![(
+                "p".into(),
+                ProducerState {
+                    epoch: 2,
+                    last_seq: 5,
+                    last_ms: 1_700_000_000_000,
+                },
+            )],
+            soft_deleted: false,
+            moved_from: 12,
+        };
+        let moved = [Bytes::from_static(b"abc"), Bytes::from_static(b"de")];
+        let e = encode_state(&state, &moved);
+        let Ok((
+            Decoded::State {
+                state: back,
+                records,
+            },
+            n,
+        )) = decode(&e.bytes)
+        else {
+            panic!("not a state frame")
+        };
+        assert_eq!((*back, n), (state, e.bytes.len()));
+        let payload = &e.bytes[FRAME_HEADER_LEN..];
+        let texts: Vec<&[u8]> = records.iter().map(|(o, l)| &payload[*o..*o + *l]).collect();
+        assert_eq!(texts, vec![&b"abc"[..], b"de"]);
     }
 
     #[test]

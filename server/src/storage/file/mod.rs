@@ -16,9 +16,11 @@
 //! - Each stream keeps an in-memory index of its records and a small cache of its newest
 //!   records, so live readers rarely touch the disk; other reads are `pread`s on a blocking
 //!   thread, never on the async workers.
-//! - Space: a segment file is deleted once it is the oldest and every stream with a frame in it
-//!   is removed (oldest-first keeps a removal's tombstone around as long as older frames of the
-//!   removed stream exist).
+//! - Space: a segment file is deleted once it is the oldest and no stream needs it, neither for
+//!   its state (its newest CREATE or STATE frame and later frames) nor for retained records
+//!   (oldest-first keeps a removal's tombstone around as long as older frames of the removed
+//!   stream exist). Released records need nothing; the oldest segment's remaining states and
+//!   retained records are written forward in STATE frames when that pays (`wal::Writer::forward`).
 //!
 //! The format is written down in `server/STORAGE.md`.
 
@@ -26,6 +28,7 @@ mod frame;
 mod recover;
 mod wal;
 
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,8 +39,8 @@ use parking_lot::{Mutex, RwLock};
 
 use super::tail_cache::{CacheBudget, TailCache};
 use super::{
-    AppendEntry, Commit, ProducerTuple, ReadChunk, Recovered, Storage, StorageError, StreamId,
-    StreamLog, StreamMeta, plan_read,
+    AppendEntry, Commit, ProducerState, ProducerTuple, ReadChunk, Recovered, Storage, StorageError,
+    StreamId, StreamLog, StreamMeta, plan_read,
 };
 use wal::{Op, Target, Wal};
 
@@ -105,34 +108,47 @@ impl FileStorage {
         let recovery = recover::recover(&wal_dir, options.durable)?;
         let records =
             super::records::RecordLog::open(dir, options.durable, options.fast_sync_interval)?;
+        let streams: Vec<(Arc<LogShared>, StreamMeta, super::WriterSnapshot)> = recovery
+            .streams
+            .into_iter()
+            .map(|r| {
+                let mirror = Mirror::from_snapshot(&r.state);
+                let shared = Arc::new(LogShared {
+                    id: r.meta.id,
+                    start: r.meta.fork.as_ref().map_or(0, |f| f.offset),
+                    meta: r.meta.clone(),
+                    index: RwLock::new(Index {
+                        records: r.records.into(),
+                        touched: r.touched,
+                        base: r.base,
+                        released: r.state.released,
+                        mirror,
+                        ..Index::default()
+                    }),
+                });
+                (shared, r.meta, r.state)
+            })
+            .collect();
         let wal = Wal::start(
             wal_dir,
             options,
             recovery.segments,
             recovery.last_batch,
             recovery.newest_is_current,
+            streams
+                .iter()
+                .map(|(shared, _, _)| shared.clone())
+                .collect(),
         )?;
-        let recovered = recovery
-            .streams
+        let recovered = streams
             .into_iter()
-            .map(|r| {
-                let shared = Arc::new(LogShared {
-                    id: r.meta.id,
-                    start: r.meta.fork.as_ref().map_or(0, |f| f.offset),
-                    index: RwLock::new(Index {
-                        records: r.records,
-                        touched: r.touched,
-                        ..Index::default()
-                    }),
-                });
-                Recovered {
-                    meta: r.meta,
-                    state: r.state,
-                    log: Arc::new(FileLog {
-                        shared,
-                        wal: wal.clone(),
-                    }) as Arc<dyn StreamLog>,
-                }
+            .map(|(shared, meta, state)| Recovered {
+                meta,
+                state,
+                log: Arc::new(FileLog {
+                    shared,
+                    wal: wal.clone(),
+                }) as Arc<dyn StreamLog>,
             })
             .collect();
         Ok(FileStorage {
@@ -222,10 +238,21 @@ impl Storage for FileStorage {
         close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
         let initial: Vec<Bytes> = initial.into_iter().filter(|d| !d.is_empty()).collect();
+        let start = meta.fork.as_ref().map_or(0, |f| f.offset);
         let shared = Arc::new(LogShared {
             id: meta.id,
-            start: meta.fork.as_ref().map_or(0, |f| f.offset),
-            index: RwLock::new(Index::default()),
+            start,
+            meta: meta.clone(),
+            index: RwLock::new(Index {
+                released: start,
+                mirror: Mirror {
+                    tail: start,
+                    closed: close.is_some(),
+                    closed_by: close.clone().flatten(),
+                    ..Mirror::default()
+                },
+                ..Index::default()
+            }),
         });
         let encoded = frame::encode_create(
             &frame::CreateMeta {
@@ -268,23 +295,61 @@ pub(crate) struct LogShared {
     pub id: StreamId,
     /// Position of the stream's first own byte (the fork anchor, or 0).
     pub start: u64,
+    /// The stream's configuration, for the STATE frames that carry it forward.
+    pub meta: StreamMeta,
     pub index: RwLock<Index>,
 }
 
 #[derive(Default)]
 pub(crate) struct Index {
-    pub records: Vec<Loc>,
+    /// The retained records, ascending (released ones are dropped from the front).
+    pub records: VecDeque<Loc>,
     /// The newest records' bytes: always a suffix of `records`.
     pub cache: TailCache,
-    /// Segments holding any frame of this stream, ascending (for segment clean-up).
+    /// Segments from `base` on holding a frame of this stream, ascending: the frames recovery
+    /// needs for its state (its retained records keep their segments through their bytes).
     pub touched: Vec<u32>,
     pub removed: bool,
+    /// The segment of the stream's newest CREATE or STATE frame: recovery needs that frame and
+    /// every later frame of the stream, so segments from it on are pinned.
+    pub base: u32,
+    /// The retained start: data before it is released (the log start when none is).
+    pub released: u64,
+    /// The stream's writer state as the log says it so far (kept by the writer thread), which a
+    /// STATE frame writes forward.
+    pub mirror: Mirror,
+    /// About the bytes a STATE frame of this stream takes (for the log's live bytes).
+    pub state_len: u32,
+}
+
+/// A stream's writer state as of the frames written so far.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Mirror {
+    pub tail: u64,
+    pub closed: bool,
+    pub closed_by: Option<ProducerTuple>,
+    pub last_seq: Option<String>,
+    pub producers: HashMap<String, ProducerState>,
+    pub soft_deleted: bool,
+}
+
+impl Mirror {
+    fn from_snapshot(s: &super::WriterSnapshot) -> Mirror {
+        Mirror {
+            tail: s.tail,
+            closed: s.closed,
+            closed_by: s.closed_by.clone(),
+            last_seq: s.last_seq.clone(),
+            producers: s.producers.clone(),
+            soft_deleted: s.soft_deleted,
+        }
+    }
 }
 
 impl Index {
     /// Appends a committed record, caching its bytes when the budget allows.
     pub fn push(&mut self, loc: Loc, data: Option<Bytes>, budget: &CacheBudget) {
-        self.records.push(loc);
+        self.records.push_back(loc);
         self.cache.push(loc.start, data, budget);
     }
 
@@ -313,6 +378,41 @@ impl StreamLog for FileLog {
                 log: self.shared.clone(),
                 start: entry.start,
                 data: entry.data.filter(|d| !d.is_empty()),
+                change: (entry.close.is_some()
+                    || entry.stream_seq.is_some()
+                    || entry.producer.is_some())
+                .then(|| {
+                    Box::new(wal::StateChange {
+                        close: entry.close,
+                        stream_seq: entry.stream_seq,
+                        producer: entry.producer,
+                    })
+                }),
+            },
+        })
+    }
+
+    fn release(&self, before: u64) -> Commit {
+        {
+            let index = self.shared.index.read();
+            if before <= index.released || index.removed {
+                return super::done();
+            }
+            if before > index.mirror.tail {
+                return Box::pin(std::future::ready(Err(StorageError::Corrupt {
+                    what: format!("releasing stream {}", self.shared.id),
+                    detail: format!(
+                        "release before {before} is past the tail {}",
+                        index.mirror.tail
+                    ),
+                })));
+            }
+        }
+        self.wal.submit(Op {
+            frame: frame::encode_release(self.shared.id, before),
+            target: Target::Release {
+                log: self.shared.clone(),
+                before,
             },
         })
     }
@@ -340,6 +440,11 @@ impl StreamLog for FileLog {
     ) -> BoxFuture<'static, Result<ReadChunk, StorageError>> {
         let planned = {
             let index = self.shared.index.read();
+            if from < index.released && index.released > self.shared.start {
+                return Box::pin(std::future::ready(Err(StorageError::Released {
+                    start: index.released,
+                })));
+            }
             let records = &index.records;
             let span = |i: usize| (records[i].start, u64::from(records[i].len));
             plan_read(

@@ -19,6 +19,18 @@ pub(crate) struct RecoveredStream {
     pub state: WriterSnapshot,
     pub records: Vec<Loc>,
     pub touched: Vec<u32>,
+    /// The segment of the stream's newest CREATE or STATE frame.
+    pub base: u32,
+}
+
+/// Frames of a stream met before any CREATE or STATE frame of it: the segment holding that
+/// frame was deleted. Either the stream was removed (a REMOVE frame follows, or nothing of it
+/// remains at the end) or its state was written forward (a STATE frame follows, which adopts
+/// the records kept here).
+#[derive(Default)]
+struct Orphan {
+    records: Vec<Loc>,
+    touched: Vec<u32>,
 }
 
 pub(crate) struct Recovery {
@@ -61,6 +73,7 @@ fn segment_ids(dir: &Path) -> Result<Vec<u32>, StorageError> {
 pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageError> {
     let ids = segment_ids(dir)?;
     let mut streams: HashMap<StreamId, RecoveredStream> = HashMap::new();
+    let mut orphans: HashMap<StreamId, Orphan> = HashMap::new();
     let mut segments = Vec::with_capacity(ids.len());
     let mut last_batch: Option<u64> = None;
     let mut newest_version = frame::VERSION;
@@ -83,8 +96,8 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                 rewrite_header(&path, durable)?;
                 segments.push(Segment {
                     id,
-                    live: 0,
                     len: frame::SEGMENT_HEADER_LEN,
+                    ..Segment::default()
                 });
                 continue;
             }
@@ -128,7 +141,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
             match step {
                 Ok((frames, end, seq)) => {
                     for (decoded, at) in frames {
-                        apply(&mut streams, decoded, id, at as u64, &path)?;
+                        apply(&mut streams, &mut orphans, decoded, id, at as u64, &path)?;
                     }
                     last_batch = seq.or(last_batch);
                     batches += 1;
@@ -190,16 +203,42 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
         }
         segments.push(Segment {
             id,
-            live: 0,
             len: pos.min(data.len()) as u64,
+            ..Segment::default()
         });
     }
-    for s in streams.values() {
-        for seg in &s.touched {
-            if let Some(segment) = segments.iter_mut().find(|x| x.id == *seg) {
-                segment.live += 1;
-            }
+    // Every stream's retained records must run from its retained start to its tail.
+    for s in streams.values_mut() {
+        let log_start = s.meta.fork.as_ref().map_or(0, |f| f.offset);
+        let released = s.state.released.max(log_start);
+        s.records.retain(|r| r.start + u64::from(r.len) > released);
+        let contiguous = s
+            .records
+            .windows(2)
+            .all(|w| w[0].start + u64::from(w[0].len) == w[1].start);
+        let covered = contiguous
+            && match (s.records.first(), s.records.last()) {
+                (Some(first), Some(last)) => {
+                    first.start <= released && last.start + u64::from(last.len) == s.state.tail
+                }
+                _ => released == s.state.tail,
+            };
+        if !covered {
+            return Err(StorageError::Corrupt {
+                what: dir.display().to_string(),
+                detail: format!(
+                    "stream {} should hold [{released}, {}) but its records cover {:?}",
+                    s.meta.id,
+                    s.state.tail,
+                    s.records.first().map(|f| (
+                        f.start,
+                        s.records.last().map(|l| l.start + u64::from(l.len))
+                    ))
+                ),
+            });
         }
+        s.state.released = released;
+        s.state.own_bytes = s.state.tail - released;
     }
     let mut streams: Vec<RecoveredStream> = streams.into_values().collect();
     streams.sort_by_key(|s| s.meta.id);
@@ -317,8 +356,18 @@ fn touch(touched: &mut Vec<u32>, seg: u32) {
     }
 }
 
+/// Drops the records that end at or before `before`.
+fn drop_released(records: &mut Vec<Loc>, before: u64) {
+    let n = records
+        .iter()
+        .take_while(|r| r.start + u64::from(r.len) <= before)
+        .count();
+    records.drain(..n);
+}
+
 fn apply(
     streams: &mut HashMap<StreamId, RecoveredStream>,
+    orphans: &mut HashMap<StreamId, Orphan>,
     decoded: Decoded,
     seg: u32,
     frame_off: u64,
@@ -345,8 +394,10 @@ fn apply(
                 closed: meta.closed,
                 own_bytes: pos - start,
                 last_access_ms: 0,
+                released: start,
                 ..WriterSnapshot::default()
             };
+            orphans.remove(&id);
             streams.insert(
                 id,
                 RecoveredStream {
@@ -354,6 +405,7 @@ fn apply(
                     state,
                     records: locs,
                     touched: vec![seg],
+                    base: seg,
                 },
             );
         }
@@ -363,10 +415,32 @@ fn apply(
             state,
             data,
         } => {
-            // A stream removed earlier may have lost its CREATE frame to segment clean-up while
-            // later frames of it remain (segments are deleted oldest first); ids are never
-            // reused, so its leftover frames are skipped.
+            let loc = data.map(|(rel, len)| Loc {
+                start,
+                len: len as u32,
+                seg,
+                off: payload_off + rel as u64,
+            });
+            // The stream's CREATE frame went with a deleted segment: it was removed (a REMOVE
+            // follows) or its state was written forward (a STATE frame follows).
             let Some(s) = streams.get_mut(&id) else {
+                let orphan = orphans.entry(id).or_default();
+                touch(&mut orphan.touched, seg);
+                if let Some(loc) = loc {
+                    if let Some(last) = orphan.records.last()
+                        && last.start + u64::from(last.len) != start
+                    {
+                        return Err(corrupt(
+                            path,
+                            frame_off,
+                            format!(
+                                "append at {start} but stream {id} ends at {}",
+                                last.start + u64::from(last.len)
+                            ),
+                        ));
+                    }
+                    orphan.records.push(loc);
+                }
                 return Ok(());
             };
             if start != s.state.tail {
@@ -377,15 +451,10 @@ fn apply(
                 ));
             }
             touch(&mut s.touched, seg);
-            if let Some((rel, len)) = data {
-                s.records.push(Loc {
-                    start,
-                    len: len as u32,
-                    seg,
-                    off: payload_off + rel as u64,
-                });
-                s.state.tail += len as u64;
-                s.state.own_bytes += len as u64;
+            if let Some(loc) = loc {
+                s.state.tail += u64::from(loc.len);
+                s.state.own_bytes += u64::from(loc.len);
+                s.records.push(loc);
             }
             if state.closes {
                 s.state.closed = true;
@@ -406,6 +475,116 @@ fn apply(
         }
         Decoded::Remove(id) => {
             streams.remove(&id);
+            orphans.remove(&id);
+        }
+        Decoded::Release { id, before } => match streams.get_mut(&id) {
+            Some(s) => {
+                if before > s.state.tail {
+                    return Err(corrupt(
+                        path,
+                        frame_off,
+                        format!(
+                            "release before {before} but stream {id} ends at {}",
+                            s.state.tail
+                        ),
+                    ));
+                }
+                s.state.released = s.state.released.max(before);
+                drop_released(&mut s.records, before);
+                touch(&mut s.touched, seg);
+            }
+            None => {
+                let orphan = orphans.entry(id).or_default();
+                drop_released(&mut orphan.records, before);
+                touch(&mut orphan.touched, seg);
+            }
+        },
+        Decoded::State { state: st, records } => {
+            let st = *st;
+            let id = st.meta.id;
+            let (mut kept, mut touched) = match streams.remove(&id) {
+                Some(s) => {
+                    if s.state.tail != st.tail {
+                        return Err(corrupt(
+                            path,
+                            frame_off,
+                            format!(
+                                "state of stream {id} says tail {} but its frames end at {}",
+                                st.tail, s.state.tail
+                            ),
+                        ));
+                    }
+                    (s.records, s.touched)
+                }
+                None => {
+                    let orphan = orphans.remove(&id).unwrap_or_default();
+                    if let Some(last) = orphan.records.last()
+                        && last.start + u64::from(last.len) != st.tail
+                    {
+                        return Err(corrupt(
+                            path,
+                            frame_off,
+                            format!(
+                                "state of stream {id} says tail {} but its frames end at {}",
+                                st.tail,
+                                last.start + u64::from(last.len)
+                            ),
+                        ));
+                    }
+                    (orphan.records, orphan.touched)
+                }
+            };
+            // Moved records take the place of their older copies (which may be gone with their
+            // segment, or still there after a crash before that segment was deleted).
+            let mut moved = Vec::with_capacity(records.len());
+            let mut pos = st.moved_from;
+            for (rel, len) in records {
+                moved.push(Loc {
+                    start: pos,
+                    len: len as u32,
+                    seg,
+                    off: payload_off + rel as u64,
+                });
+                pos += len as u64;
+            }
+            if pos > st.tail {
+                return Err(corrupt(
+                    path,
+                    frame_off,
+                    format!(
+                        "state of stream {id} moves records past its tail {}",
+                        st.tail
+                    ),
+                ));
+            }
+            if !moved.is_empty() {
+                let (from, to) = (st.moved_from, pos);
+                kept.retain(|r| r.start + u64::from(r.len) <= from || r.start >= to);
+                let at = kept.partition_point(|r| r.start < from);
+                kept.splice(at..at, moved);
+            }
+            drop_released(&mut kept, st.released);
+            touch(&mut touched, seg);
+            streams.insert(
+                id,
+                RecoveredStream {
+                    state: WriterSnapshot {
+                        tail: st.tail,
+                        closed: st.closed,
+                        closed_by: st.closed_by,
+                        last_seq: st.last_seq,
+                        producers: st.producers.into_iter().collect(),
+                        soft_deleted: st.soft_deleted,
+                        last_access_ms: 0,
+                        own_bytes: 0,
+                        released: st.released,
+                    },
+                    meta: st.meta,
+                    records: kept,
+                    touched,
+                    base: seg,
+                },
+            );
         }
         // Batches are taken apart by the caller.
         Decoded::Batch { .. } => {}

@@ -6,6 +6,7 @@
 //! in submission order. Segment rotation and clean-up happen here too, so no lock guards the
 //! segment table.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,9 @@ use tokio::sync::oneshot;
 use super::frame::{self, Encoded, LogPos};
 use super::{FileOptions, Loc, LogShared};
 use crate::storage::tail_cache::CacheBudget;
-use crate::storage::{Commit, StorageError, ZERO_FILL_BELOW};
+use crate::storage::{
+    Commit, ProducerState, ProducerTuple, StorageError, StreamId, ZERO_FILL_BELOW,
+};
 
 /// Most operations written in one batch.
 const MAX_BATCH_OPS: usize = 4096;
@@ -37,6 +40,10 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 /// the file.
 pub(crate) const GROW_STEP: u64 = 4 << 20;
 
+/// How often an idle writer looks again at segments to rewrite forward or to delete (a
+/// deletion in file-fast waits for the background sync).
+const IDLE_CLEAN_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What an operation does to the in-memory indexes once its frame is written.
 pub(crate) enum Target {
     Create {
@@ -47,9 +54,28 @@ pub(crate) enum Target {
         log: Arc<LogShared>,
         start: u64,
         data: Option<Bytes>,
+        /// Writer state the append changes (moved from the entry after encoding: no copy).
+        change: Option<Box<StateChange>>,
     },
     SoftDelete(Arc<LogShared>),
     Remove(Arc<LogShared>),
+    Release {
+        log: Arc<LogShared>,
+        before: u64,
+    },
+    /// A STATE frame the writer wrote forward (never submitted from outside), carrying the
+    /// stream's retained records from position `moved` on when given.
+    State {
+        log: Arc<LogShared>,
+        moved: Option<u64>,
+    },
+}
+
+/// The writer-state part of an append, kept in the stream's [`super::Mirror`].
+pub(crate) struct StateChange {
+    pub close: Option<Option<ProducerTuple>>,
+    pub stream_seq: Option<String>,
+    pub producer: Option<(String, ProducerState)>,
 }
 
 pub(crate) struct Op {
@@ -63,13 +89,20 @@ struct Pending {
 }
 
 /// A segment as the writer tracks it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Segment {
     pub id: u32,
-    /// Streams (not removed) with at least one frame in this segment.
+    /// Streams (not removed) whose state needs a frame here (see [`super::Index::touched`]).
     pub live: u64,
+    /// Bytes of retained records here. A segment is deleted once both are 0.
+    pub retained: u64,
     /// Bytes in the file (the append position for the active segment).
     pub len: u64,
+    /// Streams that have had a frame here (some may have been removed or unpinned it since).
+    pub streams: Vec<StreamId>,
+    /// Rewriting this segment forward was refused as too costly at these `(live, retained)`;
+    /// tried again once either falls.
+    pub refused_at: Option<(u64, u64)>,
 }
 
 pub(crate) struct Wal {
@@ -136,6 +169,7 @@ impl Wal {
         mut segments: Vec<Segment>,
         last_batch: u64,
         newest_is_current: bool,
+        streams: Vec<Arc<LogShared>>,
     ) -> Result<Arc<Wal>, StorageError> {
         // Batches go only into segments of this build's format: after an upgrade the older
         // newest segment is left as it is and a new one is started.
@@ -182,7 +216,7 @@ impl Wal {
             writer: Mutex::new(None),
             syncer: syncer.clone().map(|s| (s, Mutex::new(None))),
         });
-        let writer = Writer {
+        let mut writer = Writer {
             wal: Arc::downgrade(&wal),
             dir,
             durable: options.durable,
@@ -193,7 +227,29 @@ impl Wal {
             next_batch: last_batch + 1,
             syncer,
             clean_after: None,
+            streams: HashMap::with_capacity(streams.len()),
+            reclaim: true,
+            state_total: 0,
         };
+        for log in streams {
+            let mut index = log.index.write();
+            for &seg in &index.touched {
+                if let Some(s) = writer.segment_mut(seg) {
+                    s.live += 1;
+                    s.streams.push(log.id);
+                }
+            }
+            for r in index.records.iter() {
+                if let Some(s) = writer.segment_mut(r.seg) {
+                    s.retained += u64::from(r.len);
+                }
+            }
+            writer.unpin(&mut index);
+            index.state_len = estimate_state_len(&log.meta, &index.mirror);
+            writer.state_total += u64::from(index.state_len);
+            drop(index);
+            writer.streams.insert(log.id, log);
+        }
         *wal.writer.lock() = Some(spawn("ds-wal-writer", move || writer.run(rx))?);
         if let Some((syncer, slot)) = &wal.syncer {
             let syncer = syncer.clone();
@@ -314,8 +370,8 @@ fn create_segment(dir: &Path, id: u32, durable: bool) -> Result<Segment, Storage
     }
     Ok(Segment {
         id,
-        live: 0,
         len: frame::SEGMENT_HEADER_LEN,
+        ..Segment::default()
     })
 }
 
@@ -339,13 +395,44 @@ struct Writer {
     /// so its file is deleted only after the background sync has passed them: a power loss
     /// must never keep a deletion and lose what allowed it.
     clean_after: Option<LogPos>,
+    /// Every stream not removed, for writing states forward.
+    streams: HashMap<StreamId, Arc<LogShared>>,
+    /// Something changed that may let the oldest segment go (a release, a removal, a rotation).
+    reclaim: bool,
+    /// What every stream's state would take in STATE frames (estimated), for the live bytes.
+    state_total: u64,
+}
+
+/// About what a STATE frame of this stream takes, without encoding it.
+fn estimate_state_len(meta: &crate::storage::StreamMeta, m: &super::Mirror) -> u32 {
+    let producers: usize = m.producers.keys().map(|id| id.len() + 48).sum();
+    (256 + meta.path.len() + meta.content_type.len() + producers) as u32
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Pending>) {
         // Reused: growing a new vector through every batch is an allocation per doubling.
         let mut batch: Vec<Pending> = Vec::with_capacity(64);
-        while let Ok(first) = rx.recv() {
+        loop {
+            // file-fast: a clean-up waiting for the background sync is retried while idle, so
+            // dead segments go without waiting for the next write.
+            let first = if self.clean_after.is_some() || self.reclaim {
+                match rx.recv_timeout(IDLE_CLEAN_TICK) {
+                    Ok(first) => first,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Some(wal) = self.wal.upgrade() {
+                            self.idle(&wal);
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(first) => first,
+                    Err(_) => break,
+                }
+            };
             batch.push(first);
             let mut bytes = frame::BATCH_FRAME_LEN + batch[0].op.frame.bytes.len();
             while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
@@ -368,18 +455,18 @@ impl Writer {
                     wal.batches.fetch_add(1, Ordering::Relaxed);
                     wal.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     crate::metrics::storage_batch(batch.len());
-                    let mut removed_any = false;
+                    let mut freed_any = false;
                     for (p, (seg, off)) in batch.drain(..).zip(placed) {
-                        removed_any |= matches!(p.op.target, Target::Remove(_));
+                        freed_any |=
+                            matches!(p.op.target, Target::Remove(_) | Target::Release { .. });
                         self.apply(&wal, p.op, seg, off);
                         let _ = p.done.send(Ok(()));
                     }
-                    if removed_any {
+                    if freed_any {
                         self.request_clean();
+                        self.reclaim = true;
                     }
-                    if let Err(e) = self.clean_when_durable(&wal) {
-                        tracing::warn!(error = %e, "segment clean-up failed");
-                    }
+                    self.idle(&wal);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "write-ahead log write failed; refusing writes until restart");
@@ -483,9 +570,26 @@ impl Writer {
         }
         self.allocated = seg.len;
         self.segments.push(seg);
+        self.reclaim = true;
         // The old active segment may already be clean (everything in it removed).
         self.request_clean();
         self.clean_when_durable(wal)
+    }
+
+    /// After each batch, and every [`IDLE_CLEAN_TICK`] while no operation comes: rewrites the
+    /// oldest segment forward if that is due, and deletes what is dead (once durable). A failed
+    /// rewrite is a failed write: the log's end is unknown until a restart.
+    fn idle(&mut self, wal: &Wal) {
+        if self.reclaim
+            && !wal.failed.load(Ordering::Relaxed)
+            && let Err(e) = self.forward(wal)
+        {
+            tracing::error!(error = %e, "writing stream states forward failed; refusing writes until restart");
+            wal.failed.store(true, Ordering::Relaxed);
+        }
+        if let Err(e) = self.clean_when_durable(wal) {
+            tracing::warn!(error = %e, "segment clean-up failed");
+        }
     }
 
     /// Asks for a clean-up once everything written so far is durable.
@@ -508,22 +612,59 @@ impl Writer {
         self.clean_segments(wal)
     }
 
-    fn touch(&mut self, index: &mut super::Index, seg: u32) {
+    fn segment_mut(&mut self, seg: u32) -> Option<&mut Segment> {
+        let at = self.segments.binary_search_by_key(&seg, |s| s.id).ok()?;
+        self.segments.get_mut(at)
+    }
+
+    fn touch(&mut self, index: &mut super::Index, id: StreamId, seg: u32) {
         if index.touched.last() != Some(&seg) {
             index.touched.push(seg);
-            if let Some(s) = self.segments.iter_mut().rev().find(|s| s.id == seg) {
+            if let Some(s) = self.segment_mut(seg) {
                 s.live += 1;
+                s.streams.push(id);
             }
+        }
+    }
+
+    /// Stops pinning the segments before the stream's base (its newest CREATE or STATE frame):
+    /// recovery needs no frame of it from there. Its retained records keep their segments
+    /// through `Segment::retained`.
+    fn unpin(&mut self, index: &mut super::Index) {
+        let n = index
+            .touched
+            .iter()
+            .take_while(|&&s| s < index.base)
+            .count();
+        for seg in index.touched.drain(..n).collect::<Vec<_>>() {
+            if let Some(s) = self.segment_mut(seg) {
+                s.live = s.live.saturating_sub(1);
+            }
+        }
+    }
+
+    fn retain(&mut self, seg: u32, len: u32) {
+        if let Some(s) = self.segment_mut(seg) {
+            s.retained += u64::from(len);
+        }
+    }
+
+    fn unretain(&mut self, seg: u32, len: u32) {
+        if let Some(s) = self.segment_mut(seg) {
+            s.retained = s.retained.saturating_sub(u64::from(len));
         }
     }
 
     fn apply(&mut self, wal: &Wal, op: Op, seg: u32, frame_off: u64) {
         let records = op.frame.records;
+        let frame_len = op.frame.bytes.len();
         match op.target {
             Target::Create { log, data } => {
                 let mut index = log.index.write();
-                self.touch(&mut index, seg);
+                index.base = seg;
+                self.touch(&mut index, log.id, seg);
                 let mut pos = log.start;
+                let mut data_len = 0;
                 for ((rel, len), bytes) in records.into_iter().zip(data) {
                     let loc = Loc {
                         start: pos,
@@ -532,12 +673,24 @@ impl Writer {
                         off: frame_off + rel as u64,
                     };
                     pos += len as u64;
+                    data_len += len + 4;
+                    self.retain(seg, loc.len);
                     index.push(loc, Some(bytes), &wal.cache);
                 }
+                index.mirror.tail = pos;
+                index.state_len = (frame_len - data_len + 64) as u32;
+                self.state_total += u64::from(index.state_len);
+                drop(index);
+                self.streams.insert(log.id, log);
             }
-            Target::Append { log, start, data } => {
+            Target::Append {
+                log,
+                start,
+                data,
+                change,
+            } => {
                 let mut index = log.index.write();
-                self.touch(&mut index, seg);
+                self.touch(&mut index, log.id, seg);
                 if let Some((rel, len)) = records.first().copied() {
                     let loc = Loc {
                         start,
@@ -545,31 +698,244 @@ impl Writer {
                         seg,
                         off: frame_off + rel as u64,
                     };
+                    self.retain(seg, loc.len);
                     index.push(loc, data, &wal.cache);
+                    index.mirror.tail = start + len as u64;
+                }
+                if let Some(change) = change {
+                    let m = &mut index.mirror;
+                    if let Some(by) = change.close {
+                        m.closed = true;
+                        m.closed_by = by;
+                    }
+                    if let Some(seq) = change.stream_seq {
+                        m.last_seq = Some(seq);
+                    }
+                    if let Some((id, ps)) = change.producer {
+                        let grew = id.len() as u32 + 48;
+                        if m.producers.insert(id, ps).is_none() {
+                            index.state_len += grew;
+                            self.state_total += u64::from(grew);
+                        }
+                    }
                 }
             }
             Target::SoftDelete(log) => {
                 let mut index = log.index.write();
-                self.touch(&mut index, seg);
+                index.mirror.soft_deleted = true;
+                self.touch(&mut index, log.id, seg);
+            }
+            Target::Release { log, before } => {
+                let mut index = log.index.write();
+                if index.removed || before <= index.released {
+                    return;
+                }
+                index.released = before;
+                while let Some(r) = index
+                    .records
+                    .front()
+                    .copied()
+                    .filter(|r| r.start + u64::from(r.len) <= before)
+                {
+                    index.records.pop_front();
+                    self.unretain(r.seg, r.len);
+                }
+                index.cache.drop_before(before, &wal.cache);
+                self.touch(&mut index, log.id, seg);
+            }
+            Target::State { log, moved } => {
+                let mut index = log.index.write();
+                index.base = seg;
+                // The moved records now live in this frame.
+                if let Some(first) = moved {
+                    let at = index.records.partition_point(|r| r.start < first);
+                    for (i, (rel, len)) in records.into_iter().enumerate() {
+                        let Some(r) = index.records.get(at + i).copied() else {
+                            break;
+                        };
+                        debug_assert_eq!(r.len as usize, len);
+                        self.unretain(r.seg, r.len);
+                        self.retain(seg, r.len);
+                        index.records[at + i] = Loc {
+                            seg,
+                            off: frame_off + rel as u64,
+                            ..r
+                        };
+                    }
+                }
+                self.touch(&mut index, log.id, seg);
+                self.unpin(&mut index);
             }
             Target::Remove(log) => {
                 let mut index = log.index.write();
                 index.removed = true;
                 index.clear_cache(&wal.cache);
-                index.records = Vec::new();
+                for r in std::mem::take(&mut index.records) {
+                    self.unretain(r.seg, r.len);
+                }
                 for seg in std::mem::take(&mut index.touched) {
-                    if let Some(s) = self.segments.iter_mut().find(|s| s.id == seg) {
+                    if let Some(s) = self.segment_mut(seg) {
                         s.live = s.live.saturating_sub(1);
                     }
                 }
+                self.state_total = self.state_total.saturating_sub(u64::from(index.state_len));
+                drop(index);
+                self.streams.remove(&log.id);
             }
         }
+    }
+
+    /// Rewrites the oldest segment forward, so that it can be deleted: for every stream that
+    /// still needs it, a STATE frame with the stream's whole state and the retained records it
+    /// holds there (one frame per run of consecutive records). Done when that takes at most
+    /// half the segment's bytes, so a rewrite never writes more than it frees; and, whatever it takes, while the log is more than twice its live bytes plus
+    /// two segments: one stream that is never released must not keep every later segment (they
+    /// go oldest first) on the disk. That is the slack bound: the log stays within about twice
+    /// the live bytes (retained records and states) plus three segments.
+    fn forward(&mut self, wal: &Wal) -> Result<(), StorageError> {
+        self.reclaim = false;
+        // The oldest segment that still holds something (older ones only wait for their
+        // deletion to be durable), never the active one.
+        let Some(at) = self.segments[..self.segments.len().saturating_sub(1)]
+            .iter()
+            .position(|s| s.live > 0 || s.retained > 0)
+        else {
+            return Ok(());
+        };
+        let (oldest, live, retained, len) = {
+            let s = &self.segments[at];
+            (s.id, s.live, s.retained, s.len)
+        };
+        let total_len: u64 = self.segments.iter().map(|s| s.len).sum();
+        let total_live: u64 =
+            self.segments.iter().map(|s| s.retained).sum::<u64>() + self.state_total;
+        let pressed = total_len > 2 * total_live + 2 * self.segment_bytes;
+        let budget = len / 2;
+        if !pressed {
+            if retained > budget {
+                return Ok(());
+            }
+            if let Some((l, r)) = self.segments[at].refused_at
+                && live >= l
+                && retained >= r
+            {
+                return Ok(());
+            }
+        }
+        let mut forward = Vec::new();
+        let mut bytes = frame::BATCH_FRAME_LEN;
+        let mut seen = std::collections::HashSet::new();
+        let ids = self.segments[at].streams.clone();
+        for id in ids {
+            let Some(log) = self.streams.get(&id).cloned() else {
+                continue;
+            };
+            if !seen.insert(id) {
+                continue;
+            }
+            let index = log.index.read();
+            let needs_state = index.touched.first() == Some(&oldest);
+            // Runs of consecutive retained records in the oldest segment.
+            let mut runs: Vec<Vec<Loc>> = Vec::new();
+            if retained > 0 {
+                for r in index.records.iter().filter(|r| r.seg == oldest) {
+                    match runs.last_mut() {
+                        Some(run)
+                            if run
+                                .last()
+                                .is_some_and(|l| l.start + u64::from(l.len) == r.start) =>
+                        {
+                            run.push(*r)
+                        }
+                        _ => runs.push(vec![*r]),
+                    }
+                }
+            }
+            if !needs_state && runs.is_empty() {
+                continue;
+            }
+            let m = &index.mirror;
+            let mut producers: Vec<(String, ProducerState)> =
+                m.producers.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut state = frame::StreamState {
+                meta: log.meta.clone(),
+                tail: m.tail,
+                released: index.released,
+                closed: m.closed,
+                closed_by: m.closed_by.clone(),
+                last_seq: m.last_seq.clone(),
+                producers,
+                soft_deleted: m.soft_deleted,
+                moved_from: 0,
+            };
+            drop(index);
+            if runs.is_empty() {
+                runs.push(Vec::new());
+            }
+            for run in runs {
+                let mut data = Vec::with_capacity(run.len());
+                for r in &run {
+                    data.push(wal.pread(r.seg, r.off, r.len as usize)?);
+                }
+                state.moved_from = run.first().map_or(0, |r| r.start);
+                let encoded = frame::encode_state(&state, &data);
+                bytes += encoded.bytes.len();
+                forward.push(Op {
+                    frame: encoded,
+                    target: Target::State {
+                        log: log.clone(),
+                        moved: run.first().map(|r| r.start),
+                    },
+                });
+            }
+        }
+        if forward.is_empty() {
+            return Ok(());
+        }
+        if !pressed && bytes as u64 > budget {
+            self.segments[at].refused_at = Some((live, retained));
+            tracing::debug!(
+                segment = oldest,
+                bytes,
+                "not rewriting the oldest segment forward: it would take more than half of it"
+            );
+            return Ok(());
+        }
+        let batch: Vec<Pending> = forward
+            .into_iter()
+            .map(|op| Pending {
+                op,
+                done: oneshot::channel().0,
+            })
+            .collect();
+        let placed = self.write_batch(wal, &batch, bytes)?;
+        wal.batches.fetch_add(1, Ordering::Relaxed);
+        for (p, (seg, off)) in batch.into_iter().zip(placed) {
+            if let Target::State { log, .. } = &p.op.target {
+                let new_len = (p.op.frame.bytes.len()
+                    - p.op.frame.records.iter().map(|(_, l)| l + 4).sum::<usize>())
+                    as u32;
+                let mut index = log.index.write();
+                self.state_total = self.state_total.saturating_sub(u64::from(index.state_len))
+                    + u64::from(new_len);
+                index.state_len = new_len;
+            }
+            self.apply(wal, p.op, seg, off);
+        }
+        self.request_clean();
+        // The next segment may be ready too: look again after the next batch, or when idle.
+        self.reclaim = true;
+        Ok(())
     }
 
     /// Deletes the oldest segments while nothing live is in them (never the active one).
     fn clean_segments(&mut self, wal: &Wal) -> Result<(), StorageError> {
         let mut deleted = false;
-        while self.segments.len() > 1 && self.segments[0].live == 0 {
+        while self.segments.len() > 1
+            && self.segments[0].live == 0
+            && self.segments[0].retained == 0
+        {
             let seg = self.segments.remove(0);
             let path = segment_path(&self.dir, seg.id);
             wal.readers.lock().remove(seg.id);

@@ -124,14 +124,20 @@ fn frame(kind: u8, payload_len: usize, write: impl FnOnce(&mut Vec<u8>)) -> Vec<
 
 pub fn encode_create(meta: &CreateMeta, initial: &[Bytes]) -> Encoded {
     let json = serde_json::to_vec(meta).unwrap_or_default();
-    let data_len: usize = initial.iter().map(|d| d.len() + 4).sum();
-    let mut records = Vec::with_capacity(initial.len());
-    let bytes = frame(KIND_CREATE, 16 + json.len() + data_len, |b| {
-        b.extend_from_slice(&meta.meta.id.to_le_bytes());
+    encode_with_records(KIND_CREATE, meta.meta.id, &json, initial)
+}
+
+/// The layout CREATE and STATE share: stream id, the JSON's length and bytes, the number of
+/// records, then each record's length and bytes.
+fn encode_with_records(kind: u8, id: StreamId, json: &[u8], data: &[Bytes]) -> Encoded {
+    let data_len: usize = data.iter().map(|d| d.len() + 4).sum();
+    let mut records = Vec::with_capacity(data.len());
+    let bytes = frame(kind, 16 + json.len() + data_len, |b| {
+        b.extend_from_slice(&id.to_le_bytes());
         b.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        b.extend_from_slice(&json);
-        b.extend_from_slice(&(initial.len() as u32).to_le_bytes());
-        for d in initial {
+        b.extend_from_slice(json);
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        for d in data {
             b.extend_from_slice(&(d.len() as u32).to_le_bytes());
             records.push((b.len(), d.len()));
             b.extend_from_slice(d);
@@ -189,20 +195,7 @@ pub fn encode_release(id: StreamId, before: u64) -> Encoded {
 /// records `moved` (from `state.moved_from`) rewritten here so that their old segment can go.
 pub fn encode_state(state: &StreamState, moved: &[Bytes]) -> Encoded {
     let json = serde_json::to_vec(state).unwrap_or_default();
-    let data_len: usize = moved.iter().map(|d| d.len() + 4).sum();
-    let mut records = Vec::with_capacity(moved.len());
-    let bytes = frame(KIND_STATE, 16 + json.len() + data_len, |b| {
-        b.extend_from_slice(&state.meta.id.to_le_bytes());
-        b.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        b.extend_from_slice(&json);
-        b.extend_from_slice(&(moved.len() as u32).to_le_bytes());
-        for d in moved {
-            b.extend_from_slice(&(d.len() as u32).to_le_bytes());
-            records.push((b.len(), d.len()));
-            b.extend_from_slice(d);
-        }
-    });
-    Encoded { bytes, records }
+    encode_with_records(KIND_STATE, state.meta.id, &json, moved)
 }
 
 /// A position in the log: segment id, then byte offset in that segment. Ordered as the log is.

@@ -522,19 +522,23 @@ async fn min_age_holds_acked_data_for_that_long() {
     s.stop().await;
 }
 
+/// A subscription that links the registry (as ds-sync's does), waking `w/reg`.
+async fn registry_follower(s: &Server) -> Worker {
+    s.put_stream("w/reg").await;
+    s.subscribe(
+        "/",
+        "follower",
+        json!({"type": "pull-wake", "streams": ["_ds/registry"], "wake_stream": "v1/stream/w/reg", "lease_ttl_ms": 600_000}),
+    )
+    .await
+}
+
 /// The case: a 100 000-byte budget and 1 500 create-and-delete cycles of empty
 /// streams, with a follower that reads the registry and acks what it read (as ds-sync does).
 #[tokio::test]
 async fn registry_churn_keeps_every_event_stays_bounded_and_appends_still_succeed() {
     let s = Server::start(|c| c.limits.max_memory_bytes = 100_000).await;
-    s.put_stream("w/reg").await;
-    let follower = s
-        .subscribe(
-            "/",
-            "follower",
-            json!({"type": "pull-wake", "streams": ["_ds/registry"], "wake_stream": "v1/stream/w/reg", "lease_ttl_ms": 600_000}),
-        )
-        .await;
+    let follower = registry_follower(&s).await;
     let registry = format!("{}/_ds/registry", s.base);
     let mut offset = "-1".to_owned();
     let (mut created, mut deleted) = (0, 0);
@@ -603,14 +607,7 @@ async fn registry_churn_keeps_every_event_stays_bounded_and_appends_still_succee
 async fn a_registry_that_cannot_record_fails_the_create_and_recovers_after_acks() {
     // acked mode holds the registry to DS_LIMITS__MAX_STREAM_BYTES until its readers ack.
     let s = Server::start(|c| c.limits.max_stream_bytes = 2_000).await;
-    s.put_stream("w/reg").await;
-    let follower = s
-        .subscribe(
-            "/",
-            "follower",
-            json!({"type": "pull-wake", "streams": ["_ds/registry"], "wake_stream": "v1/stream/w/reg", "lease_ttl_ms": 600_000}),
-        )
-        .await;
+    let follower = registry_follower(&s).await;
     let mut refused = None;
     for i in 0..100 {
         let r = s.put_stream(&format!("full/{i}")).await;

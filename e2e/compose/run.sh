@@ -10,9 +10,10 @@
 #      upstream image with no stand-in, and what it would show are Prometheus' answers);
 #   4. writers append through Envoy while `docker compose kill -s KILL` hits ds-server, then
 #      ds-sync, each started again. The stack is compose.yaml's default, a hot buffer
-#      (DS_RETENTION__MODE=acked): Postgres must hold every acknowledged message exactly once,
-#      what the server held mid-load must be a gapless run of Postgres' rows, and the server must
-#      then release everything ds-sync acked, answering reads below its earliest offset with 410;
+#      (DS_RETENTION__MODE=acked): Postgres must hold every acknowledged message exactly once;
+#      what the server held mid-load must be a run of Postgres' rows without gap or duplicate,
+#      and, once it releases what ds-sync acked, what it still holds a suffix of them (reads below
+#      its earliest offset: 410 naming it); then it must release everything;
 #   5. through Prometheus' HTTP API: every scrape target (ds-server, ds-sync, Envoy) is up, and
 #      every query of the Grafana dashboard evaluates, the main ones to data from the load;
 #   6. `docker compose down -v` (also on failure, after printing the services' logs).
@@ -35,6 +36,8 @@ DRAIN_DEADLINE=180
 SCRAPE_DEADLINE=60
 run_start=$SECONDS
 
+# Byte order for sort, comm and the offset comparisons ([[ a < b ]]): offsets sort as text.
+export LC_ALL=C
 # compose.yaml's defaults are what is checked, whatever the caller's shell exports.
 unset DS_RETENTION__MODE DS_RETENTION__MIN_AGE COMPOSE_PROFILES
 # With the metrics profile, `logs`, `ps` and `down` cover the Prometheus of step 3 too (`up`
@@ -162,8 +165,8 @@ edge=https://localhost:8443
 curl_edge() { curl -sS --cacert fixtures/ca.pem -H "Authorization: Bearer $token" "$@"; }
 
 for w in $(seq 1 "$WRITERS"); do
-  status="$(curl_edge -o /dev/null -w '%{http_code}' -X PUT -H 'Content-Type: application/json' \
-    "$edge/v1/stream/load-$w")"
+  status="$(curl_edge -D "$work/put.$w.headers" -o /dev/null -w '%{http_code}' -X PUT \
+    -H 'Content-Type: application/json' "$edge/v1/stream/load-$w")"
   [ "$status" = 201 ] || fail "PUT /v1/stream/load-$w answered $status"
 done
 
@@ -251,22 +254,24 @@ duplicates="$(sort "$work/mirrored" | uniq -d | head -5)"
 [ -z "$duplicates" ] || fail "rows mirrored more than once, e.g. $duplicates"
 log "$(wc -l <"$work/acked") acknowledged appends, each once in Postgres ($(wc -l <"$work/mirrored") rows)"
 
-# What the server held mid-load is a run of Postgres' rows without gap or duplicate, in the same
-# order, starting where Stream-Earliest-Offset says: at the first row when nothing was released.
+# Postgres' rows of each load stream in stream order (the current incarnation), for the checks of
+# what the server holds: held.py PREFIX KIND checks the reads $work/PREFIX.W.{json,headers}. Every
+# read is a run of those rows without gap or duplicate, in their order, that starts at the first
+# row exactly when nothing was released (no Stream-Earliest-Offset); KIND `suffix`: a run that
+# ends at the last row (the writers had stopped and Postgres holds everything).
 compose exec -T postgres psql -U ds -d ds -At -F ' ' -c \
   "SELECT stream, data->>'w' || '|' || (data->>'n') FROM ds_current_messages
    WHERE stream LIKE '/v1/stream/load-%' ORDER BY stream, stream_offset, idx" >"$work/rows" \
   || fail "reading Postgres' rows"
-python3 - "$work" "$WRITERS" >"$work/held.out" <<'PY' \
-  || { sed 's/^/    /' "$work/held.out" >&2; fail "what the server held mid-load is not a run of Postgres' rows"; }
+cat >"$work/held.py" <<'PY'
 import json, pathlib, sys
-work, writers = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+work, writers, prefix, kind = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 rows = {}
 for line in work.joinpath("rows").read_text().splitlines():
     stream, key = line.split(" ")
     rows.setdefault(stream, []).append(key)
 def header(w, name):
-    for line in work.joinpath(f"held.{w}.headers").read_text().splitlines():
+    for line in work.joinpath(f"{prefix}.{w}.headers").read_text().splitlines():
         key, _, value = line.partition(":")
         if key.strip().lower() == name.lower():
             return value.strip()
@@ -274,55 +279,87 @@ def header(w, name):
 ok = True
 for w in range(1, writers + 1):
     mirror = rows.get(f"/v1/stream/load-{w}", [])
-    held = [f'{m["w"]}|{m["n"]}' for m in json.loads(work.joinpath(f"held.{w}.json").read_text())]
+    held = [f'{m["w"]}|{m["n"]}' for m in json.loads(work.joinpath(f"{prefix}.{w}.json").read_text())]
     earliest = header(w, "Stream-Earliest-Offset")
     problems = []
     if len(set(mirror)) != len(mirror):
         problems.append("Postgres holds a message twice")
     if len(set(held)) != len(held):
-        problems.append("the server held a message twice")
+        problems.append("the server holds a message twice")
     if header(w, "Stream-Up-To-Date") != "true":
         problems.append("the read did not reach the tail (no Stream-Up-To-Date)")
-    if held and held[0] not in mirror:
-        problems.append(f"the server held {held[0]}, which Postgres lacks")
-    elif held:
+    if kind == "suffix":
+        start = len(mirror) - len(held)
+    elif held and held[0] in mirror:
         start = mirror.index(held[0])
-        if mirror[start:start + len(held)] != held:
-            problems.append(f"the server's {len(held)} messages from {held[0]} are not Postgres' rows from there (a gap, or another order)")
-        if (start > 0) != (earliest is not None):
-            problems.append(f"{start} messages before the held ones, but Stream-Earliest-Offset is {earliest}")
-    elif earliest is None:
-        problems.append("the server held nothing and released nothing")
-    start = mirror.index(held[0]) if held and held[0] in mirror else len(mirror)
-    print(f"load-{w}: mid-load the server held {len(held)} messages; the {start} before them were "
-          f"released (Stream-Earliest-Offset {earliest}); Postgres now holds {len(mirror)}")
+    elif held:
+        start = 0
+        problems.append(f"the server holds {held[0]}, which Postgres lacks")
+    else:
+        start = len(mirror)
+    if start < 0 or mirror[start:start + len(held)] != held:
+        problems.append(f"its {len(held)} messages are not Postgres' rows from row {start} (a gap, or another order)")
+    if (start > 0) != (earliest is not None):
+        problems.append(f"{start} rows before what it holds, but Stream-Earliest-Offset is {earliest}")
+    print(f"load-{w}: holds {len(held)} messages, the {start} before them released "
+          f"(Stream-Earliest-Offset {earliest}); Postgres holds {len(mirror)}")
     for problem in problems:
         print(f"load-{w}: {problem}")
         ok = False
 sys.exit(0 if ok else 1)
 PY
-sed 's/^/    /' "$work/held.out" >&2
+check_held() {
+  python3 "$work/held.py" "$work" "$WRITERS" "$1" "$2" >"$work/$1.out" \
+    || { sed 's/^/    /' "$work/$1.out" >&2; fail "$3"; }
+  sed 's/^/    /' "$work/$1.out" >&2
+}
+log "mid-load, the server held runs of Postgres' rows:"
+check_held held run "what the server held mid-load is not a run of Postgres' rows"
 
-# Then the buffer drains: ds-sync acked everything it committed, and after DS_RETENTION__MIN_AGE the
-# server releases it all (its earliest offset reaches its tail).
-drained() {
+# Whether every load stream released something (has Stream-Earliest-Offset), or with `all`,
+# everything (its earliest offset is its tail); $work/head.W keeps each stream's HEAD.
+released() {
   local w earliest tail
   : >"$work/why"
   for w in $(seq 1 "$WRITERS"); do
     curl_edge -I -o "$work/head.$w" "$edge/v1/stream/load-$w" || return 1
     earliest="$(header "$work/head.$w" Stream-Earliest-Offset)"
     tail="$(header "$work/head.$w" Stream-Next-Offset)"
-    [ -n "$tail" ] && [ "$earliest" = "$tail" ] \
-      || echo "load-$w: earliest offset ${earliest:-none}, tail $tail" >>"$work/why"
+    if [ -z "$earliest" ] || { [ "$1" = all ] && [ "$earliest" != "$tail" ]; }; then
+      echo "load-$w: earliest offset ${earliest:-none}, tail $tail" >>"$work/why"
+    fi
   done
   [ ! -s "$work/why" ]
 }
-drain_start=$SECONDS
-wait_for "the server to release everything ds-sync acked" "$DRAIN_DEADLINE" drained
-log "the server released everything Postgres holds, $((SECONDS - drain_start))s after the writers stopped"
+# A read at `offset` of load stream `w` gets 410 naming an earliest offset after `offset`.
+expect_gone() {
+  local w="$1" offset="$2" status earliest
+  status="$(curl_edge -D "$work/gone.headers" -o "$work/gone.body" -w '%{http_code}' \
+    "$edge/v1/stream/load-$w?offset=$offset")"
+  earliest="$(header "$work/gone.headers" Stream-Earliest-Offset)"
+  [ "$status" = 410 ] && [[ "$offset" < "$earliest" ]] && grep -qF "$earliest" "$work/gone.body" \
+    || fail "load-$w at released offset $offset: $status, earliest ${earliest:-none}, $(head -c 200 "$work/gone.body")"
+}
 
-# Reading from the start now gets nothing, from the earliest offset; a reader still at an offset
-# it was given mid-load (Stream-Next-Offset of the read above) gets 410 naming the earliest one.
+# Once ds-sync's acks are DS_RETENTION__MIN_AGE old, the server releases them: what it still holds
+# is the end of what Postgres holds, and a reader at the stream's first offset (where PUT left it)
+# gets 410 naming the earliest offset.
+wait_for "the server to release what ds-sync acked" "$DRAIN_DEADLINE" released some
+for w in $(seq 1 "$WRITERS"); do
+  curl_edge -D "$work/suffix.$w.headers" -o "$work/suffix.$w.json" "$edge/v1/stream/load-$w?offset=-1" \
+    || fail "read of /v1/stream/load-$w"
+done
+log "releasing, the server holds suffixes of Postgres' rows:"
+check_held suffix suffix "what the server holds is not a suffix of Postgres' rows"
+for w in $(seq 1 "$WRITERS"); do
+  expect_gone "$w" "$(header "$work/put.$w.headers" Stream-Next-Offset)"
+done
+
+# Then the buffer drains: ds-sync acked everything it committed, and the server releases it all
+# (its earliest offset reaches its tail). Reading from the start gets nothing; a reader still at
+# an offset it was given mid-load (Stream-Next-Offset of that read) gets 410.
+wait_for "the server to release everything ds-sync acked" "$DRAIN_DEADLINE" released all
+log "drained: the server released everything, $(($(date +%s) - load_end))s after the writers stopped"
 for w in $(seq 1 "$WRITERS"); do
   tail="$(header "$work/head.$w" Stream-Next-Offset)"
   status="$(curl_edge -D "$work/start.$w.headers" -o "$work/start.$w.body" -w '%{http_code}' \
@@ -330,15 +367,9 @@ for w in $(seq 1 "$WRITERS"); do
   [ "$status" = 200 ] && [ "$(tr -d ' \n' <"$work/start.$w.body")" = '[]' ] \
     && [ "$(header "$work/start.$w.headers" Stream-Earliest-Offset)" = "$tail" ] \
     || fail "load-$w from -1 after the release: $status, $(head -c 200 "$work/start.$w.body")"
-  held_next="$(header "$work/held.$w.headers" Stream-Next-Offset)"
-  [[ "$held_next" < "$tail" ]] || fail "load-$w: no append after the mid-load read ($held_next)"
-  status="$(curl_edge -D "$work/gone.$w.headers" -o "$work/gone.$w.body" -w '%{http_code}' \
-    "$edge/v1/stream/load-$w?offset=$held_next")"
-  [ "$status" = 410 ] && [ "$(header "$work/gone.$w.headers" Stream-Earliest-Offset)" = "$tail" ] \
-    && grep -qF "$tail" "$work/gone.$w.body" \
-    || fail "load-$w at released offset $held_next: $status, $(head -c 200 "$work/gone.$w.body")"
+  expect_gone "$w" "$(header "$work/held.$w.headers" Stream-Next-Offset)"
 done
-log "reads from -1 start at the earliest offset; reads below it get 410 with Stream-Earliest-Offset"
+log "reads from -1 start at the earliest offset; reads below it get 410 naming it"
 
 # --- 5. Prometheus: targets up, the dashboard's queries over the load ----------------------------
 

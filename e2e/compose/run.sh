@@ -254,6 +254,23 @@ duplicates="$(sort "$work/mirrored" | uniq -d | head -5)"
 [ -z "$duplicates" ] || fail "rows mirrored more than once, e.g. $duplicates"
 log "$(wc -l <"$work/acked") acknowledged appends, each once in Postgres ($(wc -l <"$work/mirrored") rows)"
 
+# ds-sync's checkpoint of each stream at the server's tail: Postgres then also holds the appends
+# that were stored without an acknowledgement reaching their writer.
+caught_up() {
+  local w tail checkpoint
+  : >"$work/why"
+  for w in $(seq 1 "$WRITERS"); do
+    curl_edge -I -o "$work/tail.$w" "$edge/v1/stream/load-$w" || return 1
+    tail="$(header "$work/tail.$w" Stream-Next-Offset)"
+    checkpoint="$(compose exec -T postgres psql -U ds -d ds -At -c \
+      "SELECT next_offset FROM ds_checkpoints WHERE stream = '/v1/stream/load-$w'")" || return 1
+    [ -n "$tail" ] && [ "$checkpoint" = "$tail" ] \
+      || echo "load-$w: checkpoint ${checkpoint:-none}, tail $tail" >>"$work/why"
+  done
+  [ ! -s "$work/why" ]
+}
+wait_for "ds-sync's checkpoints at the server's tails" "$MIRROR_DEADLINE" caught_up
+
 # Postgres' rows of each load stream in stream order (the current incarnation), for the checks of
 # what the server holds: held.py PREFIX KIND checks the reads $work/PREFIX.W.{json,headers}. Every
 # read is a run of those rows without gap or duplicate, in their order, that starts at the first

@@ -396,22 +396,33 @@ async fn crash_in_turn(
                 first_difference(acknowledged, &rows)
             );
             // ds-sync acked the tail it committed: the server releases everything.
-            wait_until(&format!("{path} released to its tail"), DEADLINE, || async {
-                let response = client.request(Method::HEAD, path).send().await?;
-                let header = |name| {
-                    response
-                        .headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                };
-                let earliest = header("stream-earliest-offset");
-                Ok((earliest.is_some() && earliest == header("stream-next-offset")).then_some(()))
-            })
+            wait_until(
+                &format!("{path} released to its tail"),
+                DEADLINE,
+                || async {
+                    let response = client.request(Method::HEAD, path).send().await?;
+                    let header = |name| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let earliest = header("stream-earliest-offset");
+                    Ok(
+                        (earliest.is_some() && earliest == header("stream-next-offset"))
+                            .then_some(()),
+                    )
+                },
+            )
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
             let stream = client.read_all(path).await.expect("catch-up read");
-            assert_eq!(stream.len(), 0, "{path}: held after everything was released");
+            assert_eq!(
+                stream.len(),
+                0,
+                "{path}: held after everything was released"
+            );
             continue;
         }
         let stream = client.read_all(path).await.expect("catch-up read");

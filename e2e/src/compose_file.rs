@@ -97,3 +97,14 @@ pub fn seconds(duration: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{duration:?} is not a number of seconds like \"20s\""))
 }
+
+/// The default of a value compose takes from the environment, `${KEY:-default}`; fails when the
+/// value has another form or names another variable.
+pub fn default_from_environment<'a>(value: &'a str, key: &str) -> &'a str {
+    value
+        .strip_prefix("${")
+        .and_then(|rest| rest.strip_suffix('}'))
+        .and_then(|inner| inner.strip_prefix(key))
+        .and_then(|rest| rest.strip_prefix(":-"))
+        .unwrap_or_else(|| panic!("{value:?} is not ${{{key}:-default}}"))
+}

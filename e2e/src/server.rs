@@ -1,8 +1,9 @@
 //! The real `ds-server` binary on a free loopback port, with its data dir and optional TLS.
 //!
-//! The environment is exactly what compose.yaml sets (`DS_SERVER__HOST`, `DS_SERVER__PORT`,
+//! The environment is what compose.yaml sets (`DS_SERVER__HOST`, `DS_SERVER__PORT`,
 //! `DS_STORAGE__MODE`, `DS_STORAGE__DATA_DIR`, `DS_TLS__CERT_PATH`, `DS_TLS__KEY_PATH`,
-//! `DS_METRICS__ADDR`), with loopback and temp-dir values.
+//! `DS_METRICS__ADDR`), with loopback and temp-dir values, less the few variables
+//! [`COMPOSE_ONLY_ENV_KEYS`] names with the reason.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +22,27 @@ pub const SERVER_ENV_KEYS: [&str; 7] = [
     "DS_TLS__CERT_PATH",
     "DS_TLS__KEY_PATH",
     "DS_METRICS__ADDR",
+];
+
+/// What compose.yaml's ds-server sets and the harness does not (a test keeps the two lists and
+/// compose.yaml's environment equal), each with why.
+pub const COMPOSE_ONLY_ENV_KEYS: [(&str, &str); 3] = [
+    (
+        "DS_SERVER__SHUTDOWN_TIMEOUT",
+        "the harness stops the server with SIGKILL, never a drain",
+    ),
+    // compose.yaml runs the hot buffer (README *Running the stack as a hot buffer*). The harness
+    // keeps the server's default, `keep`: its tests read whole streams back from the server after
+    // ds-sync mirrored them. e2e/compose/run.sh checks the buffered stack under kill -9, and
+    // server/tests/retention.rs the release rules; a test may still pass these in `extra_env`.
+    (
+        "DS_RETENTION__MODE",
+        "tests read whole streams back after ds-sync acked them",
+    ),
+    (
+        "DS_RETENTION__MIN_AGE",
+        "only meaningful with DS_RETENTION__MODE=acked",
+    ),
 ];
 
 /// Start-up includes recovering a file-durable store after kill -9.
@@ -144,10 +166,21 @@ impl DsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
-    fn compose_sets_every_variable_the_harness_sets() {
+    fn compose_sets_the_variables_the_harness_sets_and_the_listed_others_only() {
         let service = crate::compose_file::service("ds-server");
+        let compose: BTreeSet<String> = service.env().into_iter().map(|(k, _)| k).collect();
+        let harness: BTreeSet<String> = SERVER_ENV_KEYS
+            .into_iter()
+            .chain(COMPOSE_ONLY_ENV_KEYS.map(|(key, _)| key))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            compose, harness,
+            "compose.yaml's ds-server environment against SERVER_ENV_KEYS and COMPOSE_ONLY_ENV_KEYS"
+        );
         for key in SERVER_ENV_KEYS {
             service.env_var(key);
         }
@@ -171,6 +204,38 @@ mod tests {
             metrics,
             format!("0.0.0.0:{}", service.env_var("DS_SERVER__PORT"))
         );
+    }
+
+    /// The hot buffer is compose's default, and the README's hot-buffer section says so with the
+    /// same values: `acked`, released a `DS_RETENTION__MIN_AGE` after the ack.
+    #[test]
+    fn compose_runs_the_hot_buffer_the_readme_describes_by_default() {
+        use crate::compose_file::default_from_environment;
+        let service = crate::compose_file::service("ds-server");
+        assert_eq!(service.env_var("DS_STORAGE__MODE"), "file-durable");
+        let mode = service.env_var("DS_RETENTION__MODE");
+        assert_eq!(
+            default_from_environment(&mode, "DS_RETENTION__MODE"),
+            "acked"
+        );
+        let min_age = service.env_var("DS_RETENTION__MIN_AGE");
+        let min_age = default_from_environment(&min_age, "DS_RETENTION__MIN_AGE");
+        let readme = std::fs::read_to_string(fixtures::workspace_root().join("README.md"))
+            .expect("README.md");
+        let section = readme
+            .split("\n### Running the stack as a hot buffer\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README has the hot-buffer section");
+        for setting in [
+            "`DS_RETENTION__MODE=acked`".to_owned(),
+            format!("`DS_RETENTION__MIN_AGE={min_age}`"),
+        ] {
+            assert!(
+                section.contains(&setting),
+                "the hot-buffer section does not give compose's default {setting}"
+            );
+        }
     }
 
     /// `docker compose stop` sends SIGTERM and, after stop_grace_period, SIGKILL: the server's

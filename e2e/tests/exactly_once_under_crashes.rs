@@ -1,7 +1,8 @@
 //! Writes through Envoy land in Postgres through ds-sync exactly once while each component is
 //! killed (SIGKILL) and restarted in turn under write load: ds-server (`file-durable`, and again
 //! in `file-fast` and `acid` mode), the ds-sync worker, then Envoy; and in a fourth run
-//! Postgres (a local cluster the harness owns), the server and the worker.
+//! Postgres (a local cluster the harness owns), the server and the worker. Once more as compose
+//! runs the server, a hot buffer (`DS_RETENTION__MODE=acked`) releasing what ds-sync acked.
 //!
 //! Writers use idempotent producer headers and retry each append with the same sequence number
 //! until it is acknowledged, so a retry after a crash is deduplicated by the server. At the end,
@@ -11,6 +12,9 @@
 //! - the rows of `ds_messages` re-assembled in `(stream_offset, idx)` order equal that catch-up
 //!   read: the messages of the JSON stream, the bytes of the binary and the text stream (the text
 //!   stream is mirrored through long-poll, the others through SSE).
+//!
+//! As a hot buffer, the mirror must equal what was acknowledged, and the server must then have
+//! released all of it (its earliest offset at its tail, nothing left to read from the start).
 
 mod support;
 
@@ -22,7 +26,7 @@ use ds_e2e::postgres::{Postgres, connect};
 use ds_e2e::server::ServerOptions;
 use ds_e2e::stack::EdgeStack;
 use ds_e2e::wait::wait_until;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::{
     BINARY, Content, JSON, Producer, StreamClient, TEXT, checkpoint, first_difference, mirrored,
@@ -234,6 +238,16 @@ async fn the_same_holds_with_the_server_in_acid_mode() {
 }
 
 #[tokio::test]
+async fn the_same_holds_for_a_hot_buffer_releasing_what_ds_sync_acked() {
+    // compose.yaml's default: nothing unmirrored may be released, whatever crashes.
+    let options = ServerOptions {
+        extra_env: vec![("DS_RETENTION__MODE".to_owned(), "acked".to_owned())],
+        ..ServerOptions::default()
+    };
+    crash_in_turn(options, None, &SERVER_SYNC_ENVOY).await;
+}
+
+#[tokio::test]
 async fn the_same_holds_when_postgres_is_killed_too() {
     // A Postgres the harness owns (a local cluster, or a container under
     // DS_E2E_POSTGRES=testcontainers), since a DATABASE_URL server cannot be killed.
@@ -257,6 +271,10 @@ async fn crash_in_turn(
     components: &[Component],
 ) {
     let mode = server_options.storage_mode.clone();
+    let releases = server_options
+        .extra_env
+        .iter()
+        .any(|(key, value)| key == "DS_RETENTION__MODE" && value == "acked");
     let mut stack = EdgeStack::start(server_options)
         .await
         .expect("ds-server behind envoy");
@@ -369,6 +387,44 @@ async fn crash_in_turn(
     }
 
     for (path, acknowledged) in &expected {
+        if releases {
+            let json = matches!(acknowledged, Content::Messages(_));
+            let rows = mirrored(&pg, path, json).await.expect("rows");
+            assert!(
+                &rows == acknowledged,
+                "{path}: the mirror is not what was acknowledged: {}",
+                first_difference(acknowledged, &rows)
+            );
+            // ds-sync acked the tail it committed: the server releases everything.
+            wait_until(
+                &format!("{path} released to its tail"),
+                DEADLINE,
+                || async {
+                    let response = client.request(Method::HEAD, path).send().await?;
+                    let header = |name| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let earliest = header("stream-earliest-offset");
+                    Ok(
+                        (earliest.is_some() && earliest == header("stream-next-offset"))
+                            .then_some(()),
+                    )
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+            let stream = client.read_all(path).await.expect("catch-up read");
+            assert_eq!(
+                stream.len(),
+                0,
+                "{path}: held after everything was released"
+            );
+            continue;
+        }
         let stream = client.read_all(path).await.expect("catch-up read");
         assert!(
             &stream == acknowledged,

@@ -977,9 +977,12 @@ fn is_disconnect(e: &io::Error) -> bool {
 
 /// Parses a request head at the start of `buf`; consumes it when complete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(buf) {
+    // Uninitialised slots: httparse fills only as many as the head has fields, and zeroing a
+    // hundred of them (3.2 KB) on every request was a measurable part of a small append's CPU.
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -1004,33 +1007,30 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
         _ => Version::HTTP_11,
     };
     // The target and header values become slices of the head's bytes rather than copies: one
-    // allocation fewer per value, on every request. Positions first, while `req` borrows `buf`.
+    // allocation fewer per value, on every request. Positions first, while `req` borrows `buf`
+    // (inline for the usual few dozen fields: no allocation and no zeroing).
     let base = buf.as_ptr() as usize;
     let at = |part: &[u8]| {
         let start = part.as_ptr() as usize - base;
         start..start + part.len()
     };
     let target = at(req.path.unwrap_or("").as_bytes());
-    let mut names = [(0usize, 0usize); MAX_HEADERS];
-    let mut values = [(0usize, 0usize); MAX_HEADERS];
-    let count = req.headers.len();
-    for (i, field) in req.headers.iter().enumerate() {
-        let n = at(field.name.as_bytes());
-        let v = at(field.value);
-        names[i] = (n.start, n.end);
-        values[i] = (v.start, v.end);
-    }
+    let spans: smallvec::SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 24]> = req
+        .headers
+        .iter()
+        .map(|field| (at(field.name.as_bytes()), at(field.value)))
+        .collect();
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.clone())).map_err(|e| {
         let target = String::from_utf8_lossy(&head[target]);
         Refusal::bad(format!("malformed request target {target:?}: {e}"))
     })?;
-    let mut headers = HeaderMap::with_capacity(count);
-    for (&(ns, ne), &(vs, ve)) in names[..count].iter().zip(&values[..count]) {
-        let field = || String::from_utf8_lossy(&head[ns..ne]);
-        let name = HeaderName::from_bytes(&head[ns..ne])
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name_at, value_at) in spans {
+        let field = || String::from_utf8_lossy(&head[name_at.clone()]);
+        let name = HeaderName::from_bytes(&head[name_at.clone()])
             .map_err(|_| Refusal::bad(format!("malformed header name {:?}", field())))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at))
             .map_err(|_| Refusal::bad(format!("malformed value of header {}", field())))?;
         headers.append(name, value);
     }

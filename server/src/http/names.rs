@@ -1,6 +1,7 @@
-//! The protocol's response header names as `HeaderName` constants. Inserting a header by a
-//! `&'static str` name that is not a standard one allocates a fresh `HeaderName` every time;
-//! these are built once, at compile time.
+//! The protocol's header names as `HeaderName` constants. Inserting a header by a
+//! `&'static str` name that is not a standard one allocates a fresh `HeaderName` every time,
+//! and looking one up by `&str` parses the name again on every call; these are built once, at
+//! compile time.
 
 use axum::http::HeaderName;
 use ds_protocol::headers as h;
@@ -17,3 +18,13 @@ pub const PRODUCER_EPOCH: HeaderName = HeaderName::from_static(h::PRODUCER_EPOCH
 pub const PRODUCER_SEQ: HeaderName = HeaderName::from_static(h::PRODUCER_SEQ);
 pub const STREAM_SSE_DATA_ENCODING: HeaderName =
     HeaderName::from_static(h::STREAM_SSE_DATA_ENCODING);
+
+// Request headers, looked up on every append.
+pub const STREAM_SEQ: HeaderName = HeaderName::from_static(h::STREAM_SEQ);
+pub const PRODUCER_ID: HeaderName = HeaderName::from_static(h::PRODUCER_ID);
+pub const STREAM_FORKED_FROM: HeaderName = HeaderName::from_static(h::STREAM_FORKED_FROM);
+pub const STREAM_FORK_OFFSET: HeaderName = HeaderName::from_static(h::STREAM_FORK_OFFSET);
+pub const STREAM_FORK_SUB_OFFSET: HeaderName = HeaderName::from_static(h::STREAM_FORK_SUB_OFFSET);
+/// `Cross-Origin-Resource-Policy` (not among `http`'s standard names).
+pub const CROSS_ORIGIN_RESOURCE_POLICY: HeaderName =
+    HeaderName::from_static("cross-origin-resource-policy");

@@ -1,11 +1,12 @@
 //! Parsing of request headers and query parameters into typed values. Every refusal names the
 //! header or parameter and what was wrong with it.
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, header};
 use ds_protocol::headers::{self as h, parse_canonical_u64, parse_js_safe_u64};
 use ds_protocol::{Offset, ReadOffset};
 
 use super::error::ApiError;
+use super::names;
 use crate::stream::producer::ProducerRequest;
 
 /// Longest stream path accepted.
@@ -17,7 +18,7 @@ const MAX_TOKEN_BYTES: usize = 1024;
 pub const MAX_PRODUCER_ID_BYTES: usize = 256;
 
 /// A header as UTF-8 text, if present. Non-UTF-8 values are refused.
-pub fn text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+pub fn text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v
@@ -30,7 +31,7 @@ pub fn text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, A
 /// `Stream-Closed: true` (case-insensitive); any other value counts as absent.
 pub fn closed(headers: &HeaderMap) -> bool {
     headers
-        .get(h::STREAM_CLOSED)
+        .get(names::STREAM_CLOSED)
         .is_some_and(|v| h::is_true(v.as_bytes()))
 }
 
@@ -54,7 +55,7 @@ pub fn stream_path(path: &str) -> Result<String, ApiError> {
 
 /// `Content-Type` of a request, `None` when absent or empty.
 pub fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    Ok(text(headers, "content-type")?
+    Ok(text(headers, &header::CONTENT_TYPE)?
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_owned))
@@ -65,7 +66,7 @@ pub type ExpiresAt = (String, i64);
 
 /// `Stream-TTL` and `Stream-Expires-At` (mutually exclusive).
 pub fn expiry(headers: &HeaderMap) -> Result<(Option<u64>, Option<ExpiresAt>), ApiError> {
-    let ttl = match text(headers, h::STREAM_TTL)? {
+    let ttl = match text(headers, &names::STREAM_TTL)? {
         None => None,
         Some(v) => Some(parse_canonical_u64(v).ok_or_else(|| {
             ApiError::bad_request(format!(
@@ -73,7 +74,7 @@ pub fn expiry(headers: &HeaderMap) -> Result<(Option<u64>, Option<ExpiresAt>), A
             ))
         })?),
     };
-    let expires = match text(headers, h::STREAM_EXPIRES_AT)? {
+    let expires = match text(headers, &names::STREAM_EXPIRES_AT)? {
         None => None,
         Some(v) => {
             let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
@@ -99,7 +100,7 @@ pub fn expiry(headers: &HeaderMap) -> Result<(Option<u64>, Option<ExpiresAt>), A
 
 /// `Stream-Seq`, opaque, compared byte-wise.
 pub fn stream_seq(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    match text(headers, h::STREAM_SEQ)? {
+    match text(headers, &names::STREAM_SEQ)? {
         Some(v) if v.len() > MAX_TOKEN_BYTES => Err(ApiError::bad_request(format!(
             "Stream-Seq is longer than {MAX_TOKEN_BYTES} bytes"
         ))),
@@ -109,9 +110,9 @@ pub fn stream_seq(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// The three producer headers: all or none.
 pub fn producer(headers: &HeaderMap) -> Result<Option<ProducerRequest>, ApiError> {
-    let id = text(headers, h::PRODUCER_ID)?;
-    let epoch = text(headers, h::PRODUCER_EPOCH)?;
-    let seq = text(headers, h::PRODUCER_SEQ)?;
+    let id = text(headers, &names::PRODUCER_ID)?;
+    let epoch = text(headers, &names::PRODUCER_EPOCH)?;
+    let seq = text(headers, &names::PRODUCER_SEQ)?;
     match (id, epoch, seq) {
         (None, None, None) => Ok(None),
         (Some(id), Some(epoch), Some(seq)) => {
@@ -148,9 +149,9 @@ pub fn producer(headers: &HeaderMap) -> Result<Option<ProducerRequest>, ApiError
 
 /// Fork headers of a PUT.
 pub fn fork(headers: &HeaderMap) -> Result<Option<crate::stream::ForkRequest>, ApiError> {
-    let source = text(headers, h::STREAM_FORKED_FROM)?;
-    let offset = text(headers, h::STREAM_FORK_OFFSET)?;
-    let sub = text(headers, h::STREAM_FORK_SUB_OFFSET)?;
+    let source = text(headers, &names::STREAM_FORKED_FROM)?;
+    let offset = text(headers, &names::STREAM_FORK_OFFSET)?;
+    let sub = text(headers, &names::STREAM_FORK_SUB_OFFSET)?;
     let Some(source) = source else {
         if offset.is_some() || sub.is_some() {
             return Err(ApiError::bad_request(

@@ -20,17 +20,19 @@
 //! At the end, for every stream, Postgres holds exactly the acknowledged messages, each once, in
 //! order; the server has released everything (its earliest offset is its tail); the SSE reader
 //! got every message of its stream, in order. Memory mode: the server's RSS (sampled from
-//! `/proc/<pid>/status`, and its high-water mark `VmHWM`) stays under the budget plus a fixed
-//! overhead ([`RSS_OVERHEAD`]). File modes: the data directory's disk use (sampled) stays under
-//! the bound of `server/STORAGE.md` (*Space*), see [`disk_bound`].
+//! `/proc/<pid>/status`, and its high-water mark `VmHWM`) stays under its RSS at start plus
+//! three budgets plus a fixed overhead, see [`rss_bound`]. File-durable and acid: the data
+//! directory's disk use (sampled) stays under the bounds `server/STORAGE.md` gives, see
+//! [`disk_bound`].
 //!
 //! The volume is set by environment variables (defaults: the CI variant), always ten budgets or
-//! more in phase 1: `DS_SOAK_BUDGET` (bytes, default 8 000 000), `DS_SOAK_WRITERS` (20),
-//! `DS_SOAK_MESSAGE_BYTES` (2 048), `DS_SOAK_BUDGETS` (budgets written in phase 1, 10 at least),
-//! `DS_SOAK_SEGMENT_BYTES` (file modes' log segment size, 1 MiB), `DS_SOAK_DEADLINE_SECS` (how
-//! long one phase may take before the test gives up, 900). `bench/soak.sh` runs the long form in
-//! a release build and prints the table the README shows. Every run prints one `soak result`
-//! line per mode.
+//! more in phase 1: `DS_SOAK_BUDGET` (bytes, default 2 000 000), `DS_SOAK_WRITERS` (20),
+//! `DS_SOAK_MESSAGE_BYTES` (8 192), `DS_SOAK_BUDGETS` (budgets written in phase 1, 10 at least),
+//! `DS_SOAK_SEGMENT_BYTES` (the log segment size of the durable modes, 1 MiB),
+//! `DS_SOAK_DEADLINE_SECS` (how long a phase may take before the test gives up, 900);
+//! `DS_SOAK_LIST=1` lists the data dir's files at its largest. `bench/soak.sh` runs the long form
+//! (an 8 MB budget) in a release build and prints the table the README shows. Every run prints
+//! one `soak result` line per mode.
 
 mod support;
 
@@ -53,12 +55,12 @@ use tokio::task::JoinHandle;
 const PREFIX: &str = "/v1/stream/soak";
 const PATTERN: &str = "/v1/stream/soak/*";
 
-/// RSS a memory-mode ds-server may use beyond its budget: what it holds whatever the volume
-/// (code, the runtime, TLS sessions, connection and read buffers, the per-stream and per-record
-/// bookkeeping of at most a budget's worth of records, jemalloc's caches). Measured on this soak
-/// (see the README's hot-buffer section): ... The assertion can fail: without retention the
-/// server would hold every byte written, ten budgets and more.
-const RSS_OVERHEAD: u64 = 48 * 1024 * 1024;
+/// RSS a memory-mode ds-server may use beyond its RSS at start and three budgets (see
+/// [`rss_bound`]): allocator caches, connection and TLS buffers. Measured in debug builds: 2 MB
+/// budget, at most start + 7.2 MB; 8 MB budget, start + 20.2 MB (see the README's hot-buffer
+/// section). The assertion can fail: without retention the server would hold every byte
+/// written, thirteen budgets.
+const RSS_OVERHEAD: u64 = 8 * 1024 * 1024;
 
 /// Time for what the test waits on besides phases (a restart, the final drain).
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -88,9 +90,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
 impl Settings {
     fn from_env() -> Self {
         let settings = Self {
-            budget: env_u64("DS_SOAK_BUDGET", 8_000_000),
+            budget: env_u64("DS_SOAK_BUDGET", 2_000_000),
             writers: env_u64("DS_SOAK_WRITERS", 20) as usize,
-            message_bytes: env_u64("DS_SOAK_MESSAGE_BYTES", 2048) as usize,
+            message_bytes: env_u64("DS_SOAK_MESSAGE_BYTES", 8192) as usize,
             budgets: env_u64("DS_SOAK_BUDGETS", 10),
             segment_bytes: env_u64("DS_SOAK_SEGMENT_BYTES", 1024 * 1024),
             phase_deadline: Duration::from_secs(env_u64("DS_SOAK_DEADLINE_SECS", 900)),
@@ -417,106 +419,127 @@ fn proc_status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
-/// Bytes the files under `dir` occupy on disk (allocated blocks, as `du` counts them).
-fn disk_use(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut total = 0;
-    for entry in entries.flatten() {
-        // A file deleted between the listing and the look is simply not counted.
-        let Ok(meta) = entry.metadata() else {
-            continue;
+/// Bytes the files under `dir` occupy on disk (allocated blocks, as `du` counts them), and each
+/// file's share (relative path, bytes).
+fn disk_use(dir: &Path) -> (u64, Vec<(String, u64)>) {
+    fn walk(root: &Path, dir: &Path, files: &mut Vec<(String, u64)>) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
         };
-        if meta.is_dir() {
-            total += disk_use(&entry.path());
-        } else {
-            total += meta.blocks() * 512;
+        for entry in entries.flatten() {
+            // A file deleted between the listing and the look is simply not counted.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let path = entry.path();
+            if meta.is_dir() {
+                walk(root, &path, files);
+            } else {
+                let name = path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                files.push((name, meta.blocks() * 512));
+            }
         }
     }
-    total
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files);
+    files.sort();
+    (files.iter().map(|(_, bytes)| bytes).sum(), files)
+}
+
+/// The highest disk use seen, and the files at that moment.
+#[derive(Default)]
+struct DiskPeak {
+    bytes: u64,
+    files: Vec<(String, u64)>,
 }
 
 /// Samples the disk use of `dir` every 100 ms, keeping the highest.
 fn spawn_disk_sampler(
     dir: std::path::PathBuf,
-    max: Arc<AtomicU64>,
+    peak: Arc<std::sync::Mutex<DiskPeak>>,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         while !stop.load(Ordering::Relaxed) {
             let dir = dir.clone();
-            if let Ok(used) = tokio::task::spawn_blocking(move || disk_use(&dir)).await {
-                max.fetch_max(used, Ordering::Relaxed);
+            if let Ok((bytes, files)) = tokio::task::spawn_blocking(move || disk_use(&dir)).await {
+                let mut peak = peak.lock().expect("disk peak");
+                if bytes > peak.bytes {
+                    *peak = DiskPeak { bytes, files };
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
 }
 
-/// The most a file-mode or acid data directory may use in this soak. At most one budget of
-/// unreleased data is live at any time (the writers pace themselves to it; phase 2). The file
-/// modes' log holds at most about twice its live bytes plus three segments (`server/STORAGE.md`,
-/// *Space*, rule 2: a segment is rewritten forward whenever the log passes twice its live bytes
-/// plus two segments; one more waits for its deletion); `records.log` (acks) stays under twice
-/// its live records plus 1 MiB. acid: released rows are deleted and redb reuses their pages, its
-/// commit log is checkpointed every segment; its shards' files add a fixed size. The 4 MiB of
-/// fixed overhead cover the state frames, `records.log`, the format and key files, and acid's
-/// empty shards.
-fn disk_bound(settings: &Settings) -> u64 {
-    2 * settings.budget + 3 * settings.segment_bytes + 4 * 1024 * 1024
-}
+const MIB: u64 = 1024 * 1024;
 
-/// Waits until every writer has `acked` at least `more` beyond `since` (or `written` reached the
-/// target); fails at once, with its error, if a writer stopped.
-async fn wait_for_target(control: &Control, writers: &mut [Writer], deadline: Duration, what: &str) {
-    let view: &[Writer] = writers;
-    let stopped = wait_until(what, deadline, || async move {
-        if let Some(index) = view.iter().position(|w| w.task.is_finished()) {
-            return Ok(Some(Some(index)));
-        }
-        Ok((control.written.load(Ordering::Relaxed) >= control.target.load(Ordering::Relaxed))
-            .then_some(None))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    if let Some(index) = stopped {
-        fail_with_writer(writers, index, what).await;
+/// The most the data directory of `mode` (`file-durable` or `acid`) may use in this soak.
+///
+/// At most one budget of unreleased data is live at any time: the writers pace themselves to
+/// half of it while ds-sync keeps up and to all of it while ds-sync is down (their windows are
+/// measured from `Stream-Earliest-Offset`, i.e. released data only). Then (`server/STORAGE.md`):
+/// - file modes, *Space*: the log holds at most about twice its live bytes plus three segments
+///   (a segment is rewritten forward whenever the log passes twice its live bytes plus two
+///   segments; one more may wait for its deletion to be durable);
+/// - acid, *Release*: a stream keeps at most one partly released row (32 KiB, or one larger
+///   record) beyond its live data; redb reuses freed pages only after a checkpoint, which comes
+///   once per commit-log segment, and allocates in power-of-two orders (up to twice what a row
+///   needs): twice (live + one segment) for the shards; the commit log holds the active segment
+///   and up to two waiting for their checkpoint, each extended up to 1 MiB of zeros beyond the
+///   segment size;
+/// - both: `records.log` (subscription state, acks) is rewritten whenever it passes twice its
+///   live records (a few hundred bytes per stream) plus 1 MiB, and the format and key files are
+///   a few KiB: 2 MiB.
+fn disk_bound(mode: &str, settings: &Settings) -> u64 {
+    let segment = settings.segment_bytes;
+    let small_files = 2 * MIB;
+    if mode == "acid" {
+        let partly_released =
+            settings.writers as u64 * (32 * 1024).max(settings.message_bytes as u64);
+        let live = settings.budget + partly_released;
+        2 * (live + segment) + 3 * (segment + MIB) + small_files
+    } else {
+        2 * settings.budget + 3 * segment + small_files
     }
 }
 
-async fn fail_with_writer(writers: &mut [Writer], index: usize, what: &str) -> ! {
-    let writer = &mut writers[index];
-    let outcome = (&mut writer.task).await.expect("writer task");
-    panic!(
-        "writer of {} stopped during {what}: {:#}",
-        writer.path,
-        outcome
-            .err()
-            .unwrap_or_else(|| anyhow::anyhow!("without an error"))
-    );
+/// The most RSS a memory-mode server may reach in this soak: its RSS once the stack is up and the
+/// streams exist, plus the data (one budget), plus ds-sync's catch-up after its restart (up to
+/// a budget of backlog read at once by its twenty sessions, copied about twice on the way out:
+/// the SSE event, then TLS), plus [`RSS_OVERHEAD`].
+fn rss_bound(rss_at_start: u64, settings: &Settings) -> u64 {
+    rss_at_start + 3 * settings.budget + RSS_OVERHEAD
 }
 
-/// Waits until `condition` holds of every writer's stats; fails at once if a writer stopped.
-async fn wait_for_writers(
-    writers: &mut [Writer],
-    deadline: Duration,
-    what: &str,
-    condition: impl Fn(&WriterStats) -> bool,
-) {
+/// Waits until `done` holds; fails at once, with its error, if a writer stopped.
+async fn wait_for(writers: &mut [Writer], deadline: Duration, what: &str, done: impl Fn() -> bool) {
     let view: &[Writer] = writers;
-    let condition = &condition;
+    let done = &done;
     let stopped = wait_until(what, deadline, || async move {
         if let Some(index) = view.iter().position(|w| w.task.is_finished()) {
             return Ok(Some(Some(index)));
         }
-        Ok(view.iter().all(|w| condition(&w.stats)).then_some(None))
+        Ok(done().then_some(None))
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
     if let Some(index) = stopped {
-        fail_with_writer(writers, index, what).await;
+        let writer = &mut writers[index];
+        let outcome = (&mut writer.task).await.expect("writer task");
+        panic!(
+            "writer of {} stopped while waiting for {what}: {:#}",
+            writer.path,
+            outcome
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("without an error"))
+        );
     }
 }
 
@@ -526,8 +549,6 @@ fn sum(writers: &[Writer], field: impl Fn(&WriterStats) -> &AtomicU64) -> u64 {
         .map(|w| field(&w.stats).load(Ordering::Relaxed))
         .sum()
 }
-
-const MB: f64 = 1_000_000.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_mode_drains_into_postgres_and_pushes_back_at_the_budget() {
@@ -545,380 +566,542 @@ async fn acid_disk_stays_bounded_while_the_buffer_drains() {
 }
 
 async fn soak(mode: &str) {
-    let settings = Settings::from_env();
-    let memory = mode == "memory";
-    let started = Instant::now();
-    let mut server_env = vec![("DS_RETENTION__MODE".to_owned(), "acked".to_owned())];
-    if memory {
-        server_env.push((
-            "DS_LIMITS__MAX_MEMORY_BYTES".to_owned(),
-            settings.budget.to_string(),
-        ));
-    } else {
-        // Small segments, so that the log's bound (a few segments beyond the live bytes) is far
-        // below what the soak writes and the assertion means something.
-        server_env.push((
-            "DS_STORAGE__SEGMENT_BYTES".to_owned(),
-            settings.segment_bytes.to_string(),
-        ));
-    }
-    let mut stack = EdgeStack::start(ServerOptions {
-        storage_mode: mode.to_owned(),
-        extra_env: server_env,
-        ..ServerOptions::default()
-    })
-    .await
-    .expect("ds-server behind envoy");
-    stack
-        .start_sync(
-            PATTERN,
-            vec![
-                // Back within a second of the restart, not after up to 30 s of backoff.
-                ("DS_SYNC__BACKOFF_MAX".to_owned(), "1s".to_owned()),
-                ("DS_SYNC__STATS_INTERVAL".to_owned(), "5s".to_owned()),
-            ],
-        )
+    let mut soak = Soak::start(mode, Settings::from_env()).await;
+    soak.while_sync_keeps_up().await;
+    soak.read_at_released_offsets().await;
+    soak.while_sync_is_down().await;
+    soak.after_sync_returns().await;
+    soak.finish().await;
+}
+
+/// One soak's stack, load and measurements.
+struct Soak {
+    mode: String,
+    memory: bool,
+    settings: Settings,
+    stack: EdgeStack,
+    client: StreamClient,
+    control: Arc<Control>,
+    writers: Vec<Writer>,
+    reader: LiveReader,
+    pid: u32,
+    rss_at_start: u64,
+    /// The highest RSS of the phase under way (the sampler raises it, each phase takes it).
+    rss_phase: Arc<AtomicU64>,
+    rss_phases: Vec<u64>,
+    disk_peak: Arc<std::sync::Mutex<DiskPeak>>,
+    stop_sampling: Arc<AtomicBool>,
+    samplers: Vec<JoinHandle<()>>,
+    started: Instant,
+    /// The `soak result` line's fields, in order.
+    results: Vec<(&'static str, String)>,
+}
+
+impl Soak {
+    /// The stack (ds-sync following the soak's prefix), the streams, the samplers, the live
+    /// reader and the writers (idle until a phase gives them a target).
+    async fn start(mode: &str, settings: Settings) -> Self {
+        let memory = mode == "memory";
+        let mut server_env = vec![("DS_RETENTION__MODE".to_owned(), "acked".to_owned())];
+        if memory {
+            server_env.push((
+                "DS_LIMITS__MAX_MEMORY_BYTES".to_owned(),
+                settings.budget.to_string(),
+            ));
+        } else {
+            // Small segments, so that the log's bound (a few segments beyond the live bytes) is
+            // far below what the soak writes and the assertion means something.
+            server_env.push((
+                "DS_STORAGE__SEGMENT_BYTES".to_owned(),
+                settings.segment_bytes.to_string(),
+            ));
+        }
+        let mut stack = EdgeStack::start(ServerOptions {
+            storage_mode: mode.to_owned(),
+            extra_env: server_env,
+            ..ServerOptions::default()
+        })
         .await
-        .expect("ds-sync following through envoy");
-    let client = StreamClient::new(
-        stack.client.clone(),
-        stack.edge_url(),
-        Some(stack.token.clone()),
-    );
-    let pid = stack.server.pid().expect("server pid");
-
-    for index in 0..settings.writers {
-        client
-            .create(&format!("{PREFIX}/w{index}"), JSON)
-            .await
-            .expect("create");
-    }
-    let rss_at_start = proc_status_kb(pid, "VmRSS:").expect("VmRSS") * 1024;
-    let disk_at_start = disk_use(&stack.server.data_dir);
-
-    let stop_sampling = Arc::new(AtomicBool::new(false));
-    let rss_max = Arc::new(AtomicU64::new(rss_at_start));
-    let disk_max = Arc::new(AtomicU64::new(disk_at_start));
-    let samplers = [
-        spawn_rss_sampler(pid, rss_max.clone(), stop_sampling.clone()),
-        spawn_disk_sampler(
-            stack.server.data_dir.clone(),
-            disk_max.clone(),
-            stop_sampling.clone(),
-        ),
-    ];
-
-    let reader_client = StreamClient::new(
+        .expect("ds-server behind envoy");
         stack
-            .client_with_timeout(Duration::from_secs(24 * 3600))
-            .expect("client"),
-        stack.edge_url(),
-        Some(stack.token.clone()),
-    );
-    let reader = spawn_reader(reader_client, format!("{PREFIX}/w0"), 0);
+            .start_sync(
+                PATTERN,
+                vec![
+                    // Back within a second of the restart, not after up to 30 s of backoff.
+                    ("DS_SYNC__BACKOFF_MAX".to_owned(), "1s".to_owned()),
+                    ("DS_SYNC__STATS_INTERVAL".to_owned(), "5s".to_owned()),
+                ],
+            )
+            .await
+            .expect("ds-sync following through envoy");
+        let client = StreamClient::new(
+            stack.client.clone(),
+            stack.edge_url(),
+            Some(stack.token.clone()),
+        );
+        for index in 0..settings.writers {
+            client
+                .create(&format!("{PREFIX}/w{index}"), JSON)
+                .await
+                .expect("create");
+        }
 
-    // Phase 1: ds-sync keeps up.
-    let phase_one_bytes = settings.budgets * settings.budget;
-    let control = Arc::new(Control {
-        stop: AtomicBool::new(false),
-        window: AtomicU64::new(settings.keeping_up_window()),
-        target: AtomicU64::new(phase_one_bytes),
-        written: AtomicU64::new(0),
-    });
-    let mut writers: Vec<Writer> = (0..settings.writers)
-        .map(|index| spawn_writer(client.clone(), index, settings.message_bytes, control.clone()))
-        .collect();
-    wait_for_target(
-        &control,
-        &mut writers,
-        settings.phase_deadline,
-        "phase 1: ten budgets written while ds-sync keeps up",
-    )
-    .await;
-    let phase_one_secs = started.elapsed().as_secs_f64();
-    let written_one = control.written.load(Ordering::Relaxed);
-    let refused_one = sum(&writers, |s| &s.refused);
-    let paced_one = sum(&writers, |s| &s.paced);
-    let rss_phase_one = rss_max.load(Ordering::Relaxed);
-    assert_eq!(
-        refused_one, 0,
-        "{mode}: appends were refused while ds-sync kept up (writers held at most half the budget)"
-    );
+        let pid = stack.server.pid().expect("server pid");
+        let rss_at_start = proc_status_kb(pid, "VmRSS:").expect("VmRSS") * 1024;
+        let stop_sampling = Arc::new(AtomicBool::new(false));
+        let rss_phase = Arc::new(AtomicU64::new(rss_at_start));
+        let disk_peak = Arc::new(std::sync::Mutex::new(DiskPeak::default()));
+        let samplers = vec![
+            spawn_rss_sampler(pid, rss_phase.clone(), stop_sampling.clone()),
+            spawn_disk_sampler(
+                stack.server.data_dir.clone(),
+                disk_peak.clone(),
+                stop_sampling.clone(),
+            ),
+        ];
 
-    // A reader at a released offset: 410, the earliest offset, and where the data went.
-    let probe = format!("{PREFIX}/w0");
-    let (earliest, tail) = retained_range(&client, &probe).await.expect("head");
-    assert!(
-        earliest > 0,
-        "{mode}: nothing of {probe} was released after ten budgets ({tail} bytes)"
-    );
-    let response = client
-        .request(
-            Method::GET,
-            &format!("{probe}?offset=0000000000000000_0000000000000000"),
-        )
-        .send()
-        .await
-        .expect("read at a released offset");
-    assert_eq!(response.status(), StatusCode::GONE, "{mode}: read at 0");
-    let gone_earliest = header(&response, "stream-earliest-offset")
-        .map(position)
-        .transpose()
-        .expect("offset")
-        .expect("410 without Stream-Earliest-Offset");
-    assert!(gone_earliest >= earliest, "{mode}: earliest went backwards");
-    assert_eq!(header(&response, "cache-control"), Some("no-store"));
-    let body = response.text().await.expect("410 body");
-    for words in ["earliest retained offset", "acknowledged", "Postgres"] {
-        assert!(body.contains(words), "{mode}: 410 body lacks {words:?}: {body}");
+        let reader_client = StreamClient::new(
+            stack
+                .client_with_timeout(Duration::from_secs(24 * 3600))
+                .expect("client"),
+            stack.edge_url(),
+            Some(stack.token.clone()),
+        );
+        let reader = spawn_reader(reader_client, format!("{PREFIX}/w0"), 0);
+
+        let control = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            window: AtomicU64::new(settings.keeping_up_window()),
+            target: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+        });
+        let writers = (0..settings.writers)
+            .map(|index| {
+                spawn_writer(
+                    client.clone(),
+                    index,
+                    settings.message_bytes,
+                    control.clone(),
+                )
+            })
+            .collect();
+        let results = vec![
+            ("mode", mode.to_owned()),
+            ("writers", settings.writers.to_string()),
+            (
+                "message_bytes",
+                message(0, 0, settings.message_bytes).len().to_string(),
+            ),
+            ("budget", settings.budget.to_string()),
+            ("rss_start", rss_at_start.to_string()),
+        ];
+        Self {
+            mode: mode.to_owned(),
+            memory,
+            settings,
+            stack,
+            client,
+            control,
+            writers,
+            reader,
+            pid,
+            rss_at_start,
+            rss_phase,
+            rss_phases: Vec::new(),
+            disk_peak,
+            stop_sampling,
+            samplers,
+            started: Instant::now(),
+            results,
+        }
     }
-    // offset=-1: the data still held, from the earliest retained offset.
-    let response = client
-        .request(Method::GET, &format!("{probe}?offset=-1"))
-        .send()
-        .await
-        .expect("read at -1");
-    assert_eq!(response.status(), StatusCode::OK, "{mode}: read at -1");
-    let from = header(&response, "stream-earliest-offset")
-        .map(position)
-        .transpose()
-        .expect("offset")
-        .expect("-1 read without Stream-Earliest-Offset");
-    let page: Vec<Value> = response.json().await.expect("JSON page");
-    if let Some(first) = page.first() {
-        assert!(
-            first["seq"].as_u64().is_some_and(|seq| seq > 0),
-            "{mode}: offset=-1 read from the start of a released stream ({from}): {}",
-            first["seq"]
+
+    fn note(&mut self, key: &'static str, value: impl ToString) {
+        self.results.push((key, value.to_string()));
+    }
+
+    fn written(&self) -> u64 {
+        self.control.written.load(Ordering::Relaxed)
+    }
+
+    /// Lets the writers append until `bytes` more are acknowledged.
+    async fn write(&mut self, bytes: u64, what: &str) {
+        let target = self.written() + bytes;
+        self.control.target.store(target, Ordering::Relaxed);
+        let control = self.control.clone();
+        wait_for(
+            &mut self.writers,
+            self.settings.phase_deadline,
+            what,
+            || control.written.load(Ordering::Relaxed) >= target,
+        )
+        .await;
+    }
+
+    /// Ends a phase: notes the highest RSS seen in it.
+    fn end_phase(&mut self, key: &'static str) {
+        let rss = self.rss_phase.swap(0, Ordering::Relaxed);
+        self.rss_phases.push(rss);
+        self.note(key, rss);
+    }
+
+    /// Phase 1: ten budgets (or more) written with every writer holding at most its share of
+    /// half the budget unreleased: not one append may be refused.
+    async fn while_sync_keeps_up(&mut self) {
+        let started = Instant::now();
+        let bytes = self.settings.budgets * self.settings.budget;
+        self.write(bytes, "phase 1: ten budgets written while ds-sync keeps up")
+            .await;
+        let secs = started.elapsed().as_secs_f64();
+        let refused = sum(&self.writers, |s| &s.refused);
+        let errors = sum(&self.writers, |s| &s.transport_errors);
+        let written = self.written();
+        self.note("phase1_written", written);
+        self.note("phase1_secs", format!("{secs:.1}"));
+        self.note("phase1_MBps", format!("{:.2}", written as f64 / 1e6 / secs));
+        self.note("phase1_refused", refused);
+        self.note("phase1_paced", sum(&self.writers, |s| &s.paced));
+        self.end_phase("rss_max_phase1");
+        assert_eq!(
+            (refused, errors),
+            (0, 0),
+            "{}: appends were refused (503s, transport errors) while ds-sync kept up (the writers \
+             held at most half the budget)",
+            self.mode
         );
     }
 
-    // Phase 2: ds-sync dies; the server holds what it has not acked.
-    stack.sync.as_mut().expect("sync").kill().expect("kill ds-sync");
-    let refused_before = refused_one;
-    if memory {
-        control.window.store(u64::MAX, Ordering::Relaxed);
-    } else {
-        control
-            .window
-            .store(settings.budget / settings.writers as u64, Ordering::Relaxed);
+    /// A reader at a released offset gets 410 with the earliest offset and where the data went;
+    /// `offset=-1` reads what is left.
+    async fn read_at_released_offsets(&mut self) {
+        let mode = &self.mode;
+        let probe = format!("{PREFIX}/w0");
+        let (earliest, tail) = retained_range(&self.client, &probe).await.expect("head");
+        assert!(
+            earliest > 0,
+            "{mode}: nothing of {probe} was released after ten budgets ({tail} bytes)"
+        );
+        let response = self
+            .client
+            .request(
+                Method::GET,
+                &format!("{probe}?offset=0000000000000000_0000000000000000"),
+            )
+            .send()
+            .await
+            .expect("read at a released offset");
+        assert_eq!(response.status(), StatusCode::GONE, "{mode}: read at 0");
+        let named = header(&response, "stream-earliest-offset")
+            .expect("410 without Stream-Earliest-Offset")
+            .to_owned();
+        assert!(
+            position(&named).expect("offset") >= earliest,
+            "{mode}: the earliest offset went backwards"
+        );
+        assert_eq!(header(&response, "cache-control"), Some("no-store"));
+        let body = response.text().await.expect("410 body");
+        for words in [
+            named.as_str(),
+            "earliest retained offset",
+            "acknowledged by every subscription",
+            "Postgres",
+        ] {
+            assert!(
+                body.contains(words),
+                "{mode}: the 410 body does not say {words:?}: {body}"
+            );
+        }
+        let response = self
+            .client
+            .request(Method::GET, &format!("{probe}?offset=-1"))
+            .send()
+            .await
+            .expect("read at -1");
+        assert_eq!(response.status(), StatusCode::OK, "{mode}: read at -1");
+        assert!(
+            header(&response, "stream-earliest-offset").is_some(),
+            "{mode}: a read at -1 of a released stream names no Stream-Earliest-Offset"
+        );
+        let page: Vec<Value> = response.json().await.expect("JSON page");
+        let first = page.first().map(|m| m["seq"].clone());
+        assert!(
+            first
+                .as_ref()
+                .and_then(Value::as_u64)
+                .is_some_and(|seq| seq > 0),
+            "{mode}: offset=-1 of a released stream starts at message {first:?}, not at the \
+             earliest retained one"
+        );
     }
-    control.target.store(u64::MAX, Ordering::Relaxed);
-    let message_len = message(0, 0, settings.message_bytes).len() as u64;
-    let held_memory = if memory {
-        // Every writer refused twice: it waited Retry-After after the first and was refused
-        // again, so the budget stayed full while nobody acked.
-        wait_for_writers(
-            &mut writers,
-            settings.phase_deadline,
-            "phase 2: every writer refused twice at the full budget",
-            |s| s.refused.load(Ordering::Relaxed) >= 2,
+
+    /// Phase 2: ds-sync is killed. Memory mode: the writers fill the budget and are refused
+    /// with 503 + Retry-After (each twice: it waited and was refused again). File modes: the
+    /// writers fill one budget of their own. Either way the server holds it all unreleased.
+    async fn while_sync_is_down(&mut self) {
+        let mode = self.mode.clone();
+        self.stack
+            .sync
+            .as_mut()
+            .expect("sync")
+            .kill()
+            .expect("kill ds-sync");
+        let message_len = message(0, 0, self.settings.message_bytes).len() as u64;
+        let budget = self.settings.budget;
+        let window = if self.memory {
+            u64::MAX
+        } else {
+            budget / self.settings.writers as u64
+        };
+        self.control.window.store(window, Ordering::Relaxed);
+        self.control.target.store(u64::MAX, Ordering::Relaxed);
+        if self.memory {
+            let stats: Vec<_> = self.writers.iter().map(|w| w.stats.clone()).collect();
+            wait_for(
+                &mut self.writers,
+                self.settings.phase_deadline,
+                "phase 2: every writer refused twice at the full budget",
+                || stats.iter().all(|s| s.refused.load(Ordering::Relaxed) >= 2),
+            )
+            .await;
+            let server = &self.stack.server;
+            let used = wait_until("the budget full", DEADLINE, || async {
+                let text = server.metrics().await?;
+                let used = metrics::value(&text, "ds_memory_budget_used_bytes")? as u64;
+                Ok((used + 2 * message_len > budget).then_some(used))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e:#}"));
+            assert!(used <= budget, "{mode}: {used} bytes held, past the budget");
+            let text = server.metrics().await.expect("metrics");
+            let counted = metrics::value(&text, "ds_appends_backpressured_total").expect("series");
+            let refused = sum(&self.writers, |s| &s.refused);
+            assert!(
+                counted as u64 >= refused,
+                "{mode}: the server counted {counted} backpressured appends, the writers {refused}"
+            );
+            self.note("phase2_refused", refused);
+            self.note("phase2_budget_used", used);
+        } else {
+            let stats: Vec<_> = self.writers.iter().map(|w| w.stats.clone()).collect();
+            wait_for(
+                &mut self.writers,
+                self.settings.phase_deadline,
+                "phase 2: every writer holding a full window of unreleased data",
+                || {
+                    stats
+                        .iter()
+                        .all(|s| s.held.load(Ordering::Relaxed) + 2 * message_len > window)
+                },
+            )
+            .await;
+            self.note("phase2_refused", 0);
+        }
+        let mut held = 0;
+        for writer in &self.writers {
+            let (earliest, tail) = retained_range(&self.client, &writer.path)
+                .await
+                .expect("head");
+            held += tail - earliest;
+        }
+        assert!(
+            held + self.settings.writers as u64 * 2 * message_len > budget,
+            "{mode}: the streams hold {held} unreleased bytes while ds-sync is down"
+        );
+        self.note("phase2_held", held);
+        self.end_phase("rss_max_phase2");
+    }
+
+    /// Phase 3: ds-sync restarts; the server drains, and appends succeed again (two more
+    /// budgets, paced as in phase 1).
+    async fn after_sync_returns(&mut self) {
+        let before: Vec<u64> = self
+            .writers
+            .iter()
+            .map(|w| w.stats.acked.load(Ordering::Relaxed))
+            .collect();
+        self.stack
+            .sync
+            .as_mut()
+            .expect("sync")
+            .restart()
+            .await
+            .expect("restart ds-sync");
+        self.control
+            .window
+            .store(self.settings.keeping_up_window(), Ordering::Relaxed);
+        self.write(
+            2 * self.settings.budget,
+            "phase 3: two more budgets after ds-sync restarted",
         )
         .await;
-        let used = wait_until("the budget full", DEADLINE, || async {
-            let text = stack.server.metrics().await?;
-            let used = metrics::value(&text, "ds_memory_budget_used_bytes")? as u64;
-            Ok((used + 2 * message_len > settings.budget).then_some(used))
+        for (writer, before) in self.writers.iter().zip(before) {
+            assert!(
+                writer.stats.acked.load(Ordering::Relaxed) > before,
+                "{}: {} got no append acknowledged after ds-sync restarted",
+                self.mode,
+                writer.path
+            );
+        }
+        self.end_phase("rss_max_phase3");
+    }
+
+    /// Stops the writers, waits for the drain, and checks Postgres, the live reader, RSS and
+    /// disk.
+    async fn finish(mut self) {
+        let mode = self.mode.clone();
+        self.control.stop.store(true, Ordering::Relaxed);
+        let mut acked = Vec::new();
+        for writer in &mut self.writers {
+            (&mut writer.task)
+                .await
+                .expect("writer task")
+                .unwrap_or_else(|e| panic!("writer of {}: {e:#}", writer.path));
+            acked.push(writer.stats.acked.load(Ordering::Relaxed));
+        }
+        let refused = sum(&self.writers, |s| &s.refused);
+        if self.memory {
+            assert!(refused > 0, "{mode}: the full budget refused nothing");
+        } else {
+            assert_eq!(refused, 0, "{mode}: appends refused without a budget");
+        }
+
+        // Drained: ds-sync committed every stream to its tail and the server released it all.
+        let pg = connect(self.stack.database_url().expect("database"))
+            .await
+            .expect("connect to the mirror");
+        let client = &self.client;
+        for writer in &self.writers {
+            let path = writer.path.as_str();
+            let (_, tail) = retained_range(client, path).await.expect("head");
+            wait_until(
+                &format!("{path}: ds-sync's checkpoint at the tail and everything released"),
+                DEADLINE,
+                || async {
+                    let committed = checkpoint(&pg, path).await?;
+                    let (earliest, _) = retained_range(client, path).await?;
+                    let at_tail = committed.as_deref().map(position).transpose()? == Some(tail);
+                    Ok((at_tail && earliest == tail).then_some(()))
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e:#}"));
+        }
+
+        // Postgres: every acknowledged message exactly once, in order, and nothing else.
+        let pad_len = pad_len(self.settings.message_bytes);
+        for (index, (writer, &count)) in self.writers.iter().zip(&acked).enumerate() {
+            let rows = pg
+                .query(
+                    "SELECT (data->>'w')::bigint, (data->>'seq')::bigint, data->>'pad' \
+                     FROM ds_messages WHERE stream = $1 \
+                     ORDER BY incarnation, stream_offset, idx",
+                    &[&writer.path],
+                )
+                .await
+                .expect("rows");
+            let misplaced = rows.iter().enumerate().find(|(seq, row)| {
+                let w: i64 = row.get(0);
+                let s: i64 = row.get(1);
+                let p: &str = row.get(2);
+                w != index as i64 || s != *seq as i64 || p != pad(index, *seq as u64, pad_len)
+            });
+            assert!(
+                misplaced.is_none() && rows.len() as u64 == count,
+                "{mode}: {}: Postgres holds {} rows for {count} acknowledged messages; first \
+                 row out of place: {:?}",
+                writer.path,
+                rows.len(),
+                misplaced.map(|(at, row)| (at, row.get::<_, i64>(0), row.get::<_, i64>(1)))
+            );
+        }
+
+        // The live reader got its stream to the end, in order (checked as it went).
+        let goal = acked[0];
+        let received = self.reader.received.clone();
+        let reader = &self.reader.task;
+        wait_until("the SSE reader at the tail", DEADLINE, || async {
+            Ok((reader.is_finished() || received.load(Ordering::Relaxed) >= goal).then_some(()))
         })
         .await
         .unwrap_or_else(|e| panic!("{mode}: {e:#}"));
-        assert!(used <= settings.budget, "{mode}: {used} bytes held, past the budget");
-        used
-    } else {
-        let window = settings.budget / settings.writers as u64;
-        wait_for_writers(
-            &mut writers,
-            settings.phase_deadline,
-            "phase 2: every writer holding a full window of unreleased data",
-            |s| s.held.load(Ordering::Relaxed) + 2 * message_len > window,
-        )
-        .await;
-        0
-    };
-    let mut held_streams = 0;
-    for writer in &writers {
-        let (earliest, tail) = retained_range(&client, &writer.path).await.expect("head");
-        held_streams += tail - earliest;
-    }
-    assert!(
-        held_streams + settings.writers as u64 * 2 * message_len > settings.budget,
-        "{mode}: the streams hold {held_streams} unreleased bytes while ds-sync is down"
-    );
-    let refused_two = sum(&writers, |s| &s.refused) - refused_before;
-    if memory {
-        let text = stack.server.metrics().await.expect("metrics");
-        let counted = metrics::value(&text, "ds_appends_backpressured_total").expect("series") as u64;
-        assert!(
-            counted >= refused_two,
-            "{mode}: the server counted {counted} backpressured appends, the writers {refused_two}"
-        );
-    }
-
-    // Phase 3: ds-sync returns; the server drains and appends succeed again.
-    let acked_before_restart: Vec<u64> = writers
-        .iter()
-        .map(|w| w.stats.acked.load(Ordering::Relaxed))
-        .collect();
-    stack
-        .sync
-        .as_mut()
-        .expect("sync")
-        .restart()
-        .await
-        .expect("restart ds-sync");
-    control
-        .window
-        .store(settings.keeping_up_window(), Ordering::Relaxed);
-    let written_before_three = control.written.load(Ordering::Relaxed);
-    control.target.store(
-        written_before_three + 2 * settings.budget,
-        Ordering::Relaxed,
-    );
-    wait_for_target(
-        &control,
-        &mut writers,
-        settings.phase_deadline,
-        "phase 3: two more budgets after ds-sync restarted",
-    )
-    .await;
-    for (writer, before) in writers.iter().zip(&acked_before_restart) {
-        assert!(
-            writer.stats.acked.load(Ordering::Relaxed) > *before,
-            "{mode}: {} got no append acknowledged after ds-sync restarted",
-            writer.path
-        );
-    }
-    control.stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for writer in &mut writers {
-        (&mut writer.task)
-            .await
-            .expect("writer task")
-            .unwrap_or_else(|e| panic!("writer of {}: {e:#}", writer.path));
-        acked.push(writer.stats.acked.load(Ordering::Relaxed));
-    }
-    let written = control.written.load(Ordering::Relaxed);
-    let refused = sum(&writers, |s| &s.refused);
-    let transport_errors = sum(&writers, |s| &s.transport_errors);
-    if !memory {
-        assert_eq!(refused, 0, "{mode}: no budget, yet appends were refused");
-    } else {
-        assert!(refused_two > 0, "{mode}: the full budget refused nothing");
-    }
-
-    // Drained: ds-sync committed every stream to its tail and the server released it all.
-    let pg = connect(stack.database_url().expect("database"))
-        .await
-        .expect("connect to the mirror");
-    for writer in &writers {
-        let path = writer.path.as_str();
-        let (_, tail) = retained_range(&client, path).await.expect("head");
-        wait_until(
-            &format!("{path}: ds-sync checkpoint at the tail and everything released"),
-            DEADLINE,
-            || async {
-                let committed = checkpoint(&pg, path).await?;
-                let (earliest, _) = retained_range(&client, path).await?;
-                let at_tail = committed.as_deref().map(position).transpose()? == Some(tail);
-                Ok((at_tail && earliest == tail).then_some(()))
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{mode}: {e:#}"));
-    }
-
-    // Postgres: every acknowledged message exactly once, in order, and nothing else.
-    let mut rows_total = 0u64;
-    for (index, (writer, &count)) in writers.iter().zip(&acked).enumerate() {
-        let rows = pg
-            .query(
-                "SELECT (data->>'w')::bigint, (data->>'seq')::bigint, data->>'pad' \
-                 FROM ds_messages WHERE stream = $1 ORDER BY incarnation, stream_offset, idx",
-                &[&writer.path],
-            )
-            .await
-            .expect("rows");
-        let mismatch = rows.iter().enumerate().find(|(seq, row)| {
-            let w: i64 = row.get(0);
-            let s: i64 = row.get(1);
-            let p: &str = row.get(2);
-            w != index as i64
-                || s != *seq as i64
-                || p != pad(index, *seq as u64, pad_len(settings.message_bytes))
-        });
-        assert!(
-            mismatch.is_none() && rows.len() as u64 == count,
-            "{mode}: {}: Postgres holds {} rows for {count} acknowledged messages; first row out \
-             of place: {:?}",
-            writer.path,
-            rows.len(),
-            mismatch.map(|(at, row)| (at, row.get::<_, i64>(0), row.get::<_, i64>(1)))
-        );
-        rows_total += count;
-    }
-
-    // The live reader got its stream, in order (checked as it went), to the end.
-    let reader_goal = acked[0];
-    let received = reader.received.clone();
-    let reader_task = &reader.task;
-    wait_until("the SSE reader at the tail", DEADLINE, || async {
-        if reader_task.is_finished() {
-            return Ok(Some(()));
+        if self.reader.task.is_finished() {
+            let outcome = (&mut self.reader.task).await.expect("reader task");
+            panic!("{mode}: the SSE reader stopped: {outcome:?}");
         }
-        Ok((received.load(Ordering::Relaxed) >= reader_goal).then_some(()))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{mode}: {e:#}"));
-    if reader.task.is_finished() {
-        let outcome = reader.task.await.expect("reader task");
-        panic!("{mode}: the SSE reader stopped: {outcome:?}");
-    }
-    reader.task.abort();
-    assert_eq!(
-        received.load(Ordering::Relaxed),
-        reader_goal,
-        "{mode}: SSE reader"
-    );
+        self.reader.task.abort();
+        assert_eq!(received.load(Ordering::Relaxed), goal, "{mode}: SSE reader");
 
-    stop_sampling.store(true, Ordering::Relaxed);
-    for sampler in samplers {
-        sampler.await.expect("sampler");
-    }
-    let rss_hwm = proc_status_kb(pid, "VmHWM:").expect("VmHWM") * 1024;
-    let rss_end = proc_status_kb(pid, "VmRSS:").expect("VmRSS") * 1024;
-    let rss_sampled = rss_max.load(Ordering::Relaxed);
-    let disk_sampled = disk_max.load(Ordering::Relaxed);
-    let disk_end = disk_use(&stack.server.data_dir);
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "soak result: mode={mode} writers={} message_bytes={message_len} budget={} \
-         written={written} ({:.1} budgets) appends={rows_total} secs={secs:.1} \
-         phase1_secs={phase_one_secs:.1} phase1_MBps={:.2} phase1_written={written_one} \
-         phase1_refused={refused_one} phase1_paced={paced_one} phase2_refused={refused_two} \
-         phase2_held_streams={held_streams} phase2_budget_used={held_memory} \
-         refused_total={refused} transport_errors={transport_errors} \
-         rss_start={rss_at_start} rss_max_phase1={rss_phase_one} rss_max_sampled={rss_sampled} \
-         rss_hwm={rss_hwm} rss_end={rss_end} disk_start={disk_at_start} \
-         disk_max_sampled={disk_sampled} disk_end={disk_end} disk_bound={} sse_received={reader_goal}",
-        settings.writers,
-        settings.budget,
-        written as f64 / settings.budget as f64,
-        written_one as f64 / MB / phase_one_secs,
-        disk_bound(&settings),
-    );
-    if memory {
-        let bound = settings.budget + RSS_OVERHEAD;
-        assert!(
-            rss_hwm <= bound && rss_sampled <= bound,
-            "{mode}: server RSS {rss_sampled} (sampled), {rss_hwm} (VmHWM) past the budget {} + \
-             {RSS_OVERHEAD} overhead",
-            settings.budget
+        self.stop_sampling.store(true, Ordering::Relaxed);
+        for sampler in std::mem::take(&mut self.samplers) {
+            sampler.await.expect("sampler");
+        }
+        let pid = self.pid;
+        let hwm = proc_status_kb(pid, "VmHWM:").expect("VmHWM") * 1024;
+        let rss_max = self.rss_phases.iter().copied().max().unwrap_or(0).max(hwm);
+        let disk = std::mem::take(&mut *self.disk_peak.lock().expect("disk peak"));
+        let disk_bound = disk_bound(&mode, &self.settings);
+        let rss_bound = rss_bound(self.rss_at_start, &self.settings);
+        let written = self.written();
+        self.note("written", written);
+        self.note(
+            "budgets",
+            format!("{:.1}", written as f64 / self.settings.budget as f64),
         );
-    } else {
-        let bound = disk_bound(&settings);
-        assert!(
-            disk_sampled <= bound,
-            "{mode}: the data dir used {disk_sampled} bytes, past the bound {bound}"
+        self.note("appends", acked.iter().sum::<u64>());
+        self.note("refused_total", refused);
+        self.note(
+            "transport_errors",
+            sum(&self.writers, |s| &s.transport_errors),
         );
+        self.note("sse_received", goal);
+        self.note("rss_hwm", hwm);
+        self.note("rss_max", rss_max);
+        self.note("rss_bound", rss_bound);
+        self.note(
+            "rss_end",
+            proc_status_kb(pid, "VmRSS:").expect("VmRSS") * 1024,
+        );
+        self.note("disk_max", disk.bytes);
+        self.note("disk_bound", disk_bound);
+        self.note("disk_end", disk_use(&self.stack.server.data_dir).0);
+        self.note(
+            "secs",
+            format!("{:.1}", self.started.elapsed().as_secs_f64()),
+        );
+        let line: Vec<String> = self
+            .results
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        eprintln!("soak result: {}", line.join(" "));
+
+        if self.memory {
+            assert!(
+                rss_max <= rss_bound,
+                "{mode}: server RSS reached {rss_max} bytes, past {rss_bound} (at start {} + 3 \
+                 budgets of {} + {RSS_OVERHEAD})",
+                self.rss_at_start,
+                self.settings.budget
+            );
+        } else {
+            let listing: Vec<String> = disk
+                .files
+                .iter()
+                .map(|(name, bytes)| format!("{name} {bytes}"))
+                .collect();
+            if std::env::var_os("DS_SOAK_LIST").is_some() {
+                eprintln!(
+                    "{mode}: the data dir at its largest:\n{}",
+                    listing.join("\n")
+                );
+            }
+            assert!(
+                disk.bytes <= disk_bound,
+                "{mode}: the data dir used {} bytes, past the bound {disk_bound}; its files \
+                 then:\n{}",
+                disk.bytes,
+                listing.join("\n")
+            );
+        }
     }
 }

@@ -50,24 +50,21 @@ done
 python3 - "$OUT/results.txt" <<'EOF' | tee "$OUT/report.md"
 import sys
 MB = 1e6
-rows = []
-for line in open(sys.argv[1]):
-    kv = dict(p.split("=", 1) for p in line.split()[2:] if "=" in p)
-    rows.append(kv)
-print("| mode | written | appends | phase 1 (ds-sync keeps up) | refused in phase 1 | ds-sync killed: refused (503) / held | server RSS start / max | data dir max (bound) |")
+print("| mode | written (budgets) | appends | phase 1: ds-sync keeps up | refused in phase 1 "
+      "| ds-sync killed: 503s / held | server RSS: start / max (bound) | data dir: max (bound) |")
 print("|---|---|---|---|---|---|---|---|")
-for r in rows:
-    b = int(r["budget"])
-    mem = r["mode"] == "memory"
-    rss = max(int(r["rss_max_sampled"]), int(r["rss_hwm"]))
-    held = int(r["phase2_held_streams"])
-    disk = "n/a" if mem else f"{int(r['disk_max_sampled'])/MB:.1f} MB ({int(r['disk_bound'])/MB:.1f} MB)"
-    refused = r["phase2_refused"] if mem else "n/a (no budget)"
+for line in open(sys.argv[1]):
+    r = dict(p.split("=", 1) for p in line.split()[2:] if "=" in p)
+    mb = lambda key: f"{int(r[key]) / MB:.1f} MB"
+    memory = r["mode"] == "memory"
+    refused = r["phase2_refused"] if memory else "none (no budget)"
+    disk = "n/a" if memory else f"{mb('disk_max')} ({mb('disk_bound')})"
+    rss_bound = f" ({mb('rss_bound')})" if memory else ""
     print(
-        f"| {r['mode']} | {int(r['written'])/MB:.0f} MB ({int(r['written'])/b:.1f} budgets) "
-        f"| {int(r['appends'])} | {int(r['phase1_written'])/MB:.0f} MB at {float(r['phase1_MBps']):.1f} MB/s "
-        f"| {r['phase1_refused']} | {refused} / {held/MB:.2f} MB "
-        f"| {int(r['rss_start'])/MB:.1f} / {rss/MB:.1f} MB | {disk} |"
+        f"| {r['mode']} | {mb('written')} ({r['budgets']}) | {r['appends']} "
+        f"| {mb('phase1_written')} in {r['phase1_secs']} s ({r['phase1_MBps']} MB/s) "
+        f"| {r['phase1_refused']} | {refused} / {mb('phase2_held')} "
+        f"| {mb('rss_start')} / {mb('rss_max')}{rss_bound} | {disk} |"
     )
 EOF
 echo "results in $OUT" >&2

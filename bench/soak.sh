@@ -43,7 +43,11 @@ for mode in "${MODES[@]}"; do
   name=$(test_name "$mode")
   echo "== $mode: $name" >&2
   cargo test --release -p ds-e2e --test hot_buffer_soak -- --exact "$name" --nocapture \
-    >"$OUT/$mode.log" 2>&1 || { echo "$mode failed: see $OUT/$mode.log" >&2; tail -30 "$OUT/$mode.log" >&2; exit 1; }
+    >"$OUT/$mode.log" 2>&1 || {
+    echo "$mode failed: see $OUT/$mode.log" >&2
+    tail -30 "$OUT/$mode.log" >&2
+    exit 1
+  }
   grep '^soak result:' "$OUT/$mode.log" >>"$OUT/results.txt"
 done
 

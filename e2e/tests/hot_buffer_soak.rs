@@ -10,10 +10,11 @@
 //!    them together hold at most half the budget: no append may be refused. Once ten budgets are
 //!    written, a read at a released offset must get `410` with `Stream-Earliest-Offset` and the
 //!    documented body, and `offset=-1` must read from the earliest retained offset.
-//! 2. **ds-sync is killed** (SIGKILL). Memory mode: the writers stop pacing themselves and fill
-//!    the budget; the server must answer `503` with `Retry-After`, which the writers honour
-//!    (retrying the same producer sequence number), and must hold the unacknowledged data. File
-//!    modes (no budget there): the writers pace themselves to one whole budget of unreleased data.
+//! 2. **ds-sync is killed** (SIGKILL) while the writers append. Memory mode: the writers stop
+//!    pacing themselves and fill the budget; the server must answer `503` with `Retry-After`,
+//!    which the writers honour (retrying the same producer sequence number), and must hold the
+//!    unacknowledged data. File modes (no budget there): the writers pace themselves to one
+//!    whole budget of unreleased data.
 //! 3. **ds-sync restarts.** The writers (paced as in phase 1) write two more budgets: appends must
 //!    succeed again and the server must drain.
 //!
@@ -834,11 +835,24 @@ impl Soak {
         );
     }
 
-    /// Phase 2: ds-sync is killed. Memory mode: the writers fill the budget and are refused
-    /// with 503 + Retry-After (each twice: it waited and was refused again). File modes: the
-    /// writers fill one budget of their own. Either way the server holds it all unreleased.
+    /// Phase 2: ds-sync is killed while the writers append. Memory mode: the writers fill the
+    /// budget and are refused with 503 + Retry-After (each twice: it waited and was refused
+    /// again). File modes: the writers fill one budget of their own. Either way the server holds
+    /// it all unreleased.
     async fn while_sync_is_down(&mut self) {
         let mode = self.mode.clone();
+        // Killed under load: the writers are appending and ds-sync is reading, committing and
+        // acking when it dies.
+        self.control.target.store(u64::MAX, Ordering::Relaxed);
+        let under_way = self.written() + self.settings.budget / 2;
+        let control = self.control.clone();
+        wait_for(
+            &mut self.writers,
+            self.settings.phase_deadline,
+            "phase 2: writing again before ds-sync is killed",
+            || control.written.load(Ordering::Relaxed) >= under_way,
+        )
+        .await;
         self.stack
             .sync
             .as_mut()
@@ -853,7 +867,6 @@ impl Soak {
             budget / self.settings.writers as u64
         };
         self.control.window.store(window, Ordering::Relaxed);
-        self.control.target.store(u64::MAX, Ordering::Relaxed);
         if self.memory {
             let stats: Vec<_> = self.writers.iter().map(|w| w.stats.clone()).collect();
             wait_for(

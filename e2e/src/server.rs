@@ -147,6 +147,11 @@ impl DsServer {
             .await
     }
 
+    /// The running process's id (`None` after [`DsServer::kill`]): for `/proc/<pid>/status`.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// kill -9.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.process.kill()

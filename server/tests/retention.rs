@@ -512,7 +512,7 @@ async fn byte_stream_acks_inside_a_record_release_only_whole_records() {
             None => assert_eq!(&body[..], all),
             Some(e) => {
                 let pos: usize = e[17..].parse().expect("offset");
-                assert!(pos % 10 == 0, "released inside a record, to {e}");
+                assert!(pos.is_multiple_of(10), "released inside a record, to {e}");
                 assert_eq!(&body[..], &all[pos..]);
             }
         }

@@ -111,8 +111,21 @@ pub struct Snapshot {
 
 impl Status {
     /// A follower starts on `incarnation` of `stream`: the numbers of an earlier one are reset.
-    pub fn set_incarnation(&self, stream: &Arc<str>, incarnation: i32) {
-        let mut entry = self.streams.entry(stream.clone()).or_default();
+    /// Returns `false`, recording nothing, once `stop` (the follower's) is cancelled: its
+    /// stream ended before it started, and [`Status::ended`] may have looked for an entry
+    /// already. (The check is made under the entry's lock, which `ended` takes after the stop,
+    /// so one of the two always sees the other: no entry of an ended stream is left "following".)
+    pub fn set_incarnation(
+        &self,
+        stream: &Arc<str>,
+        incarnation: i32,
+        stop: &CancellationToken,
+    ) -> bool {
+        let entry = self.streams.entry(stream.clone());
+        if stop.is_cancelled() {
+            return false;
+        }
+        let mut entry = entry.or_default();
         if entry.incarnation != incarnation {
             // Behind until its reader first reaches the tail with everything committed.
             *entry = StreamStatus {
@@ -121,6 +134,7 @@ impl Status {
                 ..StreamStatus::default()
             };
         }
+        true
     }
 
     /// A read ending at `next_offset` was handed to the writer.
@@ -331,7 +345,7 @@ mod tests {
         let status = Status::default();
         let path = |i: usize| -> Arc<str> { format!("/chat/{i}").into() };
         for i in 0..ENDED_KEPT * 3 {
-            status.set_incarnation(&path(i), 1);
+            status.set_incarnation(&path(i), 1, &CancellationToken::new());
             status.set_state(&path(i), StreamState::Following);
             status.ended(&path(i), 1, StreamState::Deleted);
         }
@@ -345,10 +359,23 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_stopped_before_it_started_records_nothing() {
+        let status = Status::default();
+        let p: Arc<str> = "/p".into();
+        let stop = CancellationToken::new();
+        // The registry's delete came first: stopped, and the end found no entry to mark.
+        stop.cancel();
+        status.ended(&p, 1, StreamState::Deleted);
+        assert!(!status.set_incarnation(&p, 1, &stop));
+        assert!(status.snapshot().streams.is_empty());
+        assert!(status.lags().is_empty());
+    }
+
+    #[test]
     fn a_stopped_followers_last_words_neither_revive_nor_recreate_its_entry() {
         let status = Status::default();
         let p: Arc<str> = "/p".into();
-        status.set_incarnation(&p, 1);
+        status.set_incarnation(&p, 1, &CancellationToken::new());
         status.ended(&p, 1, StreamState::Deleted);
         status.set_state(&p, StreamState::Following);
         status.set_up_to_date(&p, false);
@@ -361,7 +388,7 @@ mod tests {
         status.ended(&q, 1, StreamState::Deleted);
         assert!(!status.snapshot().streams.contains_key("/q"));
         // An end of an older incarnation leaves the newer one followed.
-        status.set_incarnation(&p, 2);
+        status.set_incarnation(&p, 2, &CancellationToken::new());
         status.ended(&p, 1, StreamState::Deleted);
         assert_eq!(status.lags().len(), 1);
     }

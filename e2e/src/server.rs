@@ -157,11 +157,6 @@ impl DsServer {
         self.process.kill()
     }
 
-    /// The process id while it runs (to sample its memory from `/proc`).
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
-
     /// kill -9, start again on the same port and data dir, wait until healthy.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.process.restart()?;

@@ -104,6 +104,19 @@ impl DsSync {
             .await?)
     }
 
+    /// `GET /status`: the worker's counters and its streams (JSON).
+    pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let url = format!("http://{LOOPBACK}:{}/status", self.health_port);
+        Ok(self
+            .client
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     /// `GET /readyz`: its status and body.
     pub async fn readyz(&self) -> anyhow::Result<(u16, String)> {
         let url = format!("http://{LOOPBACK}:{}/readyz", self.health_port);
@@ -123,6 +136,11 @@ impl DsSync {
     /// kill -9.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.process.kill()
+    }
+
+    /// The process id while it runs (to sample its memory from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
     }
 
     /// kill -9 and `ds-sync run` again (it resumes from its Postgres checkpoints); waits until

@@ -464,6 +464,84 @@ async fn a_full_budget_pushes_back_with_503_until_acks_release_data() {
     s.stop().await;
 }
 
+/// A byte stream takes acks at any position (a catch-up page may end inside an append), but
+/// only whole records are released: an ack inside a record releases none of it, and the next
+/// ack on a boundary releases up to that boundary. (The stream layer's unit test
+/// `byte_stream_acks_inside_a_record_release_none_of_it` runs the same rule pass by pass.)
+#[tokio::test]
+async fn byte_stream_acks_inside_a_record_release_only_whole_records() {
+    let s = Server::start(|_| {}).await;
+    s.put_stream("w/a").await;
+    let a = s.subscribe(ROOT, "a", pull_sub("bytes/*", "w/a")).await;
+    let r = s
+        .client
+        .put(s.url("bytes/s"))
+        .header("content-type", "application/octet-stream")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    s.linked(&a, "bytes/s").await;
+    let mut ends = Vec::new();
+    for record in ["0123456789", "abcdefghij", "ABCDEFGHIJ"] {
+        let r = s
+            .client
+            .post(s.url("bytes/s"))
+            .header("content-type", "application/octet-stream")
+            .body(record)
+            .send()
+            .await
+            .expect("append");
+        assert!(r.status().is_success(), "append {}", r.status());
+        ends.push(header(&r, "stream-next-offset"));
+    }
+    let at = |pos: u64| format!("{:016}_{pos:016}", 0);
+    assert_eq!(ends, [at(10), at(20), at(30)]);
+    // What a reader sees at each step: the earliest offset is never inside a record, and what
+    // is retained starts with a whole record.
+    let check = || async {
+        let r = s.get("bytes/s", "offset=-1").await;
+        let earliest = r
+            .headers()
+            .get("stream-earliest-offset")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = r.bytes().await.expect("body");
+        let all = b"0123456789abcdefghijABCDEFGHIJ";
+        match earliest.as_deref() {
+            None => assert_eq!(&body[..], all),
+            Some(e) => {
+                let pos: usize = e[17..].parse().expect("offset");
+                assert!(pos.is_multiple_of(10), "released inside a record, to {e}");
+                assert_eq!(&body[..], &all[pos..]);
+            }
+        }
+        earliest
+    };
+
+    // Inside the second record.
+    s.ack(&a, "bytes/s", &at(15)).await;
+    s.streams.release_due().await;
+    assert_eq!(check().await, None, "an ack inside a record released data");
+    // On the boundary after it.
+    s.ack(&a, "bytes/s", &at(20)).await;
+    eventually("the release up to the boundary", || async {
+        check().await.as_deref() == Some(at(20).as_str())
+    })
+    .await;
+    // Inside the last record: it stays whole.
+    s.ack(&a, "bytes/s", &at(25)).await;
+    s.streams.release_due().await;
+    assert_eq!(check().await.as_deref(), Some(at(20).as_str()));
+    // The tail is a boundary.
+    s.ack(&a, "bytes/s", &at(30)).await;
+    eventually("the release up to the tail", || async {
+        check().await.as_deref() == Some(at(30).as_str())
+    })
+    .await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn keep_mode_answers_a_full_budget_with_413_as_before() {
     let s = Server::start(|c| {

@@ -262,7 +262,9 @@ impl Follower {
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.ctx.backoff_min, self.ctx.backoff_max);
         let status = self.ctx.status.clone();
-        status.set_incarnation(&self.stream, self.incarnation);
+        if !status.set_incarnation(&self.stream, self.incarnation, &self.stop) {
+            return;
+        }
         let mut sessions = 0u64;
         loop {
             status.set_state(&self.stream, StreamState::Waiting);
@@ -334,7 +336,9 @@ impl Follower {
                     if let Role::Mirror = self.role {
                         self.content_type = None;
                     }
-                    status.set_incarnation(&self.stream, self.incarnation);
+                    if !status.set_incarnation(&self.stream, self.incarnation, &self.stop) {
+                        return;
+                    }
                     backoff.reset();
                 }
                 Err(e @ (FollowError::Replaced { .. } | FollowError::OtherStream { .. })) => {

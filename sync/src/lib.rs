@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::db::StreamStart;
 use crate::discovery::Selection;
 use crate::follow::{FollowContext, Follower, Probe, Role};
-use crate::status::Status;
+use crate::status::{Status, StreamState};
 use crate::subscription::{AckBook, Subscriber};
 
 /// Why the worker stopped.
@@ -65,59 +65,110 @@ pub enum SyncError {
     Subscription(#[from] subscription::SubscriptionError),
 }
 
-/// The followers of mirrored streams: at most one per path, for its latest incarnation.
-struct Followers {
-    ctx: Arc<FollowContext>,
-    pool: Pool,
-    tasks: JoinSet<()>,
-    /// Per path, the incarnation followed and the token that stops its follower.
+/// Which incarnation of each path a follower runs for, and the token that stops it.
+///
+/// Holds the streams followed now, not every stream ever followed: an entry goes when its
+/// follower is stopped (the registry announced the end) or ends on its own (closed, gone). A
+/// worker following a pattern sees every stream ever created under it come and go (one per chat
+/// session, say), so entries of ended streams would grow without bound.
+#[derive(Debug, Default)]
+struct Followed {
     by_path: HashMap<String, (Incarnation, CancellationToken)>,
 }
 
-impl Followers {
-    /// Replaces the follower of `path` (if any) with one for `incarnation`, unless that or a
-    /// later incarnation is already followed. Returns the new follower's stop token.
-    fn claim(&mut self, path: &str, incarnation: Incarnation) -> Option<CancellationToken> {
+impl Followed {
+    /// Makes `incarnation` the one followed at `path`, stopping the follower of an earlier one,
+    /// unless that or a later incarnation is followed already. Returns the new follower's stop
+    /// token (a child of `parent`).
+    fn claim(
+        &mut self,
+        path: &str,
+        incarnation: Incarnation,
+        parent: &CancellationToken,
+    ) -> Option<CancellationToken> {
         if let Some((followed, stop)) = self.by_path.get(path) {
             if *followed >= incarnation {
                 return None;
             }
             stop.cancel();
         }
-        let stop = self.ctx.shutdown.child_token();
+        let stop = parent.child_token();
         self.by_path
             .insert(path.to_owned(), (incarnation, stop.clone()));
         Some(stop)
     }
 
+    /// Stops the follower of `incarnation` of `path` (its end was announced). Returns whether
+    /// one ran.
+    fn stop(&mut self, path: &str, incarnation: Incarnation) -> bool {
+        match self.by_path.get(path) {
+            Some((followed, stop)) if *followed == incarnation => {
+                stop.cancel();
+                self.by_path.remove(path);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The follower started for `incarnation` of `path` returned: forgets it, unless a later
+    /// incarnation is followed there since.
+    fn finished(&mut self, path: &str, incarnation: Incarnation) {
+        if self
+            .by_path
+            .get(path)
+            .is_some_and(|(followed, _)| *followed == incarnation)
+        {
+            self.by_path.remove(path);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_path.len()
+    }
+}
+
+/// The followers of mirrored streams: at most one per path, for its latest incarnation.
+struct Followers {
+    ctx: Arc<FollowContext>,
+    pool: Pool,
+    /// Each returns the path and incarnation it was started for.
+    tasks: JoinSet<(String, Incarnation)>,
+    followed: Followed,
+}
+
+impl Followers {
     /// Follows a stream from a checkpoint just loaded.
     fn start(&mut self, start: StreamStart) {
-        if let Some(stop) = self.claim(&start.stream, start.incarnation) {
+        let (path, incarnation) = (start.stream.clone(), start.incarnation);
+        if let Some(stop) = self.followed.claim(&path, incarnation, &self.ctx.shutdown) {
             let follower = Follower::new(self.ctx.clone(), start, Role::Mirror, stop);
-            self.tasks.spawn(follower.run());
+            self.tasks.spawn(async move {
+                follower.run().await;
+                (path, incarnation)
+            });
         }
     }
 
     /// Follows an incarnation a committed batch announced, from its stored checkpoint.
     fn follow(&mut self, path: String, incarnation: Incarnation) {
-        if let Some(stop) = self.claim(&path, incarnation) {
-            self.tasks.spawn(follow_announced(
-                self.ctx.clone(),
-                self.pool.clone(),
-                path,
-                incarnation,
-                stop,
-            ));
+        if let Some(stop) = self.followed.claim(&path, incarnation, &self.ctx.shutdown) {
+            let (ctx, pool) = (self.ctx.clone(), self.pool.clone());
+            self.tasks.spawn(async move {
+                follow_announced(ctx, pool, path.clone(), incarnation, stop).await;
+                (path, incarnation)
+            });
         }
     }
 
-    /// Stops following `incarnation` of `path` (its end was announced).
+    /// Stops following `incarnation` of `path`: it ended deleted (the registry said so, or a
+    /// read of another stream fenced it).
     fn stop(&mut self, path: &str, incarnation: Incarnation) {
-        if let Some((followed, stop)) = self.by_path.get(path)
-            && *followed == incarnation
-        {
-            stop.cancel();
-        }
+        self.followed.stop(path, incarnation);
+        self.ctx
+            .status
+            .ended(&Arc::from(path), incarnation, StreamState::Deleted);
     }
 }
 
@@ -439,7 +490,7 @@ async fn mirror(
         ctx: ctx.clone(),
         pool: pool.clone(),
         tasks: JoinSet::new(),
-        by_path: HashMap::new(),
+        followed: Followed::default(),
     };
     tracing::info!(
         streams = explicit.len(),
@@ -452,15 +503,17 @@ async fn mirror(
     if selection.needs_registry() {
         let registry = db::registry_checkpoint(&pool, &selection.registry).await?;
         tracing::info!(registry = %registry.stream, offset = %registry.next_offset, "reading the registry to its tail before following streams");
-        followers.tasks.spawn(
-            Follower::new(
-                ctx.clone(),
-                registry,
-                Role::Registry(selection.clone()),
-                stop.child_token(),
-            )
-            .run(),
+        let (path, incarnation) = (registry.stream.clone(), registry.incarnation);
+        let follower = Follower::new(
+            ctx.clone(),
+            registry,
+            Role::Registry(selection.clone()),
+            stop.child_token(),
         );
+        followers.tasks.spawn(async move {
+            follower.run().await;
+            (path, incarnation)
+        });
     } else {
         for (stream, ended) in db::ended_checkpoints(&pool, &explicit).await? {
             tasks.spawn(revive_if_reappeared(
@@ -516,11 +569,10 @@ async fn mirror(
                 Notice::Follow { path, incarnation } => followers.follow(path, incarnation),
                 Notice::Stop { path, incarnation } => followers.stop(&path, incarnation),
             },
-            Some(joined) = followers.tasks.join_next() => {
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "a follower task failed");
-                }
-            }
+            Some(joined) = followers.tasks.join_next() => match joined {
+                Ok((path, incarnation)) => followers.followed.finished(&path, incarnation),
+                Err(e) => tracing::error!(error = %e, "a follower task failed"),
+            },
         }
     };
     stop.cancel();
@@ -532,4 +584,49 @@ async fn mirror(
         tracing::error!(error = %e, "writer task failed");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn followed_paths_are_forgotten_once_their_followers_end() {
+        let root = CancellationToken::new();
+        let mut followed = Followed::default();
+        // A stream per session: followed, then ended, a thousand times over.
+        for i in 0..1_000 {
+            let path = format!("/chat/{i}");
+            let stop = followed.claim(&path, 1, &root).expect("not followed yet");
+            if i % 2 == 0 {
+                // The registry announced its delete.
+                assert!(followed.stop(&path, 1));
+                assert!(stop.is_cancelled());
+            }
+            // Its follower returns (stopped, or the stream closed or went away).
+            followed.finished(&path, 1);
+        }
+        assert_eq!(followed.len(), 0);
+    }
+
+    #[test]
+    fn a_later_incarnation_replaces_the_followed_one_and_outlives_its_end() {
+        let root = CancellationToken::new();
+        let mut followed = Followed::default();
+        let first = followed.claim("/p", 1, &root).expect("first");
+        assert!(followed.claim("/p", 1, &root).is_none(), "already followed");
+        let second = followed.claim("/p", 2, &root).expect("second");
+        assert!(first.is_cancelled());
+        assert!(
+            followed.claim("/p", 1, &root).is_none(),
+            "older than followed"
+        );
+        // The first follower's end and a late stop of it leave the second alone.
+        followed.finished("/p", 1);
+        assert!(!followed.stop("/p", 1));
+        assert!(!second.is_cancelled());
+        assert_eq!(followed.len(), 1);
+        followed.finished("/p", 2);
+        assert_eq!(followed.len(), 0);
+    }
 }

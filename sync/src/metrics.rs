@@ -302,7 +302,7 @@ mod tests {
         let status = Arc::new(Status::default());
         for i in 0..(LAG_TOP_N + 5) {
             let stream: Arc<str> = format!("/s/{i}").into();
-            status.set_incarnation(&stream, 1);
+            status.set_incarnation(&stream, 1, &tokio_util::sync::CancellationToken::new());
         }
         let text = render(&registry(status));
         let per_stream = text

@@ -3,8 +3,9 @@
 //!
 //! Followers and the writer record into it; it never influences what is written.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -67,6 +68,11 @@ pub struct Totals {
     pub commit_failures: u64,
 }
 
+/// Ended streams (closed or deleted) that `/status` keeps listing: the most recent this many.
+/// A worker following a pattern sees every stream ever created under it end (one per chat
+/// session, say); keeping each would grow its memory and `/status` without bound.
+pub const ENDED_KEPT: usize = 1_000;
+
 /// Shared counters.
 #[derive(Debug)]
 pub struct Status {
@@ -74,7 +80,10 @@ pub struct Status {
     rows: AtomicU64,
     commits: AtomicU64,
     commit_failures: AtomicU64,
+    /// Streams followed now, and the last [`ENDED_KEPT`] that ended.
     streams: DashMap<Arc<str>, StreamStatus>,
+    /// The ended streams of `streams` (path, incarnation), oldest first: the next to forget.
+    ended: Mutex<VecDeque<(Arc<str>, i32)>>,
 }
 
 impl Default for Status {
@@ -85,6 +94,7 @@ impl Default for Status {
             commits: AtomicU64::new(0),
             commit_failures: AtomicU64::new(0),
             streams: DashMap::new(),
+            ended: Mutex::new(VecDeque::new()),
         }
     }
 }
@@ -101,8 +111,21 @@ pub struct Snapshot {
 
 impl Status {
     /// A follower starts on `incarnation` of `stream`: the numbers of an earlier one are reset.
-    pub fn set_incarnation(&self, stream: &Arc<str>, incarnation: i32) {
-        let mut entry = self.streams.entry(stream.clone()).or_default();
+    /// Returns `false`, recording nothing, once `stop` (the follower's) is cancelled: its
+    /// stream ended before it started, and [`Status::ended`] may have looked for an entry
+    /// already. (The check is made under the entry's lock, which `ended` takes after the stop,
+    /// so one of the two always sees the other: no entry of an ended stream is left "following".)
+    pub fn set_incarnation(
+        &self,
+        stream: &Arc<str>,
+        incarnation: i32,
+        stop: &CancellationToken,
+    ) -> bool {
+        let entry = self.streams.entry(stream.clone());
+        if stop.is_cancelled() {
+            return false;
+        }
+        let mut entry = entry.or_default();
         if entry.incarnation != incarnation {
             // Behind until its reader first reaches the tail with everything committed.
             *entry = StreamStatus {
@@ -111,26 +134,73 @@ impl Status {
                 ..StreamStatus::default()
             };
         }
+        true
     }
 
     /// A read ending at `next_offset` was handed to the writer.
     pub fn received(&self, stream: &Arc<str>, next_offset: &str) {
-        let mut entry = self.streams.entry(stream.clone()).or_default();
+        let Some(mut entry) = self.following(stream) else {
+            return;
+        };
         entry.read_offset = Some(next_offset.to_owned());
         entry.behind_since.get_or_insert_with(Instant::now);
     }
 
     pub fn set_state(&self, stream: &Arc<str>, state: StreamState) {
-        self.streams.entry(stream.clone()).or_default().state = state;
+        if let Some(mut entry) = self.following(stream) {
+            entry.state = state;
+        }
     }
 
     pub fn set_up_to_date(&self, stream: &Arc<str>, up_to_date: bool) {
-        let mut entry = self.streams.entry(stream.clone()).or_default();
+        let Some(mut entry) = self.following(stream) else {
+            return;
+        };
         entry.up_to_date = up_to_date;
         if !up_to_date {
             entry.behind_since.get_or_insert_with(Instant::now);
         } else if entry.all_committed() {
             entry.behind_since = None;
+        }
+    }
+
+    /// The entry of a stream whose follower runs: a follower's last words after its stream
+    /// ended (it is stopped while a read is in flight) neither revive an ended entry nor
+    /// recreate a forgotten one. [`Status::set_incarnation`] starts an entry.
+    fn following(
+        &self,
+        stream: &Arc<str>,
+    ) -> Option<dashmap::mapref::one::RefMut<'_, Arc<str>, StreamStatus>> {
+        self.streams
+            .get_mut(stream)
+            .filter(|e| !matches!(e.state, StreamState::Closed | StreamState::Deleted))
+    }
+
+    /// `incarnation` of `stream` ended (`Closed` or `Deleted`): no longer followed. It stays
+    /// in `/status` until [`ENDED_KEPT`] later ones ended. An entry about another incarnation
+    /// (a newer one is followed already) is left alone.
+    pub fn ended(&self, stream: &Arc<str>, incarnation: i32, state: StreamState) {
+        {
+            let Some(mut entry) = self.streams.get_mut(stream) else {
+                return;
+            };
+            if entry.incarnation != incarnation {
+                return;
+            }
+            entry.state = state;
+        }
+        let Ok(mut ended) = self.ended.lock() else {
+            return;
+        };
+        ended.push_back((stream.clone(), incarnation));
+        while ended.len() > ENDED_KEPT {
+            let Some((old, inc)) = ended.pop_front() else {
+                break;
+            };
+            self.streams.remove_if(&old, |_, e| {
+                e.incarnation == inc
+                    && matches!(e.state, StreamState::Closed | StreamState::Deleted)
+            });
         }
     }
 
@@ -148,21 +218,28 @@ impl Status {
             match update {
                 Update::Read(read) => {
                     bytes += read.rows.iter().map(|r| r.len() as u64).sum::<u64>();
-                    let mut entry = self.streams.entry(read.stream.clone()).or_default();
-                    entry.committed_offset = Some(read.next_offset.clone());
-                    if entry.up_to_date && entry.all_committed() {
-                        entry.behind_since = None;
+                    if let Some(mut entry) = self
+                        .streams
+                        .get_mut(&read.stream)
+                        .filter(|e| e.incarnation == read.incarnation)
+                    {
+                        entry.committed_offset = Some(read.next_offset.clone());
+                        if entry.up_to_date && entry.all_committed() {
+                            entry.behind_since = None;
+                        }
+                        entry.rows_committed += read.rows.len() as u64;
+                        let lag = now.duration_since(read.received_at).unwrap_or_default();
+                        entry.commit_lag_ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
                     }
-                    entry.rows_committed += read.rows.len() as u64;
-                    let lag = now.duration_since(read.received_at).unwrap_or_default();
-                    entry.commit_lag_ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
                     if read.closed {
-                        entry.state = StreamState::Closed;
+                        self.ended(&read.stream, read.incarnation, StreamState::Closed);
                     }
                 }
-                Update::Gone { stream, .. } => {
-                    self.streams.entry(stream.clone()).or_default().state = StreamState::Deleted;
-                }
+                Update::Gone {
+                    stream,
+                    incarnation,
+                    ..
+                } => self.ended(stream, *incarnation, StreamState::Deleted),
                 Update::Restart { .. } | Update::CaughtUp { .. } => {}
             }
         }
@@ -256,5 +333,63 @@ impl Status {
                 "sync stats"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_streams_are_listed_until_many_later_ones_ended() {
+        let status = Status::default();
+        let path = |i: usize| -> Arc<str> { format!("/chat/{i}").into() };
+        for i in 0..ENDED_KEPT * 3 {
+            status.set_incarnation(&path(i), 1, &CancellationToken::new());
+            status.set_state(&path(i), StreamState::Following);
+            status.ended(&path(i), 1, StreamState::Deleted);
+        }
+        let snapshot = status.snapshot();
+        assert_eq!(snapshot.streams.len(), ENDED_KEPT);
+        // The most recent are kept, as deleted; none counts as followed.
+        let last = path(ENDED_KEPT * 3 - 1);
+        assert_eq!(snapshot.streams[&*last].state, StreamState::Deleted);
+        assert!(!snapshot.streams.contains_key(&*path(0)));
+        assert!(status.lags().is_empty());
+    }
+
+    #[test]
+    fn a_follower_stopped_before_it_started_records_nothing() {
+        let status = Status::default();
+        let p: Arc<str> = "/p".into();
+        let stop = CancellationToken::new();
+        // The registry's delete came first: stopped, and the end found no entry to mark.
+        stop.cancel();
+        status.ended(&p, 1, StreamState::Deleted);
+        assert!(!status.set_incarnation(&p, 1, &stop));
+        assert!(status.snapshot().streams.is_empty());
+        assert!(status.lags().is_empty());
+    }
+
+    #[test]
+    fn a_stopped_followers_last_words_neither_revive_nor_recreate_its_entry() {
+        let status = Status::default();
+        let p: Arc<str> = "/p".into();
+        status.set_incarnation(&p, 1, &CancellationToken::new());
+        status.ended(&p, 1, StreamState::Deleted);
+        status.set_state(&p, StreamState::Following);
+        status.set_up_to_date(&p, false);
+        status.received(&p, "0_10");
+        assert_eq!(status.snapshot().streams["/p"].state, StreamState::Deleted);
+        assert!(status.lags().is_empty());
+        // Never followed: nothing is made up.
+        let q: Arc<str> = "/q".into();
+        status.set_state(&q, StreamState::Following);
+        status.ended(&q, 1, StreamState::Deleted);
+        assert!(!status.snapshot().streams.contains_key("/q"));
+        // An end of an older incarnation leaves the newer one followed.
+        status.set_incarnation(&p, 2, &CancellationToken::new());
+        status.ended(&p, 1, StreamState::Deleted);
+        assert_eq!(status.lags().len(), 1);
     }
 }

@@ -253,7 +253,11 @@ pub struct Stream {
     /// Told when the visible tail moves (subscriptions), if anyone listens.
     events: Option<Arc<dyn StreamEvents>>,
     /// The earliest retained offset: reads below it get `Released` (0: nothing released).
+    /// Moves only once the storage made the release durable.
     retained: AtomicU64,
+    /// The start a release in progress moves `retained` to: forks are refused below it at
+    /// once (they would pin data on its way out), readers only once it is durable.
+    releasing: AtomicU64,
     /// Offsets every subscription acked, waiting to be released (retention).
     release: Mutex<ReleaseQueue>,
 }
@@ -380,6 +384,7 @@ impl Stream {
             log,
             meta,
             retained: AtomicU64::new(0),
+            releasing: AtomicU64::new(0),
             release: Mutex::new(ReleaseQueue::default()),
         }
     }
@@ -393,9 +398,9 @@ impl Stream {
         }
     }
 
-    /// Refuses a fork anchored below the retained start.
+    /// Refuses a fork anchored below the retained start, or below a release in progress.
     fn check_retained(&self, offset: u64) -> Result<(), StreamError> {
-        let earliest = self.earliest();
+        let earliest = self.earliest().max(self.releasing.load(Ordering::Acquire));
         if offset < earliest {
             return Err(StreamError::Released {
                 offset: ds_protocol::Offset::at(offset).to_string(),
@@ -1738,7 +1743,7 @@ impl Streams {
                 Err(e) => return Err(e),
             }
         }
-        let freed = {
+        {
             // Under the lifecycle lock, where forks are created: a fork either sees this
             // release (and is refused below it) or pins the data first.
             let _guard = self.lifecycle.lock();
@@ -1747,12 +1752,23 @@ impl Streams {
             if st.removed || target > pin(&st) {
                 return Ok(());
             }
+            stream.releasing.fetch_max(target, Ordering::AcqRel);
+        }
+        if target > own_start {
+            stream.log.release(target).await?;
+        }
+        // Readers see the new start only now that the release is durable: a crash before this
+        // point restarts with the data still there, and a reader that was refused below
+        // `target` must never find it again.
+        let freed = {
+            let _guard = self.lifecycle.lock();
             let old = stream.earliest().max(own_start);
-            stream.retained.store(target, Ordering::Release);
-            drop(st);
+            stream.retained.fetch_max(target, Ordering::AcqRel);
             // A fork's data before its anchor is its source's: the fork no longer references
             // what it released.
-            if let (Some(src), Some(fork)) = (&stream.source, &stream.meta.fork) {
+            if let (Some(src), Some(fork)) = (&stream.source, &stream.meta.fork)
+                && !stream.state.lock().removed
+            {
                 src.pin(stream.meta.id, target.min(fork.offset));
             }
             target.saturating_sub(old)
@@ -1760,9 +1776,6 @@ impl Streams {
         if let Some(src) = &stream.source {
             let acked = src.release.lock().acked;
             self.offer_release(src, acked);
-        }
-        if target > own_start {
-            stream.log.release(target).await?;
         }
         let mut st = stream.state.lock();
         let freed = freed.min(st.own_bytes);
@@ -2036,6 +2049,182 @@ mod tests {
             }),
             ..AppendRequest::default()
         }
+    }
+
+    /// Memory storage whose releases take effect, and resolve, only once the test opens the
+    /// gate: a durable backend between writing a release and syncing it.
+    struct GatedReleases {
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    struct GatedLog {
+        inner: Arc<dyn StreamLog>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Storage for GatedReleases {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+
+        fn create(
+            &self,
+            meta: &StreamMeta,
+            initial: Vec<Bytes>,
+            close: Option<Option<ProducerTuple>>,
+        ) -> Result<(Arc<dyn StreamLog>, Commit), crate::storage::StorageError> {
+            let (inner, commit) = MemoryStorage.create(meta, initial, close)?;
+            let log = GatedLog {
+                inner,
+                gate: self.gate.clone(),
+            };
+            Ok((Arc::new(log), commit))
+        }
+
+        fn recover(&self) -> Result<Vec<Recovered>, crate::storage::StorageError> {
+            Ok(Vec::new())
+        }
+    }
+
+    impl StreamLog for GatedLog {
+        fn append(&self, entry: AppendEntry) -> Commit {
+            self.inner.append(entry)
+        }
+
+        fn mark_soft_deleted(&self) -> Commit {
+            self.inner.mark_soft_deleted()
+        }
+
+        fn remove(&self) -> Commit {
+            self.inner.remove()
+        }
+
+        fn release(&self, before: u64) -> Commit {
+            let (inner, gate) = (self.inner.clone(), self.gate.clone());
+            Box::pin(async move {
+                gate.acquire().await.map(|permit| permit.forget()).ok();
+                inner.release(before).await
+            })
+        }
+
+        fn read(
+            &self,
+            from: u64,
+            until: u64,
+            max_bytes: usize,
+            split: bool,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<crate::storage::ReadChunk, crate::storage::StorageError>,
+        > {
+            self.inner.read(from, until, max_bytes, split)
+        }
+    }
+
+    fn bytes(body: &'static [u8]) -> AppendRequest {
+        AppendRequest {
+            content_type: Some("application/octet-stream".into()),
+            body: Bytes::from_static(body),
+            ..AppendRequest::default()
+        }
+    }
+
+    fn acked(s: &mut Streams) {
+        s.set_retention(Retention {
+            acked: true,
+            min_age_ms: 0,
+        });
+    }
+
+    /// What a read from `from` returns, or the earliest offset it was refused below.
+    async fn read_from(s: &Streams, stream: &Arc<Stream>, from: u64) -> Result<Vec<u8>, u64> {
+        match s.read(stream, from).await {
+            Ok(r) => Ok(r.parts.concat()),
+            Err(StreamError::Released { earliest, .. }) => Err(earliest),
+            Err(e) => panic!("read from {from}: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn readers_see_a_release_only_once_the_storage_made_it_durable() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let storage = GatedReleases { gate: gate.clone() };
+        let mut s = Streams::open(Arc::new(storage), Limits::default()).expect("open");
+        acked(&mut s);
+        let s = Arc::new(s);
+        s.create("/a", CreateRequest::default()).await.unwrap();
+        for body in [b"0123456789", b"abcdefghij", b"ABCDEFGHIJ"] {
+            s.append("/a", bytes(body)).await.unwrap();
+        }
+        let stream = s.peek("/a").unwrap();
+        s.offer_release(&stream, 20);
+        let pass = tokio::spawn({
+            let s = s.clone();
+            async move { s.release_due().await }
+        });
+        while stream.releasing.load(Ordering::Acquire) < 20 {
+            tokio::task::yield_now().await;
+        }
+        // Submitted, not durable: a crash now restarts with everything, so readers must not
+        // have been told otherwise.
+        assert_eq!(stream.earliest(), 0);
+        assert_eq!(
+            read_from(&s, &stream, 0).await.unwrap(),
+            b"0123456789abcdefghijABCDEFGHIJ"
+        );
+        // A fork there would pin data on its way out: refused at once.
+        let fork = CreateRequest {
+            fork: Some(ForkRequest {
+                source: "/a".into(),
+                offset: Some(10),
+                sub_offset: 0,
+            }),
+            ..CreateRequest::default()
+        };
+        assert!(matches!(
+            s.create("/f", fork).await,
+            Err(StreamError::Released { earliest: 20, .. })
+        ));
+        gate.add_permits(1);
+        pass.await.expect("retention pass");
+        assert_eq!(stream.earliest(), 20);
+        assert_eq!(read_from(&s, &stream, 0).await, Err(20));
+        assert_eq!(read_from(&s, &stream, 20).await.unwrap(), b"ABCDEFGHIJ");
+    }
+
+    #[tokio::test]
+    async fn byte_stream_acks_inside_a_record_release_none_of_it() {
+        let mut s = streams(Limits::default());
+        acked(&mut s);
+        s.create("/b", CreateRequest::default()).await.unwrap();
+        for body in [b"0123456789", b"abcdefghij", b"ABCDEFGHIJ"] {
+            s.append("/b", bytes(body)).await.unwrap();
+        }
+        let stream = s.peek("/b").unwrap();
+        // Inside the second record: not even the first is released (record boundaries only,
+        // and the ack's own record stays whole).
+        s.offer_release(&stream, 15);
+        s.release_due().await;
+        assert_eq!(stream.earliest(), 0);
+        assert_eq!(
+            read_from(&s, &stream, 0).await.unwrap(),
+            b"0123456789abcdefghijABCDEFGHIJ"
+        );
+        // On a boundary: released up to it.
+        s.offer_release(&stream, 20);
+        s.release_due().await;
+        assert_eq!(stream.earliest(), 20);
+        // Inside the last record: it stays whole.
+        s.offer_release(&stream, 25);
+        s.release_due().await;
+        assert_eq!(stream.earliest(), 20);
+        assert_eq!(read_from(&s, &stream, 20).await.unwrap(), b"ABCDEFGHIJ");
+        assert_eq!(s.total_bytes(), 10);
+        // The tail is a boundary.
+        s.offer_release(&stream, 30);
+        s.release_due().await;
+        assert_eq!(stream.earliest(), 30);
+        assert_eq!(s.total_bytes(), 0);
     }
 
     #[tokio::test]

@@ -1366,20 +1366,28 @@ impl Subscriptions {
             Self::fence(sub, token, &req.wake_id, req.generation, now)?;
             // Every ack is checked before any is applied: nothing is half applied.
             let mut resolved = Vec::with_capacity(req.acks.len());
+            // Links this request makes (see `early_link`), added once every ack passed.
+            let mut early: Vec<(String, Link)> = Vec::new();
             for (i, (rel, offset)) in req.acks.iter().enumerate() {
                 check_relative_path(rel, "stream")?;
                 let full = sub.full_path(rel);
                 let expected = req.stream_id(i);
                 let link = match sub.links.get(&full) {
-                    Some(link) => link,
-                    // The instance acked is gone and its link with it: nothing to move.
-                    None if expected.is_some() => continue,
-                    None => return Err(SubscriptionError::NotLinked(rel.clone())),
+                    Some(link) => link.clone(),
+                    None => match self.early_link(sub, &full, expected, early.len()) {
+                        Some(link) => {
+                            early.push((full.clone(), link.clone()));
+                            link
+                        }
+                        // The instance acked is gone and its link with it: nothing to move.
+                        None if expected.is_some() => continue,
+                        None => return Err(SubscriptionError::NotLinked(rel.clone())),
+                    },
                 };
                 if expected.is_some() && link.stream_id != expected {
                     continue;
                 }
-                let tail = self.tail_of(&full, link).unwrap_or(link.acked);
+                let tail = self.tail_of(&full, &link).unwrap_or(link.acked);
                 if *offset > tail {
                     return Err(SubscriptionError::AckBeyondTail {
                         path: rel.clone(),
@@ -1391,6 +1399,12 @@ impl Subscriptions {
             }
             let lease_ttl_ms = sub.spec.lease_ttl_ms;
             let acked_paths: Vec<String> = resolved.iter().map(|(f, _)| f.clone()).collect();
+            let mut linked_early = Vec::with_capacity(early.len());
+            for (full, link) in early {
+                sub.links.entry(full.clone()).or_insert(link);
+                changes.writes.push(sub.link_write(&full));
+                linked_early.push(full);
+            }
             for (full, offset) in resolved {
                 if let Some(link) = sub.links.get_mut(&full)
                     && offset > link.acked
@@ -1409,6 +1423,9 @@ impl Subscriptions {
                 Self::set_lease(&mut st, key, now + lease_ttl_ms, &mut changes);
                 false
             };
+            for full in linked_early {
+                self.index_path(&mut st, key, full);
+            }
             if let Some(sub) = st.subs.get(key) {
                 changes.writes.push(sub.record());
             }
@@ -1418,6 +1435,32 @@ impl Subscriptions {
         let effects = self.commit(changes).await?;
         self.offer_releases(floors);
         Ok((next_wake, effects))
+    }
+
+    /// The link an ack naming stream instance `expected` at `full` makes, where the
+    /// subscription has none yet: the stream at `full` is that instance and the pattern covers
+    /// it, so its create notice (which links it) is still queued behind other notices (the
+    /// delivery task stores each change before the next, so it may trail a busy server). A
+    /// subscriber that learned of the stream elsewhere (ds-sync: the registry) and acks it must
+    /// not have that ack skipped: nothing would ack it again, and its data would never be
+    /// released. Linked as the notice would link it (from the stream's start), then acked.
+    /// `pending`: links this request makes already (they count against the limit).
+    fn early_link(
+        &self,
+        sub: &Subscription,
+        full: &str,
+        expected: Option<StreamId>,
+        pending: usize,
+    ) -> Option<Link> {
+        let id = expected?;
+        let stream = self.streams.peek(full)?;
+        let fits = ((sub.links.len() + pending) as u64) < self.settings.max_links;
+        (stream.meta.id == id && sub.pattern_matches(full) && fits).then(|| Link {
+            explicit: false,
+            glob: true,
+            acked: stream.own_start(),
+            stream_id: Some(id),
+        })
     }
 
     /// POST `.../release` (pull-wake): ends the wake without acks; pending work wakes again.

@@ -82,6 +82,101 @@ fn backoff_doubles_from_the_minimum_to_the_maximum_within_20_percent() {
     }
 }
 
+/// A subscriber may learn of a new stream before its create notice has linked it (ds-sync reads
+/// the registry; the delivery task stores each change before the next, so it can trail a busy
+/// server): its ack naming that instance links the stream then, is applied, and releases;
+/// the notice arriving later keeps the ack.
+#[tokio::test]
+async fn an_ack_of_a_stream_whose_create_notice_is_still_queued_links_and_applies() {
+    let queue = NoticeQueue::new();
+    let storage: Arc<dyn Storage> = Arc::new(crate::storage::memory::MemoryStorage);
+    let mut streams = Streams::open_observed(
+        storage.clone(),
+        crate::stream::Limits::default(),
+        None,
+        Some(queue.events()),
+    )
+    .expect("open");
+    streams.set_retention(crate::stream::Retention {
+        acked: true,
+        min_age_ms: 0,
+    });
+    let streams = Arc::new(streams);
+    let key = Arc::new(SigningKey::generate().expect("key"));
+    let subs =
+        Subscriptions::open(streams.clone(), storage, queue, settings(), key, None).expect("open");
+    let mut inbox = subs.inbox.lock().take().expect("inbox");
+    let json = || crate::stream::CreateRequest {
+        content_type: Some("application/json".into()),
+        ..crate::stream::CreateRequest::default()
+    };
+    streams
+        .create("/wake/pool", json())
+        .await
+        .expect("wake stream");
+    let sub = SubKey {
+        root: "/".into(),
+        id: "early".into(),
+    };
+    subs.put(sub.clone(), spec(&[]), "http://x")
+        .await
+        .expect("subscribe");
+    while let Ok(n) = inbox.try_recv() {
+        let _ = subs.on_notice(n).await;
+    }
+    let (claim, _) = subs.claim(&sub, "w").await.expect("claim");
+
+    // Created and written; its create notice waits in the queue.
+    let created = streams.create("/events/x", json()).await.expect("create");
+    let tail = streams
+        .append(
+            "/events/x",
+            crate::stream::AppendRequest {
+                content_type: Some("application/json".into()),
+                body: bytes::Bytes::from_static(br#"{"n":1}"#),
+                ..crate::stream::AppendRequest::default()
+            },
+        )
+        .await
+        .expect("append")
+        .next_offset;
+    let ack = |stream_id: Option<StreamId>| AckRequest {
+        wake_id: claim.wake_id.clone(),
+        generation: claim.generation,
+        acks: vec![("events/x".into(), tail)],
+        stream_ids: vec![stream_id],
+        done: false,
+    };
+    // Without an instance named, an unlinked stream is refused as before.
+    assert!(matches!(
+        subs.ack(&sub, Some(&claim.token), ack(None), false).await,
+        Err(SubscriptionError::NotLinked(_))
+    ));
+    // Another instance's ack is skipped (it is not the stream there).
+    subs.ack(&sub, Some(&claim.token), ack(Some(created.id + 1)), false)
+        .await
+        .expect("skipped");
+    assert!(subs.get(&sub).expect("view").links.is_empty());
+    subs.ack(&sub, Some(&claim.token), ack(Some(created.id)), false)
+        .await
+        .expect("ack");
+    let acked = |view: View| {
+        view.links
+            .iter()
+            .find(|l| l.path == "events/x")
+            .map(|l| l.acked)
+    };
+    assert_eq!(acked(subs.get(&sub).expect("view")), Some(tail));
+    streams.release_due().await;
+    let stream = streams.peek("/events/x").expect("stream");
+    assert_eq!(stream.earliest(), tail, "released up to the ack");
+    // The notice comes through: the link keeps its ack.
+    while let Ok(n) = inbox.try_recv() {
+        let _ = subs.on_notice(n).await;
+    }
+    assert_eq!(acked(subs.get(&sub).expect("view")), Some(tail));
+}
+
 // ---- the property test against a model ----
 //
 // Random appends, claims, acks (heartbeats and done), releases, clock advances (lease expiry)

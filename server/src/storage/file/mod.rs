@@ -438,50 +438,7 @@ impl StreamLog for FileLog {
         max_bytes: usize,
         split: bool,
     ) -> BoxFuture<'static, Result<ReadChunk, StorageError>> {
-        let planned = {
-            let index = self.shared.index.read();
-            if from < index.released && index.released > self.shared.start {
-                return Box::pin(std::future::ready(Err(StorageError::Released {
-                    start: index.released,
-                })));
-            }
-            let records = &index.records;
-            let span = |i: usize| (records[i].start, u64::from(records[i].len));
-            plan_read(
-                records.len(),
-                span,
-                self.shared.start,
-                from,
-                until,
-                max_bytes,
-                split,
-            )
-            .map(|(pieces, end)| {
-                let cache_from = records.len() - index.cache.len();
-                let sources: Vec<Source> = pieces
-                    .iter()
-                    .map(|p| {
-                        let cached = p
-                            .record
-                            .checked_sub(cache_from)
-                            .and_then(|i| index.cache.get(i));
-                        match cached {
-                            Some(b) => Source::Cached(b.slice(p.skip..p.skip + p.len)),
-                            None => {
-                                let loc = records[p.record];
-                                Source::Disk {
-                                    seg: loc.seg,
-                                    off: loc.off + p.skip as u64,
-                                    len: p.len,
-                                }
-                            }
-                        }
-                    })
-                    .collect();
-                (sources, end)
-            })
-        };
-        let (sources, end) = match planned {
+        let (sources, end) = match plan(&self.shared, from, until, max_bytes, split) {
             Ok(x) => x,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
@@ -495,17 +452,87 @@ impl StreamLog for FileLog {
                 .collect();
             return Box::pin(std::future::ready(Ok(ReadChunk { parts, end })));
         }
-        let wal = self.wal.clone();
+        let (wal, shared) = (self.wal.clone(), self.shared.clone());
         Box::pin(async move {
-            let parts = tokio::task::spawn_blocking(move || read_sources(&wal, sources))
-                .await
-                .map_err(|e| StorageError::Io {
-                    what: "read task".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })??;
-            Ok(ReadChunk { parts, end })
+            let (mut sources, mut end) = (sources, end);
+            let mut replanned = 0;
+            loop {
+                let wal = wal.clone();
+                let parts = tokio::task::spawn_blocking(move || read_sources(&wal, sources))
+                    .await
+                    .map_err(|e| StorageError::Io {
+                        what: "read task".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                match parts {
+                    // The segment was deleted after the read was planned: everything in it was
+                    // released, or written forward, since. Planned again, the read either
+                    // finds the records where they are now or is refused as released.
+                    Err(StorageError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound
+                            && replanned < MAX_REPLANS =>
+                    {
+                        replanned += 1;
+                        (sources, end) = plan(&shared, from, until, max_bytes, split)?;
+                    }
+                    parts => return Ok(ReadChunk { parts: parts?, end }),
+                }
+            }
         })
     }
+}
+
+/// How often a read is planned again after a segment it was to read from went away. Each time
+/// means a release or a write-forward moved its records in between; one is the usual case.
+const MAX_REPLANS: u32 = 8;
+
+/// Where each piece of `[from, until)` is now: in the record cache, or at a segment position.
+fn plan(
+    shared: &LogShared,
+    from: u64,
+    until: u64,
+    max_bytes: usize,
+    split: bool,
+) -> Result<(Vec<Source>, u64), StorageError> {
+    let index = shared.index.read();
+    if from < index.released && index.released > shared.start {
+        return Err(StorageError::Released {
+            start: index.released,
+        });
+    }
+    let records = &index.records;
+    let span = |i: usize| (records[i].start, u64::from(records[i].len));
+    let (pieces, end) = plan_read(
+        records.len(),
+        span,
+        shared.start,
+        from,
+        until,
+        max_bytes,
+        split,
+    )?;
+    let cache_from = records.len() - index.cache.len();
+    let sources = pieces
+        .iter()
+        .map(|p| {
+            let cached = p
+                .record
+                .checked_sub(cache_from)
+                .and_then(|i| index.cache.get(i));
+            match cached {
+                Some(b) => Source::Cached(b.slice(p.skip..p.skip + p.len)),
+                None => {
+                    let loc = records[p.record];
+                    Source::Disk {
+                        seg: loc.seg,
+                        off: loc.off + p.skip as u64,
+                        len: p.len,
+                    }
+                }
+            }
+        })
+        .collect();
+    Ok((sources, end))
 }
 
 /// Reads disk pieces, one `pread` per run of nearby pieces in the same segment.

@@ -1496,3 +1496,48 @@ mod fast_power_loss {
         }
     }
 }
+
+/// A read is planned (where each record lies) when it is made, and reads the segments after:
+/// a segment deleted in between, its records released or the live ones written forward, must
+/// not fail the read with an i/o error (a 500 to the client). Planned again, the read finds the
+/// records where they are now, or is refused as released.
+#[tokio::test]
+async fn a_read_planned_before_its_segment_was_deleted_is_planned_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(true);
+    opts.segment_bytes = 4096;
+    // Nothing cached: reads go to the segments.
+    opts.cache_bytes = 0;
+    let wal = wal_dir(dir.path());
+    let store = FileStorage::open(dir.path(), opts).unwrap();
+    // Two streams with a record each in segment 1: one stays, one will be released.
+    let (idle, c) = store.create(&meta(1), vec![], None).unwrap();
+    c.await.unwrap();
+    idle.append(append(0, &[b'i'; 100])).await.unwrap();
+    let (acked, c) = store.create(&meta(2), vec![], None).unwrap();
+    c.await.unwrap();
+    acked.append(append(0, &[b'a'; 100])).await.unwrap();
+    let idle_read = idle.read(0, 100, 1000, true);
+    let acked_read = acked.read(0, 100, 1000, true);
+    // Segment 1 goes: one record released, the other written forward by a busy stream that
+    // fills segments and releases behind itself.
+    acked.release(100).await.unwrap();
+    let (busy, c) = store.create(&meta(3), vec![], None).unwrap();
+    c.await.unwrap();
+    let mut tail = 0u64;
+    for _ in 0..200 {
+        busy.append(append(tail, &[b'b'; 100])).await.unwrap();
+        tail += 100;
+        busy.release(tail).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while wal::segment_path(&wal, 1).exists() {
+        assert!(std::time::Instant::now() < deadline, "segment 1 was kept");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(idle_read.await.unwrap().parts.concat(), vec![b'i'; 100]);
+    assert!(matches!(
+        acked_read.await,
+        Err(StorageError::Released { start: 100 })
+    ));
+}

@@ -45,7 +45,8 @@ unset DS_RETENTION__MODE DS_RETENTION__MIN_AGE COMPOSE_PROFILES
 compose() { docker compose --profile metrics "$@"; }
 
 log() { echo "[compose] $(date -u +%T) $*" >&2; }
-fail() { log "FAILED: $*"; exit 1; }
+# The failure is said again after the services' logs, so the end of the output names it.
+fail() { log "FAILED: $*"; echo "$*" >"$work/failed"; exit 1; }
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/ds-compose.XXXXXX")"
 writer_pids=()
@@ -58,10 +59,17 @@ cleanup() {
   wait 2>/dev/null || true
   if [ -n "$stack_up" ]; then
     if [ "$status" -ne 0 ]; then
-      log "stack logs (last 60 lines per service):"
-      compose logs --no-color --tail 60 >&2 || true
+      # Envoy's access log is a line per request (the waits poll): fewer of its lines, so the
+      # others' last words fit in what a CI log keeps.
+      log "stack logs (last 60 lines per service, 15 of Envoy's):"
+      compose logs --no-color --tail 60 ds-server ds-sync postgres prometheus >&2 || true
+      compose logs --no-color --tail 15 envoy >&2 || true
     fi
     compose down -v --remove-orphans >/dev/null 2>&1 || log "docker compose down -v failed"
+  fi
+  if [ "$status" -ne 0 ]; then
+    [ -s "$work/why" ] && { log "the last wait's condition said:"; sed 's/^/    /' "$work/why" >&2; }
+    log "FAILED: $(cat "$work/failed" 2>/dev/null || echo "exit status $status")"
   fi
   rm -rf "$work"
   exit "$status"
@@ -82,6 +90,7 @@ wait_for() {
     fi
     sleep 0.2
   done
+  rm -f "$work/why"
 }
 
 if (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null; then
@@ -221,6 +230,16 @@ kill_and_restart() {
 header() { awk -v name="$(echo "$2" | tr 'A-Z' 'a-z')" -F': ' \
   'tolower($1) == name { sub(/\r$/, "", $2); print $2 }' "$1"; }
 
+# Reads load stream `w` from -1 (the earliest data the server still holds) into
+# $work/PREFIX.W.{headers,json}; anything but 200 fails the run.
+read_all() {
+  local prefix="$1" w="$2" status
+  status="$(curl_edge -D "$work/$prefix.$w.headers" -o "$work/$prefix.$w.json" -w '%{http_code}' \
+    "$edge/v1/stream/load-$w?offset=-1")" || fail "read of /v1/stream/load-$w"
+  [ "$status" = 200 ] \
+    || fail "read of /v1/stream/load-$w from -1: $status, $(head -c 300 "$work/$prefix.$w.json")"
+}
+
 wait_more_acks 50
 kill_and_restart ds-server 0
 wait_more_acks 50
@@ -230,8 +249,7 @@ wait_more_acks 50
 # What the server holds mid-load, read from the start (-1: the earliest offset it still holds,
 # named by Stream-Earliest-Offset once something was released). Checked against Postgres below.
 for w in $(seq 1 "$WRITERS"); do
-  curl_edge -D "$work/held.$w.headers" -o "$work/held.$w.json" "$edge/v1/stream/load-$w?offset=-1" \
-    || fail "read of /v1/stream/load-$w"
+  read_all held "$w"
 done
 wait_more_acks 50
 touch "$work/stop"
@@ -366,8 +384,7 @@ expect_gone() {
 # gets 410 naming the earliest offset.
 wait_for "the server to release what ds-sync acked" "$DRAIN_DEADLINE" released some
 for w in $(seq 1 "$WRITERS"); do
-  curl_edge -D "$work/suffix.$w.headers" -o "$work/suffix.$w.json" "$edge/v1/stream/load-$w?offset=-1" \
-    || fail "read of /v1/stream/load-$w"
+  read_all suffix "$w"
 done
 log "releasing, the server holds suffixes of Postgres' rows:"
 check_held suffix suffix "what the server holds is not a suffix of Postgres' rows"

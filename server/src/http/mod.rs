@@ -553,6 +553,11 @@ fn resolve(offset: Option<ReadOffset>, tail: u64, earliest: u64) -> u64 {
     }
 }
 
+/// Whether a read asks for the earliest data still held (`-1`, or no offset).
+fn reads_from_start(offset: Option<ReadOffset>) -> bool {
+    matches!(offset.unwrap_or(ReadOffset::Start), ReadOffset::Start)
+}
+
 fn cursor_value(client: Option<u64>) -> HeaderValue {
     let jitter = fastrand::u64(1..=3600);
     HeaderValue::from(cursor::next_cursor(SystemTime::now(), client, jitter))
@@ -677,12 +682,13 @@ async fn catch_up(
     req_headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let visible = stream.visible();
-    let from = resolve(query.offset, visible.tail, stream.earliest());
-    let outcome = state
-        .inner
-        .streams
-        .read_bounded(stream, from, visible)
-        .await?;
+    let streams = &state.inner.streams;
+    let outcome = if reads_from_start(query.offset) {
+        streams.read_earliest(stream, visible).await?
+    } else {
+        let from = resolve(query.offset, visible.tail, stream.earliest());
+        streams.read_bounded(stream, from, visible).await?
+    };
     let is_now = query.offset == Some(ReadOffset::Now);
     let tag = (!is_now).then(|| etag(stream, &outcome));
     if let (Some(tag), Some(inm)) = (&tag, req_headers.get(header::IF_NONE_MATCH))
@@ -726,8 +732,13 @@ async fn long_poll(
             return Err(crate::stream::StreamError::NotFound.into());
         }
         if from < visible.tail {
+            let streams = &state.inner.streams;
             // Boxed: it runs once, at the end of the wait.
-            let outcome = Box::pin(state.inner.streams.read_bounded(stream, from, visible)).await?;
+            let outcome = if reads_from_start(query.offset) {
+                Box::pin(streams.read_earliest(stream, visible)).await?
+            } else {
+                Box::pin(streams.read_bounded(stream, from, visible)).await?
+            };
             let mut response = Response::new(read_body(stream.kind, &outcome));
             let hs = response.headers_mut();
             read_headers(hs, stream, &outcome);

@@ -14,7 +14,7 @@ use axum::response::Response;
 use base64::Engine;
 use bytes::BytesMut;
 use ds_protocol::sse::{ControlEvent, split_lines};
-use ds_protocol::{MediaKind, Offset};
+use ds_protocol::{MediaKind, Offset, ReadOffset};
 use futures::Stream as FutStream;
 
 use super::error::ApiError;
@@ -46,7 +46,8 @@ pub fn respond(
         }
         .into());
     }
-    let body = Body::from_stream(events(state, stream, rx, start, query.cursor));
+    let from_start = matches!(query.offset.unwrap_or(ReadOffset::Start), ReadOffset::Start);
+    let body = Body::from_stream(events(state, stream, rx, start, from_start, query.cursor));
     let mut response = Response::new(body);
     let hs = response.headers_mut();
     hs.insert(
@@ -115,6 +116,7 @@ fn events(
     stream: Arc<Stream>,
     mut rx: tokio::sync::watch::Receiver<Visible>,
     start: u64,
+    from_start: bool,
     cursor: Option<u64>,
 ) -> impl FutStream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     async_stream::stream! {
@@ -152,6 +154,14 @@ fn events(
                         let reading = Box::pin(inner.streams.read_bounded(&stream, pos, visible));
                         let outcome = match reading.await {
                             Ok(o) => o,
+                            // A reader from the start (-1) that was sent nothing yet raced
+                            // a release: it starts at the new earliest offset instead.
+                            Err(crate::stream::StreamError::Released { earliest, .. })
+                                if from_start && !sent_anything && earliest > pos =>
+                            {
+                                pos = earliest;
+                                continue;
+                            }
                             // Released while this reader lagged: the response ends, and the
                             // reconnect at its offset is answered 410 with the earliest offset.
                             Err(crate::stream::StreamError::Released { .. }) => break,

@@ -82,6 +82,11 @@ pub struct Retention {
 /// most once per this many milliseconds.
 pub const RELEASE_INTERVAL_MS: u64 = 100;
 
+/// How often a read from the start follows the earliest offset forward (each time, a release
+/// landed while it read; the retention task releases a stream at most every
+/// [`RELEASE_INTERVAL_MS`]).
+const MAX_EARLIEST_RETRIES: u32 = 8;
+
 /// Release candidates one stream keeps while they age (`DS_RETENTION__MIN_AGE`); past it the
 /// newest one absorbs later acks (released a little later, never earlier).
 const MAX_RELEASE_CANDIDATES: usize = 256;
@@ -1542,6 +1547,31 @@ impl Streams {
             .await
     }
 
+    /// Reads the earliest data still held (`offset=-1`, or no offset), bounded by `visible`.
+    /// A release that lands between resolving the earliest offset and reading there (the
+    /// storage drops the records before readers are told the new earliest offset) makes the
+    /// read fail as released; it is read again from the new earliest offset, so a read from the
+    /// start is never answered 410.
+    pub async fn read_earliest(
+        &self,
+        stream: &Arc<Stream>,
+        visible: Visible,
+    ) -> Result<ReadOutcome, StreamError> {
+        let mut from = stream.earliest();
+        let mut visible = visible;
+        for _ in 0..MAX_EARLIEST_RETRIES {
+            match self.read_bounded(stream, from, visible).await {
+                Err(StreamError::Released { earliest, .. }) if earliest > from => {
+                    from = earliest;
+                    // The release stopped at a tail at least this new.
+                    visible = stream.visible();
+                }
+                other => return other,
+            }
+        }
+        self.read_bounded(stream, from, visible).await
+    }
+
     /// Refuses an offset inside a JSON record: JSON streams are read, forked and acked on
     /// the boundaries the server hands out. A byte stream accepts any position up to its tail.
     pub async fn check_boundary(
@@ -2190,6 +2220,26 @@ mod tests {
         assert_eq!(stream.earliest(), 20);
         assert_eq!(read_from(&s, &stream, 0).await, Err(20));
         assert_eq!(read_from(&s, &stream, 20).await.unwrap(), b"ABCDEFGHIJ");
+    }
+
+    #[tokio::test]
+    async fn a_read_from_the_start_that_races_a_release_reads_from_the_new_earliest_offset() {
+        let mut s = streams(Limits::default());
+        acked(&mut s);
+        s.create("/a", CreateRequest::default()).await.unwrap();
+        for body in [b"0123456789", b"abcdefghij", b"ABCDEFGHIJ"] {
+            s.append("/a", bytes(body)).await.unwrap();
+        }
+        let stream = s.peek("/a").unwrap();
+        // The storage dropped the records, readers were not told yet (the retention task's
+        // step between the two): the earliest offset a reader resolves `-1` to is gone.
+        stream.log.release(20).await.unwrap();
+        assert_eq!(stream.earliest(), 0);
+        assert_eq!(read_from(&s, &stream, 0).await, Err(20));
+        let outcome = s.read_earliest(&stream, stream.visible()).await.unwrap();
+        assert_eq!(outcome.start, 20);
+        assert_eq!(outcome.parts.concat(), b"ABCDEFGHIJ");
+        assert_eq!(outcome.next, 30);
     }
 
     #[tokio::test]

@@ -31,7 +31,9 @@ fn media_slice(content_type: &str) -> &str {
 
 /// Whether two content types name the same media type (parameters and case ignored).
 pub fn same_media_type(a: &str, b: &str) -> bool {
-    media_slice(a).eq_ignore_ascii_case(media_slice(b))
+    // Usually the same text (a client sends its stream's Content-Type with every append): equal
+    // values need no parameter split, and trimming is Unicode-aware and not free.
+    a.eq_ignore_ascii_case(b) || media_slice(a).eq_ignore_ascii_case(media_slice(b))
 }
 
 /// Whether a value has the `type/subtype` shape of a media type.

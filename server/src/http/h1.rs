@@ -1044,15 +1044,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
 
 /// Whether `bytes` hold an LF not preceded by CR.
 fn has_bare_lf(bytes: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(i) = bytes[from..].iter().position(|&b| b == b'\n') {
-        let at = from + i;
-        if at == 0 || bytes[at - 1] != b'\r' {
-            return true;
-        }
-        from = at + 1;
-    }
-    false
+    // memchr skips the bytes between line ends a word or a vector at a time: a byte-by-byte scan
+    // of every head was a measurable part of a small append's CPU.
+    memchr::memchr_iter(b'\n', bytes).any(|at| at == 0 || bytes[at - 1] != b'\r')
 }
 
 /// How the request body is delimited (RFC 9112 section 6.3).

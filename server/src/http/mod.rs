@@ -374,10 +374,13 @@ async fn body_bytes(state: &AppState, mut body: Body) -> Result<Bytes, ApiError>
     })
 }
 
-fn declared_too_large(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+fn declared_too_large(
+    state: &AppState,
+    headers: &(impl request::Fields + ?Sized),
+) -> Result<(), ApiError> {
     let limit = state.inner.config.limits.max_request_bytes;
     let declared = headers
-        .get(header::CONTENT_LENGTH)
+        .field(&header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
@@ -466,7 +469,7 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
 async fn append(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let path = request::stream_path(parts.uri.path())?;
-    let headers = &parts.headers;
+    let headers = &request::AppendFields::of(&parts.headers);
     let producer = request::producer(headers)?;
     let stream_seq = request::stream_seq(headers)?;
     let content_type = request::content_type(headers)?;

@@ -406,6 +406,78 @@ async fn h2c_with_prior_knowledge_is_served_over_http2() {
     assert_eq!(r.text().await.expect("body"), "over h2");
 }
 
+/// The fixed browser headers come from the HTTP/1.1 writer's pre-encoded bytes, and from the
+/// header map on HTTP/2: either way every response has each exactly once.
+#[tokio::test]
+async fn every_response_carries_the_browser_headers_once_over_http1_and_http2() {
+    for origins in ["*", "https://a.example"] {
+        let server = start(|c| c.http.cors_origins = origins.into()).await;
+        let base = format!("http://{}", server.addr);
+        let h1 = reqwest::Client::builder().http1_only().build().expect("h1");
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("h2");
+        for (client, version, path) in [
+            (&h1, reqwest::Version::HTTP_11, "/bh1"),
+            (&h2, reqwest::Version::HTTP_2, "/bh2"),
+        ] {
+            let url = format!("{base}{path}");
+            let producer = |r: reqwest::RequestBuilder| {
+                r.header("content-type", "text/plain")
+                    .header("producer-id", "p")
+                    .header("producer-epoch", "0")
+                    .header("producer-seq", "0")
+            };
+            let responses = [
+                client.put(&url).header("content-type", "text/plain"),
+                producer(client.post(&url)).body("a"),
+                client.get(format!("{url}?offset=-1")),
+                client.head(&url),
+                client.get(format!("{base}/missing")),
+                client.get(format!("{base}/healthz")),
+                client.request(reqwest::Method::OPTIONS, &url),
+                client.delete(&url),
+            ];
+            for request in responses {
+                let r = request
+                    .header("origin", "https://a.example")
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.version(), version);
+                let what = format!("{origins}: {} {}", r.status(), r.url());
+                let once = |name: &str| {
+                    let values: Vec<_> = r.headers().get_all(name).iter().collect();
+                    assert_eq!(values.len(), 1, "{what}: {name} {values:?}");
+                    values[0].to_str().expect("ascii").to_owned()
+                };
+                assert_eq!(once("x-content-type-options"), "nosniff", "{what}");
+                assert_eq!(
+                    once("cross-origin-resource-policy"),
+                    "cross-origin",
+                    "{what}"
+                );
+                assert!(once("access-control-expose-headers").contains("stream-next-offset"));
+                assert_eq!(once("x-request-id").len(), 25, "{what}");
+                if origins == "*" {
+                    assert_eq!(once("access-control-allow-origin"), "*", "{what}");
+                    assert!(r.headers().get("vary").is_none(), "{what}");
+                } else {
+                    assert_eq!(once("access-control-allow-origin"), "https://a.example");
+                    assert_eq!(once("vary"), "origin", "{what}");
+                }
+            }
+        }
+        let _ = server.stop.send(());
+        server
+            .handle
+            .await
+            .expect("server task")
+            .expect("server run");
+    }
+}
+
 #[tokio::test]
 async fn shutdown_ends_sse_streams_on_the_live_runtime() {
     let server = start(|c| {

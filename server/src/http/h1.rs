@@ -93,6 +93,8 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let limits = std::sync::Arc::new(limits);
+    // Responses leave the fixed browser headers to `write_head`.
+    let handler = handler.writing_fixed_headers();
     let mut incoming = Acceptor::new(listener, admission, Some(HTTP_REFUSAL));
     while let Some((tcp, peer, admitted)) = incoming.next(&stop).await {
         // Small responses (appends, live events) must not wait for Nagle.
@@ -138,6 +140,9 @@ pub(crate) trait ConnService:
         limits: &EdgeLimits,
         stop: &CancellationToken,
     ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Header lines (each ending in CRLF) `write_head` adds to every response of the service.
+    fn fixed_head(&self) -> &[u8];
 }
 
 impl ConnService for Handler {
@@ -147,9 +152,14 @@ impl ConnService for Handler {
         limits: &EdgeLimits,
         stop: &CancellationToken,
     ) -> io::Result<()> {
-        super::edge::serve_hyper(io, self, limits, stop)
+        // hyper writes the head from the header map: the responses must carry them all.
+        super::edge::serve_hyper(io, Handler::new(self.state().clone()), limits, stop)
             .await
             .map_err(io::Error::other)
+    }
+
+    fn fixed_head(&self) -> &[u8] {
+        self.fixed_head()
     }
 }
 
@@ -743,6 +753,7 @@ impl<S: ConnService> Conn<S> {
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
+        out.extend_from_slice(self.handler.fixed_head());
         date::push(&mut out);
         if !keep_alive {
             out.extend_from_slice(b"connection: close\r\n");

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use ds_protocol::{MediaKind, Offset, ReadOffset, cursor, headers as h};
@@ -50,6 +50,9 @@ struct Inner {
     draining: AtomicBool,
     /// Allowed CORS origins; `None` means `*`.
     cors_origins: Option<Vec<String>>,
+    /// The fixed browser headers of every response, encoded for an HTTP/1.1 head (see
+    /// [`Handler::fixed_head`]).
+    fixed_head: Vec<u8>,
     cache_control: HeaderValue,
     /// The server terminates TLS itself (for `Location` URLs).
     tls: bool,
@@ -66,6 +69,13 @@ impl AppState {
         let tls = config.tls.cert_path.is_some();
         let cache_control = HeaderValue::from_str(&config.http.cache_control)
             .unwrap_or(HeaderValue::from_static("no-store"));
+        let mut fixed_head = Vec::new();
+        for (name, value) in fixed_headers(cors_origins.is_none()) {
+            fixed_head.extend_from_slice(name.as_str().as_bytes());
+            fixed_head.extend_from_slice(b": ");
+            fixed_head.extend_from_slice(value.as_bytes());
+            fixed_head.extend_from_slice(b"\r\n");
+        }
         AppState {
             inner: Arc::new(Inner {
                 streams,
@@ -74,6 +84,7 @@ impl AppState {
                 shutdown,
                 draining: AtomicBool::new(false),
                 cors_origins,
+                fixed_head,
                 cache_control,
                 tls,
             }),
@@ -95,11 +106,41 @@ impl AppState {
 #[derive(Clone)]
 pub struct Handler {
     state: AppState,
+    /// Whether the connection's writer adds the fixed browser headers (plaintext HTTP/1.1):
+    /// responses then leave them out of their header map.
+    writer_adds_fixed: bool,
 }
 
 impl Handler {
     pub fn new(state: AppState) -> Handler {
-        Handler { state }
+        Handler {
+            state,
+            writer_adds_fixed: false,
+        }
+    }
+
+    /// The handler of a connection whose writer adds [`Handler::fixed_head`] to every head.
+    /// Four header-map inserts per response (hashing, probing, and with a producer's two
+    /// headers a map that grows) cost more than copying their pre-encoded bytes.
+    pub(crate) fn writing_fixed_headers(&self) -> Handler {
+        Handler {
+            state: self.state.clone(),
+            writer_adds_fixed: true,
+        }
+    }
+
+    pub(crate) fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The fixed browser headers for an HTTP/1.1 head, when this handler leaves them to the
+    /// writer; else empty.
+    pub(crate) fn fixed_head(&self) -> &[u8] {
+        if self.writer_adds_fixed {
+            &self.state.inner.fixed_head
+        } else {
+            &[]
+        }
     }
 }
 
@@ -130,17 +171,24 @@ where
         let req = req.map(Body::new);
         let state = self.state.clone();
         let id = request_id::of(req.headers());
+        let fixed = !self.writer_adds_fixed;
         let answer = match req.uri().path() {
-            "/healthz" => probe(state, req, id, false),
-            "/readyz" => probe(state, req, id, true),
+            "/healthz" => probe(state, req, id, fixed, false),
+            "/readyz" => probe(state, req, id, fixed, true),
             path if subscriptions::is_control_path(path) => {
                 let started = std::time::Instant::now();
-                Box::pin(subscriptions::request(state, req, id).map(move |response| {
-                    metrics::request(Operation::Subscription, response.status().as_u16(), started);
-                    response
-                }))
+                Box::pin(
+                    subscriptions::request(state, req, id, fixed).map(move |response| {
+                        metrics::request(
+                            Operation::Subscription,
+                            response.status().as_u16(),
+                            started,
+                        );
+                        response
+                    }),
+                )
             }
-            _ => stream_request(state, req, id),
+            _ => stream_request(state, req, id, fixed),
         };
         answer.map(Ok)
     }
@@ -152,6 +200,7 @@ fn probe(
     state: AppState,
     req: Request,
     id: HeaderValue,
+    fixed: bool,
     ready: bool,
 ) -> BoxFuture<'static, Response> {
     let origin = req.headers().get(header::ORIGIN).cloned();
@@ -176,7 +225,7 @@ fn probe(
         }
     };
     Box::pin(std::future::ready(browser_headers(
-        &state, origin, id, response,
+        &state, origin, id, fixed, response,
     )))
 }
 
@@ -199,53 +248,69 @@ fn preflight() -> Response {
     r
 }
 
+/// The browser headers every response carries whatever the request (spec 12.7's security
+/// headers, CORS' exposed headers, and `Access-Control-Allow-Origin: *` when any origin is
+/// allowed).
+fn fixed_headers(any_origin: bool) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    let allow_any = any_origin.then_some((
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    ));
+    allow_any.into_iter().chain([
+        (
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(h::CORS_EXPOSE_HEADERS),
+        ),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (
+            names::CROSS_ORIGIN_RESOURCE_POLICY,
+            HeaderValue::from_static("cross-origin"),
+        ),
+    ])
+}
+
 /// CORS, the browser security headers of spec 12.7 and the request id, added to every
 /// response. Done in the handlers rather than as a middleware layer: a layer boxes every
-/// request's future, and this is the hot path of every append.
+/// request's future, and this is the hot path of every append. With `fixed` false the
+/// connection's writer adds the fixed ones ([`Handler::fixed_head`]).
 fn browser_headers(
     state: &AppState,
     origin: Option<HeaderValue>,
     id: HeaderValue,
+    fixed: bool,
     mut response: Response,
 ) -> Response {
     let hs = response.headers_mut();
     hs.insert(request_id::REQUEST_ID, id);
-    match &state.inner.cors_origins {
-        None => {
-            hs.insert(
-                header::ACCESS_CONTROL_ALLOW_ORIGIN,
-                HeaderValue::from_static("*"),
-            );
+    if let Some(allowed) = &state.inner.cors_origins {
+        if let Some(origin) = origin.filter(|o| {
+            o.to_str()
+                .is_ok_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
+        }) {
+            hs.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         }
-        Some(allowed) => {
-            if let Some(origin) = origin.filter(|o| {
-                o.to_str()
-                    .is_ok_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
-            }) {
-                hs.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            }
-            hs.append(header::VARY, HeaderValue::from_static("origin"));
+        hs.append(header::VARY, HeaderValue::from_static("origin"));
+    }
+    if fixed {
+        for (name, value) in fixed_headers(state.inner.cors_origins.is_none()) {
+            hs.insert(name, value);
         }
     }
-    hs.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static(h::CORS_EXPOSE_HEADERS),
-    );
-    hs.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    hs.insert(
-        names::CROSS_ORIGIN_RESOURCE_POLICY,
-        HeaderValue::from_static("cross-origin"),
-    );
     response
 }
 
 /// Any request to a stream path. Each kind of request gets a future of its own size: an idle
 /// long-poll reader holds its future for as long as it waits, and should not pay for the
 /// largest (an append's).
-fn stream_request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'static, Response> {
+fn stream_request(
+    state: AppState,
+    req: Request,
+    id: HeaderValue,
+    fixed: bool,
+) -> BoxFuture<'static, Response> {
     let started = std::time::Instant::now();
     let origin = req.headers().get(header::ORIGIN).cloned();
     // The access line is opt-in (debug): the path is copied only when it will be logged.
@@ -267,7 +332,7 @@ fn stream_request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'
                 "request"
             );
         }
-        browser_headers(state, origin, id, response)
+        browser_headers(state, origin, id, fixed, response)
     };
     match *req.method() {
         Method::GET => match plan_read(&state, req) {

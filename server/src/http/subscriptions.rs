@@ -103,7 +103,12 @@ fn parse_route(path: &str) -> Result<Route, ApiError> {
 }
 
 /// Any request to a control path.
-pub fn request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'static, Response> {
+pub fn request(
+    state: AppState,
+    req: Request,
+    id: HeaderValue,
+    fixed: bool,
+) -> BoxFuture<'static, Response> {
     let origin_header = req.headers().get(header::ORIGIN).cloned();
     Box::pin(async move {
         let response = if req.method() == Method::OPTIONS {
@@ -113,7 +118,7 @@ pub fn request(state: AppState, req: Request, id: HeaderValue) -> BoxFuture<'sta
                 .await
                 .unwrap_or_else(IntoResponse::into_response)
         };
-        browser_headers(&state, origin_header, id, response)
+        browser_headers(&state, origin_header, id, fixed, response)
     })
 }
 

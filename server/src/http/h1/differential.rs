@@ -119,6 +119,10 @@ impl ConnService for Recorder {
     async fn serve_h2(self, _: Prefixed, _: &EdgeLimits, _: &CancellationToken) -> io::Result<()> {
         Err(io::Error::other("the differential test speaks HTTP/1 only"))
     }
+
+    fn fixed_head(&self) -> &[u8] {
+        &[]
+    }
 }
 
 /// A connected pair over loopback: the client end and the server's accepted end.

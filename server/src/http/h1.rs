@@ -238,7 +238,15 @@ struct Head {
     uri: Uri,
     version: Version,
     headers: HeaderMap,
+    /// Which of the fields the connection itself reads the head has (`HAS_*`), noted while
+    /// parsing: most requests have few of them, and a lookup by name per field costs more.
+    has: u8,
 }
+
+const HAS_TRANSFER_ENCODING: u8 = 1;
+const HAS_CONTENT_LENGTH: u8 = 2;
+const HAS_CONNECTION: u8 = 4;
+const HAS_EXPECT: u8 = 8;
 
 /// What [`Conn::write_head`] left to do.
 enum Written {
@@ -420,7 +428,8 @@ impl<S: ConnService> Conn<S> {
     /// Serves one request up to its response head (and its body, when its size is known).
     async fn serve_request(&mut self, head: Box<Head>) -> Result<Written, ReadError> {
         let framing = framing(&head)?;
-        let mut keep_alive = head.version == Version::HTTP_11 && !has_token(&head.headers, "close");
+        let mut keep_alive = head.version == Version::HTTP_11
+            && (head.has & HAS_CONNECTION == 0 || !has_token(&head.headers, "close"));
         let method = head.method.clone();
         let version = head.version;
 
@@ -430,6 +439,7 @@ impl<S: ConnService> Conn<S> {
         if !too_large
             && version == Version::HTTP_11
             && !matches!(framing, Framing::None)
+            && head.has & HAS_EXPECT != 0
             && head
                 .headers
                 .get(header::EXPECT)
@@ -464,6 +474,7 @@ impl<S: ConnService> Conn<S> {
             uri,
             version: v,
             headers,
+            has: _,
         } = *head;
         *request.method_mut() = m;
         *request.uri_mut() = uri;
@@ -1037,12 +1048,24 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
         Refusal::bad(format!("malformed request target {target:?}: {e}"))
     })?;
     let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut has = 0;
     for (name_at, value_at) in spans {
         let field = || String::from_utf8_lossy(&head[name_at.clone()]);
         let name = HeaderName::from_bytes(&head[name_at.clone()])
             .map_err(|_| Refusal::bad(format!("malformed header name {:?}", field())))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_at))
             .map_err(|_| Refusal::bad(format!("malformed value of header {}", field())))?;
+        has |= if name == header::TRANSFER_ENCODING {
+            HAS_TRANSFER_ENCODING
+        } else if name == header::CONTENT_LENGTH {
+            HAS_CONTENT_LENGTH
+        } else if name == header::CONNECTION {
+            HAS_CONNECTION
+        } else if name == header::EXPECT {
+            HAS_EXPECT
+        } else {
+            0
+        };
         headers.append(name, value);
     }
     Ok(Some(Head {
@@ -1050,6 +1073,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
         uri,
         version,
         headers,
+        has,
     }))
 }
 
@@ -1062,11 +1086,14 @@ fn has_bare_lf(bytes: &[u8]) -> bool {
 
 /// How the request body is delimited (RFC 9112 section 6.3).
 fn framing(head: &Head) -> Result<Framing, Refusal> {
+    if head.has & (HAS_TRANSFER_ENCODING | HAS_CONTENT_LENGTH) == 0 {
+        return Ok(Framing::None);
+    }
     // Iterators, not collected: a vector here would be an allocation on every request.
     let te = head.headers.get_all(header::TRANSFER_ENCODING);
     let cl = head.headers.get_all(header::CONTENT_LENGTH);
-    if te.iter().next().is_some() {
-        if cl.iter().next().is_some() {
+    if head.has & HAS_TRANSFER_ENCODING != 0 {
+        if head.has & HAS_CONTENT_LENGTH != 0 {
             return Err(Refusal::bad(
                 "request has both Transfer-Encoding and Content-Length",
             ));

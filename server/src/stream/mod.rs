@@ -216,9 +216,12 @@ struct WriterState {
     /// Tail including submitted-but-uncommitted appends.
     tail: u64,
     closed: bool,
-    closed_by: Option<ProducerTuple>,
+    /// Boxed: only closed streams have one (every stream's state is in RAM).
+    closed_by: Option<Box<ProducerTuple>>,
     last_seq: Option<String>,
-    producers: HashMap<String, ProducerState>,
+    /// Keyed by `Producer-Id` as a boxed `str` (16 bytes, not a `String`'s 24: a million
+    /// producers are a million entries).
+    producers: HashMap<Box<str>, ProducerState>,
     /// Live forks reading from this stream.
     refcount: u32,
     soft_deleted: bool,
@@ -229,7 +232,8 @@ struct WriterState {
     /// What each live fork reading from this stream still references (by fork id): from the
     /// fork's own earliest retained offset up to its anchor, so the lower of the two. The stream
     /// never releases past the lowest (a fork reads its data before its anchor from here).
-    fork_pins: HashMap<StreamId, u64>,
+    /// A list: most streams have no fork, and a map costs 48 bytes empty.
+    fork_pins: Vec<(StreamId, u64)>,
     /// A commit failed; the in-memory state may be ahead of storage.
     poisoned: bool,
 }
@@ -393,8 +397,12 @@ impl Stream {
     /// is held, or the fork's earliest moved).
     fn pin(&self, fork: StreamId, from: u64) {
         let mut st = self.state.lock();
-        if st.fork_pins.insert(fork, from).is_none() {
-            st.refcount += 1;
+        match st.fork_pins.iter_mut().find(|p| p.0 == fork) {
+            Some(pin) => pin.1 = from,
+            None => {
+                st.fork_pins.push((fork, from));
+                st.refcount += 1;
+            }
         }
     }
 
@@ -416,8 +424,8 @@ impl Stream {
     }
 
     fn expired_at(&self, now: u64) -> bool {
-        if let Some((_, at)) = &self.meta.expires_at
-            && (now as i128) >= (*at as i128)
+        if let Some(e) = &self.meta.expires_at
+            && (now as i128) >= (e.1 as i128)
         {
             return true;
         }
@@ -614,9 +622,13 @@ impl Streams {
                 WriterState {
                     tail: s.tail,
                     closed: s.closed,
-                    closed_by: s.closed_by.clone(),
+                    closed_by: s.closed_by.clone().map(Box::new),
                     last_seq: s.last_seq.clone(),
-                    producers: s.producers.clone(),
+                    producers: s
+                        .producers
+                        .iter()
+                        .map(|(k, v)| (k.as_str().into(), *v))
+                        .collect(),
                     soft_deleted: s.soft_deleted,
                     own_bytes: s.own_bytes,
                     ..WriterState::default()
@@ -867,7 +879,7 @@ impl Streams {
             content_type: stream.meta.content_type.clone(),
             next_offset: v.tail,
             ttl_secs: stream.meta.ttl_secs,
-            expires_at: stream.meta.expires_at.as_ref().map(|(s, _)| s.clone()),
+            expires_at: stream.meta.expires_at.as_ref().map(|e| e.0.clone()),
             closed: v.closed,
         })
     }
@@ -1007,7 +1019,7 @@ impl Streams {
         if !req.body.is_empty() {
             let data = match kind {
                 MediaKind::Json => json::flatten(&req.body, true)?.joined,
-                _ => own_copy(&req.body),
+                _ => self.own_copy(&req.body),
             };
             if !data.is_empty() {
                 initial.push(data);
@@ -1037,14 +1049,18 @@ impl Streams {
                     _ => None,
                 }
             }),
-            expires_at: req.expires_at.clone().or_else(|| match &source {
-                Some(src) if req.ttl_secs.is_none() && src.meta.ttl_secs.is_none() => {
-                    src.meta.expires_at.clone()
-                }
-                _ => None,
-            }),
+            expires_at: req
+                .expires_at
+                .clone()
+                .map(Box::new)
+                .or_else(|| match &source {
+                    Some(src) if req.ttl_secs.is_none() && src.meta.ttl_secs.is_none() => {
+                        src.meta.expires_at.clone()
+                    }
+                    _ => None,
+                }),
             created_at_ms: now,
-            fork: fork_meta,
+            fork: fork_meta.map(Box::new),
         };
         let close = req.closed.then_some(None);
         let (log, commit) = match self.storage.create(&meta, initial, close) {
@@ -1198,7 +1214,7 @@ impl Streams {
         // Parse JSON before taking the writer lock; report its error in protocol order below.
         let parsed = match (has_body, stream.kind) {
             (true, MediaKind::Json) => Some(json::flatten(&req.body, false).map(|m| m.joined)),
-            (true, _) => Some(Ok(own_copy(&req.body))),
+            (true, _) => Some(Ok(self.own_copy(&req.body))),
             (false, _) => None,
         };
 
@@ -1299,7 +1315,9 @@ impl Streams {
                     // The registry belongs to the server; the per-stream cap is for clients.
                     let used = if internal { 0 } else { st.own_bytes };
                     let new_producer = match (&req.producer, verdict) {
-                        (Some(p), Some(Verdict::Accept(_))) => !st.producers.contains_key(&p.id),
+                        (Some(p), Some(Verdict::Accept(_))) => {
+                            !st.producers.contains_key(p.id.as_str())
+                        }
                         _ => false,
                     };
                     if new_producer {
@@ -1320,7 +1338,7 @@ impl Streams {
                     let producer_update = match (&req.producer, verdict) {
                         (Some(p), Some(Verdict::Accept(mut ps))) => {
                             ps.last_ms = now;
-                            st.producers.insert(p.id.clone(), ps);
+                            st.producers.insert(p.id.as_str().into(), ps);
                             Some((p.id.clone(), ps))
                         }
                         _ => None,
@@ -1334,7 +1352,7 @@ impl Streams {
                     });
                     if let Some(by) = &close {
                         st.closed = true;
-                        st.closed_by = by.clone();
+                        st.closed_by = by.clone().map(Box::new);
                     }
                     let commit = stream.log.append(AppendEntry {
                         start,
@@ -1480,7 +1498,7 @@ impl Streams {
             if let Some(src) = &s.source {
                 let mut st = src.state.lock();
                 st.refcount = st.refcount.saturating_sub(1);
-                st.fork_pins.remove(&s.meta.id);
+                st.fork_pins.retain(|p| p.0 != s.meta.id);
                 if st.refcount == 0 && st.soft_deleted {
                     drop(st);
                     current = Some(src.clone());
@@ -1724,7 +1742,7 @@ impl Streams {
     async fn release_to(&self, stream: &Arc<Stream>, target: u64) -> Result<(), StreamError> {
         let visible = stream.visible();
         let own_start = stream.own_start();
-        let pin = |st: &WriterState| st.fork_pins.values().min().copied().unwrap_or(u64::MAX);
+        let pin = |st: &WriterState| st.fork_pins.iter().map(|p| p.1).min().unwrap_or(u64::MAX);
         let target = {
             let st = stream.state.lock();
             if st.removed || st.poisoned || visible.gone {
@@ -1951,12 +1969,19 @@ fn finish(
     }
 }
 
-/// A request body as stored data, in an allocation of its own. A body from the HTTP layer is
-/// usually a slice of the connection's read buffer; keeping that slice would pin the whole
-/// buffer (8 KiB or more) for every stored append, and the memory budget would count 100 bytes
-/// where 8 KiB are held.
-fn own_copy(body: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(body)
+impl Streams {
+    /// A request body as stored data, in an allocation of its own. A body from the HTTP layer
+    /// is usually a slice of the connection's read buffer; keeping that slice would pin the
+    /// whole buffer (8 KiB or more) for every stored append, and the memory budget would count
+    /// 100 bytes where 8 KiB are held. A storage that copies what it stores anyway (memory) is
+    /// given the body as it is, so that it is copied once, not twice.
+    fn own_copy(&self, body: &Bytes) -> Bytes {
+        if self.storage.copies_appends() {
+            body.clone()
+        } else {
+            Bytes::copy_from_slice(body)
+        }
+    }
 }
 
 /// Lifecycle commits triggered by a read (lazy expiry) finish in the background: the reader

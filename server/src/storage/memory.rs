@@ -142,7 +142,8 @@ struct Records {
     /// Whether `start` moved by a release (reads below it are `Released`, not misaligned).
     released: bool,
     sealed: VecDeque<Sealed>,
-    open: Option<Open>,
+    /// Boxed: an empty stream's log stays small.
+    open: Option<Box<Open>>,
 }
 
 impl Records {
@@ -158,7 +159,7 @@ impl Records {
                 ends: &c.ends,
             },
             None => {
-                let o = self.open.as_ref().expect("chunk index in range");
+                let o = self.open.as_deref().expect("chunk index in range");
                 View {
                     start: o.start,
                     bytes: &o.buf,
@@ -186,10 +187,12 @@ impl Records {
         {
             self.seal();
         }
-        let open = self.open.get_or_insert_with(|| Open {
-            start: at,
-            buf: Vec::new(),
-            ends: Vec::new(),
+        let open = self.open.get_or_insert_with(|| {
+            Box::new(Open {
+                start: at,
+                buf: Vec::new(),
+                ends: Vec::new(),
+            })
         });
         debug_assert_eq!(open.start + open.buf.len() as u64, at);
         let need = open.buf.len() + data.len();
@@ -203,7 +206,8 @@ impl Records {
 
     /// Turns the open chunk, if any, into a sealed one of exactly its size.
     fn seal(&mut self) {
-        if let Some(mut open) = self.open.take() {
+        if let Some(open) = self.open.take() {
+            let mut open = *open;
             open.buf.shrink_to_fit();
             self.sealed.push_back(Sealed {
                 start: open.start,

@@ -218,10 +218,8 @@ struct WriterState {
     closed: bool,
     /// Boxed: only closed streams have one (every stream's state is in RAM).
     closed_by: Option<Box<ProducerTuple>>,
-    last_seq: Option<String>,
-    /// Keyed by `Producer-Id` as a boxed `str` (16 bytes, not a `String`'s 24: a million
-    /// producers are a million entries).
-    producers: HashMap<Box<str>, ProducerState>,
+    last_seq: Option<Box<str>>,
+    producers: Producers,
     /// Live forks reading from this stream.
     refcount: u32,
     soft_deleted: bool,
@@ -238,6 +236,63 @@ struct WriterState {
     poisoned: bool,
 }
 
+/// A stream's idempotent-producer states, keyed by `Producer-Id` as a boxed `str` (16 bytes,
+/// not a `String`'s 24: a million producers are a million entries). The map itself is boxed
+/// and made by the first producer: most streams have none, and an empty map is 48 bytes.
+#[derive(Debug, Default)]
+// Boxed on purpose: `Option<Box<_>>` is 8 bytes in every stream, a map 48.
+#[allow(clippy::box_collection)]
+struct Producers(Option<Box<HashMap<Box<str>, ProducerState>>>);
+
+impl Producers {
+    fn get(&self, id: &str) -> Option<&ProducerState> {
+        self.0.as_ref()?.get(id)
+    }
+
+    fn contains_key(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    fn insert(&mut self, id: Box<str>, state: ProducerState) {
+        self.0.get_or_insert_with(Box::default).insert(id, state);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(map) = &mut self.0 {
+            map.remove(id);
+            if map.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Box<str>, &mut ProducerState) -> bool) {
+        if let Some(map) = &mut self.0 {
+            map.retain(keep);
+            if map.is_empty() {
+                self.0 = None;
+            } else if map.len() * 4 < map.capacity() {
+                map.shrink_to_fit();
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FromIterator<(Box<str>, ProducerState)> for Producers {
+    fn from_iter<I: IntoIterator<Item = (Box<str>, ProducerState)>>(iter: I) -> Self {
+        let map: HashMap<Box<str>, ProducerState> = iter.into_iter().collect();
+        Producers((!map.is_empty()).then(|| Box::new(map)))
+    }
+}
+
 /// One stream instance.
 pub struct Stream {
     pub meta: StreamMeta,
@@ -250,20 +305,14 @@ pub struct Stream {
     /// For sliding TTLs.
     last_access_ms: AtomicU64,
     log: Arc<dyn StreamLog>,
-    /// The newest live read, encoded once and shared by every live reader at the same offset,
-    /// so an append's cost does not grow with the number of readers.
-    /// Boxed: most streams never have one, and it is large.
-    shared_read: Mutex<Option<Box<SharedRead>>>,
     /// Told when the visible tail moves (subscriptions), if anyone listens.
     events: Option<Arc<dyn StreamEvents>>,
     /// The earliest retained offset: reads below it get `Released` (0: nothing released).
     /// Moves only once the storage made the release durable.
     retained: AtomicU64,
-    /// The start a release in progress moves `retained` to: forks are refused below it at
-    /// once (they would pin data on its way out), readers only once it is durable.
-    releasing: AtomicU64,
     /// Offsets every subscription acked, waiting to be released (retention).
-    release: Mutex<ReleaseQueue>,
+    /// Boxed, made by the first ack: most streams are never released.
+    release: Mutex<Option<Box<ReleaseQueue>>>,
 }
 
 /// A stream's acked offsets on their way to being released.
@@ -273,6 +322,9 @@ struct ReleaseQueue {
     candidates: VecDeque<(u64, u64)>,
     /// The highest offset ever offered (re-offered when a fork that pinned it goes away).
     acked: u64,
+    /// The start a release in progress moves `retained` to: forks are refused below it at
+    /// once (they would pin data on its way out), readers only once it is durable.
+    releasing: u64,
 }
 
 /// A stream's visible state and the watch live readers wait on. The watch (about 500 bytes of
@@ -281,11 +333,19 @@ struct ReleaseQueue {
 struct VisibleCell {
     now: Visible,
     watch: Option<watch::Sender<Visible>>,
+    /// The newest live read, encoded once and shared by every live reader at the same offset,
+    /// so an append's cost does not grow with the number of readers.
+    /// Boxed: most streams never have one, and it is large.
+    shared_read: Option<Box<SharedRead>>,
 }
 
 impl VisibleCell {
     fn new(now: Visible) -> Mutex<VisibleCell> {
-        Mutex::new(VisibleCell { now, watch: None })
+        Mutex::new(VisibleCell {
+            now,
+            watch: None,
+            shared_read: None,
+        })
     }
 }
 
@@ -310,8 +370,9 @@ pub struct SharedRead {
 impl Stream {
     /// The shared encoding of the read from `start` bounded by `visible`, if one was made.
     pub fn shared_read(&self, start: u64, visible: Visible) -> Option<SharedRead> {
-        self.shared_read
+        self.visible
             .lock()
+            .shared_read
             .as_deref()
             .filter(|r| r.start == start && r.visible == visible)
             .cloned()
@@ -319,7 +380,7 @@ impl Stream {
 
     /// Offers an encoded read for other readers at the same offset.
     pub fn share_read(&self, read: SharedRead) {
-        *self.shared_read.lock() = Some(Box::new(read));
+        self.visible.lock().shared_read = Some(Box::new(read));
     }
 }
 
@@ -363,6 +424,16 @@ impl Stream {
         self.meta.fork.as_ref().map_or(0, |f| f.offset)
     }
 
+    /// Where a release in progress moves the retained start (0: none started).
+    fn releasing(&self) -> u64 {
+        self.release.lock().as_ref().map_or(0, |q| q.releasing)
+    }
+
+    /// The highest offset every subscription acked (0: none yet).
+    fn acked(&self) -> u64 {
+        self.release.lock().as_ref().map_or(0, |q| q.acked)
+    }
+
     /// The earliest offset still readable: data before it was released (0: none was).
     pub fn earliest(&self) -> u64 {
         self.retained.load(Ordering::Acquire)
@@ -383,13 +454,11 @@ impl Stream {
             state: Mutex::new(state),
             visible: VisibleCell::new(visible),
             last_access_ms: AtomicU64::new(last_access_ms),
-            shared_read: Mutex::new(None),
             events,
             log,
             meta,
             retained: AtomicU64::new(0),
-            releasing: AtomicU64::new(0),
-            release: Mutex::new(ReleaseQueue::default()),
+            release: Mutex::new(None),
         }
     }
 
@@ -408,7 +477,7 @@ impl Stream {
 
     /// Refuses a fork anchored below the retained start, or below a release in progress.
     fn check_retained(&self, offset: u64) -> Result<(), StreamError> {
-        let earliest = self.earliest().max(self.releasing.load(Ordering::Acquire));
+        let earliest = self.earliest().max(self.releasing());
         if offset < earliest {
             return Err(StreamError::Released {
                 offset: ds_protocol::Offset::at(offset).to_string(),
@@ -623,7 +692,7 @@ impl Streams {
                     tail: s.tail,
                     closed: s.closed,
                     closed_by: s.closed_by.clone().map(Box::new),
-                    last_seq: s.last_seq.clone(),
+                    last_seq: s.last_seq.as_deref().map(Into::into),
                     producers: s
                         .producers
                         .iter()
@@ -719,13 +788,7 @@ impl Streams {
             }
             let before = st.producers.len();
             st.producers.retain(|_, p| !producer_idle(p, now, idle));
-            let gone = before - st.producers.len();
-            if gone > 0 {
-                forgotten += gone as u64;
-                if st.producers.len() * 4 < st.producers.capacity() {
-                    st.producers.shrink_to_fit();
-                }
-            }
+            forgotten += (before - st.producers.len()) as u64;
         }
         if forgotten > 0 {
             self.producers.fetch_sub(forgotten, Ordering::Relaxed);
@@ -1303,7 +1366,7 @@ impl Streams {
                         && sent.as_bytes() <= last.as_bytes()
                     {
                         return Err(StreamError::SeqRegression {
-                            last: last.clone(),
+                            last: last.to_string(),
                             sent: sent.clone(),
                         });
                     }
@@ -1333,7 +1396,7 @@ impl Streams {
                     st.tail += size;
                     st.own_bytes += size;
                     if let Some(seq) = &req.stream_seq {
-                        st.last_seq = Some(seq.clone());
+                        st.last_seq = Some(seq.as_str().into());
                     }
                     let producer_update = match (&req.producer, verdict) {
                         (Some(p), Some(Verdict::Accept(mut ps))) => {
@@ -1505,7 +1568,7 @@ impl Streams {
                 } else {
                     drop(st);
                     // The pin moved: what the source's subscriptions acked may go now.
-                    let acked = src.release.lock().acked;
+                    let acked = src.acked();
                     self.offer_release(src, acked);
                 }
             }
@@ -1665,7 +1728,8 @@ impl Streams {
             return;
         }
         let now = now_ms();
-        let mut q = stream.release.lock();
+        let mut guard = stream.release.lock();
+        let q = guard.get_or_insert_with(Box::default);
         q.acked = q.acked.max(acked);
         let full = q.candidates.len() >= MAX_RELEASE_CANDIDATES;
         match q.candidates.back_mut() {
@@ -1676,7 +1740,7 @@ impl Streams {
             _ => q.candidates.push_back((acked, now)),
         }
         self.releasing.lock().insert(stream.meta.id, stream.clone());
-        drop(q);
+        drop(guard);
         self.release_wake.notify_one();
     }
 
@@ -1689,18 +1753,26 @@ impl Streams {
         let mut next: Option<u64> = None;
         for stream in streams {
             let target = {
-                let mut q = stream.release.lock();
+                let mut guard = stream.release.lock();
                 let mut target = None;
-                while let Some(&(offset, at)) = q.candidates.front() {
-                    let due = at.saturating_add(min_age);
-                    if due > now {
-                        next = Some(next.map_or(due - now, |n| n.min(due - now)));
-                        break;
+                let mut drained = true;
+                if let Some(q) = guard.as_mut() {
+                    while let Some(&(offset, at)) = q.candidates.front() {
+                        let due = at.saturating_add(min_age);
+                        if due > now {
+                            next = Some(next.map_or(due - now, |n| n.min(due - now)));
+                            break;
+                        }
+                        target = Some(offset);
+                        q.candidates.pop_front();
                     }
-                    target = Some(offset);
-                    q.candidates.pop_front();
+                    drained = q.candidates.is_empty();
+                    if drained {
+                        // Its buffer goes too: an idle stream keeps only `acked`.
+                        q.candidates = VecDeque::new();
+                    }
                 }
-                if q.candidates.is_empty() {
+                if drained {
                     self.releasing.lock().remove(&stream.meta.id);
                 }
                 target
@@ -1770,7 +1842,9 @@ impl Streams {
             if st.removed || target > pin(&st) {
                 return Ok(());
             }
-            stream.releasing.fetch_max(target, Ordering::AcqRel);
+            let mut q = stream.release.lock();
+            let q = q.get_or_insert_with(Box::default);
+            q.releasing = q.releasing.max(target);
         }
         if target > own_start {
             stream.log.release(target).await?;
@@ -1792,7 +1866,7 @@ impl Streams {
             target.saturating_sub(old)
         };
         if let Some(src) = &stream.source {
-            let acked = src.release.lock().acked;
+            let acked = src.acked();
             self.offer_release(src, acked);
         }
         let mut st = stream.state.lock();
@@ -2187,7 +2261,7 @@ mod tests {
             let s = s.clone();
             async move { s.release_due().await }
         });
-        while stream.releasing.load(Ordering::Acquire) < 20 {
+        while stream.releasing() < 20 {
             tokio::task::yield_now().await;
         }
         // Submitted, not durable: a crash now restarts with everything, so readers must not
@@ -2341,5 +2415,16 @@ mod tests {
         s.create_any("/_ds/own", CreateRequest::default())
             .await
             .unwrap();
+    }
+}
+#[cfg(test)]
+mod size {
+    /// Every stream's state is in RAM for as long as it exists, idle or not: with the `Arc`'s
+    /// two counters it must fit jemalloc's 320-byte size class (the next is 384). Rarely used
+    /// parts (fork and expiry metadata, producers, the release queue, a shared read) are boxed.
+    #[test]
+    fn a_stream_fits_a_320_byte_allocation() {
+        assert!(std::mem::size_of::<super::Stream>() + 16 <= 320);
+        assert!(std::mem::size_of::<crate::storage::memory::MemoryLog>() + 16 <= 80);
     }
 }

@@ -3,6 +3,9 @@
 # machine, each scenario on a fresh server, the two builds alternating which goes first:
 #   records  RSS per stored 100-byte record (ds-bench run --scenario records)
 #   catchup  catch-up read throughput at several record sizes
+#   streams, producers  RSS per empty stream and per idempotent producer, by
+#            server/examples/ram_probe.rs ($AB_DIR/ram_probe, release build; PROBE_COUNT items,
+#            default 100000), printed to OUT/probe.txt
 #
 #   bench/ab-memory.sh OUT ROUNDS SCENARIOS [ds-bench run args...]
 #   e.g. bench/ab-memory.sh /tmp/abm 2 records,catchup -- --records 1000000 --catchup-mib 1024
@@ -23,16 +26,22 @@ run() {
   local port; port=$(free_port)
   local data; data=$(mktemp -d "${AB_DATA_ROOT:-/tmp}/ab-data.XXXXXX")
   DS_SERVER__HOST=127.0.0.1 DS_SERVER__PORT=$port DS_STORAGE__MODE=$MODE DS_STORAGE__DATA_DIR=$data \
-    DS_LIMITS__MAX_MEMORY_BYTES=8000000000 DS_LIMITS__MAX_STREAM_BYTES=4000000000 RUST_LOG=warn \
+    DS_LIMITS__MAX_MEMORY_BYTES=8000000000 DS_LIMITS__MAX_STREAM_BYTES=4000000000 \
+    DS_LIMITS__MAX_STREAMS=10000000 DS_LIMITS__MAX_PRODUCERS=10000000 RUST_LOG=warn \
     "$AB_DIR/ds-server-$tag" >"$OUT/$tag-$scenario-$round.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 300); do
     "$BENCH" wait --url "http://127.0.0.1:$port" --timeout-secs 1 2>/dev/null && break
   done
   echo "== $tag $scenario round $round" >&2
-  "$BENCH" run --url "http://127.0.0.1:$port" --server-pid "$pid" --label "ds-$MODE $tag" \
-    --about "$tag" --scenario "$scenario" --round "$round" --results "$OUT/results.jsonl" "$@" >&2 ||
-    echo "ds-bench failed" >&2
+  if [[ $scenario == streams || $scenario == producers ]]; then
+    echo "$tag round $round: $("$AB_DIR/ram_probe" "http://127.0.0.1:$port" "$pid" "$scenario" \
+      "${PROBE_COUNT:-100000}")" | tee -a "$OUT/probe.txt" >&2
+  else
+    "$BENCH" run --url "http://127.0.0.1:$port" --server-pid "$pid" --label "ds-$MODE $tag" \
+      --about "$tag" --scenario "$scenario" --round "$round" --results "$OUT/results.jsonl" "$@" >&2 ||
+      echo "ds-bench failed" >&2
+  fi
   kill -TERM "$pid"; wait "$pid" || true
   rm -rf "$data"
 }
@@ -44,4 +53,5 @@ for r in $(seq 1 "$ROUNDS"); do
     done
   done
 done
-"$BENCH" report --results "$OUT/results.jsonl" >"$OUT/report.md"
+[[ -f $OUT/results.jsonl ]] && "$BENCH" report --results "$OUT/results.jsonl" >"$OUT/report.md"
+true

@@ -579,9 +579,9 @@ fn plan_read(state: &AppState, req: Request) -> Result<ReadPlan, ApiError> {
 
 /// Records at least this large on average are sent as they are stored, one body frame each,
 /// rather than copied into one buffer first (the HTTP writer hands up to 256 frames to the
-/// kernel in one `writev`). Memory mode's byte-stream reads are one piece per 14 KiB chunk of
-/// small records, so a catch-up page of 100-byte records goes out without a copy too.
-const PARTS_BODY_MIN_AVERAGE: usize = 4 * 1024;
+/// kernel in one `writev`). Smaller ones are copied: a catch-up of 4 KiB records read 1.59 GB/s
+/// copied and 1.17 GB/s sent as 256-buffer `writev`s (memory mode, 1 GiB, 2026-12-06).
+const PARTS_BODY_MIN_AVERAGE: usize = 16 * 1024;
 
 /// The response body of a read: JSON streams as one array, others as the bytes. A read of large
 /// records is not copied: its records go out as they are held (a catch-up page of 1 MiB records

@@ -12,8 +12,8 @@
 #   --quick              shorter cells, fewer readers, smaller catch-up stream
 #   --servers LIST       comma list of: ds-memory ds-file-fast ds-file-durable ds-acid
 #                        node-memory node-file electric-wal electric-memory (default: all)
-#   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup sync
-#                        subscriptions (default: all but sync, which needs Postgres, and
+#   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup records
+#                        sync subscriptions (default: all but sync, which needs Postgres, and
 #                        subscriptions, which only ds-server speaks); with fanout, the
 #                        loopback floor (`ds-bench floor`, raw TCP, no server) runs first
 #   --rounds N           run the append scenario N times (default 3, 1 with --quick): each
@@ -45,7 +45,7 @@ NODE_DIR=$CACHE/node-$NODE_SERVER_VERSION
 ELECTRIC_BIN=$CACHE/electric-$ELECTRIC_VERSION/bin/durable-streams-server
 
 ALL_SERVERS=(ds-memory ds-file-fast ds-file-durable ds-acid node-memory node-file electric-wal electric-memory)
-ALL_SCENARIOS=(append fanout idle-sse idle-long-poll catchup)
+ALL_SCENARIOS=(append fanout idle-sse idle-long-poll catchup records)
 
 # The command as typed: words that need no quoting shown as they are (printf %q would also
 # escape the commas of --servers a,b), the others quoted.

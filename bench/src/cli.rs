@@ -11,7 +11,7 @@ use crate::client::{self, Server};
 use crate::idle::ReaderKind;
 use crate::process::{self, Process};
 use crate::report::{self, Outcome, Record};
-use crate::{append, catchup, fanout, floor, idle, subscriptions, sync};
+use crate::{append, catchup, fanout, floor, idle, records, subscriptions, sync};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,6 +85,8 @@ pub enum Scenario {
     Sync,
     /// g: append cost with pattern subscriptions, and pull-wake latency (ds-server only).
     Subscriptions,
+    /// h: server RSS per stored record.
+    Records,
 }
 
 impl Scenario {
@@ -97,6 +99,7 @@ impl Scenario {
             Scenario::Catchup => "catchup",
             Scenario::Sync => "sync",
             Scenario::Subscriptions => "subscriptions",
+            Scenario::Records => "records",
         }
     }
 }
@@ -173,6 +176,16 @@ pub struct RunArgs {
     /// e: read passes [3; quick 2].
     #[arg(long)]
     pub catchup_passes: Option<u32>,
+    /// e: record (append) sizes in bytes, one stream of `--catchup-mib` each.
+    #[arg(long, value_delimiter = ',', default_value = "4096,65536,1048576")]
+    pub catchup_record_bytes: Vec<usize>,
+
+    /// h: records stored [1000000; quick 100000] (of `--payload-bytes` each).
+    #[arg(long)]
+    pub records: Option<u64>,
+    /// h: stream counts the records are spread over, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000")]
+    pub records_streams: Vec<usize>,
 
     /// f: the ds-sync binary (release build).
     #[arg(long)]
@@ -398,18 +411,44 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
         }
         Scenario::Catchup => {
             let mib = args.catchup_mib.unwrap_or(if q { 64 } else { 256 });
-            let plan = catchup::Plan {
-                fill_bytes: mib << 20,
-                append_bytes: 1 << 20,
-                passes: args.catchup_passes.unwrap_or(if q { 2 } else { 3 }),
-                pass_timeout: Duration::from_secs(60),
-            };
-            eprintln!("  catchup: {mib} MiB");
-            one(
-                catchup::run(&server, &run_id, &plan).await,
-                "catchup",
-                |result| Outcome::Catchup { result },
-            )
+            let mut out = Vec::new();
+            for &append_bytes in &args.catchup_record_bytes {
+                let plan = catchup::Plan {
+                    fill_bytes: mib << 20,
+                    append_bytes,
+                    passes: args.catchup_passes.unwrap_or(if q { 2 } else { 3 }),
+                    pass_timeout: Duration::from_secs(120),
+                };
+                eprintln!("  catchup: {mib} MiB of {append_bytes}-byte records");
+                out.extend(one(
+                    catchup::run(&server, &format!("{run_id}-{append_bytes}"), &plan).await,
+                    "catchup",
+                    |result| Outcome::Catchup { result },
+                ));
+            }
+            out
+        }
+        Scenario::Records => {
+            let records = args.records.unwrap_or(if q { 100_000 } else { 1_000_000 });
+            let mut out = Vec::new();
+            for &streams in &args.records_streams {
+                let plan = records::Plan {
+                    records,
+                    streams,
+                    payload_bytes: args.payload_bytes,
+                    writers: 64,
+                };
+                eprintln!(
+                    "  records: {records} of {} bytes in {streams} streams",
+                    args.payload_bytes
+                );
+                out.extend(one(
+                    records::run(&server, &server_process, &run_id, &plan).await,
+                    "records",
+                    |result| Outcome::Records { result },
+                ));
+            }
+            out
         }
     };
     for outcome in outcome {

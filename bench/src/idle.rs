@@ -184,7 +184,10 @@ pub async fn run(
 }
 
 /// Reads RSS every 250 ms until three readings in a row agree within 0.5 %, or the time is up.
-async fn wait_for_stable_rss(process: &Process, max_wait: Duration) -> anyhow::Result<u64> {
+pub(crate) async fn wait_for_stable_rss(
+    process: &Process,
+    max_wait: Duration,
+) -> anyhow::Result<u64> {
     let deadline = Instant::now() + max_wait;
     let mut last = process.rss_bytes()?;
     let mut stable = 0;

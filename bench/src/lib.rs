@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod floor;
 pub mod idle;
 pub mod process;
+pub mod records;
 pub mod report;
 pub mod sse;
 pub mod stats;

@@ -45,6 +45,9 @@ pub enum Outcome {
     Catchup {
         result: CatchupResult,
     },
+    Records {
+        result: crate::records::RecordsResult,
+    },
     Sync {
         result: SyncResult,
     },
@@ -533,13 +536,20 @@ pub fn markdown(records: &[Record]) -> String {
             first.passes
         );
         out.push_str(
-            "| server | stream | fill (1 MiB appends) | read, mean of passes | best pass | pages per pass |\n\
-             |---|---|---|---|---|---|\n",
+            "| server | records | stream | fill | read, mean of passes | best pass | pages per pass |\n\
+             |---|---|---|---|---|---|---|\n",
         );
         for (label, c) in &catchups {
+            let record = if c.append_bytes >= 1 << 20 && c.append_bytes % (1 << 20) == 0 {
+                format!("{} MiB", c.append_bytes >> 20)
+            } else if c.append_bytes >= 1 << 10 && c.append_bytes % (1 << 10) == 0 {
+                format!("{} KiB", c.append_bytes >> 10)
+            } else {
+                format!("{} B", c.append_bytes)
+            };
             let _ = writeln!(
                 out,
-                "| {label} | {} MiB | {:.0} MB/s | **{:.2} GB/s** | {:.2} GB/s | {} |",
+                "| {label} | {record} | {} MiB | {:.0} MB/s | **{:.2} GB/s** | {:.2} GB/s | {} |",
                 c.stream_bytes >> 20,
                 c.fill_mb_per_sec,
                 c.mean_gb_per_sec,
@@ -549,6 +559,36 @@ pub fn markdown(records: &[Record]) -> String {
         }
     }
     problems(records, "catchup", &mut out);
+
+    let stored: Vec<(&str, &crate::records::RecordsResult)> = records
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Records { result } => Some((r.label.as_str(), result)),
+            _ => None,
+        })
+        .collect();
+    if !stored.is_empty() {
+        out.push_str(
+            "\n#### h. RAM per stored record (server RSS growth over the fill, payload included)\n\n\
+             | server | records | streams | payload | fill | RSS before → after | **per record** |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        for (label, r) in &stored {
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {} | {} B | {:.1} s | {:.0} → {:.0} MB | **{:.0} B** ({:.2}× the payload) |",
+                fmt_count(r.records as f64),
+                r.streams,
+                r.payload_bytes,
+                r.fill_secs,
+                r.rss_before_bytes as f64 / 1e6,
+                r.rss_after_bytes as f64 / 1e6,
+                r.bytes_per_record,
+                r.bytes_per_record / r.payload_bytes.max(1) as f64
+            );
+        }
+    }
+    problems(records, "records", &mut out);
 
     let syncs: Vec<(&str, &SyncResult)> = records
         .iter()

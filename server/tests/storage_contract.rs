@@ -169,12 +169,12 @@ async fn a_fork_log_starts_at_its_anchor() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(backend, dir.path());
         let mut m = meta(2);
-        m.fork = Some(ForkMeta {
+        m.fork = Some(Box::new(ForkMeta {
             source_id: 1,
             source_path: "/v1/stream/1".into(),
             offset: 100,
             sub_offset: 2,
-        });
+        }));
         let (log, commit) = store
             .create(
                 &m,
@@ -438,12 +438,12 @@ async fn a_fork_releases_only_its_own_records() {
     for backend in RELEASING {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut m = meta(2);
-        m.fork = Some(ForkMeta {
+        m.fork = Some(Box::new(ForkMeta {
             source_id: 1,
             source_path: "/v1/stream/1".into(),
             offset: 100,
             sub_offset: 0,
-        });
+        }));
         {
             let store = open(backend, dir.path());
             let (log, c) = store.create(&m, vec![], None).expect("create");

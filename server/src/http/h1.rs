@@ -72,6 +72,8 @@ const MAX_TRAILER_BYTES: usize = 16 * 1024;
 const KEPT_BUFFER_BYTES: usize = 16 * 1024;
 /// A response body this small is written together with its head, in one write.
 const COALESCE_BYTES: usize = 16 * 1024;
+/// Body frames gathered into one `writev` at most (Linux takes up to 1024 buffers per call).
+const MAX_WRITE_FRAMES: usize = 256;
 /// After refusing a request whose body we did not read, how long to drain what the client still
 /// sends, so that closing does not reset the connection before the client reads the answer.
 const LINGER: Duration = Duration::from_secs(1);
@@ -791,33 +793,39 @@ impl<S: ConnService> Conn<S> {
             return Ok(Written::Done(keep_alive));
         }
         if exact.is_some() {
-            // Usually one frame, ready at once.
-            while let Some(frame) = body.frame().await {
+            // Usually one frame, ready at once; a catch-up read of many records is many frames,
+            // all ready at once: they go out in few `writev`s of up to `MAX_WRITE_FRAMES`
+            // frames, not a system call (or a copy) each. Small frames that fit beside the head
+            // are copied into it.
+            let mut frames: Vec<Bytes> = Vec::new();
+            loop {
+                let frame = match body.frame().now_or_never() {
+                    Some(frame) => frame,
+                    None => {
+                        self.write_frames(&mut out, &mut frames).await?;
+                        body.frame().await
+                    }
+                };
+                let Some(frame) = frame else { break };
                 let Ok(frame) = frame else {
                     return Ok(Written::Done(false));
                 };
-                if let Ok(data) = frame.into_data() {
-                    if out.len() + data.len() <= COALESCE_BYTES {
-                        out.extend_from_slice(&data);
-                    } else {
-                        write_all_vectored(
-                            &mut self.tcp,
-                            &mut [IoSlice::new(&out), IoSlice::new(&data)],
-                            self.limits.idle_timeout,
-                        )
-                        .await?;
-                        out.clear();
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if frames.is_empty() && out.len() + data.len() <= COALESCE_BYTES {
+                    out.extend_from_slice(&data);
+                } else {
+                    frames.push(data);
+                    if frames.len() >= MAX_WRITE_FRAMES {
+                        self.write_frames(&mut out, &mut frames).await?;
                     }
                 }
             }
-            if !out.is_empty() {
-                write_all_vectored(
-                    &mut self.tcp,
-                    &mut [IoSlice::new(&out)],
-                    self.limits.idle_timeout,
-                )
-                .await?;
-            }
+            self.write_frames(&mut out, &mut frames).await?;
             return Ok(Written::Done(keep_alive));
         }
         // A stream (SSE): the head goes out at once.
@@ -832,6 +840,23 @@ impl<S: ConnService> Conn<S> {
             chunked,
             keep: keep_alive,
         })
+    }
+
+    /// Writes `out` (if not empty) and then `frames` in one vectored write, and empties both.
+    async fn write_frames(&mut self, out: &mut Vec<u8>, frames: &mut Vec<Bytes>) -> io::Result<()> {
+        if out.is_empty() && frames.is_empty() {
+            return Ok(());
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames.len() + 1);
+        if !out.is_empty() {
+            slices.push(IoSlice::new(out));
+        }
+        slices.extend(frames.iter().map(|f| IoSlice::new(f)));
+        write_all_vectored(&mut self.tcp, &mut slices, self.limits.idle_timeout).await?;
+        drop(slices);
+        out.clear();
+        frames.clear();
+        Ok(())
     }
 
     /// Moves the connection, for the rest of its life, to the live runtime and streams the body

@@ -651,8 +651,9 @@ fn plan_read(state: &AppState, req: Request) -> Result<ReadPlan, ApiError> {
 }
 
 /// Records at least this large on average are sent as they are stored, one body frame each,
-/// rather than copied into one buffer first (the HTTP writer hands large frames to the kernel
-/// with `writev` and gathers small ones itself).
+/// rather than copied into one buffer first (the HTTP writer hands up to 256 frames to the
+/// kernel in one `writev`). Smaller ones are copied: a catch-up of 4 KiB records read 1.59 GB/s
+/// copied and 1.17 GB/s sent as 256-buffer `writev`s (memory mode, 1 GiB, 2026-12-06).
 const PARTS_BODY_MIN_AVERAGE: usize = 16 * 1024;
 
 /// The response body of a read: JSON streams as one array, others as the bytes. A read of large

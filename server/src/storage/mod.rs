@@ -123,10 +123,11 @@ pub struct StreamMeta {
     /// The `Content-Type` exactly as given at creation (echoed on reads).
     pub content_type: String,
     pub ttl_secs: Option<u64>,
-    /// `Stream-Expires-At` as sent (echoed on HEAD) and as Unix milliseconds.
-    pub expires_at: Option<(String, i64)>,
+    /// `Stream-Expires-At` as sent (echoed on HEAD) and as Unix milliseconds. Boxed, like
+    /// `fork`: most streams have neither, and every stream's state is kept in RAM.
+    pub expires_at: Option<Box<(String, i64)>>,
     pub created_at_ms: u64,
-    pub fork: Option<ForkMeta>,
+    pub fork: Option<Box<ForkMeta>>,
 }
 
 /// Everything one append commits together.
@@ -280,6 +281,14 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Every stream stored, for start-up. Memory storage returns none.
     fn recover(&self) -> Result<Vec<Recovered>, StorageError>;
+
+    /// Whether [`StreamLog::append`] and [`Storage::create`] copy the records they are given
+    /// into storage of their own (memory packs small records into chunks). The stream layer
+    /// then hands over the request's bytes as they are; otherwise it first copies them into an
+    /// allocation of their own, so that a stored record never pins a connection's buffer.
+    fn copies_appends(&self) -> bool {
+        false
+    }
 
     /// Whether [`Storage::write_records`] keeps records with this mode's promise. Memory
     /// storage keeps nothing (its records live in the owners' own maps, in RAM like its

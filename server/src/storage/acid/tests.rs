@@ -112,13 +112,13 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
     source_meta.ttl_secs = Some(60);
     source_meta.content_type = "application/json".into();
     let mut fork_meta = meta(9, "/fork");
-    fork_meta.expires_at = Some(("2099-01-01T00:00:00Z".into(), 4_070_908_800_000));
-    fork_meta.fork = Some(ForkMeta {
+    fork_meta.expires_at = Some(Box::new(("2099-01-01T00:00:00Z".into(), 4_070_908_800_000)));
+    fork_meta.fork = Some(Box::new(ForkMeta {
         source_id: 7,
         source_path: "/source".into(),
         offset: 4,
         sub_offset: 1,
-    });
+    }));
     let closer = ProducerTuple {
         id: "p1".into(),
         epoch: 1,
@@ -468,12 +468,12 @@ async fn reads_respect_budget_split_and_record_boundaries_with(cache_bytes: usiz
 
     // A fork's log starts at its anchor; before it is no record boundary of this log.
     let mut fork = meta(2, "/f");
-    fork.fork = Some(ForkMeta {
+    fork.fork = Some(Box::new(ForkMeta {
         source_id: 1,
         source_path: "/r".into(),
         offset: 10,
         sub_offset: 0,
-    });
+    }));
     let (flog, c) = storage
         .create(&fork, vec![Bytes::from_static(b"xyz")], None)
         .unwrap();

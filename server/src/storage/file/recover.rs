@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::Loc;
+use super::blocks::{Block, Blocks};
 use super::frame::{self, Decoded, FrameError, LogPos};
 use super::wal::{Segment, segment_path, sync_dir};
 use crate::storage::{StorageError, StreamId, StreamMeta, WriterSnapshot};
@@ -17,7 +17,7 @@ use crate::storage::{StorageError, StreamId, StreamMeta, WriterSnapshot};
 pub(crate) struct RecoveredStream {
     pub meta: StreamMeta,
     pub state: WriterSnapshot,
-    pub records: Vec<Loc>,
+    pub blocks: Blocks,
     pub touched: Vec<u32>,
     /// The segment of the stream's newest CREATE or STATE frame.
     pub base: u32,
@@ -29,7 +29,7 @@ pub(crate) struct RecoveredStream {
 /// the records kept here).
 #[derive(Default)]
 struct Orphan {
-    records: Vec<Loc>,
+    blocks: Blocks,
     touched: Vec<u32>,
 }
 
@@ -71,12 +71,14 @@ fn segment_ids(dir: &Path) -> Result<Vec<u32>, StorageError> {
 }
 
 pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageError> {
+    let started = std::time::Instant::now();
     let ids = segment_ids(dir)?;
     let mut streams: HashMap<StreamId, RecoveredStream> = HashMap::new();
     let mut orphans: HashMap<StreamId, Orphan> = HashMap::new();
     let mut segments = Vec::with_capacity(ids.len());
     let mut last_batch: Option<u64> = None;
     let mut newest_version = frame::VERSION;
+    let mut replayed = 0u64;
     // Set when a torn write was cut off: the segments after it are gone.
     let mut cut = false;
     for (n, &id) in ids.iter().enumerate() {
@@ -124,6 +126,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
         let mut pos = header_len;
         let mut damage = None;
         let mut batches = 0usize;
+        replayed += (data.len() - pos) as u64;
         while pos < data.len() {
             // The writer extends a segment's file ahead of its frames, so a file may end in
             // zeros: free space, not data (a frame is never all zeros: its kind byte is not 0).
@@ -133,15 +136,16 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
             // Version 1 has no batches: each frame stands alone.
             let step = if version == 1 {
                 frame::decode(&data[pos..])
-                    .map(|(decoded, len)| (vec![(decoded, pos)], pos + len, None))
+                    .map(|(decoded, len)| (vec![(decoded, pos, len)], pos + len, None))
                     .map_err(|err| (pos, err))
             } else {
                 read_batch(&data, pos, last_batch)
             };
             match step {
                 Ok((frames, end, seq)) => {
-                    for (decoded, at) in frames {
-                        apply(&mut streams, &mut orphans, decoded, id, at as u64, &path)?;
+                    for (decoded, at, len) in frames {
+                        let at = (at as u64, len as u64);
+                        apply(&mut streams, &mut orphans, decoded, id, at, &path)?;
                     }
                     last_batch = seq.or(last_batch);
                     batches += 1;
@@ -211,16 +215,16 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     for s in streams.values_mut() {
         let log_start = s.meta.fork.as_ref().map_or(0, |f| f.offset);
         let released = s.state.released.max(log_start);
-        s.records.retain(|r| r.start + u64::from(r.len) > released);
-        let contiguous = s
-            .records
-            .windows(2)
-            .all(|w| w[0].start + u64::from(w[0].len) == w[1].start);
+        s.blocks.drop_released(released, |_| {});
+        let b = &s.blocks;
+        let contiguous = b
+            .list
+            .iter()
+            .zip(b.list.iter().skip(1))
+            .all(|(x, y)| x.end == y.start);
         let covered = contiguous
-            && match (s.records.first(), s.records.last()) {
-                (Some(first), Some(last)) => {
-                    first.start <= released && last.start + u64::from(last.len) == s.state.tail
-                }
+            && match (b.first(), b.last()) {
+                (Some(first), Some(last)) => first.start <= released && last.end == s.state.tail,
                 _ => released == s.state.tail,
             };
         if !covered {
@@ -230,10 +234,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                     "stream {} should hold [{released}, {}) but its records cover {:?}",
                     s.meta.id,
                     s.state.tail,
-                    s.records.first().map(|f| (
-                        f.start,
-                        s.records.last().map(|l| l.start + u64::from(l.len))
-                    ))
+                    b.first().map(|f| (f.start, b.last().map(|l| l.end)))
                 ),
             });
         }
@@ -242,10 +243,18 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     }
     let mut streams: Vec<RecoveredStream> = streams.into_values().collect();
     streams.sort_by_key(|s| s.meta.id);
+    tracing::info!(
+        streams = streams.len(),
+        segments = segments.len(),
+        replayed_bytes = replayed,
+        ms = started.elapsed().as_millis() as u64,
+        "log recovered"
+    );
     Ok(Recovery {
         streams,
         segments,
         last_batch: last_batch.unwrap_or(0),
+
         newest_is_current: newest_version == frame::VERSION,
     })
 }
@@ -258,7 +267,7 @@ fn read_batch(
     data: &[u8],
     pos: usize,
     previous: Option<u64>,
-) -> Result<(Vec<(Decoded, usize)>, usize, Option<u64>), (usize, FrameError)> {
+) -> Result<(Vec<(Decoded, usize, usize)>, usize, Option<u64>), (usize, FrameError)> {
     let (seq, len) = match frame::decode(&data[pos..]) {
         Ok((Decoded::Batch { seq, len, .. }, _)) => (seq, len as usize),
         Ok(_) => {
@@ -287,7 +296,7 @@ fn read_batch(
                 return Err((at, FrameError::Bad("a batch inside a batch".into())));
             }
             Ok((decoded, n)) => {
-                frames.push((decoded, at));
+                frames.push((decoded, at, n));
                 at += n;
             }
             Err(err) => return Err((at, err)),
@@ -356,13 +365,18 @@ fn touch(touched: &mut Vec<u32>, seg: u32) {
     }
 }
 
-/// Drops the records that end at or before `before`.
-fn drop_released(records: &mut Vec<Loc>, before: u64) {
-    let n = records
-        .iter()
-        .take_while(|r| r.start + u64::from(r.len) <= before)
-        .count();
-    records.drain(..n);
+/// A CREATE or STATE frame's records `[start, ...)` as one packed block, if it has any.
+fn packed(seg: u32, frame: (u64, u64), start: u64, records: &[(usize, usize)]) -> Option<Block> {
+    let bytes: u64 = records.iter().map(|(_, l)| *l as u64).sum();
+    (!records.is_empty()).then_some(Block {
+        start,
+        end: start + bytes,
+        off: frame.0,
+        span: frame.1 as u32,
+        seg,
+        count: records.len() as u32,
+        packed: true,
+    })
 }
 
 fn apply(
@@ -370,29 +384,22 @@ fn apply(
     orphans: &mut HashMap<StreamId, Orphan>,
     decoded: Decoded,
     seg: u32,
-    frame_off: u64,
+    frame: (u64, u64),
     path: &Path,
 ) -> Result<(), StorageError> {
-    let payload_off = frame_off + frame::FRAME_HEADER_LEN as u64;
+    let frame_off = frame.0;
     match decoded {
         Decoded::Create { meta, records } => {
             let id = meta.meta.id;
             let start = meta.meta.fork.as_ref().map_or(0, |f| f.offset);
-            let mut locs = Vec::with_capacity(records.len());
-            let mut pos = start;
-            for (rel, len) in records {
-                locs.push(Loc {
-                    start: pos,
-                    len: len as u32,
-                    seg,
-                    off: payload_off + rel as u64,
-                });
-                pos += len as u64;
-            }
+            let mut blocks = Blocks::default();
+            let block = packed(seg, frame, start, &records);
+            let tail = block.map_or(start, |b| b.end);
+            blocks.list.extend(block);
             let state = WriterSnapshot {
-                tail: pos,
+                tail,
                 closed: meta.closed,
-                own_bytes: pos - start,
+                own_bytes: tail - start,
                 last_access_ms: 0,
                 released: start,
                 ..WriterSnapshot::default()
@@ -403,7 +410,7 @@ fn apply(
                 RecoveredStream {
                     meta: meta.meta,
                     state,
-                    records: locs,
+                    blocks,
                     touched: vec![seg],
                     base: seg,
                 },
@@ -415,31 +422,25 @@ fn apply(
             state,
             data,
         } => {
-            let loc = data.map(|(rel, len)| Loc {
-                start,
-                len: len as u32,
-                seg,
-                off: payload_off + rel as u64,
-            });
+            let len = data.map(|(_, len)| len as u64);
             // The stream's CREATE frame went with a deleted segment: it was removed (a REMOVE
             // follows) or its state was written forward (a STATE frame follows).
             let Some(s) = streams.get_mut(&id) else {
                 let orphan = orphans.entry(id).or_default();
                 touch(&mut orphan.touched, seg);
-                if let Some(loc) = loc {
-                    if let Some(last) = orphan.records.last()
-                        && last.start + u64::from(last.len) != start
+                if let Some(len) = len {
+                    if let Some(last) = orphan.blocks.last()
+                        && last.end != start
                     {
                         return Err(corrupt(
                             path,
                             frame_off,
-                            format!(
-                                "append at {start} but stream {id} ends at {}",
-                                last.start + u64::from(last.len)
-                            ),
+                            format!("append at {start} but stream {id} ends at {}", last.end),
                         ));
                     }
-                    orphan.records.push(loc);
+                    orphan
+                        .blocks
+                        .push_append(start, len, seg, frame_off, frame.1);
                 }
                 return Ok(());
             };
@@ -451,10 +452,10 @@ fn apply(
                 ));
             }
             touch(&mut s.touched, seg);
-            if let Some(loc) = loc {
-                s.state.tail += u64::from(loc.len);
-                s.state.own_bytes += u64::from(loc.len);
-                s.records.push(loc);
+            if let Some(len) = len {
+                s.state.tail += len;
+                s.state.own_bytes += len;
+                s.blocks.push_append(start, len, seg, frame_off, frame.1);
             }
             if state.closes {
                 s.state.closed = true;
@@ -490,12 +491,12 @@ fn apply(
                     ));
                 }
                 s.state.released = s.state.released.max(before);
-                drop_released(&mut s.records, before);
+                s.blocks.drop_released(before, |_| {});
                 touch(&mut s.touched, seg);
             }
             None => {
                 let orphan = orphans.entry(id).or_default();
-                drop_released(&mut orphan.records, before);
+                orphan.blocks.drop_released(before, |_| {});
                 touch(&mut orphan.touched, seg);
             }
         },
@@ -514,56 +515,42 @@ fn apply(
                             ),
                         ));
                     }
-                    (s.records, s.touched)
+                    (s.blocks, s.touched)
                 }
                 None => {
                     let orphan = orphans.remove(&id).unwrap_or_default();
-                    if let Some(last) = orphan.records.last()
-                        && last.start + u64::from(last.len) != st.tail
+                    if let Some(last) = orphan.blocks.last()
+                        && last.end != st.tail
                     {
                         return Err(corrupt(
                             path,
                             frame_off,
                             format!(
                                 "state of stream {id} says tail {} but its frames end at {}",
-                                st.tail,
-                                last.start + u64::from(last.len)
+                                st.tail, last.end
                             ),
                         ));
                     }
-                    (orphan.records, orphan.touched)
+                    (orphan.blocks, orphan.touched)
                 }
             };
             // Moved records take the place of their older copies (which may be gone with their
             // segment, or still there after a crash before that segment was deleted).
-            let mut moved = Vec::with_capacity(records.len());
-            let mut pos = st.moved_from;
-            for (rel, len) in records {
-                moved.push(Loc {
-                    start: pos,
-                    len: len as u32,
-                    seg,
-                    off: payload_off + rel as u64,
-                });
-                pos += len as u64;
+            if let Some(block) = packed(seg, frame, st.moved_from, &records) {
+                if block.end > st.tail {
+                    return Err(corrupt(
+                        path,
+                        frame_off,
+                        format!(
+                            "state of stream {id} moves records past its tail {}",
+                            st.tail
+                        ),
+                    ));
+                }
+                kept.replace(block, |_| {})
+                    .map_err(|e| corrupt(path, frame_off, format!("stream {id}: {e}")))?;
             }
-            if pos > st.tail {
-                return Err(corrupt(
-                    path,
-                    frame_off,
-                    format!(
-                        "state of stream {id} moves records past its tail {}",
-                        st.tail
-                    ),
-                ));
-            }
-            if !moved.is_empty() {
-                let (from, to) = (st.moved_from, pos);
-                kept.retain(|r| r.start + u64::from(r.len) <= from || r.start >= to);
-                let at = kept.partition_point(|r| r.start < from);
-                kept.splice(at..at, moved);
-            }
-            drop_released(&mut kept, st.released);
+            kept.drop_released(st.released, |_| {});
             touch(&mut touched, seg);
             streams.insert(
                 id,
@@ -580,7 +567,7 @@ fn apply(
                         released: st.released,
                     },
                     meta: st.meta,
-                    records: kept,
+                    blocks: kept,
                     touched,
                     base: seg,
                 },

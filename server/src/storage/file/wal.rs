@@ -18,8 +18,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::blocks::{self, Block, MAX_BLOCK_RECORDS, MAX_BLOCK_SPAN};
 use super::frame::{self, Encoded, LogPos};
-use super::{FileOptions, Loc, LogShared};
+use super::{FileOptions, LogShared};
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::{
     Commit, ProducerState, ProducerTuple, StorageError, StreamId, ZERO_FILL_BELOW,
@@ -64,10 +65,11 @@ pub(crate) enum Target {
         before: u64,
     },
     /// A STATE frame the writer wrote forward (never submitted from outside), carrying the
-    /// stream's retained records from position `moved` on when given.
+    /// stream's retained records `[from, to)` when given: they replace the blocks that held
+    /// them.
     State {
         log: Arc<LogShared>,
-        moved: Option<u64>,
+        moved: Option<(u64, u64)>,
     },
 }
 
@@ -239,9 +241,9 @@ impl Wal {
                     s.streams.push(log.id);
                 }
             }
-            for r in index.records.iter() {
-                if let Some(s) = writer.segment_mut(r.seg) {
-                    s.retained += u64::from(r.len);
+            for b in index.blocks.iter() {
+                if let Some(s) = writer.segment_mut(b.seg) {
+                    s.retained += b.bytes();
                 }
             }
             writer.unpin(&mut index);
@@ -261,6 +263,11 @@ impl Wal {
 
     pub fn durable(&self) -> bool {
         self.durable
+    }
+
+    /// The directory of the segments.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn stats(&self) -> (u64, u64) {
@@ -643,15 +650,15 @@ impl Writer {
         }
     }
 
-    fn retain(&mut self, seg: u32, len: u32) {
+    fn retain(&mut self, seg: u32, len: u64) {
         if let Some(s) = self.segment_mut(seg) {
-            s.retained += u64::from(len);
+            s.retained += len;
         }
     }
 
-    fn unretain(&mut self, seg: u32, len: u32) {
+    fn unretain(&mut self, seg: u32, len: u64) {
         if let Some(s) = self.segment_mut(seg) {
-            s.retained = s.retained.saturating_sub(u64::from(len));
+            s.retained = s.retained.saturating_sub(len);
         }
     }
 
@@ -663,19 +670,25 @@ impl Writer {
                 let mut index = log.index.write();
                 index.base = seg;
                 self.touch(&mut index, log.id, seg);
+                let count = records.len() as u32;
                 let mut pos = log.start;
                 let mut data_len = 0;
-                for ((rel, len), bytes) in records.into_iter().zip(data) {
-                    let loc = Loc {
-                        start: pos,
-                        len: len as u32,
-                        seg,
-                        off: frame_off + rel as u64,
-                    };
+                for ((_, len), bytes) in records.into_iter().zip(data) {
+                    index.cache.push(pos, Some(bytes), &wal.cache);
                     pos += len as u64;
                     data_len += len + 4;
-                    self.retain(seg, loc.len);
-                    index.push(loc, Some(bytes), &wal.cache);
+                }
+                if count > 0 {
+                    index.blocks.list.push_back(Block {
+                        start: log.start,
+                        end: pos,
+                        off: frame_off,
+                        span: frame_len as u32,
+                        seg,
+                        count,
+                        packed: true,
+                    });
+                    self.retain(seg, pos - log.start);
                 }
                 index.mirror.tail = pos;
                 index.state_len = (frame_len - data_len + 64) as u32;
@@ -691,16 +704,14 @@ impl Writer {
             } => {
                 let mut index = log.index.write();
                 self.touch(&mut index, log.id, seg);
-                if let Some((rel, len)) = records.first().copied() {
-                    let loc = Loc {
-                        start,
-                        len: len as u32,
-                        seg,
-                        off: frame_off + rel as u64,
-                    };
-                    self.retain(seg, loc.len);
-                    index.push(loc, data, &wal.cache);
-                    index.mirror.tail = start + len as u64;
+                if let Some((_, len)) = records.first().copied() {
+                    let len = len as u64;
+                    index
+                        .blocks
+                        .push_append(start, len, seg, frame_off, frame_len as u64);
+                    self.retain(seg, len);
+                    index.cache.push(start, data, &wal.cache);
+                    index.mirror.tail = start + len;
                 }
                 if let Some(change) = change {
                     let m = &mut index.mirror;
@@ -731,15 +742,9 @@ impl Writer {
                     return;
                 }
                 index.released = before;
-                while let Some(r) = index
-                    .records
-                    .front()
-                    .copied()
-                    .filter(|r| r.start + u64::from(r.len) <= before)
-                {
-                    index.records.pop_front();
-                    self.unretain(r.seg, r.len);
-                }
+                index
+                    .blocks
+                    .drop_released(before, |b| self.unretain(b.seg, b.bytes()));
                 index.cache.drop_before(before, &wal.cache);
                 self.touch(&mut index, log.id, seg);
             }
@@ -747,20 +752,26 @@ impl Writer {
                 let mut index = log.index.write();
                 index.base = seg;
                 // The moved records now live in this frame.
-                if let Some(first) = moved {
-                    let at = index.records.partition_point(|r| r.start < first);
-                    for (i, (rel, len)) in records.into_iter().enumerate() {
-                        let Some(r) = index.records.get(at + i).copied() else {
-                            break;
-                        };
-                        debug_assert_eq!(r.len as usize, len);
-                        self.unretain(r.seg, r.len);
-                        self.retain(seg, r.len);
-                        index.records[at + i] = Loc {
-                            seg,
-                            off: frame_off + rel as u64,
-                            ..r
-                        };
+                if let Some((from, to)) = moved
+                    && !records.is_empty()
+                {
+                    let block = Block {
+                        start: from,
+                        end: to,
+                        off: frame_off,
+                        span: frame_len as u32,
+                        seg,
+                        count: records.len() as u32,
+                        packed: true,
+                    };
+                    let replaced = index
+                        .blocks
+                        .replace(block, |b| self.unretain(b.seg, b.bytes()));
+                    match replaced {
+                        Ok(()) => self.retain(seg, to - from),
+                        Err(e) => {
+                            tracing::error!(stream = log.id, error = %e, "moved records do not match the index")
+                        }
                     }
                 }
                 self.touch(&mut index, log.id, seg);
@@ -770,8 +781,8 @@ impl Writer {
                 let mut index = log.index.write();
                 index.removed = true;
                 index.clear_cache(&wal.cache);
-                for r in std::mem::take(&mut index.records) {
-                    self.unretain(r.seg, r.len);
+                for b in std::mem::take(&mut index.blocks.list) {
+                    self.unretain(b.seg, b.bytes());
                 }
                 for seg in std::mem::take(&mut index.touched) {
                     if let Some(s) = self.segment_mut(seg) {
@@ -835,22 +846,25 @@ impl Writer {
             }
             let index = log.index.read();
             let needs_state = index.touched.first() == Some(&oldest);
-            // Runs of consecutive retained records in the oldest segment.
-            let mut runs: Vec<Vec<Loc>> = Vec::new();
+            // Runs of consecutive blocks in the oldest segment, each at most a block's worth.
+            let mut runs: Vec<Vec<Block>> = Vec::new();
             if retained > 0 {
-                for r in index.records.iter().filter(|r| r.seg == oldest) {
+                for b in index.blocks.iter().filter(|b| b.seg == oldest) {
                     match runs.last_mut() {
                         Some(run)
-                            if run
-                                .last()
-                                .is_some_and(|l| l.start + u64::from(l.len) == r.start) =>
+                            if run.last().is_some_and(|l| l.end == b.start)
+                                && run.iter().map(|x| x.count).sum::<u32>() + b.count
+                                    <= MAX_BLOCK_RECORDS
+                                && run.iter().map(Block::bytes).sum::<u64>() + b.bytes()
+                                    <= MAX_BLOCK_SPAN =>
                         {
-                            run.push(*r)
+                            run.push(*b)
                         }
-                        _ => runs.push(vec![*r]),
+                        _ => runs.push(vec![*b]),
                     }
                 }
             }
+            let released = index.released;
             if !needs_state && runs.is_empty() {
                 continue;
             }
@@ -874,18 +888,37 @@ impl Writer {
                 runs.push(Vec::new());
             }
             for run in runs {
-                let mut data = Vec::with_capacity(run.len());
-                for r in &run {
-                    data.push(wal.pread(r.seg, r.off, r.len as usize)?);
+                // The run's records, less those released (a block may start before the
+                // retained start).
+                let mut data = Vec::new();
+                let mut from = None;
+                for b in &run {
+                    let span = wal.pread(b.seg, b.off, b.span as usize)?;
+                    let found = blocks::scan(id, b, &span, released).map_err(|detail| {
+                        StorageError::Corrupt {
+                            what: format!(
+                                "{} at byte {}",
+                                segment_path(&self.dir, b.seg).display(),
+                                b.off
+                            ),
+                            detail: format!("stream {id}: {detail}"),
+                        }
+                    })?;
+                    for (start, bytes) in found {
+                        if start + bytes.len() as u64 > released {
+                            from.get_or_insert(start);
+                            data.push(bytes);
+                        }
+                    }
                 }
-                state.moved_from = run.first().map_or(0, |r| r.start);
+                state.moved_from = from.unwrap_or(0);
                 let encoded = frame::encode_state(&state, &data);
                 bytes += encoded.bytes.len();
                 forward.push(Op {
                     frame: encoded,
                     target: Target::State {
                         log: log.clone(),
-                        moved: run.first().map(|r| r.start),
+                        moved: from.zip(run.last().map(|b| b.end)),
                     },
                 });
             }

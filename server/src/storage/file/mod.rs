@@ -25,6 +25,7 @@
 //! The format is written down in `server/STORAGE.md`.
 
 mod blocks;
+mod checkpoint;
 mod frame;
 mod recover;
 mod wal;
@@ -73,6 +74,8 @@ pub struct FileStorage {
     records: super::records::RecordLog,
     /// Filled by `open`, taken by the first `recover`.
     recovered: Mutex<Option<Vec<Recovered>>>,
+    /// Bytes of log start-up replayed (after the checkpoint, if one was used).
+    replayed: u64,
     /// Held for the life of the process: one server per data directory.
     _lock: File,
 }
@@ -108,6 +111,7 @@ impl FileStorage {
             wal::sync_dir(dir)?;
         }
         let recovery = recover::recover(&wal_dir, options.durable)?;
+        let replayed = recovery.replayed;
         let records =
             super::records::RecordLog::open(dir, options.durable, options.fast_sync_interval)?;
         let streams: Vec<(Arc<LogShared>, StreamMeta, super::WriterSnapshot)> = recovery
@@ -141,6 +145,9 @@ impl FileStorage {
                 .iter()
                 .map(|(shared, _, _)| shared.clone())
                 .collect(),
+            recovery.last_batch_at,
+            recovery.checkpoint_seg,
+            recovery.replayed,
         )?;
         let recovered = streams
             .into_iter()
@@ -157,8 +164,15 @@ impl FileStorage {
             wal,
             records,
             recovered: Mutex::new(Some(recovered)),
+            replayed,
             _lock: lock,
         })
+    }
+
+    /// Bytes of log start-up replayed: all of it without a checkpoint, what followed the
+    /// checkpoint with one.
+    pub fn replayed_bytes(&self) -> u64 {
+        self.replayed
     }
 
     /// Write batches and operations so far: `ops / batches` is the group-commit factor.

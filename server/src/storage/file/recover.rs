@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::blocks::{Block, Blocks};
+use super::checkpoint;
 use super::frame::{self, Decoded, FrameError, LogPos};
 use super::wal::{Segment, segment_path, sync_dir};
 use crate::storage::{StorageError, StreamId, StreamMeta, WriterSnapshot};
@@ -38,6 +39,13 @@ pub(crate) struct Recovery {
     pub segments: Vec<Segment>,
     /// The sequence number of the last batch in the log (0: none); the writer goes on from it.
     pub last_batch: u64,
+    /// Where that batch's BATCH frame is (for the writer's checkpoints).
+    pub last_batch_at: Option<LogPos>,
+    /// The segment the checkpoint used (if one was) starts replay in: it must not be deleted
+    /// before a newer checkpoint replaces it.
+    pub checkpoint_seg: Option<u32>,
+    /// Bytes of log replayed.
+    pub replayed: u64,
     /// Whether the newest segment has this build's format; if not, the writer starts a new one
     /// rather than mix batches into an older format.
     pub newest_is_current: bool,
@@ -77,13 +85,59 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     let mut orphans: HashMap<StreamId, Orphan> = HashMap::new();
     let mut segments = Vec::with_capacity(ids.len());
     let mut last_batch: Option<u64> = None;
+    let mut last_batch_at: Option<LogPos> = None;
     let mut newest_version = frame::VERSION;
+    // Start from the checkpoint, if there is one that matches the log: its streams, and the
+    // segments before its replay point as it knew them (less those deleted since).
+    let checkpoint = checkpoint::load(dir, &ids);
+    let resume = checkpoint.as_ref().map(|c| c.from);
+    if let Some(c) = checkpoint {
+        for (id, len) in c.segments {
+            if ids.binary_search(&id).is_ok() {
+                segments.push(Segment {
+                    id,
+                    len,
+                    ..Segment::default()
+                });
+            }
+        }
+        for st in c.streams {
+            let s = st.state;
+            streams.insert(
+                s.meta.id,
+                RecoveredStream {
+                    state: WriterSnapshot {
+                        tail: s.tail,
+                        closed: s.closed,
+                        closed_by: s.closed_by,
+                        last_seq: s.last_seq,
+                        producers: s.producers.into_iter().collect(),
+                        soft_deleted: s.soft_deleted,
+                        last_access_ms: 0,
+                        own_bytes: 0,
+                        released: s.released,
+                    },
+                    meta: s.meta,
+                    blocks: Blocks {
+                        list: st.blocks.into(),
+                    },
+                    touched: st.touched,
+                    base: st.base,
+                },
+            );
+        }
+        last_batch = Some(c.last_batch);
+        last_batch_at = Some(c.last_batch_at);
+    }
     let mut replayed = 0u64;
     // Set when a torn write was cut off: the segments after it are gone.
     let mut cut = false;
     for (n, &id) in ids.iter().enumerate() {
         if cut {
             break;
+        }
+        if resume.is_some_and(|(from, _)| id < from) {
+            continue;
         }
         let last = n + 1 == ids.len();
         let path = segment_path(dir, id);
@@ -126,7 +180,15 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
         let mut pos = header_len;
         let mut damage = None;
         let mut batches = 0usize;
-        replayed += (data.len() - pos) as u64;
+        // The checkpoint covers this segment up to its replay point (the end of a batch).
+        if let Some((from, off)) = resume
+            && from == id
+            && off > frame::SEGMENT_HEADER_LEN
+        {
+            pos = (off as usize).min(data.len());
+            batches = 1;
+        }
+        let replay_from = pos;
         while pos < data.len() {
             // The writer extends a segment's file ahead of its frames, so a file may end in
             // zeros: free space, not data (a frame is never all zeros: its kind byte is not 0).
@@ -143,6 +205,9 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
             };
             match step {
                 Ok((frames, end, seq)) => {
+                    if seq.is_some() {
+                        last_batch_at = Some((id, pos as u64));
+                    }
                     for (decoded, at, len) in frames {
                         let at = (at as u64, len as u64);
                         apply(&mut streams, &mut orphans, decoded, id, at, &path)?;
@@ -157,6 +222,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                 }
             }
         }
+        replayed += pos.saturating_sub(replay_from) as u64;
         // A segment is rotated only after a batch went into it, so one with none before a newer
         // segment lost its batches (file-fast: never synced) or was damaged.
         if damage.is_none() && version >= 2 && !last && batches == 0 {
@@ -246,6 +312,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     tracing::info!(
         streams = streams.len(),
         segments = segments.len(),
+        checkpoint = ?resume,
         replayed_bytes = replayed,
         ms = started.elapsed().as_millis() as u64,
         "log recovered"
@@ -254,7 +321,9 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
         streams,
         segments,
         last_batch: last_batch.unwrap_or(0),
-
+        last_batch_at,
+        checkpoint_seg: resume.map(|(seg, _)| seg),
+        replayed,
         newest_is_current: newest_version == frame::VERSION,
     })
 }

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::blocks::{self, Block, MAX_BLOCK_RECORDS, MAX_BLOCK_SPAN};
+use super::checkpoint;
 use super::frame::{self, Encoded, LogPos};
 use super::{FileOptions, LogShared};
 use crate::storage::tail_cache::CacheBudget;
@@ -165,6 +166,7 @@ fn io_err(what: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
 
 impl Wal {
     /// Starts the writer thread over the recovered segments (ascending; the last is active).
+    #[allow(clippy::too_many_arguments)] // what recovery found, field by field
     pub fn start(
         dir: PathBuf,
         options: FileOptions,
@@ -172,6 +174,9 @@ impl Wal {
         last_batch: u64,
         newest_is_current: bool,
         streams: Vec<Arc<LogShared>>,
+        last_batch_at: Option<LogPos>,
+        checkpoint_seg: Option<u32>,
+        replayed: u64,
     ) -> Result<Arc<Wal>, StorageError> {
         // Batches go only into segments of this build's format: after an upgrade the older
         // newest segment is left as it is and a new one is started.
@@ -227,6 +232,13 @@ impl Wal {
             allocated: file.metadata().map_err(io_err(&path))?.len(),
             file,
             next_batch: last_batch + 1,
+            failed: failed.clone(),
+            last_batch_at,
+            checkpoint_seg,
+            // What start-up replayed counts: a long replay is followed by a checkpoint soon.
+            since_checkpoint: replayed,
+            checkpoint_len: 0,
+            pending: None,
             syncer,
             clean_after: None,
             streams: HashMap::with_capacity(streams.len()),
@@ -395,6 +407,20 @@ struct Writer {
     allocated: u64,
     /// The sequence number of the next batch's BATCH frame.
     next_batch: u64,
+    /// The log's failure flag: no checkpoint once a write failed.
+    failed: Arc<AtomicBool>,
+    /// Where the last batch's BATCH frame is.
+    last_batch_at: Option<LogPos>,
+    /// The segment in which the checkpoint on disk starts replay, if there is one: never
+    /// deleted before a newer checkpoint replaces it.
+    checkpoint_seg: Option<u32>,
+    /// Bytes written to the log since that checkpoint.
+    since_checkpoint: u64,
+    /// Its size: checkpoints are spaced by a multiple of it, so writing them costs a bounded
+    /// share of what is written.
+    checkpoint_len: u64,
+    /// file-fast: a checkpoint taken, written once the background sync has passed its point.
+    pending: Option<checkpoint::Checkpoint>,
     /// `file-fast`: the background sync, told what is written and asked what is durable.
     syncer: Option<Arc<syncer::Syncer>>,
     /// Segments may have died (every stream in them removed) once the log up to here is
@@ -418,12 +444,22 @@ fn estimate_state_len(meta: &crate::storage::StreamMeta, m: &super::Mirror) -> u
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Pending>) {
+        self.serve(rx);
+        // A clean shutdown leaves a checkpoint of everything, so the next start replays nothing.
+        if (self.since_checkpoint > 0 || self.pending.is_some())
+            && !self.failed.load(Ordering::Relaxed)
+        {
+            self.checkpoint_or_warn(true);
+        }
+    }
+
+    fn serve(&mut self, rx: mpsc::Receiver<Pending>) {
         // Reused: growing a new vector through every batch is an allocation per doubling.
         let mut batch: Vec<Pending> = Vec::with_capacity(64);
         loop {
             // file-fast: a clean-up waiting for the background sync is retried while idle, so
             // dead segments go without waiting for the next write.
-            let first = if self.clean_after.is_some() || self.reclaim {
+            let first = if self.clean_after.is_some() || self.reclaim || self.pending.is_some() {
                 match rx.recv_timeout(IDLE_CLEAN_TICK) {
                     Ok(first) => first,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -553,8 +589,10 @@ impl Writer {
             self.file.sync_data().map_err(io_err(&path))?;
             crate::metrics::storage_sync(syncing.elapsed());
         }
+        self.last_batch_at = Some((active.id, active.len));
         active.len += buf.len() as u64;
         self.next_batch += 1;
+        self.since_checkpoint += buf.len() as u64;
         if let Some(syncer) = &self.syncer {
             syncer.written(&self.file, (active.id, active.len));
         }
@@ -597,6 +635,16 @@ impl Writer {
         if let Err(e) = self.clean_when_durable(wal) {
             tracing::warn!(error = %e, "segment clean-up failed");
         }
+        if self.since_checkpoint
+            >= self
+                .segment_bytes
+                .max(CHECKPOINT_SPACING * self.checkpoint_len)
+            && self.pending.is_none()
+            && !wal.failed.load(Ordering::Relaxed)
+        {
+            self.checkpoint_or_warn(false);
+        }
+        self.write_pending_checkpoint(false);
     }
 
     /// Asks for a clean-up once everything written so far is durable.
@@ -969,6 +1017,11 @@ impl Writer {
             && self.segments[0].live == 0
             && self.segments[0].retained == 0
         {
+            // A checkpoint that replays from this segment: a newer one first (or none).
+            if deleted {
+                sync_dir(&self.dir)?;
+            }
+            self.before_deleting(self.segments[0].id)?;
             let seg = self.segments.remove(0);
             let path = segment_path(&self.dir, seg.id);
             wal.readers.lock().remove(seg.id);
@@ -981,6 +1034,137 @@ impl Writer {
         Ok(())
     }
 }
+
+impl Writer {
+    /// Takes a checkpoint of every stream as of the end of the log, and writes it once the log
+    /// up to there is durable: now in file-durable (and with `sync`, which syncs file-fast's log
+    /// first: at shutdown), else when file-fast's background sync has passed it
+    /// ([`Writer::write_pending_checkpoint`]), so checkpoints never sync file-fast's log
+    /// sooner than its own rhythm. A failure is logged: the older checkpoint, if any, stays
+    /// valid and the next start replays more.
+    fn checkpoint_or_warn(&mut self, sync: bool) {
+        let Some(c) = self.snapshot() else {
+            return;
+        };
+        self.since_checkpoint = 0;
+        if let (Some(syncer), true) = (&self.syncer, sync)
+            && let Err(e) = syncer.sync_now()
+        {
+            tracing::warn!(error = %e, "writing a checkpoint failed");
+            return;
+        }
+        self.pending = Some(c);
+        self.write_pending_checkpoint(sync);
+    }
+
+    /// Writes the checkpoint taken last if the log it covers is durable.
+    fn write_pending_checkpoint(&mut self, synced: bool) {
+        let Some(from) = self.pending.as_ref().map(|c| c.from) else {
+            return;
+        };
+        if let Some(syncer) = &self.syncer
+            && !synced
+            && syncer.durable() < from
+        {
+            return;
+        }
+        let Some(c) = self.pending.take() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match checkpoint::write(&self.dir, &c) {
+            Ok(len) => {
+                self.checkpoint_seg = Some(from.0);
+                self.checkpoint_len = len as u64;
+                tracing::debug!(
+                    bytes = len,
+                    streams = c.streams.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint written"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "writing a checkpoint failed"),
+        }
+    }
+
+    /// Every stream's state and blocks as of the end of the log (`None` before any batch).
+    fn snapshot(&self) -> Option<checkpoint::Checkpoint> {
+        let last_batch_at = self.last_batch_at?;
+        let (active, older) = self.segments.split_last()?;
+        let mut streams: Vec<checkpoint::Stream> = self
+            .streams
+            .values()
+            .map(|log| {
+                let index = log.index.read();
+                let m = &index.mirror;
+                let mut producers: Vec<(String, ProducerState)> =
+                    m.producers.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                checkpoint::Stream {
+                    state: frame::StreamState {
+                        meta: log.meta.clone(),
+                        tail: m.tail,
+                        released: index.released,
+                        closed: m.closed,
+                        closed_by: m.closed_by.clone(),
+                        last_seq: m.last_seq.clone(),
+                        producers,
+                        soft_deleted: m.soft_deleted,
+                        moved_from: 0,
+                    },
+                    touched: index.touched.clone(),
+                    base: index.base,
+                    blocks: index.blocks.iter().copied().collect(),
+                }
+            })
+            .collect();
+        streams.sort_unstable_by_key(|s| s.state.meta.id);
+        Some(checkpoint::Checkpoint {
+            from: (active.id, active.len),
+            last_batch: self.next_batch - 1,
+            last_batch_at,
+            segments: older.iter().map(|s| (s.id, s.len)).collect(),
+            streams,
+        })
+    }
+
+    /// Before deleting segment `seg`: a checkpoint whose replay starts there (on disk, or
+    /// waiting for the background sync) would be stale without it. file-durable writes a
+    /// newer one first; file-fast removes it (the next start replays the whole log until the
+    /// next checkpoint is written) rather than sync ahead of its rhythm.
+    fn before_deleting(&mut self, seg: u32) -> Result<(), StorageError> {
+        if self.pending.as_ref().is_some_and(|c| c.from.0 <= seg) {
+            self.pending = None;
+            self.since_checkpoint = self.since_checkpoint.max(1);
+        }
+        if self.checkpoint_seg.is_none_or(|c| c > seg) {
+            return Ok(());
+        }
+        if self.syncer.is_none() {
+            let c = self.snapshot();
+            if let Some(c) = c {
+                let len = checkpoint::write(&self.dir, &c)?;
+                self.checkpoint_seg = Some(c.from.0);
+                self.checkpoint_len = len as u64;
+                self.since_checkpoint = 0;
+                return Ok(());
+            }
+        }
+        let path = checkpoint::path(&self.dir);
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        self.checkpoint_seg = None;
+        self.since_checkpoint = self.since_checkpoint.max(1);
+        Ok(())
+    }
+}
+
+/// A checkpoint is written once the log has grown by a segment, and by at least this many times
+/// the size of the previous checkpoint.
+const CHECKPOINT_SPACING: u64 = 4;
 
 /// A small bounded map of open segment files for reads.
 mod lru_files {
@@ -1200,6 +1384,33 @@ mod syncer {
             let mut s = self.state.lock();
             s.active = None;
             s.older.push(old);
+        }
+
+        /// Syncs everything written so far now (for a checkpoint) and moves the mark.
+        pub fn sync_now(&self) -> Result<(), crate::storage::StorageError> {
+            let mut s = self.state.lock();
+            let older = std::mem::take(&mut s.older);
+            let active = s.active.clone();
+            let synced = older
+                .iter()
+                .chain(active.as_ref().map(|(f, _)| f))
+                .try_for_each(|f| f.sync_data());
+            match synced {
+                Ok(()) => {
+                    if let Some((_, pos)) = active {
+                        s.durable = s.durable.max(pos);
+                    }
+                    Ok(())
+                }
+                Err(source) => {
+                    tracing::error!(error = %source, "sync of the log failed; refusing writes until restart");
+                    self.failed.store(true, Ordering::Relaxed);
+                    Err(crate::storage::StorageError::Io {
+                        what: "syncing the log for a checkpoint".into(),
+                        source,
+                    })
+                }
+            }
         }
 
         /// Syncs once more and ends `run`.

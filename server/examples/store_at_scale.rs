@@ -4,6 +4,7 @@
 //! ```text
 //! cargo build --release -p ds-server --bin ds-server --example store_at_scale
 //! # a file-durable log of N appends of SIZE bytes to one stream, written through the storage API
+//! # (N more if DIR holds one already)
 //! target/release/examples/store_at_scale fill DIR N SIZE
 //! # start SERVER on DIR (file-durable) ROUNDS times: time to healthy, RSS, a few exact reads
 //! target/release/examples/store_at_scale restart SERVER DIR ROUNDS
@@ -61,13 +62,25 @@ async fn fill(dir: &Path, count: u64, size: usize) {
         created_at_ms: 1,
         fork: None,
     };
-    let (log, commit) = storage.create(&meta, Vec::new(), None).expect("create");
-    commit.await.expect("create commit");
+    // An existing stream (a directory filled before) is continued.
+    let found = storage
+        .recover()
+        .expect("recover")
+        .into_iter()
+        .find(|r| r.meta.id == 1);
+    let (log, first) = match found {
+        Some(r) => (r.log, r.state.tail / size.max(13) as u64),
+        None => {
+            let (log, commit) = storage.create(&meta, Vec::new(), None).expect("create");
+            commit.await.expect("create commit");
+            (log, 0)
+        }
+    };
     let started = Instant::now();
     let mut pending = futures::stream::FuturesOrdered::new();
     use futures::StreamExt;
     let size = size.max(13);
-    for i in 0..count {
+    for i in first..first + count {
         pending.push_back(log.append(AppendEntry {
             start: i * size as u64,
             data: Some(record(i, size)),
@@ -76,7 +89,7 @@ async fn fill(dir: &Path, count: u64, size: usize) {
         if pending.len() >= 8192 {
             pending.next().await.expect("pending").expect("append");
         }
-        if i % 1_000_000 == 0 && i > 0 {
+        if i % 1_000_000 == 0 && i > first {
             eprintln!("{i} appends, {:.1} s", started.elapsed().as_secs_f64());
         }
     }

@@ -11,11 +11,12 @@
 //!   `fdatasync`ed (survives a power loss).
 //! - Each operation is one checksummed frame (data, producer state, `Stream-Seq` and the closed
 //!   flag together), so a crash can never re-admit a duplicate or half-apply an append.
-//! - Recovery replays the segments in order, truncates a torn tail, and refuses corruption with
-//!   the file and byte position.
-//! - Each stream keeps an in-memory index of its records and a small cache of its newest
-//!   records, so live readers rarely touch the disk; other reads are `pread`s on a blocking
-//!   thread, never on the async workers.
+//! - Recovery replays the segments in order (from the last checkpoint's point, if there is a
+//!   usable one: `checkpoint`), truncates a torn tail, and refuses corruption with the file and
+//!   byte position.
+//! - Each stream keeps a sparse in-memory index of its records (one block per run of records:
+//!   `blocks`) and a small cache of its newest records, so live readers rarely touch the disk;
+//!   other reads are `pread`s of whole blocks on a blocking thread, never on the async workers.
 //! - Space: a segment file is deleted once it is the oldest and no stream needs it, neither for
 //!   its state (its newest CREATE or STATE frame and later frames) nor for retained records
 //!   (oldest-first keeps a removal's tombstone around as long as older frames of the removed

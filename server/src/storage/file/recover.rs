@@ -1,4 +1,5 @@
-//! Start-up recovery: replay every segment in order into stream states and record indexes.
+//! Start-up recovery: replay the segments in order into stream states and record blocks, all
+//! of them or those from a usable checkpoint's point on (`super::checkpoint`).
 //!
 //! A batch that is cut short or damaged where no later batch's durable mark covers it was never
 //! synced: a torn write from a crash or power loss. The file is truncated at the batch's start,

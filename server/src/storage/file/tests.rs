@@ -1832,3 +1832,30 @@ async fn a_torn_or_stale_checkpoint_falls_back_to_a_full_replay() {
         "intact again"
     );
 }
+
+/// An idle writer settles: with small segments, file-fast once rewrote forward on every idle
+/// tick (the dead segments waiting for the background sync counted as slack, and each rewrite
+/// moved the awaited sync further), writing forever.
+#[tokio::test]
+async fn an_idle_writer_stops_writing() {
+    for durable in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(durable);
+        opts.segment_bytes = 4096;
+        opts.fast_sync_interval = std::time::Duration::from_millis(5);
+        let store = FileStorage::open(dir.path(), opts).unwrap();
+        busy_history(&store, 0).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let (mut last, mut quiet) = (store.commit_stats().0, 0);
+        while quiet < 5 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "durable {durable}: still writing ({last} batches)"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let now = store.commit_stats().0;
+            quiet = if now == last { quiet + 1 } else { 0 };
+            last = now;
+        }
+    }
+}

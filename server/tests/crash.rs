@@ -43,6 +43,11 @@ fn free_port() -> u16 {
 }
 
 async fn start(mode: &str, dir: &std::path::Path) -> Server {
+    start_with(mode, dir, &[]).await
+}
+
+/// [`start`] with more environment variables (which win over the defaults).
+async fn start_with(mode: &str, dir: &std::path::Path, extra: &[(&str, &str)]) -> Server {
     let port = free_port();
     // "acid" runs with the commit log (the default) and segments small enough to roll and
     // checkpoint many times per round; "acid-per-shard" syncs each shard's redb commits.
@@ -67,6 +72,7 @@ async fn start(mode: &str, dir: &std::path::Path) -> Server {
         .env("DS_SUBSCRIPTIONS__ALLOW_LOCAL_WEBHOOKS", "true")
         .env("DS_SUBSCRIPTIONS__RETRY_MIN", "100ms")
         .env("DS_SUBSCRIPTIONS__RETRY_MAX", "400ms")
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -74,11 +80,15 @@ async fn start(mode: &str, dir: &std::path::Path) -> Server {
     let base = format!("http://127.0.0.1:{port}");
     let client = Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut child = child;
     loop {
         if let Ok(r) = client.get(format!("{base}/healthz")).send().await
             && r.status().is_success()
         {
             break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("ds-server ({mode}) exited at start-up: {status}");
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -436,6 +446,108 @@ async fn file_fast_keeps_every_acknowledged_write_across_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_durable_keeps_every_acknowledged_write_across_kill_9() {
     crash_rounds("file-durable").await;
+}
+
+/// The file modes' checkpoints (`server/STORAGE.md`, "Checkpoints"): with small segments a
+/// checkpoint is written every 16 KiB of log; the server is made to abort while writing one
+/// (`DSTEST_CRASH_AT`: the temporary file written, not synced; renamed, the directory not
+/// synced) under the writers' load, and must restart with every acknowledged append, then
+/// again after a clean shutdown (which leaves a checkpoint of everything).
+async fn killed_while_checkpointing(mode: &str, point: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Client::new();
+    let small = ("DS_STORAGE__SEGMENT_BYTES", "16384");
+    let mut server = start_with(mode, dir.path(), &[small, ("DSTEST_CRASH_AT", point)]).await;
+    let mut streams: Vec<Tracked> = (0..WRITERS)
+        .map(|w| Tracked {
+            path: format!("/v1/stream/ckpt-{w}"),
+            json: w == 1,
+            producer: (w % 2 == 1).then(|| format!("producer-{w}")),
+            ..Tracked::default()
+        })
+        .collect();
+    for t in &streams {
+        let ct = if t.json {
+            "application/json"
+        } else {
+            "application/octet-stream"
+        };
+        let r = client
+            .put(format!("{}{}", server.base, t.path))
+            .header("content-type", ct)
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = streams
+        .iter()
+        .map(|t| {
+            tokio::spawn(write_until_killed(
+                client.clone(),
+                server.base.clone(),
+                t.clone(),
+                0,
+                stop.clone(),
+                None,
+            ))
+        })
+        .collect();
+    // The server aborts by itself at the crash point.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{mode}: never reached {point}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(6), "{mode}: aborted at {point}");
+    stop.store(true, Ordering::Relaxed);
+    streams = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("writer task"))
+        .collect();
+    // The log passed 16 KiB (frames and batch headers included) before the abort.
+    assert!(
+        streams.iter().map(|t| t.content.len()).sum::<usize>() > 1000,
+        "{mode}: appends were acknowledged before the checkpoint: {:?}",
+        streams.iter().map(|t| t.content.len()).collect::<Vec<_>>()
+    );
+    server = start_with(mode, dir.path(), &[small]).await;
+    for t in &mut streams {
+        verify(&client, &server.base, t, mode).await;
+    }
+    // SIGTERM: a clean shutdown, which writes a checkpoint of everything.
+    let _ = Command::new("kill")
+        .arg(server.child.id().to_string())
+        .status();
+    let _ = server.child.wait();
+    assert!(
+        dir.path().join("wal/checkpoint").exists(),
+        "{mode}: a clean shutdown leaves a checkpoint"
+    );
+    server = start_with(mode, dir.path(), &[small]).await;
+    for t in &mut streams {
+        verify(&client, &server.base, t, mode).await;
+    }
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_modes_keep_every_acknowledged_write_when_killed_while_checkpointing() {
+    for mode in ["file-durable", "file-fast"] {
+        for point in ["checkpoint-tmp-written", "checkpoint-renamed"] {
+            killed_while_checkpointing(mode, point).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,13 +76,9 @@ pub(crate) struct TailCache {
 
 impl TailCache {
     /// Cached records.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.records.len()
-    }
-
-    /// The data of the `i`th cached record, oldest first.
-    pub fn get(&self, i: usize) -> Option<&Bytes> {
-        self.records.get(i).map(|(_, data)| data)
     }
 
     /// Position of the first cached byte and of the byte after the last, if anything is cached.
@@ -94,8 +90,8 @@ impl TailCache {
 
     /// Notes a committed record at `start`. Its bytes are kept when given, when they continue
     /// the cached run and when both budgets allow; otherwise the cache is emptied, so that it
-    /// stays a suffix of the stream's records (the file backend relies on that to find the
-    /// `i`th cached record in its own index).
+    /// stays a suffix of the stream's records (the file backend relies on that: the cache holds
+    /// every record from its first on).
     pub fn push(&mut self, start: u64, data: Option<Bytes>, budget: &CacheBudget) {
         let continues = self.span().is_none_or(|(_, end)| end == start);
         let data = data.filter(|d| continues && d.len() <= STREAM_CACHE_BYTES);
@@ -118,6 +114,16 @@ impl TailCache {
         } else {
             self.clear(budget);
         }
+    }
+
+    /// Copies of the cached records that start in `[from, until)` (shared bytes, no copy of data).
+    pub fn run(&self, from: u64, until: u64) -> Vec<(u64, Bytes)> {
+        let at = self.records.partition_point(|(start, _)| *start < from);
+        self.records
+            .range(at..)
+            .take_while(|(start, _)| *start < until)
+            .cloned()
+            .collect()
     }
 
     /// Drops the cached records that end at or before `pos` (released data), returning their

@@ -11,11 +11,12 @@
 //!   `fdatasync`ed (survives a power loss).
 //! - Each operation is one checksummed frame (data, producer state, `Stream-Seq` and the closed
 //!   flag together), so a crash can never re-admit a duplicate or half-apply an append.
-//! - Recovery replays the segments in order, truncates a torn tail, and refuses corruption with
-//!   the file and byte position.
-//! - Each stream keeps an in-memory index of its records and a small cache of its newest
-//!   records, so live readers rarely touch the disk; other reads are `pread`s on a blocking
-//!   thread, never on the async workers.
+//! - Recovery replays the segments in order (from the last checkpoint's point, if there is a
+//!   usable one: `checkpoint`), truncates a torn tail, and refuses corruption with the file and
+//!   byte position.
+//! - Each stream keeps a sparse in-memory index of its records (one block per run of records:
+//!   `blocks`) and a small cache of its newest records, so live readers rarely touch the disk;
+//!   other reads are `pread`s of whole blocks on a blocking thread, never on the async workers.
 //! - Space: a segment file is deleted once it is the oldest and no stream needs it, neither for
 //!   its state (its newest CREATE or STATE frame and later frames) nor for retained records
 //!   (oldest-first keeps a removal's tombstone around as long as older frames of the removed
@@ -24,11 +25,13 @@
 //!
 //! The format is written down in `server/STORAGE.md`.
 
+mod blocks;
+mod checkpoint;
 mod frame;
 mod recover;
 mod wal;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +45,7 @@ use super::{
     AppendEntry, Commit, ProducerState, ProducerTuple, ReadChunk, Recovered, Storage, StorageError,
     StreamId, StreamLog, StreamMeta, plan_read,
 };
+use blocks::Block;
 use wal::{Op, Target, Wal};
 
 /// The name of the file that marks a data directory as file-mode storage.
@@ -71,6 +75,8 @@ pub struct FileStorage {
     records: super::records::RecordLog,
     /// Filled by `open`, taken by the first `recover`.
     recovered: Mutex<Option<Vec<Recovered>>>,
+    /// Bytes of log start-up replayed (after the checkpoint, if one was used).
+    replayed: u64,
     /// Held for the life of the process: one server per data directory.
     _lock: File,
 }
@@ -106,6 +112,7 @@ impl FileStorage {
             wal::sync_dir(dir)?;
         }
         let recovery = recover::recover(&wal_dir, options.durable)?;
+        let replayed = recovery.replayed;
         let records =
             super::records::RecordLog::open(dir, options.durable, options.fast_sync_interval)?;
         let streams: Vec<(Arc<LogShared>, StreamMeta, super::WriterSnapshot)> = recovery
@@ -118,7 +125,7 @@ impl FileStorage {
                     start: r.meta.fork.as_ref().map_or(0, |f| f.offset),
                     meta: r.meta.clone(),
                     index: RwLock::new(Index {
-                        records: r.records.into(),
+                        blocks: r.blocks,
                         touched: r.touched,
                         base: r.base,
                         released: r.state.released,
@@ -139,6 +146,9 @@ impl FileStorage {
                 .iter()
                 .map(|(shared, _, _)| shared.clone())
                 .collect(),
+            recovery.last_batch_at,
+            recovery.checkpoint_seg,
+            recovery.replayed,
         )?;
         let recovered = streams
             .into_iter()
@@ -155,8 +165,15 @@ impl FileStorage {
             wal,
             records,
             recovered: Mutex::new(Some(recovered)),
+            replayed,
             _lock: lock,
         })
+    }
+
+    /// Bytes of log start-up replayed: all of it without a checkpoint, what followed the
+    /// checkpoint with one.
+    pub fn replayed_bytes(&self) -> u64 {
+        self.replayed
     }
 
     /// Write batches and operations so far: `ops / batches` is the group-commit factor.
@@ -280,16 +297,6 @@ impl Storage for FileStorage {
     }
 }
 
-/// Where one record's data sits on disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Loc {
-    pub start: u64,
-    pub len: u32,
-    pub seg: u32,
-    /// Byte offset of the data inside the segment file.
-    pub off: u64,
-}
-
 /// One stream's record index and cache, shared by its `FileLog` and the writer thread.
 pub(crate) struct LogShared {
     pub id: StreamId,
@@ -302,9 +309,10 @@ pub(crate) struct LogShared {
 
 #[derive(Default)]
 pub(crate) struct Index {
-    /// The retained records, ascending (released ones are dropped from the front).
-    pub records: VecDeque<Loc>,
-    /// The newest records' bytes: always a suffix of `records`.
+    /// The retained records, in blocks, ascending (blocks of released records are dropped
+    /// from the front; the first block may start before the retained start).
+    pub blocks: blocks::Blocks,
+    /// The newest records' bytes: always a suffix of the records.
     pub cache: TailCache,
     /// Segments from `base` on holding a frame of this stream, ascending: the frames recovery
     /// needs for its state (its retained records keep their segments through their bytes).
@@ -347,12 +355,6 @@ impl Mirror {
 }
 
 impl Index {
-    /// Appends a committed record, caching its bytes when the budget allows.
-    pub fn push(&mut self, loc: Loc, data: Option<Bytes>, budget: &CacheBudget) {
-        self.records.push_back(loc);
-        self.cache.push(loc.start, data, budget);
-    }
-
     pub fn clear_cache(&mut self, budget: &CacheBudget) {
         self.cache.clear(budget);
     }
@@ -362,11 +364,6 @@ impl Index {
 pub struct FileLog {
     shared: Arc<LogShared>,
     wal: Arc<Wal>,
-}
-
-enum Source {
-    Cached(Bytes),
-    Disk { seg: u32, off: u64, len: usize },
 }
 
 impl StreamLog for FileLog {
@@ -438,33 +435,33 @@ impl StreamLog for FileLog {
         max_bytes: usize,
         split: bool,
     ) -> BoxFuture<'static, Result<ReadChunk, StorageError>> {
-        let (sources, end) = match plan(&self.shared, from, until, max_bytes, split) {
-            Ok(x) => x,
+        let q = Query {
+            from,
+            until,
+            max_bytes,
+            split,
+        };
+        let (blocks, cached) = match plan(&self.shared, &q) {
+            Ok(Planned::Done(chunk)) => return Box::pin(std::future::ready(Ok(chunk))),
+            Ok(Planned::Disk { blocks, cached }) => (blocks, cached),
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
-        if sources.iter().all(|s| matches!(s, Source::Cached(_))) {
-            let parts = sources
-                .into_iter()
-                .filter_map(|s| match s {
-                    Source::Cached(b) => Some(b),
-                    Source::Disk { .. } => None,
-                })
-                .collect();
-            return Box::pin(std::future::ready(Ok(ReadChunk { parts, end })));
-        }
         let (wal, shared) = (self.wal.clone(), self.shared.clone());
         Box::pin(async move {
-            let (mut sources, mut end) = (sources, end);
+            let (mut blocks, mut cached) = (blocks, cached);
             let mut replanned = 0;
             loop {
-                let wal = wal.clone();
-                let parts = tokio::task::spawn_blocking(move || read_sources(&wal, sources))
-                    .await
-                    .map_err(|e| StorageError::Io {
-                        what: "read task".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                match parts {
+                let (wal, id) = (wal.clone(), shared.id);
+                let from = q.from;
+                let read = tokio::task::spawn_blocking(move || {
+                    read_blocks(&wal, id, &blocks, cached, from)
+                })
+                .await
+                .map_err(|e| StorageError::Io {
+                    what: "read task".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                match read {
                     // The segment was deleted after the read was planned: everything in it was
                     // released, or written forward, since. Planned again, the read either
                     // finds the records where they are now or is refused as released.
@@ -473,9 +470,15 @@ impl StreamLog for FileLog {
                             && replanned < MAX_REPLANS =>
                     {
                         replanned += 1;
-                        (sources, end) = plan(&shared, from, until, max_bytes, split)?;
+                        match plan(&shared, &q)? {
+                            Planned::Done(chunk) => return Ok(chunk),
+                            Planned::Disk {
+                                blocks: b,
+                                cached: c,
+                            } => (blocks, cached) = (b, c),
+                        }
                     }
-                    parts => return Ok(ReadChunk { parts: parts?, end }),
+                    read => return finish(&read?, shared.start, &q),
                 }
             }
         })
@@ -486,97 +489,130 @@ impl StreamLog for FileLog {
 /// means a release or a write-forward moved its records in between; one is the usual case.
 const MAX_REPLANS: u32 = 8;
 
-/// Where each piece of `[from, until)` is now: in the record cache, or at a segment position.
-fn plan(
-    shared: &LogShared,
+/// A read's arguments (see `StreamLog::read`).
+struct Query {
     from: u64,
     until: u64,
     max_bytes: usize,
     split: bool,
-) -> Result<(Vec<Source>, u64), StorageError> {
+}
+
+enum Planned {
+    /// Served from the cache of newest records.
+    Done(ReadChunk),
+    /// The blocks holding the read, from the one holding `from` on, and the cached records
+    /// from the first block the cache holds whole (those are not read from disk).
+    Disk {
+        blocks: Vec<Block>,
+        cached: Vec<(u64, Bytes)>,
+    },
+}
+
+/// Where `[from, until)` is now: in the cache of newest records, or in which blocks.
+fn plan(shared: &LogShared, q: &Query) -> Result<Planned, StorageError> {
     let index = shared.index.read();
-    if from < index.released && index.released > shared.start {
+    if q.from < index.released && index.released > shared.start {
         return Err(StorageError::Released {
             start: index.released,
         });
     }
-    let records = &index.records;
-    let span = |i: usize| (records[i].start, u64::from(records[i].len));
+    if let Some(chunk) = index.cache.read(q.from, q.until, q.max_bytes, q.split) {
+        return chunk.map(Planned::Done);
+    }
+    // Blocks from the one holding `from`, until they hold the budget's worth (the read never
+    // goes further) or reach `until`.
+    let mut blocks = Vec::new();
+    let mut have = 0u64;
+    for b in index.blocks.list.range(index.blocks.find(q.from)..) {
+        if b.start >= q.until || (have >= q.max_bytes as u64 && !blocks.is_empty()) {
+            break;
+        }
+        have += b.end - b.start.max(q.from);
+        blocks.push(*b);
+    }
+    let cache_from = index.cache.span().map(|(first, _)| first);
+    let first_cached = blocks
+        .iter()
+        .find(|b| cache_from.is_some_and(|c| b.start >= c))
+        .map(|b| b.start);
+    let cached = match (first_cached, blocks.last()) {
+        (Some(from), Some(last)) => index.cache.run(from, last.end),
+        _ => Vec::new(),
+    };
+    drop(index);
+    if blocks.is_empty() || first_cached == blocks.first().map(|b| b.start) {
+        return finish(&cached, shared.start, q).map(Planned::Done);
+    }
+    Ok(Planned::Disk { blocks, cached })
+}
+
+/// The read `q` served from `records`, consecutive records from the one holding `q.from` (or
+/// the first after it) on, at least as many as the read takes.
+fn finish(records: &[(u64, Bytes)], log_start: u64, q: &Query) -> Result<ReadChunk, StorageError> {
+    let span = |i: usize| (records[i].0, records[i].1.len() as u64);
     let (pieces, end) = plan_read(
         records.len(),
         span,
-        shared.start,
-        from,
-        until,
-        max_bytes,
-        split,
+        log_start,
+        q.from,
+        q.until,
+        q.max_bytes,
+        q.split,
     )?;
-    let cache_from = records.len() - index.cache.len();
-    let sources = pieces
-        .iter()
-        .map(|p| {
-            let cached = p
-                .record
-                .checked_sub(cache_from)
-                .and_then(|i| index.cache.get(i));
-            match cached {
-                Some(b) => Source::Cached(b.slice(p.skip..p.skip + p.len)),
-                None => {
-                    let loc = records[p.record];
-                    Source::Disk {
-                        seg: loc.seg,
-                        off: loc.off + p.skip as u64,
-                        len: p.len,
-                    }
-                }
-            }
-        })
-        .collect();
-    Ok((sources, end))
+    Ok(ReadChunk {
+        parts: pieces
+            .iter()
+            .map(|p| records[p.record].1.slice(p.skip..p.skip + p.len))
+            .collect(),
+        end,
+    })
 }
 
-/// Reads disk pieces, one `pread` per run of nearby pieces in the same segment.
-fn read_sources(wal: &Wal, sources: Vec<Source>) -> Result<Vec<Bytes>, StorageError> {
-    /// Gap between pieces (frame headers) worth reading through rather than seeking.
-    const MAX_GAP: u64 = 4096;
-    let mut parts = Vec::with_capacity(sources.len());
+/// The records of `blocks` (blocking): the cached ones from `cached`, the others read from
+/// disk, one `pread` per run of blocks close together in the same segment.
+fn read_blocks(
+    wal: &Wal,
+    id: StreamId,
+    blocks: &[Block],
+    cached: Vec<(u64, Bytes)>,
+    from: u64,
+) -> Result<Vec<(u64, Bytes)>, StorageError> {
+    /// Gap between blocks (other streams' frames) worth reading through rather than seeking.
+    const MAX_GAP: u64 = 64 << 10;
+    let cache_from = cached.first().map(|(start, _)| *start);
+    let on_disk = |b: &Block| cache_from.is_none_or(|c| b.start < c);
+    let mut records = Vec::new();
     let mut i = 0;
-    let sources: Vec<Source> = sources;
-    while i < sources.len() {
-        match &sources[i] {
-            Source::Cached(b) => {
-                parts.push(b.clone());
-                i += 1;
+    while i < blocks.len() && on_disk(&blocks[i]) {
+        let first = blocks[i];
+        let mut run_end = first.off + u64::from(first.span);
+        let mut j = i + 1;
+        while let Some(b) = blocks.get(j) {
+            if !on_disk(b) || b.seg != first.seg || b.off < run_end || b.off - run_end > MAX_GAP {
+                break;
             }
-            Source::Disk { seg, off, len } => {
-                // Extend the run while the next piece is on disk, same segment, close after.
-                let (seg, run_start) = (*seg, *off);
-                let mut run_end = off + *len as u64;
-                let mut j = i + 1;
-                while let Some(Source::Disk {
-                    seg: s2,
-                    off: o2,
-                    len: l2,
-                }) = sources.get(j)
-                {
-                    if *s2 != seg || *o2 < run_end || *o2 - run_end > MAX_GAP {
-                        break;
-                    }
-                    run_end = o2 + *l2 as u64;
-                    j += 1;
-                }
-                let buf = wal.pread(seg, run_start, (run_end - run_start) as usize)?;
-                for s in &sources[i..j] {
-                    if let Source::Disk { off, len, .. } = s {
-                        let at = (off - run_start) as usize;
-                        parts.push(buf.slice(at..at + len));
-                    }
-                }
-                i = j;
-            }
+            run_end = b.off + u64::from(b.span);
+            j += 1;
         }
+        let buf = wal.pread(first.seg, first.off, (run_end - first.off) as usize)?;
+        for b in &blocks[i..j] {
+            let at = (b.off - first.off) as usize;
+            let span = buf.slice(at..at + b.span as usize);
+            let found =
+                blocks::scan(id, b, &span, from).map_err(|detail| StorageError::Corrupt {
+                    what: format!(
+                        "{} at byte {}",
+                        wal::segment_path(wal.dir(), b.seg).display(),
+                        b.off
+                    ),
+                    detail: format!("stream {id}: {detail}"),
+                })?;
+            records.extend(found);
+        }
+        i = j;
     }
-    Ok(parts)
+    records.extend(cached);
+    Ok(records)
 }
 
 impl Drop for FileStorage {

@@ -1,4 +1,5 @@
-//! Start-up recovery: replay every segment in order into stream states and record indexes.
+//! Start-up recovery: replay the segments in order into stream states and record blocks, all
+//! of them or those from a usable checkpoint's point on (`super::checkpoint`).
 //!
 //! A batch that is cut short or damaged where no later batch's durable mark covers it was never
 //! synced: a torn write from a crash or power loss. The file is truncated at the batch's start,
@@ -8,7 +9,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::Loc;
+use super::blocks::{Block, Blocks};
+use super::checkpoint;
 use super::frame::{self, Decoded, FrameError, LogPos};
 use super::wal::{Segment, segment_path, sync_dir};
 use crate::storage::{StorageError, StreamId, StreamMeta, WriterSnapshot};
@@ -17,7 +19,7 @@ use crate::storage::{StorageError, StreamId, StreamMeta, WriterSnapshot};
 pub(crate) struct RecoveredStream {
     pub meta: StreamMeta,
     pub state: WriterSnapshot,
-    pub records: Vec<Loc>,
+    pub blocks: Blocks,
     pub touched: Vec<u32>,
     /// The segment of the stream's newest CREATE or STATE frame.
     pub base: u32,
@@ -29,7 +31,7 @@ pub(crate) struct RecoveredStream {
 /// the records kept here).
 #[derive(Default)]
 struct Orphan {
-    records: Vec<Loc>,
+    blocks: Blocks,
     touched: Vec<u32>,
 }
 
@@ -38,6 +40,13 @@ pub(crate) struct Recovery {
     pub segments: Vec<Segment>,
     /// The sequence number of the last batch in the log (0: none); the writer goes on from it.
     pub last_batch: u64,
+    /// Where that batch's BATCH frame is (for the writer's checkpoints).
+    pub last_batch_at: Option<LogPos>,
+    /// The segment the checkpoint used (if one was) starts replay in: it must not be deleted
+    /// before a newer checkpoint replaces it.
+    pub checkpoint_seg: Option<u32>,
+    /// Bytes of log replayed.
+    pub replayed: u64,
     /// Whether the newest segment has this build's format; if not, the writer starts a new one
     /// rather than mix batches into an older format.
     pub newest_is_current: bool,
@@ -71,17 +80,65 @@ fn segment_ids(dir: &Path) -> Result<Vec<u32>, StorageError> {
 }
 
 pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageError> {
+    let started = std::time::Instant::now();
     let ids = segment_ids(dir)?;
     let mut streams: HashMap<StreamId, RecoveredStream> = HashMap::new();
     let mut orphans: HashMap<StreamId, Orphan> = HashMap::new();
     let mut segments = Vec::with_capacity(ids.len());
     let mut last_batch: Option<u64> = None;
+    let mut last_batch_at: Option<LogPos> = None;
     let mut newest_version = frame::VERSION;
+    // Start from the checkpoint, if there is one that matches the log: its streams, and the
+    // segments before its replay point as it knew them (less those deleted since).
+    let checkpoint = checkpoint::load(dir, &ids);
+    let resume = checkpoint.as_ref().map(|c| c.from);
+    if let Some(c) = checkpoint {
+        for (id, len) in c.segments {
+            if ids.binary_search(&id).is_ok() {
+                segments.push(Segment {
+                    id,
+                    len,
+                    ..Segment::default()
+                });
+            }
+        }
+        for st in c.streams {
+            let s = st.state;
+            streams.insert(
+                s.meta.id,
+                RecoveredStream {
+                    state: WriterSnapshot {
+                        tail: s.tail,
+                        closed: s.closed,
+                        closed_by: s.closed_by,
+                        last_seq: s.last_seq,
+                        producers: s.producers.into_iter().collect(),
+                        soft_deleted: s.soft_deleted,
+                        last_access_ms: 0,
+                        own_bytes: 0,
+                        released: s.released,
+                    },
+                    meta: s.meta,
+                    blocks: Blocks {
+                        list: st.blocks.into(),
+                    },
+                    touched: st.touched,
+                    base: st.base,
+                },
+            );
+        }
+        last_batch = Some(c.last_batch);
+        last_batch_at = Some(c.last_batch_at);
+    }
+    let mut replayed = 0u64;
     // Set when a torn write was cut off: the segments after it are gone.
     let mut cut = false;
     for (n, &id) in ids.iter().enumerate() {
         if cut {
             break;
+        }
+        if resume.is_some_and(|(from, _)| id < from) {
+            continue;
         }
         let last = n + 1 == ids.len();
         let path = segment_path(dir, id);
@@ -124,6 +181,15 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
         let mut pos = header_len;
         let mut damage = None;
         let mut batches = 0usize;
+        // The checkpoint covers this segment up to its replay point (the end of a batch).
+        if let Some((from, off)) = resume
+            && from == id
+            && off > frame::SEGMENT_HEADER_LEN
+        {
+            pos = (off as usize).min(data.len());
+            batches = 1;
+        }
+        let replay_from = pos;
         while pos < data.len() {
             // The writer extends a segment's file ahead of its frames, so a file may end in
             // zeros: free space, not data (a frame is never all zeros: its kind byte is not 0).
@@ -133,15 +199,19 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
             // Version 1 has no batches: each frame stands alone.
             let step = if version == 1 {
                 frame::decode(&data[pos..])
-                    .map(|(decoded, len)| (vec![(decoded, pos)], pos + len, None))
+                    .map(|(decoded, len)| (vec![(decoded, pos, len)], pos + len, None))
                     .map_err(|err| (pos, err))
             } else {
                 read_batch(&data, pos, last_batch)
             };
             match step {
                 Ok((frames, end, seq)) => {
-                    for (decoded, at) in frames {
-                        apply(&mut streams, &mut orphans, decoded, id, at as u64, &path)?;
+                    if seq.is_some() {
+                        last_batch_at = Some((id, pos as u64));
+                    }
+                    for (decoded, at, len) in frames {
+                        let at = (at as u64, len as u64);
+                        apply(&mut streams, &mut orphans, decoded, id, at, &path)?;
                     }
                     last_batch = seq.or(last_batch);
                     batches += 1;
@@ -153,6 +223,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                 }
             }
         }
+        replayed += pos.saturating_sub(replay_from) as u64;
         // A segment is rotated only after a batch went into it, so one with none before a newer
         // segment lost its batches (file-fast: never synced) or was damaged.
         if damage.is_none() && version >= 2 && !last && batches == 0 {
@@ -211,16 +282,16 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     for s in streams.values_mut() {
         let log_start = s.meta.fork.as_ref().map_or(0, |f| f.offset);
         let released = s.state.released.max(log_start);
-        s.records.retain(|r| r.start + u64::from(r.len) > released);
-        let contiguous = s
-            .records
-            .windows(2)
-            .all(|w| w[0].start + u64::from(w[0].len) == w[1].start);
+        s.blocks.drop_released(released, |_| {});
+        let b = &s.blocks;
+        let contiguous = b
+            .list
+            .iter()
+            .zip(b.list.iter().skip(1))
+            .all(|(x, y)| x.end == y.start);
         let covered = contiguous
-            && match (s.records.first(), s.records.last()) {
-                (Some(first), Some(last)) => {
-                    first.start <= released && last.start + u64::from(last.len) == s.state.tail
-                }
+            && match (b.first(), b.last()) {
+                (Some(first), Some(last)) => first.start <= released && last.end == s.state.tail,
                 _ => released == s.state.tail,
             };
         if !covered {
@@ -230,10 +301,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
                     "stream {} should hold [{released}, {}) but its records cover {:?}",
                     s.meta.id,
                     s.state.tail,
-                    s.records.first().map(|f| (
-                        f.start,
-                        s.records.last().map(|l| l.start + u64::from(l.len))
-                    ))
+                    b.first().map(|f| (f.start, b.last().map(|l| l.end)))
                 ),
             });
         }
@@ -242,10 +310,21 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     }
     let mut streams: Vec<RecoveredStream> = streams.into_values().collect();
     streams.sort_by_key(|s| s.meta.id);
+    tracing::info!(
+        streams = streams.len(),
+        segments = segments.len(),
+        checkpoint = ?resume,
+        replayed_bytes = replayed,
+        ms = started.elapsed().as_millis() as u64,
+        "log recovered"
+    );
     Ok(Recovery {
         streams,
         segments,
         last_batch: last_batch.unwrap_or(0),
+        last_batch_at,
+        checkpoint_seg: resume.map(|(seg, _)| seg),
+        replayed,
         newest_is_current: newest_version == frame::VERSION,
     })
 }
@@ -258,7 +337,7 @@ fn read_batch(
     data: &[u8],
     pos: usize,
     previous: Option<u64>,
-) -> Result<(Vec<(Decoded, usize)>, usize, Option<u64>), (usize, FrameError)> {
+) -> Result<(Vec<(Decoded, usize, usize)>, usize, Option<u64>), (usize, FrameError)> {
     let (seq, len) = match frame::decode(&data[pos..]) {
         Ok((Decoded::Batch { seq, len, .. }, _)) => (seq, len as usize),
         Ok(_) => {
@@ -287,7 +366,7 @@ fn read_batch(
                 return Err((at, FrameError::Bad("a batch inside a batch".into())));
             }
             Ok((decoded, n)) => {
-                frames.push((decoded, at));
+                frames.push((decoded, at, n));
                 at += n;
             }
             Err(err) => return Err((at, err)),
@@ -356,13 +435,18 @@ fn touch(touched: &mut Vec<u32>, seg: u32) {
     }
 }
 
-/// Drops the records that end at or before `before`.
-fn drop_released(records: &mut Vec<Loc>, before: u64) {
-    let n = records
-        .iter()
-        .take_while(|r| r.start + u64::from(r.len) <= before)
-        .count();
-    records.drain(..n);
+/// A CREATE or STATE frame's records `[start, ...)` as one packed block, if it has any.
+fn packed(seg: u32, frame: (u64, u64), start: u64, records: &[(usize, usize)]) -> Option<Block> {
+    let bytes: u64 = records.iter().map(|(_, l)| *l as u64).sum();
+    (!records.is_empty()).then_some(Block {
+        start,
+        end: start + bytes,
+        off: frame.0,
+        span: frame.1 as u32,
+        seg,
+        count: records.len() as u32,
+        packed: true,
+    })
 }
 
 fn apply(
@@ -370,29 +454,22 @@ fn apply(
     orphans: &mut HashMap<StreamId, Orphan>,
     decoded: Decoded,
     seg: u32,
-    frame_off: u64,
+    frame: (u64, u64),
     path: &Path,
 ) -> Result<(), StorageError> {
-    let payload_off = frame_off + frame::FRAME_HEADER_LEN as u64;
+    let frame_off = frame.0;
     match decoded {
         Decoded::Create { meta, records } => {
             let id = meta.meta.id;
             let start = meta.meta.fork.as_ref().map_or(0, |f| f.offset);
-            let mut locs = Vec::with_capacity(records.len());
-            let mut pos = start;
-            for (rel, len) in records {
-                locs.push(Loc {
-                    start: pos,
-                    len: len as u32,
-                    seg,
-                    off: payload_off + rel as u64,
-                });
-                pos += len as u64;
-            }
+            let mut blocks = Blocks::default();
+            let block = packed(seg, frame, start, &records);
+            let tail = block.map_or(start, |b| b.end);
+            blocks.list.extend(block);
             let state = WriterSnapshot {
-                tail: pos,
+                tail,
                 closed: meta.closed,
-                own_bytes: pos - start,
+                own_bytes: tail - start,
                 last_access_ms: 0,
                 released: start,
                 ..WriterSnapshot::default()
@@ -403,7 +480,7 @@ fn apply(
                 RecoveredStream {
                     meta: meta.meta,
                     state,
-                    records: locs,
+                    blocks,
                     touched: vec![seg],
                     base: seg,
                 },
@@ -415,31 +492,25 @@ fn apply(
             state,
             data,
         } => {
-            let loc = data.map(|(rel, len)| Loc {
-                start,
-                len: len as u32,
-                seg,
-                off: payload_off + rel as u64,
-            });
+            let len = data.map(|(_, len)| len as u64);
             // The stream's CREATE frame went with a deleted segment: it was removed (a REMOVE
             // follows) or its state was written forward (a STATE frame follows).
             let Some(s) = streams.get_mut(&id) else {
                 let orphan = orphans.entry(id).or_default();
                 touch(&mut orphan.touched, seg);
-                if let Some(loc) = loc {
-                    if let Some(last) = orphan.records.last()
-                        && last.start + u64::from(last.len) != start
+                if let Some(len) = len {
+                    if let Some(last) = orphan.blocks.last()
+                        && last.end != start
                     {
                         return Err(corrupt(
                             path,
                             frame_off,
-                            format!(
-                                "append at {start} but stream {id} ends at {}",
-                                last.start + u64::from(last.len)
-                            ),
+                            format!("append at {start} but stream {id} ends at {}", last.end),
                         ));
                     }
-                    orphan.records.push(loc);
+                    orphan
+                        .blocks
+                        .push_append(start, len, seg, frame_off, frame.1);
                 }
                 return Ok(());
             };
@@ -451,10 +522,10 @@ fn apply(
                 ));
             }
             touch(&mut s.touched, seg);
-            if let Some(loc) = loc {
-                s.state.tail += u64::from(loc.len);
-                s.state.own_bytes += u64::from(loc.len);
-                s.records.push(loc);
+            if let Some(len) = len {
+                s.state.tail += len;
+                s.state.own_bytes += len;
+                s.blocks.push_append(start, len, seg, frame_off, frame.1);
             }
             if state.closes {
                 s.state.closed = true;
@@ -490,12 +561,12 @@ fn apply(
                     ));
                 }
                 s.state.released = s.state.released.max(before);
-                drop_released(&mut s.records, before);
+                s.blocks.drop_released(before, |_| {});
                 touch(&mut s.touched, seg);
             }
             None => {
                 let orphan = orphans.entry(id).or_default();
-                drop_released(&mut orphan.records, before);
+                orphan.blocks.drop_released(before, |_| {});
                 touch(&mut orphan.touched, seg);
             }
         },
@@ -514,56 +585,42 @@ fn apply(
                             ),
                         ));
                     }
-                    (s.records, s.touched)
+                    (s.blocks, s.touched)
                 }
                 None => {
                     let orphan = orphans.remove(&id).unwrap_or_default();
-                    if let Some(last) = orphan.records.last()
-                        && last.start + u64::from(last.len) != st.tail
+                    if let Some(last) = orphan.blocks.last()
+                        && last.end != st.tail
                     {
                         return Err(corrupt(
                             path,
                             frame_off,
                             format!(
                                 "state of stream {id} says tail {} but its frames end at {}",
-                                st.tail,
-                                last.start + u64::from(last.len)
+                                st.tail, last.end
                             ),
                         ));
                     }
-                    (orphan.records, orphan.touched)
+                    (orphan.blocks, orphan.touched)
                 }
             };
             // Moved records take the place of their older copies (which may be gone with their
             // segment, or still there after a crash before that segment was deleted).
-            let mut moved = Vec::with_capacity(records.len());
-            let mut pos = st.moved_from;
-            for (rel, len) in records {
-                moved.push(Loc {
-                    start: pos,
-                    len: len as u32,
-                    seg,
-                    off: payload_off + rel as u64,
-                });
-                pos += len as u64;
+            if let Some(block) = packed(seg, frame, st.moved_from, &records) {
+                if block.end > st.tail {
+                    return Err(corrupt(
+                        path,
+                        frame_off,
+                        format!(
+                            "state of stream {id} moves records past its tail {}",
+                            st.tail
+                        ),
+                    ));
+                }
+                kept.replace(block, |_| {})
+                    .map_err(|e| corrupt(path, frame_off, format!("stream {id}: {e}")))?;
             }
-            if pos > st.tail {
-                return Err(corrupt(
-                    path,
-                    frame_off,
-                    format!(
-                        "state of stream {id} moves records past its tail {}",
-                        st.tail
-                    ),
-                ));
-            }
-            if !moved.is_empty() {
-                let (from, to) = (st.moved_from, pos);
-                kept.retain(|r| r.start + u64::from(r.len) <= from || r.start >= to);
-                let at = kept.partition_point(|r| r.start < from);
-                kept.splice(at..at, moved);
-            }
-            drop_released(&mut kept, st.released);
+            kept.drop_released(st.released, |_| {});
             touch(&mut touched, seg);
             streams.insert(
                 id,
@@ -580,7 +637,7 @@ fn apply(
                         released: st.released,
                     },
                     meta: st.meta,
-                    records: kept,
+                    blocks: kept,
                     touched,
                     base: seg,
                 },

@@ -15,6 +15,22 @@ fn options(durable: bool) -> FileOptions {
     }
 }
 
+/// Writes a segment's bytes as a crash, a power loss or an older build left them: with no
+/// checkpoint (one is written only once the log it covers is durable, so a state of the disk
+/// with unsynced damage has none that covers it; and start-up does not read what a checkpoint
+/// covers, so damage to it is found by reads, not at start-up).
+fn write_damaged(
+    path: impl AsRef<std::path::Path>,
+    bytes: impl AsRef<[u8]>,
+) -> std::io::Result<()> {
+    let path = path.as_ref();
+    std::fs::write(path, bytes)?;
+    match std::fs::remove_file(path.with_file_name(checkpoint::FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn meta(id: u64) -> StreamMeta {
     StreamMeta {
         id,
@@ -121,7 +137,7 @@ async fn a_torn_tail_is_truncated_and_earlier_data_kept() {
         good_len,
         &partial.bytes[..partial.bytes.len() - 3],
     );
-    std::fs::write(&seg, bytes).unwrap();
+    write_damaged(&seg, bytes).unwrap();
     let good_len = good_len as u64;
 
     let store = FileStorage::open(dir.path(), options(false)).unwrap();
@@ -204,7 +220,7 @@ async fn a_last_batch_with_any_page_missing_is_dropped_whole() {
             }
         }
         put_at(&mut bytes, end, &batch);
-        std::fs::write(&seg, &bytes).unwrap();
+        write_damaged(&seg, &bytes).unwrap();
 
         {
             let store = FileStorage::open(dir.path(), options(true)).unwrap_or_else(|e| {
@@ -246,7 +262,7 @@ async fn a_damaged_batch_before_a_later_batch_refuses_to_start() {
     let at = bytes.windows(5).position(|w| w == b"first").unwrap();
     let batch_start = at - 20 - frame::FRAME_HEADER_LEN - frame::BATCH_FRAME_LEN;
     bytes[batch_start..batch_start + frame::BATCH_FRAME_LEN].fill(0);
-    std::fs::write(&seg, bytes).unwrap();
+    write_damaged(&seg, bytes).unwrap();
     let err = FileStorage::open(dir.path(), options(true))
         .err()
         .expect("damage before a later batch must stop start-up")
@@ -304,7 +320,7 @@ async fn file_fast_after_a_power_loss_drops_everything_from_the_first_unsynced_d
     // The page holding "b" never reached the disk; the one holding "c" did.
     let (b_start, _) = marks[2];
     bytes[b_start..marks[3].0].fill(0);
-    std::fs::write(&seg, &bytes).unwrap();
+    write_damaged(&seg, &bytes).unwrap();
     {
         let store = FileStorage::open(dir.path(), fast_unsynced())
             .unwrap_or_else(|e| panic!("an unsynced tear must not stop start-up: {e}"));
@@ -341,7 +357,7 @@ async fn file_fast_damage_before_a_later_durable_mark_refuses_to_start() {
     let (a_start, _) = marks[1];
     assert!(marks[2].1 > (1, a_start as u64), "{marks:?}");
     bytes[a_start + frame::BATCH_FRAME_LEN + frame::FRAME_HEADER_LEN + 20] ^= 0x01;
-    std::fs::write(&seg, &bytes).unwrap();
+    write_damaged(&seg, &bytes).unwrap();
     let err = FileStorage::open(dir.path(), fast_unsynced())
         .err()
         .expect("damage to synced data must stop start-up")
@@ -412,7 +428,7 @@ async fn file_fast_tear_in_an_older_segment_removes_the_segments_after_it() {
     };
     let chunk = one_stream_over_segments(dir.path(), &opts, b'z').await;
     let wal_dir = wal_dir(dir.path());
-    let count = || std::fs::read_dir(&wal_dir).unwrap().count();
+    let count = || seg_ids(&wal_dir).len();
     assert!(count() >= 3, "the appends span several segments");
     let seg1 = wal::segment_path(&wal_dir, 1);
     let mut bytes = std::fs::read(&seg1).unwrap();
@@ -420,7 +436,7 @@ async fn file_fast_tear_in_an_older_segment_removes_the_segments_after_it() {
     // Damage the second append (the third batch) of the first segment.
     let (start, _) = marks[2];
     bytes[start + frame::BATCH_FRAME_LEN + 40] ^= 0x10;
-    std::fs::write(&seg1, &bytes).unwrap();
+    write_damaged(&seg1, &bytes).unwrap();
     let store = FileStorage::open(dir.path(), opts).unwrap();
     let recovered = store.recover().unwrap();
     assert_eq!(recovered[0].state.tail, 1500);
@@ -441,12 +457,12 @@ async fn file_fast_an_older_segment_that_lost_its_batches_takes_the_later_ones_w
     };
     one_stream_over_segments(dir.path(), &opts, b'q').await;
     let wal_dir = wal_dir(dir.path());
-    let count = || std::fs::read_dir(&wal_dir).unwrap().count();
+    let count = || seg_ids(&wal_dir).len();
     assert!(count() >= 3);
     let seg1 = wal::segment_path(&wal_dir, 1);
     let mut bytes = std::fs::read(&seg1).unwrap();
     bytes[frame::SEGMENT_HEADER_LEN as usize..].fill(0);
-    std::fs::write(&seg1, &bytes).unwrap();
+    write_damaged(&seg1, &bytes).unwrap();
     let store = FileStorage::open(dir.path(), opts).unwrap();
     let recovered = store.recover().unwrap();
     assert!(
@@ -470,7 +486,7 @@ async fn file_durable_damage_in_an_older_segment_refuses_to_start() {
     let mut bytes = std::fs::read(&seg1).unwrap();
     let (start, _) = batches(&bytes)[2];
     bytes[start + frame::BATCH_FRAME_LEN + 40] ^= 0x10;
-    std::fs::write(&seg1, &bytes).unwrap();
+    write_damaged(&seg1, &bytes).unwrap();
     let err = FileStorage::open(dir.path(), opts)
         .err()
         .expect("damage to synced data must stop start-up")
@@ -502,7 +518,7 @@ async fn a_batch_frame_inside_stream_data_cannot_vouch_for_the_log() {
     // "b" never reached the disk; the batch holding the forged frame did.
     let (b_start, _) = marks[2];
     bytes[b_start..marks[3].0].fill(0);
-    std::fs::write(&seg, &bytes).unwrap();
+    write_damaged(&seg, &bytes).unwrap();
     let store = FileStorage::open(dir.path(), fast_unsynced())
         .unwrap_or_else(|e| panic!("a forged mark must not stop start-up: {e}"));
     let recovered = store.recover().unwrap();
@@ -566,7 +582,7 @@ async fn a_version_1_log_is_read_and_continued_in_a_new_segment() {
     };
     v1.extend_from_slice(&frame::encode_create(&create, &[]).bytes);
     v1.extend_from_slice(&frame::encode_append(1, &append(0, b"old")).bytes);
-    std::fs::write(&seg1, &v1).unwrap();
+    write_damaged(&seg1, &v1).unwrap();
     {
         let store = FileStorage::open(dir.path(), options(true)).unwrap();
         let recovered = store.recover().unwrap();
@@ -656,7 +672,7 @@ async fn a_corrupt_byte_before_the_tail_refuses_to_start_naming_file_and_positio
     let mut bytes = std::fs::read(&seg).unwrap();
     let at = bytes.windows(5).position(|w| w == b"first").unwrap();
     bytes[at] ^= 0xff;
-    std::fs::write(&seg, bytes).unwrap();
+    write_damaged(&seg, bytes).unwrap();
     let err = FileStorage::open(dir.path(), options(true))
         .err()
         .expect("corruption must stop start-up")
@@ -700,7 +716,7 @@ async fn segments_rotate_and_dead_ones_are_deleted_oldest_first() {
     let mut opts = options(true);
     opts.segment_bytes = 256;
     let wal = wal_dir(dir.path());
-    let count = |wal: &std::path::Path| std::fs::read_dir(wal).unwrap().count();
+    let count = |wal: &std::path::Path| seg_ids(wal).len();
     {
         let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
         let (keep, c) = store.create(&meta(1), vec![], None).unwrap();
@@ -746,7 +762,7 @@ async fn segments_rotate_and_dead_ones_are_deleted_oldest_first() {
 
 /// Waits (with a deadline) until the log directory holds at most `n` segments.
 fn wait_for_segments(wal: &std::path::Path, n: usize) {
-    let count = || std::fs::read_dir(wal).unwrap().count();
+    let count = || seg_ids(wal).len();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while count() > n {
         assert!(
@@ -936,7 +952,7 @@ async fn a_version_2_log_is_read_and_continued_in_a_version_3_segment() {
     let path = wal::segment_path(&wal, 1);
     let mut data = std::fs::read(&path).unwrap();
     data[8..12].copy_from_slice(&2u32.to_le_bytes());
-    std::fs::write(&path, data).unwrap();
+    write_damaged(&path, data).unwrap();
     let store = FileStorage::open(dir.path(), options(true)).unwrap();
     let streams = store.recover().unwrap();
     assert_eq!(read_all(&streams[0].log, 8).await, b"old-data");
@@ -1124,6 +1140,7 @@ mod model {
         let mut segs: Vec<_> = std::fs::read_dir(wal_dir(dir))
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
             .collect();
         segs.sort();
         let mut out = Vec::new();
@@ -1223,7 +1240,7 @@ mod model {
                         Step::TornTail { garbage } => {
                             drop(std::mem::take(&mut live.logs));
                             drop(live);
-                            let mut segs: Vec<_> = std::fs::read_dir(wal_dir(dir.path())).unwrap().map(|e| e.unwrap().path()).collect();
+                            let mut segs: Vec<_> = std::fs::read_dir(wal_dir(dir.path())).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
                             segs.sort();
                             let newest = segs.last().unwrap();
                             let mut data = std::fs::read(newest).unwrap();
@@ -1233,7 +1250,7 @@ mod model {
                             let mut torn = (garbage.len() as u32 + 100).to_le_bytes().to_vec();
                             torn.extend_from_slice(&garbage);
                             super::put_at(&mut data, end, &torn);
-                            std::fs::write(newest, data).unwrap();
+                            write_damaged(newest, data).unwrap();
                             let store = FileStorage::open(dir.path(), opts()).unwrap();
                             let recovered = store.recover().unwrap();
                             live = Live { store, logs: BTreeMap::new() };
@@ -1253,7 +1270,7 @@ mod model {
                             let (path, start, len, _) = all[frame % last_batch].clone();
                             let mut data = std::fs::read(&path).unwrap();
                             data[start + at % len] ^= 0x5a;
-                            std::fs::write(&path, data).unwrap();
+                            write_damaged(&path, data).unwrap();
                             let err = FileStorage::open(dir.path(), opts()).err();
                             assert!(err.is_some(), "corruption before the tail must refuse to start");
                             let err = err.unwrap().to_string();
@@ -1369,6 +1386,7 @@ mod fast_power_loss {
         let mut segs: Vec<_> = std::fs::read_dir(wal_dir(dir))
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
             .collect();
         segs.sort();
         let newest = segs.last().unwrap();
@@ -1473,7 +1491,7 @@ mod fast_power_loss {
                                     let start = start.max(from);
                                     let stop = ((start / 512 + sectors) * 512).min(bytes.len() as u64);
                                     bytes[start as usize..stop as usize].fill(0);
-                                    std::fs::write(&path, &bytes).unwrap();
+                                    write_damaged(&path, &bytes).unwrap();
                                 }
                             }
                             let (s, l, got) = reopen(dir.path()).await;
@@ -1540,4 +1558,304 @@ async fn a_read_planned_before_its_segment_was_deleted_is_planned_again() {
         acked_read.await,
         Err(StorageError::Released { start: 100 })
     ));
+}
+
+/// The sparse index (one block per run of records, the rest found in the log): reads from any
+/// record boundary, with any budget, return exactly the records a per-record index would, a
+/// read inside a record is refused unless split, and so after a reopen and after a release,
+/// with another stream's frames between every few records and segments rotating under them.
+#[tokio::test]
+async fn reads_at_any_offset_stay_exact_across_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(false);
+    opts.cache_bytes = 0;
+    opts.segment_bytes = 400 << 10;
+    let n = 9_000usize;
+    let len_of = |i: usize| 1 + (i * 7919) % 23;
+    let mut content = Vec::new();
+    let mut bounds = vec![0u64];
+    for i in 0..n {
+        let l = len_of(i);
+        content.extend((0..l).map(|j| b'a' + ((i + j) % 26) as u8));
+        bounds.push(content.len() as u64);
+    }
+    let tail = content.len() as u64;
+    {
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        let (log, c) = store.create(&meta(1), vec![], None).unwrap();
+        c.await.unwrap();
+        let (other, c) = store.create(&meta(2), vec![], None).unwrap();
+        c.await.unwrap();
+        let mut other_tail = 0;
+        for i in 0..n {
+            let (a, b) = (bounds[i] as usize, bounds[i + 1] as usize);
+            log.append(AppendEntry {
+                start: a as u64,
+                data: Some(Bytes::copy_from_slice(&content[a..b])),
+                ..AppendEntry::default()
+            })
+            .await
+            .unwrap();
+            if i % 3 == 0 {
+                other
+                    .append(append(other_tail, b"interleaved"))
+                    .await
+                    .unwrap();
+                other_tail += 11;
+            }
+        }
+        check_reads(&log, &content, &bounds, 0).await;
+    }
+    let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+    let mut streams = store.recover().unwrap();
+    streams.sort_by_key(|r| r.meta.id);
+    assert_eq!(streams[0].state.tail, tail);
+    check_reads(&streams[0].log, &content, &bounds, 0).await;
+    let released = bounds[n / 2];
+    streams[0].log.release(released).await.unwrap();
+    check_reads(&streams[0].log, &content, &bounds, n / 2).await;
+    assert!(matches!(
+        streams[0].log.read(bounds[n / 2 - 1], tail, 100, false).await,
+        Err(StorageError::Released { start }) if start == released
+    ));
+    drop(streams);
+    drop(store);
+    let store = FileStorage::open(dir.path(), opts).unwrap();
+    let mut streams = store.recover().unwrap();
+    streams.sort_by_key(|r| r.meta.id);
+    check_reads(&streams[0].log, &content, &bounds, n / 2).await;
+}
+
+/// Reads from record boundaries `first..` (sampled) and from inside records.
+async fn check_reads(log: &Arc<dyn StreamLog>, content: &[u8], bounds: &[u64], first: usize) {
+    let tail = content.len() as u64;
+    let n = bounds.len() - 1;
+    for k in (first..n).step_by(331).chain([n - 1]) {
+        let from = bounds[k];
+        for budget in [1usize, 37, 5000] {
+            // Whole records: the first always, then while they fit.
+            let mut end = k + 1;
+            while end < n && bounds[end + 1] - from <= budget as u64 {
+                end += 1;
+            }
+            let chunk = log.read(from, tail, budget, false).await.unwrap();
+            assert_eq!(chunk.end, bounds[end], "from record {k}, budget {budget}");
+            assert_eq!(
+                chunk.parts.concat(),
+                &content[from as usize..bounds[end] as usize]
+            );
+            assert_eq!(chunk.parts.len(), end - k, "one part per record");
+        }
+        if bounds[k + 1] - from > 1 {
+            assert!(matches!(
+                log.read(from + 1, tail, 100, false).await,
+                Err(StorageError::Misaligned { .. })
+            ));
+            let chunk = log.read(from + 1, tail, 50, true).await.unwrap();
+            let to = (from + 51).min(tail);
+            assert_eq!(chunk.end, to);
+            assert_eq!(
+                chunk.parts.concat(),
+                &content[from as usize + 1..to as usize]
+            );
+        }
+    }
+}
+
+/// What every stream holds: (id, released, tail, closed, producers, retained bytes).
+type Contents = Vec<(u64, u64, u64, bool, Vec<(String, u64)>, Vec<u8>)>;
+
+async fn contents(store: &FileStorage) -> Contents {
+    let mut out = Vec::new();
+    for r in store.recover().unwrap() {
+        let (released, tail) = (r.state.released, r.state.tail);
+        let data = r.log.read(released, tail, usize::MAX, true).await.unwrap();
+        let mut producers: Vec<(String, u64)> = r
+            .state
+            .producers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.last_seq))
+            .collect();
+        producers.sort();
+        out.push((
+            r.meta.id,
+            released,
+            tail,
+            r.state.closed,
+            producers,
+            data.parts.concat(),
+        ));
+    }
+    out.sort_by_key(|c| c.0);
+    out
+}
+
+/// Writes a history across many small segments: appends (some with a producer), releases, a
+/// removal, a close, with segments written forward and deleted on the way.
+async fn busy_history(store: &FileStorage, first_id: u64) {
+    let mut logs = Vec::new();
+    for id in first_id + 1..=first_id + 4 {
+        let (log, c) = store.create(&meta(id), vec![], None).unwrap();
+        c.await.unwrap();
+        logs.push(log);
+    }
+    let mut tails = [0u64; 4];
+    for i in 0..600u64 {
+        let s = (i % 4) as usize;
+        let data = vec![b'a' + (i % 26) as u8; 20 + (i % 50) as usize];
+        let len = data.len() as u64;
+        logs[s]
+            .append(AppendEntry {
+                start: tails[s],
+                data: Some(Bytes::from(data)),
+                producer: (s == 1).then(|| {
+                    (
+                        "p".to_owned(),
+                        ProducerState {
+                            epoch: 0,
+                            last_seq: i,
+                            last_ms: 1,
+                        },
+                    )
+                }),
+                close: (s == 3 && i == 599).then_some(None),
+                ..AppendEntry::default()
+            })
+            .await
+            .unwrap();
+        tails[s] += len;
+        if s == 0 && i % 40 == 0 {
+            logs[0].release(tails[0]).await.unwrap();
+        }
+    }
+    logs[2].remove().await.unwrap();
+}
+
+/// A restart after a clean shutdown replays nothing (the shutdown wrote a checkpoint); one with
+/// an older checkpoint (as a crash before the next one leaves it) replays only what followed
+/// it; both recover exactly what a replay of the whole log does.
+#[tokio::test]
+async fn start_up_replays_only_what_follows_the_checkpoint() {
+    for durable in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(durable);
+        opts.segment_bytes = 4096;
+        opts.fast_sync_interval = std::time::Duration::from_millis(5);
+        let wal = wal_dir(dir.path());
+        let path = wal.join(checkpoint::FILE);
+        let log_bytes = |wal: &std::path::Path| -> u64 {
+            seg_ids(wal)
+                .iter()
+                .map(|&id| std::fs::metadata(wal::segment_path(wal, id)).unwrap().len())
+                .sum()
+        };
+        {
+            let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+            busy_history(&store, 0).await;
+        }
+        let older = std::fs::read(&path).unwrap();
+        {
+            let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+            assert_eq!(store.replayed_bytes(), 0, "durable {durable}");
+            busy_history(&store, 10).await;
+        }
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        assert_eq!(store.replayed_bytes(), 0, "durable {durable}");
+        let expected = contents(&store).await;
+        assert_eq!(expected.len(), 6);
+        assert!(expected[2].3, "stream 4 closed");
+        drop(store);
+        // The older checkpoint: what the second history wrote is replayed.
+        let total = log_bytes(&wal);
+        std::fs::write(&path, &older).unwrap();
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        assert!(
+            store.replayed_bytes() > 0 && store.replayed_bytes() < total,
+            "replayed {} of {total}",
+            store.replayed_bytes()
+        );
+        assert_eq!(contents(&store).await, expected);
+        drop(store);
+        // Without a checkpoint: the whole log, the same result.
+        std::fs::remove_file(&path).unwrap();
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        assert!(store.replayed_bytes() > 0);
+        assert_eq!(contents(&store).await, expected);
+    }
+}
+
+/// A checkpoint that is torn, damaged, or no longer matches the log (here: the log was cut below
+/// the batch it names) is not used: start-up says why, removes it, and replays the whole log.
+#[tokio::test]
+async fn a_torn_or_stale_checkpoint_falls_back_to_a_full_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(true);
+    opts.segment_bytes = 4096;
+    {
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        busy_history(&store, 0).await;
+    }
+    let wal = wal_dir(dir.path());
+    let path = wal.join(checkpoint::FILE);
+    let good = std::fs::read(&path).unwrap();
+    let expected = contents(&FileStorage::open(dir.path(), opts.clone()).unwrap()).await;
+    let cut = good[..good.len() / 2].to_vec();
+    let mut flipped = good.clone();
+    let at = flipped.len() - 10;
+    flipped[at] ^= 0x20;
+    for bad in [cut, flipped, b"DSCKPT".to_vec()] {
+        std::fs::write(&path, &bad).unwrap();
+        let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+        assert!(store.replayed_bytes() > 0, "a bad checkpoint is not used");
+        assert!(!path.exists(), "a bad checkpoint is removed");
+        assert_eq!(contents(&store).await, expected);
+    }
+    // Stale: the checkpoint names a batch the log no longer has at that place (a log cut short
+    // below it, as only damage could: a checkpoint covers synced batches only).
+    let store = FileStorage::open(dir.path(), opts.clone()).unwrap();
+    drop(store);
+    let good = std::fs::read(&path).unwrap();
+    let c = checkpoint::load(&wal, &seg_ids(&wal)).expect("valid");
+    let (seg, off) = c.last_batch_at;
+    let seg_path = wal::segment_path(&wal, seg);
+    let bytes = std::fs::read(&seg_path).unwrap();
+    let mut other = bytes.clone();
+    // The batch's sequence number changed: not the batch the checkpoint saw.
+    other[off as usize + 9] ^= 1;
+    std::fs::write(&seg_path, &other).unwrap();
+    assert!(checkpoint::load(&wal, &seg_ids(&wal)).is_none());
+    assert!(!path.exists());
+    std::fs::write(&seg_path, &bytes).unwrap();
+    std::fs::write(&path, &good).unwrap();
+    assert!(
+        checkpoint::load(&wal, &seg_ids(&wal)).is_some(),
+        "intact again"
+    );
+}
+
+/// An idle writer settles: with small segments, file-fast once rewrote forward on every idle
+/// tick (the dead segments waiting for the background sync counted as slack, and each rewrite
+/// moved the awaited sync further), writing forever.
+#[tokio::test]
+async fn an_idle_writer_stops_writing() {
+    for durable in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(durable);
+        opts.segment_bytes = 4096;
+        opts.fast_sync_interval = std::time::Duration::from_millis(5);
+        let store = FileStorage::open(dir.path(), opts).unwrap();
+        busy_history(&store, 0).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let (mut last, mut quiet) = (store.commit_stats().0, 0);
+        while quiet < 5 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "durable {durable}: still writing ({last} batches)"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let now = store.commit_stats().0;
+            quiet = if now == last { quiet + 1 } else { 0 };
+            last = now;
+        }
+    }
 }

@@ -18,8 +18,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::blocks::{self, Block, MAX_BLOCK_RECORDS, MAX_BLOCK_SPAN};
+use super::checkpoint;
 use super::frame::{self, Encoded, LogPos};
-use super::{FileOptions, Loc, LogShared};
+use super::{FileOptions, LogShared};
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::{
     Commit, ProducerState, ProducerTuple, StorageError, StreamId, ZERO_FILL_BELOW,
@@ -64,10 +66,11 @@ pub(crate) enum Target {
         before: u64,
     },
     /// A STATE frame the writer wrote forward (never submitted from outside), carrying the
-    /// stream's retained records from position `moved` on when given.
+    /// stream's retained records `[from, to)` when given: they replace the blocks that held
+    /// them.
     State {
         log: Arc<LogShared>,
-        moved: Option<u64>,
+        moved: Option<(u64, u64)>,
     },
 }
 
@@ -163,6 +166,7 @@ fn io_err(what: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
 
 impl Wal {
     /// Starts the writer thread over the recovered segments (ascending; the last is active).
+    #[allow(clippy::too_many_arguments)] // what recovery found, field by field
     pub fn start(
         dir: PathBuf,
         options: FileOptions,
@@ -170,6 +174,9 @@ impl Wal {
         last_batch: u64,
         newest_is_current: bool,
         streams: Vec<Arc<LogShared>>,
+        last_batch_at: Option<LogPos>,
+        checkpoint_seg: Option<u32>,
+        replayed: u64,
     ) -> Result<Arc<Wal>, StorageError> {
         // Batches go only into segments of this build's format: after an upgrade the older
         // newest segment is left as it is and a new one is started.
@@ -225,6 +232,13 @@ impl Wal {
             allocated: file.metadata().map_err(io_err(&path))?.len(),
             file,
             next_batch: last_batch + 1,
+            failed: failed.clone(),
+            last_batch_at,
+            checkpoint_seg,
+            // What start-up replayed counts: a long replay is followed by a checkpoint soon.
+            since_checkpoint: replayed,
+            checkpoint_len: 0,
+            pending: None,
             syncer,
             clean_after: None,
             streams: HashMap::with_capacity(streams.len()),
@@ -239,9 +253,9 @@ impl Wal {
                     s.streams.push(log.id);
                 }
             }
-            for r in index.records.iter() {
-                if let Some(s) = writer.segment_mut(r.seg) {
-                    s.retained += u64::from(r.len);
+            for b in index.blocks.iter() {
+                if let Some(s) = writer.segment_mut(b.seg) {
+                    s.retained += b.bytes();
                 }
             }
             writer.unpin(&mut index);
@@ -261,6 +275,11 @@ impl Wal {
 
     pub fn durable(&self) -> bool {
         self.durable
+    }
+
+    /// The directory of the segments.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn stats(&self) -> (u64, u64) {
@@ -388,6 +407,20 @@ struct Writer {
     allocated: u64,
     /// The sequence number of the next batch's BATCH frame.
     next_batch: u64,
+    /// The log's failure flag: no checkpoint once a write failed.
+    failed: Arc<AtomicBool>,
+    /// Where the last batch's BATCH frame is.
+    last_batch_at: Option<LogPos>,
+    /// The segment in which the checkpoint on disk starts replay, if there is one: never
+    /// deleted before a newer checkpoint replaces it.
+    checkpoint_seg: Option<u32>,
+    /// Bytes written to the log since that checkpoint.
+    since_checkpoint: u64,
+    /// Its size: checkpoints are spaced by a multiple of it, so writing them costs a bounded
+    /// share of what is written.
+    checkpoint_len: u64,
+    /// file-fast: a checkpoint taken, written once the background sync has passed its point.
+    pending: Option<checkpoint::Checkpoint>,
     /// `file-fast`: the background sync, told what is written and asked what is durable.
     syncer: Option<Arc<syncer::Syncer>>,
     /// Segments may have died (every stream in them removed) once the log up to here is
@@ -411,12 +444,22 @@ fn estimate_state_len(meta: &crate::storage::StreamMeta, m: &super::Mirror) -> u
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Pending>) {
+        self.serve(rx);
+        // A clean shutdown leaves a checkpoint of everything, so the next start replays nothing.
+        if (self.since_checkpoint > 0 || self.pending.is_some())
+            && !self.failed.load(Ordering::Relaxed)
+        {
+            self.checkpoint_or_warn(true);
+        }
+    }
+
+    fn serve(&mut self, rx: mpsc::Receiver<Pending>) {
         // Reused: growing a new vector through every batch is an allocation per doubling.
         let mut batch: Vec<Pending> = Vec::with_capacity(64);
         loop {
             // file-fast: a clean-up waiting for the background sync is retried while idle, so
             // dead segments go without waiting for the next write.
-            let first = if self.clean_after.is_some() || self.reclaim {
+            let first = if self.clean_after.is_some() || self.reclaim || self.pending.is_some() {
                 match rx.recv_timeout(IDLE_CLEAN_TICK) {
                     Ok(first) => first,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -546,8 +589,10 @@ impl Writer {
             self.file.sync_data().map_err(io_err(&path))?;
             crate::metrics::storage_sync(syncing.elapsed());
         }
+        self.last_batch_at = Some((active.id, active.len));
         active.len += buf.len() as u64;
         self.next_batch += 1;
+        self.since_checkpoint += buf.len() as u64;
         if let Some(syncer) = &self.syncer {
             syncer.written(&self.file, (active.id, active.len));
         }
@@ -590,6 +635,16 @@ impl Writer {
         if let Err(e) = self.clean_when_durable(wal) {
             tracing::warn!(error = %e, "segment clean-up failed");
         }
+        if self.since_checkpoint
+            >= self
+                .segment_bytes
+                .max(CHECKPOINT_SPACING * self.checkpoint_len)
+            && self.pending.is_none()
+            && !wal.failed.load(Ordering::Relaxed)
+        {
+            self.checkpoint_or_warn(false);
+        }
+        self.write_pending_checkpoint(false);
     }
 
     /// Asks for a clean-up once everything written so far is durable.
@@ -643,15 +698,15 @@ impl Writer {
         }
     }
 
-    fn retain(&mut self, seg: u32, len: u32) {
+    fn retain(&mut self, seg: u32, len: u64) {
         if let Some(s) = self.segment_mut(seg) {
-            s.retained += u64::from(len);
+            s.retained += len;
         }
     }
 
-    fn unretain(&mut self, seg: u32, len: u32) {
+    fn unretain(&mut self, seg: u32, len: u64) {
         if let Some(s) = self.segment_mut(seg) {
-            s.retained = s.retained.saturating_sub(u64::from(len));
+            s.retained = s.retained.saturating_sub(len);
         }
     }
 
@@ -663,19 +718,25 @@ impl Writer {
                 let mut index = log.index.write();
                 index.base = seg;
                 self.touch(&mut index, log.id, seg);
+                let count = records.len() as u32;
                 let mut pos = log.start;
                 let mut data_len = 0;
-                for ((rel, len), bytes) in records.into_iter().zip(data) {
-                    let loc = Loc {
-                        start: pos,
-                        len: len as u32,
-                        seg,
-                        off: frame_off + rel as u64,
-                    };
+                for ((_, len), bytes) in records.into_iter().zip(data) {
+                    index.cache.push(pos, Some(bytes), &wal.cache);
                     pos += len as u64;
                     data_len += len + 4;
-                    self.retain(seg, loc.len);
-                    index.push(loc, Some(bytes), &wal.cache);
+                }
+                if count > 0 {
+                    index.blocks.list.push_back(Block {
+                        start: log.start,
+                        end: pos,
+                        off: frame_off,
+                        span: frame_len as u32,
+                        seg,
+                        count,
+                        packed: true,
+                    });
+                    self.retain(seg, pos - log.start);
                 }
                 index.mirror.tail = pos;
                 index.state_len = (frame_len - data_len + 64) as u32;
@@ -691,16 +752,14 @@ impl Writer {
             } => {
                 let mut index = log.index.write();
                 self.touch(&mut index, log.id, seg);
-                if let Some((rel, len)) = records.first().copied() {
-                    let loc = Loc {
-                        start,
-                        len: len as u32,
-                        seg,
-                        off: frame_off + rel as u64,
-                    };
-                    self.retain(seg, loc.len);
-                    index.push(loc, data, &wal.cache);
-                    index.mirror.tail = start + len as u64;
+                if let Some((_, len)) = records.first().copied() {
+                    let len = len as u64;
+                    index
+                        .blocks
+                        .push_append(start, len, seg, frame_off, frame_len as u64);
+                    self.retain(seg, len);
+                    index.cache.push(start, data, &wal.cache);
+                    index.mirror.tail = start + len;
                 }
                 if let Some(change) = change {
                     let m = &mut index.mirror;
@@ -731,15 +790,9 @@ impl Writer {
                     return;
                 }
                 index.released = before;
-                while let Some(r) = index
-                    .records
-                    .front()
-                    .copied()
-                    .filter(|r| r.start + u64::from(r.len) <= before)
-                {
-                    index.records.pop_front();
-                    self.unretain(r.seg, r.len);
-                }
+                index
+                    .blocks
+                    .drop_released(before, |b| self.unretain(b.seg, b.bytes()));
                 index.cache.drop_before(before, &wal.cache);
                 self.touch(&mut index, log.id, seg);
             }
@@ -747,20 +800,26 @@ impl Writer {
                 let mut index = log.index.write();
                 index.base = seg;
                 // The moved records now live in this frame.
-                if let Some(first) = moved {
-                    let at = index.records.partition_point(|r| r.start < first);
-                    for (i, (rel, len)) in records.into_iter().enumerate() {
-                        let Some(r) = index.records.get(at + i).copied() else {
-                            break;
-                        };
-                        debug_assert_eq!(r.len as usize, len);
-                        self.unretain(r.seg, r.len);
-                        self.retain(seg, r.len);
-                        index.records[at + i] = Loc {
-                            seg,
-                            off: frame_off + rel as u64,
-                            ..r
-                        };
+                if let Some((from, to)) = moved
+                    && !records.is_empty()
+                {
+                    let block = Block {
+                        start: from,
+                        end: to,
+                        off: frame_off,
+                        span: frame_len as u32,
+                        seg,
+                        count: records.len() as u32,
+                        packed: true,
+                    };
+                    let replaced = index
+                        .blocks
+                        .replace(block, |b| self.unretain(b.seg, b.bytes()));
+                    match replaced {
+                        Ok(()) => self.retain(seg, to - from),
+                        Err(e) => {
+                            tracing::error!(stream = log.id, error = %e, "moved records do not match the index")
+                        }
                     }
                 }
                 self.touch(&mut index, log.id, seg);
@@ -770,8 +829,8 @@ impl Writer {
                 let mut index = log.index.write();
                 index.removed = true;
                 index.clear_cache(&wal.cache);
-                for r in std::mem::take(&mut index.records) {
-                    self.unretain(r.seg, r.len);
+                for b in std::mem::take(&mut index.blocks.list) {
+                    self.unretain(b.seg, b.bytes());
                 }
                 for seg in std::mem::take(&mut index.touched) {
                     if let Some(s) = self.segment_mut(seg) {
@@ -806,7 +865,11 @@ impl Writer {
             let s = &self.segments[at];
             (s.id, s.live, s.retained, s.len)
         };
-        let total_len: u64 = self.segments.iter().map(|s| s.len).sum();
+        // The dead segments before `at` only wait for their deletion (in file-fast, for the
+        // background sync): rewriting more cannot free them, and counting them made an idle
+        // file-fast writer rewrite forward on every tick, each batch pushing the awaited sync
+        // further away.
+        let total_len: u64 = self.segments[at..].iter().map(|s| s.len).sum();
         let total_live: u64 =
             self.segments.iter().map(|s| s.retained).sum::<u64>() + self.state_total;
         let pressed = total_len > 2 * total_live + 2 * self.segment_bytes;
@@ -835,22 +898,25 @@ impl Writer {
             }
             let index = log.index.read();
             let needs_state = index.touched.first() == Some(&oldest);
-            // Runs of consecutive retained records in the oldest segment.
-            let mut runs: Vec<Vec<Loc>> = Vec::new();
+            // Runs of consecutive blocks in the oldest segment, each at most a block's worth.
+            let mut runs: Vec<Vec<Block>> = Vec::new();
             if retained > 0 {
-                for r in index.records.iter().filter(|r| r.seg == oldest) {
+                for b in index.blocks.iter().filter(|b| b.seg == oldest) {
                     match runs.last_mut() {
                         Some(run)
-                            if run
-                                .last()
-                                .is_some_and(|l| l.start + u64::from(l.len) == r.start) =>
+                            if run.last().is_some_and(|l| l.end == b.start)
+                                && run.iter().map(|x| x.count).sum::<u32>() + b.count
+                                    <= MAX_BLOCK_RECORDS
+                                && run.iter().map(Block::bytes).sum::<u64>() + b.bytes()
+                                    <= MAX_BLOCK_SPAN =>
                         {
-                            run.push(*r)
+                            run.push(*b)
                         }
-                        _ => runs.push(vec![*r]),
+                        _ => runs.push(vec![*b]),
                     }
                 }
             }
+            let released = index.released;
             if !needs_state && runs.is_empty() {
                 continue;
             }
@@ -874,18 +940,37 @@ impl Writer {
                 runs.push(Vec::new());
             }
             for run in runs {
-                let mut data = Vec::with_capacity(run.len());
-                for r in &run {
-                    data.push(wal.pread(r.seg, r.off, r.len as usize)?);
+                // The run's records, less those released (a block may start before the
+                // retained start).
+                let mut data = Vec::new();
+                let mut from = None;
+                for b in &run {
+                    let span = wal.pread(b.seg, b.off, b.span as usize)?;
+                    let found = blocks::scan(id, b, &span, released).map_err(|detail| {
+                        StorageError::Corrupt {
+                            what: format!(
+                                "{} at byte {}",
+                                segment_path(&self.dir, b.seg).display(),
+                                b.off
+                            ),
+                            detail: format!("stream {id}: {detail}"),
+                        }
+                    })?;
+                    for (start, bytes) in found {
+                        if start + bytes.len() as u64 > released {
+                            from.get_or_insert(start);
+                            data.push(bytes);
+                        }
+                    }
                 }
-                state.moved_from = run.first().map_or(0, |r| r.start);
+                state.moved_from = from.unwrap_or(0);
                 let encoded = frame::encode_state(&state, &data);
                 bytes += encoded.bytes.len();
                 forward.push(Op {
                     frame: encoded,
                     target: Target::State {
                         log: log.clone(),
-                        moved: run.first().map(|r| r.start),
+                        moved: from.zip(run.last().map(|b| b.end)),
                     },
                 });
             }
@@ -936,6 +1021,11 @@ impl Writer {
             && self.segments[0].live == 0
             && self.segments[0].retained == 0
         {
+            // A checkpoint that replays from this segment: a newer one first (or none).
+            if deleted {
+                sync_dir(&self.dir)?;
+            }
+            self.before_deleting(self.segments[0].id)?;
             let seg = self.segments.remove(0);
             let path = segment_path(&self.dir, seg.id);
             wal.readers.lock().remove(seg.id);
@@ -948,6 +1038,137 @@ impl Writer {
         Ok(())
     }
 }
+
+impl Writer {
+    /// Takes a checkpoint of every stream as of the end of the log, and writes it once the log
+    /// up to there is durable: now in file-durable (and with `sync`, which syncs file-fast's log
+    /// first: at shutdown), else when file-fast's background sync has passed it
+    /// ([`Writer::write_pending_checkpoint`]), so checkpoints never sync file-fast's log
+    /// sooner than its own rhythm. A failure is logged: the older checkpoint, if any, stays
+    /// valid and the next start replays more.
+    fn checkpoint_or_warn(&mut self, sync: bool) {
+        let Some(c) = self.snapshot() else {
+            return;
+        };
+        self.since_checkpoint = 0;
+        if let (Some(syncer), true) = (&self.syncer, sync)
+            && let Err(e) = syncer.sync_now()
+        {
+            tracing::warn!(error = %e, "writing a checkpoint failed");
+            return;
+        }
+        self.pending = Some(c);
+        self.write_pending_checkpoint(sync);
+    }
+
+    /// Writes the checkpoint taken last if the log it covers is durable.
+    fn write_pending_checkpoint(&mut self, synced: bool) {
+        let Some(from) = self.pending.as_ref().map(|c| c.from) else {
+            return;
+        };
+        if let Some(syncer) = &self.syncer
+            && !synced
+            && syncer.durable() < from
+        {
+            return;
+        }
+        let Some(c) = self.pending.take() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match checkpoint::write(&self.dir, &c) {
+            Ok(len) => {
+                self.checkpoint_seg = Some(from.0);
+                self.checkpoint_len = len as u64;
+                tracing::debug!(
+                    bytes = len,
+                    streams = c.streams.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint written"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "writing a checkpoint failed"),
+        }
+    }
+
+    /// Every stream's state and blocks as of the end of the log (`None` before any batch).
+    fn snapshot(&self) -> Option<checkpoint::Checkpoint> {
+        let last_batch_at = self.last_batch_at?;
+        let (active, older) = self.segments.split_last()?;
+        let mut streams: Vec<checkpoint::Stream> = self
+            .streams
+            .values()
+            .map(|log| {
+                let index = log.index.read();
+                let m = &index.mirror;
+                let mut producers: Vec<(String, ProducerState)> =
+                    m.producers.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                checkpoint::Stream {
+                    state: frame::StreamState {
+                        meta: log.meta.clone(),
+                        tail: m.tail,
+                        released: index.released,
+                        closed: m.closed,
+                        closed_by: m.closed_by.clone(),
+                        last_seq: m.last_seq.clone(),
+                        producers,
+                        soft_deleted: m.soft_deleted,
+                        moved_from: 0,
+                    },
+                    touched: index.touched.clone(),
+                    base: index.base,
+                    blocks: index.blocks.iter().copied().collect(),
+                }
+            })
+            .collect();
+        streams.sort_unstable_by_key(|s| s.state.meta.id);
+        Some(checkpoint::Checkpoint {
+            from: (active.id, active.len),
+            last_batch: self.next_batch - 1,
+            last_batch_at,
+            segments: older.iter().map(|s| (s.id, s.len)).collect(),
+            streams,
+        })
+    }
+
+    /// Before deleting segment `seg`: a checkpoint whose replay starts there (on disk, or
+    /// waiting for the background sync) would be stale without it. file-durable writes a
+    /// newer one first; file-fast removes it (the next start replays the whole log until the
+    /// next checkpoint is written) rather than sync ahead of its rhythm.
+    fn before_deleting(&mut self, seg: u32) -> Result<(), StorageError> {
+        if self.pending.as_ref().is_some_and(|c| c.from.0 <= seg) {
+            self.pending = None;
+            self.since_checkpoint = self.since_checkpoint.max(1);
+        }
+        if self.checkpoint_seg.is_none_or(|c| c > seg) {
+            return Ok(());
+        }
+        if self.syncer.is_none() {
+            let c = self.snapshot();
+            if let Some(c) = c {
+                let len = checkpoint::write(&self.dir, &c)?;
+                self.checkpoint_seg = Some(c.from.0);
+                self.checkpoint_len = len as u64;
+                self.since_checkpoint = 0;
+                return Ok(());
+            }
+        }
+        let path = checkpoint::path(&self.dir);
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        self.checkpoint_seg = None;
+        self.since_checkpoint = self.since_checkpoint.max(1);
+        Ok(())
+    }
+}
+
+/// A checkpoint is written once the log has grown by a segment, and by at least this many times
+/// the size of the previous checkpoint.
+const CHECKPOINT_SPACING: u64 = 4;
 
 /// A small bounded map of open segment files for reads.
 mod lru_files {
@@ -1167,6 +1388,33 @@ mod syncer {
             let mut s = self.state.lock();
             s.active = None;
             s.older.push(old);
+        }
+
+        /// Syncs everything written so far now (for a checkpoint) and moves the mark.
+        pub fn sync_now(&self) -> Result<(), crate::storage::StorageError> {
+            let mut s = self.state.lock();
+            let older = std::mem::take(&mut s.older);
+            let active = s.active.clone();
+            let synced = older
+                .iter()
+                .chain(active.as_ref().map(|(f, _)| f))
+                .try_for_each(|f| f.sync_data());
+            match synced {
+                Ok(()) => {
+                    if let Some((_, pos)) = active {
+                        s.durable = s.durable.max(pos);
+                    }
+                    Ok(())
+                }
+                Err(source) => {
+                    tracing::error!(error = %source, "sync of the log failed; refusing writes until restart");
+                    self.failed.store(true, Ordering::Relaxed);
+                    Err(crate::storage::StorageError::Io {
+                        what: "syncing the log for a checkpoint".into(),
+                        source,
+                    })
+                }
+            }
         }
 
         /// Syncs once more and ends `run`.

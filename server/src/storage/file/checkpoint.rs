@@ -1,0 +1,195 @@
+//! Checkpoints of the file modes: every stream's state and record blocks as of a point of the
+//! log, so that start-up replays only the segments from that point on (see `server/STORAGE.md`,
+//! "Checkpoint").
+//!
+//! `wal/checkpoint` is written by the writer thread under a temporary name, synced, renamed and
+//! the directory synced (`fsutil::write_atomically`), and only once the log up to its point is
+//! durable. Recovery uses it when its checksum holds and the log still has the batch it names
+//! at the place it names; otherwise (torn, damaged, stale, from a log that was cut short since)
+//! it says why and replays the whole log, as without one.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::blocks::Block;
+use super::frame::{self, Decoded, LogPos};
+use super::wal::segment_path;
+use crate::storage::StorageError;
+
+pub(crate) const FILE: &str = "checkpoint";
+const MAGIC: &[u8; 8] = b"DSCKPT\0\0";
+const VERSION: u32 = 1;
+/// Magic, version, CRC-32C of the body, body length.
+const HEADER_LEN: usize = 24;
+
+/// One stream as a checkpoint keeps it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Stream {
+    /// The stream's state, as a STATE frame holds it (`moved_from` unused).
+    pub state: frame::StreamState,
+    /// Segments from `base` on with a frame of the stream.
+    pub touched: Vec<u32>,
+    /// The segment of its newest CREATE or STATE frame.
+    pub base: u32,
+    /// Its retained records.
+    pub blocks: Vec<Block>,
+}
+
+/// The log as of `from`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Checkpoint {
+    /// Where replay starts: the end of the log when the checkpoint was taken.
+    pub from: LogPos,
+    /// The last batch before `from`: its sequence number and where its BATCH frame is.
+    pub last_batch: u64,
+    pub last_batch_at: LogPos,
+    /// Segments before `from`'s: id and the length of their frames.
+    pub segments: Vec<(u32, u64)>,
+    pub streams: Vec<Stream>,
+}
+
+pub(crate) fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE)
+}
+
+pub(crate) fn encode(c: &Checkpoint) -> Vec<u8> {
+    let body = serde_json::to_vec(c).unwrap_or_default();
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Writes `c` over the directory's checkpoint (atomically; crash points `checkpoint-tmp-written`
+/// and `checkpoint-renamed`).
+pub(crate) fn write(dir: &Path, c: &Checkpoint) -> Result<usize, StorageError> {
+    let bytes = encode(c);
+    crate::storage::fsutil::write_atomically(&path(dir), &bytes, "checkpoint")?;
+    Ok(bytes.len())
+}
+
+fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
+    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+        return Err("not a checkpoint (short or bad magic)".into());
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+    if version != VERSION {
+        return Err(format!(
+            "checkpoint version {version}; this build reads {VERSION}"
+        ));
+    }
+    let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default());
+    let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
+    let body = &bytes[HEADER_LEN..];
+    if body.len() as u64 != len {
+        return Err(format!("{} bytes where {len} were written", body.len()));
+    }
+    if crc32c::crc32c(body) != crc {
+        return Err("checksum mismatch".into());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("does not parse: {e}"))
+}
+
+/// The directory's checkpoint if there is one and it matches the log (`ids`: the segments
+/// present, ascending). A checkpoint that does not is set aside with a warning: recovery then
+/// replays the whole log.
+pub(crate) fn load(dir: &Path, ids: &[u32]) -> Option<Checkpoint> {
+    let path = path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "checkpoint unreadable; replaying the whole log");
+            return None;
+        }
+    };
+    match decode(&bytes).and_then(|c| check(dir, ids, c)) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            tracing::warn!(file = %path.display(), why, "checkpoint not used; replaying the whole log");
+            // Gone, so that it can never be taken for a later log's (the writer writes a new
+            // one soon after the start-up).
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "could not remove the checkpoint");
+            }
+            None
+        }
+    }
+}
+
+/// Whether the log still is what the checkpoint saw: its replay segment is there, every older
+/// segment present is one it knows, and its last batch is where it says, ending at `from` when
+/// in the same segment.
+fn check(dir: &Path, ids: &[u32], c: Checkpoint) -> Result<Checkpoint, String> {
+    let (seg, off) = c.from;
+    if !ids.contains(&seg) {
+        return Err(format!("its segment {seg} is gone"));
+    }
+    if let Some(unknown) = ids
+        .iter()
+        .take_while(|&&id| id < seg)
+        .find(|&&id| c.segments.iter().all(|s| s.0 != id))
+    {
+        return Err(format!("segment {unknown} is not in it"));
+    }
+    let (bseg, boff) = c.last_batch_at;
+    if bseg > seg || (bseg == seg && boff >= off) || !ids.contains(&bseg) {
+        return Err(format!(
+            "its last batch at {:?} is not before {:?}",
+            c.last_batch_at, c.from
+        ));
+    }
+    let batch = read_at(&segment_path(dir, bseg), boff, frame::BATCH_FRAME_LEN)
+        .map_err(|e| format!("reading its last batch: {e}"))?;
+    match frame::decode(&batch) {
+        Ok((Decoded::Batch { seq, len, .. }, _)) if seq == c.last_batch => {
+            let end = boff + frame::BATCH_FRAME_LEN as u64 + u64::from(len);
+            if bseg == seg && end != off {
+                return Err(format!("its last batch ends at {end}, not at {off}"));
+            }
+        }
+        _ => {
+            return Err(format!(
+                "batch {} is not at {:?} any more",
+                c.last_batch, c.last_batch_at
+            ));
+        }
+    }
+    Ok(c)
+}
+
+fn read_at(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, off)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_or_cut_checkpoint_does_not_decode() {
+        let c = Checkpoint {
+            from: (3, 100),
+            last_batch: 7,
+            last_batch_at: (3, 40),
+            segments: vec![(2, 500)],
+            streams: Vec::new(),
+        };
+        let bytes = encode(&c);
+        assert!(decode(&bytes).is_ok());
+        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut bad = bytes.clone();
+        let last = bad.len() - 2;
+        bad[last] ^= 1;
+        assert!(decode(&bad).unwrap_err().contains("checksum"));
+        assert!(decode(&[]).is_err());
+    }
+}

@@ -68,7 +68,7 @@ cleanup() {
     compose down -v --remove-orphans >/dev/null 2>&1 || log "docker compose down -v failed"
   fi
   if [ "$status" -ne 0 ]; then
-    [ -s "$work/why" ] && { log "the last wait's condition said:"; sed 's/^/    /' "$work/why" >&2; }
+    [ -s "$work/timeout-why" ] && { log "the wait's condition said:"; sed 's/^/    /' "$work/timeout-why" >&2; }
     log "FAILED: $(cat "$work/failed" 2>/dev/null || echo "exit status $status")"
   fi
   rm -rf "$work"
@@ -85,12 +85,11 @@ wait_for() {
   rm -f "$work/why"
   until "$@"; do
     if [ "$SECONDS" -ge "$deadline" ]; then
-      [ -s "$work/why" ] && sed 's/^/    /' "$work/why" >&2
+      [ -s "$work/why" ] && sed 's/^/    /' "$work/why" >&2 && cp "$work/why" "$work/timeout-why"
       fail "timed out after ${seconds}s waiting for $what"
     fi
     sleep 0.2
   done
-  rm -f "$work/why"
 }
 
 if (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null; then

@@ -347,17 +347,12 @@ async fn verify(client: &Client, base: &str, t: &mut Tracked, mode: &str) {
     }
 }
 
-async fn crash_rounds(mode: &str) {
-    let rounds: usize = std::env::var("DS_CRASH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let client = Client::new();
-    let mut server = start(mode, dir.path()).await;
-    let mut streams: Vec<Tracked> = (0..WRITERS)
+/// Creates the `WRITERS` streams `/v1/stream/{prefix}-{w}` the crash tests write: stream 1 is
+/// JSON, the odd ones write with an idempotent producer.
+async fn create_tracked(client: &Client, base: &str, prefix: &str) -> Vec<Tracked> {
+    let streams: Vec<Tracked> = (0..WRITERS)
         .map(|w| Tracked {
-            path: format!("/v1/stream/crash-{w}"),
+            path: format!("/v1/stream/{prefix}-{w}"),
             json: w == 1,
             producer: (w % 2 == 1).then(|| format!("producer-{w}")),
             ..Tracked::default()
@@ -370,13 +365,34 @@ async fn crash_rounds(mode: &str) {
             "application/octet-stream"
         };
         let r = client
-            .put(format!("{}{}", server.base, t.path))
+            .put(format!("{base}{}", t.path))
             .header("content-type", ct)
             .send()
             .await
             .expect("create");
         assert_eq!(r.status(), StatusCode::CREATED);
     }
+    streams
+}
+
+/// What each writer task acknowledged, once the server is gone and they stopped.
+async fn join_writers(tasks: Vec<tokio::task::JoinHandle<Tracked>>) -> Vec<Tracked> {
+    futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("writer task"))
+        .collect()
+}
+
+async fn crash_rounds(mode: &str) {
+    let rounds: usize = std::env::var("DS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Client::new();
+    let mut server = start(mode, dir.path()).await;
+    let mut streams = create_tracked(&client, &server.base, "crash").await;
     let mut forks: Vec<(String, usize)> = Vec::new();
     for round in 0..rounds {
         // A fork of stream 0 at its acknowledged tail, taken while nothing writes to it.
@@ -410,11 +426,7 @@ async fn crash_rounds(mode: &str) {
         server.child.kill().expect("kill -9");
         let _ = server.child.wait();
         stop.store(true, Ordering::Relaxed);
-        streams = futures::future::join_all(tasks)
-            .await
-            .into_iter()
-            .map(|r| r.expect("writer task"))
-            .collect();
+        streams = join_writers(tasks).await;
 
         server = start(mode, dir.path()).await;
         for t in &mut streams {
@@ -458,28 +470,7 @@ async fn killed_while_checkpointing(mode: &str, point: &str) {
     let client = Client::new();
     let small = ("DS_STORAGE__SEGMENT_BYTES", "16384");
     let mut server = start_with(mode, dir.path(), &[small, ("DSTEST_CRASH_AT", point)]).await;
-    let mut streams: Vec<Tracked> = (0..WRITERS)
-        .map(|w| Tracked {
-            path: format!("/v1/stream/ckpt-{w}"),
-            json: w == 1,
-            producer: (w % 2 == 1).then(|| format!("producer-{w}")),
-            ..Tracked::default()
-        })
-        .collect();
-    for t in &streams {
-        let ct = if t.json {
-            "application/json"
-        } else {
-            "application/octet-stream"
-        };
-        let r = client
-            .put(format!("{}{}", server.base, t.path))
-            .header("content-type", ct)
-            .send()
-            .await
-            .expect("create");
-        assert_eq!(r.status(), StatusCode::CREATED);
-    }
+    let mut streams = create_tracked(&client, &server.base, "ckpt").await;
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = streams
         .iter()
@@ -509,11 +500,7 @@ async fn killed_while_checkpointing(mode: &str, point: &str) {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(6), "{mode}: aborted at {point}");
     stop.store(true, Ordering::Relaxed);
-    streams = futures::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(|r| r.expect("writer task"))
-        .collect();
+    streams = join_writers(tasks).await;
     // The log passed 16 KiB (frames and batch headers included) before the abort.
     assert!(
         streams.iter().map(|t| t.content.len()).sum::<usize>() > 1000,

@@ -155,7 +155,11 @@ impl ConnService for Handler {
         stop: &CancellationToken,
     ) -> io::Result<()> {
         // hyper writes the head from the header map: the responses must carry them all.
-        super::edge::serve_hyper(io, Handler::new(self.state().clone()), limits, stop)
+        let handler = Handler {
+            writer_adds_fixed: false,
+            ..self
+        };
+        super::edge::serve_hyper(io, handler, limits, stop)
             .await
             .map_err(io::Error::other)
     }

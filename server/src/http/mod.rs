@@ -129,10 +129,6 @@ impl Handler {
         }
     }
 
-    pub(crate) fn state(&self) -> &AppState {
-        &self.state
-    }
-
     /// The fixed browser headers for an HTTP/1.1 head, when this handler leaves them to the
     /// writer; else empty.
     pub(crate) fn fixed_head(&self) -> &[u8] {

@@ -30,77 +30,48 @@ impl Fields for HeaderMap {
     }
 }
 
-/// The header fields an append reads, found in one pass over the request's fields. A lookup
-/// by name hashes the name and probes the map, once per name: seven of them per append, most
-/// absent from most appends, cost more than one walk over the few fields a request has.
+const APPEND_FIELD_COUNT: usize = 7;
+
+/// The header fields an append reads, looked up in [`AppendFields`].
+static APPEND_FIELDS: [HeaderName; APPEND_FIELD_COUNT] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    names::PRODUCER_ID,
+    names::PRODUCER_EPOCH,
+    names::PRODUCER_SEQ,
+    names::STREAM_SEQ,
+    names::STREAM_CLOSED,
+];
+
+/// The header fields an append reads ([`APPEND_FIELDS`]), found in one pass over the request's
+/// fields. A lookup by name hashes the name and probes the map, once per name: seven of them
+/// per append, most absent from most appends, cost more than one walk over the few fields a
+/// request has.
 pub struct AppendFields<'a> {
     map: &'a HeaderMap,
-    content_type: Option<&'a HeaderValue>,
-    content_length: Option<&'a HeaderValue>,
-    producer_id: Option<&'a HeaderValue>,
-    producer_epoch: Option<&'a HeaderValue>,
-    producer_seq: Option<&'a HeaderValue>,
-    stream_seq: Option<&'a HeaderValue>,
-    stream_closed: Option<&'a HeaderValue>,
+    values: [Option<&'a HeaderValue>; APPEND_FIELD_COUNT],
 }
 
 impl<'a> AppendFields<'a> {
     pub fn of(map: &'a HeaderMap) -> Self {
-        let mut f = AppendFields {
-            map,
-            content_type: None,
-            content_length: None,
-            producer_id: None,
-            producer_epoch: None,
-            producer_seq: None,
-            stream_seq: None,
-            stream_closed: None,
-        };
+        let mut values = [None; APPEND_FIELD_COUNT];
         for (name, value) in map {
-            let slot = if name == header::CONTENT_TYPE {
-                &mut f.content_type
-            } else if name == header::CONTENT_LENGTH {
-                &mut f.content_length
-            } else if name == names::PRODUCER_ID {
-                &mut f.producer_id
-            } else if name == names::PRODUCER_EPOCH {
-                &mut f.producer_epoch
-            } else if name == names::PRODUCER_SEQ {
-                &mut f.producer_seq
-            } else if name == names::STREAM_SEQ {
-                &mut f.stream_seq
-            } else if name == names::STREAM_CLOSED {
-                &mut f.stream_closed
-            } else {
-                continue;
-            };
             // The first value, as `HeaderMap::get` returns.
-            if slot.is_none() {
-                *slot = Some(value);
+            if let Some(i) = APPEND_FIELDS.iter().position(|n| n == name)
+                && values[i].is_none()
+            {
+                values[i] = Some(value);
             }
         }
-        f
+        AppendFields { map, values }
     }
 }
 
 impl Fields for AppendFields<'_> {
     fn field(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        if name == header::CONTENT_TYPE {
-            self.content_type
-        } else if name == header::CONTENT_LENGTH {
-            self.content_length
-        } else if name == names::PRODUCER_ID {
-            self.producer_id
-        } else if name == names::PRODUCER_EPOCH {
-            self.producer_epoch
-        } else if name == names::PRODUCER_SEQ {
-            self.producer_seq
-        } else if name == names::STREAM_SEQ {
-            self.stream_seq
-        } else if name == names::STREAM_CLOSED {
-            self.stream_closed
-        } else {
-            self.map.get(name)
+        match APPEND_FIELDS.iter().position(|n| n == name) {
+            Some(i) => self.values[i],
+            None => self.map.get(name),
         }
     }
 }

@@ -436,6 +436,26 @@ struct Writer {
     state_total: u64,
 }
 
+/// A stream's whole state as a STATE frame (write-forward) and a checkpoint carry it: its
+/// metadata, tail, retained start, close and producers (sorted, so equal states encode alike).
+fn stream_state(log: &LogShared, index: &super::Index) -> frame::StreamState {
+    let m = &index.mirror;
+    let mut producers: Vec<(String, ProducerState)> =
+        m.producers.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    frame::StreamState {
+        meta: log.meta.clone(),
+        tail: m.tail,
+        released: index.released,
+        closed: m.closed,
+        closed_by: m.closed_by.clone(),
+        last_seq: m.last_seq.clone(),
+        producers,
+        soft_deleted: m.soft_deleted,
+        moved_from: 0,
+    }
+}
+
 /// About what a STATE frame of this stream takes, without encoding it.
 fn estimate_state_len(meta: &crate::storage::StreamMeta, m: &super::Mirror) -> u32 {
     let producers: usize = m.producers.keys().map(|id| id.len() + 48).sum();
@@ -920,21 +940,7 @@ impl Writer {
             if !needs_state && runs.is_empty() {
                 continue;
             }
-            let m = &index.mirror;
-            let mut producers: Vec<(String, ProducerState)> =
-                m.producers.iter().map(|(k, v)| (k.clone(), *v)).collect();
-            producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let mut state = frame::StreamState {
-                meta: log.meta.clone(),
-                tail: m.tail,
-                released: index.released,
-                closed: m.closed,
-                closed_by: m.closed_by.clone(),
-                last_seq: m.last_seq.clone(),
-                producers,
-                soft_deleted: m.soft_deleted,
-                moved_from: 0,
-            };
+            let mut state = stream_state(&log, &index);
             drop(index);
             if runs.is_empty() {
                 runs.push(Vec::new());
@@ -1100,22 +1106,8 @@ impl Writer {
             .values()
             .map(|log| {
                 let index = log.index.read();
-                let m = &index.mirror;
-                let mut producers: Vec<(String, ProducerState)> =
-                    m.producers.iter().map(|(k, v)| (k.clone(), *v)).collect();
-                producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                 checkpoint::Stream {
-                    state: frame::StreamState {
-                        meta: log.meta.clone(),
-                        tail: m.tail,
-                        released: index.released,
-                        closed: m.closed,
-                        closed_by: m.closed_by.clone(),
-                        last_seq: m.last_seq.clone(),
-                        producers,
-                        soft_deleted: m.soft_deleted,
-                        moved_from: 0,
-                    },
+                    state: stream_state(log, &index),
                     touched: index.touched.clone(),
                     base: index.base,
                     blocks: index.blocks.iter().copied().collect(),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Instructions per append, which a loaded machine does not change: the server runs under
+# Instructions per append (steady with many connections; with one connection it depends on how
+# often the server's threads park between requests: compare servers within one run): the server runs under
 # `valgrind --tool=callgrind`; wrk posts 100-byte appends to one stream (a warm-up, then the
 # counters are zeroed and the measured run counts); instructions / appends answered.
 #

@@ -25,7 +25,8 @@ const MAX_CONTROL_BODY: usize = 2 << 20;
 
 /// Whether `path` has a `__ds` segment (a control route, never a stream).
 pub fn is_control_path(path: &str) -> bool {
-    path.contains("/__ds/") || path.ends_with("/__ds")
+    crate::stream::may_hold_control_segment(path)
+        && (path.contains("/__ds/") || path.ends_with("/__ds"))
 }
 
 /// A control route, parsed.
@@ -482,6 +483,21 @@ fn view_json(view: &View) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn control_paths_hold_a_whole_control_segment() {
+        for path in [
+            "/s/__ds/subscriptions/a",
+            "/s/__ds",
+            "/__ds/jwks",
+            "/a_b/__ds/x",
+        ] {
+            assert!(is_control_path(path), "{path}");
+        }
+        for path in ["/s/x__ds", "/s/a_b", "/s/__dsx/a", "/v1/stream/a", ""] {
+            assert!(!is_control_path(path), "{path}");
+        }
+    }
+
     use super::*;
 
     #[test]

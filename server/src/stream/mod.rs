@@ -99,7 +99,19 @@ pub const RESERVED_PREFIX: &str = "/_ds/";
 pub const CONTROL_SEGMENT: &str = "__ds";
 
 fn is_reserved(path: &str) -> bool {
-    path.starts_with(RESERVED_PREFIX) || path.split('/').any(|seg| seg == CONTROL_SEGMENT)
+    path.starts_with(RESERVED_PREFIX)
+        || (may_hold_control_segment(path) && path.split('/').any(|seg| seg == CONTROL_SEGMENT))
+}
+
+/// False when `path` cannot contain [`CONTROL_SEGMENT`] (`__ds`): a scan for `_` without an
+/// early exit (so the compiler vectorises it; memchr's set-up costs more on paths this short)
+/// instead of splitting every append's path into segments (most paths hold no `_` at all).
+pub fn may_hold_control_segment(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    bytes.iter().fold(false, |seen, &b| seen | (b == b'_'))
+        && bytes
+            .windows(CONTROL_SEGMENT.len())
+            .any(|w| w == CONTROL_SEGMENT.as_bytes())
 }
 
 /// Told about stream lifecycles, for subscriptions. Every call must return at once (it runs on
@@ -2165,6 +2177,30 @@ mod tests {
 
     fn streams(limits: Limits) -> Streams {
         Streams::open(Arc::new(MemoryStorage), limits).expect("open")
+    }
+
+    #[test]
+    fn reserved_paths_are_the_registry_prefix_and_a_whole_control_segment() {
+        for path in [
+            "/_ds/registry",
+            "/v1/__ds/x",
+            "/v1/stream/__ds",
+            "/__ds/",
+            "/a_b/__ds/c",
+        ] {
+            assert!(is_reserved(path), "{path} is reserved");
+        }
+        for path in [
+            "/v1/stream/a",
+            "/v1/x__ds/b",
+            "/v1/__dsx/b",
+            "/v1/_ds/b",
+            "/v1/__d",
+            "/v1/a_b_c",
+            "",
+        ] {
+            assert!(!is_reserved(path), "{path} is not reserved");
+        }
     }
 
     fn produce(id: &str, epoch: u64, seq: u64) -> AppendRequest {

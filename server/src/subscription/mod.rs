@@ -455,6 +455,12 @@ enum Notice {
 pub struct Notices {
     /// Paths linked to at least one subscription, each with "a notice is already queued".
     linked: DashMap<String, AtomicBool>,
+    /// Whether `linked` has any entry: a server without subscriptions (or whose subscriptions
+    /// link nothing) answers an append without hashing its path for the lookup. Set after an
+    /// entry is added and recomputed after one is removed, both under the subscriptions' state
+    /// lock; an append that reads it just before a link lands is the append that would have
+    /// missed the entry in the map.
+    any_linked: AtomicBool,
     tx: mpsc::UnboundedSender<Notice>,
 }
 
@@ -468,6 +474,9 @@ impl StreamEvents for Notices {
     }
 
     fn revealed(&self, stream: &Stream) {
+        if !self.any_linked.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(queued) = self.linked.get(&stream.meta.path)
             && !queued.swap(true, Ordering::AcqRel)
         {
@@ -496,6 +505,7 @@ impl NoticeQueue {
         NoticeQueue {
             notices: Arc::new(Notices {
                 linked: DashMap::new(),
+                any_linked: AtomicBool::new(false),
                 tx,
             }),
             rx,
@@ -805,6 +815,7 @@ impl Subscriptions {
             .entry(full)
             .or_insert_with(|| AtomicBool::new(false))
             .store(false, Ordering::Release);
+        self.notices.any_linked.store(true, Ordering::Release);
     }
 
     /// A wake ended: appends to the subscription's streams must send notices again. (While
@@ -826,6 +837,9 @@ impl Subscriptions {
             if set.is_empty() {
                 st.by_path.remove(full);
                 self.notices.linked.remove(full);
+                self.notices
+                    .any_linked
+                    .store(!self.notices.linked.is_empty(), Ordering::Release);
             }
         }
     }

@@ -72,6 +72,76 @@ pub(crate) fn write(dir: &Path, c: &Checkpoint) -> Result<usize, StorageError> {
     Ok(bytes.len())
 }
 
+/// What a checkpoint write reports: the segment it replays from and its size, or the failure.
+pub(crate) type Outcome = (u32, Result<usize, StorageError>);
+
+/// Writes checkpoints on a thread of their own (one at a time), so that the log's writer
+/// thread only takes them. Dropping it waits for the write in flight.
+#[derive(Default)]
+pub(crate) struct Background {
+    in_flight: Option<std::thread::JoinHandle<Outcome>>,
+}
+
+impl Background {
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Starts writing `c` (the caller checks that none is in flight). If no thread can be
+    /// started, writes it here.
+    pub fn start(&mut self, dir: &Path, c: Checkpoint) {
+        debug_assert!(self.in_flight.is_none());
+        let dir = dir.to_path_buf();
+        let from = c.from.0;
+        let job = move || {
+            let started = std::time::Instant::now();
+            let outcome = write(&dir, &c);
+            if let Ok(len) = &outcome {
+                tracing::debug!(
+                    bytes = len,
+                    streams = c.streams.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint written"
+                );
+            }
+            (from, outcome)
+        };
+        let spawned = std::thread::Builder::new()
+            .name("ds-checkpoint".into())
+            .spawn(job);
+        match spawned {
+            Ok(handle) => self.in_flight = Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for the checkpoint; skipped");
+            }
+        }
+    }
+
+    /// The write's outcome once it is done (`wait`: waits for it); `None` while it runs or
+    /// when none was started.
+    pub fn outcome(&mut self, wait: bool) -> Option<Outcome> {
+        if !wait && !self.in_flight.as_ref()?.is_finished() {
+            return None;
+        }
+        let handle = self.in_flight.take()?;
+        Some(handle.join().unwrap_or_else(|_| {
+            (
+                0,
+                Err(StorageError::Io {
+                    what: "writing a checkpoint".into(),
+                    source: std::io::Error::other("the checkpoint thread panicked"),
+                }),
+            )
+        }))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.outcome(true);
+    }
+}
+
 fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
         return Err("not a checkpoint (short or bad magic)".into());

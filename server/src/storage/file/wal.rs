@@ -239,6 +239,7 @@ impl Wal {
             since_checkpoint: replayed,
             checkpoint_len: 0,
             pending: None,
+            checkpointer: checkpoint::Background::default(),
             syncer,
             clean_after: None,
             streams: HashMap::with_capacity(streams.len()),
@@ -421,6 +422,10 @@ struct Writer {
     checkpoint_len: u64,
     /// file-fast: a checkpoint taken, written once the background sync has passed its point.
     pending: Option<checkpoint::Checkpoint>,
+    /// The thread that encodes, writes and syncs checkpoints, so that appends do not wait for
+    /// them (at a million streams one is ~260 MB and took 1.4 s on this writer thread). At most
+    /// one is in flight; its result is applied before a segment it might need is deleted.
+    checkpointer: checkpoint::Background,
     /// `file-fast`: the background sync, told what is written and asked what is durable.
     syncer: Option<Arc<syncer::Syncer>>,
     /// Segments may have died (every stream in them removed) once the log up to here is
@@ -465,11 +470,13 @@ fn estimate_state_len(meta: &crate::storage::StreamMeta, m: &super::Mirror) -> u
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Pending>) {
         self.serve(rx);
+        self.checkpoint_written(true);
         // A clean shutdown leaves a checkpoint of everything, so the next start replays nothing.
         if (self.since_checkpoint > 0 || self.pending.is_some())
             && !self.failed.load(Ordering::Relaxed)
         {
             self.checkpoint_or_warn(true);
+            self.checkpoint_written(true);
         }
     }
 
@@ -664,6 +671,7 @@ impl Writer {
         {
             self.checkpoint_or_warn(false);
         }
+        self.checkpoint_written(false);
         self.write_pending_checkpoint(false);
     }
 
@@ -1067,7 +1075,8 @@ impl Writer {
         self.write_pending_checkpoint(sync);
     }
 
-    /// Writes the checkpoint taken last if the log it covers is durable.
+    /// Hands the checkpoint taken last to the checkpoint thread if the log it covers is durable
+    /// and none is in flight (else it stays pending).
     fn write_pending_checkpoint(&mut self, synced: bool) {
         let Some(from) = self.pending.as_ref().map(|c| c.from) else {
             return;
@@ -1078,22 +1087,25 @@ impl Writer {
         {
             return;
         }
+        if self.checkpointer.in_flight() {
+            return;
+        }
         let Some(c) = self.pending.take() else {
             return;
         };
-        let started = std::time::Instant::now();
-        match checkpoint::write(&self.dir, &c) {
-            Ok(len) => {
-                self.checkpoint_seg = Some(from.0);
+        self.checkpointer.start(&self.dir, c);
+    }
+
+    /// Applies the in-flight checkpoint's outcome once it is written (with `wait`, waits for
+    /// it): from then on the log from its segment on is what recovery needs.
+    fn checkpoint_written(&mut self, wait: bool) {
+        match self.checkpointer.outcome(wait) {
+            Some((from, Ok(len))) => {
+                self.checkpoint_seg = Some(from);
                 self.checkpoint_len = len as u64;
-                tracing::debug!(
-                    bytes = len,
-                    streams = c.streams.len(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "checkpoint written"
-                );
             }
-            Err(e) => tracing::warn!(error = %e, "writing a checkpoint failed"),
+            Some((_, Err(e))) => tracing::warn!(error = %e, "writing a checkpoint failed"),
+            None => {}
         }
     }
 
@@ -1129,6 +1141,8 @@ impl Writer {
     /// newer one first; file-fast removes it (the next start replays the whole log until the
     /// next checkpoint is written) rather than sync ahead of its rhythm.
     fn before_deleting(&mut self, seg: u32) -> Result<(), StorageError> {
+        // A checkpoint being written may replay from this segment: it lands (or fails) first.
+        self.checkpoint_written(true);
         if self.pending.as_ref().is_some_and(|c| c.from.0 <= seg) {
             self.pending = None;
             self.since_checkpoint = self.since_checkpoint.max(1);

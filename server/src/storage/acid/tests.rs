@@ -647,13 +647,13 @@ async fn rows_are_capped_and_reopen_whole() {
         let storage = AcidStorage::open(dir.path(), per_shard(AcidOptions::new(1, 0))).unwrap();
         let (_log, c) = storage.create(&meta(1, "/caps"), records, None).unwrap();
         c.await.unwrap();
-        // 20 KiB, 20 KiB (two would pass the 32 KiB page), 20 KiB and the first 1 023 one-byte
-        // records (1 024 records, the count cap), then the other 977.
-        assert_eq!(codec::ROW_PAGE_BYTES, 32 << 10);
-        assert!(codec::row_fits_page(1024, (20 << 10) + 1023));
-        assert!(!codec::row_fits_page(2, 40 << 10));
+        // The three 20 KiB records and the first 810 one-byte ones (what fits the 64 KiB page),
+        // then 1 024 one-byte records (the count cap), then the other 166.
+        assert_eq!(codec::ROW_PAGE_BYTES, 64 << 10);
+        assert!(codec::row_fits_page(813, 3 * (20 << 10) + 810));
+        assert!(!codec::row_fits_page(814, 3 * (20 << 10) + 811));
         assert_eq!(codec::ROW_RECORDS, 1024);
-        assert_eq!(record_rows(&storage, 1), 4);
+        assert_eq!(record_rows(&storage, 1), 3);
     }
     let storage = AcidStorage::open(dir.path(), AcidOptions::new(1, 0)).unwrap();
     let found = recovered_by_id(&storage);
@@ -665,7 +665,7 @@ async fn rows_are_capped_and_reopen_whole() {
         .unwrap();
     assert_eq!(chunk.parts.len(), 2003);
     assert_eq!(chunk.parts.concat(), expected);
-    // From the first one-byte record, inside the third row.
+    // From the first one-byte record, inside the first row.
     let chunk = found[&1]
         .log
         .read(3 * (20 << 10), tail, 5, false)
@@ -674,19 +674,19 @@ async fn rows_are_capped_and_reopen_whole() {
     assert_eq!(chunk.parts.concat(), b"01234");
 }
 
-/// Rows are as large as fits a 32 KiB redb page, not 32 KiB of data: eight 4 KiB records would
-/// make a leaf just over 32 KiB, which redb rounds up to a 64 KiB page read whole.
+/// Rows are as large as fits a 64 KiB redb page, not 64 KiB of data: sixteen 4 KiB records would
+/// make a leaf just over 64 KiB, which redb rounds up to a 128 KiB page read whole.
 #[tokio::test]
-async fn rows_of_4_kib_records_fit_a_32_kib_page() {
+async fn rows_of_4_kib_records_fit_a_64_kib_page() {
     let dir = tempfile::tempdir().unwrap();
     let records: Vec<Bytes> = (0..70u8).map(|i| Bytes::from(vec![i; 4096])).collect();
     let expected: Vec<u8> = records.iter().flat_map(|r| r.iter().copied()).collect();
     let storage = AcidStorage::open(dir.path(), per_shard(AcidOptions::new(1, 0))).unwrap();
     let (log, c) = storage.create(&meta(1, "/pages"), records, None).unwrap();
     c.await.unwrap();
-    assert!(codec::row_fits_page(7, 7 * 4096));
-    assert!(!codec::row_fits_page(8, 8 * 4096));
-    assert_eq!(record_rows(&storage, 1), 10);
+    assert!(codec::row_fits_page(15, 15 * 4096));
+    assert!(!codec::row_fits_page(16, 16 * 4096));
+    assert_eq!(record_rows(&storage, 1), 5);
     let tail = expected.len() as u64;
     let chunk = log.read(0, tail, usize::MAX, false).await.unwrap();
     assert_eq!(chunk.parts.len(), 70);
@@ -727,9 +727,10 @@ async fn records_larger_than_a_row_are_split_across_rows_and_read_whole() {
             .create(&meta(1, "/split"), records.clone(), None)
             .unwrap();
         c.await.unwrap();
-        // Every row fits a 32 KiB page: about one row per 32 KiB of data.
+        // Every row fits a page: about one row per page of data.
         let rows = record_rows(&storage, 1);
-        assert!(rows >= expected.len() / (32 << 10) && rows <= expected.len() / (32 << 10) + 3);
+        let pages = expected.len() / codec::ROW_PAGE_BYTES;
+        assert!(rows > pages && rows <= pages + 3, "{rows} rows");
     }
     let storage = AcidStorage::open(dir.path(), AcidOptions::new(1, 0)).unwrap();
     let found = recovered_by_id(&storage);

@@ -13,8 +13,13 @@ use super::super::{StorageError, StreamId};
 /// File name of the layout, inside the data directory.
 pub(super) const LAYOUT_FILE: &str = "acid-layout.json";
 const FORMAT: &str = "ds-server-acid";
-/// 2: a `records` row holds a run of records (1 held one record per row).
-const VERSION: u32 = 2;
+/// 2: a `records` row holds a run of records (1 held one record per row). 3: a record larger
+/// than a row can hold is split across consecutive rows (flags in a row's count word).
+const VERSION: u32 = 3;
+/// A version-2 directory is opened and its layout rewritten as version 3: its rows are valid
+/// version-3 rows (none split). Rewritten before anything is written, so that a version-2
+/// build, which refuses version 3, never opens a directory holding split records.
+const UPGRADES_FROM: u32 = 2;
 /// The only hash there is so far; named so that a future one can be told apart.
 const HASH: &str = "splitmix64(stream_id) & (shard_count - 1)";
 
@@ -67,7 +72,8 @@ pub(super) fn check_or_create(dir: &Path, shard_count: u32) -> Result<(), Storag
                     what: path.display().to_string(),
                     detail: e.to_string(),
                 })?;
-            if found.format != FORMAT || found.version != VERSION || found.shard_hash != HASH {
+            let known = found.version == VERSION || found.version == UPGRADES_FROM;
+            if found.format != FORMAT || !known || found.shard_hash != HASH {
                 return Err(StorageError::Config(format!(
                     "{} describes format {:?} version {} with hash {:?}; this build reads {FORMAT:?} \
                      version {VERSION} with hash {HASH:?}",
@@ -86,6 +92,9 @@ pub(super) fn check_or_create(dir: &Path, shard_count: u32) -> Result<(), Storag
                     found.shard_count,
                     found.shard_count
                 )));
+            }
+            if found.version == UPGRADES_FROM {
+                write_atomically(dir, &path, shard_count)?;
             }
             Ok(())
         }
@@ -175,6 +184,34 @@ mod tests {
         for n in [1, 2, 16, 256] {
             check_shard_count(n).unwrap();
         }
+    }
+
+    #[test]
+    fn a_version_2_directory_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        check_or_create(dir.path(), 4).unwrap();
+        let path = dir.path().join(LAYOUT_FILE);
+        let v2 = fs::read_to_string(&path)
+            .unwrap()
+            .replace(&format!("\"version\": {VERSION}"), "\"version\": 2");
+        fs::write(&path, v2).unwrap();
+        check_or_create(dir.path(), 4).unwrap();
+        let found: Layout = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!((found.version, found.shard_count), (VERSION, 4));
+        // The shard count is still checked first.
+        fs::write(
+            &path,
+            fs::read_to_string(&path)
+                .unwrap()
+                .replace("\"version\": 3", "\"version\": 2"),
+        )
+        .unwrap();
+        assert!(matches!(
+            check_or_create(dir.path(), 8),
+            Err(StorageError::Config(_))
+        ));
+        let found: Layout = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(found.version, 2);
     }
 
     #[test]

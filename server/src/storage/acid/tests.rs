@@ -576,7 +576,7 @@ fn damage_record(storage: &AcidStorage, id: StreamId, start: u64) {
     let records: [&[u8]; 1] = [b"abX"];
     let mut raw = vec![0u8; codec::row_value_len(&records)];
     // Sealed as if it belonged to another stream: the structure holds, the checksum does not.
-    codec::write_row(&mut raw, id + 1, start, &records);
+    codec::write_row(&mut raw, id + 1, start, &records, codec::Joins::default());
     let txn = storage.shard_of(id).db.begin_write().unwrap();
     txn.open_table(RECORDS)
         .unwrap()
@@ -647,11 +647,13 @@ async fn rows_are_capped_and_reopen_whole() {
         let storage = AcidStorage::open(dir.path(), per_shard(AcidOptions::new(1, 0))).unwrap();
         let (_log, c) = storage.create(&meta(1, "/caps"), records, None).unwrap();
         c.await.unwrap();
-        // 20 KiB, 20 KiB (two would pass the 32 KiB cap), 20 KiB and the first 1 023 one-byte
-        // records (1 024 records, the count cap), then the other 977.
-        assert_eq!(codec::ROW_DATA_BYTES, 32 << 10);
+        // The three 20 KiB records and the first 810 one-byte ones (what fits the 64 KiB page),
+        // then 1 024 one-byte records (the count cap), then the other 166.
+        assert_eq!(codec::ROW_PAGE_BYTES, 64 << 10);
+        assert!(codec::row_fits_page(813, 3 * (20 << 10) + 810));
+        assert!(!codec::row_fits_page(814, 3 * (20 << 10) + 811));
         assert_eq!(codec::ROW_RECORDS, 1024);
-        assert_eq!(record_rows(&storage, 1), 4);
+        assert_eq!(record_rows(&storage, 1), 3);
     }
     let storage = AcidStorage::open(dir.path(), AcidOptions::new(1, 0)).unwrap();
     let found = recovered_by_id(&storage);
@@ -663,13 +665,131 @@ async fn rows_are_capped_and_reopen_whole() {
         .unwrap();
     assert_eq!(chunk.parts.len(), 2003);
     assert_eq!(chunk.parts.concat(), expected);
-    // From the first one-byte record, inside the third row.
+    // From the first one-byte record, inside the first row.
     let chunk = found[&1]
         .log
         .read(3 * (20 << 10), tail, 5, false)
         .await
         .unwrap();
     assert_eq!(chunk.parts.concat(), b"01234");
+}
+
+/// Rows are as large as fits a 64 KiB redb page, not 64 KiB of data: sixteen 4 KiB records would
+/// make a leaf just over 64 KiB, which redb rounds up to a 128 KiB page read whole.
+#[tokio::test]
+async fn rows_of_4_kib_records_fit_a_64_kib_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let records: Vec<Bytes> = (0..70u8).map(|i| Bytes::from(vec![i; 4096])).collect();
+    let expected: Vec<u8> = records.iter().flat_map(|r| r.iter().copied()).collect();
+    let storage = AcidStorage::open(dir.path(), per_shard(AcidOptions::new(1, 0))).unwrap();
+    let (log, c) = storage.create(&meta(1, "/pages"), records, None).unwrap();
+    c.await.unwrap();
+    assert!(codec::row_fits_page(15, 15 * 4096));
+    assert!(!codec::row_fits_page(16, 16 * 4096));
+    assert_eq!(record_rows(&storage, 1), 5);
+    let tail = expected.len() as u64;
+    let chunk = log.read(0, tail, usize::MAX, false).await.unwrap();
+    assert_eq!(chunk.parts.len(), 70);
+    assert_eq!(chunk.parts.concat(), expected);
+    // From inside a row to inside a later one, split (a partly served row is copied, a whole one
+    // is not: both read the same).
+    let chunk = log
+        .read(4096 * 5 + 100, tail, 4096 * 9, true)
+        .await
+        .unwrap();
+    let from = 4096 * 5 + 100;
+    assert_eq!(chunk.parts.concat(), &expected[from..from + 4096 * 9]);
+}
+
+/// A record larger than a row can hold is split across rows (format version 3) and reads back
+/// exactly as a record stored whole: from each record boundary, within any budget, split or not,
+/// after a restart and after a release that leaves the first row starting inside a record.
+#[tokio::test]
+async fn records_larger_than_a_row_are_split_across_rows_and_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [65536usize, 10, 100_000, 65536, 3, 200_000, 65536];
+    let records: Vec<Bytes> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Bytes::from((0..n).map(|j| (i * 31 + j * 7) as u8).collect::<Vec<u8>>()))
+        .collect();
+    let expected: Vec<u8> = records.iter().flat_map(|r| r.iter().copied()).collect();
+    let bounds: Vec<usize> = std::iter::once(0)
+        .chain(sizes.iter().scan(0, |at, n| {
+            *at += n;
+            Some(*at)
+        }))
+        .collect();
+    let tail = expected.len() as u64;
+    {
+        let storage = AcidStorage::open(dir.path(), per_shard(AcidOptions::new(1, 0))).unwrap();
+        let (_log, c) = storage
+            .create(&meta(1, "/split"), records.clone(), None)
+            .unwrap();
+        c.await.unwrap();
+        // Every row fits a page: about one row per page of data.
+        let rows = record_rows(&storage, 1);
+        let pages = expected.len() / codec::ROW_PAGE_BYTES;
+        assert!(rows > pages && rows <= pages + 3, "{rows} rows");
+    }
+    let storage = AcidStorage::open(dir.path(), AcidOptions::new(1, 0)).unwrap();
+    let found = recovered_by_id(&storage);
+    assert_eq!(found[&1].state.tail, tail);
+    let log = &found[&1].log;
+    for (i, &at) in bounds[..sizes.len()].iter().enumerate() {
+        // Whole records from each boundary: a budget below the record still serves it whole.
+        for budget in [1, 40_000, 150_000, usize::MAX] {
+            let chunk = log.read(at as u64, tail, budget, false).await.unwrap();
+            let got = chunk.parts.concat();
+            assert_eq!(
+                got,
+                &expected[at..chunk.end as usize],
+                "from {at}, budget {budget}"
+            );
+            assert!(
+                bounds.contains(&(chunk.end as usize)),
+                "ends at {}",
+                chunk.end
+            );
+            assert_eq!(chunk.parts[0].len(), sizes[i]);
+        }
+        // Split reads from inside the record.
+        let from = at + sizes[i] / 2;
+        let chunk = log.read(from as u64, tail, 50_000, true).await.unwrap();
+        let n = (tail as usize - from).min(50_000);
+        assert_eq!(chunk.parts.concat(), &expected[from..from + n]);
+        if sizes[i] > 1 {
+            assert!(matches!(
+                log.read(from as u64, tail, 50_000, false).await,
+                Err(StorageError::Misaligned { .. })
+            ));
+        }
+    }
+    // `until` inside a split record refuses a whole-record read that reaches it.
+    let until = (bounds[2] + 70_000) as u64;
+    assert!(matches!(
+        log.read(bounds[2] as u64, until, usize::MAX, false).await,
+        Err(StorageError::Misaligned { .. })
+    ));
+    let chunk = log
+        .read(bounds[2] as u64, until, usize::MAX, true)
+        .await
+        .unwrap();
+    assert_eq!(chunk.parts.concat(), &expected[bounds[2]..until as usize]);
+    // Release up to the 3-byte record: the rows of the records before it go, and the row left
+    // first starts with the rest of the 65 536-byte record before it.
+    log.release(bounds[4] as u64).await.unwrap();
+    drop(found);
+    drop(storage);
+    let storage = AcidStorage::open(dir.path(), AcidOptions::new(1, 0)).unwrap();
+    let found = recovered_by_id(&storage);
+    let log = &found[&1].log;
+    let chunk = log
+        .read(bounds[4] as u64, tail, usize::MAX, false)
+        .await
+        .unwrap();
+    assert_eq!(chunk.parts.concat(), &expected[bounds[4]..]);
+    assert_eq!(chunk.parts.len(), 3);
 }
 
 #[tokio::test]

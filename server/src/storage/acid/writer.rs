@@ -365,8 +365,8 @@ fn apply(
 }
 
 /// The records a transaction adds, gathered per stream into rows of the `records` table: one
-/// row holds a run of consecutive records (up to [`codec::ROW_DATA_BYTES`] and
-/// [`codec::ROW_RECORDS`]), so a transaction with many appends to a stream inserts one row for
+/// row holds a run of consecutive records (as many as fit a [`codec::ROW_PAGE_BYTES`] redb page,
+/// at most [`codec::ROW_RECORDS`]; a record larger than a row is split across rows), so a transaction with many appends to a stream inserts one row for
 /// them rather than one each. redb's cost is mostly per row inserted (each insert copies the
 /// leaf it lands in), so this is what makes a transaction's cost follow the number of streams
 /// it touches rather than the number of appends.
@@ -379,6 +379,21 @@ struct OpenRow<'b> {
     start: u64,
     bytes: usize,
     records: Vec<&'b [u8]>,
+    joins: codec::Joins,
+}
+
+impl OpenRow<'_> {
+    /// Empties the row (just written) for the entries from `start` on; `continues` when the first
+    /// goes on with the last entry of the row just written.
+    fn restart(&mut self, start: u64, continues: bool) {
+        self.start = start;
+        self.bytes = 0;
+        self.records.clear();
+        self.joins = codec::Joins {
+            first_continues: continues,
+            last_continues: false,
+        };
+    }
 }
 
 impl<'b> OpenRows<'b> {
@@ -395,16 +410,41 @@ impl<'b> OpenRows<'b> {
             start,
             bytes: 0,
             records: Vec::new(),
+            joins: codec::Joins::default(),
         });
         debug_assert_eq!(row.start + row.bytes as u64, start);
+        let (mut data, mut start) = (data, start);
+        // A record larger than a row of its own could hold fills what room the open row has,
+        // then as many rows as it needs; all of them are written in this transaction. Smaller
+        // records are never split.
+        if !codec::row_fits_page(1, data.len()) {
+            loop {
+                let room = if row.records.len() >= codec::ROW_RECORDS {
+                    0
+                } else {
+                    codec::row_room(row.records.len(), row.bytes)
+                };
+                if data.len() <= room {
+                    break;
+                }
+                let piece = room > 0;
+                if piece {
+                    row.records.push(&data[..room]);
+                    row.bytes += room;
+                    row.joins.last_continues = true;
+                    data = &data[room..];
+                    start += room as u64;
+                }
+                put_row(table, id, row)?;
+                row.restart(start, piece);
+            }
+        }
         let full = !row.records.is_empty()
-            && (row.bytes + data.len() > codec::ROW_DATA_BYTES
+            && (!codec::row_fits_page(row.records.len() + 1, row.bytes + data.len())
                 || row.records.len() >= codec::ROW_RECORDS);
         if full {
             put_row(table, id, row)?;
-            row.start = start;
-            row.bytes = 0;
-            row.records.clear();
+            row.restart(start, false);
         }
         row.bytes += data.len();
         row.records.push(data);
@@ -450,7 +490,7 @@ fn put_row(
     let mut slot = table
         .insert_reserve((id, row.start), codec::row_value_len(&row.records))
         .ctx("writing a record row")?;
-    codec::write_row(slot.as_mut(), id, row.start, &row.records);
+    codec::write_row(slot.as_mut(), id, row.start, &row.records, row.joins);
     Ok(())
 }
 
@@ -639,7 +679,9 @@ fn apply_one<'b>(
             // Records of this transaction may be among those released: their row goes in first.
             open.write_stream(&mut t.records, id)?;
             // Rows that end by `before` are deleted; a row holding `before` inside it stays
-            // whole (rows are never split) until a later release passes its end.
+            // whole (rows are never rewritten) until a later release passes its end. `before` is
+            // a record boundary, so the pieces of a split record go together or the row left
+            // first starts with the rest of one whose earlier pieces went (readers skip it).
             t.records
                 .retain_in((id, 0)..(id, before), |key, value| {
                     codec::parse_row(id, key.1, value)

@@ -342,17 +342,11 @@ mod tests {
             HeaderValue::from_static("https://a.example"),
         );
         let fields = AppendFields::of(&map);
-        for name in [
-            header::CONTENT_TYPE,
-            header::CONTENT_LENGTH,
-            names::PRODUCER_ID,
-            names::PRODUCER_EPOCH,
-            names::PRODUCER_SEQ,
-            names::STREAM_SEQ,
-            names::STREAM_CLOSED,
-            header::ORIGIN,
-            header::HOST,
-        ] {
+        for name in APPEND_FIELDS
+            .iter()
+            .cloned()
+            .chain([header::ORIGIN, header::HOST])
+        {
             assert_eq!(fields.field(&name), map.get(&name), "{name}");
         }
         let producer = producer(&fields).unwrap().expect("producer");

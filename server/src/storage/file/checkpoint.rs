@@ -79,7 +79,28 @@ pub(crate) type Outcome = (u32, Result<usize, StorageError>);
 /// thread only takes them. Dropping it waits for the write in flight.
 #[derive(Default)]
 pub(crate) struct Background {
-    in_flight: Option<std::thread::JoinHandle<Outcome>>,
+    in_flight: Option<InFlight>,
+}
+
+enum InFlight {
+    Thread(std::thread::JoinHandle<Outcome>),
+    /// No thread could be started: written on the caller's thread instead.
+    Done(Outcome),
+}
+
+/// [`write`], noting its size and duration in the log.
+fn write_logged(dir: &Path, c: &Checkpoint) -> Outcome {
+    let started = std::time::Instant::now();
+    let outcome = write(dir, c);
+    if let Ok(len) = &outcome {
+        tracing::debug!(
+            bytes = len,
+            streams = c.streams.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoint written"
+        );
+    }
+    (c.from.0, outcome)
 }
 
 impl Background {
@@ -87,52 +108,48 @@ impl Background {
         self.in_flight.is_some()
     }
 
-    /// Starts writing `c` (the caller checks that none is in flight). If no thread can be
-    /// started, writes it here.
+    /// Starts writing `c` (the caller checks that none is in flight); if no thread can be
+    /// started, writes it here, and [`Background::outcome`] reports it all the same.
     pub fn start(&mut self, dir: &Path, c: Checkpoint) {
         debug_assert!(self.in_flight.is_none());
-        let dir = dir.to_path_buf();
-        let from = c.from.0;
-        let job = move || {
-            let started = std::time::Instant::now();
-            let outcome = write(&dir, &c);
-            if let Ok(len) = &outcome {
-                tracing::debug!(
-                    bytes = len,
-                    streams = c.streams.len(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "checkpoint written"
-                );
-            }
-            (from, outcome)
+        let c = std::sync::Arc::new(c);
+        let job = {
+            let (dir, c) = (dir.to_path_buf(), c.clone());
+            move || write_logged(&dir, &c)
         };
         let spawned = std::thread::Builder::new()
             .name("ds-checkpoint".into())
             .spawn(job);
-        match spawned {
-            Ok(handle) => self.in_flight = Some(handle),
+        self.in_flight = Some(match spawned {
+            Ok(handle) => InFlight::Thread(handle),
             Err(e) => {
-                tracing::warn!(error = %e, "no thread for the checkpoint; skipped");
+                tracing::warn!(error = %e, "no thread for the checkpoint; writing it here");
+                InFlight::Done(write_logged(dir, &c))
             }
-        }
+        });
     }
 
     /// The write's outcome once it is done (`wait`: waits for it); `None` while it runs or
     /// when none was started.
     pub fn outcome(&mut self, wait: bool) -> Option<Outcome> {
-        if !wait && !self.in_flight.as_ref()?.is_finished() {
+        if let Some(InFlight::Thread(handle)) = &self.in_flight
+            && !wait
+            && !handle.is_finished()
+        {
             return None;
         }
-        let handle = self.in_flight.take()?;
-        Some(handle.join().unwrap_or_else(|_| {
-            (
-                0,
-                Err(StorageError::Io {
-                    what: "writing a checkpoint".into(),
-                    source: std::io::Error::other("the checkpoint thread panicked"),
-                }),
-            )
-        }))
+        Some(match self.in_flight.take()? {
+            InFlight::Done(outcome) => outcome,
+            InFlight::Thread(handle) => handle.join().unwrap_or_else(|_| {
+                (
+                    0,
+                    Err(StorageError::Io {
+                        what: "writing a checkpoint".into(),
+                        source: std::io::Error::other("the checkpoint thread panicked"),
+                    }),
+                )
+            }),
+        })
     }
 }
 

@@ -282,10 +282,7 @@ fn browser_headers(
     let hs = response.headers_mut();
     hs.insert(request_id::REQUEST_ID, id);
     if let Some(allowed) = &state.inner.cors_origins {
-        if let Some(origin) = origin.filter(|o| {
-            o.to_str()
-                .is_ok_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
-        }) {
+        if let Some(origin) = origin.filter(|o| origin_allowed(allowed, o.as_bytes())) {
             hs.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         }
         hs.append(header::VARY, HeaderValue::from_static("origin"));
@@ -389,6 +386,11 @@ fn ct_value(ct: &str) -> HeaderValue {
 const TRUE: HeaderValue = HeaderValue::from_static("true");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
+/// Whether `origin` (as sent) is one of the allowed CORS origins.
+fn origin_allowed(allowed: &[String], origin: &[u8]) -> bool {
+    request::visible_text(origin).is_some_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
+}
+
 /// Reads the request body, refusing one larger than the configured cap with 413. Frame by
 /// frame rather than through `to_bytes`: an HTTP/1 body arrives as one frame, which is returned
 /// as it is, without the limit wrapper's and the collector's buffers (a measurable part of a
@@ -442,7 +444,7 @@ fn declared_too_large(
     let limit = state.inner.config.limits.max_request_bytes;
     let declared = headers
         .field(&header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
+        .and_then(request::visible_text)
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
         Some(len) if len > limit => Err(ApiError::PayloadTooLarge(format!(
@@ -529,13 +531,47 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
 
 async fn append(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let path = request::stream_path(parts.uri.path())?;
     let headers = &request::AppendFields::of(&parts.headers);
+    let appended = append_with(state, parts.uri.path(), headers, body_bytes(state, body)).await?;
+    let mut response = appended.status.into_response();
+    let hs = response.headers_mut();
+    hs.insert(
+        names::STREAM_NEXT_OFFSET,
+        offset_value(appended.next_offset),
+    );
+    if appended.closed {
+        hs.insert(names::STREAM_CLOSED, TRUE);
+    }
+    if let Some((epoch, seq)) = appended.producer {
+        hs.insert(names::PRODUCER_EPOCH, HeaderValue::from(epoch));
+        hs.insert(names::PRODUCER_SEQ, HeaderValue::from(seq));
+    }
+    Ok(response)
+}
+
+/// What an append did, before it becomes an answer: a `Response` ([`append`]), or the lines of
+/// an HTTP/1.1 head ([`AppendReply`]).
+struct Appended {
+    status: StatusCode,
+    next_offset: u64,
+    closed: bool,
+    producer: Option<(u64, u64)>,
+}
+
+/// An append, whatever carried it. `body` is awaited only once the head passed its checks: a
+/// body declared larger than the limit is refused unread.
+async fn append_with(
+    state: &AppState,
+    path: &str,
+    headers: &(impl request::Fields + ?Sized),
+    body: impl Future<Output = Result<Bytes, ApiError>>,
+) -> Result<Appended, ApiError> {
+    let path = request::stream_path(path)?;
     let producer = request::producer(headers)?;
     let stream_seq = request::stream_seq(headers)?;
     let content_type = request::content_type(headers)?;
     declared_too_large(state, headers)?;
-    let body = body_bytes(state, body).await?;
+    let body = body.await?;
     let body_len = body.len();
     let has_producer = producer.is_some();
     let outcome = state
@@ -560,17 +596,139 @@ async fn append(state: &AppState, req: Request) -> Result<Response, ApiError> {
     } else {
         StatusCode::NO_CONTENT
     };
-    let mut response = status.into_response();
-    let hs = response.headers_mut();
-    hs.insert(names::STREAM_NEXT_OFFSET, offset_value(outcome.next_offset));
-    if outcome.closed {
-        hs.insert(names::STREAM_CLOSED, TRUE);
+    Ok(Appended {
+        status,
+        next_offset: outcome.next_offset,
+        closed: outcome.closed,
+        producer: outcome.producer,
+    })
+}
+
+/// A plain append (a POST to a stream path) from a plaintext HTTP/1.1 connection, whose head
+/// was parsed without a header map, a URI or a request: the fields an append reads, as sent.
+/// Building those for every append (hashing and inserting each field, then dropping them all)
+/// was a fifth of a small append's instructions, and the two boxed futures of the general path
+/// (the connection's and the handler's) another tenth in moves.
+pub(crate) struct RawAppend<'a> {
+    pub path: &'a str,
+    pub fields: request::AppendFields<'a>,
+    /// `x-request-id` as sent (a slice of the head, not a copy).
+    pub request_id: Option<Bytes>,
+    pub origin: Option<&'a [u8]>,
+}
+
+/// How a [`RawAppend`] was answered.
+pub(crate) enum AppendAnswer {
+    /// Stored (or a duplicate): the connection writes the head from [`AppendReply::push_lines`].
+    Reply(AppendReply),
+    /// Refused: a response like any request's.
+    Response(Response),
+}
+
+/// A successful append's answer, as lines of an HTTP/1.1 head.
+pub(crate) struct AppendReply {
+    appended: Appended,
+    id: HeaderValue,
+    /// The request's `Origin`, when it is one of `DS_HTTP__CORS_ORIGINS`.
+    allow_origin: Option<HeaderValue>,
+    /// `Vary: origin`: origins are configured, so the answer depends on the origin.
+    vary: bool,
+}
+
+impl AppendReply {
+    pub(crate) fn status(&self) -> StatusCode {
+        self.appended.status
     }
-    if let Some((epoch, seq)) = outcome.producer {
-        hs.insert(names::PRODUCER_EPOCH, HeaderValue::from(epoch));
-        hs.insert(names::PRODUCER_SEQ, HeaderValue::from(seq));
+
+    /// The head's lines the handler decides, each ending in CRLF: the fields [`append`] and
+    /// [`browser_headers`] put in the `Response` of the other transports, in their order. The
+    /// connection adds the status line, the fixed browser headers, `Date` and the framing.
+    pub(crate) fn push_lines(&self, out: &mut Vec<u8>) {
+        let a = &self.appended;
+        push_field(
+            out,
+            &names::STREAM_NEXT_OFFSET,
+            Offset::at(a.next_offset).encode().as_bytes(),
+        );
+        if a.closed {
+            push_field(out, &names::STREAM_CLOSED, TRUE.as_bytes());
+        }
+        if let Some((epoch, seq)) = a.producer {
+            push_field(
+                out,
+                &names::PRODUCER_EPOCH,
+                HeaderValue::from(epoch).as_bytes(),
+            );
+            push_field(out, &names::PRODUCER_SEQ, HeaderValue::from(seq).as_bytes());
+        }
+        push_field(out, &request_id::REQUEST_ID, self.id.as_bytes());
+        if let Some(origin) = &self.allow_origin {
+            push_field(out, &header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.as_bytes());
+        }
+        if self.vary {
+            push_field(out, &header::VARY, b"origin");
+        }
     }
-    Ok(response)
+}
+
+fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+impl Handler {
+    /// Answers a [`RawAppend`] as [`stream_request`] answers a POST: the same append, metrics,
+    /// access line and browser headers.
+    pub(crate) async fn append_raw(&self, raw: RawAppend<'_>, body: Bytes) -> AppendAnswer {
+        let state = &self.state;
+        let started = std::time::Instant::now();
+        let id = request_id::from_sent(raw.request_id);
+        let result = append_with(state, raw.path, &raw.fields, std::future::ready(Ok(body))).await;
+        let answer = match result {
+            Ok(appended) => {
+                let allowed = state.inner.cors_origins.as_deref();
+                let allow_origin = match (allowed, raw.origin) {
+                    (Some(allowed), Some(origin)) if origin_allowed(allowed, origin) => {
+                        HeaderValue::from_bytes(origin).ok()
+                    }
+                    _ => None,
+                };
+                AppendAnswer::Reply(AppendReply {
+                    appended,
+                    id,
+                    allow_origin,
+                    vary: allowed.is_some(),
+                })
+            }
+            Err(e) => {
+                let response = e.respond(Some(&id));
+                let origin = raw.origin.and_then(|o| HeaderValue::from_bytes(o).ok());
+                let fixed = !self.writer_adds_fixed;
+                AppendAnswer::Response(browser_headers(state, origin, id, fixed, response))
+            }
+        };
+        let (status, id) = match &answer {
+            AppendAnswer::Reply(reply) => (reply.status(), Some(&reply.id)),
+            AppendAnswer::Response(response) => (
+                response.status(),
+                response.headers().get(request_id::REQUEST_ID),
+            ),
+        };
+        metrics::request(Operation::Append, status.as_u16(), started);
+        if tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG) {
+            tracing::debug!(
+                target: ACCESS_LOG,
+                request_id = id.and_then(|id| id.to_str().ok()).unwrap_or_default(),
+                method = %Method::POST,
+                path = raw.path,
+                status = status.as_u16(),
+                "request"
+            );
+        }
+        answer
+    }
 }
 
 async fn delete(state: &AppState, req: Request) -> Result<Response, ApiError> {

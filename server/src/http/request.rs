@@ -21,16 +21,18 @@ pub const MAX_PRODUCER_ID_BYTES: usize = 256;
 /// an append reads, found in one pass ([`AppendFields`]).
 pub trait Fields {
     /// The first value of `name`, if the request has it.
-    fn field(&self, name: &HeaderName) -> Option<&HeaderValue>;
+    fn field(&self, name: &HeaderName) -> Option<&[u8]>;
 }
 
 impl Fields for HeaderMap {
-    fn field(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.get(name)
+    fn field(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(HeaderValue::as_bytes)
     }
 }
 
-const APPEND_FIELD_COUNT: usize = 7;
+pub const APPEND_FIELD_COUNT: usize = 7;
+/// `Content-Length`'s slot in [`APPEND_FIELDS`] (the connection frames the body by it).
+pub const CONTENT_LENGTH_SLOT: usize = 1;
 
 /// The header fields an append reads, looked up in [`AppendFields`].
 static APPEND_FIELDS: [HeaderName; APPEND_FIELD_COUNT] = [
@@ -48,8 +50,10 @@ static APPEND_FIELDS: [HeaderName; APPEND_FIELD_COUNT] = [
 /// per append, most absent from most appends, cost more than one walk over the few fields a
 /// request has.
 pub struct AppendFields<'a> {
-    map: &'a HeaderMap,
-    values: [Option<&'a HeaderValue>; APPEND_FIELD_COUNT],
+    /// Where any other field is looked up; `None` for a head parsed without a header map
+    /// (plaintext HTTP/1.1's appends), which carries only the append's fields.
+    map: Option<&'a HeaderMap>,
+    values: [Option<&'a [u8]>; APPEND_FIELD_COUNT],
 }
 
 impl<'a> AppendFields<'a> {
@@ -60,19 +64,52 @@ impl<'a> AppendFields<'a> {
             if let Some(i) = APPEND_FIELDS.iter().position(|n| n == name)
                 && values[i].is_none()
             {
-                values[i] = Some(value);
+                values[i] = Some(value.as_bytes());
             }
         }
-        AppendFields { map, values }
+        AppendFields {
+            map: Some(map),
+            values,
+        }
+    }
+
+    /// The fields of a head parsed without a header map: `values[i]` is the first value of
+    /// the field [`AppendFields::slot`] numbers `i`.
+    pub fn from_slots(values: [Option<&'a [u8]>; APPEND_FIELD_COUNT]) -> Self {
+        AppendFields { map: None, values }
+    }
+
+    /// Which slot of [`AppendFields::from_slots`] a field name (any case, as sent) fills.
+    pub fn slot(name: &[u8]) -> Option<usize> {
+        APPEND_FIELDS.iter().position(|n| {
+            n.as_str().len() == name.len() && n.as_str().as_bytes().eq_ignore_ascii_case(name)
+        })
     }
 }
 
 impl Fields for AppendFields<'_> {
-    fn field(&self, name: &HeaderName) -> Option<&HeaderValue> {
+    fn field(&self, name: &HeaderName) -> Option<&[u8]> {
         match APPEND_FIELDS.iter().position(|n| n == name) {
             Some(i) => self.values[i],
-            None => self.map.get(name),
+            None => {
+                // An append that reads a field not in `APPEND_FIELDS` would find it absent in
+                // a head parsed without a map: add the field to the table instead.
+                debug_assert!(self.map.is_some(), "{name} is not one of APPEND_FIELDS");
+                self.map.and_then(|map| map.field(name))
+            }
         }
+    }
+}
+
+/// `value` as text if it is visible ASCII (and tabs), as `HeaderValue::to_str` takes it.
+pub fn visible_text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
     }
 }
 
@@ -83,18 +120,15 @@ pub fn text<'a>(
 ) -> Result<Option<&'a str>, ApiError> {
     match headers.field(name) {
         None => Ok(None),
-        Some(v) => v
-            .to_str()
+        Some(v) => visible_text(v)
             .map(Some)
-            .map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII"))),
+            .ok_or_else(|| ApiError::bad_request(format!("header {name} is not visible ASCII"))),
     }
 }
 
 /// `Stream-Closed: true` (case-insensitive); any other value counts as absent.
 pub fn closed(headers: &(impl Fields + ?Sized)) -> bool {
-    headers
-        .field(&names::STREAM_CLOSED)
-        .is_some_and(|v| h::is_true(v.as_bytes()))
+    headers.field(&names::STREAM_CLOSED).is_some_and(h::is_true)
 }
 
 /// The stream's identity: the request path, checked for sanity.
@@ -347,7 +381,11 @@ mod tests {
             .cloned()
             .chain([header::ORIGIN, header::HOST])
         {
-            assert_eq!(fields.field(&name), map.get(&name), "{name}");
+            assert_eq!(
+                fields.field(&name),
+                map.get(&name).map(HeaderValue::as_bytes),
+                "{name}"
+            );
         }
         let producer = producer(&fields).unwrap().expect("producer");
         assert_eq!(

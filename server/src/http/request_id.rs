@@ -23,6 +23,18 @@ static PREFIX: OnceLock<u32> = OnceLock::new();
 
 /// The request's id: its own `x-request-id` if that is 1 to 128 visible ASCII characters,
 /// else a new one.
+/// The id of a request whose head was parsed without a header map: its `x-request-id` as sent
+/// (a slice of the head), kept if sensible as [`of`] keeps it, else a new one.
+pub fn from_sent(sent: Option<bytes::Bytes>) -> HeaderValue {
+    match sent {
+        // Visible ASCII: a valid header value, taken without a copy.
+        Some(id) if acceptable(&id) => {
+            HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| generate())
+        }
+        _ => generate(),
+    }
+}
+
 pub fn of(headers: &HeaderMap) -> HeaderValue {
     match headers.get(&REQUEST_ID) {
         Some(id) if acceptable(id.as_bytes()) => id.clone(),

@@ -123,6 +123,19 @@ impl ConnService for Recorder {
     fn fixed_head(&self) -> &[u8] {
         &[]
     }
+
+    async fn append(self, head: &AppendHead, body: Bytes) -> crate::http::AppendAnswer {
+        // A plain append's head reached the handler without a header map: record it like any
+        // other request, so that its framing is held to hyper's too.
+        if let Ok(mut list) = self.served.lock() {
+            list.push(Served {
+                method: "POST".to_owned(),
+                target: head.path().to_owned(),
+                body: body.to_vec(),
+            });
+        }
+        crate::http::AppendAnswer::Response(Response::new(Body::empty()))
+    }
 }
 
 /// A connected pair over loopback: the client end and the server's accepted end.

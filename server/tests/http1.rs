@@ -537,7 +537,7 @@ async fn plain_appends_are_answered_as_the_general_path_answers_them() {
         };
         let text = vec![("Content-Type", "text/plain")];
         // (headers, body): each sent to /plain-N and to /general-N?via=general.
-        let cases: Vec<(Vec<(&str, &str)>, &[u8])> = vec![
+        let cases: Vec<(Fields, &[u8])> = vec![
             (text.clone(), b"a"),
             (producer("0"), b"b"),
             (producer("0"), b"b"),
@@ -606,7 +606,7 @@ async fn plain_appends_are_answered_as_the_general_path_answers_them() {
         }
         // A missing stream, `Connection: close`, and a body declared over the limit (refused
         // unread, then the connection closes).
-        let ends: Vec<(&str, Vec<(&str, &str)>, bool)> = vec![
+        let ends: Vec<(&str, Fields, bool)> = vec![
             ("/missing", text.clone(), false),
             (
                 "/plain",
@@ -656,6 +656,9 @@ async fn plain_appends_are_answered_as_the_general_path_answers_them() {
             .expect("server run");
     }
 }
+
+/// Header fields of a request, in order.
+type Fields<'a> = Vec<(&'a str, &'a str)>;
 
 fn assert_same_answer(a: &Resp, b: &Resp, what: &str) {
     let strip = |r: &Resp| -> Vec<(String, String)> {

@@ -50,8 +50,8 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::edge::{Acceptor, Admission, Admitted, EdgeLimits, HTTP_REFUSAL};
+use super::request;
 use super::{AppendAnswer, Handler, RawAppend};
-use super::{request, request_id};
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -1226,16 +1226,14 @@ fn parse_head(buf: &mut BytesMut, appends: bool) -> Result<Option<Parsed>, Refus
         start..start + part.len()
     };
     let target = at(req.path.unwrap_or("").as_bytes());
+    let plain = appends && method == Method::POST && is_plain_target(req.path.unwrap_or(""));
     let spans: smallvec::SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 24]> = req
         .headers
         .iter()
         .map(|field| (at(field.name.as_bytes()), at(field.value)))
         .collect();
     let head = buf.split_to(len).freeze();
-    if appends
-        && method == Method::POST
-        && let Some(append) = plain_append(&head, target.clone(), &spans, version)
-    {
+    if plain && let Some(append) = plain_append(&head, target.clone(), &spans, version) {
         return Ok(Some(Parsed::Append(append)));
     }
     let uri = Uri::from_maybe_shared(head.slice(target.clone())).map_err(|e| {
@@ -1286,18 +1284,6 @@ fn plain_append(
     spans: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
     version: Version,
 ) -> Option<AppendHead> {
-    let path = &head[target.clone()];
-    if !is_plain_path(path) {
-        return None;
-    }
-    // Checked ASCII above.
-    let path_text = std::str::from_utf8(path).ok()?;
-    if path_text == "/healthz"
-        || path_text == "/readyz"
-        || super::subscriptions::is_control_path(path_text)
-    {
-        return None;
-    }
     let mut append = AppendHead {
         head: head.clone(),
         path: target,
@@ -1318,21 +1304,32 @@ fn plain_append(
             }
             continue;
         }
-        let is = |known: &HeaderName| {
-            name.len() == known.as_str().len()
-                && name.eq_ignore_ascii_case(known.as_str().as_bytes())
-        };
-        if is(&header::TRANSFER_ENCODING) || is(&header::EXPECT) {
-            return None;
-        } else if is(&request_id::REQUEST_ID) {
-            append.request_id.get_or_insert_with(|| value_at.clone());
-        } else if is(&header::ORIGIN) {
-            append.origin.get_or_insert_with(|| value_at.clone());
-        } else if is(&header::CONNECTION) {
-            append.close |= connection_has_close(value);
+        // Names as text (`HeaderName::as_str` of a standard header is a lookup of its own),
+        // by length first: most fields are none of these.
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        match name.len() {
+            6 if is("expect") => return None,
+            17 if is("transfer-encoding") => return None,
+            12 if is("x-request-id") => {
+                append.request_id.get_or_insert_with(|| value_at.clone());
+            }
+            6 if is("origin") => {
+                append.origin.get_or_insert_with(|| value_at.clone());
+            }
+            10 if is("connection") => append.close |= connection_has_close(value),
+            _ => {}
         }
     }
     Some(append)
+}
+
+/// Whether a POST to `target` may be a plain append: a plain path that is neither a probe nor
+/// a subscription's control path.
+fn is_plain_target(target: &str) -> bool {
+    is_plain_path(target.as_bytes())
+        && target != "/healthz"
+        && target != "/readyz"
+        && !super::subscriptions::is_control_path(target)
 }
 
 /// A request target that is a path any URI parser takes as it is (`Uri::path` returns it

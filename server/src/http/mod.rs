@@ -497,7 +497,7 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
         .inner
         .streams
         .create(
-            &path,
+            path,
             CreateRequest {
                 content_type,
                 ttl_secs,
@@ -522,7 +522,7 @@ async fn create(state: &AppState, req: Request) -> Result<Response, ApiError> {
         hs.insert(names::STREAM_CLOSED, TRUE);
     }
     if outcome.created
-        && let Some(loc) = location(headers, &parts.uri, &path, state.inner.tls)
+        && let Some(loc) = location(headers, &parts.uri, path, state.inner.tls)
     {
         hs.insert(header::LOCATION, loc);
     }
@@ -578,7 +578,7 @@ async fn append_with(
         .inner
         .streams
         .append(
-            &path,
+            path,
             AppendRequest {
                 content_type,
                 body,
@@ -733,13 +733,13 @@ impl Handler {
 
 async fn delete(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let path = request::stream_path(req.uri().path())?;
-    state.inner.streams.delete(&path).await?;
+    state.inner.streams.delete(path).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn head(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let path = request::stream_path(req.uri().path())?;
-    let meta = state.inner.streams.head(&path)?;
+    let meta = state.inner.streams.head(path)?;
     let mut response = StatusCode::OK.into_response();
     let hs = response.headers_mut();
     hs.insert(header::CONTENT_TYPE, ct_value(&meta.content_type));
@@ -796,7 +796,7 @@ fn plan_read(state: &AppState, req: Request) -> Result<ReadPlan, ApiError> {
     let (parts, _body) = req.into_parts();
     let path = request::stream_path(parts.uri.path())?;
     let query = request::read_query(parts.uri.query())?;
-    let stream = state.inner.streams.get(&path, true)?;
+    let stream = state.inner.streams.get(path, true)?;
     Ok(match query.live {
         LiveMode::CatchUp => ReadPlan::CatchUp(stream, query, parts.headers),
         LiveMode::LongPoll => ReadPlan::LongPoll(stream, query),

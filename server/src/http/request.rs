@@ -45,6 +45,17 @@ static APPEND_FIELDS: [HeaderName; APPEND_FIELD_COUNT] = [
     names::STREAM_CLOSED,
 ];
 
+/// [`APPEND_FIELDS`] as text, in the same order (a test holds them equal).
+const APPEND_FIELD_NAMES: [&str; APPEND_FIELD_COUNT] = [
+    "content-type",
+    "content-length",
+    "producer-id",
+    "producer-epoch",
+    "producer-seq",
+    "stream-seq",
+    "stream-closed",
+];
+
 /// The header fields an append reads ([`APPEND_FIELDS`]), found in one pass over the request's
 /// fields. A lookup by name hashes the name and probes the map, once per name: seven of them
 /// per append, most absent from most appends, cost more than one walk over the few fields a
@@ -81,9 +92,10 @@ impl<'a> AppendFields<'a> {
 
     /// Which slot of [`AppendFields::from_slots`] a field name (any case, as sent) fills.
     pub fn slot(name: &[u8]) -> Option<usize> {
-        APPEND_FIELDS.iter().position(|n| {
-            n.as_str().len() == name.len() && n.as_str().as_bytes().eq_ignore_ascii_case(name)
-        })
+        // Names as text: `HeaderName::as_str` of a standard header is a lookup of its own.
+        APPEND_FIELD_NAMES
+            .iter()
+            .position(|n| n.len() == name.len() && n.as_bytes().eq_ignore_ascii_case(name))
     }
 }
 
@@ -103,10 +115,11 @@ impl Fields for AppendFields<'_> {
 
 /// `value` as text if it is visible ASCII (and tabs), as `HeaderValue::to_str` takes it.
 pub fn visible_text(value: &[u8]) -> Option<&str> {
-    if value
-        .iter()
-        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
-    {
+    // Every byte, without an early exit, so that the compiler vectorises the check.
+    let visible = value.iter().fold(true, |ok, &b| {
+        ok & ((b == b'\t') | (b' '..=b'~').contains(&b))
+    });
+    if visible {
         std::str::from_utf8(value).ok()
     } else {
         None
@@ -132,7 +145,7 @@ pub fn closed(headers: &(impl Fields + ?Sized)) -> bool {
 }
 
 /// The stream's identity: the request path, checked for sanity.
-pub fn stream_path(path: &str) -> Result<String, ApiError> {
+pub fn stream_path(path: &str) -> Result<&str, ApiError> {
     if path.len() > MAX_PATH_BYTES {
         return Err(ApiError::bad_request(format!(
             "stream path is longer than {MAX_PATH_BYTES} bytes"
@@ -149,7 +162,7 @@ pub fn stream_path(path: &str) -> Result<String, ApiError> {
             "stream path must not contain '.' or '..' segments",
         ));
     }
-    Ok(path.to_owned())
+    Ok(path)
 }
 
 /// `Content-Type` of a request, `None` when absent or empty.
@@ -279,7 +292,7 @@ pub fn fork(headers: &HeaderMap) -> Result<Option<crate::stream::ForkRequest>, A
         })?,
     };
     Ok(Some(crate::stream::ForkRequest {
-        source,
+        source: source.to_owned(),
         offset,
         sub_offset,
     }))
@@ -360,6 +373,22 @@ pub fn read_query(query: Option<&str>) -> Result<ReadQuery, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn append_field_names_are_the_append_fields() {
+        for (i, name) in APPEND_FIELDS.iter().enumerate() {
+            assert_eq!(APPEND_FIELD_NAMES[i], name.as_str());
+            assert_eq!(
+                AppendFields::slot(name.as_str().to_uppercase().as_bytes()),
+                Some(i)
+            );
+        }
+        assert_eq!(AppendFields::slot(b"content-typ"), None);
+        assert_eq!(
+            APPEND_FIELD_NAMES[CONTENT_LENGTH_SLOT],
+            header::CONTENT_LENGTH.as_str()
+        );
+    }
 
     #[test]
     fn append_fields_answer_as_the_header_map_does() {

@@ -50,7 +50,8 @@ for server in ${SERVERS//,/ }; do
     rm -rf "$work/data"; mkdir -p "$work/data"
     out="$work/cg.$server.$c"
     case "$server" in
-      ds) DS_SERVER__PORT=$port DS_STORAGE__MODE=memory \
+      ds) DS_SERVER__PORT=$port DS_STORAGE__MODE=memory DS_LIMITS__MAX_STREAM_BYTES=2000000000 \
+            DS_LIMITS__MAX_MEMORY_BYTES=4000000000 \
             valgrind --tool=callgrind --callgrind-out-file="$out" \
             "$CARGO_TARGET_DIR/release/ds-server" >"$work/log" 2>&1 & ;;
       electric) valgrind --tool=callgrind --callgrind-out-file="$out" "$ELECTRIC_BIN" \

@@ -186,6 +186,10 @@ pub struct RunArgs {
     /// h: stream counts the records are spread over, one measurement each.
     #[arg(long, value_delimiter = ',', default_value = "1,1000")]
     pub records_streams: Vec<usize>,
+    /// h: longest fill in seconds; a slower server is measured over the records it stored by
+    /// then (the row is marked capped) [300]
+    #[arg(long, default_value_t = 300)]
+    pub records_max_secs: u64,
 
     /// f: the ds-sync binary (release build).
     #[arg(long)]
@@ -437,6 +441,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
                     streams,
                     payload_bytes: args.payload_bytes,
                     writers: 64,
+                    max_fill: std::time::Duration::from_secs(args.records_max_secs),
                 };
                 eprintln!(
                     "  records: {records} of {} bytes in {streams} streams",

@@ -576,8 +576,9 @@ pub fn markdown(records: &[Record]) -> String {
         for (label, r) in &stored {
             let _ = writeln!(
                 out,
-                "| {label} | {} | {} | {} B | {:.1} s | {:.0} → {:.0} MB | **{:.0} B** ({:.2}× the payload) |",
+                "| {label} | {}{} | {} | {} B | {:.1} s | {:.0} → {:.0} MB | **{:.0} B** ({:.2}× the payload) |",
                 fmt_count(r.records as f64),
+                if r.capped { " (time cap)" } else { "" },
                 r.streams,
                 r.payload_bytes,
                 r.fill_secs,

@@ -547,12 +547,12 @@ pub(super) fn admit(
                 id,
                 StateRow {
                     tail: start + own,
-                    own_bytes: own,
                     released: *start,
                     last_access_ms: *created_at_ms,
+                    lsn: 0,
                     closed: close.is_some(),
                     soft_deleted: false,
-                    closed_by: close.clone().flatten(),
+                    closed_by: close.clone().flatten().map(Box::new),
                     last_seq: None,
                 },
             );
@@ -581,14 +581,13 @@ pub(super) fn admit(
             }
             if let Some(data) = entry.data.as_ref() {
                 row.tail += data.len() as u64;
-                row.own_bytes += data.len() as u64;
             }
             if let Some(seq) = &entry.stream_seq {
-                row.last_seq = Some(seq.clone());
+                row.last_seq = Some(seq.as_str().into());
             }
             if let Some(by) = &entry.close {
                 row.closed = true;
-                row.closed_by = by.clone();
+                row.closed_by = by.clone().map(Box::new);
             }
         }
         Op::SoftDelete { id } => {
@@ -609,7 +608,6 @@ pub(super) fn admit(
             }
             if *before > row.released {
                 row.released = *before;
-                row.own_bytes = row.tail - *before;
             }
         }
         Op::Touch { id, at_ms } => {

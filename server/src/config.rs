@@ -333,7 +333,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_LIMITS__MAX_MEMORY_BYTES",
         default: "100000000",
-        doc: "`memory`: bytes all streams together may hold, counting retained data only (neither released data nor the registry stream count). An append past it gets 413 with `DS_RETENTION__MODE=keep`, and 503 with `Retry-After` with `acked` (backpressure until subscribers ack; see *Retention*). Durable modes: RAM for the cache of newest records that live readers are served from.",
+        doc: "`memory`: bytes all streams together may hold, counting retained data only (neither released data nor the registry stream count). An append past it gets 413 with `DS_RETENTION__MODE=keep`, and 503 with `Retry-After` with `acked` (backpressure until subscribers ack; see *Retention*). Durable modes: RAM for the cache of newest records that live readers are served from (each record counts its bytes plus 64 for its entry).",
     },
     KeyDoc {
         env: "DS_LIMITS__MAX_STREAM_BYTES",

@@ -431,7 +431,7 @@ impl Collector for Sources {
         gauge(
             &mut enc,
             "ds_memory_budget_used_bytes",
-            "DS_LIMITS__MAX_MEMORY_BYTES in use: memory mode, bytes of all streams; durable modes, the live readers' record cache.",
+            "DS_LIMITS__MAX_MEMORY_BYTES in use: memory mode, bytes of all streams; durable modes, the live readers' record cache (each record's bytes plus 64 for its entry).",
             saturating_i64(used),
         )?;
         gauge(

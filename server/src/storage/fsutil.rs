@@ -78,18 +78,29 @@ pub fn temp_path(path: &Path) -> std::path::PathBuf {
 /// on the way (`<crash>-tmp-written`: the temporary file is created and holds the data, not
 /// yet synced; `<crash>-renamed`: renamed, the directory not yet synced).
 pub fn write_atomically(path: &Path, data: &[u8], crash: &str) -> Result<(), StorageError> {
+    write_atomically_with(path, crash, |f| f.write_all(data))
+}
+
+/// [`write_atomically`], with the file's content written by `write` (for content too large to
+/// build in RAM first, such as a checkpoint of a million streams).
+pub fn write_atomically_with<T>(
+    path: &Path,
+    crash: &str,
+    write: impl FnOnce(&mut File) -> std::io::Result<T>,
+) -> Result<T, StorageError> {
     let tmp = temp_path(path);
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
+    let written = write(&mut f).map_err(io(&tmp))?;
     crash_point(&format!("{crash}-tmp-written"));
     f.sync_all().map_err(io(&tmp))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io(path))?;
     crash_point(&format!("{crash}-renamed"));
     match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(dir) => sync_dir(dir),
-        None => sync_dir(Path::new(".")),
+        Some(dir) => sync_dir(dir)?,
+        None => sync_dir(Path::new("."))?,
     }
+    Ok(written)
 }
 
 /// Removes `path` if it exists (a temporary file a crash left behind).

@@ -66,25 +66,44 @@ impl CacheBudget {
     }
 }
 
-/// One stream's newest records.
+/// RAM a cached record costs beyond its bytes, charged against both budgets with them: its
+/// `(position, Bytes)` entry (40 bytes, in a ring that may hold up to twice as many as it
+/// has) and the header its buffer gets once the `Bytes` is shared. Without it a stream of tiny
+/// records held any number of them in its "1 MiB": one stream of a million 1-byte appends kept
+/// a million entries (about 50 MB, 50 bytes per append) for its live readers.
+pub(crate) const RECORD_OVERHEAD: usize = 64;
+
+/// One stream's newest records. Boxed, made by the first record it keeps and dropped when it
+/// empties: every stream has one, and most streams are idle with nothing cached (8 bytes
+/// instead of the ring's 40).
 #[derive(Debug, Default)]
-pub(crate) struct TailCache {
+pub(crate) struct TailCache(Option<Box<Cached>>);
+
+#[derive(Debug, Default)]
+struct Cached {
     /// `(start position, data)`, oldest first; each record starts where the previous one ends.
     records: VecDeque<(u64, Bytes)>,
-    bytes: usize,
+    /// What the records are charged: their bytes plus [`RECORD_OVERHEAD`] each.
+    charged: usize,
+}
+
+/// What a record of `len` bytes is charged.
+fn charge(len: usize) -> usize {
+    len + RECORD_OVERHEAD
 }
 
 impl TailCache {
     /// Cached records.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.0.as_ref().map_or(0, |c| c.records.len())
     }
 
     /// Position of the first cached byte and of the byte after the last, if anything is cached.
     pub fn span(&self) -> Option<(u64, u64)> {
-        let (first, _) = self.records.front()?;
-        let (last, data) = self.records.back()?;
+        let c = self.0.as_ref()?;
+        let (first, _) = c.records.front()?;
+        let (last, data) = c.records.back()?;
         Some((*first, last + data.len() as u64))
     }
 
@@ -94,23 +113,25 @@ impl TailCache {
     /// every record from its first on).
     pub fn push(&mut self, start: u64, data: Option<Bytes>, budget: &CacheBudget) {
         let continues = self.span().is_none_or(|(_, end)| end == start);
-        let data = data.filter(|d| continues && d.len() <= STREAM_CACHE_BYTES);
+        let data = data.filter(|d| continues && charge(d.len()) <= STREAM_CACHE_BYTES);
         let Some(data) = data else {
             self.clear(budget);
             return;
         };
+        let cost = charge(data.len());
+        let c = self.0.get_or_insert_with(Box::default);
         // Room within the stream's own limit first, so that a stream at its limit keeps its
         // newest records even when the shared budget is spent.
-        while self.bytes + data.len() > STREAM_CACHE_BYTES {
-            let Some((_, old)) = self.records.pop_front() else {
+        while c.charged + cost > STREAM_CACHE_BYTES {
+            let Some((_, old)) = c.records.pop_front() else {
                 break;
             };
-            self.bytes -= old.len();
-            budget.give(old.len());
+            c.charged -= charge(old.len());
+            budget.give(charge(old.len()));
         }
-        if budget.take(data.len()) {
-            self.bytes += data.len();
-            self.records.push_back((start, data));
+        if budget.take(cost) {
+            c.charged += cost;
+            c.records.push_back((start, data));
         } else {
             self.clear(budget);
         }
@@ -118,8 +139,11 @@ impl TailCache {
 
     /// Copies of the cached records that start in `[from, until)` (shared bytes, no copy of data).
     pub fn run(&self, from: u64, until: u64) -> Vec<(u64, Bytes)> {
-        let at = self.records.partition_point(|(start, _)| *start < from);
-        self.records
+        let Some(c) = &self.0 else {
+            return Vec::new();
+        };
+        let at = c.records.partition_point(|(start, _)| *start < from);
+        c.records
             .range(at..)
             .take_while(|(start, _)| *start < until)
             .cloned()
@@ -127,23 +151,27 @@ impl TailCache {
     }
 
     /// Drops the cached records that end at or before `pos` (released data), returning their
-    /// bytes to the budget. What stays is still a suffix of the stream's records.
+    /// charge to the budget. What stays is still a suffix of the stream's records.
     pub fn drop_before(&mut self, pos: u64, budget: &CacheBudget) {
-        while let Some((start, data)) = self.records.front() {
+        let Some(c) = &mut self.0 else { return };
+        while let Some((start, data)) = c.records.front() {
             if start + data.len() as u64 > pos {
                 break;
             }
-            self.bytes -= data.len();
-            budget.give(data.len());
-            self.records.pop_front();
+            c.charged -= charge(data.len());
+            budget.give(charge(data.len()));
+            c.records.pop_front();
+        }
+        if c.records.is_empty() {
+            self.0 = None;
         }
     }
 
-    /// Drops everything cached, returning its bytes to the budget.
+    /// Drops everything cached, returning its charge to the budget.
     pub fn clear(&mut self, budget: &CacheBudget) {
-        budget.give(self.bytes);
-        self.records.clear();
-        self.bytes = 0;
+        if let Some(c) = self.0.take() {
+            budget.give(c.charged);
+        }
     }
 
     /// Reads `[from, until)` (see the storage contract) from the cache alone, or `None` when the
@@ -155,7 +183,7 @@ impl TailCache {
         max_bytes: usize,
         split: bool,
     ) -> Option<Result<ReadChunk, StorageError>> {
-        read_run(&self.records, from, until, max_bytes, split)
+        read_run(&self.0.as_ref()?.records, from, until, max_bytes, split)
     }
 }
 
@@ -226,7 +254,7 @@ mod tests {
         // Before the cached run, or past its end: not here.
         assert!(cache.read(9, 15, 100, true).is_none());
         assert!(cache.read(13, 16, 100, true).is_none());
-        assert_eq!(budget.used(), 5);
+        assert_eq!(budget.used(), charge(3) + charge(2));
     }
 
     #[test]
@@ -249,9 +277,9 @@ mod tests {
 
     #[test]
     fn budgets_bound_each_stream_and_all_together() {
-        let budget = CacheBudget::new(STREAM_CACHE_BYTES + 10);
+        let budget = CacheBudget::new(STREAM_CACHE_BYTES + charge(10));
         let mut a = TailCache::default();
-        let half = Bytes::from(vec![b'a'; STREAM_CACHE_BYTES / 2]);
+        let half = Bytes::from(vec![b'a'; STREAM_CACHE_BYTES / 2 - RECORD_OVERHEAD]);
         a.push(0, Some(half.clone()), &budget);
         a.push(half.len() as u64, Some(half.clone()), &budget);
         a.push(2 * half.len() as u64, Some(half.clone()), &budget);
@@ -265,6 +293,25 @@ mod tests {
         b.push(0, bytes("0123456789"), &budget);
         assert_eq!(b.len(), 1);
         a.clear(&budget);
-        assert_eq!(budget.used(), 10);
+        assert_eq!(budget.used(), charge(10));
+    }
+
+    #[test]
+    fn tiny_records_are_charged_what_they_hold() {
+        let budget = CacheBudget::new(usize::MAX);
+        let mut a = TailCache::default();
+        for pos in 0..100_000 {
+            a.push(pos, bytes("x"), &budget);
+        }
+        // Not 100 000 entries: each costs its entry as well as its byte.
+        assert_eq!(a.len(), STREAM_CACHE_BYTES / charge(1));
+        assert_eq!(budget.used(), a.len() * charge(1));
+        a.drop_before(100_000, &budget);
+        assert_eq!((a.len(), budget.used(), a.0.is_none()), (0, 0, true));
+    }
+
+    #[test]
+    fn an_empty_cache_is_one_word() {
+        assert_eq!(std::mem::size_of::<TailCache>(), 8);
     }
 }

@@ -21,20 +21,31 @@ const CRC_LEN: usize = 4;
 /// holds only fixed-size fields and the two short strings, never anything that grows with the
 /// stream or with its producers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// In RAM the engine and the writers keep one per stream they have seen, so it is kept small
+/// (64 bytes): the own-bytes field is not kept (it is `tail - released`, checked when a row is
+/// read), and the rarely set strings are boxed.
 pub(super) struct StateRow {
     pub tail: u64,
-    /// Bytes retained: `tail - released`.
-    pub own_bytes: u64,
     /// The retained start: records before it are released (the log start when none are).
     pub released: u64,
     pub last_access_ms: u64,
+    /// Not stored: the number of the commit log record that last changed the row (set by the
+    /// engine; 0 for a row as redb has it), so that the engine can drop rows every shard's
+    /// checkpoint holds.
+    pub lsn: u64,
     pub closed: bool,
     pub soft_deleted: bool,
-    pub closed_by: Option<ProducerTuple>,
-    pub last_seq: Option<String>,
+    pub closed_by: Option<Box<ProducerTuple>>,
+    pub last_seq: Option<Box<str>>,
 }
 
 impl StateRow {
+    /// Bytes retained: `tail - released`.
+    pub(super) fn own_bytes(&self) -> u64 {
+        self.tail.saturating_sub(self.released)
+    }
+
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         out.push(STATE_VERSION);
@@ -47,7 +58,7 @@ impl StateRow {
         }
         out.push(flags);
         out.extend_from_slice(&self.tail.to_le_bytes());
-        out.extend_from_slice(&self.own_bytes.to_le_bytes());
+        out.extend_from_slice(&self.own_bytes().to_le_bytes());
         out.extend_from_slice(&self.last_access_ms.to_le_bytes());
         out.extend_from_slice(&self.released.to_le_bytes());
         match &self.last_seq {
@@ -91,25 +102,31 @@ impl StateRow {
         } else {
             r.u64()?
         };
+        // Every writer keeps it so; a row that says otherwise is damaged.
+        if released > tail || tail - released != own_bytes {
+            return Err(corrupt(&format!(
+                "{own_bytes} own bytes, but retained [{released}, {tail})"
+            )));
+        }
         let mut row = StateRow {
             tail,
-            own_bytes,
             released,
             last_access_ms,
+            lsn: 0,
             closed: flags & CLOSED != 0,
             soft_deleted: flags & SOFT_DELETED != 0,
             closed_by: None,
             last_seq: None,
         };
         if r.u8()? == 1 {
-            row.last_seq = Some(r.string()?);
+            row.last_seq = Some(r.string()?.into());
         }
         if r.u8()? == 1 {
-            row.closed_by = Some(ProducerTuple {
+            row.closed_by = Some(Box::new(ProducerTuple {
                 id: r.string()?,
                 epoch: r.u64()?,
                 seq: r.u64()?,
-            });
+            }));
         }
         if !r.0.is_empty() {
             return Err(corrupt("trailing bytes"));
@@ -396,20 +413,26 @@ fn unseal(raw: &[u8]) -> Option<&[u8]> {
 mod tests {
     use super::*;
 
+    /// The engine (and, between checkpoints, the flusher) keeps one per stream written.
+    #[test]
+    fn a_state_row_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<StateRow>(), 64);
+    }
+
     #[test]
     fn state_row_round_trips_and_refuses_damage() {
         let row = StateRow {
             tail: 42,
-            own_bytes: 40,
             released: 2,
             last_access_ms: 7,
+            lsn: 0,
             closed: true,
             soft_deleted: true,
-            closed_by: Some(ProducerTuple {
+            closed_by: Some(Box::new(ProducerTuple {
                 id: "p-1".into(),
                 epoch: 3,
                 seq: 9,
-            }),
+            })),
             last_seq: Some("0007".into()),
         };
         let mut raw = row.encode();
@@ -436,7 +459,7 @@ mod tests {
         v1.extend_from_slice(&crc.to_le_bytes());
         let row = StateRow::decode(1, &v1).unwrap();
         assert_eq!(
-            (row.tail, row.own_bytes, row.released, row.closed),
+            (row.tail, row.own_bytes(), row.released, row.closed),
             (50, 30, 20, true)
         );
         assert_eq!(row.encode()[0], STATE_VERSION);

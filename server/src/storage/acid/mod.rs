@@ -650,21 +650,22 @@ impl AcidStorage {
                 }
                 _ => released == row.tail,
             };
-            if !holds || row.tail - released != row.own_bytes {
+            let own_bytes = row.own_bytes();
+            if !holds || row.tail - released != own_bytes {
                 return Err(corrupt(format!(
-                    "records {first:?} .. {last:?}, state says [{released}, {}) with {} own bytes",
-                    row.tail, row.own_bytes
+                    "records {first:?} .. {last:?}, state says [{released}, {}) with {own_bytes} own bytes",
+                    row.tail
                 )));
             }
             let mut snapshot = WriterSnapshot {
                 tail: row.tail,
                 closed: row.closed,
-                closed_by: row.closed_by,
-                last_seq: row.last_seq,
+                closed_by: row.closed_by.map(|b| *b),
+                last_seq: row.last_seq.map(String::from),
                 producers: Default::default(),
                 soft_deleted: row.soft_deleted,
                 last_access_ms: row.last_access_ms,
-                own_bytes: row.own_bytes,
+                own_bytes,
                 released,
             };
             for item in producers.range((id, "")..).ctx(&what)? {

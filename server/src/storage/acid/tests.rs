@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::*;
+use crate::storage::tail_cache::RECORD_OVERHEAD;
 use crate::storage::{ForkMeta, ProducerState, ProducerTuple, Storage, StreamMeta};
 
 fn options(shard_count: u32) -> AcidOptions {
@@ -817,7 +818,7 @@ async fn tail_reads_come_from_ram_and_older_ones_from_redb() {
         c.await.unwrap();
         log.append(entry(0, "abc")).await.unwrap();
         log.append(entry(3, "def")).await.unwrap();
-        assert_eq!(storage.cache.used(), 6);
+        assert_eq!(storage.cache.used(), 6 + 2 * RECORD_OVERHEAD);
         // Damaged on disk, yet the tail read still answers: it never reached redb.
         damage_record(&storage, 1, 3);
         assert_eq!(read_all(&log, 3, 6).await, "def");
@@ -842,7 +843,7 @@ async fn tail_reads_come_from_ram_and_older_ones_from_redb() {
     // New appends are cached again, from the recovered tail on.
     found[&2].log.append(entry(3, "xyz")).await.unwrap();
     assert_eq!(read_all(&found[&2].log, 3, 6).await, "xyz");
-    assert_eq!(storage.cache.used(), 3);
+    assert_eq!(storage.cache.used(), 3 + RECORD_OVERHEAD);
 }
 
 /// The stream layer on top of this backend: what a client was told before a restart holds after

@@ -26,6 +26,10 @@ use crate::storage::{AppendEntry, ProducerTuple, StorageError, StreamId};
 const MAX_BATCH_OPS: usize = 4096;
 /// Most record bytes one transaction takes (a single larger operation still goes alone).
 const MAX_BATCH_BYTES: usize = 32 << 20;
+/// Most state rows a per-shard writer keeps in RAM (64 bytes each, in a table up to half
+/// empty): past it they are dropped and read back as streams are written again. A handful in
+/// unit tests, so that the per-shard tests read rows back all the time.
+const MAX_CACHED_ROWS: usize = if cfg!(test) { 4 } else { 16 << 10 };
 
 /// What the writer thread is asked to persist (and what the commit log records).
 pub(super) enum Op {
@@ -163,6 +167,12 @@ pub(super) fn run(
         let permit = gate.as_ref().map(|g| g.enter(&me));
         drain(first, &ops, &mut batch);
         let results = commit_batch(&db, &mut rows, &batch, &stats);
+        // Every row here is also committed in the shard (each transaction writes the rows it
+        // changed), so this is only a cache: bounded, it does not keep a row for every stream
+        // written since start-up. A row dropped is read back on its stream's next write.
+        if rows.len() > MAX_CACHED_ROWS {
+            rows = HashMap::new();
+        }
         crate::metrics::storage_batch(batch.len());
         drop(permit);
         if let Some(gate) = &gate {
@@ -547,12 +557,12 @@ pub(super) fn admit(
                 id,
                 StateRow {
                     tail: start + own,
-                    own_bytes: own,
                     released: *start,
                     last_access_ms: *created_at_ms,
+                    lsn: 0,
                     closed: close.is_some(),
                     soft_deleted: false,
-                    closed_by: close.clone().flatten(),
+                    closed_by: close.clone().flatten().map(Box::new),
                     last_seq: None,
                 },
             );
@@ -581,14 +591,13 @@ pub(super) fn admit(
             }
             if let Some(data) = entry.data.as_ref() {
                 row.tail += data.len() as u64;
-                row.own_bytes += data.len() as u64;
             }
             if let Some(seq) = &entry.stream_seq {
-                row.last_seq = Some(seq.clone());
+                row.last_seq = Some(seq.as_str().into());
             }
             if let Some(by) = &entry.close {
                 row.closed = true;
-                row.closed_by = by.clone();
+                row.closed_by = by.clone().map(Box::new);
             }
         }
         Op::SoftDelete { id } => {
@@ -609,7 +618,6 @@ pub(super) fn admit(
             }
             if *before > row.released {
                 row.released = *before;
-                row.own_bytes = row.tail - *before;
             }
         }
         Op::Touch { id, at_ms } => {

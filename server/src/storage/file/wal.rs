@@ -6,7 +6,6 @@
 //! in submission order. Segment rotation and clean-up happen here too, so no lock guards the
 //! segment table.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -23,9 +22,7 @@ use super::checkpoint;
 use super::frame::{self, Encoded, LogPos};
 use super::{FileOptions, LogShared};
 use crate::storage::tail_cache::CacheBudget;
-use crate::storage::{
-    Commit, ProducerState, ProducerTuple, StorageError, StreamId, ZERO_FILL_BELOW,
-};
+use crate::storage::{Commit, ProducerState, ProducerTuple, StorageError, ZERO_FILL_BELOW};
 
 /// Most operations written in one batch.
 const MAX_BATCH_OPS: usize = 4096;
@@ -92,7 +89,7 @@ struct Pending {
 }
 
 /// A segment as the writer tracks it.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Segment {
     pub id: u32,
     /// Streams (not removed) whose state needs a frame here (see [`super::Index::touched`]).
@@ -102,10 +99,30 @@ pub(crate) struct Segment {
     /// Bytes in the file (the append position for the active segment).
     pub len: u64,
     /// Streams that have had a frame here (some may have been removed or unpinned it since).
-    pub streams: Vec<StreamId>,
+    /// These lists are the writer's only reference to its streams: every live stream is in
+    /// the list of its base segment (the first of its `touched`), which is how a checkpoint
+    /// finds them all. (A map of every stream by id beside them took another 25-35 bytes per
+    /// stream.)
+    pub streams: Vec<Arc<LogShared>>,
+    /// Streams in `streams` removed since it was last compacted: once they are half of it,
+    /// it is compacted, so that removed streams do not stay in RAM until the segment goes.
+    pub removed: usize,
     /// Rewriting this segment forward was refused as too costly at these `(live, retained)`;
     /// tried again once either falls.
     pub refused_at: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("id", &self.id)
+            .field("live", &self.live)
+            .field("retained", &self.retained)
+            .field("len", &self.len)
+            .field("streams", &self.streams.len())
+            .field("refused_at", &self.refused_at)
+            .finish()
+    }
 }
 
 pub(crate) struct Wal {
@@ -242,7 +259,6 @@ impl Wal {
             checkpointer: checkpoint::Background::default(),
             syncer,
             clean_after: None,
-            streams: HashMap::with_capacity(streams.len()),
             reclaim: true,
             state_total: 0,
         };
@@ -251,7 +267,7 @@ impl Wal {
             for &seg in &index.touched {
                 if let Some(s) = writer.segment_mut(seg) {
                     s.live += 1;
-                    s.streams.push(log.id);
+                    s.streams.push(log.clone());
                 }
             }
             for b in index.blocks.iter() {
@@ -260,10 +276,14 @@ impl Wal {
                 }
             }
             writer.unpin(&mut index);
+            // Recovery always names the base among the segments touched; without it the stream
+            // would be in no segment's list, and the next checkpoint would leave it out.
+            if index.touched.is_empty() {
+                let base = index.base;
+                writer.touch(&mut index, &log, base);
+            }
             index.state_len = estimate_state_len(&log.meta, &index.mirror);
             writer.state_total += u64::from(index.state_len);
-            drop(index);
-            writer.streams.insert(log.id, log);
         }
         *wal.writer.lock() = Some(spawn("ds-wal-writer", move || writer.run(rx))?);
         if let Some((syncer, slot)) = &wal.syncer {
@@ -421,7 +441,7 @@ struct Writer {
     /// share of what is written.
     checkpoint_len: u64,
     /// file-fast: a checkpoint taken, written once the background sync has passed its point.
-    pending: Option<checkpoint::Checkpoint>,
+    pending: Option<checkpoint::Checkpoint<checkpoint::Taken>>,
     /// The thread that encodes, writes and syncs checkpoints, so that appends do not wait for
     /// them (at a million streams one is ~260 MB and took 1.4 s on this writer thread). At most
     /// one is in flight; its result is applied before a segment it might need is deleted.
@@ -433,28 +453,30 @@ struct Writer {
     /// so its file is deleted only after the background sync has passed them: a power loss
     /// must never keep a deletion and lose what allowed it.
     clean_after: Option<LogPos>,
-    /// Every stream not removed, for writing states forward.
-    streams: HashMap<StreamId, Arc<LogShared>>,
     /// Something changed that may let the oldest segment go (a release, a removal, a rotation).
     reclaim: bool,
     /// What every stream's state would take in STATE frames (estimated), for the live bytes.
     state_total: u64,
 }
 
-/// A stream's whole state as a STATE frame (write-forward) and a checkpoint carry it: its
-/// metadata, tail, retained start, close and producers (sorted, so equal states encode alike).
+/// A stream's whole state as a STATE frame (write-forward) carries it: its metadata, tail,
+/// retained start, close and producers (sorted, so equal states encode alike). A checkpoint
+/// carries the same (`checkpoint::Taken`).
 fn stream_state(log: &LogShared, index: &super::Index) -> frame::StreamState {
     let m = &index.mirror;
-    let mut producers: Vec<(String, ProducerState)> =
-        m.producers.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let mut producers: Vec<(String, ProducerState)> = m
+        .producers
+        .iter()
+        .map(|(k, v)| (k.to_owned(), *v))
+        .collect();
     producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     frame::StreamState {
         meta: log.meta.clone(),
         tail: m.tail,
         released: index.released,
         closed: m.closed,
-        closed_by: m.closed_by.clone(),
-        last_seq: m.last_seq.clone(),
+        closed_by: m.closed_by.as_deref().cloned(),
+        last_seq: m.last_seq.as_deref().map(str::to_owned),
         producers,
         soft_deleted: m.soft_deleted,
         moved_from: 0,
@@ -463,7 +485,7 @@ fn stream_state(log: &LogShared, index: &super::Index) -> frame::StreamState {
 
 /// About what a STATE frame of this stream takes, without encoding it.
 fn estimate_state_len(meta: &crate::storage::StreamMeta, m: &super::Mirror) -> u32 {
-    let producers: usize = m.producers.keys().map(|id| id.len() + 48).sum();
+    let producers: usize = m.producers.iter().map(|(id, _)| id.len() + 48).sum();
     (256 + meta.path.len() + meta.content_type.len() + producers) as u32
 }
 
@@ -700,12 +722,12 @@ impl Writer {
         self.segments.get_mut(at)
     }
 
-    fn touch(&mut self, index: &mut super::Index, id: StreamId, seg: u32) {
+    fn touch(&mut self, index: &mut super::Index, log: &Arc<LogShared>, seg: u32) {
         if index.touched.last() != Some(&seg) {
             index.touched.push(seg);
             if let Some(s) = self.segment_mut(seg) {
                 s.live += 1;
-                s.streams.push(id);
+                s.streams.push(log.clone());
             }
         }
     }
@@ -745,9 +767,9 @@ impl Writer {
             Target::Create { log, data } => {
                 let mut index = log.index.write();
                 index.base = seg;
-                self.touch(&mut index, log.id, seg);
+                self.touch(&mut index, &log, seg);
                 let count = records.len() as u32;
-                let mut pos = log.start;
+                let mut pos = log.start();
                 let mut data_len = 0;
                 for ((_, len), bytes) in records.into_iter().zip(data) {
                     index.cache.push(pos, Some(bytes), &wal.cache);
@@ -756,7 +778,7 @@ impl Writer {
                 }
                 if count > 0 {
                     index.blocks.list.push_back(Block {
-                        start: log.start,
+                        start: log.start(),
                         end: pos,
                         off: frame_off,
                         span: frame_len as u32,
@@ -764,13 +786,11 @@ impl Writer {
                         count,
                         packed: true,
                     });
-                    self.retain(seg, pos - log.start);
+                    self.retain(seg, pos - log.start());
                 }
                 index.mirror.tail = pos;
                 index.state_len = (frame_len - data_len + 64) as u32;
                 self.state_total += u64::from(index.state_len);
-                drop(index);
-                self.streams.insert(log.id, log);
             }
             Target::Append {
                 log,
@@ -779,7 +799,7 @@ impl Writer {
                 change,
             } => {
                 let mut index = log.index.write();
-                self.touch(&mut index, log.id, seg);
+                self.touch(&mut index, &log, seg);
                 if let Some((_, len)) = records.first().copied() {
                     let len = len as u64;
                     index
@@ -793,14 +813,14 @@ impl Writer {
                     let m = &mut index.mirror;
                     if let Some(by) = change.close {
                         m.closed = true;
-                        m.closed_by = by;
+                        m.closed_by = by.map(Box::new);
                     }
                     if let Some(seq) = change.stream_seq {
-                        m.last_seq = Some(seq);
+                        m.last_seq = Some(seq.into());
                     }
                     if let Some((id, ps)) = change.producer {
                         let grew = id.len() as u32 + 48;
-                        if m.producers.insert(id, ps).is_none() {
+                        if m.producers.insert(id, ps) {
                             index.state_len += grew;
                             self.state_total += u64::from(grew);
                         }
@@ -810,7 +830,7 @@ impl Writer {
             Target::SoftDelete(log) => {
                 let mut index = log.index.write();
                 index.mirror.soft_deleted = true;
-                self.touch(&mut index, log.id, seg);
+                self.touch(&mut index, &log, seg);
             }
             Target::Release { log, before } => {
                 let mut index = log.index.write();
@@ -822,7 +842,7 @@ impl Writer {
                     .blocks
                     .drop_released(before, |b| self.unretain(b.seg, b.bytes()));
                 index.cache.drop_before(before, &wal.cache);
-                self.touch(&mut index, log.id, seg);
+                self.touch(&mut index, &log, seg);
             }
             Target::State { log, moved } => {
                 let mut index = log.index.write();
@@ -846,11 +866,11 @@ impl Writer {
                     match replaced {
                         Ok(()) => self.retain(seg, to - from),
                         Err(e) => {
-                            tracing::error!(stream = log.id, error = %e, "moved records do not match the index")
+                            tracing::error!(stream = log.id(), error = %e, "moved records do not match the index")
                         }
                     }
                 }
-                self.touch(&mut index, log.id, seg);
+                self.touch(&mut index, &log, seg);
                 self.unpin(&mut index);
             }
             Target::Remove(log) => {
@@ -860,14 +880,23 @@ impl Writer {
                 for b in std::mem::take(&mut index.blocks.list) {
                     self.unretain(b.seg, b.bytes());
                 }
-                for seg in std::mem::take(&mut index.touched) {
+                // What only a live stream needs goes now; the rest once no segment lists it.
+                index.mirror.producers = super::Producers::default();
+                index.mirror.last_seq = None;
+                index.mirror.closed_by = None;
+                self.state_total = self.state_total.saturating_sub(u64::from(index.state_len));
+                let touched = std::mem::take(&mut index.touched);
+                drop(index);
+                for seg in touched {
                     if let Some(s) = self.segment_mut(seg) {
                         s.live = s.live.saturating_sub(1);
+                        s.removed += 1;
+                        if s.removed * 2 > s.streams.len() {
+                            s.streams.retain(|l| !l.index.read().removed);
+                            s.removed = 0;
+                        }
                     }
                 }
-                self.state_total = self.state_total.saturating_sub(u64::from(index.state_len));
-                drop(index);
-                self.streams.remove(&log.id);
             }
         }
     }
@@ -916,15 +945,16 @@ impl Writer {
         let mut forward = Vec::new();
         let mut bytes = frame::BATCH_FRAME_LEN;
         let mut seen = std::collections::HashSet::new();
-        let ids = self.segments[at].streams.clone();
-        for id in ids {
-            let Some(log) = self.streams.get(&id).cloned() else {
-                continue;
-            };
+        let logs = self.segments[at].streams.clone();
+        for log in logs {
+            let id = log.id();
             if !seen.insert(id) {
                 continue;
             }
             let index = log.index.read();
+            if index.removed {
+                continue;
+            }
             let needs_state = index.touched.first() == Some(&oldest);
             // Runs of consecutive blocks in the oldest segment, each at most a block's worth.
             let mut runs: Vec<Vec<Block>> = Vec::new();
@@ -1110,23 +1140,21 @@ impl Writer {
     }
 
     /// Every stream's state and blocks as of the end of the log (`None` before any batch).
-    fn snapshot(&self) -> Option<checkpoint::Checkpoint> {
+    fn snapshot(&self) -> Option<checkpoint::Checkpoint<checkpoint::Taken>> {
         let last_batch_at = self.last_batch_at?;
         let (active, older) = self.segments.split_last()?;
-        let mut streams: Vec<checkpoint::Stream> = self
-            .streams
-            .values()
-            .map(|log| {
+        // Every live stream is in the list of the first segment it touched (its base), once.
+        let mut streams: Vec<checkpoint::Taken> = Vec::new();
+        for seg in &self.segments {
+            for log in &seg.streams {
                 let index = log.index.read();
-                checkpoint::Stream {
-                    state: stream_state(log, &index),
-                    touched: index.touched.clone(),
-                    base: index.base,
-                    blocks: index.blocks.iter().copied().collect(),
+                if !index.removed && index.touched.first() == Some(&seg.id) {
+                    streams.push(checkpoint::Taken::of(log, &index));
                 }
-            })
-            .collect();
-        streams.sort_unstable_by_key(|s| s.state.meta.id);
+            }
+        }
+        streams.sort_unstable_by_key(checkpoint::Taken::id);
+        streams.dedup_by_key(|t| t.id());
         Some(checkpoint::Checkpoint {
             from: (active.id, active.len),
             last_batch: self.next_batch - 1,

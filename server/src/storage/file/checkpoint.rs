@@ -89,7 +89,7 @@ impl Taken {
             closed_by: m.closed_by.clone(),
             last_seq: m.last_seq.clone(),
             producers,
-            touched: index.touched.clone(),
+            touched: index.touched.to_vec(),
             base: index.base,
             blocks: index.blocks.iter().copied().collect(),
         }
@@ -453,7 +453,7 @@ mod tests {
             let mut index = Index {
                 released: 4,
                 base: 2,
-                touched: vec![2, 3],
+                touched: smallvec::smallvec![2, 3],
                 ..Index::default()
             };
             index.mirror.tail = 10;

@@ -39,6 +39,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
 
 use super::tail_cache::{CacheBudget, TailCache};
 use super::{
@@ -124,7 +125,7 @@ impl FileStorage {
                     meta: r.meta.clone(),
                     index: RwLock::new(Index {
                         blocks: r.blocks,
-                        touched: r.touched,
+                        touched: SmallVec::from_slice(&r.touched),
                         base: r.base,
                         released: r.state.released,
                         mirror,
@@ -325,7 +326,8 @@ pub(crate) struct Index {
     pub cache: TailCache,
     /// Segments from `base` on holding a frame of this stream, ascending: the frames recovery
     /// needs for its state (its retained records keep their segments through their bytes).
-    pub touched: Vec<u32>,
+    /// Most streams touch one to four: kept inline (a `Vec`'s size, without its allocation).
+    pub touched: SmallVec<[u32; 4]>,
     pub removed: bool,
     /// The segment of the stream's newest CREATE or STATE frame: recovery needs that frame and
     /// every later frame of the stream, so segments from it on are pinned.

@@ -1693,3 +1693,58 @@ async fn large_records_lengthen_the_commit_log_without_zeros_and_replay() {
         assert_eq!(read_all(&found[&3].log, 0, want.len() as u64).await, want);
     }
 }
+
+/// A read from redb that ends with more in redb has the next page read ahead: reading on from its
+/// end takes that page, and reads it does not fit (another start, another budget, records not
+/// split) read as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn catch_up_reads_come_in_pages_read_ahead() {
+    const RECORD: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    // No tail cache: every read goes to redb.
+    let storage = AcidStorage::open(dir.path(), per_shard(AcidOptions::new(1, 0))).unwrap();
+    let records: Vec<Bytes> = (0..48u8).map(|i| Bytes::from(vec![i; RECORD])).collect();
+    let expected: Vec<u8> = records.iter().flat_map(|r| r.iter().copied()).collect();
+    let (log, c) = storage.create(&meta(1, "/ahead"), records, None).unwrap();
+    c.await.unwrap();
+    let tail = expected.len() as u64;
+    for _pass in 0..2 {
+        let (mut pos, mut pages) = (0u64, 0u64);
+        while pos < tail {
+            let c = log.read(pos, tail, 1 << 20, true).await.unwrap();
+            let got = c.parts.concat();
+            assert!(!got.is_empty() && got.len() <= 1 << 20);
+            assert_eq!(got, expected[pos as usize..c.end as usize]);
+            pos = c.end;
+            pages += 1;
+        }
+        assert_eq!(pages, tail.div_ceil(1 << 20));
+    }
+    // Whole records, from a start no read ended at, the budget changing from read to read (a
+    // page read ahead for another budget is not taken).
+    let mut pos = 3 * RECORD as u64;
+    for budget in [250_000, 4 << 20, 1, 4 << 20, 4 << 20, 4 << 20, 4 << 20] {
+        let c = log.read(pos, tail, budget, false).await.unwrap();
+        assert!(
+            c.end > pos && c.end % RECORD as u64 == 0,
+            "{pos} -> {}",
+            c.end
+        );
+        assert!(c.parts.iter().all(|p| p.len() == RECORD));
+        assert_eq!(c.parts.concat(), expected[pos as usize..c.end as usize]);
+        pos = c.end;
+        if pos == tail {
+            break;
+        }
+    }
+    assert_eq!(pos, tail);
+    // Jumping back reads what is there, not the page read ahead for where the last read ended.
+    let c = log.read(RECORD as u64, tail, RECORD, false).await.unwrap();
+    assert_eq!(c.parts.concat(), expected[RECORD..2 * RECORD]);
+    drop(log);
+    // Dropping the store waits for a read-ahead still running: the shard opens again at once.
+    drop(storage);
+    let storage = AcidStorage::open(dir.path(), per_shard(AcidOptions::new(1, 0))).unwrap();
+    let found = recovered_by_id(&storage);
+    assert_eq!(found[&1].state.tail, tail);
+}

@@ -33,7 +33,7 @@ impl CacheBudget {
         }
     }
 
-    pub(crate) fn take(&self, n: usize) -> bool {
+    fn take(&self, n: usize) -> bool {
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             if used + n > self.limit {
@@ -51,7 +51,7 @@ impl CacheBudget {
         }
     }
 
-    pub(crate) fn give(&self, n: usize) {
+    fn give(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
     }
 

@@ -33,7 +33,7 @@ mod tests;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -80,13 +80,6 @@ type RowItem<'a> = Result<
 
 /// Page cache redb may use across all shards together (split evenly).
 const CACHE_BYTES_TOTAL: usize = 256 << 20;
-
-/// Pages read ahead ([`ReadAhead`]) may hold this much RAM across all streams together (16
-/// readers' 4 MiB pages); past it, reads are not read ahead.
-const READ_AHEAD_BYTES: usize = 64 << 20;
-/// A page read ahead that its reader has not asked for within this time is dropped: the reader
-/// went elsewhere (or away).
-const READ_AHEAD_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 /// A sliding-TTL stream's access time is persisted at most this often; TTLs count in seconds
 /// and the value is a best-effort hint (losing the last second on a crash is harmless).
 const TOUCH_PERSIST_INTERVAL_MS: u64 = 1000;
@@ -145,8 +138,6 @@ pub struct AcidStorage {
     shards: Vec<Arc<Shard>>,
     /// Shared by the tail caches of all streams.
     cache: Arc<CacheBudget>,
-    /// Bounds the pages read ahead for all streams together ([`ReadAhead`]).
-    read_ahead: Arc<CacheBudget>,
     /// Whether writes go through the commit log (and the engine's counters, if so).
     engine_stats: Option<Arc<WriterStats>>,
     /// Subscription state (see `storage::records`), synced before it is acknowledged.
@@ -206,10 +197,6 @@ struct Shard {
     index: usize,
     /// Shared with the writer thread and with in-flight reads.
     db: Arc<Database>,
-    /// Read-aheads running on `db` (see [`ReadAhead`]): nobody awaits them, so dropping the
-    /// shard waits for them to let go of the database (a restart in the same process can then
-    /// open it again).
-    reading_ahead: Arc<AtomicUsize>,
     /// `None` only while dropping, so the writer sees the queue close.
     ops: Option<mpsc::Sender<Pending>>,
     /// Joined on drop, so the database file is closed once the store and its logs are gone
@@ -415,7 +402,6 @@ impl Shard {
         Ok(Shard {
             index,
             db,
-            reading_ahead: Arc::default(),
             ops: Some(ops),
             writer: Some(writer),
             stats,
@@ -434,7 +420,6 @@ impl Shard {
         Shard {
             index,
             db,
-            reading_ahead: Arc::default(),
             ops: Some(ops),
             writer: None,
             stats: Arc::new(WriterStats::default()),
@@ -483,12 +468,6 @@ impl Drop for Shard {
             && writer.join().is_err()
         {
             tracing::error!(shard = self.index, "acid writer thread panicked");
-        }
-        // A read-ahead reads at most one page of a stream: this waits milliseconds.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.reading_ahead.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }
@@ -579,7 +558,6 @@ impl AcidStorage {
             dir: dir.to_owned(),
             shards,
             cache: Arc::new(CacheBudget::new(options.cache_bytes)),
-            read_ahead: Arc::new(CacheBudget::new(READ_AHEAD_BYTES)),
             engine_stats,
         })
     }
@@ -620,7 +598,6 @@ impl AcidStorage {
             // are misaligned, not released.
             cache: Arc::new(LogCache::new(
                 self.cache.clone(),
-                self.read_ahead.clone(),
                 flushed,
                 if released > log_start { released } else { 0 },
             )),
@@ -814,57 +791,6 @@ pub struct AcidLog {
 pub(crate) struct LogCache {
     state: Mutex<CacheState>,
     budget: Arc<CacheBudget>,
-    /// The page after the last one read from redb, being read before it is asked for.
-    ahead: Mutex<Option<ReadAhead>>,
-    ahead_budget: Arc<CacheBudget>,
-    /// Numbers the read-aheads, so that the timer dropping an unused one drops no later one.
-    ahead_serial: AtomicU64,
-}
-
-/// A catch-up reader asks for page after page, each from where the last one ended. Reading a
-/// page from redb (a blocking thread: redb's copy of each page, our checksum and copy out of it)
-/// and writing it to the socket (a runtime thread) would take turns; so when a read ends in redb
-/// with more of the stream there, the next page is read at once, while this one is written, and
-/// the next read starting where it starts takes it. `[from, cap)`: what it reads, at most
-/// `max_bytes`, records split or not, as the read it stands in for would.
-#[derive(Debug)]
-struct ReadAhead {
-    from: u64,
-    cap: u64,
-    max_bytes: usize,
-    split: bool,
-    serial: u64,
-    chunk: tokio::task::JoinHandle<(Result<ReadChunk, StorageError>, AheadCharge)>,
-}
-
-/// RAM taken from the read-ahead budget, given back when the page read ahead is dropped (taken
-/// by its reader, expired, or read for nobody).
-#[derive(Debug)]
-struct AheadCharge {
-    budget: Arc<CacheBudget>,
-    bytes: usize,
-}
-
-impl Drop for AheadCharge {
-    fn drop(&mut self) {
-        self.budget.give(self.bytes);
-    }
-}
-
-/// Counts a read-ahead running on a shard's database while it lives.
-struct AheadRunning(Arc<AtomicUsize>);
-
-impl AheadRunning {
-    fn new(count: &Arc<AtomicUsize>) -> AheadRunning {
-        count.fetch_add(1, Ordering::AcqRel);
-        AheadRunning(count.clone())
-    }
-}
-
-impl Drop for AheadRunning {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 #[derive(Debug)]
@@ -883,12 +809,7 @@ struct CacheState {
 }
 
 impl LogCache {
-    fn new(
-        budget: Arc<CacheBudget>,
-        ahead_budget: Arc<CacheBudget>,
-        flushed: u64,
-        released: u64,
-    ) -> LogCache {
+    fn new(budget: Arc<CacheBudget>, flushed: u64, released: u64) -> LogCache {
         LogCache {
             state: Mutex::new(CacheState {
                 tail: TailCache::default(),
@@ -897,20 +818,7 @@ impl LogCache {
                 released,
             }),
             budget,
-            ahead: Mutex::new(None),
-            ahead_budget,
-            ahead_serial: AtomicU64::new(0),
         }
-    }
-
-    /// The page read ahead, if it is the one a read of `[from, cap)` (at most `max_bytes`, split
-    /// or not) asks for. Another reader's stays for that reader.
-    fn take_ahead(&self, from: u64, cap: u64, max_bytes: usize, split: bool) -> Option<ReadAhead> {
-        let mut slot = self.ahead.lock();
-        let fits = slot.as_ref().is_some_and(|a| {
-            a.from == from && a.cap <= cap && a.max_bytes == max_bytes && a.split == split
-        });
-        if fits { slot.take() } else { None }
     }
 
     fn push(&self, start: u64, data: &Bytes) {
@@ -1044,12 +952,11 @@ impl StreamLog for AcidLog {
             FromRam::Served(read) => Box::pin(std::future::ready(read)),
             FromRam::InRedbBelow(flushed) => {
                 let db = self.shard.db.clone();
-                let running = self.shard.reading_ahead.clone();
                 let cache = self.cache.clone();
                 let (id, log_start) = (self.id, self.log_start);
                 Box::pin(async move {
                     read_stitched(
-                        db, running, cache, id, log_start, from, until, flushed, max_bytes, split,
+                        db, cache, id, log_start, from, until, flushed, max_bytes, split,
                     )
                     .await
                 })
@@ -1102,12 +1009,10 @@ impl LogCache {
 }
 
 /// Reads from redb what it holds (below `flushed`), then goes on from RAM or redb for the rest
-/// (with the commit log, the newest acknowledged records may not be in redb yet). A read that
-/// ends in redb with more of the stream there starts reading the next page ([`ReadAhead`]).
+/// (with the commit log, the newest acknowledged records may not be in redb yet).
 #[allow(clippy::too_many_arguments)]
 async fn read_stitched(
     db: Arc<Database>,
-    running: Arc<AtomicUsize>,
     cache: Arc<LogCache>,
     id: StreamId,
     log_start: u64,
@@ -1120,34 +1025,22 @@ async fn read_stitched(
     let mut parts = Vec::new();
     let mut pos = from;
     let mut budget = max_bytes;
-    let mut ahead = cache.take_ahead(from, until.min(flushed), max_bytes, split);
-    // Where redb's part of the read had to stop, while the read ends there.
-    let mut ended_in_redb = None;
     loop {
-        let mut cap = until.min(flushed);
-        let read_ahead = match ahead.take() {
-            // Its charge goes back once the page is taken: the response holds it now.
-            Some(a) => match a.chunk.await {
-                Ok((Ok(chunk), _charge)) => {
-                    cap = a.cap;
-                    Some(chunk)
-                }
-                // Read again, for this read's own error (or none: the stream may have changed).
-                _ => None,
-            },
-            None => None,
-        };
-        let chunk = match read_ahead {
-            Some(chunk) => chunk,
-            None => read_blocking(&db, id, log_start, pos, cap, budget, split).await?,
-        };
+        let cap = until.min(flushed);
+        let db = db.clone();
+        let chunk = tokio::task::spawn_blocking(move || {
+            read_records(&db, id, log_start, pos, cap, budget, split)
+        })
+        .await
+        .map_err(|e| StorageError::Io {
+            what: format!("reading stream {id}"),
+            source: std::io::Error::other(e.to_string()),
+        })??;
         budget = budget.saturating_sub(chunk.parts.iter().map(Bytes::len).sum());
         parts.extend(chunk.parts);
         let stopped_short = chunk.end < cap || chunk.end == pos;
-        let moved = chunk.end > pos;
         pos = chunk.end;
         if stopped_short || pos >= until || budget == 0 {
-            ended_in_redb = moved.then_some(cap);
             break;
         }
         // redb had all it held of the range; the rest is newer.
@@ -1162,87 +1055,7 @@ async fn read_stitched(
             FromRam::InRedbBelow(now) => flushed = now,
         }
     }
-    if let Some(cap) = ended_in_redb
-        && pos < cap
-    {
-        read_ahead(
-            &db, &running, &cache, id, log_start, pos, cap, max_bytes, split,
-        );
-    }
     Ok(ReadChunk { parts, end: pos })
-}
-
-/// [`read_records`] on a blocking thread.
-async fn read_blocking(
-    db: &Arc<Database>,
-    id: StreamId,
-    log_start: u64,
-    from: u64,
-    until: u64,
-    max_bytes: usize,
-    split: bool,
-) -> Result<ReadChunk, StorageError> {
-    let db = db.clone();
-    tokio::task::spawn_blocking(move || {
-        read_records(&db, id, log_start, from, until, max_bytes, split)
-    })
-    .await
-    .map_err(|e| StorageError::Io {
-        what: format!("reading stream {id}"),
-        source: std::io::Error::other(e.to_string()),
-    })?
-}
-
-/// Starts reading `[from, cap)` of stream `id` for its next read ([`ReadAhead`]), unless the
-/// read-ahead budget is spent; it replaces the stream's page read ahead before, if any (taken,
-/// or not asked for). Dropped unused after [`READ_AHEAD_TTL`].
-#[allow(clippy::too_many_arguments)]
-fn read_ahead(
-    db: &Arc<Database>,
-    running: &Arc<AtomicUsize>,
-    cache: &Arc<LogCache>,
-    id: StreamId,
-    log_start: u64,
-    from: u64,
-    cap: u64,
-    max_bytes: usize,
-    split: bool,
-) {
-    if !cache.ahead_budget.take(max_bytes) {
-        return;
-    }
-    let charge = AheadCharge {
-        budget: cache.ahead_budget.clone(),
-        bytes: max_bytes,
-    };
-    let on_db = AheadRunning::new(running);
-    let db = db.clone();
-    let chunk = tokio::task::spawn_blocking(move || {
-        let read = read_records(&db, id, log_start, from, cap, max_bytes, split);
-        // The database first, then the count that shard's drop waits on.
-        drop(db);
-        drop(on_db);
-        (read, charge)
-    });
-    let serial = cache.ahead_serial.fetch_add(1, Ordering::Relaxed);
-    *cache.ahead.lock() = Some(ReadAhead {
-        from,
-        cap,
-        max_bytes,
-        split,
-        serial,
-        chunk,
-    });
-    let cache = Arc::downgrade(cache);
-    tokio::spawn(async move {
-        tokio::time::sleep(READ_AHEAD_TTL).await;
-        if let Some(cache) = cache.upgrade() {
-            let mut slot = cache.ahead.lock();
-            if slot.as_ref().is_some_and(|a| a.serial == serial) {
-                *slot = None;
-            }
-        }
-    });
 }
 
 /// Reads `[from, until)` of stream `id` from one read transaction. Scans forward from the row

@@ -2,7 +2,7 @@
 # Runs the benchmark: ds-server in each storage mode against the Node reference server and
 # Electric's Rust server, side by side in one run, and prints Markdown tables.
 #
-#   bench/run.sh                 # full run (~25 min)
+#   bench/run.sh                 # full run (~65 min)
 #   bench/run.sh --quick         # development run (~3 min)
 #   bench/run.sh --servers ds-memory,electric-wal --scenarios append,catchup
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
@@ -13,7 +13,7 @@
 #   --servers LIST       comma list of: ds-memory ds-file-fast ds-file-durable ds-acid
 #                        node-memory node-file electric-wal electric-memory (default: all)
 #   --scenarios LIST     comma list of: append fanout idle-sse idle-long-poll catchup records
-#                        sync subscriptions (default: all but sync, which needs Postgres, and
+#                        restart sync subscriptions (default: all but sync, which needs Postgres, and
 #                        subscriptions, which only ds-server speaks); with fanout, the
 #                        loopback floor (`ds-bench floor`, raw TCP, no server) runs first
 #   --rounds N           run the append scenario N times (default 3, 1 with --quick): each
@@ -45,7 +45,7 @@ NODE_DIR=$CACHE/node-$NODE_SERVER_VERSION
 ELECTRIC_BIN=$CACHE/electric-$ELECTRIC_VERSION/bin/durable-streams-server
 
 ALL_SERVERS=(ds-memory ds-file-fast ds-file-durable ds-acid node-memory node-file electric-wal electric-memory)
-ALL_SCENARIOS=(append fanout idle-sse idle-long-poll catchup records)
+ALL_SCENARIOS=(append fanout idle-sse idle-long-poll catchup records restart)
 
 # The command as typed: words that need no quoting shown as they are (printf %q would also
 # escape the commas of --servers a,b), the others quoted.
@@ -194,33 +194,42 @@ label() {
   esac
 }
 
-# Starts server $1 on $2 with a fresh data dir; its output goes to $3. Sets SERVER_PID.
-start_server() {
+# Spawns server $1 on port $2 with the data directory $DATA_DIR (a fresh one when unset); its
+# output is appended to $3. Sets SERVER_PID; does not wait for it to answer.
+spawn_server() {
   local id=$1 port=$2 logfile=$3
-  DATA_DIR=$(mktemp -d "$CACHE/data.XXXXXX")
+  [[ -n $DATA_DIR ]] || DATA_DIR=$(mktemp -d "$CACHE/data.XXXXXX")
   case "$id" in
     ds-*)
       DS_SERVER__HOST=127.0.0.1 DS_SERVER__PORT=$port \
         DS_STORAGE__MODE=${id#ds-} DS_STORAGE__DATA_DIR=$DATA_DIR \
         DS_SERVER__LONG_POLL_TIMEOUT=60s \
         DS_LIMITS__MAX_MEMORY_BYTES=4000000000 DS_LIMITS__MAX_STREAM_BYTES=2000000000 \
-        RUST_LOG=warn "$DS_SERVER" >"$logfile" 2>&1 &
+        RUST_LOG=warn "$DS_SERVER" >>"$logfile" 2>&1 &
       ;;
     node-memory)
       DS_BENCH_NODE_MODULES=$NODE_DIR/node_modules PORT=$port LONG_POLL_TIMEOUT_MS=60000 \
-        node "$BENCH_DIR/node-server.mjs" >"$logfile" 2>&1 &
+        node "$BENCH_DIR/node-server.mjs" >>"$logfile" 2>&1 &
       ;;
     node-file)
       DS_BENCH_NODE_MODULES=$NODE_DIR/node_modules PORT=$port LONG_POLL_TIMEOUT_MS=60000 \
-        DATA_DIR=$DATA_DIR node "$BENCH_DIR/node-server.mjs" >"$logfile" 2>&1 &
+        DATA_DIR=$DATA_DIR node "$BENCH_DIR/node-server.mjs" >>"$logfile" 2>&1 &
       ;;
     electric-*)
       "$ELECTRIC_BIN" --host 127.0.0.1 --port "$port" --data-dir "$DATA_DIR" \
-        --long-poll-timeout-ms 60000 --durability "${id#electric-}" >"$logfile" 2>&1 &
+        --long-poll-timeout-ms 60000 --durability "${id#electric-}" >>"$logfile" 2>&1 &
       ;;
     *) echo "run.sh: unknown server $id" >&2; return 2 ;;
   esac
   SERVER_PID=$!
+}
+
+# Starts server $1 on $2 with a fresh data dir; its output goes to $3. Sets SERVER_PID.
+start_server() {
+  local id=$1 port=$2 logfile=$3
+  DATA_DIR=""
+  : >"$logfile"
+  spawn_server "$id" "$port" "$logfile" || return
   for _ in $(seq 1 60); do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
       wait "$SERVER_PID" 2>/dev/null || true
@@ -324,6 +333,57 @@ run_one() {
 
 skipped() { [[ " ${SKIPPED[*]} " == *" $1 "* ]]; }
 
+# Scenario i on server $1 (bench/src/restart.rs): fill one stream, `kill -9`, restart on the same
+# directory and check; stop cleanly, restart and check again. In-memory modes keep nothing
+# across a restart and are not run. Returns 1 if the server did not start.
+run_restart() {
+  local id=$1 lbl port logfile state spawned
+  lbl=$(label "$id")
+  case "$id" in
+    ds-memory | node-memory)
+      log "$lbl: restart not run (keeps nothing across a restart)"
+      return 0
+      ;;
+  esac
+  port=$(free_port)
+  logfile=$OUT_DIR/$id-restart.log
+  state=$OUT_DIR/$id-restart.json
+  log "$lbl: restart (port $port)"
+  start_or_skip "$id" "$port" "$logfile" || return 1
+  local args=(--url "http://127.0.0.1:$port" --label "$lbl" --about "$(about "$id")"
+    --scenario restart --results "$RESULTS" --restart-state "$state"
+    "${QUICK[@]}" "${EXTRA_ARGS[@]}")
+  if "$DS_BENCH" run --server-pid "$SERVER_PID" "${args[@]}" --restart-step fill; then
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    log "$lbl: killed (-9) after the fill; restarting"
+    spawned=$(date +%s%3N)
+    spawn_server "$id" "$port" "$logfile"
+    if "$DS_BENCH" run --server-pid "$SERVER_PID" "${args[@]}" --restart-step crash \
+      --spawned-at-ms "$spawned"; then
+      kill -TERM "$SERVER_PID" 2>/dev/null || true
+      for _ in $(seq 1 600); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+      done
+      if kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "$lbl did not stop within 60 s of SIGTERM; killing it"
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+      fi
+      wait "$SERVER_PID" 2>/dev/null || true
+      log "$lbl: stopped cleanly; restarting"
+      spawned=$(date +%s%3N)
+      spawn_server "$id" "$port" "$logfile"
+      "$DS_BENCH" run --server-pid "$SERVER_PID" "${args[@]}" --restart-step clean \
+        --spawned-at-ms "$spawned" || true
+    fi
+  fi
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    log "$lbl exited during restart; its log: $logfile"
+  fi
+  stop_server
+}
+
 # The append cells (writers × streams): ds-bench's matrix, or the one given after `--`.
 APPEND_WRITERS=1,64
 APPEND_STREAMS=1,100
@@ -406,6 +466,10 @@ for id in "${SERVERS[@]}"; do
     # Subscriptions (protocol sections 6-7) are ds-server's alone among these servers.
     [[ $scenario == subscriptions && $id != ds-* ]] && continue
     skipped "$id" && continue 2
+    if [[ $scenario == restart ]]; then
+      run_restart "$id" || continue 2
+      continue
+    fi
     run_one "$id" "$scenario" || continue 2
   done
 done

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, Server};
 use crate::idle::ReaderKind;
 use crate::process::{self, Process};
 use crate::report::{self, Outcome, Record};
+use crate::restart::{self, Phase};
 use crate::{append, catchup, fanout, floor, idle, records, subscriptions, sync};
 
 #[derive(Parser, Debug)]
@@ -87,6 +88,8 @@ pub enum Scenario {
     Subscriptions,
     /// h: server RSS per stored record.
     Records,
+    /// i: restart after many appends (run.sh runs it as three steps, see `--restart-step`).
+    Restart,
 }
 
 impl Scenario {
@@ -100,8 +103,16 @@ impl Scenario {
             Scenario::Sync => "sync",
             Scenario::Subscriptions => "subscriptions",
             Scenario::Records => "records",
+            Scenario::Restart => "restart",
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RestartStep {
+    Fill,
+    Crash,
+    Clean,
 }
 
 #[derive(clap::Args, Debug)]
@@ -190,6 +201,24 @@ pub struct RunArgs {
     /// then (the row is marked capped) [300]
     #[arg(long, default_value_t = 300)]
     pub records_max_secs: u64,
+
+    /// i: which step of the restart scenario: `fill` a fresh server, then `crash` (check the
+    /// server restarted after `kill -9`) and `clean` (after a clean stop; writes the result).
+    #[arg(long, value_enum)]
+    pub restart_step: Option<RestartStep>,
+    /// i: the file the steps pass the fill's tail and checks through.
+    #[arg(long)]
+    pub restart_state: Option<PathBuf>,
+    /// i: when run.sh spawned the restarted server (Unix milliseconds).
+    #[arg(long)]
+    pub spawned_at_ms: Option<u64>,
+    /// i: appends stored before the restarts [10000000; quick 200000] (of `--payload-bytes`,
+    /// one stream, 64 writers, at most `--records-max-secs`).
+    #[arg(long)]
+    pub restart_records: Option<u64>,
+    /// i: longest wait for a restarted server to serve the stream, and for reading it back.
+    #[arg(long, default_value_t = 300)]
+    pub restart_timeout_secs: u64,
 
     /// f: the ds-sync binary (release build).
     #[arg(long)]
@@ -455,7 +484,21 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
             }
             out
         }
+        Scenario::Restart => {
+            let outcome = restart_step(&server, &server_process, &run_id, &args).await;
+            if let [Outcome::Failed { error, .. }] = outcome.as_slice() {
+                // Recorded, and the exit status tells run.sh to skip the steps after it.
+                let error = error.clone();
+                record_all(&args, outcome)?;
+                bail!("restart step failed: {error}");
+            }
+            outcome
+        }
     };
+    record_all(&args, outcome)
+}
+
+fn record_all(args: &RunArgs, outcome: Vec<Outcome>) -> anyhow::Result<()> {
     for outcome in outcome {
         report::append_record(
             &args.results,
@@ -468,6 +511,65 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// One step of scenario i; only the last (`clean`) has a result to record.
+async fn restart_step(
+    server: &Server,
+    server_process: &Process,
+    run_id: &str,
+    args: &RunArgs,
+) -> Vec<Outcome> {
+    let step = async {
+        let step = args
+            .restart_step
+            .ok_or_else(|| anyhow!("--scenario restart needs --restart-step"))?;
+        let state = args
+            .restart_state
+            .clone()
+            .ok_or_else(|| anyhow!("--scenario restart needs --restart-state"))?;
+        let timeout = Duration::from_secs(args.restart_timeout_secs);
+        let phase = match step {
+            RestartStep::Fill => {
+                let plan = records::Plan {
+                    records: args.restart_records.unwrap_or(if args.quick {
+                        200_000
+                    } else {
+                        10_000_000
+                    }),
+                    streams: 1,
+                    payload_bytes: args.payload_bytes,
+                    writers: 64,
+                    max_fill: Duration::from_secs(args.records_max_secs),
+                };
+                eprintln!(
+                    "  restart: filling {} appends of {} bytes",
+                    plan.records, plan.payload_bytes
+                );
+                restart::fill(server, server_process, run_id, &plan, &state).await?;
+                return Ok(None);
+            }
+            RestartStep::Crash => Phase::Crash,
+            RestartStep::Clean => Phase::Clean,
+        };
+        let spawned_at_ms = args
+            .spawned_at_ms
+            .ok_or_else(|| anyhow!("--restart-step {step:?} needs --spawned-at-ms"))?;
+        restart::check(
+            server,
+            server_process,
+            &state,
+            phase,
+            spawned_at_ms,
+            timeout,
+        )
+        .await
+    };
+    match step.await {
+        Ok(None) => Vec::new(),
+        Ok(Some(result)) => vec![Outcome::Restart { result }],
+        Err(e) => vec![failed("restart", &e)],
+    }
 }
 
 fn failed(scenario: &str, e: &anyhow::Error) -> Outcome {

@@ -73,7 +73,7 @@ impl Server {
     }
 
     /// [`Server::connect`] without the retries.
-    async fn connect_once(&self) -> anyhow::Result<Conn> {
+    pub(crate) async fn connect_once(&self) -> anyhow::Result<Conn> {
         let stream = self.tcp_connect_once().await?;
         self.handshake(stream).await
     }

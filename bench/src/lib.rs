@@ -19,6 +19,7 @@ pub mod idle;
 pub mod process;
 pub mod records;
 pub mod report;
+pub mod restart;
 pub mod sse;
 pub mod stats;
 pub mod subscriptions;

@@ -50,6 +50,11 @@ pub struct RecordsResult {
     pub capped: bool,
 }
 
+/// The path of stream `i` of a fill over `streams` streams.
+pub fn stream_path(run_id: &str, streams: usize, i: usize) -> String {
+    format!("/bench-{run_id}/records-{streams}-{i}")
+}
+
 pub async fn run(
     server: &Server,
     server_process: &Process,
@@ -60,7 +65,7 @@ pub async fn run(
     let mut setup = server.connect().await?;
     let mut uris = Vec::with_capacity(plan.streams);
     for i in 0..plan.streams {
-        let path = format!("/bench-{run_id}/records-{}-{i}", plan.streams);
+        let path = stream_path(run_id, plan.streams, i);
         setup.create_stream(&path, CONTENT_TYPE).await?;
         uris.push(path.parse::<Uri>()?);
     }

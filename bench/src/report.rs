@@ -48,6 +48,9 @@ pub enum Outcome {
     Records {
         result: crate::records::RecordsResult,
     },
+    Restart {
+        result: crate::restart::RestartResult,
+    },
     Sync {
         result: SyncResult,
     },
@@ -97,6 +100,27 @@ fn fmt_us(us: f64) -> String {
         format!("{:.2} ms", us / 1_000.0)
     } else {
         format!("{us:.0} µs")
+    }
+}
+
+/// What reading a restarted server's stream back gave.
+fn read_back(check: &crate::restart::Check) -> String {
+    match &check.read_error {
+        Some(why) => format!("refused: {why}"),
+        None => format!(
+            "{:.2} GB in {:.1} s",
+            check.read_bytes as f64 / 1e9,
+            check.read_secs
+        ),
+    }
+}
+
+/// Seconds, with milliseconds below ten seconds.
+fn fmt_secs(secs: f64) -> String {
+    if secs >= 10.0 {
+        format!("{secs:.1} s")
+    } else {
+        format!("{secs:.3} s")
     }
 }
 
@@ -591,6 +615,41 @@ pub fn markdown(records: &[Record]) -> String {
     }
     problems(records, "records", &mut out);
 
+    let restarts: Vec<(&str, &crate::restart::RestartResult)> = records
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Restart { result } => Some((r.label.as_str(), result)),
+            _ => None,
+        })
+        .collect();
+    if !restarts.is_empty() {
+        out.push_str(
+            "\n#### i. Restart after many appends (one stream, 64 writers; restart = spawn to `HEAD` \
+             answering with the tail the fill ended at; RSS of the restarted server before any read)\n\n\
+             | server | appends | fill | restart after `kill -9` | restart after a clean stop | \
+             RSS empty → after the clean restart | **RAM per stored append** | read back after `kill -9` / after the clean stop |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+        for (label, r) in &restarts {
+            let _ = writeln!(
+                out,
+                "| {label} | {}{} of {} B | {:.1} s | **{}** | **{}** | {:.1} → {:.1} MB | **{:.2} B** | {} / {} |",
+                fmt_count(r.records as f64),
+                if r.capped { " (time cap)" } else { "" },
+                r.payload_bytes,
+                r.fill_secs,
+                fmt_secs(r.crash.ready_secs),
+                fmt_secs(r.clean.ready_secs),
+                r.rss_empty_bytes as f64 / 1e6,
+                r.clean.rss_bytes as f64 / 1e6,
+                r.bytes_per_record,
+                read_back(&r.crash),
+                read_back(&r.clean),
+            );
+        }
+    }
+    problems(records, "restart", &mut out);
+
     let syncs: Vec<(&str, &SyncResult)> = records
         .iter()
         .filter_map(|r| match &r.outcome {
@@ -866,5 +925,67 @@ mod tests {
         assert_eq!(median(&mut []), None);
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn a_restart_row_shows_both_restarts_and_the_ram_per_stored_append() {
+        let check = |ready_secs: f64, rss_bytes: u64| crate::restart::Check {
+            ready_secs,
+            rss_bytes,
+            read_bytes: 1_000_000_000,
+            read_secs: 0.8,
+            read_error: None,
+        };
+        let result = crate::restart::RestartResult {
+            records: 10_000_000,
+            payload_bytes: 100,
+            fill_secs: 180.0,
+            capped: false,
+            rss_empty_bytes: 12_000_000,
+            crash: check(0.183, 14_000_000),
+            clean: check(0.042, 12_500_000),
+            bytes_per_record: 0.05,
+        };
+        let records = vec![
+            Record {
+                label: "ds-server file-durable".into(),
+                about: None,
+                round: None,
+                outcome: Outcome::Restart { result },
+            },
+            Record {
+                label: "electric wal".into(),
+                about: None,
+                round: None,
+                outcome: Outcome::Failed {
+                    scenario: "restart".into(),
+                    error: "after the restart the stream holds 5 bytes".into(),
+                },
+            },
+        ];
+        let text = markdown(&records);
+        assert!(
+            text.contains("#### i. Restart after many appends"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| ds-server file-durable | 10.00M of 100 B | 180.0 s | **0.183 s** | **0.042 s** \
+                 | 12.0 → 12.5 MB | **0.05 B** | 1.00 GB in 0.8 s / 1.00 GB in 0.8 s |"
+            ),
+            "{text}"
+        );
+        let mut refused = check(0.5, 1);
+        refused.read_error = Some("GET at offset -1 answered 500 Internal Server Error".into());
+        assert_eq!(
+            read_back(&refused),
+            "refused: GET at offset -1 answered 500 Internal Server Error"
+        );
+        assert!(
+            text.contains(
+                "- electric wal: restart failed: after the restart the stream holds 5 bytes"
+            ),
+            "{text}"
+        );
     }
 }

@@ -7,14 +7,13 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context, bail};
 use bytes::Bytes;
-use http::{Method, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http::Uri;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::client::{NEXT_OFFSET, Server, UP_TO_DATE, encode_query_value, header_str};
+use crate::client::{ReadToTail, Server};
 
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -68,40 +67,14 @@ pub async fn run(server: &Server, run_id: &str, plan: &Plan) -> anyhow::Result<C
     let mut pages_per_pass = 0;
     for _ in 0..plan.passes {
         let start = Instant::now();
-        let deadline = start + plan.pass_timeout;
-        let mut offset = "-1".to_owned();
-        let mut read = 0u64;
-        let mut pages = 0u64;
-        loop {
-            let page: Uri = format!("{path}?offset={}", encode_query_value(&offset)).parse()?;
-            let resp =
-                tokio::time::timeout_at(deadline, conn.send(Method::GET, page, None, Bytes::new()))
-                    .await
-                    .map_err(|_| {
-                        anyhow!("catch-up pass did not finish in {:?}", plan.pass_timeout)
-                    })??;
-            if resp.status() != StatusCode::OK {
-                bail!("catch-up GET answered {}", resp.status());
-            }
-            let next = header_str(resp.headers(), NEXT_OFFSET)
-                .ok_or_else(|| anyhow!("catch-up response without {NEXT_OFFSET}"))?
-                .to_owned();
-            let up_to_date = header_str(resp.headers(), UP_TO_DATE) == Some("true");
-            let mut body = resp.into_body();
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame?.into_data() {
-                    read += data.len() as u64;
-                }
-            }
-            pages += 1;
-            if up_to_date {
-                break;
-            }
-            if next == offset {
-                bail!("catch-up made no progress at offset {offset}");
-            }
-            offset = next;
-        }
+        let pass = conn
+            .read_to_tail(&path, start + plan.pass_timeout)
+            .await
+            .with_context(|| format!("catch-up pass (at most {:?})", plan.pass_timeout))?;
+        let (read, pages) = match pass {
+            ReadToTail::Read { bytes, pages } => (bytes, pages),
+            ReadToTail::Refused { status, .. } => bail!("catch-up GET answered {status}"),
+        };
         let secs = start.elapsed().as_secs_f64();
         if read != stream_bytes {
             bail!("catch-up pass read {read} bytes, the stream holds {stream_bytes}");

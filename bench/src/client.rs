@@ -227,6 +227,47 @@ impl Conn {
         Ok(status)
     }
 
+    /// Reads `path` from `offset=-1`, following `Stream-Next-Offset` page by page until
+    /// `Stream-Up-To-Date`. The body bytes are counted, not kept, so the client's cost is the
+    /// socket read and little else. Fails past `deadline` or when a page makes no progress.
+    pub async fn read_to_tail(
+        &mut self,
+        path: &str,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<ReadToTail> {
+        let mut offset = "-1".to_owned();
+        let (mut bytes, mut pages) = (0u64, 0u64);
+        loop {
+            let page: Uri = format!("{path}?offset={}", encode_query_value(&offset)).parse()?;
+            let resp =
+                tokio::time::timeout_at(deadline, self.send(Method::GET, page, None, Bytes::new()))
+                    .await
+                    .map_err(|_| anyhow!("reading {path} did not reach its tail in time"))??;
+            if resp.status() != StatusCode::OK {
+                let status = resp.status();
+                return Ok(ReadToTail::Refused { offset, status });
+            }
+            let next = header_str(resp.headers(), NEXT_OFFSET)
+                .ok_or_else(|| anyhow!("a read of {path} answered without {NEXT_OFFSET}"))?
+                .to_owned();
+            let up_to_date = header_str(resp.headers(), UP_TO_DATE) == Some("true");
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    bytes += data.len() as u64;
+                }
+            }
+            pages += 1;
+            if up_to_date {
+                return Ok(ReadToTail::Read { bytes, pages });
+            }
+            if next == offset {
+                bail!("reading {path} made no progress at offset {offset}");
+            }
+            offset = next;
+        }
+    }
+
     /// The stream's current tail offset, from `HEAD`.
     pub async fn tail_offset(&mut self, path: &str) -> anyhow::Result<String> {
         let (parts, _) = self
@@ -239,6 +280,14 @@ impl Conn {
             .map(str::to_owned)
             .ok_or_else(|| anyhow!("HEAD {path} has no {NEXT_OFFSET}"))
     }
+}
+
+/// What reading a stream from `offset=-1` to `Stream-Up-To-Date` gave.
+pub enum ReadToTail {
+    /// Every page answered 200: the body bytes counted and the pages read.
+    Read { bytes: u64, pages: u64 },
+    /// A page answered another status.
+    Refused { offset: String, status: StatusCode },
 }
 
 /// A header as text, if present and ASCII.

@@ -22,12 +22,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
-use http::{Method, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http::Method;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::client::{NEXT_OFFSET, Server, UP_TO_DATE, encode_query_value, header_str};
+use crate::client::{NEXT_OFFSET, ReadToTail, Server, header_str};
 use crate::idle::wait_for_stable_rss;
 use crate::process::Process;
 use crate::records::{self, RecordsResult};
@@ -130,10 +129,9 @@ pub async fn check(
     let rss_bytes = wait_for_stable_rss(server_process, Duration::from_secs(10)).await?;
     let expected = state.fill.records * state.fill.payload_bytes as u64;
     let started = Instant::now();
-    let (read_bytes, read_error) = match read_all(server, &state.path, timeout).await {
-        Ok(ReadBack::Bytes(n)) => (n, None),
-        Ok(ReadBack::Refused(why)) => (0, Some(why)),
-        Err(e) => return Err(e),
+    let (read_bytes, read_error) = match read_all(server, &state.path, timeout).await? {
+        Ok(n) => (n, None),
+        Err(why) => (0, Some(why)),
     };
     let read_secs = started.elapsed().as_secs_f64();
     if read_error.is_none() && read_bytes != expected {
@@ -185,7 +183,9 @@ async fn wait_for_tail(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    let mut first_answer: Option<(Instant, String)> = None;
+    // When the server first answered about the stream, and what it said last.
+    let mut answering_since: Option<Instant> = None;
+    let mut last = "nothing".to_owned();
     let mut conn = None;
     loop {
         if conn.is_none() {
@@ -201,68 +201,39 @@ async fn wait_for_tail(
                     if parts.status.is_success() && next == tail {
                         return Ok(());
                     }
-                    let seen = format!("{} with tail {next:?}", parts.status);
-                    match &first_answer {
-                        Some((at, _)) if at.elapsed() > Duration::from_secs(30) => bail!(
-                            "after the restart HEAD {path} answers {seen}, the fill ended at \
+                    last = format!("{} with tail {next:?}", parts.status);
+                    let since = *answering_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(30) {
+                        bail!(
+                            "after the restart HEAD {path} answers {last}, the fill ended at \
                              {tail:?}"
-                        ),
-                        Some(_) => first_answer.as_mut().expect("some").1 = seen,
-                        None => first_answer = Some((Instant::now(), seen)),
+                        );
                     }
                 }
                 Err(_) => conn = None,
             }
         }
         if Instant::now() >= deadline {
-            let last = first_answer.map_or("nothing".to_owned(), |(_, seen)| seen);
             bail!("the restarted server did not serve {path} within {timeout:?} (last: {last})");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
-enum ReadBack {
-    Bytes(u64),
-    /// The server answered a read with an error status (the Node reference server's file mode
-    /// answers 500 to a read of a few hundred thousand records).
-    Refused(String),
-}
-
-/// Reads the stream from `offset=-1` to `Stream-Up-To-Date`; returns the bytes read.
-async fn read_all(server: &Server, path: &str, timeout: Duration) -> anyhow::Result<ReadBack> {
+/// Reads the stream back; a read the server refuses (the Node reference server's file mode
+/// answers 500 to a read of a few hundred thousand records) is `Err(why)`.
+async fn read_all(
+    server: &Server,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<Result<u64, String>> {
     let mut conn = server.connect().await?;
-    let deadline = Instant::now() + timeout;
-    let mut offset = "-1".to_owned();
-    let mut read = 0u64;
-    loop {
-        let page: Uri = format!("{path}?offset={}", encode_query_value(&offset)).parse()?;
-        let resp =
-            tokio::time::timeout_at(deadline, conn.send(Method::GET, page, None, Bytes::new()))
-                .await
-                .map_err(|_| anyhow!("reading {path} back did not finish in {timeout:?}"))??;
-        if resp.status() != StatusCode::OK {
-            return Ok(ReadBack::Refused(format!(
-                "GET at offset {offset} answered {}",
-                resp.status()
-            )));
-        }
-        let next = header_str(resp.headers(), NEXT_OFFSET)
-            .ok_or_else(|| anyhow!("read without {NEXT_OFFSET}"))?
-            .to_owned();
-        let up_to_date = header_str(resp.headers(), UP_TO_DATE) == Some("true");
-        let mut body = resp.into_body();
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                read += data.len() as u64;
+    Ok(
+        match conn.read_to_tail(path, Instant::now() + timeout).await? {
+            ReadToTail::Read { bytes, .. } => Ok(bytes),
+            ReadToTail::Refused { offset, status } => {
+                Err(format!("GET at offset {offset} answered {status}"))
             }
-        }
-        if up_to_date {
-            return Ok(ReadBack::Bytes(read));
-        }
-        if next == offset {
-            bail!("reading {path} back made no progress at offset {offset}");
-        }
-        offset = next;
-    }
+        },
+    )
 }

@@ -17,6 +17,14 @@ struct Server {
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+impl Server {
+    /// Stops the server and waits for it to finish cleanly.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle.await.expect("server task").expect("server run");
+    }
+}
+
 async fn start(tweak: impl FnOnce(&mut Config)) -> Server {
     let mut config = Config::default();
     config.server.port = 0;
@@ -469,12 +477,7 @@ async fn every_response_carries_the_browser_headers_once_over_http1_and_http2() 
                 }
             }
         }
-        let _ = server.stop.send(());
-        server
-            .handle
-            .await
-            .expect("server task")
-            .expect("server run");
+        server.stop().await;
     }
 }
 
@@ -648,12 +651,7 @@ async fn plain_appends_are_answered_as_the_general_path_answers_them() {
         assert_eq!(a.status, 413);
         assert_same_answer(&a, &b, "declared too large");
         assert!(plain.closed().await && general.closed().await);
-        let _ = server.stop.send(());
-        server
-            .handle
-            .await
-            .expect("server task")
-            .expect("server run");
+        server.stop().await;
     }
 }
 

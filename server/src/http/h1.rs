@@ -424,6 +424,19 @@ impl<S: ConnService> Conn<S> {
         }
     }
 
+    /// After a request: a large body's bytes were read into the buffer (a `Content-Length`
+    /// body is even a view of its allocation), so the connection must not keep them while it
+    /// waits; what is left of the buffer (a pipelined request) moves to one of its size.
+    fn shed_large_buffer(&mut self, large_body: bool) {
+        if large_body || self.buf.capacity() > KEPT_BUFFER_BYTES {
+            self.buf = if self.buf.is_empty() {
+                BytesMut::new()
+            } else {
+                BytesMut::from(&self.buf[..])
+            };
+        }
+    }
+
     /// Reads more bytes into the buffer; `Ok(0)` is EOF.
     async fn fill(&mut self) -> io::Result<usize> {
         loop {
@@ -599,15 +612,7 @@ impl<S: ConnService> Conn<S> {
         if !complete && matches!(written, Written::Done(_)) {
             Box::pin(self.linger()).await;
         }
-        // A large body's bytes were read into the buffer (a `Content-Length` body is even a
-        // view of its allocation): the connection must not keep them while it waits.
-        if large_body || self.buf.capacity() > KEPT_BUFFER_BYTES {
-            self.buf = if self.buf.is_empty() {
-                BytesMut::new()
-            } else {
-                BytesMut::from(&self.buf[..])
-            };
-        }
+        self.shed_large_buffer(large_body);
         Ok(written)
     }
 
@@ -669,13 +674,7 @@ impl<S: ConnService> Conn<S> {
         if !complete {
             Box::pin(self.linger()).await;
         }
-        if large_body || self.buf.capacity() > KEPT_BUFFER_BYTES {
-            self.buf = if self.buf.is_empty() {
-                BytesMut::new()
-            } else {
-                BytesMut::from(&self.buf[..])
-            };
-        }
+        self.shed_large_buffer(large_body);
         Ok(written)
     }
 

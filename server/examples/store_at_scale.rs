@@ -48,6 +48,7 @@ async fn fill(dir: &Path, count: u64, size: usize) {
             durable: true,
             segment_bytes: 64 << 20,
             max_open_files: 64,
+            map_reads: true,
             cache_bytes: 64 << 20,
             fast_sync_interval: Duration::from_secs(1),
         },

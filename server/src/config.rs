@@ -175,6 +175,7 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub segment_bytes: u64,
     pub max_open_files: usize,
+    pub map_reads: bool,
     #[serde(with = "humantime_serde")]
     pub fast_sync_interval: Duration,
     pub acid_shard_count: u32,
@@ -240,6 +241,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             segment_bytes: 64 * 1024 * 1024,
             max_open_files: 256,
+            map_reads: true,
             fast_sync_interval: Duration::from_secs(1),
             acid_shard_count: 16,
             acid_commit_log: true,
@@ -384,6 +386,11 @@ pub const KEYS: &[KeyDoc] = &[
         env: "DS_STORAGE__MAX_OPEN_FILES",
         default: "256",
         doc: "File modes: log segment files kept open for reads.",
+    },
+    KeyDoc {
+        env: "DS_STORAGE__MAP_READS",
+        default: "true",
+        doc: "File modes: reads from disk map the log's segment files (`mmap`) and send their bytes from the page cache instead of copying them into a buffer first (a third less server CPU per byte of catch-up). The cost: an I/O error under a mapped read ends the process (`SIGBUS`; a restart recovers as after a crash) where a copied read answers 500, and pages a read touched count in the process's RSS while mapped (they are the page cache, not the server's allocations). `false`: every read copies.",
     },
     KeyDoc {
         env: "DS_STORAGE__FAST_SYNC_INTERVAL",

@@ -317,6 +317,7 @@ fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
         durable,
         segment_bytes: s.segment_bytes,
         max_open_files: s.max_open_files,
+        map_reads: s.map_reads,
         cache_bytes,
         fast_sync_interval: s.fast_sync_interval,
     };

@@ -37,6 +37,7 @@ fn open(mode: &str, dir: &Path) -> Arc<dyn Storage> {
         durable,
         segment_bytes: 16 << 10,
         max_open_files: 8,
+        map_reads: true,
         cache_bytes: 64 << 10,
         fast_sync_interval: std::time::Duration::from_millis(5),
     };

@@ -45,6 +45,8 @@ fn open(backend: Backend, dir: &Path) -> Arc<dyn Storage> {
         durable,
         segment_bytes: 4096,
         max_open_files: 4,
+        // Both read paths meet the contract: file-durable maps (the default), file-fast copies.
+        map_reads: durable,
         cache_bytes: 64,
         // Short, so that the contract tests run with the syncer busy.
         fast_sync_interval: std::time::Duration::from_millis(5),
@@ -511,6 +513,7 @@ async fn disk_stays_bounded_when_releases_follow_the_writers() {
                         durable: backend == Backend::FileDurable,
                         segment_bytes: SEGMENT,
                         max_open_files: 4,
+                        map_reads: true,
                         cache_bytes: 1 << 20,
                         fast_sync_interval: std::time::Duration::from_millis(5),
                     },
@@ -643,6 +646,7 @@ async fn bench_release_cost() {
                         durable: backend == Backend::FileDurable,
                         segment_bytes: 64 << 20,
                         max_open_files: 16,
+                        map_reads: true,
                         cache_bytes: 64 << 20,
                         fast_sync_interval: std::time::Duration::from_secs(1),
                     },

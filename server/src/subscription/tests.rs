@@ -240,6 +240,7 @@ mod model {
                     durable: false,
                     segment_bytes: 1 << 20,
                     max_open_files: 8,
+                    map_reads: true,
                     cache_bytes: 1 << 20,
                     fast_sync_interval: Duration::from_secs(1),
                 },

@@ -28,6 +28,7 @@
 mod blocks;
 mod checkpoint;
 mod frame;
+mod mapped;
 mod recover;
 mod wal;
 
@@ -62,6 +63,8 @@ pub struct FileOptions {
     pub segment_bytes: u64,
     /// Segment files kept open for reads.
     pub max_open_files: usize,
+    /// Large reads map the segment's pages rather than copy them (see `Wal::pread`).
+    pub map_reads: bool,
     /// RAM for the newest records of all streams together.
     pub cache_bytes: usize,
     /// `file-fast`: how often the log is synced in the background, which bounds what a power

@@ -10,6 +10,7 @@ fn options(durable: bool) -> FileOptions {
         durable,
         segment_bytes: 64 << 20,
         max_open_files: 8,
+        map_reads: true,
         cache_bytes: 1 << 20,
         fast_sync_interval: std::time::Duration::from_secs(1),
     }
@@ -1095,6 +1096,7 @@ mod model {
             durable: true,
             segment_bytes: 600,
             max_open_files: 3,
+            map_reads: true,
             cache_bytes: 256,
             fast_sync_interval: std::time::Duration::from_millis(2),
         }
@@ -1330,6 +1332,7 @@ mod fast_power_loss {
             durable: false,
             segment_bytes: 1024,
             max_open_files: 3,
+            map_reads: true,
             cache_bytes: 256,
             // Never during a case: what is synced is what the last start synced.
             fast_sync_interval: std::time::Duration::from_secs(3600),

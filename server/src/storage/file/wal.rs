@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use super::blocks::{self, Block, MAX_BLOCK_RECORDS, MAX_BLOCK_SPAN};
 use super::checkpoint;
 use super::frame::{self, Encoded, LogPos};
+use super::mapped;
 use super::{FileOptions, LogShared};
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::{Commit, ProducerState, ProducerTuple, StorageError, ZERO_FILL_BELOW};
@@ -133,9 +134,13 @@ pub(crate) struct Wal {
     /// unknown until restart.
     failed: Arc<AtomicBool>,
     /// Open segment files for reads, bounded by `max_open_files`.
-    readers: Mutex<lru_files::Files>,
+    readers: Mutex<mapped::Open>,
     pub(crate) cache: CacheBudget,
     read_buffers: Arc<read_buffers::Pool>,
+    /// Reads map the segment rather than copy it (`DS_STORAGE__MAP_READS`).
+    map_reads: bool,
+    /// A mapping covers at least this much of a segment (its size when full).
+    segment_bytes: u64,
     batches: AtomicU64,
     ops: AtomicU64,
     /// Time spent in `write` + `fdatasync` of batches, µs.
@@ -231,9 +236,11 @@ impl Wal {
             durable: options.durable,
             tx: Mutex::new(Some(tx)),
             failed: failed.clone(),
-            readers: Mutex::new(lru_files::Files::new(options.max_open_files.max(1))),
+            readers: Mutex::new(mapped::Open::new(options.max_open_files.max(1))),
             cache: CacheBudget::new(options.cache_bytes),
             read_buffers: Arc::new(read_buffers::Pool::default()),
+            map_reads: options.map_reads,
+            segment_bytes: options.segment_bytes,
             batches: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             write_micros: AtomicU64::new(0),
@@ -330,26 +337,31 @@ impl Wal {
         Box::pin(async move { rx.await.unwrap_or(Err(StorageError::ShuttingDown)) })
     }
 
-    /// Reads `len` bytes at `off` of segment `seg` (blocking).
+    /// Reads `len` bytes at `off` of segment `seg` (blocking): the page cache's pages if reads
+    /// are mapped (see `mapped`), else a copy in a (pooled) buffer.
     pub fn pread(&self, seg: u32, off: u64, len: usize) -> Result<Bytes, StorageError> {
+        let path = || segment_path(&self.dir, seg);
         let file = {
             let mut readers = self.readers.lock();
             match readers.get(seg) {
                 Some(f) => f,
                 None => {
-                    let path = segment_path(&self.dir, seg);
-                    let f = Arc::new(File::open(&path).map_err(io_err(&path))?);
+                    let f = File::open(path()).map_err(io_err(&path()))?;
+                    let f = Arc::new(mapped::Segment::new(f));
                     readers.insert(seg, f.clone());
                     f
                 }
             }
         };
+        let failed = |source| StorageError::Io {
+            what: format!("{} at {off}", path().display()),
+            source,
+        };
+        if self.map_reads {
+            return file.mapped(off, len, self.segment_bytes).map_err(failed);
+        }
         let mut buf = self.read_buffers.take(len);
-        file.read_exact_at(&mut buf, off)
-            .map_err(|source| StorageError::Io {
-                what: format!("{} at {off}", segment_path(&self.dir, seg).display()),
-                source,
-            })?;
+        file.read_into(&mut buf, off).map_err(failed)?;
         Ok(self.read_buffers.share(buf))
     }
 }
@@ -1203,56 +1215,6 @@ impl Writer {
 /// A checkpoint is written once the log has grown by a segment, and by at least this many times
 /// the size of the previous checkpoint.
 const CHECKPOINT_SPACING: u64 = 4;
-
-/// A small bounded map of open segment files for reads.
-mod lru_files {
-    use std::collections::HashMap;
-    use std::fs::File;
-    use std::sync::Arc;
-
-    pub struct Files {
-        open: HashMap<u32, (Arc<File>, u64)>,
-        clock: u64,
-        max: usize,
-    }
-
-    impl Files {
-        pub fn new(max: usize) -> Self {
-            Files {
-                open: HashMap::new(),
-                clock: 0,
-                max,
-            }
-        }
-
-        pub fn get(&mut self, seg: u32) -> Option<Arc<File>> {
-            self.clock += 1;
-            let clock = self.clock;
-            self.open.get_mut(&seg).map(|(f, used)| {
-                *used = clock;
-                f.clone()
-            })
-        }
-
-        pub fn insert(&mut self, seg: u32, file: Arc<File>) {
-            if self.open.len() >= self.max
-                && let Some(oldest) = self
-                    .open
-                    .iter()
-                    .min_by_key(|(_, (_, used))| *used)
-                    .map(|(k, _)| *k)
-            {
-                self.open.remove(&oldest);
-            }
-            self.clock += 1;
-            self.open.insert(seg, (file, self.clock));
-        }
-
-        pub fn remove(&mut self, seg: u32) {
-            self.open.remove(&seg);
-        }
-    }
-}
 
 /// Large read buffers, reused: a catch-up page is a read of up to the read budget (4 MiB by
 /// default), and a fresh buffer of that size per read costs more than the read itself when

@@ -72,7 +72,9 @@ async fn fill(dir: &Path, count: u64, size: usize) {
     let (log, first) = match found {
         Some(r) => (r.log, r.state.tail / size.max(13) as u64),
         None => {
-            let (log, commit) = storage.create(&meta, Vec::new(), None).expect("create");
+            let (log, commit) = storage
+                .create(&std::sync::Arc::new(meta), Vec::new(), None)
+                .expect("create");
             commit.await.expect("create commit");
             (log, 0)
         }

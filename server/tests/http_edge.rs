@@ -738,7 +738,7 @@ impl ds_server::storage::Storage for Stopping {
     }
     fn create(
         &self,
-        meta: &ds_server::storage::StreamMeta,
+        meta: &std::sync::Arc<ds_server::storage::StreamMeta>,
         initial: Vec<bytes::Bytes>,
         close: Option<Option<ds_server::storage::ProducerTuple>>,
     ) -> Result<

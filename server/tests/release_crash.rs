@@ -68,16 +68,16 @@ fn open(mode: &str, dir: &Path) -> Arc<dyn Storage> {
     }
 }
 
-fn meta(id: u64) -> StreamMeta {
-    StreamMeta {
+fn meta(id: u64) -> Arc<StreamMeta> {
+    Arc::new(StreamMeta {
         id,
-        path: format!("/crash/{id}"),
+        path: format!("/crash/{id}").into(),
         content_type: "application/octet-stream".into(),
         ttl_secs: None,
         expires_at: None,
         created_at_ms: 1,
         fork: None,
-    }
+    })
 }
 
 /// The child: appends and releases until killed, printing `A id end` once an append ending at

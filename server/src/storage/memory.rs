@@ -47,7 +47,7 @@ impl super::Storage for MemoryStorage {
 
     fn create(
         &self,
-        meta: &StreamMeta,
+        meta: &Arc<StreamMeta>,
         initial: Vec<Bytes>,
         _close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {

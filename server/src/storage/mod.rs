@@ -119,9 +119,9 @@ pub struct ForkMeta {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamMeta {
     pub id: StreamId,
-    pub path: String,
+    pub path: Box<str>,
     /// The `Content-Type` exactly as given at creation (echoed on reads).
-    pub content_type: String,
+    pub content_type: Box<str>,
     pub ttl_secs: Option<u64>,
     /// `Stream-Expires-At` as sent (echoed on HEAD) and as Unix milliseconds. Boxed, like
     /// `fork`: most streams have neither, and every stream's state is kept in RAM.
@@ -164,7 +164,7 @@ pub struct WriterSnapshot {
 
 /// One stream found by [`Storage::recover`].
 pub struct Recovered {
-    pub meta: StreamMeta,
+    pub meta: Arc<StreamMeta>,
     pub state: WriterSnapshot,
     pub log: Arc<dyn StreamLog>,
 }
@@ -274,7 +274,7 @@ pub trait Storage: Send + Sync + 'static {
     /// the creation is durable.
     fn create(
         &self,
-        meta: &StreamMeta,
+        meta: &Arc<StreamMeta>,
         initial: Vec<Bytes>,
         close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError>;

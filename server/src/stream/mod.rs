@@ -247,8 +247,10 @@ struct WriterState {
     /// What each live fork reading from this stream still references (by fork id): from the
     /// fork's own earliest retained offset up to its anchor, so the lower of the two. The stream
     /// never releases past the lowest (a fork reads its data before its anchor from here).
-    /// A list: most streams have no fork, and a map costs 48 bytes empty.
-    fork_pins: Vec<(StreamId, u64)>,
+    /// A boxed list, made by the first fork: most streams have none (8 bytes, not a `Vec`'s
+    /// 24, and a map costs 48 empty).
+    #[allow(clippy::box_collection)]
+    fork_pins: Option<Box<Vec<(StreamId, u64)>>>,
     /// A commit failed; the in-memory state may be ahead of storage.
     poisoned: bool,
 }
@@ -312,7 +314,8 @@ impl FromIterator<(Box<str>, ProducerState)> for Producers {
 
 /// One stream instance.
 pub struct Stream {
-    pub meta: StreamMeta,
+    /// Shared with the stream's log (one copy per stream, not one per layer).
+    pub meta: Arc<StreamMeta>,
     pub kind: MediaKind,
     /// The source stream, for forks; kept alive for reads that stitch inherited data.
     source: Option<Arc<Stream>>,
@@ -457,7 +460,7 @@ impl Stream {
     }
 
     fn new_stream(
-        meta: StreamMeta,
+        meta: Arc<StreamMeta>,
         source: Option<Arc<Stream>>,
         state: WriterState,
         visible: Visible,
@@ -482,11 +485,13 @@ impl Stream {
     /// Notes a live fork that references this stream's data from `from` (the lifecycle lock
     /// is held, or the fork's earliest moved).
     fn pin(&self, fork: StreamId, from: u64) {
-        let mut st = self.state.lock();
-        match st.fork_pins.iter_mut().find(|p| p.0 == fork) {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let pins = st.fork_pins.get_or_insert_default();
+        match pins.iter_mut().find(|p| p.0 == fork) {
             Some(pin) => pin.1 = from,
             None => {
-                st.fork_pins.push((fork, from));
+                pins.push((fork, from));
                 st.refcount += 1;
             }
         }
@@ -730,7 +735,7 @@ impl Streams {
             ));
             stream.retained.store(retained, Ordering::Release);
             by_id.insert(stream.meta.id, stream.clone());
-            self.registry.insert(stream.meta.path.clone(), stream);
+            self.registry.insert(stream.meta.path.to_string(), stream);
         }
         // Ids must never repeat, even across restarts of the memory store or after the highest
         // id was removed: ETags carry the id, and a reused id could answer 304 for other data.
@@ -956,7 +961,7 @@ impl Streams {
         Ok(Metadata {
             earliest: stream.earliest(),
             id: stream.meta.id,
-            content_type: stream.meta.content_type.clone(),
+            content_type: stream.meta.content_type.to_string(),
             next_offset: v.tail,
             ttl_secs: stream.meta.ttl_secs,
             expires_at: stream.meta.expires_at.as_ref().map(|e| e.0.clone()),
@@ -1004,7 +1009,7 @@ impl Streams {
         Ok(CreateOutcome {
             id: stream.meta.id,
             created: true,
-            content_type: stream.meta.content_type.clone(),
+            content_type: stream.meta.content_type.to_string(),
             next_offset: tail,
             closed,
         })
@@ -1065,12 +1070,12 @@ impl Streams {
                 let ct = match &req.content_type {
                     Some(ct) if !same_media_type(ct, &src.meta.content_type) => {
                         return Err(StreamError::ContentTypeMismatch {
-                            stream: src.meta.content_type.clone(),
+                            stream: src.meta.content_type.to_string(),
                             request: ct.clone(),
                         });
                     }
                     Some(ct) => ct.clone(),
-                    None => src.meta.content_type.clone(),
+                    None => src.meta.content_type.to_string(),
                 };
                 let tail = src.visible().tail;
                 let offset = fork.offset.unwrap_or(tail);
@@ -1085,7 +1090,7 @@ impl Streams {
                 src.check_retained(offset)?;
                 let meta = ForkMeta {
                     source_id: src.meta.id,
-                    source_path: src.meta.path.clone(),
+                    source_path: src.meta.path.to_string(),
                     offset,
                     sub_offset: fork.sub_offset,
                 };
@@ -1120,8 +1125,8 @@ impl Streams {
         };
         let meta = StreamMeta {
             id,
-            path: path.to_owned(),
-            content_type,
+            path: path.into(),
+            content_type: content_type.into(),
             ttl_secs: req.ttl_secs.or_else(|| {
                 // Forks inherit the source's expiry rule unless they set their own.
                 match (&source, req.expires_at.is_some()) {
@@ -1143,6 +1148,7 @@ impl Streams {
             fork: fork_meta.map(Box::new),
         };
         let close = req.closed.then_some(None);
+        let meta = Arc::new(meta);
         let (log, commit) = match self.storage.create(&meta, initial, close) {
             Ok(x) => x,
             Err(e) => {
@@ -1259,7 +1265,7 @@ impl Streams {
         Ok(CreateOutcome {
             id: existing.meta.id,
             created: false,
-            content_type: meta.content_type.clone(),
+            content_type: meta.content_type.to_string(),
             next_offset: v.tail,
             closed: v.closed,
         })
@@ -1356,7 +1362,7 @@ impl Streams {
                     let ct = req.content_type.as_deref().unwrap_or_default();
                     if !same_media_type(ct, &stream.meta.content_type) {
                         return Err(StreamError::ContentTypeMismatch {
-                            stream: stream.meta.content_type.clone(),
+                            stream: stream.meta.content_type.to_string(),
                             request: ct.to_owned(),
                         });
                     }
@@ -1564,7 +1570,7 @@ impl Streams {
                 std::mem::take(&mut st.own_bytes)
             };
             self.registry
-                .remove_if(&s.meta.path, |_, v| Arc::ptr_eq(v, &s));
+                .remove_if(&*s.meta.path, |_, v| Arc::ptr_eq(v, &s));
             self.releasing.lock().remove(&s.meta.id);
             self.release(own_bytes);
             s.publish(|v| {
@@ -1578,7 +1584,12 @@ impl Streams {
             if let Some(src) = &s.source {
                 let mut st = src.state.lock();
                 st.refcount = st.refcount.saturating_sub(1);
-                st.fork_pins.retain(|p| p.0 != s.meta.id);
+                if let Some(pins) = &mut st.fork_pins {
+                    pins.retain(|p| p.0 != s.meta.id);
+                    if pins.is_empty() {
+                        st.fork_pins = None;
+                    }
+                }
                 if st.refcount == 0 && st.soft_deleted {
                     drop(st);
                     current = Some(src.clone());
@@ -1856,7 +1867,14 @@ impl Streams {
     async fn release_to(&self, stream: &Arc<Stream>, target: u64) -> Result<(), StreamError> {
         let visible = stream.visible();
         let own_start = stream.own_start();
-        let pin = |st: &WriterState| st.fork_pins.iter().map(|p| p.1).min().unwrap_or(u64::MAX);
+        let pin = |st: &WriterState| {
+            st.fork_pins
+                .iter()
+                .flat_map(|pins| pins.iter())
+                .map(|p| p.1)
+                .min()
+                .unwrap_or(u64::MAX)
+        };
         let target = {
             let st = stream.state.lock();
             if st.removed || st.poisoned || visible.gone {
@@ -2234,7 +2252,7 @@ mod tests {
 
         fn create(
             &self,
-            meta: &StreamMeta,
+            meta: &Arc<StreamMeta>,
             initial: Vec<Bytes>,
             close: Option<Option<ProducerTuple>>,
         ) -> Result<(Arc<dyn StreamLog>, Commit), crate::storage::StorageError> {
@@ -2506,11 +2524,12 @@ mod tests {
 #[cfg(test)]
 mod size {
     /// Every stream's state is in RAM for as long as it exists, idle or not: with the `Arc`'s
-    /// two counters it must fit jemalloc's 320-byte size class (the next is 384). Rarely used
-    /// parts (fork and expiry metadata, producers, the release queue, a shared read) are boxed.
+    /// two counters it must fit jemalloc's 224-byte size class (the next is 256; before the
+    /// metadata was shared with the log, 320). Rarely used parts (fork pins, expiry metadata,
+    /// producers, the release queue, a shared read) are boxed.
     #[test]
-    fn a_stream_fits_a_320_byte_allocation() {
-        assert!(std::mem::size_of::<super::Stream>() + 16 <= 320);
+    fn a_stream_fits_a_224_byte_allocation() {
+        assert!(std::mem::size_of::<super::Stream>() + 16 <= 224);
         assert!(std::mem::size_of::<crate::storage::memory::MemoryLog>() + 16 <= 80);
     }
 }

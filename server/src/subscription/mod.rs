@@ -467,7 +467,7 @@ pub struct Notices {
 impl StreamEvents for Notices {
     fn created(&self, stream: &Stream) {
         let _ = self.tx.send(Notice::Created {
-            path: stream.meta.path.clone(),
+            path: stream.meta.path.to_string(),
             id: stream.meta.id,
             start: stream.own_start(),
         });
@@ -477,16 +477,16 @@ impl StreamEvents for Notices {
         if !self.any_linked.load(Ordering::Acquire) {
             return;
         }
-        if let Some(queued) = self.linked.get(&stream.meta.path)
+        if let Some(queued) = self.linked.get(&*stream.meta.path)
             && !queued.swap(true, Ordering::AcqRel)
         {
-            let _ = self.tx.send(Notice::Moved(stream.meta.path.clone()));
+            let _ = self.tx.send(Notice::Moved(stream.meta.path.to_string()));
         }
     }
 
     fn removed(&self, stream: &Stream) {
         let _ = self.tx.send(Notice::Removed {
-            path: stream.meta.path.clone(),
+            path: stream.meta.path.to_string(),
             id: stream.meta.id,
         });
     }
@@ -970,7 +970,7 @@ impl Subscriptions {
                     if v.gone {
                         continue;
                     }
-                    let link = sub.links.entry(full.clone()).or_insert(Link {
+                    let link = sub.links.entry(full.to_string()).or_insert(Link {
                         explicit: false,
                         glob: true,
                         acked: if from_start { 0 } else { v.tail },

@@ -691,7 +691,7 @@ impl AcidStorage {
             log.touch_sent_ms
                 .store(row.last_access_ms, Ordering::Relaxed);
             found.push(Recovered {
-                meta,
+                meta: Arc::new(meta),
                 state: snapshot,
                 log: Arc::new(log),
             });
@@ -723,7 +723,7 @@ impl Storage for AcidStorage {
 
     fn create(
         &self,
-        meta: &StreamMeta,
+        meta: &Arc<StreamMeta>,
         initial: Vec<Bytes>,
         close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {

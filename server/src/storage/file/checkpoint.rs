@@ -471,7 +471,7 @@ mod tests {
                 index.mirror.producers.insert("aa".into(), p(3, 4));
             }
             let log = Arc::new(LogShared {
-                meta: meta.clone(),
+                meta: Arc::new(meta.clone()),
                 index: parking_lot::RwLock::new(Index::default()),
             });
             let taken = Taken::of(&log, &index);
@@ -512,7 +512,7 @@ mod tests {
             segments: vec![(2, 500)],
             streams: vec![Taken::of(
                 &Arc::new(LogShared {
-                    meta: meta.clone(),
+                    meta: Arc::new(meta.clone()),
                     index: parking_lot::RwLock::new(Index::default()),
                 }),
                 &Index::default(),

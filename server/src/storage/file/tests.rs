@@ -32,16 +32,16 @@ fn write_damaged(
     }
 }
 
-fn meta(id: u64) -> StreamMeta {
-    StreamMeta {
+fn meta(id: u64) -> Arc<StreamMeta> {
+    Arc::new(StreamMeta {
         id,
-        path: format!("/s/{id}"),
+        path: format!("/s/{id}").into(),
         content_type: "text/plain".into(),
         ttl_secs: None,
         expires_at: None,
         created_at_ms: 1,
         fork: None,
-    }
+    })
 }
 
 async fn read_all(log: &Arc<dyn StreamLog>, until: u64) -> Vec<u8> {
@@ -578,7 +578,7 @@ async fn a_version_1_log_is_read_and_continued_in_a_new_segment() {
     let mut v1 = frame::segment_header().to_vec();
     v1[8..12].copy_from_slice(&1u32.to_le_bytes());
     let create = frame::CreateMeta {
-        meta: meta(1),
+        meta: StreamMeta::clone(&meta(1)),
         closed: false,
     };
     v1.extend_from_slice(&frame::encode_create(&create, &[]).bytes);

@@ -483,7 +483,7 @@ fn stream_state(log: &LogShared, index: &super::Index) -> frame::StreamState {
         .collect();
     producers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     frame::StreamState {
-        meta: log.meta.clone(),
+        meta: crate::storage::StreamMeta::clone(&log.meta),
         tail: m.tail,
         released: index.released,
         closed: m.closed,

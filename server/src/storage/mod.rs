@@ -119,9 +119,11 @@ pub struct ForkMeta {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamMeta {
     pub id: StreamId,
-    pub path: Box<str>,
+    /// Shared with the registry's key (one copy of the path per stream).
+    pub path: Arc<str>,
     /// The `Content-Type` exactly as given at creation (echoed on reads).
-    pub content_type: Box<str>,
+    /// Common types share one allocation (`crate::stream::shared_content_type`).
+    pub content_type: Arc<str>,
     pub ttl_secs: Option<u64>,
     /// `Stream-Expires-At` as sent (echoed on HEAD) and as Unix milliseconds. Boxed, like
     /// `fork`: most streams have neither, and every stream's state is kept in RAM.

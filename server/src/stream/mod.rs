@@ -387,6 +387,30 @@ pub struct SharedRead {
     pub cursor: u64,
 }
 
+/// The content type for a new stream's metadata: the common ones share one allocation each
+/// (most streams have one of a handful of types, and every stream's metadata is in RAM), others
+/// get their own. A fixed list, so client-chosen types never grow a table.
+pub fn shared_content_type(content_type: &str) -> Arc<str> {
+    static COMMON: std::sync::LazyLock<Vec<Arc<str>>> = std::sync::LazyLock::new(|| {
+        [
+            "application/octet-stream",
+            "application/json",
+            "application/x-ndjson",
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "text/event-stream",
+        ]
+        .into_iter()
+        .map(Arc::from)
+        .collect()
+    });
+    COMMON
+        .iter()
+        .find(|c| &***c == content_type)
+        .cloned()
+        .unwrap_or_else(|| Arc::from(content_type))
+}
+
 impl Stream {
     /// The shared encoding of the read from `start` bounded by `visible`, if one was made.
     pub fn shared_read(&self, start: u64, visible: Visible) -> Option<SharedRead> {
@@ -569,7 +593,8 @@ impl Stream {
 
 /// All streams of the server.
 pub struct Streams {
-    registry: DashMap<String, Arc<Stream>>,
+    /// Keyed by the stream's own path (`meta.path`, shared, not a copy).
+    registry: DashMap<Arc<str>, Arc<Stream>>,
     /// Serialises create/delete/fork/expiry so reference counts and soft deletes stay exact.
     lifecycle: Mutex<()>,
     storage: Arc<dyn Storage>,
@@ -735,7 +760,7 @@ impl Streams {
             ));
             stream.retained.store(retained, Ordering::Release);
             by_id.insert(stream.meta.id, stream.clone());
-            self.registry.insert(stream.meta.path.to_string(), stream);
+            self.registry.insert(stream.meta.path.clone(), stream);
         }
         // Ids must never repeat, even across restarts of the memory store or after the highest
         // id was removed: ETags carry the id, and a reused id could answer 304 for other data.
@@ -824,7 +849,7 @@ impl Streams {
         let Some(path) = self.registry_path.clone() else {
             return Ok(());
         };
-        if !self.registry.contains_key(&path) {
+        if !self.registry.contains_key(path.as_str()) {
             self.create_any(
                 &path,
                 CreateRequest {
@@ -1126,7 +1151,7 @@ impl Streams {
         let meta = StreamMeta {
             id,
             path: path.into(),
-            content_type: content_type.into(),
+            content_type: shared_content_type(&content_type),
             ttl_secs: req.ttl_secs.or_else(|| {
                 // Forks inherit the source's expiry rule unless they set their own.
                 match (&source, req.expires_at.is_some()) {
@@ -1183,7 +1208,8 @@ impl Streams {
         if let Some(src) = &source {
             src.pin(stream.meta.id, 0);
         }
-        self.registry.insert(path.to_owned(), stream.clone());
+        self.registry
+            .insert(stream.meta.path.clone(), stream.clone());
         if let Some(events) = &self.events {
             events.created(&stream);
         }
@@ -2140,7 +2166,11 @@ fn spawn_commits(commits: Vec<Commit>, what: &'static str) {
 /// that starts at the anchor. Offsets are validated again under the lifecycle lock.
 impl Streams {
     async fn fork_prefix(&self, fork: &ForkRequest) -> Result<Option<Bytes>, StreamError> {
-        let Some(src) = self.registry.get(&fork.source).map(|e| e.value().clone()) else {
+        let Some(src) = self
+            .registry
+            .get(fork.source.as_str())
+            .map(|e| e.value().clone())
+        else {
             return Err(StreamError::ForkSourceNotFound(fork.source.clone()));
         };
         let visible = src.visible();
@@ -2527,6 +2557,25 @@ mod size {
     /// two counters it must fit jemalloc's 224-byte size class (the next is 256; before the
     /// metadata was shared with the log, 320). Rarely used parts (fork pins, expiry metadata,
     /// producers, the release queue, a shared read) are boxed.
+    #[test]
+    fn common_content_types_share_one_allocation() {
+        use std::sync::Arc;
+        let (a, b) = (
+            super::shared_content_type("application/json"),
+            super::shared_content_type("application/json"),
+        );
+        assert!(Arc::ptr_eq(&a, &b));
+        let (c, d) = (
+            super::shared_content_type("application/x-mine"),
+            super::shared_content_type("application/x-mine"),
+        );
+        assert_eq!(c, d);
+        assert!(
+            !Arc::ptr_eq(&c, &d),
+            "an uncommon type is not kept in a table"
+        );
+    }
+
     #[test]
     fn a_stream_fits_a_224_byte_allocation() {
         assert!(std::mem::size_of::<super::Stream>() + 16 <= 224);

@@ -63,7 +63,7 @@ pub struct FileOptions {
     pub segment_bytes: u64,
     /// Segment files kept open for reads.
     pub max_open_files: usize,
-    /// Large reads map the segment's pages rather than copy them (see `Wal::pread`).
+    /// Reads map the segments' pages rather than copy them (see `mapped`).
     pub map_reads: bool,
     /// RAM for the newest records of all streams together.
     pub cache_bytes: usize,

@@ -346,8 +346,8 @@ impl Wal {
             match readers.get(seg) {
                 Some(f) => f,
                 None => {
-                    let f = File::open(path()).map_err(io_err(&path()))?;
-                    let f = Arc::new(mapped::Segment::new(f));
+                    let p = path();
+                    let f = Arc::new(mapped::Segment::new(File::open(&p).map_err(io_err(&p))?));
                     readers.insert(seg, f.clone());
                     f
                 }

@@ -332,6 +332,9 @@ fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
                 cache_bytes,
                 commit_log: s.acid_commit_log,
                 log_segment_bytes: s.segment_bytes,
+                ref_min_bytes: storage::acid::REF_MIN_BYTES,
+                map_reads: s.map_reads,
+                max_open_files: s.max_open_files,
             },
         )?),
     };

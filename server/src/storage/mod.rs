@@ -29,6 +29,7 @@ pub(crate) const ZERO_FILL_BELOW: u64 = 64 << 10;
 pub mod acid;
 pub mod file;
 pub mod fsutil;
+mod mapped;
 pub mod memory;
 pub mod records;
 mod tail_cache;

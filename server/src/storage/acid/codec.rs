@@ -243,8 +243,15 @@ const FIRST_CONTINUES: u32 = 1 << 31;
 /// Bit of a row's count word: the row's last entry is the start of a record that the next row
 /// goes on with.
 const LAST_CONTINUES: u32 = 1 << 30;
+/// Bit of a row's count word (format version 4): the row holds references into a commit log
+/// segment instead of the records' bytes ([`write_ref_row`]).
+const REFS: u32 = 1 << 29;
 /// The entry count's bits of the count word.
-const COUNT_MASK: u32 = LAST_CONTINUES - 1;
+const COUNT_MASK: u32 = REFS - 1;
+/// A reference row's segment number.
+const SEGMENT_LEN: usize = 8;
+/// A reference: the record's offset in the segment (u64) and its length (u32).
+const REF_LEN: usize = 12;
 
 /// How a row's first and last entries join its neighbours' (both false: whole records only).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -308,17 +315,72 @@ pub(super) fn write_row(out: &mut [u8], id: StreamId, start: u64, records: &[&[u
     crc.copy_from_slice(&row_crc(id, start, body).to_le_bytes());
 }
 
-/// The parts of a row value: its record lengths and its records' bytes, back to back.
+/// Length of the reference row holding `count` references.
+pub(super) fn ref_row_value_len(count: usize) -> usize {
+    COUNT_LEN + SEGMENT_LEN + REF_LEN * count + CRC_LEN
+}
+
+/// Writes the reference row of records that start at stream position `start` and whose bytes
+/// are in commit log segment `segment` at `refs` (offset, length), into `out` (exactly
+/// [`ref_row_value_len`] long): the count word (u32 LE: the count, with [`REFS`]), the segment
+/// (u64 LE), each reference (offset u64 LE, length u32 LE), then the CRC-32C of `id LE ‖ start
+/// LE ‖ everything before it`. Records of a reference row are whole (never split across rows).
+pub(super) fn write_ref_row(
+    out: &mut [u8],
+    id: StreamId,
+    start: u64,
+    segment: u64,
+    refs: &[(u64, u32)],
+) {
+    let body_len = out.len() - CRC_LEN;
+    let (body, crc) = out.split_at_mut(body_len);
+    body[..COUNT_LEN].copy_from_slice(&(refs.len() as u32 | REFS).to_le_bytes());
+    body[COUNT_LEN..COUNT_LEN + SEGMENT_LEN].copy_from_slice(&segment.to_le_bytes());
+    for (slot, (offset, len)) in body[COUNT_LEN + SEGMENT_LEN..]
+        .chunks_exact_mut(REF_LEN)
+        .zip(refs)
+    {
+        slot[..8].copy_from_slice(&offset.to_le_bytes());
+        slot[8..].copy_from_slice(&len.to_le_bytes());
+    }
+    crc.copy_from_slice(&row_crc(id, start, body).to_le_bytes());
+}
+
+/// One entry of a row: the bytes themselves, or where in the commit log they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Entry<'a> {
+    Inline(&'a [u8]),
+    At { segment: u64, offset: u64, len: u32 },
+}
+
+impl Entry<'_> {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Entry::Inline(b) => b.len(),
+            Entry::At { len, .. } => *len as usize,
+        }
+    }
+}
+
+/// What a row holds.
+enum Body<'a> {
+    /// Its record lengths and its records' bytes, back to back.
+    Inline { lens: &'a [u8], data: &'a [u8] },
+    /// The segment and the references into it.
+    Refs { segment: u64, refs: &'a [u8] },
+}
+
+/// The parts of a row value.
 pub(super) struct Row<'a> {
-    lens: &'a [u8],
-    data: &'a [u8],
+    body: Body<'a>,
+    data_len: u64,
     joins: Joins,
 }
 
 impl<'a> Row<'a> {
     /// Bytes of data the row holds (all its records).
     pub(super) fn data_len(&self) -> u64 {
-        self.data.len() as u64
+        self.data_len
     }
 
     /// How the row's first and last entries join its neighbours'.
@@ -326,19 +388,39 @@ impl<'a> Row<'a> {
         self.joins
     }
 
-    /// The row's records' bytes, back to back.
-    pub(super) fn data(&self) -> &'a [u8] {
-        self.data
+    /// The row's records' bytes, back to back, if the row holds them (not references).
+    pub(super) fn data(&self) -> Option<&'a [u8]> {
+        match self.body {
+            Body::Inline { data, .. } => Some(data),
+            Body::Refs { .. } => None,
+        }
     }
 
-    /// The row's records in order.
-    pub(super) fn records(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
-        let mut data = self.data;
-        self.lens.chunks_exact(LEN_LEN).map(move |len| {
+    /// The segment a reference row points into.
+    pub(super) fn segment(&self) -> Option<u64> {
+        match self.body {
+            Body::Inline { .. } => None,
+            Body::Refs { segment, .. } => Some(segment),
+        }
+    }
+
+    /// The row's entries in order.
+    pub(super) fn entries(&self) -> impl Iterator<Item = Entry<'a>> + use<'a> {
+        let (lens, mut data, segment, refs): (&[u8], &[u8], u64, &[u8]) = match self.body {
+            Body::Inline { lens, data } => (lens, data, 0, &[]),
+            Body::Refs { segment, refs } => (&[], &[], segment, refs),
+        };
+        let inline = lens.chunks_exact(LEN_LEN).map(move |len| {
             let (record, rest) = data.split_at(u32_at(len) as usize);
             data = rest;
-            record
-        })
+            Entry::Inline(record)
+        });
+        let at = refs.chunks_exact(REF_LEN).map(move |r| Entry::At {
+            segment,
+            offset: u64_at(&r[..8]),
+            len: u32_at(&r[8..]),
+        });
+        inline.chain(at)
     }
 }
 
@@ -362,6 +444,29 @@ pub(super) fn parse_row(id: StreamId, start: u64, raw: &[u8]) -> Result<Row<'_>,
         last_continues: word & LAST_CONTINUES != 0,
     };
     let rest = &body[COUNT_LEN..];
+    if word & REFS != 0 {
+        // Records of a reference row are whole.
+        if count == 0 || joins != Joins::default() || rest.len() != SEGMENT_LEN + REF_LEN * count {
+            return Err(malformed());
+        }
+        let (segment, refs) = rest.split_at(SEGMENT_LEN);
+        let mut total = 0u64;
+        for r in refs.chunks_exact(REF_LEN) {
+            let len = u32_at(&r[8..]);
+            if len == 0 || u64_at(&r[..8]).checked_add(u64::from(len)).is_none() {
+                return Err(malformed());
+            }
+            total += u64::from(len);
+        }
+        return Ok(Row {
+            body: Body::Refs {
+                segment: u64_at(segment),
+                refs,
+            },
+            data_len: total,
+            joins,
+        });
+    }
     if count == 0 || count > rest.len() / LEN_LEN {
         return Err(malformed());
     }
@@ -377,7 +482,11 @@ pub(super) fn parse_row(id: StreamId, start: u64, raw: &[u8]) -> Result<Row<'_>,
     if total != data.len() as u64 {
         return Err(malformed());
     }
-    Ok(Row { lens, data, joins })
+    Ok(Row {
+        body: Body::Inline { lens, data },
+        data_len: total,
+        joins,
+    })
 }
 
 /// [`parse_row`], then the checksum: the row whose bytes are about to be served.
@@ -391,6 +500,12 @@ pub(super) fn read_row(id: StreamId, start: u64, raw: &[u8]) -> Result<Row<'_>, 
         });
     }
     Ok(row)
+}
+
+fn u64_at(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
 }
 
 fn u32_at(b: &[u8]) -> u32 {
@@ -477,10 +592,57 @@ mod tests {
         assert_eq!(raw.len(), 4 + 3 * 4 + 8 + 4);
         let parsed = read_row(5, 10, &raw).unwrap();
         assert_eq!(parsed.data_len(), 8);
-        let records: Vec<&[u8]> = parsed.records().collect();
-        assert_eq!(records, [b"abc".as_slice(), b"d", b"efgh"]);
+        let records: Vec<Entry<'_>> = parsed.entries().collect();
+        assert_eq!(
+            records,
+            [
+                Entry::Inline(b"abc"),
+                Entry::Inline(b"d"),
+                Entry::Inline(b"efgh")
+            ]
+        );
+        assert_eq!(parsed.data(), Some(b"abcdefgh".as_slice()));
         let one = row(1, 0, &[b"x"]);
-        assert_eq!(read_row(1, 0, &one).unwrap().records().count(), 1);
+        assert_eq!(read_row(1, 0, &one).unwrap().entries().count(), 1);
+    }
+
+    #[test]
+    fn a_reference_row_round_trips_and_is_checked() {
+        let refs = [(8u64, 100u32), (200, 5), (4096, 65536)];
+        let mut raw = vec![0u8; ref_row_value_len(refs.len())];
+        write_ref_row(&mut raw, 5, 10, 7, &refs);
+        assert_eq!(raw.len(), 4 + 8 + 3 * 12 + 4);
+        let parsed = read_row(5, 10, &raw).unwrap();
+        assert_eq!(parsed.data_len(), 100 + 5 + 65536);
+        assert_eq!(parsed.segment(), Some(7));
+        assert_eq!(parsed.data(), None);
+        assert_eq!(parsed.joins(), Joins::default());
+        let entries: Vec<Entry<'_>> = parsed.entries().collect();
+        assert_eq!(
+            entries[2],
+            Entry::At {
+                segment: 7,
+                offset: 4096,
+                len: 65536
+            }
+        );
+        assert!(read_row(5, 11, &raw).is_err(), "the key is checked");
+        let malformed = |raw: &[u8]| {
+            matches!(
+                parse_row(5, 10, raw),
+                Err(StorageError::Corrupt { detail, .. }) if detail.contains("malformed")
+            )
+        };
+        // A reference of length 0; a count larger than the references present; a split flag.
+        let mut bad = raw.clone();
+        bad[4 + 8 + 12 + 8..4 + 8 + 12 + 12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(malformed(&bad));
+        let mut bad = raw.clone();
+        bad[0] = 4;
+        assert!(malformed(&bad));
+        let mut bad = raw.clone();
+        bad[3] |= 0x80;
+        assert!(malformed(&bad));
     }
 
     #[test]

@@ -80,13 +80,14 @@ pub(super) fn create_segment(dir: &Path, n: u64) -> Result<File, StorageError> {
     Ok(file)
 }
 
-/// Frames a payload as a record.
-pub(super) fn frame(lsn: u64, ops: &[&Op]) -> Vec<u8> {
+/// Frames a payload as a record. `firsts` gets, for each operation, where in the record its first
+/// record's bytes are (see [`encode_op`]).
+pub(super) fn frame(lsn: u64, ops: &[&Op], firsts: &mut Vec<Option<u64>>) -> Vec<u8> {
     let mut out = vec![0u8; HEADER];
     out.extend_from_slice(&lsn.to_le_bytes());
     out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
     for op in ops {
-        encode_op(&mut out, op);
+        firsts.push(encode_op(&mut out, op).map(|at| at as u64));
     }
     let len = (out.len() - HEADER) as u32;
     let crc = crc32c::crc32c(&out[HEADER..]);
@@ -135,8 +136,12 @@ fn put_close(out: &mut Vec<u8>, close: &Option<Option<ProducerTuple>>) {
 }
 
 /// One operation: a tag byte, then its fields in declaration order (optional fields behind a
-/// presence byte, byte strings behind a u32 length).
-fn encode_op(out: &mut Vec<u8>, op: &Op) {
+/// presence byte, byte strings behind a u32 length). Returns where in `out` the operation's
+/// first record's bytes are (an append's data, a create's first initial record; a create's
+/// later records follow, each behind its 4-byte length), if it has any: reference rows of
+/// `records` point there ([`super::writer::LogAt`]).
+fn encode_op(out: &mut Vec<u8>, op: &Op) -> Option<usize> {
+    let mut first = None;
     match op {
         Op::Create {
             id,
@@ -151,6 +156,9 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_bytes(out, meta);
             put_u64(out, *start);
             put_u32(out, initial.len() as u32);
+            if !initial.is_empty() {
+                first = Some(out.len() + 4);
+            }
             for d in initial {
                 put_bytes(out, d);
             }
@@ -164,6 +172,7 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             match &entry.data {
                 Some(d) => {
                     out.push(1);
+                    first = Some(out.len() + 4);
                     put_bytes(out, d);
                 }
                 None => out.push(0),
@@ -207,10 +216,12 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_u64(out, *at_ms);
         }
     }
+    first
 }
 
-/// A bounds-checked cursor over a record's payload; running past the end is an error.
-struct Cursor<'a>(&'a [u8]);
+/// A bounds-checked cursor over a record's payload; running past the end is an error. The
+/// second field is where the operation being read has its first record (offset in the payload).
+struct Cursor<'a>(&'a [u8], Option<usize>, usize);
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
@@ -232,6 +243,18 @@ impl<'a> Cursor<'a> {
     }
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = self.u32()? as usize;
+        self.take(n)
+    }
+    /// Where the next byte is, from the payload's start.
+    fn pos(&self) -> usize {
+        self.2 - self.0.len()
+    }
+    /// A record's bytes, noting where the operation's first one is.
+    fn record(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        if self.1.is_none() {
+            self.1 = Some(self.pos());
+        }
         self.take(n)
     }
     fn string(&mut self) -> Option<String> {
@@ -261,7 +284,7 @@ impl<'a> Cursor<'a> {
                 let n = self.u32()? as usize;
                 let mut initial = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
-                    initial.push(Bytes::copy_from_slice(self.bytes()?));
+                    initial.push(Bytes::copy_from_slice(self.record()?));
                 }
                 Op::Create {
                     id,
@@ -277,7 +300,7 @@ impl<'a> Cursor<'a> {
                 let start = self.u64()?;
                 let data = match self.u8()? {
                     0 => None,
-                    1 => Some(Bytes::copy_from_slice(self.bytes()?)),
+                    1 => Some(Bytes::copy_from_slice(self.record()?)),
                     _ => return None,
                 };
                 let close = self.close()?;
@@ -329,23 +352,27 @@ pub(super) struct Record {
     /// The record's number: one more than the record before it.
     pub lsn: u64,
     pub ops: Vec<Op>,
+    /// For each operation, where its first record's bytes are in the log.
+    pub firsts: Vec<Option<super::writer::LogAt>>,
     /// Where the record starts, for error messages.
     pub file: PathBuf,
     pub pos: u64,
 }
 
-/// Reads every segment in order and hands each intact record to `apply`. A record that is cut
+/// Reads every segment from number `from` on in order and hands each intact record to `apply`
+/// (earlier segments are kept for the records rows reference, not replayed). A record that is cut
 /// short or fails its checksum ends the log if it is in the last segment (a crash tore the
 /// write; nothing after it was acknowledged, because acknowledging waits for the sync that
 /// covers everything written before) and the file is truncated there; anywhere else it is
 /// corruption, refused with the file and position.
 pub(super) fn read_all(
     dir: &Path,
+    from: u64,
     mut apply: impl FnMut(Record) -> Result<(), StorageError>,
 ) -> Result<Option<u64>, StorageError> {
     let segs = segments(dir)?;
     let last = segs.last().map(|(n, _)| *n);
-    for (n, path) in &segs {
+    for (n, path) in segs.iter().filter(|(n, _)| *n >= from) {
         let raw = std::fs::read(path).map_err(|source| StorageError::Io {
             what: format!("reading {}", path.display()),
             source,
@@ -404,17 +431,23 @@ pub(super) fn read_all(
                 torn("record checksum mismatch")?;
                 break;
             }
-            let mut c = Cursor(payload);
+            let mut c = Cursor(payload, None, payload.len());
             let parsed = (|| {
                 let lsn = c.u64()?;
                 let count = c.u32()? as usize;
                 let mut ops = Vec::with_capacity(count.min(4096));
+                let mut firsts = Vec::with_capacity(count.min(4096));
                 for _ in 0..count {
+                    c.1 = None;
                     ops.push(c.op()?);
+                    firsts.push(c.1.map(|at| super::writer::LogAt {
+                        segment: *n,
+                        offset: (pos + HEADER + at) as u64,
+                    }));
                 }
-                c.0.is_empty().then_some((lsn, ops))
+                c.0.is_empty().then_some((lsn, ops, firsts))
             })();
-            let Some((lsn, ops)) = parsed else {
+            let Some((lsn, ops, firsts)) = parsed else {
                 return Err(corrupt(
                     pos,
                     "record does not decode (its checksum matched)",
@@ -423,6 +456,7 @@ pub(super) fn read_all(
             apply(Record {
                 lsn,
                 ops,
+                firsts,
                 file: path.clone(),
                 pos: pos as u64,
             })?;

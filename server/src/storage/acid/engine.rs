@@ -14,10 +14,12 @@
 //! in its write buffer; readers see it), then tells the streams' caches how far redb now
 //! reaches. When the engine has filled a log segment it asks for a checkpoint: the flusher makes
 //! a durable redb commit in every shard recording the number of the last log record applied,
-//! after which the engine deletes the full segments. After a crash, redb reopens each shard at
-//! its checkpoint and start-up replays the log's later records ([`super::replay_log`]).
+//! after which the engine deletes the full segments no row references ([`super::segments`]:
+//! large records stay in the log and rows point at them; the flusher compacts a segment that is
+//! mostly dead). After a crash, redb reopens each shard at its checkpoint and start-up replays
+//! the log's later records ([`super::replay_log`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,12 +28,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase};
 
 use super::codec::StateRow;
 use super::commit_log::{self, MAGIC};
-use super::writer::{self, Op, OpResult, Pending, WriterStats};
-use super::{AcidStats, DbResult, LogCache, STATE, layout};
+use super::segments::{self, LogSegments};
+use super::writer::{self, LogAt, Op, OpResult, Pending, WriterStats};
+use super::{AcidStats, DbResult, LogCache, Replayed, STATE, layout};
 use crate::storage::{StorageError, StreamId, ZERO_FILL_BELOW};
 
 /// How long the flusher gathers acknowledged operations before applying them to redb (unless
@@ -58,6 +62,8 @@ const FLUSH_QUEUE: usize = 4096;
 pub(super) struct EngineOptions {
     /// A segment is closed, and a checkpoint requested, once it holds this many bytes.
     pub segment_bytes: u64,
+    /// Records this long or longer are referenced in the log rather than copied into redb.
+    pub ref_min_bytes: usize,
 }
 
 /// Checkpoint requests (engine → flusher) and their completion, as record numbers.
@@ -70,34 +76,52 @@ struct Checkpoints {
     durable: AtomicU64,
     /// Set by the flusher when redb refused a write: the engine then refuses new operations.
     broken: AtomicBool,
+    /// The segments rows reference as of the checkpoint `durable` (set before it): the engine
+    /// keeps these.
+    live: Mutex<BTreeSet<u64>>,
+    /// Held while checkpointing, compacting or deleting segments (so that tests can copy a
+    /// store's files as a crash would leave them, none deleted half-way through the copy).
+    pub(super) hold: Arc<Mutex<()>>,
 }
 
 /// What the engine hands the flusher: the operations of one log record.
 struct Work {
     lsn: u64,
-    ops: Vec<(Op, Option<Arc<LogCache>>)>,
+    /// The segment the record is in.
+    segment: u64,
+    ops: Vec<(Op, Option<Arc<LogCache>>, Option<LogAt>)>,
     /// Record data the operations carry.
     bytes: usize,
 }
 
-/// Starts the engine and its flusher. `lsn` is the number of the last record already applied
-/// everywhere; `segment` the number of the first segment to write.
+/// Starts the engine and its flusher after start-up `replayed` the log: its last record is
+/// applied everywhere, the engine writes the next segment, and the kept ones are referenced.
+/// Returns the engine's thread and the lock its background work holds ([`Checkpoints::hold`]).
 pub(super) fn start(
     dir: &Path,
     dbs: Vec<Arc<Database>>,
-    lsn: u64,
-    segment: u64,
+    replayed: Replayed,
     options: EngineOptions,
+    log_segments: Arc<LogSegments>,
     stats: Arc<WriterStats>,
     ops: Receiver<Pending>,
-) -> Result<JoinHandle<()>, StorageError> {
+) -> Result<(JoinHandle<()>, Arc<Mutex<()>>), StorageError> {
+    let (lsn, segment) = (replayed.lsn, replayed.next_segment);
     let file = commit_log::create_segment(dir, segment)?;
-    let checkpoints = Arc::new(Checkpoints::default());
+    let checkpoints = Arc::new(Checkpoints {
+        live: Mutex::new(replayed.kept.iter().copied().collect()),
+        ..Checkpoints::default()
+    });
     let (work, queue) = std::sync::mpsc::sync_channel(FLUSH_QUEUE);
     let flusher = spawn("ds-acid-flush", {
         let dbs = dbs.clone();
         let checkpoints = checkpoints.clone();
-        move || flush_loop(&dbs, queue, &checkpoints, lsn)
+        let flusher = Flusher {
+            dir: dir.to_owned(),
+            segments: log_segments.clone(),
+            ref_min: options.ref_min_bytes,
+        };
+        move || flusher.run(&dbs, queue, &checkpoints, lsn, segment)
     })?;
     let engine = Engine {
         dir: dir.to_owned(),
@@ -112,11 +136,17 @@ pub(super) fn start(
         rows: HashMap::new(),
         forgot_upto: lsn,
         checkpoints,
-        retiring: Vec::new(),
+        // Kept segments are checkpointed; they go once nothing references them.
+        retiring: replayed.kept.iter().map(|&n| (n, 0)).collect(),
+        segments: log_segments,
         failed: None,
         stats,
     };
-    spawn("ds-acid-engine", move || engine.run(ops, work, flusher))
+    let hold = engine.checkpoints.hold.clone();
+    Ok((
+        spawn("ds-acid-engine", move || engine.run(ops, work, flusher))?,
+        hold,
+    ))
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StorageError> {
@@ -148,8 +178,10 @@ struct Engine {
     /// The checkpoint up to which rows were last dropped (`forget_checkpointed`).
     forgot_upto: u64,
     checkpoints: Arc<Checkpoints>,
-    /// Full segments and their last record, deleted once every shard's checkpoint covers it.
+    /// Full segments and their last record, deleted once every shard's checkpoint covers it
+    /// and no row references them.
     retiring: Vec<(u64, u64)>,
+    segments: Arc<LogSegments>,
     /// Set after a failed write or sync of the log, or a failed flush: what is on disk or in
     /// redb is then unknown, so nothing more is acknowledged until a restart replays the log.
     failed: Option<String>,
@@ -172,7 +204,8 @@ impl Engine {
             let began = Instant::now();
             let results = self.admit(&batch);
             let admitted = Instant::now();
-            let results = self.write(&batch, results);
+            let segment = self.segment;
+            let (results, firsts) = self.write(&batch, results);
             self.stats
                 .apply_micros
                 .fetch_add((admitted - began).as_micros() as u64, Ordering::Relaxed);
@@ -186,8 +219,11 @@ impl Engine {
             crate::metrics::storage_batch(batch.len());
             let mut flushed = Vec::new();
             let mut bytes = 0;
+            // One per operation written, in order.
+            let mut firsts = firsts.into_iter();
             for (pending, result) in batch.drain(..).zip(results) {
                 let ok = result.is_ok();
+                let at = if ok { firsts.next().flatten() } else { None };
                 match &result {
                     Ok(()) => pending.committed(),
                     Err(e) => tracing::error!(error = %e, "acid write failed"),
@@ -198,12 +234,13 @@ impl Engine {
                 }
                 if ok {
                     bytes += pending.op.data_bytes();
-                    flushed.push((pending.op, pending.cache));
+                    flushed.push((pending.op, pending.cache, at));
                 }
             }
             if !flushed.is_empty() {
                 let mut next = Work {
                     lsn: self.lsn,
+                    segment,
                     ops: flushed,
                     bytes,
                 };
@@ -276,8 +313,13 @@ impl Engine {
     }
 
     /// Writes the admitted operations as one record and syncs it (unless only touches, which
-    /// nobody waits for, are in it). A failure fails every admitted operation.
-    fn write(&mut self, batch: &[Pending], mut results: Vec<OpResult>) -> Vec<OpResult> {
+    /// nobody waits for, are in it). A failure fails every admitted operation. Returns, for each
+    /// operation written, where its first record's bytes are in the log.
+    fn write(
+        &mut self,
+        batch: &[Pending],
+        mut results: Vec<OpResult>,
+    ) -> (Vec<OpResult>, Vec<Option<LogAt>>) {
         let admitted: Vec<&Op> = batch
             .iter()
             .zip(&results)
@@ -285,9 +327,20 @@ impl Engine {
             .map(|(p, _)| &p.op)
             .collect();
         if admitted.is_empty() {
-            return results;
+            return (results, Vec::new());
         }
-        let record = commit_log::frame(self.lsn + 1, &admitted);
+        let mut firsts = Vec::with_capacity(admitted.len());
+        let record = commit_log::frame(self.lsn + 1, &admitted, &mut firsts);
+        let (segment, base) = (self.segment, self.segment_len);
+        let firsts = firsts
+            .into_iter()
+            .map(|at| {
+                at.map(|at| LogAt {
+                    segment,
+                    offset: base + at,
+                })
+            })
+            .collect();
         let sync = batch.iter().any(|p| p.done.is_some());
         let written = self
             .extend_for(record.len() as u64)
@@ -323,7 +376,7 @@ impl Engine {
                 }
             }
         }
-        results
+        (results, firsts)
     }
 
     /// Writes zeros ahead of the records so that `len` more bytes land inside the file: a sync
@@ -383,16 +436,21 @@ impl Engine {
         }
     }
 
-    /// Deletes the full segments every shard has checkpointed past.
+    /// Deletes the full segments every shard has checkpointed past that no row references.
     fn retire(&mut self) {
         let durable = self.checkpoints.durable.load(Ordering::Acquire);
         self.forget_checkpointed(durable);
         let before = self.retiring.len();
         let dir = &self.dir;
+        let _held = self.checkpoints.hold.lock();
+        // Set before `durable`: at least as new as the checkpoint read above.
+        let live = self.checkpoints.live.lock();
+        let segments = &self.segments;
         self.retiring.retain(|&(segment, last)| {
-            if last > durable {
+            if last > durable || live.contains(&segment) {
                 return true;
             }
+            segments.forget(segment);
             let path = commit_log::segment_path(dir, segment);
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!(error = %e, file = %path.display(), "could not delete a checkpointed acid commit log segment");
@@ -428,84 +486,159 @@ fn load_row(dbs: &[Arc<Database>], id: StreamId) -> Result<Option<StateRow>, Sto
     }
 }
 
-/// The flusher: applies acknowledged operations to their shards, checkpoints when asked.
-fn flush_loop(
-    dbs: &[Arc<Database>],
-    queue: Receiver<Work>,
-    checkpoints: &Checkpoints,
-    mut lsn: u64,
-) {
-    let shards = dbs.len();
-    let mut rows: Vec<HashMap<StreamId, StateRow>> = vec![HashMap::new(); shards];
-    let mut unsaved: Vec<HashSet<StreamId>> = vec![HashSet::new(); shards];
-    let stats = WriterStats::default();
-    let mut open = true;
-    while open {
-        let mut works = Vec::new();
-        match queue.recv_timeout(IDLE_TICK) {
-            Ok(first) => works.push(first),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => open = false,
-        }
-        if let Some(first) = works.first() {
-            // Gather more, so that each shard's transaction carries many records per stream.
-            let deadline = Instant::now() + FLUSH_INTERVAL;
-            let mut bytes = first.bytes;
-            while bytes < FLUSH_BYTES {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                match queue.recv_timeout(left) {
-                    Ok(work) => {
-                        bytes += work.bytes;
-                        works.push(work);
+/// The flusher's settings.
+struct Flusher {
+    dir: PathBuf,
+    segments: Arc<LogSegments>,
+    ref_min: usize,
+}
+
+/// How soon after rows referencing the log were deleted (released, removed, compacted) the
+/// flusher checkpoints so that the segments they pinned can go, if no segment roll does first.
+const FREED_CHECKPOINT_AFTER: Duration = Duration::from_secs(1);
+
+impl Flusher {
+    /// Applies acknowledged operations to their shards, checkpoints when asked (and when
+    /// deleted rows may have freed segments), compacts mostly dead segments after checkpoints.
+    /// `lsn` is the last record applied everywhere, `segment` the one the next is written to.
+    fn run(
+        &self,
+        dbs: &[Arc<Database>],
+        queue: Receiver<Work>,
+        checkpoints: &Checkpoints,
+        mut lsn: u64,
+        mut segment: u64,
+    ) {
+        let shards = dbs.len();
+        let mut rows: Vec<HashMap<StreamId, StateRow>> = vec![HashMap::new(); shards];
+        let mut unsaved: Vec<HashSet<StreamId>> = vec![HashSet::new(); shards];
+        let stats = WriterStats::default();
+        let mut open = true;
+        let mut freed_at_checkpoint = 0;
+        let mut last_checkpoint = Instant::now();
+        while open {
+            let mut works = Vec::new();
+            match queue.recv_timeout(IDLE_TICK) {
+                Ok(first) => works.push(first),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => open = false,
+            }
+            if let Some(first) = works.first() {
+                // Gather more, so that each shard's transaction carries many records per stream.
+                let deadline = Instant::now() + FLUSH_INTERVAL;
+                let mut bytes = first.bytes;
+                while bytes < FLUSH_BYTES {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
                     }
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        open = false;
+                    match queue.recv_timeout(left) {
+                        Ok(work) => {
+                            bytes += work.bytes;
+                            works.push(work);
+                        }
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if !checkpoints.broken.load(Ordering::Acquire) && !works.is_empty() {
+                match flush(dbs, &mut rows, &mut unsaved, &stats, works, self.ref_min) {
+                    Ok(Some(last)) => (lsn, segment) = last,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "acid flush to redb failed; writes are refused until a restart, which replays the commit log");
+                        checkpoints.broken.store(true, Ordering::Release);
+                    }
+                }
+            }
+            // Checkpoint once the records the engine wants covered have all been applied (the
+            // last of them may still be queued here), and at shutdown; and a while after rows
+            // referencing the log were deleted, so that the segments they kept can go.
+            let wanted = checkpoints.wanted.load(Ordering::Acquire);
+            let asked = wanted > checkpoints.durable.load(Ordering::Acquire) && lsn >= wanted;
+            let freed = stats.freed_ref_bytes.load(Ordering::Relaxed);
+            let freeing =
+                freed != freed_at_checkpoint && last_checkpoint.elapsed() >= FREED_CHECKPOINT_AFTER;
+            if (asked || freeing || !open) && !checkpoints.broken.load(Ordering::Acquire) {
+                let _held = checkpoints.hold.lock();
+                let mut ok = true;
+                for (i, db) in dbs.iter().enumerate() {
+                    if let Err(e) = writer::checkpoint(db, &rows[i], &mut unsaved[i], lsn, segment)
+                    {
+                        tracing::warn!(shard = i, error = %e, "acid checkpoint failed; retrying");
+                        ok = false;
                         break;
                     }
                 }
+                if ok {
+                    freed_at_checkpoint = freed;
+                    last_checkpoint = Instant::now();
+                    // What rows reference as of this durable checkpoint: before `durable`, so
+                    // the engine never pairs a newer checkpoint with an older set.
+                    match segments::live_all(dbs) {
+                        Ok(live) => {
+                            *checkpoints.live.lock() = live.keys().copied().collect();
+                            checkpoints.durable.store(lsn, Ordering::Release);
+                            if open {
+                                self.compact(dbs, &live, segment, &stats);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading segment_live failed; commit log segments are kept until the next checkpoint");
+                        }
+                    }
+                    // Every row is in redb now: a stream written again has its row read back
+                    // from its shard's `state` table (in the flush's transaction). Keeping them
+                    // all made this map, beside the engine's, hold every stream written since
+                    // start-up.
+                    for (rows, unsaved) in rows.iter_mut().zip(unsaved.iter_mut()) {
+                        *rows = HashMap::new();
+                        *unsaved = HashSet::new();
+                    }
+                }
             }
         }
-        if !checkpoints.broken.load(Ordering::Acquire) && !works.is_empty() {
-            match flush(dbs, &mut rows, &mut unsaved, &stats, works) {
-                Ok(last) => lsn = last,
+        let mut totals = AcidStats::default();
+        totals.add(&stats);
+        totals.log("acid flusher stopped");
+    }
+
+    /// Compacts the oldest closed segment that rows reference for less than half its size: its
+    /// records are copied into their rows (in every shard, up to a bound per round), so that
+    /// the next checkpoint lets it go. A failure is logged and the segment kept.
+    fn compact(
+        &self,
+        dbs: &[Arc<Database>],
+        live: &std::collections::BTreeMap<u64, u64>,
+        closed_below: u64,
+        stats: &WriterStats,
+    ) {
+        let Some(&segment) = segments::worth_compacting(&self.dir, live, closed_below).first()
+        else {
+            return;
+        };
+        for (i, db) in dbs.iter().enumerate() {
+            match segments::compact(db, &self.segments, segment) {
+                Ok(0) => {}
+                Ok(moved) => {
+                    stats.freed_ref_bytes.fetch_add(moved, Ordering::Relaxed);
+                    tracing::debug!(
+                        shard = i,
+                        segment,
+                        moved,
+                        "acid commit log segment compacted"
+                    );
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "acid flush to redb failed; writes are refused until a restart, which replays the commit log");
-                    checkpoints.broken.store(true, Ordering::Release);
-                }
-            }
-        }
-        // Checkpoint once the records the engine wants covered have all been applied (the
-        // last of them may still be queued here), and at shutdown.
-        let wanted = checkpoints.wanted.load(Ordering::Acquire);
-        let asked = wanted > checkpoints.durable.load(Ordering::Acquire) && lsn >= wanted;
-        if (asked || !open) && !checkpoints.broken.load(Ordering::Acquire) {
-            let mut ok = true;
-            for (i, db) in dbs.iter().enumerate() {
-                if let Err(e) = writer::checkpoint(db, &rows[i], &mut unsaved[i], lsn) {
-                    tracing::warn!(shard = i, error = %e, "acid checkpoint failed; retrying");
-                    ok = false;
-                    break;
-                }
-            }
-            if ok {
-                checkpoints.durable.store(lsn, Ordering::Release);
-                // Every row is in redb now: a stream written again has its row read back
-                // from its shard's `state` table (in the flush's transaction). Keeping them all
-                // made this map, beside the engine's, hold every stream written since start-up.
-                for (rows, unsaved) in rows.iter_mut().zip(unsaved.iter_mut()) {
-                    *rows = HashMap::new();
-                    *unsaved = HashSet::new();
+                    tracing::warn!(shard = i, segment, error = %e, "compacting an acid commit log segment failed; it is kept");
                 }
             }
         }
     }
-    let mut totals = AcidStats::default();
-    totals.add(&stats);
-    totals.log("acid flusher stopped");
 }
 
 /// Applies `works` shard by shard, one transaction each, then moves the streams' flushed marks.
@@ -516,17 +649,19 @@ fn flush(
     unsaved: &mut [HashSet<StreamId>],
     stats: &WriterStats,
     works: Vec<Work>,
-) -> Result<u64, StorageError> {
+    ref_min: usize,
+) -> Result<Option<(u64, u64)>, StorageError> {
     let shards = dbs.len();
-    let last = works.last().map_or(0, |w| w.lsn);
+    let last = works.last().map(|w| (w.lsn, w.segment));
     let mut per_shard: Vec<Vec<Pending>> = (0..shards).map(|_| Vec::new()).collect();
     for work in works {
-        for (op, cache) in work.ops {
+        for (op, cache, at) in work.ops {
             let shard = layout::shard_of(op.id(), shards as u32);
             per_shard[shard].push(Pending {
                 op,
                 cache,
                 done: None,
+                at,
             });
         }
     }
@@ -540,6 +675,7 @@ fn flush(
             batch,
             stats,
             Some(&mut unsaved[shard]),
+            ref_min,
         )?;
         if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
             return Err(StorageError::Corrupt {

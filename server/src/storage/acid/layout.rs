@@ -14,12 +14,15 @@ use super::super::{StorageError, StreamId};
 pub(super) const LAYOUT_FILE: &str = "acid-layout.json";
 const FORMAT: &str = "ds-server-acid";
 /// 2: a `records` row holds a run of records (1 held one record per row). 3: a record larger
-/// than a row can hold is split across consecutive rows (flags in a row's count word).
-const VERSION: u32 = 3;
-/// A version-2 directory is opened and its layout rewritten as version 3: its rows are valid
-/// version-3 rows (none split). Rewritten before anything is written, so that a version-2
-/// build, which refuses version 3, never opens a directory holding split records.
-const UPGRADES_FROM: u32 = 2;
+/// than a row can hold is split across consecutive rows (flags in a row's count word). 4: a row
+/// may hold references into the commit log's segments instead of the records' bytes, and
+/// segments are kept while rows reference them (a version 3 build would delete them after
+/// replaying them).
+const VERSION: u32 = 4;
+/// Versions 2 and 3 are opened and the layout rewritten as version 4: their rows are valid
+/// version-4 rows (none references). Rewritten before anything is written, so that an older
+/// build, which refuses version 4, never opens a directory holding reference rows.
+const UPGRADES_FROM: [u32; 2] = [2, 3];
 /// The only hash there is so far; named so that a future one can be told apart.
 const HASH: &str = "splitmix64(stream_id) & (shard_count - 1)";
 
@@ -72,7 +75,7 @@ pub(super) fn check_or_create(dir: &Path, shard_count: u32) -> Result<(), Storag
                     what: path.display().to_string(),
                     detail: e.to_string(),
                 })?;
-            let known = found.version == VERSION || found.version == UPGRADES_FROM;
+            let known = found.version == VERSION || UPGRADES_FROM.contains(&found.version);
             if found.format != FORMAT || !known || found.shard_hash != HASH {
                 return Err(StorageError::Config(format!(
                     "{} describes format {:?} version {} with hash {:?}; this build reads {FORMAT:?} \
@@ -93,7 +96,7 @@ pub(super) fn check_or_create(dir: &Path, shard_count: u32) -> Result<(), Storag
                     found.shard_count
                 )));
             }
-            if found.version == UPGRADES_FROM {
+            if found.version != VERSION {
                 write_atomically(dir, &path, shard_count)?;
             }
             Ok(())
@@ -187,31 +190,35 @@ mod tests {
     }
 
     #[test]
-    fn a_version_2_directory_is_upgraded_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        check_or_create(dir.path(), 4).unwrap();
-        let path = dir.path().join(LAYOUT_FILE);
-        let v2 = fs::read_to_string(&path)
-            .unwrap()
-            .replace(&format!("\"version\": {VERSION}"), "\"version\": 2");
-        fs::write(&path, v2).unwrap();
-        check_or_create(dir.path(), 4).unwrap();
-        let found: Layout = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        assert_eq!((found.version, found.shard_count), (VERSION, 4));
-        // The shard count is still checked first.
-        fs::write(
-            &path,
-            fs::read_to_string(&path)
-                .unwrap()
-                .replace("\"version\": 3", "\"version\": 2"),
-        )
-        .unwrap();
-        assert!(matches!(
-            check_or_create(dir.path(), 8),
-            Err(StorageError::Config(_))
-        ));
-        let found: Layout = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        assert_eq!(found.version, 2);
+    fn version_2_and_3_directories_are_upgraded_in_place() {
+        for old in UPGRADES_FROM {
+            let dir = tempfile::tempdir().unwrap();
+            check_or_create(dir.path(), 4).unwrap();
+            let path = dir.path().join(LAYOUT_FILE);
+            let older = fs::read_to_string(&path).unwrap().replace(
+                &format!("\"version\": {VERSION}"),
+                &format!("\"version\": {old}"),
+            );
+            fs::write(&path, older).unwrap();
+            check_or_create(dir.path(), 4).unwrap();
+            let found: Layout = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+            assert_eq!((found.version, found.shard_count), (VERSION, 4));
+            // The shard count is still checked first.
+            fs::write(
+                &path,
+                fs::read_to_string(&path).unwrap().replace(
+                    &format!("\"version\": {VERSION}"),
+                    &format!("\"version\": {old}"),
+                ),
+            )
+            .unwrap();
+            assert!(matches!(
+                check_or_create(dir.path(), 8),
+                Err(StorageError::Config(_))
+            ));
+            let found: Layout = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+            assert_eq!(found.version, old);
+        }
     }
 
     #[test]

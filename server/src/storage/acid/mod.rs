@@ -25,6 +25,7 @@ mod commit_log;
 mod engine;
 mod gate;
 mod layout;
+mod segments;
 mod writer;
 
 #[cfg(test)]
@@ -48,6 +49,7 @@ use super::{
     AppendEntry, Commit, ProducerState, ProducerTuple, ReadChunk, Recovered, Storage, StorageError,
     StreamId, StreamLog, StreamMeta, WriterSnapshot, plan_read,
 };
+pub use writer::REF_MIN_BYTES;
 use writer::{Op, Pending, WriterStats};
 
 /// Stream id → the stream's configuration (JSON + CRC-32C), written once at creation.
@@ -61,13 +63,20 @@ const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new
 /// `DS_LIMITS__PRODUCER_IDLE_TIMEOUT`. A table of its own so that directories written before it
 /// existed open unchanged: a producer without a row here has an unknown time (0).
 const PRODUCER_USED: TableDefinition<(u64, &str), u64> = TableDefinition::new("producer_used");
-/// (stream id, start position) → record data + CRC-32C.
+/// (stream id, start position) → record data + CRC-32C, or references into the commit log.
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
+/// (commit log segment, stream id, row start) → (): the reference rows into each segment.
+const SEGMENT_ROWS: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("segment_rows");
+/// Commit log segment → bytes the shard's rows reference in it (no entry: none).
+const SEGMENT_LIVE: TableDefinition<u64, u64> = TableDefinition::new("segment_live");
 
 /// The commit log's checkpoint mark: [`LAST_RECORD`] → the number of the last commit log record
 /// this shard's durable state holds (records up to it are not replayed).
 const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
 const LAST_RECORD: &str = "last_record";
+/// [`CHECKPOINT`] key: the commit log segment replay starts from (the one holding the record
+/// after [`LAST_RECORD`], or an earlier one). Absent in directories of layout version 3: 0.
+const REPLAY_FROM: &str = "replay_from";
 
 /// One item of a range over the `records` table.
 type RowItem<'a> = Result<
@@ -117,6 +126,13 @@ pub struct AcidOptions {
     /// With the commit log: a segment is closed and every shard checkpointed once it holds
     /// this many bytes.
     pub log_segment_bytes: u64,
+    /// With the commit log: records this long or longer stay in its segments and their rows
+    /// reference them (`usize::MAX`: every record is copied into redb).
+    pub ref_min_bytes: usize,
+    /// Reads of referenced records map the segments' pages rather than copy them.
+    pub map_reads: bool,
+    /// Most commit log segments open for reads at a time.
+    pub max_open_files: usize,
 }
 
 impl AcidOptions {
@@ -128,6 +144,9 @@ impl AcidOptions {
             cache_bytes,
             commit_log: true,
             log_segment_bytes: 64 << 20,
+            ref_min_bytes: writer::REF_MIN_BYTES,
+            map_reads: true,
+            max_open_files: 64,
         }
     }
 }
@@ -138,6 +157,10 @@ pub struct AcidStorage {
     shards: Vec<Arc<Shard>>,
     /// Shared by the tail caches of all streams.
     cache: Arc<CacheBudget>,
+    /// Held by the commit log's background work (checkpoints, compaction, deleting segments);
+    /// tests hold it to copy a running store's files as a crash would leave them.
+    #[cfg_attr(not(test), allow(dead_code))]
+    background: Option<Arc<Mutex<()>>>,
     /// Whether writes go through the commit log (and the engine's counters, if so).
     engine_stats: Option<Arc<WriterStats>>,
     /// Subscription state (see `storage::records`), synced before it is acknowledged.
@@ -205,6 +228,8 @@ struct Shard {
     stats: Arc<WriterStats>,
     /// Shared by all shards' writers; counts what is submitted here.
     gate: Option<Arc<gate::CommitGate>>,
+    /// The commit log's segments, for reads of referenced records.
+    segments: Arc<segments::LogSegments>,
     /// The commit log thread, joined once the last shard (so the last writer) is gone.
     _log: Option<Arc<LogThreadHandle>>,
 }
@@ -245,6 +270,8 @@ fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<Database, Sto
         txn.open_table(PRODUCERS).ctx(&what)?;
         txn.open_table(PRODUCER_USED).ctx(&what)?;
         txn.open_table(RECORDS).ctx(&what)?;
+        txn.open_table(SEGMENT_ROWS).ctx(&what)?;
+        txn.open_table(SEGMENT_LIVE).ctx(&what)?;
         txn.open_table(CHECKPOINT).ctx(&what)?;
         txn.commit().ctx(&what)
     };
@@ -274,36 +301,52 @@ fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<Database, Sto
     Ok(db)
 }
 
-/// The number of the last commit log record that shard `db` holds durably.
-fn last_record(db: &Database) -> Result<u64, StorageError> {
+/// The number of the last commit log record that shard `db` holds durably, and the segment
+/// replay starts from.
+fn last_record(db: &Database) -> Result<(u64, u64), StorageError> {
     let txn = db.begin_read().ctx("reading the checkpoint")?;
     let table = txn.open_table(CHECKPOINT).ctx("reading the checkpoint")?;
-    Ok(table
-        .get(LAST_RECORD)
-        .ctx("reading the checkpoint")?
-        .map_or(0, |v| v.value()))
+    let get = |key: &str| -> Result<u64, StorageError> {
+        Ok(table
+            .get(key)
+            .ctx("reading the checkpoint")?
+            .map_or(0, |v| v.value()))
+    };
+    Ok((get(LAST_RECORD)?, get(REPLAY_FROM)?))
 }
 
 /// Most operations one replay transaction takes.
 const REPLAY_BATCH: usize = 4096;
 
+/// What start-up found in the commit log.
+struct Replayed {
+    /// The number of the last record applied (the next one written takes the one after).
+    lsn: u64,
+    /// The number the next segment takes.
+    next_segment: u64,
+    /// The segments kept because rows reference them.
+    kept: Vec<u64>,
+}
+
 /// Applies the commit log's records newer than each shard's checkpoint, checkpoints every
-/// shard, and deletes the log. Returns the number of the last record applied (the next one
-/// written takes the one after) and the number the next segment takes.
-fn replay_log(dir: &Path, dbs: &[Arc<Database>]) -> Result<(u64, u64), StorageError> {
-    let marks = dbs
+/// shard, and deletes the segments no row references.
+fn replay_log(dir: &Path, dbs: &[Arc<Database>], ref_min: usize) -> Result<Replayed, StorageError> {
+    let checkpoints = dbs
         .iter()
         .map(|db| last_record(db))
-        .collect::<Result<Vec<u64>, _>>()?;
+        .collect::<Result<Vec<(u64, u64)>, _>>()?;
+    let marks: Vec<u64> = checkpoints.iter().map(|c| c.0).collect();
+    let replay_from = checkpoints.iter().map(|c| c.1).min().unwrap_or(0);
     let shards = dbs.len();
     let mut rows: Vec<HashMap<StreamId, codec::StateRow>> = vec![HashMap::new(); shards];
     let mut unsaved: Vec<HashSet<StreamId>> = vec![HashSet::new(); shards];
-    let mut pending: Vec<Vec<writer::Op>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut pending: Vec<Vec<(writer::Op, Option<writer::LogAt>)>> =
+        (0..shards).map(|_| Vec::new()).collect();
     let mut last = marks.iter().copied().max().unwrap_or(0);
     let mut previous: Option<u64> = None;
     let mut replayed = 0u64;
     let apply = |shard: usize,
-                 ops: &mut Vec<writer::Op>,
+                 ops: &mut Vec<(writer::Op, Option<writer::LogAt>)>,
                  rows: &mut Vec<HashMap<StreamId, codec::StateRow>>,
                  unsaved: &mut Vec<HashSet<StreamId>>|
      -> Result<(), StorageError> {
@@ -315,9 +358,10 @@ fn replay_log(dir: &Path, dbs: &[Arc<Database>]) -> Result<(u64, u64), StorageEr
             &mut rows[shard],
             &mut unsaved[shard],
             std::mem::take(ops),
+            ref_min,
         )
     };
-    let last_segment = commit_log::read_all(dir, |record| {
+    let last_segment = commit_log::read_all(dir, replay_from, |record| {
         let corrupt = |detail: String| StorageError::Corrupt {
             what: format!("{} at byte {}", record.file.display(), record.pos),
             detail,
@@ -332,12 +376,12 @@ fn replay_log(dir: &Path, dbs: &[Arc<Database>]) -> Result<(u64, u64), StorageEr
         }
         previous = Some(record.lsn);
         last = last.max(record.lsn);
-        for op in record.ops {
+        for (op, at) in record.ops.into_iter().zip(record.firsts) {
             let shard = layout::shard_of(op.id(), shards as u32);
             if record.lsn <= marks[shard] {
                 continue;
             }
-            pending[shard].push(op);
+            pending[shard].push((op, at));
             if pending[shard].len() >= REPLAY_BATCH {
                 apply(shard, &mut pending[shard], &mut rows, &mut unsaved)
                     .map_err(|e| corrupt(format!("replaying record {}: {e}", record.lsn)))?;
@@ -355,27 +399,48 @@ fn replay_log(dir: &Path, dbs: &[Arc<Database>]) -> Result<(u64, u64), StorageEr
             detail: e.to_string(),
         })?;
     }
+    let next_segment = last_segment.map_or(replay_from, |n| n + 1);
     for (i, db) in dbs.iter().enumerate() {
-        writer::checkpoint(db, &rows[i], &mut unsaved[i], last)?;
+        writer::checkpoint(db, &rows[i], &mut unsaved[i], last, next_segment)?;
     }
+    // Every shard's checkpoint is durable: a segment no row references now is never needed.
+    let live = segments::live_all(dbs)?;
     let segments = commit_log::segments(dir)?;
-    for (_, path) in &segments {
+    let mut kept = Vec::new();
+    let mut deleted = 0;
+    for (n, path) in &segments {
+        if live.contains_key(n) {
+            kept.push(*n);
+            continue;
+        }
         std::fs::remove_file(path).map_err(|source| StorageError::Io {
             what: format!("deleting {}", path.display()),
             source,
         })?;
+        deleted += 1;
     }
-    if !segments.is_empty() {
+    if let Some(missing) = live.keys().find(|n| !kept.contains(n)) {
+        return Err(StorageError::Corrupt {
+            what: format!("{}", commit_log::segment_path(dir, *missing).display()),
+            detail: "records rows reference this commit log segment, which is missing".into(),
+        });
+    }
+    if deleted > 0 {
         commit_log::sync_dir(dir)?;
     }
     if replayed > 0 {
         tracing::info!(
             records = replayed,
-            segments = segments.len(),
+            deleted,
+            kept = kept.len(),
             "acid commit log replayed"
         );
     }
-    Ok((last, last_segment.map_or(0, |n| n + 1)))
+    Ok(Replayed {
+        lsn: last,
+        next_segment,
+        kept,
+    })
 }
 
 impl Shard {
@@ -384,6 +449,7 @@ impl Shard {
         index: usize,
         db: Arc<Database>,
         gate: Option<Arc<gate::CommitGate>>,
+        segments: Arc<segments::LogSegments>,
     ) -> Result<Shard, StorageError> {
         let (ops, queue) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
@@ -406,6 +472,7 @@ impl Shard {
             writer: Some(writer),
             stats,
             gate,
+            segments,
             _log: None,
         })
     }
@@ -416,6 +483,7 @@ impl Shard {
         db: Arc<Database>,
         ops: mpsc::Sender<Pending>,
         engine: Arc<LogThreadHandle>,
+        segments: Arc<segments::LogSegments>,
     ) -> Shard {
         Shard {
             index,
@@ -424,6 +492,7 @@ impl Shard {
             writer: None,
             stats: Arc::new(WriterStats::default()),
             gate: None,
+            segments,
             _log: Some(engine),
         }
     }
@@ -436,6 +505,7 @@ impl Shard {
             op,
             cache,
             done: Some(done),
+            at: None,
         }) {
             return Box::pin(std::future::ready(Err(StorageError::ShuttingDown)));
         }
@@ -511,37 +581,57 @@ impl AcidStorage {
             .map(|db| db.map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         // Whatever mode the store ran in last time, what its log holds goes in first.
-        let (lsn, next_segment) = replay_log(dir, &dbs)?;
+        let ref_min = if options.commit_log {
+            options.ref_min_bytes
+        } else {
+            usize::MAX
+        };
+        let replayed = replay_log(dir, &dbs, ref_min)?;
+        let log_segments = Arc::new(segments::LogSegments::new(
+            dir,
+            options.map_reads,
+            options.max_open_files,
+            options.log_segment_bytes,
+        ));
         let mut shards = Vec::with_capacity(dbs.len());
         let mut engine_stats = None;
+        let mut background = None;
         if options.commit_log {
             let stats = Arc::new(WriterStats::default());
             let (ops, queue) = mpsc::channel();
-            let engine = engine::start(
+            let (engine, hold) = engine::start(
                 dir,
                 dbs.clone(),
-                lsn,
-                next_segment,
+                replayed,
                 engine::EngineOptions {
                     segment_bytes: options.log_segment_bytes,
+                    ref_min_bytes: ref_min,
                 },
+                log_segments.clone(),
                 stats.clone(),
                 queue,
             )?;
             let engine = Arc::new(LogThreadHandle(Some(engine)));
+            background = Some(hold);
             for (index, db) in dbs.into_iter().enumerate() {
                 shards.push(Arc::new(Shard::logged(
                     index,
                     db,
                     ops.clone(),
                     engine.clone(),
+                    log_segments.clone(),
                 )));
             }
             engine_stats = Some(stats);
         } else {
             let gate = gate::CommitGate::for_machine(shard_count as usize);
             for (index, db) in dbs.into_iter().enumerate() {
-                shards.push(Arc::new(Shard::with_writer(index, db, gate.clone())?));
+                shards.push(Arc::new(Shard::with_writer(
+                    index,
+                    db,
+                    gate.clone(),
+                    log_segments.clone(),
+                )?));
             }
         }
         // New shard files must survive a crash before anything in them is acknowledged.
@@ -559,7 +649,15 @@ impl AcidStorage {
             shards,
             cache: Arc::new(CacheBudget::new(options.cache_bytes)),
             engine_stats,
+            background,
         })
+    }
+
+    /// Pauses the commit log's checkpoints, compaction and segment deletion while the guard
+    /// lives (tests copy a running store's files under it).
+    #[cfg(test)]
+    fn hold_background(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        self.background.as_ref().map(|h| h.lock())
     }
 
     /// Transactions and operations committed since the store was opened.
@@ -932,6 +1030,7 @@ impl StreamLog for AcidLog {
                 },
                 cache: None,
                 done: None,
+                at: None,
             });
         }
     }
@@ -952,12 +1051,12 @@ impl StreamLog for AcidLog {
         match self.cache.ram_read(self.id, from, until, max_bytes, split) {
             FromRam::Served(read) => Box::pin(std::future::ready(read)),
             FromRam::InRedbBelow(flushed) => {
-                let db = self.shard.db.clone();
+                let shard = self.shard.clone();
                 let cache = self.cache.clone();
                 let (id, log_start) = (self.id, self.log_start);
                 Box::pin(async move {
                     read_stitched(
-                        db, cache, id, log_start, from, until, flushed, max_bytes, split,
+                        shard, cache, id, log_start, from, until, flushed, max_bytes, split,
                     )
                     .await
                 })
@@ -1013,7 +1112,7 @@ impl LogCache {
 /// (with the commit log, the newest acknowledged records may not be in redb yet).
 #[allow(clippy::too_many_arguments)]
 async fn read_stitched(
-    db: Arc<Database>,
+    shard: Arc<Shard>,
     cache: Arc<LogCache>,
     id: StreamId,
     log_start: u64,
@@ -1028,9 +1127,26 @@ async fn read_stitched(
     let mut budget = max_bytes;
     loop {
         let cap = until.min(flushed);
-        let db = db.clone();
+        let shard = shard.clone();
         let chunk = tokio::task::spawn_blocking(move || {
-            read_records(&db, id, log_start, pos, cap, budget, split)
+            let read = || {
+                read_records(
+                    &shard.db,
+                    &shard.segments,
+                    id,
+                    log_start,
+                    pos,
+                    cap,
+                    budget,
+                    split,
+                )
+            };
+            match read() {
+                // A segment the read transaction's rows referenced was compacted and deleted
+                // meanwhile: a newer transaction has the rows that replaced them.
+                Err(e) if segments::is_gone(&e) => read(),
+                other => other,
+            }
         })
         .await
         .map_err(|e| StorageError::Io {
@@ -1059,11 +1175,22 @@ async fn read_stitched(
     Ok(ReadChunk { parts, end: pos })
 }
 
+/// Where a piece of a record read from `records` is.
+#[derive(Clone, Copy)]
+enum Piece {
+    /// `len` bytes at `at` of the value of the read's `row`th row.
+    Row { row: usize, at: usize, len: usize },
+    /// A whole record in the commit log.
+    Log { segment: u64, offset: u64 },
+}
+
 /// Reads `[from, until)` of stream `id` from one read transaction. Scans forward from the row
 /// holding `from` and stops once the budget is covered, then lets [`plan_read`] apply the
 /// contract's rules to the records of those rows.
+#[allow(clippy::too_many_arguments)]
 fn read_records(
     db: &Database,
+    segments: &segments::LogSegments,
     id: StreamId,
     log_start: u64,
     from: u64,
@@ -1099,10 +1226,9 @@ fn read_records(
         max_bytes.min(usize::try_from(until.saturating_sub(from)).unwrap_or(usize::MAX)),
     );
     let mut rows = Vec::new();
-    // The pieces of the rows' entries: (row, offset in the row's value, length); and the records
-    // they make up: (position, length, first piece). A record split across rows has a piece in
-    // each.
-    let mut pieces_of: Vec<(usize, usize, usize)> = Vec::new();
+    // The pieces of the rows' entries, and the records they make up: (position, length, first
+    // piece). A record split across rows has a piece in each; a referenced record is one piece.
+    let mut pieces_of: Vec<Piece> = Vec::new();
     let mut records: Vec<(u64, u64, usize)> = Vec::new();
     // The scan's first row goes on with a record that began in an earlier row: its first piece is
     // the rest of that record (`from` may not lie in it unless the read may split records).
@@ -1125,8 +1251,17 @@ fn read_records(
         }
         let base = raw.as_ptr() as usize;
         let mut pos = start;
-        for (k, entry) in row.records().enumerate() {
-            let piece = (rows.len(), entry.as_ptr() as usize - base, entry.len());
+        for (k, entry) in row.entries().enumerate() {
+            let piece = match entry {
+                codec::Entry::Inline(bytes) => Piece::Row {
+                    row: rows.len(),
+                    at: bytes.as_ptr() as usize - base,
+                    len: bytes.len(),
+                },
+                codec::Entry::At {
+                    segment, offset, ..
+                } => Piece::Log { segment, offset },
+            };
             let len = entry.len() as u64;
             match records.last_mut() {
                 Some(last) if k == 0 && joins.first_continues => last.1 += len,
@@ -1137,10 +1272,15 @@ fn read_records(
         }
         let end = start + row.data_len();
         let (lo, hi) = (start.max(from), end.min(until));
-        if lo < hi && lo == from + buf.len() as u64 && buf.len() < max_bytes {
+        // Bytes held in the row are copied out; referenced ones are lent from the log below.
+        if let Some(data) = row.data()
+            && lo < hi
+            && lo == from + buf.len() as u64
+            && buf.len() < max_bytes
+        {
             let take = ((hi - lo) as usize).min(max_bytes - buf.len());
             let skip = (lo - start) as usize;
-            buf.extend_from_slice(&row.data()[skip..skip + take]);
+            buf.extend_from_slice(&data[skip..skip + take]);
         }
         last_continues = joins.last_continues;
         rows.push(value);
@@ -1180,14 +1320,21 @@ fn read_records(
             parts.push(buf.slice(at..at + piece.len));
             continue;
         }
+        if let Piece::Log { segment, offset } = pieces_of[first] {
+            parts.push(segments.read(segment, offset + piece.skip as u64, piece.len)?);
+            continue;
+        }
         later.push((parts.len(), rest.len()));
         parts.push(Bytes::new());
         // The record's bytes [skip, skip + len), gathered from its pieces.
         let (mut skip, mut len) = (piece.skip, piece.len);
-        for &(row, at, n) in &pieces_of[first..] {
+        for p in &pieces_of[first..] {
             if len == 0 {
                 break;
             }
+            let &Piece::Row { row, at, len: n } = p else {
+                return Err(corrupt(pos, "a record held in rows goes on in a reference"));
+            };
             if skip >= n {
                 skip -= n;
                 continue;

@@ -1202,8 +1202,14 @@ mod model {
     }
 
     fn opts() -> AcidOptions {
-        // Small enough that reads are served partly by the tail cache, partly by redb.
-        AcidOptions::new(2, 700)
+        // Small enough that reads are served partly by the tail cache, partly by redb; records
+        // of 150 bytes or more referenced in the log, smaller ones copied into rows; segments
+        // small enough that they roll, checkpoint, compact and go within a case.
+        AcidOptions {
+            ref_min_bytes: 150,
+            log_segment_bytes: 4096,
+            ..AcidOptions::new(2, 700)
+        }
     }
 
     fn open(dir: tempfile::TempDir) -> (Live, Vec<Recovered>) {
@@ -1222,7 +1228,10 @@ mod model {
     /// A copy taken during a commit is not one: it reads some pages before the commit writes
     /// them and some after, an image no process crash produces (see
     /// `a_torn_copy_of_a_commit_in_progress_reopens`).
-    fn copy_dir(from: &std::path::Path) -> tempfile::TempDir {
+    fn copy_dir(live: &Live) -> tempfile::TempDir {
+        // A crash stops everything at once: no segment may be deleted half-way through a copy.
+        let _held = live.store.hold_background();
+        let from = live.dir.path();
         let to = tempfile::tempdir().unwrap();
         for entry in std::fs::read_dir(from).unwrap() {
             let path = entry.unwrap().path();
@@ -1358,7 +1367,7 @@ mod model {
                 let id = 1 + (iter as u64 % 3);
                 let (entry, after) = model[&id].next(200, 7, Some(0), true);
                 let commit = logs[&id].append(entry);
-                let copy = copy_dir(live.dir.path());
+                let copy = copy_dir(&live);
                 commit.await.unwrap();
                 drop(logs);
                 drop(live);
@@ -1498,14 +1507,14 @@ mod model {
                                 Some((id, entry, after)) if committed => {
                                     live.logs[&id].append(entry).await.unwrap();
                                     model.insert(id, after);
-                                    copy_dir(live.dir.path())
+                                    copy_dir(&live)
                                 }
                                 Some((id, entry, _)) => {
-                                    let copy = copy_dir(live.dir.path());
+                                    let copy = copy_dir(&live);
                                     live.logs[&id].append(entry).await.unwrap();
                                     copy
                                 }
-                                None => copy_dir(live.dir.path()),
+                                None => copy_dir(&live),
                             };
                             let Live { dir, store, logs } = live;
                             drop(logs);
@@ -1694,4 +1703,265 @@ async fn large_records_lengthen_the_commit_log_without_zeros_and_replay() {
         assert_eq!(found[&3].state.tail, want.len() as u64);
         assert_eq!(read_all(&found[&3].log, 0, want.len() as u64).await, want);
     }
+}
+
+/// Rows of `id` that reference the commit log, and rows that hold their records.
+fn row_kinds(storage: &AcidStorage, id: StreamId) -> (usize, usize) {
+    let txn = storage.shard_of(id).db.begin_read().unwrap();
+    let records = txn.open_table(RECORDS).unwrap();
+    let mut kinds = (0, 0);
+    for item in records.range((id, 0)..=(id, u64::MAX)).unwrap() {
+        let (k, v) = item.unwrap();
+        let row = codec::read_row(id, k.value().1, v.value()).unwrap();
+        if row.segment().is_some() {
+            kinds.0 += 1;
+        } else {
+            kinds.1 += 1;
+        }
+    }
+    kinds
+}
+
+fn shard_bytes(dir: &std::path::Path) -> u64 {
+    (0..2)
+        .map(|i| std::fs::metadata(layout::shard_file(dir, i)).unwrap().len())
+        .sum()
+}
+
+/// `n` records of `len` bytes, each of one byte value from `seed` on.
+fn records_of(n: usize, len: usize, seed: u8) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| Bytes::from(vec![seed.wrapping_add(i as u8); len]))
+        .collect()
+}
+
+async fn append_all(log: &Arc<dyn StreamLog>, from: u64, records: &[Bytes]) -> u64 {
+    let mut pos = from;
+    for r in records {
+        log.append(AppendEntry {
+            start: pos,
+            data: Some(r.clone()),
+            close: None,
+            stream_seq: None,
+            producer: None,
+        })
+        .await
+        .unwrap();
+        pos += r.len() as u64;
+    }
+    pos
+}
+
+async fn read_whole(log: &Arc<dyn StreamLog>, from: u64, until: u64) -> Vec<u8> {
+    let chunk = log.read(from, until, usize::MAX, false).await.unwrap();
+    assert_eq!(chunk.end, until);
+    chunk.parts.concat()
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn large_records_stay_in_the_commit_log_and_are_read_from_it_mapped_or_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = AcidOptions {
+        log_segment_bytes: 256 << 10,
+        ..options(2)
+    };
+    // Small records are copied into rows; records of REF_MIN_BYTES or more are referenced.
+    let small = records_of(10, 100, 1);
+    let large = records_of(40, 16 << 10, 50);
+    let mut want = Vec::new();
+    {
+        let storage = AcidStorage::open(dir.path(), opts).unwrap();
+        let (log, c) = storage.create(&meta(1, "/a"), Vec::new(), None).unwrap();
+        c.await.unwrap();
+        let mut pos = append_all(&log, 0, &small).await;
+        pos = append_all(&log, pos, &large).await;
+        append_all(&log, pos, &small).await;
+        for r in small.iter().chain(&large).chain(&small) {
+            want.extend_from_slice(r);
+        }
+    }
+    // 640 KiB of large records: the shards hold references, the log segments the bytes.
+    let storage = AcidStorage::open(dir.path(), opts).unwrap();
+    let (refs, inline) = row_kinds(&storage, 1);
+    assert!(
+        refs >= 1 && inline >= 1,
+        "{refs} reference rows, {inline} others"
+    );
+    assert!(
+        shard_bytes(dir.path()) < 640 << 10,
+        "shards hold {} bytes",
+        shard_bytes(dir.path())
+    );
+    assert!(log_segments(dir.path()).len() >= 3, "segments are kept");
+    let found = recovered_by_id(&storage);
+    assert_eq!(found[&1].state.tail, want.len() as u64);
+    let log = &found[&1].log;
+    assert_eq!(read_whole(log, 0, want.len() as u64).await, want);
+    // From inside the large ones, on record boundaries, with budgets that cut reads short.
+    let at = 1000 + 5 * (16 << 10);
+    assert_eq!(
+        read_whole(log, at as u64, want.len() as u64).await,
+        want[at..]
+    );
+    let chunk = log
+        .read(at as u64, want.len() as u64, 1, false)
+        .await
+        .unwrap();
+    assert_eq!(chunk.end, at as u64 + (16 << 10), "one whole record");
+    assert_eq!(chunk.parts.concat(), want[at..at + (16 << 10)]);
+    let chunk = log
+        .read(at as u64 + 7, at as u64 + 99, 1000, true)
+        .await
+        .unwrap();
+    assert_eq!(chunk.parts.concat(), want[at + 7..at + 99]);
+    drop(found);
+    drop(storage);
+    // The same with reads copied rather than mapped.
+    let copied = AcidOptions {
+        map_reads: false,
+        ..opts
+    };
+    let storage = AcidStorage::open(dir.path(), copied).unwrap();
+    let found = recovered_by_id(&storage);
+    assert_eq!(read_whole(&found[&1].log, 0, want.len() as u64).await, want);
+    let chunk = found[&1]
+        .log
+        .read(at as u64 + 7, at as u64 + 99, 1000, true)
+        .await
+        .unwrap();
+    assert_eq!(chunk.parts.concat(), want[at + 7..at + 99]);
+}
+
+#[tokio::test]
+async fn segments_are_deleted_once_unreferenced_and_compacted_once_mostly_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = AcidOptions {
+        log_segment_bytes: 128 << 10,
+        ..options(2)
+    };
+    let storage = AcidStorage::open(dir.path(), opts).unwrap();
+    let (keep, c) = storage.create(&meta(1, "/keep"), Vec::new(), None).unwrap();
+    c.await.unwrap();
+    let (gone, c) = storage.create(&meta(2, "/gone"), Vec::new(), None).unwrap();
+    c.await.unwrap();
+    let (trim, c) = storage.create(&meta(3, "/trim"), Vec::new(), None).unwrap();
+    c.await.unwrap();
+    // Each segment holds a little of `keep` and much of the others: without compaction,
+    // `keep` would pin every segment.
+    let (mut kpos, mut gpos, mut tpos) = (0, 0, 0);
+    let mut want = Vec::new();
+    let mut trim_starts = Vec::new();
+    for round in 0..12u8 {
+        let k = records_of(1, 8 << 10, round);
+        kpos = append_all(&keep, kpos, &k).await;
+        want.extend_from_slice(&k[0]);
+        gpos = append_all(&gone, gpos, &records_of(4, 16 << 10, round)).await;
+        trim_starts.push(tpos);
+        tpos = append_all(&trim, tpos, &records_of(2, 16 << 10, round)).await;
+    }
+    let total = u64::from(12u32) * ((8 + 64 + 32) << 10);
+    let segment_bytes = |dir: &std::path::Path| -> u64 {
+        log_segments(dir)
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .sum()
+    };
+    assert!(
+        segment_bytes(dir.path()) >= total,
+        "the log holds every record"
+    );
+    // Remove one stream, release most of another.
+    gone.remove().await.unwrap();
+    trim.release(trim_starts[10]).await.unwrap();
+    // What is left referenced: `keep` (96 KiB) and the last 2 rounds of `trim` (64 KiB), a
+    // little of each segment. The flusher checkpoints, compacts the segments now mostly dead,
+    // checkpoints again and the engine deletes them: the log shrinks to the open segment.
+    // (The open segment's file is longer than its records: zeros are written ahead.)
+    let before = log_segments(dir.path()).len();
+    assert!(before >= 9, "{before} segments");
+    wait_for("dead segments to go", || {
+        log_segments(dir.path()).len() <= 2
+    })
+    .await;
+    assert_eq!(read_whole(&keep, 0, kpos).await, want);
+    let trimmed = read_whole(&trim, trim_starts[10], tpos).await;
+    assert_eq!(trimmed.len(), 64 << 10);
+    assert!(trimmed[..16 << 10].iter().all(|&b| b == 10));
+    let (refs, inline) = row_kinds(&storage, 1);
+    assert!(
+        inline >= 1,
+        "compaction copied records into rows ({refs} still reference)"
+    );
+    drop((keep, gone, trim));
+    drop(storage);
+    // Across a restart, and after a crash-like copy of the directory.
+    let storage = AcidStorage::open(dir.path(), opts).unwrap();
+    let found = recovered_by_id(&storage);
+    assert!(!found.contains_key(&2));
+    assert_eq!(read_whole(&found[&1].log, 0, kpos).await, want);
+    assert_eq!(found[&3].state.released, trim_starts[10]);
+    let copy = {
+        let _held = storage.hold_background();
+        crash_copy(dir.path())
+    };
+    drop(found);
+    drop(storage);
+    let storage = AcidStorage::open(copy.path(), opts).unwrap();
+    let found = recovered_by_id(&storage);
+    assert_eq!(read_whole(&found[&1].log, 0, kpos).await, want);
+    assert_eq!(
+        read_whole(&found[&3].log, trim_starts[10], tpos).await,
+        trimmed
+    );
+}
+
+#[tokio::test]
+async fn a_store_written_without_references_reads_on_with_them() {
+    // Rows written with every record copied in (as layout version 3 wrote them, and as the
+    // per-shard mode writes them) and rows referencing the log, in one stream.
+    let dir = tempfile::tempdir().unwrap();
+    let inline = AcidOptions {
+        ref_min_bytes: usize::MAX,
+        ..options(2)
+    };
+    let first = records_of(5, 100 << 10, 1);
+    let second = records_of(5, 100 << 10, 9);
+    let mut want = Vec::new();
+    let pos = {
+        let storage = AcidStorage::open(dir.path(), inline).unwrap();
+        let (log, c) = storage.create(&meta(4, "/s"), Vec::new(), None).unwrap();
+        c.await.unwrap();
+        append_all(&log, 0, &first).await
+    };
+    for r in first.iter().chain(&second) {
+        want.extend_from_slice(r);
+    }
+    let storage = AcidStorage::open(dir.path(), options(2)).unwrap();
+    assert_eq!(row_kinds(&storage, 4).0, 0);
+    let found = recovered_by_id(&storage);
+    let end = append_all(&found[&4].log, pos, &second).await;
+    drop(found);
+    drop(storage);
+    let storage = AcidStorage::open(dir.path(), options(2)).unwrap();
+    let (refs, inline_rows) = row_kinds(&storage, 4);
+    assert!(refs >= 1 && inline_rows >= 5, "{refs} / {inline_rows}");
+    let found = recovered_by_id(&storage);
+    assert_eq!(read_whole(&found[&4].log, 0, end).await, want);
+    // Per-shard mode (no commit log written) still reads the referenced records.
+    drop(found);
+    drop(storage);
+    let storage = AcidStorage::open(dir.path(), per_shard(options(2))).unwrap();
+    let found = recovered_by_id(&storage);
+    assert_eq!(read_whole(&found[&4].log, 0, end).await, want);
 }

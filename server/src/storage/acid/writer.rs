@@ -18,7 +18,8 @@ use tokio::sync::oneshot;
 use super::codec::{self, StateRow};
 use super::gate::{CommitGate, Waiter};
 use super::{
-    CHECKPOINT, DbResult, LAST_RECORD, LogCache, PRODUCER_USED, PRODUCERS, RECORDS, STATE, STREAMS,
+    CHECKPOINT, DbResult, LAST_RECORD, LogCache, PRODUCER_USED, PRODUCERS, RECORDS, REPLAY_FROM,
+    STATE, STREAMS,
 };
 use crate::storage::{AppendEntry, ProducerTuple, StorageError, StreamId};
 
@@ -97,12 +98,22 @@ impl Op {
     }
 }
 
-/// An operation, the tail cache of its stream, and who waits for it (touches and replayed
-/// operations have nobody).
+/// Where an operation's first record is in the commit log: its segment, and the offset of its
+/// bytes in that segment. A create's later initial records follow it, each behind its 4-byte
+/// length ([`super::commit_log`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LogAt {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// An operation, the tail cache of its stream, who waits for it (touches and replayed
+/// operations have nobody), and where the commit log holds its records (once it does).
 pub(super) struct Pending {
     pub op: Op,
     pub cache: Option<Arc<LogCache>>,
     pub done: Option<oneshot::Sender<Result<(), StorageError>>>,
+    pub at: Option<LogAt>,
 }
 
 impl Pending {
@@ -137,6 +148,9 @@ pub(super) struct WriterStats {
     /// Time spent building transactions and committing them, for finding where a batch goes.
     pub apply_micros: AtomicU64,
     pub commit_micros: AtomicU64,
+    /// Bytes of referenced records whose rows were deleted (released, removed or compacted):
+    /// commit log segments may have become deletable.
+    pub freed_ref_bytes: AtomicU64,
 }
 
 /// The outcome of one operation inside a transaction: `Err` rejects only that operation (it
@@ -151,6 +165,11 @@ struct Tables<'t> {
     producer_used: Table<'t, (u64, &'static str), u64>,
     records: Table<'t, (u64, u64), &'static [u8]>,
 }
+
+/// Records of at least this many bytes are kept in the commit log and referenced from their
+/// rows (when the log holds them: with the commit log); smaller ones are copied into their
+/// rows, where a read of many of them is one copy of a row rather than a slice per record.
+pub const REF_MIN_BYTES: usize = 4096;
 
 /// The writer thread's body (per-shard syncs): runs until every sender is gone. With a `gate`,
 /// a commit may wait for one of its permits; what queues up meanwhile joins the transaction.
@@ -208,11 +227,15 @@ pub(super) fn drain(first: Pending, ops: &Receiver<Pending>, batch: &mut Vec<Pen
 
 /// A durable commit holding the state rows changed since the last one and the number of the
 /// commit log's last record applied: from here on, the log up to that record is not needed.
+///
+/// `replay_from` is the commit log segment holding the record after `lsn` (or an earlier one):
+/// start-up replays from there; earlier segments are only kept for what rows reference.
 pub(super) fn checkpoint(
     db: &Database,
     rows: &HashMap<StreamId, StateRow>,
     unsaved: &mut HashSet<StreamId>,
     lsn: u64,
+    replay_from: u64,
 ) -> Result<(), StorageError> {
     let txn = db.begin_write().ctx("beginning a checkpoint")?;
     {
@@ -227,6 +250,8 @@ pub(super) fn checkpoint(
         let mut mark = txn.open_table(CHECKPOINT).ctx("opening table checkpoint")?;
         mark.insert(LAST_RECORD, lsn)
             .ctx("writing the checkpoint")?;
+        mark.insert(REPLAY_FROM, replay_from)
+            .ctx("writing the checkpoint")?;
     }
     txn.commit().ctx("committing a checkpoint")?;
     unsaved.clear();
@@ -240,18 +265,20 @@ pub(super) fn replay(
     db: &Database,
     rows: &mut HashMap<StreamId, StateRow>,
     unsaved: &mut HashSet<StreamId>,
-    ops: Vec<Op>,
+    ops: Vec<(Op, Option<LogAt>)>,
+    ref_min: usize,
 ) -> Result<(), StorageError> {
     let batch: Vec<Pending> = ops
         .into_iter()
-        .map(|op| Pending {
+        .map(|(op, at)| Pending {
             op,
             cache: None,
             done: None,
+            at,
         })
         .collect();
     let stats = WriterStats::default();
-    for result in commit(db, rows, &batch, &stats, Some(unsaved))? {
+    for result in commit(db, rows, &batch, &stats, Some(unsaved), ref_min)? {
         result?;
     }
     Ok(())
@@ -266,7 +293,7 @@ fn commit_batch(
     batch: &[Pending],
     stats: &WriterStats,
 ) -> Vec<OpResult> {
-    match commit(db, rows, batch, stats, None) {
+    match commit(db, rows, batch, stats, None, usize::MAX) {
         Ok(results) => results,
         Err(e) => {
             // The cached rows may hold changes that were never committed.
@@ -278,7 +305,7 @@ fn commit_batch(
             batch
                 .iter()
                 .map(
-                    |p| match commit(db, rows, std::slice::from_ref(p), stats, None) {
+                    |p| match commit(db, rows, std::slice::from_ref(p), stats, None, usize::MAX) {
                         Ok(mut r) => r.pop().unwrap_or(Ok(())),
                         Err(e) => {
                             rows.clear();
@@ -293,12 +320,15 @@ fn commit_batch(
 
 /// One transaction. With `unsaved` (commit-log mode) it commits without a sync and leaves the
 /// state rows to the next checkpoint, noting which changed; without, it writes them and syncs.
+/// Records of `ref_min` bytes or more whose operation says where the log holds them are
+/// referenced, not copied.
 pub(super) fn commit(
     db: &Database,
     rows: &mut HashMap<StreamId, StateRow>,
     batch: &[Pending],
     stats: &WriterStats,
     unsaved: Option<&mut HashSet<StreamId>>,
+    ref_min: usize,
 ) -> Result<Vec<OpResult>, StorageError> {
     let mut txn = db.begin_write().ctx("beginning a write transaction")?;
     // Touches alone need no sync: they are a best-effort hint and the next durable commit
@@ -315,7 +345,7 @@ pub(super) fn commit(
             detail: e.to_string(),
         })?;
     let began = std::time::Instant::now();
-    let results = apply(&txn, rows, batch, unsaved)?;
+    let results = apply(&txn, rows, batch, unsaved, ref_min, stats)?;
     let applied = std::time::Instant::now();
     txn.commit().ctx("committing a write transaction")?;
     if matches!(durability, Durability::Immediate) {
@@ -339,6 +369,8 @@ fn apply(
     rows: &mut HashMap<StreamId, StateRow>,
     batch: &[Pending],
     unsaved: Option<&mut HashSet<StreamId>>,
+    ref_min: usize,
+    stats: &WriterStats,
 ) -> Result<Vec<OpResult>, StorageError> {
     let mut t = Tables {
         streams: txn.open_table(STREAMS).ctx("opening table streams")?,
@@ -352,12 +384,27 @@ fn apply(
     // Streams whose state row changed; each row is written once per transaction however many
     // appends the stream had in it.
     let mut dirty: Vec<StreamId> = Vec::new();
-    let mut open = OpenRows::default();
+    let mut open = OpenRows {
+        rows: HashMap::new(),
+        ref_min,
+        events: Vec::new(),
+    };
     let mut results = Vec::with_capacity(batch.len());
     for pending in batch {
-        results.push(apply_one(&mut t, rows, &pending.op, &mut dirty, &mut open)?);
+        results.push(apply_one(
+            &mut t,
+            rows,
+            &pending.op,
+            pending.at,
+            &mut dirty,
+            &mut open,
+        )?);
     }
-    open.write_all(&mut t.records)?;
+    let events = open.write_all(&mut t.records)?;
+    let freed = super::segments::account(txn, &events)?;
+    if freed > 0 {
+        stats.freed_ref_bytes.fetch_add(freed, Ordering::Relaxed);
+    }
     if let Some(unsaved) = unsaved {
         unsaved.extend(dirty);
         return Ok(results);
@@ -380,9 +427,12 @@ fn apply(
 /// them rather than one each. redb's cost is mostly per row inserted (each insert copies the
 /// leaf it lands in), so this is what makes a transaction's cost follow the number of streams
 /// it touches rather than the number of appends.
-#[derive(Default)]
 struct OpenRows<'b> {
     rows: HashMap<StreamId, OpenRow<'b>>,
+    /// Records this long or longer are referenced when the log holds them.
+    ref_min: usize,
+    /// Reference rows written and deleted, in order ([`super::segments::account`]).
+    events: Vec<super::segments::Event>,
 }
 
 struct OpenRow<'b> {
@@ -390,6 +440,9 @@ struct OpenRow<'b> {
     bytes: usize,
     records: Vec<&'b [u8]>,
     joins: codec::Joins,
+    /// A reference row's segment and references (then `records` is empty).
+    segment: Option<u64>,
+    refs: Vec<(u64, u32)>,
 }
 
 impl OpenRow<'_> {
@@ -399,30 +452,57 @@ impl OpenRow<'_> {
         self.start = start;
         self.bytes = 0;
         self.records.clear();
+        self.refs.clear();
+        self.segment = None;
         self.joins = codec::Joins {
             first_continues: continues,
             last_continues: false,
         };
     }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.refs.is_empty()
+    }
 }
 
 impl<'b> OpenRows<'b> {
     /// Adds a non-empty record of `id` starting at `start` (the end of the stream's previous
-    /// record, which the caller's admission check guarantees).
+    /// record, which the caller's admission check guarantees); `at` is where the commit log
+    /// holds its bytes, if it does.
     fn add(
         &mut self,
         table: &mut Table<'_, (u64, u64), &'static [u8]>,
         id: StreamId,
         start: u64,
         data: &'b [u8],
+        at: Option<LogAt>,
     ) -> Result<(), StorageError> {
         let row = self.rows.entry(id).or_insert_with(|| OpenRow {
             start,
             bytes: 0,
             records: Vec::new(),
             joins: codec::Joins::default(),
+            segment: None,
+            refs: Vec::new(),
         });
+        let events = &mut self.events;
         debug_assert_eq!(row.start + row.bytes as u64, start);
+        if let Some(at) = at.filter(|_| data.len() >= self.ref_min) {
+            // A reference row points into one segment and holds whole records only.
+            let other = row.segment != Some(at.segment) || row.refs.len() >= codec::ROW_RECORDS;
+            if !row.is_empty() && other {
+                put_row(table, id, row, events)?;
+                row.restart(start, false);
+            }
+            row.segment = Some(at.segment);
+            row.refs.push((at.offset, data.len() as u32));
+            row.bytes += data.len();
+            return Ok(());
+        }
+        if !row.refs.is_empty() {
+            put_row(table, id, row, events)?;
+            row.restart(start, false);
+        }
         let (mut data, mut start) = (data, start);
         // A record larger than a row of its own could hold fills what room the open row has,
         // then as many rows as it needs; all of them are written in this transaction. Smaller
@@ -445,7 +525,7 @@ impl<'b> OpenRows<'b> {
                     data = &data[room..];
                     start += room as u64;
                 }
-                put_row(table, id, row)?;
+                put_row(table, id, row, events)?;
                 row.restart(start, piece);
             }
         }
@@ -453,7 +533,7 @@ impl<'b> OpenRows<'b> {
             && (!codec::row_fits_page(row.records.len() + 1, row.bytes + data.len())
                 || row.records.len() >= codec::ROW_RECORDS);
         if full {
-            put_row(table, id, row)?;
+            put_row(table, id, row, events)?;
             row.restart(start, false);
         }
         row.bytes += data.len();
@@ -468,7 +548,7 @@ impl<'b> OpenRows<'b> {
         id: StreamId,
     ) -> Result<(), StorageError> {
         if let Some(row) = self.rows.remove(&id) {
-            put_row(table, id, &row)?;
+            put_row(table, id, &row, &mut self.events)?;
         }
         Ok(())
     }
@@ -478,17 +558,17 @@ impl<'b> OpenRows<'b> {
         self.rows.remove(&id);
     }
 
-    /// Writes every open row, in key order.
+    /// Writes every open row, in key order; returns what happened to reference rows.
     fn write_all(
-        self,
+        mut self,
         table: &mut Table<'_, (u64, u64), &'static [u8]>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Vec<super::segments::Event>, StorageError> {
         let mut rows: Vec<_> = self.rows.into_iter().collect();
         rows.sort_unstable_by_key(|(id, _)| *id);
         for (id, row) in &rows {
-            put_row(table, *id, row)?;
+            put_row(table, *id, row, &mut self.events)?;
         }
-        Ok(())
+        Ok(self.events)
     }
 }
 
@@ -496,7 +576,22 @@ fn put_row(
     table: &mut Table<'_, (u64, u64), &'static [u8]>,
     id: StreamId,
     row: &OpenRow<'_>,
+    events: &mut Vec<super::segments::Event>,
 ) -> Result<(), StorageError> {
+    if let Some(segment) = row.segment {
+        let mut slot = table
+            .insert_reserve((id, row.start), codec::ref_row_value_len(row.refs.len()))
+            .ctx("writing a record row")?;
+        codec::write_ref_row(slot.as_mut(), id, row.start, segment, &row.refs);
+        events.push(super::segments::Event {
+            segment,
+            id,
+            start: row.start,
+            bytes: row.bytes as u64,
+            added: true,
+        });
+        return Ok(());
+    }
     let mut slot = table
         .insert_reserve((id, row.start), codec::row_value_len(&row.records))
         .ctx("writing a record row")?;
@@ -636,6 +731,7 @@ fn apply_one<'b>(
     t: &mut Tables<'_>,
     rows: &mut HashMap<StreamId, StateRow>,
     op: &'b Op,
+    at: Option<LogAt>,
     dirty: &mut Vec<StreamId>,
     open: &mut OpenRows<'b>,
 ) -> Result<OpResult, StorageError> {
@@ -659,15 +755,22 @@ fn apply_one<'b>(
                 .insert(id, meta.as_slice())
                 .ctx("writing stream metadata")?;
             let mut pos = *start;
-            for data in initial.iter().filter(|d| !d.is_empty()) {
-                open.add(&mut t.records, id, pos, data)?;
-                pos += data.len() as u64;
+            // Initial records follow each other in the log, each behind its 4-byte length.
+            let mut at = at;
+            for data in initial {
+                if !data.is_empty() {
+                    open.add(&mut t.records, id, pos, data, at)?;
+                    pos += data.len() as u64;
+                }
+                if let Some(at) = at.as_mut() {
+                    at.offset += data.len() as u64 + 4;
+                }
             }
             dirty.push(id);
         }
         Op::Append { id, entry } => {
             if let Some(data) = entry.data.as_ref().filter(|d| !d.is_empty()) {
-                open.add(&mut t.records, *id, entry.start, data)?;
+                open.add(&mut t.records, *id, entry.start, data, at)?;
             }
             if let Some((producer, ps)) = &entry.producer {
                 t.producers
@@ -690,10 +793,23 @@ fn apply_one<'b>(
             // whole (rows are never rewritten) until a later release passes its end. `before` is
             // a record boundary, so the pieces of a split record go together or the row left
             // first starts with the rest of one whose earlier pieces went (readers skip it).
+            let events = &mut open.events;
             t.records
                 .retain_in((id, 0)..(id, before), |key, value| {
-                    codec::parse_row(id, key.1, value)
-                        .map_or(true, |row| key.1 + row.data_len() > before)
+                    let Ok(row) = codec::parse_row(id, key.1, value) else {
+                        return true;
+                    };
+                    let keep = key.1 + row.data_len() > before;
+                    if !keep && let Some(segment) = row.segment() {
+                        events.push(super::segments::Event {
+                            segment,
+                            id,
+                            start: key.1,
+                            bytes: row.data_len(),
+                            added: false,
+                        });
+                    }
+                    keep
                 })
                 .ctx("deleting released records")?;
             dirty.push(id);
@@ -706,8 +822,22 @@ fn apply_one<'b>(
         Op::Remove { id } => {
             let id = *id;
             open.discard(id);
+            let events = &mut open.events;
             t.records
-                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+                .retain_in((id, 0)..=(id, u64::MAX), |key, value| {
+                    if let Ok(row) = codec::parse_row(id, key.1, value)
+                        && let Some(segment) = row.segment()
+                    {
+                        events.push(super::segments::Event {
+                            segment,
+                            id,
+                            start: key.1,
+                            bytes: row.data_len(),
+                            added: false,
+                        });
+                    }
+                    false
+                })
                 .ctx("removing records")?;
             let producers: Vec<String> = t
                 .producers

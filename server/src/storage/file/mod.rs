@@ -28,7 +28,7 @@
 mod blocks;
 mod checkpoint;
 mod frame;
-mod mapped;
+
 mod recover;
 mod wal;
 

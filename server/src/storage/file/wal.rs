@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 use super::blocks::{self, Block, MAX_BLOCK_RECORDS, MAX_BLOCK_SPAN};
 use super::checkpoint;
 use super::frame::{self, Encoded, LogPos};
-use super::mapped;
 use super::{FileOptions, LogShared};
+use crate::storage::mapped;
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::{Commit, ProducerState, ProducerTuple, StorageError, ZERO_FILL_BELOW};
 
@@ -343,12 +343,12 @@ impl Wal {
         let path = || segment_path(&self.dir, seg);
         let file = {
             let mut readers = self.readers.lock();
-            match readers.get(seg) {
+            match readers.get(u64::from(seg)) {
                 Some(f) => f,
                 None => {
                     let p = path();
                     let f = Arc::new(mapped::Segment::new(File::open(&p).map_err(io_err(&p))?));
-                    readers.insert(seg, f.clone());
+                    readers.insert(u64::from(seg), f.clone());
                     f
                 }
             }
@@ -1084,7 +1084,7 @@ impl Writer {
             self.before_deleting(self.segments[0].id)?;
             let seg = self.segments.remove(0);
             let path = segment_path(&self.dir, seg.id);
-            wal.readers.lock().remove(seg.id);
+            wal.readers.lock().remove(u64::from(seg.id));
             std::fs::remove_file(&path).map_err(io_err(&path))?;
             deleted = true;
         }

@@ -120,7 +120,7 @@ fn past_end(off: u64, len: usize) -> std::io::Error {
 /// A small bounded map of segments open for reads: the least recently used one is closed (and
 /// unmapped once its last read is done) when a new one is opened past the bound.
 pub struct Open {
-    open: std::collections::HashMap<u32, (Arc<Segment>, u64)>,
+    open: std::collections::HashMap<u64, (Arc<Segment>, u64)>,
     clock: u64,
     max: usize,
 }
@@ -134,7 +134,7 @@ impl Open {
         }
     }
 
-    pub fn get(&mut self, seg: u32) -> Option<Arc<Segment>> {
+    pub fn get(&mut self, seg: u64) -> Option<Arc<Segment>> {
         self.clock += 1;
         let clock = self.clock;
         self.open.get_mut(&seg).map(|(f, used)| {
@@ -143,7 +143,7 @@ impl Open {
         })
     }
 
-    pub fn insert(&mut self, seg: u32, file: Arc<Segment>) {
+    pub fn insert(&mut self, seg: u64, file: Arc<Segment>) {
         if self.open.len() >= self.max
             && let Some(oldest) = self
                 .open
@@ -157,7 +157,7 @@ impl Open {
         self.open.insert(seg, (file, self.clock));
     }
 
-    pub fn remove(&mut self, seg: u32) {
+    pub fn remove(&mut self, seg: u64) {
         self.open.remove(&seg);
     }
 
@@ -216,7 +216,7 @@ mod tests {
     #[test]
     fn the_least_recently_used_segment_is_closed_past_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let open_seg = |n: u32| {
+        let open_seg = |n: u64| {
             let path = dir.path().join(n.to_string());
             std::fs::write(&path, b"x").unwrap();
             Arc::new(Segment::new(File::open(&path).unwrap()))

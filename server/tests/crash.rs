@@ -192,7 +192,11 @@ async fn write_until_killed(
                 "j".repeat(i % 17)
             )
         } else {
-            format!("<{}:{round}:{i}:{}>", t.path, "b".repeat(i % 23))
+            // Every seventh append is over 4 KiB: acid keeps those in its commit log and
+            // references them from redb, so kills land while such segments roll, are kept,
+            // checkpointed and deleted.
+            let pad = if i % 7 == 6 { 4200 } else { i % 23 };
+            format!("<{}:{round}:{i}:{}>", t.path, "b".repeat(pad))
         };
         let seq = t.producer.as_ref().map(|_| t.next_seq);
         let closes = close_after == Some(i);

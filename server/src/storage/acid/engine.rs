@@ -442,7 +442,11 @@ impl Engine {
         self.forget_checkpointed(durable);
         let before = self.retiring.len();
         let dir = &self.dir;
-        let _held = self.checkpoints.hold.lock();
+        // Never wait for the flusher's checkpoint here (appends would wait with it): the next
+        // batch or idle tick tries again.
+        let Some(_held) = self.checkpoints.hold.try_lock() else {
+            return;
+        };
         // Set before `durable`: at least as new as the checkpoint read above.
         let live = self.checkpoints.live.lock();
         let segments = &self.segments;
@@ -496,6 +500,9 @@ struct Flusher {
 /// How soon after rows referencing the log were deleted (released, removed, compacted) the
 /// flusher checkpoints so that the segments they pinned can go, if no segment roll does first.
 const FREED_CHECKPOINT_AFTER: Duration = Duration::from_secs(1);
+/// Most record bytes one round of compaction copies into rows (all shards and segments
+/// together); the rest waits for the next checkpoint's round.
+const COMPACT_BYTES: u64 = 64 << 20;
 
 impl Flusher {
     /// Applies acknowledged operations to their shards, checkpoints when asked (and when
@@ -564,7 +571,7 @@ impl Flusher {
             let freeing =
                 freed != freed_at_checkpoint && last_checkpoint.elapsed() >= FREED_CHECKPOINT_AFTER;
             if (asked || freeing || !open) && !checkpoints.broken.load(Ordering::Acquire) {
-                let _held = checkpoints.hold.lock();
+                let held = checkpoints.hold.lock();
                 let mut ok = true;
                 for (i, db) in dbs.iter().enumerate() {
                     if let Err(e) = writer::checkpoint(db, &rows[i], &mut unsaved[i], lsn, segment)
@@ -579,17 +586,19 @@ impl Flusher {
                     last_checkpoint = Instant::now();
                     // What rows reference as of this durable checkpoint: before `durable`, so
                     // the engine never pairs a newer checkpoint with an older set.
-                    match segments::live_all(dbs) {
+                    let live = segments::live_all(dbs);
+                    match &live {
                         Ok(live) => {
                             *checkpoints.live.lock() = live.keys().copied().collect();
                             checkpoints.durable.store(lsn, Ordering::Release);
-                            if open {
-                                self.compact(dbs, &live, segment, &stats);
-                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "reading segment_live failed; commit log segments are kept until the next checkpoint");
                         }
+                    }
+                    drop(held);
+                    if let (Ok(live), true) = (&live, open) {
+                        self.compact(dbs, live, segment, &stats);
                     }
                     // Every row is in redb now: a stream written again has its row read back
                     // from its shard's `state` table (in the flush's transaction). Keeping them
@@ -607,9 +616,10 @@ impl Flusher {
         totals.log("acid flusher stopped");
     }
 
-    /// Compacts the oldest closed segment that rows reference for less than half its size: its
-    /// records are copied into their rows (in every shard, up to a bound per round), so that
-    /// the next checkpoint lets it go. A failure is logged and the segment kept.
+    /// Compacts the closed segments that rows reference for less than half their size, oldest
+    /// first, copying up to [`COMPACT_BYTES`] of records into rows per round (the flusher's
+    /// other work waits meanwhile), so that the next checkpoint lets them go. A failure is
+    /// logged and the segment kept.
     fn compact(
         &self,
         dbs: &[Arc<Database>],
@@ -617,24 +627,27 @@ impl Flusher {
         closed_below: u64,
         stats: &WriterStats,
     ) {
-        let Some(&segment) = segments::worth_compacting(&self.dir, live, closed_below).first()
-        else {
-            return;
-        };
-        for (i, db) in dbs.iter().enumerate() {
-            match segments::compact(db, &self.segments, segment) {
-                Ok(0) => {}
-                Ok(moved) => {
-                    stats.freed_ref_bytes.fetch_add(moved, Ordering::Relaxed);
-                    tracing::debug!(
-                        shard = i,
-                        segment,
-                        moved,
-                        "acid commit log segment compacted"
-                    );
+        let mut budget = COMPACT_BYTES;
+        for segment in segments::worth_compacting(&self.dir, live, closed_below) {
+            for (i, db) in dbs.iter().enumerate() {
+                if budget == 0 {
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(shard = i, segment, error = %e, "compacting an acid commit log segment failed; it is kept");
+                match segments::compact(db, &self.segments, segment, budget) {
+                    Ok(0) => {}
+                    Ok(moved) => {
+                        budget = budget.saturating_sub(moved);
+                        stats.freed_ref_bytes.fetch_add(moved, Ordering::Relaxed);
+                        tracing::debug!(
+                            shard = i,
+                            segment,
+                            moved,
+                            "acid commit log segment compacted"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = i, segment, error = %e, "compacting an acid commit log segment failed; it is kept");
+                    }
                 }
             }
         }

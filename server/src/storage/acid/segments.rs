@@ -183,18 +183,15 @@ pub(super) fn is_gone(e: &StorageError) -> bool {
     matches!(e, StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }
 
-/// Most referenced bytes one compaction rewrites into a shard's rows at a time (the rest waits
-/// for the next round).
-const COMPACT_BYTES: u64 = 64 << 20;
-
 /// Rewrites the reference rows of `db` that point into `segment` as rows holding the records'
 /// bytes, in one transaction committed without a sync (the next checkpoint makes it durable;
-/// the segment is deleted only after that). Returns the bytes rewritten; stops after about
-/// [`COMPACT_BYTES`] (call again for the rest).
+/// the segment is deleted only after that). Returns the bytes rewritten; stops once about
+/// `budget` bytes are (call again for the rest).
 pub(super) fn compact(
     db: &Database,
     segments: &LogSegments,
     segment: u64,
+    budget: u64,
 ) -> Result<u64, StorageError> {
     let what = format!("compacting commit log segment {segment}");
     let mut txn = db.begin_write().ctx(&what)?;
@@ -219,7 +216,7 @@ pub(super) fn compact(
         drop(index);
         let mut moved = 0u64;
         for (id, start) in listed {
-            if moved >= COMPACT_BYTES {
+            if moved >= budget {
                 break;
             }
             let entries: Vec<(u64, u32)> = {

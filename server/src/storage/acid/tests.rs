@@ -1791,8 +1791,26 @@ async fn large_records_stay_in_the_commit_log_and_are_read_from_it_mapped_or_cop
             want.extend_from_slice(r);
         }
     }
+    // A create's initial records are referenced too (each behind its length in the log; an
+    // empty one in between).
+    let initial = vec![
+        Bytes::from(vec![b'x'; 5000]),
+        Bytes::new(),
+        Bytes::from(vec![b'y'; 6000]),
+        Bytes::from(vec![b'z'; 100]),
+    ];
+    let initial_bytes: Vec<u8> = initial.concat();
+    {
+        let storage = AcidStorage::open(dir.path(), opts).unwrap();
+        let (log, c) = storage
+            .create(&meta(2, "/init"), initial.clone(), None)
+            .unwrap();
+        c.await.unwrap();
+        assert_eq!(read_whole(&log, 0, 11_100).await, initial_bytes);
+    }
     // 640 KiB of large records: the shards hold references, the log segments the bytes.
     let storage = AcidStorage::open(dir.path(), opts).unwrap();
+    assert!(row_kinds(&storage, 2).0 >= 1);
     let (refs, inline) = row_kinds(&storage, 1);
     assert!(
         refs >= 1 && inline >= 1,
@@ -1806,6 +1824,11 @@ async fn large_records_stay_in_the_commit_log_and_are_read_from_it_mapped_or_cop
     assert!(log_segments(dir.path()).len() >= 3, "segments are kept");
     let found = recovered_by_id(&storage);
     assert_eq!(found[&1].state.tail, want.len() as u64);
+    assert_eq!(read_whole(&found[&2].log, 0, 11_100).await, initial_bytes);
+    assert_eq!(
+        read_whole(&found[&2].log, 5000, 11_100).await,
+        initial_bytes[5000..]
+    );
     let log = &found[&1].log;
     assert_eq!(read_whole(log, 0, want.len() as u64).await, want);
     // From inside the large ones, on record boundaries, with budgets that cut reads short.

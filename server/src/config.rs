@@ -380,17 +380,17 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_STORAGE__SEGMENT_BYTES",
         default: "67108864",
-        doc: "File modes: size at which the write-ahead log starts a new segment file (the active file is extended 4 MiB at a time ahead of its data, so syncs overwrite instead of growing the file). `acid`: size at which the commit log starts a new segment and checkpoints every shard.",
+        doc: "File modes: size at which the write-ahead log starts a new segment file (the active file is extended 4 MiB at a time ahead of its data, so syncs overwrite instead of growing the file). `acid`: size at which the commit log starts a new segment and checkpoints every shard (segments holding records of 4 KiB or more that rows still reference are kept until those are released, removed or compacted).",
     },
     KeyDoc {
         env: "DS_STORAGE__MAX_OPEN_FILES",
         default: "256",
-        doc: "File modes: log segment files kept open for reads.",
+        doc: "File modes and `acid`: log segment files kept open for reads (`acid`: commit log segments holding records of 4 KiB or more).",
     },
     KeyDoc {
         env: "DS_STORAGE__MAP_READS",
         default: "true",
-        doc: "File modes: reads from disk map the log's segment files (`mmap`) and send their bytes from the page cache instead of copying them into a buffer first (a third less server CPU per byte of catch-up). The cost: an I/O error under a mapped read ends the process (`SIGBUS`; a restart recovers as after a crash) where a copied read answers 500, and pages a read touched count in the process's RSS while mapped (they are the page cache, not the server's allocations). `false`: every read copies.",
+        doc: "File modes, and `acid`'s records of 4 KiB or more (kept in its commit log): reads from disk map the log's segment files (`mmap`) and send their bytes from the page cache instead of copying them into a buffer first (a third less server CPU per byte of catch-up). The cost: an I/O error under a mapped read ends the process (`SIGBUS`; a restart recovers as after a crash) where a copied read answers 500, and pages a read touched count in the process's RSS while mapped (they are the page cache, not the server's allocations). `false`: every read copies.",
     },
     KeyDoc {
         env: "DS_STORAGE__FAST_SYNC_INTERVAL",

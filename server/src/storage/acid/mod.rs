@@ -1312,6 +1312,7 @@ fn read_records(
     let mut rest = Vec::new();
     let mut parts: Vec<Bytes> = Vec::with_capacity(pieces.len());
     let mut later = Vec::new();
+    let mut open_segment = None;
     for piece in &pieces {
         let (pos, _, first) = records[piece.record];
         let lo = pos + piece.skip as u64;
@@ -1321,7 +1322,12 @@ fn read_records(
             continue;
         }
         if let Piece::Log { segment, offset } = pieces_of[first] {
-            parts.push(segments.read(segment, offset + piece.skip as u64, piece.len)?);
+            parts.push(segments.read_via(
+                &mut open_segment,
+                segment,
+                offset + piece.skip as u64,
+                piece.len,
+            )?);
             continue;
         }
         later.push((parts.len(), rest.len()));

@@ -155,7 +155,26 @@ impl LogSegments {
         offset: u64,
         len: usize,
     ) -> Result<Bytes, StorageError> {
-        let file = self.segment(segment)?;
+        self.read_via(&mut None, segment, offset, len)
+    }
+
+    /// [`Self::read`], keeping the last segment used in `last` so that a read of many records
+    /// of one segment looks it up once.
+    pub(super) fn read_via(
+        &self,
+        last: &mut Option<(u64, Arc<mapped::Segment>)>,
+        segment: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, StorageError> {
+        let file = match last {
+            Some((n, f)) if *n == segment => f.clone(),
+            _ => {
+                let f = self.segment(segment)?;
+                *last = Some((segment, f.clone()));
+                f
+            }
+        };
         let failed = |source| StorageError::Io {
             what: format!(
                 "{} at {offset}",

@@ -10,7 +10,8 @@
 //!
 //! Why this is sound (the one `unsafe` of the server): the bytes a read hands out are written
 //! log. A segment only grows while the server runs (recovery truncates a torn tail before
-//! anything is read; the writer extends files ahead with `set_len` and writes each byte once),
+//! anything is read; the writer extends files ahead with `set_len` and writes each byte once;
+//! acid trims a full commit log segment's zeros ahead of its records, never a record),
 //! so no byte under a slice changes while the slice lives, and a deleted segment's pages stay
 //! valid until the last slice of them is dropped. No slice ever spans a byte that has not been
 //! written (the mapping as a whole is never viewed as a slice). What mapping gives up: an I/O

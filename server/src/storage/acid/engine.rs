@@ -421,6 +421,12 @@ impl Engine {
         }
         match commit_log::create_segment(&self.dir, self.segment + 1) {
             Ok(file) => {
+                // The zeros written ahead of the records go: the segment may be kept for a long
+                // time (rows reference it), and compaction judges it by its size. Only bytes
+                // before the end of the records are ever read or referenced.
+                if let Err(e) = self.file.set_len(self.segment_len) {
+                    tracing::warn!(error = %e, "could not trim a full acid commit log segment");
+                }
                 // Its last record is already on its way to the flusher (sent before the roll).
                 self.checkpoints
                     .wanted

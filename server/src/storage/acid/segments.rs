@@ -14,7 +14,7 @@
 //! after which it is deleted as above. Disk is then bounded by the live data plus, per segment,
 //! at most as much again, plus the segments not yet checkpointed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +36,17 @@ pub(super) struct Event {
     pub start: u64,
     pub bytes: u64,
     pub added: bool,
+}
+
+/// The event of deleting the row of `id` at `start`, if it references the log.
+pub(super) fn deleted(id: StreamId, start: u64, row: &codec::Row<'_>) -> Option<Event> {
+    row.segment().map(|segment| Event {
+        segment,
+        id,
+        start,
+        bytes: row.data_len(),
+        added: false,
+    })
 }
 
 /// Applies `events` (in order) to the segment tables of the transaction. Returns the bytes no
@@ -268,7 +279,6 @@ pub(super) fn compact(
             let mut held_len = 0usize;
             for (offset, len) in entries {
                 let data = segments.read(segment, offset, len as usize)?;
-                let data = Bytes::copy_from_slice(&data);
                 if !held.is_empty() && !codec::row_fits_page(held.len() + 1, held_len + data.len())
                 {
                     put_inline(&mut records, id, row_start, &held)?;
@@ -320,13 +330,11 @@ pub(super) fn worth_compacting(
     live: &BTreeMap<u64, u64>,
     closed_below: u64,
 ) -> Vec<u64> {
-    let mut sizes: HashMap<u64, u64> = HashMap::new();
     live.iter()
         .filter(|&(&segment, _)| segment < closed_below)
         .filter(|&(&segment, &bytes)| {
-            let size = *sizes.entry(segment).or_insert_with(|| {
-                std::fs::metadata(commit_log::segment_path(dir, segment)).map_or(0, |m| m.len())
-            });
+            let size =
+                std::fs::metadata(commit_log::segment_path(dir, segment)).map_or(0, |m| m.len());
             bytes.saturating_mul(2) < size
         })
         .map(|(&segment, _)| segment)

@@ -800,14 +800,8 @@ fn apply_one<'b>(
                         return true;
                     };
                     let keep = key.1 + row.data_len() > before;
-                    if !keep && let Some(segment) = row.segment() {
-                        events.push(super::segments::Event {
-                            segment,
-                            id,
-                            start: key.1,
-                            bytes: row.data_len(),
-                            added: false,
-                        });
+                    if !keep {
+                        events.extend(super::segments::deleted(id, key.1, &row));
                     }
                     keep
                 })
@@ -825,16 +819,8 @@ fn apply_one<'b>(
             let events = &mut open.events;
             t.records
                 .retain_in((id, 0)..=(id, u64::MAX), |key, value| {
-                    if let Ok(row) = codec::parse_row(id, key.1, value)
-                        && let Some(segment) = row.segment()
-                    {
-                        events.push(super::segments::Event {
-                            segment,
-                            id,
-                            start: key.1,
-                            bytes: row.data_len(),
-                            added: false,
-                        });
+                    if let Ok(row) = codec::parse_row(id, key.1, value) {
+                        events.extend(super::segments::deleted(id, key.1, &row));
                     }
                     false
                 })

@@ -165,6 +165,8 @@ pub struct AcidStorage {
     engine_stats: Option<Arc<WriterStats>>,
     /// Subscription state (see `storage::records`), synced before it is acknowledged.
     records: super::records::RecordLog,
+    /// Shards redb had to rebuild when this store opened (see [`AcidStorage::repaired_shards`]).
+    repaired_shards: usize,
 }
 
 impl std::fmt::Debug for AcidStorage {
@@ -254,17 +256,35 @@ impl Drop for LogThreadHandle {
 /// directory synced. redb sizes a new file before its header is written and synced, so a crash
 /// while creating it under its real name would leave a file every later start refuses ("Not a
 /// redb database"); a crash now leaves at most the temporary file, which the next start deletes.
-fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<Database, StorageError> {
+/// Opens (creating if needed) shard `index`; the flag says whether redb had to rebuild it (an
+/// unclean shutdown whose last durable commit saved no allocator state: every page is read).
+fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<(Database, bool), StorageError> {
     let path = layout::shard_file(dir, index);
     let what = format!("opening {}", path.display());
+    let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let builder = || {
         let mut b = Database::builder();
         b.set_cache_size(cache_bytes);
+        let flag = repaired.clone();
+        let file = path.clone();
+        b.set_repair_callback(move |_| {
+            if !flag.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    shard = index,
+                    "{} was not shut down cleanly and its last durable commit saved no \
+                     allocator state: redb repairs it, reading the whole file",
+                    file.display()
+                );
+            }
+        });
         b
     };
     let create_tables = |db: &Database| -> Result<(), StorageError> {
         // Create the tables up front so that readers can always open them.
-        let txn = db.begin_write().ctx(&what)?;
+        let mut txn = db.begin_write().ctx(&what)?;
+        // Like a checkpoint, this durable commit saves the allocator state (see
+        // `writer::checkpoint`), so that a crash before the first checkpoint repairs quickly.
+        txn.set_quick_repair(true);
         txn.open_table(STREAMS).ctx(&what)?;
         txn.open_table(STATE).ctx(&what)?;
         txn.open_table(PRODUCERS).ctx(&what)?;
@@ -278,7 +298,7 @@ fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<Database, Sto
     if path.exists() {
         let db = builder().open(&path).ctx(&what)?;
         create_tables(&db)?;
-        return Ok(db);
+        return Ok((db, repaired.load(Ordering::Relaxed)));
     }
     let tmp = crate::storage::fsutil::temp_path(&path);
     crate::storage::fsutil::remove_leftover(&tmp)?;
@@ -298,7 +318,7 @@ fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<Database, Sto
     })?;
     crate::storage::fsutil::crash_point("acid-shard-renamed");
     crate::storage::fsutil::sync_dir(dir)?;
-    Ok(db)
+    Ok((db, false))
 }
 
 /// The number of the last commit log record that shard `db` holds durably, and the segment
@@ -560,7 +580,7 @@ impl AcidStorage {
         let cache_bytes = (CACHE_BYTES_TOTAL / shard_count as usize).max(4 << 20);
         // Opening a shard after a crash makes redb repair it, which reads the whole file: do the
         // shards side by side.
-        let opened: Vec<Result<Database, StorageError>> = std::thread::scope(|scope| {
+        let opened: Vec<Result<(Database, bool), StorageError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..shard_count as usize)
                 .map(|index| scope.spawn(move || open_db(dir, index, cache_bytes)))
                 .collect();
@@ -576,10 +596,9 @@ impl AcidStorage {
                 })
                 .collect()
         });
-        let dbs = opened
-            .into_iter()
-            .map(|db| db.map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let opened = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let repaired_shards = opened.iter().filter(|(_, repaired)| *repaired).count();
+        let dbs: Vec<Arc<Database>> = opened.into_iter().map(|(db, _)| Arc::new(db)).collect();
         // Whatever mode the store ran in last time, what its log holds goes in first.
         let ref_min = if options.commit_log {
             options.ref_min_bytes
@@ -645,6 +664,7 @@ impl AcidStorage {
             super::records::RecordLog::open(dir, true, std::time::Duration::from_secs(1))?;
         Ok(AcidStorage {
             records,
+            repaired_shards,
             dir: dir.to_owned(),
             shards,
             cache: Arc::new(CacheBudget::new(options.cache_bytes)),
@@ -658,6 +678,13 @@ impl AcidStorage {
     #[cfg(test)]
     fn hold_background(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
         self.background.as_ref().map(|h| h.lock())
+    }
+
+    /// How many shards redb repaired the slow way when this store opened: after an unclean
+    /// shutdown, a shard whose last durable commit saved redb's allocator state (every
+    /// checkpoint does) opens without it; others are read whole to rebuild that state.
+    pub fn repaired_shards(&self) -> usize {
+        self.repaired_shards
     }
 
     /// Transactions and operations committed since the store was opened.

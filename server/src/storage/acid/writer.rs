@@ -237,7 +237,13 @@ pub(super) fn checkpoint(
     lsn: u64,
     replay_from: u64,
 ) -> Result<(), StorageError> {
-    let txn = db.begin_write().ctx("beginning a checkpoint")?;
+    let mut txn = db.begin_write().ctx("beginning a checkpoint")?;
+    // Quick repair: the commit also saves redb's allocator state (and commits in two phases),
+    // so opening the shard after a crash loads that state instead of walking every page of the
+    // file to rebuild it. Only checkpoints are durable commits in commit-log mode, so a crash
+    // always finds one of these as the shard's last durable commit (per-shard mode's commits
+    // do without: each is a sync of its own, and the second phase would double them).
+    txn.set_quick_repair(true);
     {
         let mut state = txn.open_table(STATE).ctx("opening table state")?;
         for id in unsaved.iter() {

@@ -120,8 +120,8 @@ pub struct ForkMeta {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamMeta {
     pub id: StreamId,
-    /// Shared with the registry's key (one copy of the path per stream).
-    pub path: Arc<str>,
+    /// The registry finds the stream by this (no copy of the path is kept elsewhere).
+    pub path: Box<str>,
     /// The `Content-Type` exactly as given at creation (echoed on reads).
     /// Common types share one allocation (`crate::stream::shared_content_type`).
     pub content_type: Arc<str>,

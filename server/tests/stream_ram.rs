@@ -121,7 +121,7 @@ async fn measure(mode: StorageMode, n: usize) -> PerStream {
     config.server.port = 0;
     config.storage.mode = mode;
     config.storage.data_dir = dir.path().to_owned();
-    config.limits.max_streams = 10 * n as u64;
+    config.limits.max_streams = 2 * (WARM_UP + n) as u64;
     let app = App::build(config).await.expect("server builds");
     let streams = app.streams();
     // Served as in production: the background tasks (subscription notices, retention, expiry)

@@ -1048,11 +1048,7 @@ impl Streams {
     /// Looks a stream up for a read (GET) or an append: absent, expired → `NotFound`;
     /// soft-deleted → `SoftDeleted`. `touch` slides the TTL window.
     pub fn get(&self, path: &str, touch: bool) -> Result<Arc<Stream>, StreamError> {
-        let stream = self
-            .registry
-            .get(path)
-            .map(|e| e.key().0.clone())
-            .ok_or(StreamError::NotFound)?;
+        let stream = self.peek(path).ok_or(StreamError::NotFound)?;
         let now = now_ms();
         if stream.state.lock().soft_deleted {
             return Err(StreamError::SoftDeleted);
@@ -1137,7 +1133,7 @@ impl Streams {
         let _guard = self.lifecycle.lock();
         let now = now_ms();
 
-        if let Some(existing) = self.registry.get(path).map(|e| e.key().0.clone()) {
+        if let Some(existing) = self.peek(path) {
             let soft_deleted = existing.state.lock().soft_deleted;
             if soft_deleted {
                 return Err(StreamError::PathHeldBySoftDeleted);
@@ -1311,9 +1307,7 @@ impl Streams {
 
     fn fork_source(&self, source_path: &str, now: u64) -> Result<Arc<Stream>, StreamError> {
         let src = self
-            .registry
-            .get(source_path)
-            .map(|e| e.key().0.clone())
+            .peek(source_path)
             .ok_or_else(|| StreamError::ForkSourceNotFound(source_path.to_owned()))?;
         if src.state.lock().soft_deleted {
             return Err(StreamError::ForkSourceDeleted(source_path.to_owned()));
@@ -1550,7 +1544,9 @@ impl Streams {
                     });
                     if let Some(by) = &close {
                         st.closed = true;
-                        st.rare().closed_by = by.clone();
+                        if let Some(by) = by {
+                            st.rare().closed_by = Some(by.clone());
+                        }
                     }
                     let commit = stream.log.append(AppendEntry {
                         start,
@@ -1606,11 +1602,7 @@ impl Streams {
         }
         let commits = {
             let _guard = self.lifecycle.lock();
-            let stream = self
-                .registry
-                .get(path)
-                .map(|e| e.key().0.clone())
-                .ok_or(StreamError::NotFound)?;
+            let stream = self.peek(path).ok_or(StreamError::NotFound)?;
             if stream.state.lock().soft_deleted {
                 return Err(StreamError::SoftDeleted);
             }
@@ -2248,11 +2240,7 @@ fn spawn_commits(commits: Vec<Commit>, what: &'static str) {
 /// that starts at the anchor. Offsets are validated again under the lifecycle lock.
 impl Streams {
     async fn fork_prefix(&self, fork: &ForkRequest) -> Result<Option<Bytes>, StreamError> {
-        let Some(src) = self
-            .registry
-            .get(fork.source.as_str())
-            .map(|e| e.key().0.clone())
-        else {
+        let Some(src) = self.peek(fork.source.as_str()) else {
             return Err(StreamError::ForkSourceNotFound(fork.source.clone()));
         };
         let visible = src.visible();
@@ -2662,7 +2650,6 @@ mod size {
     /// read) are boxed.
     #[test]
     fn a_stream_fits_a_192_byte_allocation() {
-        println!("Stream: {} bytes", std::mem::size_of::<super::Stream>());
         assert!(std::mem::size_of::<super::Stream>() + 16 <= 192);
         assert!(std::mem::size_of::<crate::storage::memory::MemoryLog>() + 16 <= 80);
     }

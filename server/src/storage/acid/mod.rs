@@ -249,15 +249,15 @@ impl Drop for LogThreadHandle {
     }
 }
 
-/// Opens (creating if needed) shard `index`'s database with its tables.
+/// Opens (creating if needed) shard `index`'s database with its tables; the flag says whether
+/// redb had to rebuild it (an unclean shutdown whose last durable commit saved no allocator
+/// state: every page is read).
 ///
 /// A new shard is made under a temporary name (`shard-NNN.redb.tmp`), its tables committed (a
 /// durable redb commit: the header and the tables are synced), then renamed into place and the
 /// directory synced. redb sizes a new file before its header is written and synced, so a crash
 /// while creating it under its real name would leave a file every later start refuses ("Not a
 /// redb database"); a crash now leaves at most the temporary file, which the next start deletes.
-/// Opens (creating if needed) shard `index`; the flag says whether redb had to rebuild it (an
-/// unclean shutdown whose last durable commit saved no allocator state: every page is read).
 fn open_db(dir: &Path, index: usize, cache_bytes: usize) -> Result<(Database, bool), StorageError> {
     let path = layout::shard_file(dir, index);
     let what = format!("opening {}", path.display());

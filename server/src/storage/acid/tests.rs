@@ -1549,6 +1549,34 @@ fn crash_copy(from: &std::path::Path) -> tempfile::TempDir {
     to
 }
 
+/// Streams 1..=`streams` (paths `/s<id>`), each with `appends` appends of 3 bytes: the id
+/// and the append's number (`numbered`).
+async fn numbered_streams(
+    storage: &AcidStorage,
+    streams: u64,
+    appends: u64,
+) -> Vec<Arc<dyn StreamLog>> {
+    let mut logs = Vec::new();
+    for id in 1..=streams {
+        let (log, c) = storage
+            .create(&meta(id, &format!("/s{id}")), Vec::new(), None)
+            .unwrap();
+        c.await.unwrap();
+        for i in 0..appends {
+            log.append(entry(i * 3, &format!("{id}{i:02}")))
+                .await
+                .unwrap();
+        }
+        logs.push(log);
+    }
+    logs
+}
+
+/// What [`numbered_streams`] wrote to stream `id`.
+fn numbered(id: u64, appends: u64) -> String {
+    (0..appends).map(|i| format!("{id}{i:02}")).collect()
+}
+
 fn log_segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     commit_log::segments(dir)
         .unwrap()
@@ -1561,19 +1589,7 @@ fn log_segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 async fn the_commit_log_replays_after_a_crash_cuts_a_torn_tail_and_refuses_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let storage = AcidStorage::open(dir.path(), options(2)).unwrap();
-    let mut logs = Vec::new();
-    for id in 1..=4u64 {
-        let (log, c) = storage
-            .create(&meta(id, &format!("/s{id}")), Vec::new(), None)
-            .unwrap();
-        c.await.unwrap();
-        for i in 0..10u64 {
-            log.append(entry(i * 3, &format!("{id}{i:02}")))
-                .await
-                .unwrap();
-        }
-        logs.push(log);
-    }
+    let logs = numbered_streams(&storage, 4, 10).await;
     let image = crash_copy(dir.path());
     drop(logs);
     drop(storage);
@@ -1592,7 +1608,7 @@ async fn the_commit_log_replays_after_a_crash_cuts_a_torn_tail_and_refuses_corru
         let found = recovered_by_id(&reopened);
         assert_eq!(found.len(), 4);
         for id in 1..=4u64 {
-            let want: String = (0..10).map(|i| format!("{id}{i:02}")).collect();
+            let want = numbered(id, 10);
             assert_eq!(read_all(&found[&id].log, 0, 30).await, want, "stream {id}");
             assert_eq!(found[&id].state.tail, 30);
         }
@@ -2005,19 +2021,7 @@ async fn after_a_crash_checkpointed_shards_open_without_a_full_repair() {
         let dir = tempfile::tempdir().unwrap();
         let storage = AcidStorage::open(dir.path(), opts).unwrap();
         assert_eq!(storage.repaired_shards(), 0, "a new store");
-        let mut logs = Vec::new();
-        for id in 1..=8u64 {
-            let (log, c) = storage
-                .create(&meta(id, &format!("/s{id}")), Vec::new(), None)
-                .unwrap();
-            c.await.unwrap();
-            for i in 0..20u64 {
-                log.append(entry(i * 3, &format!("{id}{i:02}")))
-                    .await
-                    .unwrap();
-            }
-            logs.push(log);
-        }
+        let logs = numbered_streams(&storage, 8, 20).await;
         if commit_log {
             // Let the flusher apply them (commits without a sync, after the checkpoint).
             for _ in 0..500 {
@@ -2048,8 +2052,11 @@ async fn after_a_crash_checkpointed_shards_open_without_a_full_repair() {
         let found = recovered_by_id(&reopened);
         assert_eq!(found.len(), 8);
         for id in 1..=8u64 {
-            let want: String = (0..20).map(|i| format!("{id}{i:02}")).collect();
-            assert_eq!(read_all(&found[&id].log, 0, 60).await, want, "stream {id}");
+            assert_eq!(
+                read_all(&found[&id].log, 0, 60).await,
+                numbered(id, 20),
+                "stream {id}"
+            );
         }
         drop(logs);
     }

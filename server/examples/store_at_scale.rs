@@ -54,15 +54,7 @@ async fn fill(dir: &Path, count: u64, size: usize) {
         },
     )
     .expect("open");
-    let meta = StreamMeta {
-        id: 1,
-        path: PATH.into(),
-        content_type: "application/octet-stream".into(),
-        ttl_secs: None,
-        expires_at: None,
-        created_at_ms: 1,
-        fork: None,
-    };
+    let meta = StreamMeta::new(1, PATH, "application/octet-stream", None, 1);
     // An existing stream (a directory filled before) is continued.
     let found = storage
         .recover()

@@ -69,15 +69,13 @@ fn open(mode: &str, dir: &Path) -> Arc<dyn Storage> {
 }
 
 fn meta(id: u64) -> Arc<StreamMeta> {
-    Arc::new(StreamMeta {
+    Arc::new(StreamMeta::new(
         id,
-        path: format!("/crash/{id}").into(),
-        content_type: "application/octet-stream".into(),
-        ttl_secs: None,
-        expires_at: None,
-        created_at_ms: 1,
-        fork: None,
-    })
+        &format!("/crash/{id}"),
+        "application/octet-stream",
+        None,
+        1,
+    ))
 }
 
 /// The child: appends and releases until killed, printing `A id end` once an append ending at

@@ -80,15 +80,13 @@ fn open(backend: Backend, dir: &Path) -> Arc<dyn Storage> {
 }
 
 fn meta(id: u64) -> Arc<StreamMeta> {
-    Arc::new(StreamMeta {
+    Arc::new(StreamMeta::new(
         id,
-        path: format!("/v1/stream/{id}").into(),
-        content_type: "application/octet-stream".into(),
-        ttl_secs: Some(60),
-        expires_at: None,
-        created_at_ms: 1_700_000_000_000,
-        fork: None,
-    })
+        &format!("/v1/stream/{id}"),
+        "application/octet-stream",
+        Some(60),
+        1_700_000_000_000,
+    ))
 }
 
 fn data(start: u64, bytes: &[u8]) -> AppendEntry {
@@ -171,7 +169,7 @@ async fn a_fork_log_starts_at_its_anchor() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(backend, dir.path());
         let mut m = meta(2);
-        Arc::make_mut(&mut m).fork = Some(Box::new(ForkMeta {
+        Arc::make_mut(&mut m).set_fork(Some(ForkMeta {
             source_id: 1,
             source_path: "/v1/stream/1".into(),
             offset: 100,
@@ -440,7 +438,7 @@ async fn a_fork_releases_only_its_own_records() {
     for backend in RELEASING {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut m = meta(2);
-        Arc::make_mut(&mut m).fork = Some(Box::new(ForkMeta {
+        Arc::make_mut(&mut m).set_fork(Some(ForkMeta {
             source_id: 1,
             source_path: "/v1/stream/1".into(),
             offset: 100,

@@ -167,16 +167,16 @@ async fn measure(mode: StorageMode, n: usize) -> PerStream {
 async fn an_empty_stream_allocates_a_few_hundred_bytes() {
     const N: usize = 8_000;
     // Bytes in allocations of up to 4 KiB per stream, each mode's bound (measured on
-    // 2026-12-07: 403, 543, 543 and 505 B; one more 32-byte allocation per stream fails memory
+    // 2026-12-07: 355, 496, 495 and 458 B; one more 32-byte allocation per stream fails memory
     // and the file modes, whose counts are exact; acid's vary with its flusher's timing, so it
     // has more room).
     // Larger allocations (hash tables growing, the registry's chunks, redb's page cache) are
     // printed, not bounded: they depend on where in its growth a table is.
     let bounds = [
-        (StorageMode::Memory, 430.0),
-        (StorageMode::FileFast, 570.0),
-        (StorageMode::FileDurable, 570.0),
-        (StorageMode::Acid, 570.0),
+        (StorageMode::Memory, 380.0),
+        (StorageMode::FileFast, 520.0),
+        (StorageMode::FileDurable, 520.0),
+        (StorageMode::Acid, 525.0),
     ];
     let mut failed = Vec::new();
     for (mode, bound) in bounds {

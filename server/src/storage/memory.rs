@@ -51,7 +51,7 @@ impl super::Storage for MemoryStorage {
         initial: Vec<Bytes>,
         _close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
-        let start = meta.fork.as_ref().map_or(0, |f| f.offset);
+        let start = meta.fork().map_or(0, |f| f.offset);
         let log = MemoryLog::new(start);
         {
             let mut records = log.records.write();

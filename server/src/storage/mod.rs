@@ -116,21 +116,151 @@ pub struct ForkMeta {
     pub sub_offset: u64,
 }
 
-/// A stream's configuration, fixed at creation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A stream's configuration, fixed at creation. Every stream's is in RAM, so it is kept to
+/// 64 bytes (an 80-byte allocation with its `Arc`): the content type behind a thin pointer,
+/// `Stream-Expires-At` and the fork's anchor boxed together. Stored as JSON with the fields of
+/// [`MetaRef`], the same in every layout version.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(from = "MetaOwned")]
 pub struct StreamMeta {
     pub id: StreamId,
     /// The registry finds the stream by this (no copy of the path is kept elsewhere).
     pub path: Box<str>,
     /// The `Content-Type` exactly as given at creation (echoed on reads).
-    /// Common types share one allocation (`crate::stream::shared_content_type`).
-    pub content_type: Arc<str>,
+    /// Common types share one allocation ([`shared_content_type`]).
+    pub content_type: Arc<String>,
     pub ttl_secs: Option<u64>,
-    /// `Stream-Expires-At` as sent (echoed on HEAD) and as Unix milliseconds. Boxed, like
-    /// `fork`: most streams have neither, and every stream's state is kept in RAM.
-    pub expires_at: Option<Box<(String, i64)>>,
     pub created_at_ms: u64,
-    pub fork: Option<Box<ForkMeta>>,
+    /// What few streams have; `None` when they have neither.
+    extra: Option<Box<MetaExtra>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MetaExtra {
+    /// `Stream-Expires-At` as sent (echoed on HEAD) and as Unix milliseconds.
+    expires_at: Option<(String, i64)>,
+    fork: Option<ForkMeta>,
+}
+
+impl StreamMeta {
+    /// A stream's configuration with neither `Stream-Expires-At` nor a fork source.
+    pub fn new(
+        id: StreamId,
+        path: &str,
+        content_type: &str,
+        ttl_secs: Option<u64>,
+        created_at_ms: u64,
+    ) -> StreamMeta {
+        StreamMeta {
+            id,
+            path: path.into(),
+            content_type: shared_content_type(content_type),
+            ttl_secs,
+            created_at_ms,
+            extra: None,
+        }
+    }
+
+    pub fn expires_at(&self) -> Option<&(String, i64)> {
+        self.extra.as_ref()?.expires_at.as_ref()
+    }
+
+    /// Where this stream diverges from its source, if it is a fork.
+    pub fn fork(&self) -> Option<&ForkMeta> {
+        self.extra.as_ref()?.fork.as_ref()
+    }
+
+    pub fn set_expires_at(&mut self, expires_at: Option<(String, i64)>) {
+        let fork = self.extra.take().and_then(|e| e.fork);
+        self.extra = MetaExtra::boxed(expires_at, fork);
+    }
+
+    pub fn set_fork(&mut self, fork: Option<ForkMeta>) {
+        let expires_at = self.extra.take().and_then(|e| e.expires_at);
+        self.extra = MetaExtra::boxed(expires_at, fork);
+    }
+}
+
+impl MetaExtra {
+    fn boxed(expires_at: Option<(String, i64)>, fork: Option<ForkMeta>) -> Option<Box<MetaExtra>> {
+        (expires_at.is_some() || fork.is_some()).then(|| Box::new(MetaExtra { expires_at, fork }))
+    }
+}
+
+/// A content type to keep: the common ones share one allocation each (a fixed list, so
+/// client-chosen types never grow a table), others get their own.
+pub fn shared_content_type(content_type: &str) -> Arc<String> {
+    static COMMON: std::sync::LazyLock<Vec<Arc<String>>> = std::sync::LazyLock::new(|| {
+        [
+            "application/octet-stream",
+            "application/json",
+            "application/x-ndjson",
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "text/event-stream",
+        ]
+        .into_iter()
+        .map(|c| Arc::new(c.to_owned()))
+        .collect()
+    });
+    COMMON
+        .iter()
+        .find(|c| c.as_str() == content_type)
+        .cloned()
+        .unwrap_or_else(|| Arc::new(content_type.to_owned()))
+}
+
+/// [`StreamMeta`] as stored (JSON): these field names are the format.
+#[derive(Serialize)]
+struct MetaRef<'a> {
+    id: StreamId,
+    path: &'a str,
+    content_type: &'a str,
+    ttl_secs: Option<u64>,
+    expires_at: Option<&'a (String, i64)>,
+    created_at_ms: u64,
+    fork: Option<&'a ForkMeta>,
+}
+
+/// [`MetaRef`], read back.
+#[derive(Deserialize)]
+struct MetaOwned {
+    id: StreamId,
+    path: Box<str>,
+    content_type: String,
+    ttl_secs: Option<u64>,
+    expires_at: Option<(String, i64)>,
+    created_at_ms: u64,
+    fork: Option<ForkMeta>,
+}
+
+impl Serialize for StreamMeta {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        MetaRef {
+            id: self.id,
+            path: &self.path,
+            content_type: &self.content_type,
+            ttl_secs: self.ttl_secs,
+            expires_at: self.expires_at(),
+            created_at_ms: self.created_at_ms,
+            fork: self.fork(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl From<MetaOwned> for StreamMeta {
+    fn from(m: MetaOwned) -> StreamMeta {
+        StreamMeta {
+            id: m.id,
+            path: m.path,
+            // Recovered streams share the common types too.
+            content_type: shared_content_type(&m.content_type),
+            ttl_secs: m.ttl_secs,
+            created_at_ms: m.created_at_ms,
+            extra: MetaExtra::boxed(m.expires_at, m.fork),
+        }
+    }
 }
 
 /// Everything one append commits together.
@@ -360,4 +490,51 @@ pub trait StreamLog: Send + Sync + 'static {
         max_bytes: usize,
         split: bool,
     ) -> BoxFuture<'static, Result<ReadChunk, StorageError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metadata's stored form is the one every layout version wrote (it was a derived
+    /// `Serialize` of these fields), so directories written before read on, and back.
+    #[test]
+    fn stream_meta_is_stored_as_it_always_was() {
+        let mut m = StreamMeta::new(3, "/a/b", "application/json", Some(60), 1_000);
+        m.set_expires_at(Some(("2099-01-01T00:00:00Z".into(), 4_070_908_800_000)));
+        m.set_fork(Some(ForkMeta {
+            source_id: 2,
+            source_path: "/a".into(),
+            offset: 10,
+            sub_offset: 1,
+        }));
+        let stored = r#"{"id":3,"path":"/a/b","content_type":"application/json","ttl_secs":60,"expires_at":["2099-01-01T00:00:00Z",4070908800000],"created_at_ms":1000,"fork":{"source_id":2,"source_path":"/a","offset":10,"sub_offset":1}}"#;
+        assert_eq!(serde_json::to_string(&m).unwrap(), stored);
+        let back: StreamMeta = serde_json::from_str(stored).unwrap();
+        assert_eq!(back, m);
+        // Recovered metadata shares the common content types like new metadata does.
+        assert!(Arc::ptr_eq(
+            &back.content_type,
+            &shared_content_type("application/json")
+        ));
+
+        let plain = StreamMeta::new(4, "/c", "x/y", None, 5);
+        let stored = r#"{"id":4,"path":"/c","content_type":"x/y","ttl_secs":null,"expires_at":null,"created_at_ms":5,"fork":null}"#;
+        assert_eq!(serde_json::to_string(&plain).unwrap(), stored);
+        assert_eq!(serde_json::from_str::<StreamMeta>(stored).unwrap(), plain);
+        assert!(plain.fork().is_none() && plain.expires_at().is_none());
+
+        // Setting one of the rare parts keeps the other; clearing both frees their box.
+        m.set_fork(None);
+        assert_eq!(m.expires_at().map(|e| e.1), Some(4_070_908_800_000));
+        m.set_expires_at(None);
+        assert!(m.extra.is_none());
+    }
+
+    /// Every stream's metadata is in RAM: with its `Arc`'s counters it fits jemalloc's 80-byte
+    /// class (96 before the content type became a thin pointer and the rare parts one box).
+    #[test]
+    fn stream_meta_fits_an_80_byte_allocation() {
+        assert!(std::mem::size_of::<StreamMeta>() + 16 <= 80);
+    }
 }

@@ -125,6 +125,10 @@ pub trait StreamEvents: Send + Sync + 'static {
     fn removed(&self, stream: &Stream);
 }
 
+/// The [`StreamEvents`] of a server behind a thin pointer: every stream holds one, and a
+/// `dyn` pointer would be twice the size.
+struct Events(Arc<dyn StreamEvents>);
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -259,6 +263,9 @@ struct Rare {
     /// fork's own earliest retained offset up to its anchor, so the lower of the two. The stream
     /// never releases past the lowest (a fork reads its data before its anchor from here).
     fork_pins: Vec<(StreamId, u64)>,
+    /// Offsets every subscription acked, waiting to be released (retention); made by the
+    /// first ack.
+    release: Option<Box<ReleaseQueue>>,
 }
 
 impl WriterState {
@@ -276,6 +283,10 @@ impl WriterState {
 
     fn fork_pins(&self) -> &[(StreamId, u64)] {
         self.rare.as_ref().map_or(&[], |r| &r.fork_pins)
+    }
+
+    fn release_queue(&self) -> Option<&ReleaseQueue> {
+        self.rare.as_ref()?.release.as_deref()
     }
 }
 
@@ -350,13 +361,10 @@ pub struct Stream {
     last_access_ms: AtomicU64,
     log: Arc<dyn StreamLog>,
     /// Told when the visible tail moves (subscriptions), if anyone listens.
-    events: Option<Arc<dyn StreamEvents>>,
+    events: Option<Arc<Events>>,
     /// The earliest retained offset: reads below it get `Released` (0: nothing released).
     /// Moves only once the storage made the release durable.
     retained: AtomicU64,
-    /// Offsets every subscription acked, waiting to be released (retention).
-    /// Boxed, made by the first ack: most streams are never released.
-    release: Mutex<Option<Box<ReleaseQueue>>>,
 }
 
 /// A stream's acked offsets on their way to being released.
@@ -426,30 +434,6 @@ pub struct SharedRead {
     pub cursor: u64,
 }
 
-/// The content type for a new stream's metadata: the common ones share one allocation each
-/// (most streams have one of a handful of types, and every stream's metadata is in RAM), others
-/// get their own. A fixed list, so client-chosen types never grow a table.
-pub fn shared_content_type(content_type: &str) -> Arc<str> {
-    static COMMON: std::sync::LazyLock<Vec<Arc<str>>> = std::sync::LazyLock::new(|| {
-        [
-            "application/octet-stream",
-            "application/json",
-            "application/x-ndjson",
-            "text/plain",
-            "text/plain; charset=utf-8",
-            "text/event-stream",
-        ]
-        .into_iter()
-        .map(Arc::from)
-        .collect()
-    });
-    COMMON
-        .iter()
-        .find(|c| &***c == content_type)
-        .cloned()
-        .unwrap_or_else(|| Arc::from(content_type))
-}
-
 impl Stream {
     /// The shared encoding of the read from `start` bounded by `visible`, if one was made.
     pub fn shared_read(&self, start: u64, visible: Visible) -> Option<SharedRead> {
@@ -510,17 +494,17 @@ impl Stream {
 
     /// The offset where this stream's own data starts (the fork anchor, or 0).
     pub fn own_start(&self) -> u64 {
-        self.meta.fork.as_ref().map_or(0, |f| f.offset)
+        self.meta.fork().map_or(0, |f| f.offset)
     }
 
     /// Where a release in progress moves the retained start (0: none started).
     fn releasing(&self) -> u64 {
-        self.release.lock().as_ref().map_or(0, |q| q.releasing)
+        self.state.lock().release_queue().map_or(0, |q| q.releasing)
     }
 
     /// The highest offset every subscription acked (0: none yet).
     fn acked(&self) -> u64 {
-        self.release.lock().as_ref().map_or(0, |q| q.acked)
+        self.state.lock().release_queue().map_or(0, |q| q.acked)
     }
 
     /// The earliest offset still readable: data before it was released (0: none was).
@@ -535,7 +519,7 @@ impl Stream {
         visible: Visible,
         last_access_ms: u64,
         log: Arc<dyn StreamLog>,
-        events: Option<Arc<dyn StreamEvents>>,
+        events: Option<Arc<Events>>,
     ) -> Stream {
         Stream {
             kind: MediaKind::of(&meta.content_type),
@@ -547,7 +531,6 @@ impl Stream {
             log,
             meta,
             retained: AtomicU64::new(0),
-            release: Mutex::new(None),
         }
     }
 
@@ -583,7 +566,7 @@ impl Stream {
     }
 
     fn expired_at(&self, now: u64) -> bool {
-        if let Some(e) = &self.meta.expires_at
+        if let Some(e) = self.meta.expires_at()
             && (now as i128) >= (e.1 as i128)
         {
             return true;
@@ -634,7 +617,7 @@ impl Stream {
             changed
         });
         if moved && let Some(events) = &self.events {
-            events.revealed(self);
+            events.0.revealed(self);
         }
     }
 }
@@ -684,7 +667,7 @@ pub struct Streams {
     /// ds-sync), if enabled.
     registry_path: Option<String>,
     /// Told about creates, reveals and removals (subscriptions).
-    events: Option<Arc<dyn StreamEvents>>,
+    events: Option<Arc<Events>>,
     retention: Retention,
     /// Streams with release candidates, for the retention task.
     releasing: Mutex<HashMap<StreamId, Arc<Stream>>>,
@@ -752,7 +735,7 @@ impl Streams {
     ) -> Result<Self, StreamError> {
         let recovered = storage.recover()?;
         let streams = Streams {
-            events,
+            events: events.map(|e| Arc::new(Events(e))),
             registry_path: registry,
             retention: Retention::default(),
             releasing: Mutex::new(HashMap::new()),
@@ -781,12 +764,8 @@ impl Streams {
         for mut r in recovered {
             self.recover_producers(&mut r.state.producers, now);
             max_id = max_id.max(r.meta.id);
-            let source = r
-                .meta
-                .fork
-                .as_ref()
-                .and_then(|f| by_id.get(&f.source_id).cloned());
-            if let (Some(src), Some(fork)) = (&source, &r.meta.fork) {
+            let source = r.meta.fork().and_then(|f| by_id.get(&f.source_id).cloned());
+            if let (Some(src), Some(fork)) = (&source, r.meta.fork()) {
                 let from = if r.state.released > fork.offset {
                     fork.offset
                 } else {
@@ -798,7 +777,7 @@ impl Streams {
             if !self.is_registry(&r.meta.path) {
                 self.total_bytes.fetch_add(s.own_bytes, Ordering::Relaxed);
             }
-            let own_start = r.meta.fork.as_ref().map_or(0, |f| f.offset);
+            let own_start = r.meta.fork().map_or(0, |f| f.offset);
             // A fork's log starts at its anchor: a retained start there means none released.
             let retained = if s.released > own_start {
                 s.released
@@ -817,6 +796,7 @@ impl Streams {
                             closed_by: s.closed_by.clone(),
                             last_seq: s.last_seq.as_deref().map(Into::into),
                             fork_pins: Vec::new(),
+                            release: None,
                         })
                     }),
                     producers: s
@@ -1073,7 +1053,7 @@ impl Streams {
             content_type: stream.meta.content_type.to_string(),
             next_offset: v.tail,
             ttl_secs: stream.meta.ttl_secs,
-            expires_at: stream.meta.expires_at.as_ref().map(|e| e.0.clone()),
+            expires_at: stream.meta.expires_at().map(|e| e.0.clone()),
             closed: v.closed,
         })
     }
@@ -1232,30 +1212,21 @@ impl Streams {
                 return Err(e);
             }
         };
-        let meta = StreamMeta {
-            id,
-            path: path.into(),
-            content_type: shared_content_type(&content_type),
-            ttl_secs: req.ttl_secs.or_else(|| {
-                // Forks inherit the source's expiry rule unless they set their own.
-                match (&source, req.expires_at.is_some()) {
-                    (Some(src), false) => src.meta.ttl_secs,
-                    _ => None,
-                }
-            }),
-            expires_at: req
-                .expires_at
-                .clone()
-                .map(Box::new)
-                .or_else(|| match &source {
-                    Some(src) if req.ttl_secs.is_none() && src.meta.ttl_secs.is_none() => {
-                        src.meta.expires_at.clone()
-                    }
-                    _ => None,
-                }),
-            created_at_ms: now,
-            fork: fork_meta.map(Box::new),
-        };
+        // Forks inherit the source's expiry rule unless they set their own.
+        let ttl_secs = req
+            .ttl_secs
+            .or_else(|| match (&source, req.expires_at.is_some()) {
+                (Some(src), false) => src.meta.ttl_secs,
+                _ => None,
+            });
+        let mut meta = StreamMeta::new(id, path, &content_type, ttl_secs, now);
+        meta.set_expires_at(req.expires_at.clone().or_else(|| match &source {
+            Some(src) if req.ttl_secs.is_none() && src.meta.ttl_secs.is_none() => {
+                src.meta.expires_at().cloned()
+            }
+            _ => None,
+        }));
+        meta.set_fork(fork_meta);
         let close = req.closed.then_some(None);
         let meta = Arc::new(meta);
         let (log, commit) = match self.storage.create(&meta, initial, close) {
@@ -1294,7 +1265,7 @@ impl Streams {
         }
         self.register(stream.clone());
         if let Some(events) = &self.events {
-            events.created(&stream);
+            events.0.created(&stream);
         }
         Ok(Created::New {
             stream,
@@ -1327,7 +1298,7 @@ impl Streams {
         req: &CreateRequest,
     ) -> Result<CreateOutcome, StreamError> {
         let meta = &existing.meta;
-        let expected_ct = req.content_type.as_deref().unwrap_or(match &meta.fork {
+        let expected_ct = req.content_type.as_deref().unwrap_or(match meta.fork() {
             // A fork re-PUT without Content-Type means "inherit", which it did.
             Some(_) => &meta.content_type,
             None => ds_protocol::content_type::DEFAULT_CONTENT_TYPE,
@@ -1335,12 +1306,12 @@ impl Streams {
         if !same_media_type(expected_ct, &meta.content_type) {
             return Err(StreamError::ConfigMismatch("content type"));
         }
-        match (&req.fork, &meta.fork) {
+        match (&req.fork, meta.fork()) {
             (None, None) => {
                 if req.ttl_secs != meta.ttl_secs {
                     return Err(StreamError::ConfigMismatch("Stream-TTL"));
                 }
-                if req.expires_at.as_ref().map(|e| e.1) != meta.expires_at.as_ref().map(|e| e.1) {
+                if req.expires_at.as_ref().map(|e| e.1) != meta.expires_at().map(|e| e.1) {
                     return Err(StreamError::ConfigMismatch("Stream-Expires-At"));
                 }
             }
@@ -1358,7 +1329,7 @@ impl Streams {
                     return Err(StreamError::ConfigMismatch("Stream-TTL"));
                 }
                 if req.expires_at.is_some()
-                    && req.expires_at.as_ref().map(|e| e.1) != meta.expires_at.as_ref().map(|e| e.1)
+                    && req.expires_at.as_ref().map(|e| e.1) != meta.expires_at().map(|e| e.1)
                 {
                     return Err(StreamError::ConfigMismatch("Stream-Expires-At"));
                 }
@@ -1682,7 +1653,7 @@ impl Streams {
                 true
             });
             if let Some(events) = &self.events {
-                events.removed(&s);
+                events.0.removed(&s);
             }
             commits.push(s.log.remove());
             if let Some(src) = &s.source {
@@ -1692,7 +1663,10 @@ impl Streams {
                     rare.fork_pins.retain(|p| p.0 != s.meta.id);
                     if rare.fork_pins.is_empty() {
                         rare.fork_pins = Vec::new();
-                        if rare.closed_by.is_none() && rare.last_seq.is_none() {
+                        if rare.closed_by.is_none()
+                            && rare.last_seq.is_none()
+                            && rare.release.is_none()
+                        {
                             st.rare = None;
                         }
                     }
@@ -1888,8 +1862,8 @@ impl Streams {
             return;
         }
         let now = now_ms();
-        let mut guard = stream.release.lock();
-        let q = guard.get_or_insert_with(Box::default);
+        let mut st = stream.state.lock();
+        let q = st.rare().release.get_or_insert_with(Box::default);
         q.acked = q.acked.max(acked);
         let full = q.candidates.len() >= MAX_RELEASE_CANDIDATES;
         match q.candidates.back_mut() {
@@ -1900,7 +1874,7 @@ impl Streams {
             _ => q.candidates.push_back((acked, now)),
         }
         self.releasing.lock().insert(stream.meta.id, stream.clone());
-        drop(guard);
+        drop(st);
         self.release_wake.notify_one();
     }
 
@@ -1913,10 +1887,10 @@ impl Streams {
         let mut next: Option<u64> = None;
         for stream in streams {
             let target = {
-                let mut guard = stream.release.lock();
+                let mut st = stream.state.lock();
                 let mut target = None;
                 let mut drained = true;
-                if let Some(q) = guard.as_mut() {
+                if let Some(q) = st.rare.as_mut().and_then(|r| r.release.as_mut()) {
                     while let Some(&(offset, at)) = q.candidates.front() {
                         let due = at.saturating_add(min_age);
                         if due > now {
@@ -1997,13 +1971,12 @@ impl Streams {
             // Under the lifecycle lock, where forks are created: a fork either sees this
             // release (and is refused below it) or pins the data first.
             let _guard = self.lifecycle.lock();
-            let st = stream.state.lock();
+            let mut st = stream.state.lock();
             // A fork created meanwhile pins it: the next ack or the fork's removal retries.
             if st.removed || target > pin(&st) {
                 return Ok(());
             }
-            let mut q = stream.release.lock();
-            let q = q.get_or_insert_with(Box::default);
+            let q = st.rare().release.get_or_insert_with(Box::default);
             q.releasing = q.releasing.max(target);
         }
         if target > own_start {
@@ -2018,7 +1991,7 @@ impl Streams {
             stream.retained.fetch_max(target, Ordering::AcqRel);
             // A fork's data before its anchor is its source's: the fork no longer references
             // what it released.
-            if let (Some(src), Some(fork)) = (&stream.source, &stream.meta.fork)
+            if let (Some(src), Some(fork)) = (&stream.source, stream.meta.fork())
                 && !stream.state.lock().removed
             {
                 src.pin(stream.meta.id, target.min(fork.offset));
@@ -2627,13 +2600,13 @@ mod size {
     fn common_content_types_share_one_allocation() {
         use std::sync::Arc;
         let (a, b) = (
-            super::shared_content_type("application/json"),
-            super::shared_content_type("application/json"),
+            crate::storage::shared_content_type("application/json"),
+            crate::storage::shared_content_type("application/json"),
         );
         assert!(Arc::ptr_eq(&a, &b));
         let (c, d) = (
-            super::shared_content_type("application/x-mine"),
-            super::shared_content_type("application/x-mine"),
+            crate::storage::shared_content_type("application/x-mine"),
+            crate::storage::shared_content_type("application/x-mine"),
         );
         assert_eq!(c, d);
         assert!(
@@ -2643,14 +2616,14 @@ mod size {
     }
 
     /// Every stream's state is in RAM for as long as it exists, idle or not: with the `Arc`'s
-    /// two counters it must fit jemalloc's 192-byte size class (the next is 224; before the
+    /// two counters it must fit jemalloc's 160-byte size class (the next is 192; before the
     /// metadata was shared with the log, 320; before the rarely used parts of the writer state
-    /// were boxed together, 224). Rarely used parts (a closing producer, a `Stream-Seq`, fork
-    /// pins, expiry metadata, producers, the release queue, live readers' watch and shared
-    /// read) are boxed.
+    /// were boxed together, 224; before the release queue joined them and the events hook
+    /// became a thin pointer, 192). Rarely used parts (a closing producer, a `Stream-Seq`, fork
+    /// pins, the release queue, producers, live readers' watch and shared read) are boxed.
     #[test]
-    fn a_stream_fits_a_192_byte_allocation() {
-        assert!(std::mem::size_of::<super::Stream>() + 16 <= 192);
+    fn a_stream_fits_a_160_byte_allocation() {
+        assert!(std::mem::size_of::<super::Stream>() + 16 <= 160);
         assert!(std::mem::size_of::<crate::storage::memory::MemoryLog>() + 16 <= 80);
     }
 }

@@ -712,7 +712,7 @@ impl AcidStorage {
         } else {
             u64::MAX
         };
-        let log_start = meta.fork.as_ref().map_or(0, |f| f.offset);
+        let log_start = meta.fork().map_or(0, |f| f.offset);
         AcidLog {
             id: meta.id,
             log_start,
@@ -852,7 +852,7 @@ impl Storage for AcidStorage {
         initial: Vec<Bytes>,
         close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
-        let start = meta.fork.as_ref().map_or(0, |f| f.offset);
+        let start = meta.fork().map_or(0, |f| f.offset);
         let log = self.log_for(meta, start, start);
         log.touch_sent_ms
             .store(meta.created_at_ms, Ordering::Relaxed);

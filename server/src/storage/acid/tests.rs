@@ -24,15 +24,7 @@ fn per_shard(options: AcidOptions) -> AcidOptions {
 }
 
 fn meta(id: StreamId, path: &str) -> Arc<StreamMeta> {
-    Arc::new(StreamMeta {
-        id,
-        path: path.into(),
-        content_type: "text/plain".into(),
-        ttl_secs: None,
-        expires_at: None,
-        created_at_ms: 1_000,
-        fork: None,
-    })
+    Arc::new(StreamMeta::new(id, path, "text/plain", None, 1_000))
 }
 
 fn data(s: &str) -> Option<Bytes> {
@@ -111,11 +103,12 @@ async fn reopen_restores_meta_tail_producers_closure_seq_and_soft_delete() {
     let dir = tempfile::tempdir().unwrap();
     let mut source_meta = meta(7, "/source");
     Arc::make_mut(&mut source_meta).ttl_secs = Some(60);
-    Arc::make_mut(&mut source_meta).content_type = "application/json".into();
+    Arc::make_mut(&mut source_meta).content_type =
+        crate::storage::shared_content_type("application/json");
     let mut fork_meta = meta(9, "/fork");
-    Arc::make_mut(&mut fork_meta).expires_at =
-        Some(Box::new(("2099-01-01T00:00:00Z".into(), 4_070_908_800_000)));
-    Arc::make_mut(&mut fork_meta).fork = Some(Box::new(ForkMeta {
+    Arc::make_mut(&mut fork_meta)
+        .set_expires_at(Some(("2099-01-01T00:00:00Z".into(), 4_070_908_800_000)));
+    Arc::make_mut(&mut fork_meta).set_fork(Some(ForkMeta {
         source_id: 7,
         source_path: "/source".into(),
         offset: 4,
@@ -470,7 +463,7 @@ async fn reads_respect_budget_split_and_record_boundaries_with(cache_bytes: usiz
 
     // A fork's log starts at its anchor; before it is no record boundary of this log.
     let mut fork = meta(2, "/f");
-    Arc::make_mut(&mut fork).fork = Some(Box::new(ForkMeta {
+    Arc::make_mut(&mut fork).set_fork(Some(ForkMeta {
         source_id: 1,
         source_path: "/r".into(),
         offset: 10,

@@ -426,15 +426,7 @@ mod tests {
     /// What the writer takes encodes exactly as what recovery reads back.
     #[test]
     fn a_taken_stream_encodes_as_a_stream() {
-        let meta = StreamMeta {
-            id: 9,
-            path: "/a/b".into(),
-            content_type: "application/json".into(),
-            ttl_secs: Some(5),
-            expires_at: None,
-            created_at_ms: 3,
-            fork: None,
-        };
+        let meta = StreamMeta::new(9, "/a/b", "application/json", Some(5), 3);
         let p = |epoch, last_seq| ProducerState {
             epoch,
             last_seq,

@@ -396,15 +396,7 @@ mod tests {
 
     fn meta() -> CreateMeta {
         CreateMeta {
-            meta: StreamMeta {
-                id: 7,
-                path: "/s".into(),
-                content_type: "text/plain".into(),
-                ttl_secs: Some(5),
-                expires_at: None,
-                created_at_ms: 1,
-                fork: None,
-            },
+            meta: StreamMeta::new(7, "/s", "text/plain", Some(5), 1),
             closed: false,
         }
     }

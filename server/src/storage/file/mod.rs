@@ -254,7 +254,7 @@ impl Storage for FileStorage {
         close: Option<Option<ProducerTuple>>,
     ) -> Result<(Arc<dyn StreamLog>, Commit), StorageError> {
         let initial: Vec<Bytes> = initial.into_iter().filter(|d| !d.is_empty()).collect();
-        let start = meta.fork.as_ref().map_or(0, |f| f.offset);
+        let start = meta.fork().map_or(0, |f| f.offset);
         let shared = Arc::new(LogShared {
             meta: meta.clone(),
             index: RwLock::new(Index {
@@ -314,7 +314,7 @@ impl LogShared {
 
     /// Position of the stream's first own byte (the fork anchor, or 0).
     pub fn start(&self) -> u64 {
-        self.meta.fork.as_ref().map_or(0, |f| f.offset)
+        self.meta.fork().map_or(0, |f| f.offset)
     }
 }
 

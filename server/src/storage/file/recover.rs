@@ -280,7 +280,7 @@ pub(crate) fn recover(dir: &Path, durable: bool) -> Result<Recovery, StorageErro
     }
     // Every stream's retained records must run from its retained start to its tail.
     for s in streams.values_mut() {
-        let log_start = s.meta.fork.as_ref().map_or(0, |f| f.offset);
+        let log_start = s.meta.fork().map_or(0, |f| f.offset);
         let released = s.state.released.max(log_start);
         s.blocks.drop_released(released, |_| {});
         let b = &s.blocks;
@@ -461,7 +461,7 @@ fn apply(
     match decoded {
         Decoded::Create { meta, records } => {
             let id = meta.meta.id;
-            let start = meta.meta.fork.as_ref().map_or(0, |f| f.offset);
+            let start = meta.meta.fork().map_or(0, |f| f.offset);
             let mut blocks = Blocks::default();
             let block = packed(seg, frame, start, &records);
             let tail = block.map_or(start, |b| b.end);

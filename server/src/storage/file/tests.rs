@@ -33,15 +33,13 @@ fn write_damaged(
 }
 
 fn meta(id: u64) -> Arc<StreamMeta> {
-    Arc::new(StreamMeta {
+    Arc::new(StreamMeta::new(
         id,
-        path: format!("/s/{id}").into(),
-        content_type: "text/plain".into(),
-        ttl_secs: None,
-        expires_at: None,
-        created_at_ms: 1,
-        fork: None,
-    })
+        &format!("/s/{id}"),
+        "text/plain",
+        None,
+        1,
+    ))
 }
 
 async fn read_all(log: &Arc<dyn StreamLog>, until: u64) -> Vec<u8> {

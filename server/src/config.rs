@@ -355,7 +355,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         env: "DS_LIMITS__MAX_STREAMS",
         default: "1000000",
-        doc: "Streams clients may have (soft-deleted ones kept for their forks included); a PUT past it gets 413. An empty stream holds about 550 B of RAM in memory mode, 650 B in the file modes and 900 B in acid (redb's page cache, at most 256 MiB in all, included; see *Limits*), outside the memory budget.",
+        doc: "Streams clients may have (soft-deleted ones kept for their forks included); a PUT past it gets 413. An empty stream holds about 500 B of RAM in memory mode, 600 B in the file modes and 840 B in acid (redb's page cache, at most 256 MiB in all, included; see *Limits*), outside the memory budget.",
     },
     KeyDoc {
         env: "DS_LIMITS__MAX_PRODUCERS",

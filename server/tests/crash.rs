@@ -35,11 +35,22 @@ struct Server {
     base: String,
 }
 
+/// A port no other server of this test process was given. The kernel may hand a released port
+/// out again, and this file's tests start servers concurrently (and restart them on fresh
+/// ports): two of them could then be given one port, one server would fail to bind, and its
+/// test would talk to the other test's server, which answers the same paths.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if GIVEN.lock().expect("ports").insert(port) {
+            return port;
+        }
+    }
 }
 
 async fn start(mode: &str, dir: &std::path::Path) -> Server {

@@ -21,6 +21,8 @@
 //! `DS_CRASH_ROUNDS` sets the rounds per mode (default 10). acid runs twice: with the commit log
 //! (small segments, so that rolls and checkpoints happen under the kills) and with per-shard syncs.
 
+mod support;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,31 +37,13 @@ struct Server {
     base: String,
 }
 
-/// A port no other server of this test process was given. The kernel may hand a released port
-/// out again, and this file's tests start servers concurrently (and restart them on fresh
-/// ports): two of them could then be given one port, one server would fail to bind, and its
-/// test would talk to the other test's server, which answers the same paths.
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        if GIVEN.lock().expect("ports").insert(port) {
-            return port;
-        }
-    }
-}
-
 async fn start(mode: &str, dir: &std::path::Path) -> Server {
     start_with(mode, dir, &[]).await
 }
 
 /// [`start`] with more environment variables (which win over the defaults).
 async fn start_with(mode: &str, dir: &std::path::Path, extra: &[(&str, &str)]) -> Server {
-    let port = free_port();
+    let port = support::free_port();
     // "acid" runs with the commit log (the default) and segments small enough to roll and
     // checkpoint many times per round; "acid-per-shard" syncs each shard's redb commits.
     let (storage_mode, commit_log, segment_bytes) = match mode {

@@ -5,6 +5,8 @@
 //! aborts at that point; then it is started again without the hook and must come up, serve a
 //! write and a read, leave no temporary file behind, and keep the write across another restart.
 
+mod support;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -24,13 +26,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn command(mode: &str, dir: &Path, port: u16) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ds-server"));
     cmd.env_clear()
@@ -47,7 +42,7 @@ fn command(mode: &str, dir: &Path, port: u16) -> Command {
 
 /// Starts the server and waits (with a deadline) until it answers `/healthz`.
 async fn start(mode: &str, dir: &Path) -> Server {
-    let port = free_port();
+    let port = support::free_port();
     let mut child = command(mode, dir, port).spawn().expect("spawn ds-server");
     let base = format!("http://127.0.0.1:{port}");
     let client = Client::new();
@@ -72,7 +67,7 @@ async fn start(mode: &str, dir: &Path) -> Server {
 
 /// Runs the first start with the crash hook at `point`; it must die there, by abort.
 fn crash_at(mode: &str, dir: &Path, point: &str) {
-    let status = command(mode, dir, free_port())
+    let status = command(mode, dir, support::free_port())
         .env("DSTEST_CRASH_AT", point)
         .status()
         .expect("run ds-server");

@@ -3,6 +3,8 @@
 //! alone in this test binary so nothing else moves the numbers. jemalloc is told to give freed
 //! pages back at once, so what stays resident is what is still held.
 
+mod support;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,15 +23,8 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 async fn start() -> Server {
-    let port = free_port();
+    let port = support::free_port();
     // Freed pages go back to the system at once (the names with and without the prefix of
     // tikv-jemallocator's symbols).
     let purge = "dirty_decay_ms:0,muzzy_decay_ms:0,tcache:false";

@@ -39,12 +39,21 @@ where
 
 /// A free TCP port on loopback (bound, read, released).
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap_or_else(|e| panic!("cannot bind a free port: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("no local addr: {e}"))
-        .port()
+    // Never the same port twice in one test process: the kernel may hand a released port out
+    // again at once, and tests that start servers run concurrently.
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("cannot bind a free port: {e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("no local addr: {e}"))
+            .port();
+        if GIVEN.lock().expect("ports").insert(port) {
+            return port;
+        }
+    }
 }
 
 fn log_dir() -> PathBuf {

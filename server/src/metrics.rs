@@ -223,13 +223,16 @@ pub fn get() -> &'static ServerMetrics {
     &METRICS
 }
 
-/// A request was answered with `status`, `started` when it arrived.
-pub fn request(op: Operation, status: u16, started: Instant) {
+/// A request was answered with `status`, `started` when it arrived. Returns the time it read to measure the request (callers that need the time use it rather
+/// than read the clock again).
+pub fn request(op: Operation, status: u16, started: Instant) -> Instant {
     let m = get();
     let slot = usize::from(status.clamp(FIRST_STATUS, FIRST_STATUS + STATUSES as u16 - 1))
         - usize::from(FIRST_STATUS);
     m.requests[op.index() * STATUSES + slot].fetch_add(1, Ordering::Relaxed);
-    m.latency[op.index()].observe_duration(started.elapsed());
+    let now = Instant::now();
+    m.latency[op.index()].observe_duration(now.saturating_duration_since(started));
+    now
 }
 
 /// An append stored `bytes` of request body.

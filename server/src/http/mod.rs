@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::{self, Operation};
-use crate::stream::{AppendRequest, CreateRequest, ReadOutcome, Stream, Streams};
+use crate::stream::{
+    AppendOutcome, AppendRequest, Appending, CreateRequest, ReadOutcome, Stream, Streams,
+};
 use crate::subscription::Subscriptions;
 use error::ApiError;
 use request::LiveMode;
@@ -566,42 +568,102 @@ async fn append_with(
     headers: &(impl request::Fields + ?Sized),
     body: impl Future<Output = Result<Bytes, ApiError>>,
 ) -> Result<Appended, ApiError> {
+    let checked = check_append(state, path, headers)?;
+    let body = body.await?;
+    begin_append(state, checked, body)?.finish().await
+}
+
+/// An append's head, checked: what it asks for, short of the body.
+struct CheckedAppend<'a> {
+    path: &'a str,
+    request: AppendRequest,
+}
+
+fn check_append<'a>(
+    state: &AppState,
+    path: &'a str,
+    headers: &(impl request::Fields + ?Sized),
+) -> Result<CheckedAppend<'a>, ApiError> {
     let path = request::stream_path(path)?;
     let producer = request::producer(headers)?;
     let stream_seq = request::stream_seq(headers)?;
     let content_type = request::content_type(headers)?;
     declared_too_large(state, headers)?;
-    let body = body.await?;
-    let body_len = body.len();
-    let has_producer = producer.is_some();
-    let outcome = state
-        .inner
-        .streams
-        .append(
-            path,
-            AppendRequest {
-                content_type,
-                body,
-                close: request::closed(headers),
-                stream_seq,
-                producer,
-            },
-        )
-        .await?;
-    if outcome.stored_data {
-        metrics::appended(body_len);
-    }
-    let status = if has_producer && outcome.stored_data {
-        StatusCode::OK
-    } else {
-        StatusCode::NO_CONTENT
-    };
-    Ok(Appended {
-        status,
-        next_offset: outcome.next_offset,
-        closed: outcome.closed,
-        producer: outcome.producer,
+    Ok(CheckedAppend {
+        path,
+        request: AppendRequest {
+            content_type,
+            body: Bytes::new(),
+            close: request::closed(headers),
+            stream_seq,
+            producer,
+        },
     })
+}
+
+/// Submits a checked append with its body ([`Streams::begin_append`]).
+fn begin_append(
+    state: &AppState,
+    checked: CheckedAppend<'_>,
+    body: Bytes,
+) -> Result<BegunAppend, ApiError> {
+    let CheckedAppend { path, mut request } = checked;
+    let body_len = body.len();
+    let has_producer = request.producer.is_some();
+    request.body = body;
+    let appending = state.inner.streams.begin_append(path, request)?;
+    Ok(BegunAppend {
+        appending,
+        body_len,
+        has_producer,
+    })
+}
+
+/// An append submitted to its stream: answered once [`Appending`] is.
+struct BegunAppend {
+    appending: Appending,
+    body_len: usize,
+    has_producer: bool,
+}
+
+impl BegunAppend {
+    /// The answer now, if nothing is left to wait for; else `self` back.
+    fn now(self) -> Result<Appended, Self> {
+        match self.appending {
+            Appending::Done(outcome) => Ok(Self::appended_from(
+                outcome,
+                self.body_len,
+                self.has_producer,
+            )),
+            appending => Err(BegunAppend { appending, ..self }),
+        }
+    }
+
+    async fn finish(self) -> Result<Appended, ApiError> {
+        let outcome = self.appending.finish().await?;
+        Ok(Self::appended_from(
+            outcome,
+            self.body_len,
+            self.has_producer,
+        ))
+    }
+
+    fn appended_from(outcome: AppendOutcome, body_len: usize, has_producer: bool) -> Appended {
+        if outcome.stored_data {
+            metrics::appended(body_len);
+        }
+        let status = if has_producer && outcome.stored_data {
+            StatusCode::OK
+        } else {
+            StatusCode::NO_CONTENT
+        };
+        Appended {
+            status,
+            next_offset: outcome.next_offset,
+            closed: outcome.closed,
+            producer: outcome.producer,
+        }
+    }
 }
 
 /// A plain append (a POST to a stream path) from a plaintext HTTP/1.1 connection, whose head
@@ -615,6 +677,21 @@ pub(crate) struct RawAppend<'a> {
     /// `x-request-id` as sent (a slice of the head, not a copy).
     pub request_id: Option<Bytes>,
     pub origin: Option<&'a [u8]>,
+}
+
+/// How far a [`RawAppend`] got without waiting.
+pub(crate) enum AppendStep {
+    Answered(Answered),
+    /// Waiting for storage (a durable commit, or the original of a duplicate).
+    Waiting(BoxFuture<'static, Answered>),
+}
+
+/// A [`RawAppend`]'s answer.
+pub(crate) struct Answered {
+    pub answer: AppendAnswer,
+    /// When it was answered: the clock read that timed the request, which the connection's
+    /// next idle wait counts from rather than read the clock again.
+    pub at: std::time::Instant,
 }
 
 /// How a [`RawAppend`] was answered.
@@ -681,15 +758,42 @@ fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
 impl Handler {
     /// Answers a [`RawAppend`] as [`stream_request`] answers a POST: the same append, metrics,
     /// access line and browser headers.
-    pub(crate) async fn append_raw(&self, raw: RawAppend<'_>, body: Bytes) -> AppendAnswer {
-        let state = &self.state;
+    pub(crate) fn append_raw(&self, raw: RawAppend<'_>, body: Bytes) -> AppendStep {
         let started = std::time::Instant::now();
         let id = request_id::from_sent(raw.request_id);
-        let result = append_with(state, raw.path, &raw.fields, std::future::ready(Ok(body))).await;
+        let begun = check_append(&self.state, raw.path, &raw.fields)
+            .and_then(|checked| begin_append(&self.state, checked, body));
+        let waiting = match begun.map(BegunAppend::now) {
+            Ok(Ok(appended)) => Ok(appended),
+            Err(e) => Err(e),
+            Ok(Err(waiting)) => {
+                // Waiting for storage: the rest owns what it answers with.
+                let handler = self.clone();
+                let path: Box<str> = raw.path.into();
+                let origin: Option<Box<[u8]>> = raw.origin.map(Into::into);
+                return AppendStep::Waiting(Box::pin(async move {
+                    let result = waiting.finish().await;
+                    handler.answer_raw(result, &path, origin.as_deref(), id, started)
+                }));
+            }
+        };
+        AppendStep::Answered(self.answer_raw(waiting, raw.path, raw.origin, id, started))
+    }
+
+    /// A plain append's answer, counted and logged.
+    fn answer_raw(
+        &self,
+        result: Result<Appended, ApiError>,
+        path: &str,
+        origin: Option<&[u8]>,
+        id: HeaderValue,
+        started: std::time::Instant,
+    ) -> Answered {
+        let state = &self.state;
         let answer = match result {
             Ok(appended) => {
                 let allowed = state.inner.cors_origins.as_deref();
-                let allow_origin = match (allowed, raw.origin) {
+                let allow_origin = match (allowed, origin) {
                     (Some(allowed), Some(origin)) if origin_allowed(allowed, origin) => {
                         HeaderValue::from_bytes(origin).ok()
                     }
@@ -704,7 +808,7 @@ impl Handler {
             }
             Err(e) => {
                 let response = e.respond(Some(&id));
-                let origin = raw.origin.and_then(|o| HeaderValue::from_bytes(o).ok());
+                let origin = origin.and_then(|o| HeaderValue::from_bytes(o).ok());
                 let fixed = !self.writer_adds_fixed;
                 AppendAnswer::Response(browser_headers(state, origin, id, fixed, response))
             }
@@ -716,18 +820,18 @@ impl Handler {
                 response.headers().get(request_id::REQUEST_ID),
             ),
         };
-        metrics::request(Operation::Append, status.as_u16(), started);
+        let at = metrics::request(Operation::Append, status.as_u16(), started);
         if tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG) {
             tracing::debug!(
                 target: ACCESS_LOG,
                 request_id = id.and_then(|id| id.to_str().ok()).unwrap_or_default(),
                 method = %Method::POST,
-                path = raw.path,
+                path,
                 status = status.as_u16(),
                 "request"
             );
         }
-        answer
+        Answered { answer, at }
     }
 }
 

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use dashmap::DashSet;
 use ds_protocol::MediaKind;
 use ds_protocol::content_type::same_media_type;
+use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -1028,6 +1029,12 @@ impl Streams {
     /// Looks a stream up for a read (GET) or an append: absent, expired → `NotFound`;
     /// soft-deleted → `SoftDeleted`. `touch` slides the TTL window.
     pub fn get(&self, path: &str, touch: bool) -> Result<Arc<Stream>, StreamError> {
+        self.get_at(path, touch).map(|(stream, _)| stream)
+    }
+
+    /// [`Streams::get`], and the time it was checked at (Unix ms): one clock read serves the
+    /// caller too (a read of the clock costs about as much as a small append's parsing).
+    fn get_at(&self, path: &str, touch: bool) -> Result<(Arc<Stream>, u64), StreamError> {
         let stream = self.peek(path).ok_or(StreamError::NotFound)?;
         let now = now_ms();
         if stream.state.lock().soft_deleted {
@@ -1040,7 +1047,7 @@ impl Streams {
         if touch {
             stream.touch(now);
         }
-        Ok(stream)
+        Ok((stream, now))
     }
 
     /// HEAD: metadata without sliding the TTL.
@@ -1355,19 +1362,24 @@ impl Streams {
         path: &str,
         req: AppendRequest,
     ) -> Result<AppendOutcome, StreamError> {
+        self.begin_append(path, req)?.finish().await
+    }
+
+    /// An append up to the submission of its write, without waiting: [`Appending::Done`] when
+    /// nothing is left to wait for (memory mode, a duplicate of an acknowledged write), else
+    /// what [`Appending::finish`] waits for. The HTTP/1 path answers a `Done` append without
+    /// building a future at all; a future of the whole append (a few KiB of state, moved as it
+    /// is built and boxed) was most of a small append's `memmove`.
+    pub fn begin_append(&self, path: &str, req: AppendRequest) -> Result<Appending, StreamError> {
         if is_reserved(path) {
             return Err(StreamError::ReservedPath);
         }
-        self.append_any(path, req).await
+        self.begin_any(path, req)
     }
 
-    async fn append_any(
-        &self,
-        path: &str,
-        req: AppendRequest,
-    ) -> Result<AppendOutcome, StreamError> {
+    fn begin_any(&self, path: &str, req: AppendRequest) -> Result<Appending, StreamError> {
         let internal = self.registry_path.as_deref() == Some(path);
-        let stream = self.get(path, true)?;
+        let (stream, now) = self.get_at(path, true)?;
         if req.body.is_empty() && !req.close {
             return Err(StreamError::EmptyBody);
         }
@@ -1387,7 +1399,6 @@ impl Streams {
             Commit(AppendOutcome, Commit, u64),
         }
 
-        let now = now_ms();
         let next = 'decide: {
             let mut st = stream.state.lock();
             poisoned_guard(&st)?;
@@ -1540,29 +1551,38 @@ impl Streams {
             }
         };
         match next {
-            Next::Wait(outcome, tail) => self.wait_duplicate(&stream, outcome, tail).await,
-            Next::Commit(outcome, commit, tail) => {
-                settle(stream, commit, tail, outcome.closed).await?;
-                Ok(outcome)
+            Next::Wait(outcome, tail) => {
+                // A duplicate is answered once the write it duplicates is acknowledged: most
+                // often it already is.
+                let visible = stream.visible();
+                Ok(match duplicate_ready(&visible, tail, outcome.closed) {
+                    Some(true) => Appending::Done(outcome),
+                    Some(false) => return Err(StreamError::NotFound),
+                    None => Appending::Duplicate {
+                        stream,
+                        outcome,
+                        tail,
+                    },
+                })
             }
-        }
-    }
-
-    /// A duplicate is answered only once the original write it duplicates is acknowledged.
-    async fn wait_duplicate(
-        &self,
-        stream: &Arc<Stream>,
-        outcome: AppendOutcome,
-        tail: u64,
-    ) -> Result<AppendOutcome, StreamError> {
-        let mut rx = stream.subscribe();
-        let want_closed = outcome.closed;
-        let ready = rx
-            .wait_for(|v| v.gone || (v.tail >= tail && (v.closed || !want_closed)))
-            .await;
-        match ready {
-            Ok(v) if !v.gone => Ok(outcome),
-            _ => Err(StreamError::NotFound),
+            Next::Commit(outcome, mut commit, tail) => {
+                // A storage that is done at once (memory mode) is not waited for.
+                match (&mut commit).now_or_never() {
+                    Some(result) => {
+                        finish(&stream, result, tail, outcome.closed)?;
+                        Ok(Appending::Done(outcome))
+                    }
+                    None => Ok(Appending::Commit {
+                        settling: Settling {
+                            stream,
+                            commit: Some(commit),
+                            tail,
+                            closed: outcome.closed,
+                        },
+                        outcome,
+                    }),
+                }
+            }
         }
     }
 
@@ -2107,27 +2127,92 @@ async fn settle(
     tail: u64,
     closed: bool,
 ) -> Result<(), StreamError> {
-    let mut settling = Settling {
+    Settling {
         stream,
         commit: Some(commit),
         tail,
         closed,
-    };
-    let result = match settling.commit.as_mut() {
-        Some(commit) => commit.await,
-        None => Ok(()),
-    };
-    settling.commit = None;
-    finish(&settling.stream, result, tail, closed)
+    }
+    .wait()
+    .await
+}
+
+/// An append whose write was submitted ([`Streams::begin_append`]).
+pub enum Appending {
+    /// Nothing left to wait for.
+    Done(AppendOutcome),
+    /// Waiting for the write's commit; dropped, the commit still finishes ([`Settling`]).
+    Commit {
+        settling: Settling,
+        outcome: AppendOutcome,
+    },
+    /// A duplicate, waiting for the original write it duplicates to be acknowledged.
+    Duplicate {
+        stream: Arc<Stream>,
+        outcome: AppendOutcome,
+        tail: u64,
+    },
+}
+
+impl Appending {
+    /// The outcome, once the write is acknowledged.
+    pub async fn finish(self) -> Result<AppendOutcome, StreamError> {
+        match self {
+            Appending::Done(outcome) => Ok(outcome),
+            Appending::Commit { settling, outcome } => {
+                settling.wait().await?;
+                Ok(outcome)
+            }
+            Appending::Duplicate {
+                stream,
+                outcome,
+                tail,
+            } => {
+                let mut rx = stream.subscribe();
+                let ready = rx
+                    .wait_for(|v| duplicate_ready(v, tail, outcome.closed).is_some())
+                    .await;
+                match ready.map(|v| duplicate_ready(&v, tail, outcome.closed)) {
+                    Ok(Some(true)) => Ok(outcome),
+                    _ => Err(StreamError::NotFound),
+                }
+            }
+        }
+    }
+}
+
+/// Whether a duplicate of the write that made the tail `tail` can be answered, given what
+/// readers see: `Some(true)` once that write is visible (and the close, if it closed the
+/// stream), `Some(false)` if the stream is gone, `None` while waiting.
+fn duplicate_ready(visible: &Visible, tail: u64, closed: bool) -> Option<bool> {
+    if visible.gone {
+        Some(false)
+    } else if visible.tail >= tail && (visible.closed || !closed) {
+        Some(true)
+    } else {
+        None
+    }
 }
 
 /// A commit being waited for; if dropped before it completes, the commit finishes (and is
 /// revealed) on a task of its own.
-struct Settling {
+pub struct Settling {
     stream: Arc<Stream>,
     commit: Option<Commit>,
     tail: u64,
     closed: bool,
+}
+
+impl Settling {
+    /// Waits for the commit and reveals the write.
+    async fn wait(mut self) -> Result<(), StreamError> {
+        let result = match self.commit.as_mut() {
+            Some(commit) => commit.await,
+            None => Ok(()),
+        };
+        self.commit = None;
+        finish(&self.stream, result, self.tail, self.closed)
+    }
 }
 
 impl Drop for Settling {

@@ -124,7 +124,7 @@ impl ConnService for Recorder {
         &[]
     }
 
-    async fn append(self, head: &AppendHead, body: Bytes) -> crate::http::AppendAnswer {
+    fn append(&self, head: &AppendHead, body: Bytes) -> crate::http::AppendStep {
         // A plain append's head reached the handler without a header map: record it like any
         // other request, so that its framing is held to hyper's too.
         if let Ok(mut list) = self.served.lock() {
@@ -134,7 +134,10 @@ impl ConnService for Recorder {
                 body: body.to_vec(),
             });
         }
-        crate::http::AppendAnswer::Response(Response::new(Body::empty()))
+        crate::http::AppendStep::Answered(crate::http::Answered {
+            answer: crate::http::AppendAnswer::Response(Response::new(Body::empty())),
+            at: std::time::Instant::now(),
+        })
     }
 }
 

@@ -562,6 +562,11 @@ impl Stream {
     }
 
     fn touch(&self, now: u64) {
+        // Many requests share a millisecond: a store would take the cache line from the other
+        // cores on every one of them, a load leaves it shared.
+        if self.last_access_ms.load(Ordering::Relaxed) == now {
+            return;
+        }
         self.last_access_ms.store(now, Ordering::Relaxed);
         self.log.touch(now);
     }

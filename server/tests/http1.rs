@@ -481,6 +481,67 @@ async fn every_response_carries_the_browser_headers_once_over_http1_and_http2() 
     }
 }
 
+/// No browser sent a request without `Origin`: a stored append's answer to one carries the
+/// security headers but not the CORS ones (a third of the bytes). With `Origin`, or when the
+/// append is refused, it carries them all (above).
+#[tokio::test]
+async fn an_append_without_origin_is_answered_without_cors_headers() {
+    for origins in ["*", "https://a.example"] {
+        let server = start(|c| c.http.cors_origins = origins.into()).await;
+        let h1 = reqwest::Client::builder().http1_only().build().expect("h1");
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("h2");
+        for (client, path) in [(&h1, "no-origin-1"), (&h2, "no-origin-2")] {
+            let url = format!("http://{}/v1/stream/{path}", server.addr);
+            let r = client
+                .put(&url)
+                .header("content-type", "text/plain")
+                .send()
+                .await
+                .expect("put");
+            assert_eq!(r.status(), 201);
+            for producer in [false, true] {
+                let mut request = client.post(&url).header("content-type", "text/plain");
+                if producer {
+                    request = request
+                        .header("producer-id", "p")
+                        .header("producer-epoch", "0")
+                        .header("producer-seq", "0");
+                }
+                let r = request.body("a").send().await.expect("post");
+                let what = format!("{origins} {path}, producer {producer}: {}", r.status());
+                assert!(r.status().is_success(), "{what}");
+                assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{what}");
+                assert_eq!(
+                    r.headers()["cross-origin-resource-policy"],
+                    "cross-origin",
+                    "{what}"
+                );
+                assert!(r.headers().contains_key("stream-next-offset"), "{what}");
+                let cors: Vec<_> = r
+                    .headers()
+                    .keys()
+                    .filter(|k| k.as_str().starts_with("access-control-"))
+                    .collect();
+                assert!(cors.is_empty(), "{what}: {cors:?}");
+            }
+            // A refused append (wrong content type) is answered like any response.
+            let r = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("[1]")
+                .send()
+                .await
+                .expect("post");
+            assert_eq!(r.status(), 409);
+            assert!(r.headers().contains_key("access-control-expose-headers"));
+        }
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn shutdown_ends_sse_streams_on_the_live_runtime() {
     let server = start(|c| {

@@ -120,7 +120,7 @@ impl ConnService for Recorder {
         Err(io::Error::other("the differential test speaks HTTP/1 only"))
     }
 
-    fn fixed_head(&self) -> &[u8] {
+    fn fixed_head(&self, _: bool) -> &[u8] {
         &[]
     }
 

@@ -733,7 +733,7 @@ pub(crate) enum AppendAnswer {
 /// A successful append's answer, as lines of an HTTP/1.1 head.
 pub(crate) struct AppendReply {
     appended: Appended,
-    id: HeaderValue,
+    id: request_id::RequestId,
     /// The request's `Origin`, when it is one of `DS_HTTP__CORS_ORIGINS`.
     allow_origin: Option<HeaderValue>,
     /// `Vary: origin`: origins are configured, so the answer depends on the origin.
@@ -766,7 +766,10 @@ impl AppendReply {
             );
             push_field(out, &names::PRODUCER_SEQ, HeaderValue::from(seq).as_bytes());
         }
-        push_field(out, &request_id::REQUEST_ID, self.id.as_bytes());
+        out.extend_from_slice(request_id::REQUEST_ID.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        self.id.push(out);
+        out.extend_from_slice(b"\r\n");
         if let Some(origin) = &self.allow_origin {
             push_field(out, &header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.as_bytes());
         }
@@ -814,7 +817,7 @@ impl Handler {
         result: Result<Appended, ApiError>,
         path: &str,
         origin: Option<&[u8]>,
-        id: HeaderValue,
+        id: request_id::RequestId,
         started: std::time::Instant,
     ) -> Answered {
         let state = &self.state;
@@ -835,24 +838,28 @@ impl Handler {
                 })
             }
             Err(e) => {
+                let id = id.to_header();
                 let response = e.respond(Some(&id));
                 let origin = origin.and_then(|o| HeaderValue::from_bytes(o).ok());
                 let fixed = !self.writer_adds_fixed;
                 AppendAnswer::Response(browser_headers(state, origin, id, fixed, response))
             }
         };
-        let (status, id) = match &answer {
-            AppendAnswer::Reply(reply) => (reply.status(), Some(&reply.id)),
-            AppendAnswer::Response(response) => (
-                response.status(),
-                response.headers().get(request_id::REQUEST_ID),
-            ),
+        let status = match &answer {
+            AppendAnswer::Reply(reply) => reply.status(),
+            AppendAnswer::Response(response) => response.status(),
         };
         let at = metrics::request(Operation::Append, status.as_u16(), started);
         if tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG) {
+            let id = match &answer {
+                AppendAnswer::Reply(reply) => Some(reply.id.to_header()),
+                AppendAnswer::Response(response) => {
+                    response.headers().get(request_id::REQUEST_ID).cloned()
+                }
+            };
             tracing::debug!(
                 target: ACCESS_LOG,
-                request_id = id.and_then(|id| id.to_str().ok()).unwrap_or_default(),
+                request_id = id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or_default(),
                 method = %Method::POST,
                 path,
                 status = status.as_u16(),

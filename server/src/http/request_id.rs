@@ -42,20 +42,46 @@ fn next() -> u64 {
     })
 }
 
-/// The request's id: its own `x-request-id` if that is 1 to 128 visible ASCII characters,
-/// else a new one.
-/// The id of a request whose head was parsed without a header map: its `x-request-id` as sent
-/// (a slice of the head), kept if sensible as [`of`] keeps it, else a new one.
-pub fn from_sent(sent: Option<bytes::Bytes>) -> HeaderValue {
-    match sent {
-        // Visible ASCII: a valid header value, taken without a copy.
-        Some(id) if acceptable(&id) => {
-            HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| generate())
+/// A request's id as a plain append carries it: the one it was sent, or a made one that is
+/// written out only where it is needed (a stored append's head gets its 25 characters
+/// formatted in place, without the allocation of a `HeaderValue`).
+pub enum RequestId {
+    Sent(HeaderValue),
+    Made(u64),
+}
+
+impl RequestId {
+    /// The id's characters, appended to `out`.
+    pub fn push(&self, out: &mut Vec<u8>) {
+        match self {
+            RequestId::Sent(id) => out.extend_from_slice(id.as_bytes()),
+            RequestId::Made(n) => out.extend_from_slice(&made_text(*n)),
         }
-        _ => generate(),
+    }
+
+    pub fn to_header(&self) -> HeaderValue {
+        match self {
+            RequestId::Sent(id) => id.clone(),
+            RequestId::Made(n) => made_header(*n),
+        }
     }
 }
 
+/// The id of a request whose head was parsed without a header map: its `x-request-id` as sent
+/// (a slice of the head), kept if sensible as [`of`] keeps it, else a new one.
+pub fn from_sent(sent: Option<bytes::Bytes>) -> RequestId {
+    // Visible ASCII: a valid header value, taken without a copy.
+    match sent
+        .filter(|id| acceptable(id))
+        .and_then(|id| HeaderValue::from_maybe_shared(id).ok())
+    {
+        Some(id) => RequestId::Sent(id),
+        None => RequestId::Made(next()),
+    }
+}
+
+/// The request's id: its own `x-request-id` if that is 1 to 128 visible ASCII characters,
+/// else a new one.
 pub fn of(headers: &HeaderMap) -> HeaderValue {
     match headers.get(&REQUEST_ID) {
         Some(id) if acceptable(id.as_bytes()) => id.clone(),
@@ -67,21 +93,28 @@ fn acceptable(id: &[u8]) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_BYTES && id.iter().all(|b| b.is_ascii_graphic())
 }
 
-/// `pppppppp-nnnnnnnnnnnnnnnn`: prefix and counter in hex.
 fn generate() -> HeaderValue {
+    made_header(next())
+}
+
+/// `pppppppp-nnnnnnnnnnnnnnnn`: prefix and counter `n` in hex.
+fn made_text(n: u64) -> [u8; 25] {
     let prefix = *PREFIX.get_or_init(|| {
         // RandomState is seeded from the OS once per process: randomness without a crate.
         std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish() as u32
     });
-    let n = next();
     let mut text = [0u8; 25];
     hex_into(u64::from(prefix), &mut text[..8]);
     text[8] = b'-';
     hex_into(n, &mut text[9..]);
+    text
+}
+
+fn made_header(n: u64) -> HeaderValue {
     // Only hex digits and '-': always a valid header value.
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
+    HeaderValue::from_bytes(&made_text(n)).unwrap_or(HeaderValue::from_static("-"))
 }
 
 fn hex_into(mut n: u64, out: &mut [u8]) {

@@ -297,7 +297,7 @@ impl Storage for FileStorage {
 /// One stream's record index and cache, shared by its `FileLog` and the writer thread.
 ///
 /// Every stream has one for as long as it exists, idle or not, so it is kept to jemalloc's
-/// 256-byte class with its `Arc` (`size::a_stream_index_fits_a_256_byte_allocation`): the id and
+/// 192-byte class with its `Arc` (`size::a_stream_index_fits_a_192_byte_allocation`): the id and
 /// log start are read from `meta`, and what most streams never have (cached records, a closing
 /// producer, a `Stream-Seq`, producers) is boxed or left empty until used.
 pub(crate) struct LogShared {

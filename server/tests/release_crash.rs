@@ -231,7 +231,10 @@ fn run_mode(mode: &str) {
         let stdout = child.stdout.take().expect("stdout");
         let kill_after = rng.usize(100..3000);
         let mut seen = 0;
-        for line in BufReader::new(stdout).lines() {
+        // The pipe stays open until the child is killed: closed first, the child's next line
+        // would fail with EPIPE (a panic in its output, and an end the test did not choose).
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
             let Ok(line) = line else { break };
             let mut parts = line.split(' ');
             let (Some(kind), Some(id), Some(pos)) = (parts.next(), parts.next(), parts.next())
@@ -255,6 +258,7 @@ fn run_mode(mode: &str) {
         // SIGKILL: whatever the child was doing, it stops there.
         child.kill().expect("kill -9");
         let status = child.wait().expect("wait");
+        drop(lines);
         assert!(
             !status.success(),
             "{mode} round {round}: the child ended by itself"

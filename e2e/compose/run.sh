@@ -464,8 +464,6 @@ for panel in panels(json.load(open(sys.argv[1]))["panels"]):
         assert "\n" not in target["expr"], target["expr"]
         print(target["expr"])
 PY
-# One scrape interval past now, so the last scrape is inside the range.
-sleep 5
 compose exec -T ds-sync sh -c 'while IFS= read -r query; do
     curl -sS --max-time 10 -G --data-urlencode "query=$query" --data-urlencode "start=$1" \
       --data-urlencode "end=$2" --data-urlencode "step=5" \
